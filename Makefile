@@ -1,0 +1,46 @@
+# One entry point for a fresh machine: `make demo` and `make test` install everything first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= runs/demo
+APT_PACKAGES := dataset-fashion-mnist chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-deps demo test test-slow test-all bench clean
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned first so that no CUDA build is pulled in by a dependency.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: system-deps $(VENV)/.installed
+
+demo: install
+	$(BIN)/vilab compare --out $(OUT)
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
+
+test-all: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(BIN)/python benchmarks/small_problems.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache build *.egg-info

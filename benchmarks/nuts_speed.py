@@ -1,0 +1,190 @@
+"""NUTS speed on small problems: vilab's vectorized NUTS vs Pyro's NUTS (jit on/off) vs NumPyro.
+
+For each problem and sampler (run alternately, in one process, on the same machine) it records
+the wall time including any compilation, the minimum bulk ESS over the latent parameters, ESS/s
+and the ratio of ESS/s to NumPyro's. NumPyro and JAX come from the ``bench`` extra; problems
+without a NumPyro port report no NumPyro row.
+
+Usage::
+
+    python benchmarks/nuts_speed.py                       # eight schools + every posteriordb port
+    python benchmarks/nuts_speed.py --problems eight_schools --samplers vilab numpyro
+    python benchmarks/nuts_speed.py --num-warmup 200 --num-samples 200   # quick look
+
+Writes ``benchmarks/results/nuts_speed.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import arviz as az
+import numpy as np
+import torch
+
+__all__ = ["PROBLEMS", "SAMPLERS", "main"]
+
+SAMPLERS = ("vilab", "pyro", "pyro_jit", "numpyro")
+RESULTS = Path(__file__).resolve().parent / "results" / "nuts_speed.json"
+
+
+def _eight_schools():
+    from vilab.models.eight_schools import eight_schools_data, eight_schools_noncentered
+
+    data = eight_schools_data()
+    return eight_schools_noncentered, (data["J"], data["sigma"]), {"y": data["y"]}
+
+
+def _posteriordb(name):
+    def load():
+        from vilab.posteriordb import default_posteriordb_path, load_posteriordb
+
+        problem = load_posteriordb(default_posteriordb_path(), name)
+        return problem.model, problem.args, problem.kwargs
+    return load
+
+
+def _problems() -> dict:
+    problems = {"eight_schools": _eight_schools}
+    try:
+        from vilab.posteriordb import default_posteriordb_path, list_posteriordb
+
+        for name in list_posteriordb(default_posteriordb_path()):
+            problems[name] = _posteriordb(name)
+    except (ImportError, FileNotFoundError) as error:
+        print(f"posteriordb problems skipped: {error}")
+    return problems
+
+
+PROBLEMS = _problems()
+
+
+def min_bulk_ess(samples: dict[str, np.ndarray]) -> float:
+    """Minimum bulk ESS over every scalar component of ``(chain, draw, ...)`` arrays."""
+    dataset = az.convert_to_dataset({name: np.asarray(value) for name, value in samples.items()})
+    return float(min(np.min(az.ess(dataset, method="bulk")[name].values) for name in samples))
+
+
+def _latent_names(model, args, kwargs) -> list[str]:
+    import pyro
+
+    trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
+    return [name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not name.startswith("_")]
+
+
+def run_vilab(model, args, kwargs, options):
+    from vilab.inference.fast_nuts import sample_vectorized_nuts
+
+    result = sample_vectorized_nuts(model, args, kwargs, progress=False, **options)
+    names = _latent_names(model, args, kwargs)
+    return {name: result.samples[name].numpy() for name in names}, int(result.sample_stats["diverging"].sum())
+
+
+def _run_pyro(model, args, kwargs, options, jit):
+    from pyro.infer import MCMC, NUTS
+
+    kernel = NUTS(model, target_accept_prob=options["target_accept"], jit_compile=jit, ignore_jit_warnings=True)
+    mcmc = MCMC(kernel, num_samples=options["num_samples"], warmup_steps=options["num_warmup"],
+                num_chains=options["num_chains"], disable_progbar=True)
+    mcmc.run(*args, **kwargs)
+    names = _latent_names(model, args, kwargs)
+    samples = mcmc.get_samples(group_by_chain=True)
+    divergences = sum(len(v) for v in mcmc.diagnostics().get("divergences", {}).values())
+    return {name: samples[name].numpy() for name in names}, divergences
+
+
+def run_numpyro(problem, options):
+    import jax
+    import numpyro
+    import numpyro.distributions as ndist
+    from numpyro.infer import MCMC, NUTS
+
+    jax.config.update("jax_enable_x64", torch.get_default_dtype() == torch.float64)
+    if problem != "eight_schools":
+        raise NotImplementedError("no NumPyro port")
+    from vilab.models.eight_schools import eight_schools_data
+
+    data = eight_schools_data()
+
+    def eight_schools(J, sigma, y=None):
+        mu = numpyro.sample("mu", ndist.Normal(0.0, 5.0))
+        tau = numpyro.sample("tau", ndist.HalfCauchy(5.0))
+        with numpyro.plate("J", J):
+            eta = numpyro.sample("eta", ndist.Normal(0.0, 1.0))
+            numpyro.sample("obs", ndist.Normal(mu + tau * eta, sigma), obs=y)
+
+    mcmc = MCMC(NUTS(eight_schools, target_accept_prob=options["target_accept"]), num_warmup=options["num_warmup"],
+                num_samples=options["num_samples"], num_chains=options["num_chains"],
+                chain_method="vectorized", progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(options["seed"]), data["J"], np.asarray(data["sigma"]), y=np.asarray(data["y"]),
+             extra_fields=("diverging",))
+    samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
+    divergences = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
+    return {name: np.asarray(value) for name, value in samples.items()}, divergences
+
+
+def measure(problem: str, sampler: str, options: dict) -> dict:
+    """Run one sampler on one problem; return wall time, min bulk ESS and ESS/s."""
+    model, args, kwargs = PROBLEMS[problem]()
+    start = time.perf_counter()
+    if sampler == "vilab":
+        samples, divergences = run_vilab(model, args, kwargs, options)
+    elif sampler in ("pyro", "pyro_jit"):
+        pyro_options = {k: options[k] for k in ("num_samples", "num_warmup", "num_chains", "target_accept")}
+        samples, divergences = _run_pyro(model, args, kwargs, pyro_options, jit=sampler == "pyro_jit")
+    else:
+        samples, divergences = run_numpyro(problem, options)
+    wall = time.perf_counter() - start
+    ess = min_bulk_ess(samples)
+    return {"problem": problem, "sampler": sampler, "wall_s": wall, "min_bulk_ess": ess,
+            "ess_per_s": ess / wall, "divergences": divergences}
+
+
+def _table(rows: list[dict]) -> str:
+    numpyro_rate = {row["problem"]: row["ess_per_s"] for row in rows if row["sampler"] == "numpyro"}
+    lines = ["| problem | sampler | wall s | min bulk ESS | ESS/s | vs NumPyro | divergences |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['problem']} | {row['sampler']} | - | - | - | - | {row['error']} |")
+            continue
+        ratio = row["ess_per_s"] / numpyro_rate[row["problem"]] if row["problem"] in numpyro_rate else None
+        ratio_text = f"{ratio:.2f}" if ratio is not None else "-"
+        lines.append(f"| {row['problem']} | {row['sampler']} | {row['wall_s']:.1f} | {row['min_bulk_ess']:.0f} | "
+                     f"{row['ess_per_s']:.1f} | {ratio_text} | {row['divergences']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--samplers", nargs="*", default=list(SAMPLERS), choices=SAMPLERS)
+    parser.add_argument("--num-warmup", type=int, default=1000)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--num-chains", type=int, default=4)
+    parser.add_argument("--target-accept", type=float, default=0.8)
+    parser.add_argument("--float32", action="store_true", help="run in float32 (default float64)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    arguments = parser.parse_args(argv)
+    torch.set_default_dtype(torch.float32 if arguments.float32 else torch.float64)
+    options = {"num_warmup": arguments.num_warmup, "num_samples": arguments.num_samples,
+               "num_chains": arguments.num_chains, "target_accept": arguments.target_accept, "seed": 0}
+    rows = []
+    for problem in arguments.problems:
+        for sampler in arguments.samplers:  # alternate samplers within each problem
+            try:
+                rows.append(measure(problem, sampler, options))
+            except NotImplementedError as error:
+                rows.append({"problem": problem, "sampler": sampler, "error": str(error)})
+            print(_table(rows[-1:]).splitlines()[-1], flush=True)
+    print(_table(rows))
+    arguments.out.parent.mkdir(parents=True, exist_ok=True)
+    arguments.out.write_text(json.dumps({"options": options, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

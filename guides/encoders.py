@@ -1,0 +1,185 @@
+r"""Amortized Gaussian encoders and the mean-field VAE guide built on them.
+
+An encoder is a plain ``nn.Module`` mapping images ``x`` of shape ``(batch, C, H, W)`` to the
+parameters of a diagonal Gaussian :math:`q_\phi(z \mid x) = \mathcal{N}(\mu_\phi(x),
+\operatorname{diag}\sigma_\phi(x)^2)`, returned as ``(loc, scale)`` of shape ``(batch, D)``.
+``encoder.features(x)`` exposes the last hidden layer ``h(x)`` so flow guides can condition on it.
+
+References:
+    Auto-Encoding Variational Bayes, Kingma & Welling, 2013, arXiv:1312.6114.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["MLPEncoder", "ConvEncoder", "AmortizedNormalGuide", "build_encoder"]
+
+_MIN_SCALE = 1e-4
+
+
+def _check_images(x: torch.Tensor, image_shape: Sequence[int], who: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor of images; got {type(x).__name__}")
+    if x.dim() < 4 or tuple(x.shape[-3:]) != tuple(image_shape):
+        raise ValueError(f"x: {who} expects images of shape (batch, {', '.join(map(str, image_shape))}); "
+                         f"got {tuple(x.shape)}")
+
+
+class _GaussianHead(nn.Module):
+    """Last layer: features -> (loc, scale), scale = softplus(.) + a floor for stability."""
+
+    def __init__(self, feature_dim: int, latent_dim: int):
+        super().__init__()
+        self.loc = nn.Linear(feature_dim, latent_dim)
+        self.scale = nn.Linear(feature_dim, latent_dim)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loc(h), F.softplus(self.scale(h)) + _MIN_SCALE
+
+
+class MLPEncoder(nn.Module):
+    r"""Fully connected encoder :math:`x \mapsto (\mu(x), \sigma(x))`.
+
+    Args:
+        image_shape: ``(C, H, W)`` of the inputs.
+        latent_dim: ``D``, size of :math:`z`.
+        hidden_dims: Widths of the hidden layers (ELU activations).
+        input_scale: Inputs are divided by this (16 for the 17-level digits, 1 for binary data).
+    """
+
+    def __init__(self, image_shape: Sequence[int], latent_dim: int, *,
+                 hidden_dims: Sequence[int] = (512, 256), input_scale: float = 1.0):
+        super().__init__()
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim: expected a positive integer; got {latent_dim}")
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        self.input_scale = float(input_scale)
+        layers, width = [], int(torch.tensor(self.image_shape).prod())
+        for hidden in hidden_dims:
+            layers += [nn.Linear(width, hidden), nn.ELU()]
+            width = hidden
+        self.body = nn.Sequential(nn.Flatten(-3), *layers)
+        self.feature_dim = width
+        self.head = _GaussianHead(width, latent_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden features ``h(x)``: ``(batch, C, H, W) -> (batch, feature_dim)``."""
+        _check_images(x, self.image_shape, "the encoder")
+        return self.body(x / self.input_scale)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)``, each ``(batch, D)``."""
+        return self.head(self.features(x))
+
+
+class ConvEncoder(nn.Module):
+    r"""Convolutional encoder: two stride-2 convolutions, one dense layer, Gaussian head.
+
+    Args:
+        image_shape: ``(C, H, W)`` with ``H`` and ``W`` divisible by 4.
+        latent_dim: ``D``.
+        channels: Channels of the two convolutions.
+        hidden_dim: Width of the dense layer (``feature_dim``).
+        input_scale: Inputs are divided by this.
+    """
+
+    def __init__(self, image_shape: Sequence[int], latent_dim: int, *,
+                 channels: Sequence[int] = (32, 64), hidden_dim: int = 256,
+                 input_scale: float = 1.0):
+        super().__init__()
+        c, h, w = image_shape
+        if h % 4 or w % 4:
+            raise ValueError(f"image_shape: the convolutional encoder needs H and W divisible "
+                             f"by 4; got {tuple(image_shape)}")
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        self.input_scale = float(input_scale)
+        self.body = nn.Sequential(
+            nn.Conv2d(c, channels[0], 4, stride=2, padding=1), nn.ELU(),
+            nn.Conv2d(channels[0], channels[1], 4, stride=2, padding=1), nn.ELU(),
+            nn.Flatten(-3), nn.Linear(channels[1] * (h // 4) * (w // 4), hidden_dim), nn.ELU())
+        self.feature_dim = hidden_dim
+        self.head = _GaussianHead(hidden_dim, latent_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden features ``h(x)``: ``(batch, C, H, W) -> (batch, hidden_dim)``."""
+        _check_images(x, self.image_shape, "the encoder")
+        batch_shape = x.shape[:-3]
+        h = self.body(x.reshape(-1, *self.image_shape) / self.input_scale)
+        return h.reshape(*batch_shape, -1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)``, each ``(batch, D)``."""
+        return self.head(self.features(x))
+
+
+def build_encoder(kind: str, image_shape: Sequence[int], latent_dim: int, *,
+                  hidden_dims: Sequence[int] = (512, 256), input_scale: float = 1.0) -> nn.Module:
+    """An ``"mlp"`` or ``"conv"`` encoder (``hidden_dims[-1]`` is the conv dense width)."""
+    if kind == "mlp":
+        return MLPEncoder(image_shape, latent_dim, hidden_dims=hidden_dims,
+                          input_scale=input_scale)
+    if kind == "conv":
+        return ConvEncoder(image_shape, latent_dim, hidden_dim=hidden_dims[-1],
+                           input_scale=input_scale)
+    raise ValueError(f"encoder: expected 'mlp' or 'conv'; got {kind!r}")
+
+
+class AmortizedNormalGuide(nn.Module):
+    r"""Mean-field amortized guide :math:`q(z \mid x) = \mathcal{N}(\mu(x), \operatorname{diag}\sigma(x)^2)`.
+
+    A Pyro guide with the VAE model's signature: ``guide(x)`` samples site ``"z"`` of shape
+    ``(batch, D)`` inside ``pyro.plate("data", batch, dim=-1)``.
+
+    Args:
+        encoder: Module with ``forward(x) -> (loc, scale)``.
+        name: Prefix for ``pyro.module`` when ``register=True``.
+        register: Register parameters in Pyro's param store (needed by ``pyro.infer.SVI``
+            with a Pyro optimizer; Lightning training optimizes ``parameters()`` directly).
+    """
+
+    def __init__(self, encoder: nn.Module, *, name: str = "vae_guide", register: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        self.latent_dim = encoder.latent_dim
+        self.name = name
+        self.register = register
+
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """:math:`q(z \\mid x)` with batch shape ``(batch,)`` and event shape ``(D,)``."""
+        loc, scale = self.encoder(x)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Sample ``z ~ q(z | x)`` at site ``"z"``; extra arguments are ignored."""
+        if self.register:
+            pyro.module(self.name, self)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            return pyro.sample("z", self.distribution(x))
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """:math:`\\mathbb{E}_q[z]`, ``(batch, D)``."""
+        return self.encoder(x)[0]
+
+    def median(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Posterior median of each site, Pyro autoguide style: ``{"z": (batch, D)}``."""
+        return {"z": self.mean(x)}
+
+    def log_density(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """:math:`\\log q(z \\mid x)` for any ``z`` broadcastable to ``(..., batch, D)``."""
+        return self.distribution(x).log_prob(z)
+
+    def kl_per_dimension(self, x: torch.Tensor, prior: Optional[dist.Distribution]) -> Optional[torch.Tensor]:
+        """Analytic per-dimension KL to a diagonal Normal prior, ``(batch, D)``; else ``None``."""
+        base = getattr(prior, "base_dist", None)
+        if not isinstance(base, torch.distributions.Normal):
+            return None
+        loc, scale = self.encoder(x)
+        return torch.distributions.kl_divergence(torch.distributions.Normal(loc, scale), base)

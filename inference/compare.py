@@ -1,0 +1,203 @@
+r"""``compare``: several guides and NUTS on one model, measured against a reference posterior.
+
+For each method and each scalar parameter :math:`\theta_j` with reference mean :math:`m_j` and
+sd :math:`s_j`, the table holds the mean error in reference sds :math:`(\hat m_j - m_j)/s_j`,
+the sd ratio :math:`\hat s_j / s_j`, and the 1-Wasserstein distance between the method's and
+the reference's marginal draws (also in units of :math:`s_j`). Per method, the summary adds
+PSIS :math:`\hat k` and the ELBO for guides, and ESS/s, R-hat and divergences for NUTS.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.stats import wasserstein_distance
+
+from vilab.guides.registry import guide_name
+from vilab.inference.diagnostics import k_hat_verdict, nuts_diagnostics, psis, weighted_moments
+from vilab.inference.nuts import NUTSResult, run_nuts
+from vilab.inference.samples import flatten_samples, match_reference, to_numpy
+from vilab.inference.svi import SVIResult, fit_svi
+from vilab.inference.validation import check_model, check_positive_int
+from vilab.types import Model
+
+__all__ = ["MethodResult", "ComparisonReport", "compare", "reference_from_draws"]
+
+
+@dataclass
+class MethodResult:
+    """One method's draws (flat names -> 1-D arrays) and its per-method numbers."""
+
+    name: str
+    kind: str  # "vi" or "nuts"
+    draws: dict[str, np.ndarray]
+    result: SVIResult | NUTSResult
+    inference_data: Any
+    metrics: dict[str, Any] = field(default_factory=dict)
+    log_weights: Optional[np.ndarray] = None
+
+
+@dataclass
+class ComparisonReport:
+    """What ``compare`` returns: ``table`` (one row per method and parameter), ``summary`` (one
+    row per method), the methods themselves and the reference draws."""
+
+    table: pd.DataFrame
+    summary: pd.DataFrame
+    methods: dict[str, MethodResult]
+    reference: dict[str, np.ndarray]
+    reference_name: str
+    title: str = "vilab comparison"
+
+    def save(self, directory: str) -> "Any":
+        """Write metrics JSON, CSV tables, NetCDF InferenceData per method, PNG plots and a
+        report page into ``directory``; returns its path."""
+        from vilab.inference.report import save_report
+
+        return save_report(self, directory)
+
+
+def reference_from_draws(model: Model, args: tuple, kwargs: dict, draws: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flatten reference draws given per site (``(..., *site_shape)``) or per flat name."""
+    trace = check_model(model, args, kwargs, allow_enumerated=True)
+    flat: dict[str, np.ndarray] = {}
+    for name, value in draws.items():
+        array = to_numpy(value)
+        node = trace.nodes.get(name)
+        site_shape = tuple(np.shape(to_numpy(node["value"]))) if node is not None else ()
+        if site_shape and array.shape[-len(site_shape):] == site_shape:
+            batch = array.ndim - len(site_shape)
+            flat.update({k: v.reshape(-1) for k, v in flatten_samples({name: array}, batch).items()})
+        else:
+            flat[name] = array.reshape(-1)
+    return flat
+
+
+def _moments(values: np.ndarray) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1))
+
+
+def _rows(method: MethodResult, reference: dict[str, np.ndarray]) -> list[dict]:
+    names = match_reference(method.draws, reference)
+    reweighted = weighted_moments({n: method.draws[n] for n in names}, method.log_weights) \
+        if method.log_weights is not None and np.isfinite(method.metrics.get("k_hat", np.nan)) else {}
+    rows = []
+    for name in names:
+        mean, sd = _moments(method.draws[name])
+        ref_mean, ref_sd = _moments(reference[name])
+        w1 = wasserstein_distance(method.draws[name], reference[name])
+        row = {"method": method.name, "parameter": name, "mean": mean, "sd": sd, "ref_mean": ref_mean,
+               "ref_sd": ref_sd, "mean_error_sd": (mean - ref_mean) / ref_sd, "sd_ratio": sd / ref_sd,
+               "wasserstein": w1, "wasserstein_sd": w1 / ref_sd}
+        if name in reweighted:
+            row["psis_mean_error_sd"] = (reweighted[name][0] - ref_mean) / ref_sd
+            row["psis_sd_ratio"] = reweighted[name][1] / ref_sd
+        rows.append(row)
+    return rows
+
+
+def _fit_guide(model, args, kwargs, guide, seed, num_draws, svi_options, guide_options, progress) -> MethodResult:
+    name = guide_name(guide)
+    options = dict(svi_options or {})
+    result = fit_svi(model, guide, *args, seed=seed, progress=progress,
+                     guide_options=(guide_options or {}).get(name), **options, **kwargs)
+    samples, log_weights, evaluation = result.draws(num_draws, seed=seed)
+    log_weights = to_numpy(log_weights)
+    smoothed = psis(log_weights)
+    idata = result.inference_data(num_draws, seed=seed)
+    metrics = {"kind": "vi", "k_hat": smoothed.k_hat, "k_hat_verdict": k_hat_verdict(smoothed.k_hat),
+               "psis_ess": smoothed.ess, "elbo": float(np.mean(log_weights)),
+               "elbo_se": float(np.std(log_weights) / np.sqrt(len(log_weights))),
+               "final_loss": float(np.mean(result.losses[-50:])), "num_steps": result.num_steps,
+               "converged": result.converged, "wall_time": result.wall_time}
+    flat = {k: v.reshape(-1) for k, v in flatten_samples(samples, 1).items()}
+    return MethodResult(name, "vi", flat, result, idata, metrics, smoothed.log_weights)
+
+
+def _nuts_method(nuts: NUTSResult) -> MethodResult:
+    flat = {k: v.reshape(-1) for k, v in flatten_samples(nuts.samples, 2).items()}
+    diagnostics = nuts_diagnostics(nuts.inference_data)
+    metrics = {"kind": "nuts", "wall_time": nuts.wall_time, **diagnostics,
+               "ess_per_second": diagnostics["ess_bulk_min"] / max(nuts.wall_time, 1e-9)}
+    return MethodResult("nuts", "nuts", flat, nuts, nuts.inference_data, metrics)
+
+
+def compare(
+    model: Model,
+    *args: Any,
+    guides: Sequence[Any] = ("meanfield", "fullrank", "iaf"),
+    reference: Optional[NUTSResult | Mapping[str, Any]] = None,
+    include_nuts: bool = False,
+    seed: int = 0,
+    num_draws: int = 1000,
+    svi_options: Optional[dict] = None,
+    nuts_options: Optional[dict] = None,
+    guide_options: Optional[dict[str, dict]] = None,
+    reference_name: Optional[str] = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> ComparisonReport:
+    r"""Fit every guide in ``guides`` and measure each against a reference posterior.
+
+    Args:
+        model: a Pyro model; ``*args, **kwargs`` are its data.
+        guides: registry names or guide objects.
+        reference: a :class:`NUTSResult`, or reference draws (site or flat name ->
+            array; flat names like ``"theta[1]"`` allowed). ``None`` runs NUTS first and uses it.
+        include_nuts: with external reference draws, also run NUTS and score it.
+        num_draws: guide draws used for the metrics and PSIS.
+        svi_options: keyword options for :func:`fit_svi` (``num_steps``, ``lr``, ``elbo``...).
+        nuts_options: keyword options for :func:`run_nuts` (``num_samples``, ``num_chains``...).
+        guide_options: per guide name, options of its family (``{"iaf": {"num_flows": 4}}``).
+
+    Returns:
+        A :class:`ComparisonReport`.
+    """
+    check_positive_int(num_draws, "num_draws", minimum=10)
+    if isinstance(guides, str) or not isinstance(guides, Sequence):
+        raise TypeError(f"guides: expected a sequence of guide names or objects; got {guides!r}")
+    check_model(model, args, kwargs)
+    methods: dict[str, MethodResult] = {}
+    if reference is None or isinstance(reference, NUTSResult):
+        nuts = reference if reference is not None else run_nuts(
+            model, *args, seed=seed, progress=progress, **(nuts_options or {}), **kwargs)
+        methods["nuts"] = _nuts_method(nuts)
+        reference_draws, reference_name = methods["nuts"].draws, reference_name or "nuts"
+    elif isinstance(reference, Mapping):
+        reference_draws = reference_from_draws(model, args, kwargs, reference)
+        reference_name = reference_name or "reference draws"
+        if include_nuts:
+            methods["nuts"] = _nuts_method(run_nuts(model, *args, seed=seed, progress=progress,
+                                                    **(nuts_options or {}), **kwargs))
+    else:
+        raise TypeError(f"reference: expected None, a NUTSResult or a dict of draws; got {type(reference).__name__}")
+    for guide in guides:
+        method = _fit_guide(model, args, kwargs, guide, seed, num_draws, svi_options, guide_options, progress)
+        methods[method.name if method.name not in methods else f"{method.name}_{len(methods)}"] = method
+    return _build_report(methods, reference_draws, reference_name)
+
+
+def _build_report(methods, reference_draws, reference_name) -> ComparisonReport:
+    rows = []
+    for method in methods.values():
+        if method.kind == "nuts" and reference_name == "nuts":
+            continue  # NUTS is the reference here: its errors against itself are zero by construction
+        rows.extend(_rows(method, reference_draws))
+    table = pd.DataFrame(rows)
+    summary = []
+    for name, method in methods.items():
+        part = table[table["method"] == name] if len(table) else table
+        entry = {"method": name, **method.metrics}
+        if len(part):
+            entry.update(mean_abs_error_sd=float(part["mean_error_sd"].abs().mean()),
+                         max_abs_error_sd=float(part["mean_error_sd"].abs().max()),
+                         mean_abs_log_sd_ratio=float(np.log(part["sd_ratio"]).abs().mean()),
+                         mean_wasserstein_sd=float(part["wasserstein_sd"].mean()))
+        summary.append(entry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        summary_frame = pd.DataFrame(summary).set_index("method")
+    return ComparisonReport(table, summary_frame, methods, reference_draws, reference_name)

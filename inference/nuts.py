@@ -1,0 +1,162 @@
+r"""``run_nuts``: the No-U-Turn sampler on a Pyro model, returned as a plain record.
+
+Chains run in separate processes when the machine has more than one core (forked, so models
+defined in a notebook work), else one after another. Each chain records per-draw statistics so
+ArviZ can compute R-hat, bulk/tail ESS, MCSE and E-BFMI.
+
+References:
+    Hoffman & Gelman, "The No-U-Turn Sampler", 2014, arXiv:1111.4246.
+    Betancourt, "A Conceptual Introduction to Hamiltonian Monte Carlo", 2017, arXiv:1701.02434.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import arviz as az
+import numpy as np
+import pyro
+import torch
+from pyro.infer.mcmc import MCMC
+
+from vilab.inference.arviz_io import to_inference_data
+from vilab.inference.chains import run_chains
+from vilab.inference.nuts_kernel import RecordingNUTS, stats_dtype
+from vilab.inference.tracing import evaluate_draws, is_posterior_site
+from vilab.inference.validation import check_model, check_positive_int, check_probability
+from vilab.types import Model, Samples
+
+__all__ = ["NUTSResult", "run_nuts"]
+
+
+@dataclass
+class NUTSResult:
+    """What ``run_nuts`` returns.
+
+    Attributes:
+        samples: site -> ``(chain, draw, *site_shape)``, latent and deterministic sites.
+        sample_stats: statistic -> ``(chain, draw)`` array.
+        inference_data: ``arviz.InferenceData`` with posterior, sample_stats,
+            log_likelihood and observed_data.
+        wall_time: seconds, warmup and sampling of all chains.
+        num_divergences: divergent transitions after warmup, over all chains.
+    """
+
+    samples: Samples
+    sample_stats: dict[str, np.ndarray]
+    inference_data: az.InferenceData
+    wall_time: float
+    num_divergences: int
+    config: dict = field(default_factory=dict)
+
+    def summary(self, **kwargs) -> "Any":
+        """ArviZ's summary table (mean, sd, HDI, MCSE, bulk/tail ESS, R-hat)."""
+        return az.summary(self.inference_data, **kwargs)
+
+
+def _chain_worker(model, args, kwargs, config, chain, report):
+    """One chain in this process: returns (latent draws as numpy, stats)."""
+    pyro.set_rng_seed(config["seed"] + chain)
+    kernel = RecordingNUTS(model, target_accept_prob=config["target_accept"], full_mass=config["dense_mass"],
+                           max_tree_depth=config["max_tree_depth"], jit_compile=config["jit"],
+                           ignore_jit_warnings=True)
+    stats = {k: [] for k in ("energy", "lp", "n_steps", "tree_depth", "step_size", "acceptance_rate", "diverging")}
+
+    def hook(kernel, params, stage, i):
+        report(1)
+        if stage == "Sample":
+            for key, value in kernel.last_stats.items():
+                stats[key].append(value)
+
+    mcmc = MCMC(kernel, num_samples=config["num_samples"], warmup_steps=config["num_warmup"],
+                num_chains=1, hook_fn=hook, disable_progbar=True)
+    mcmc.run(*args, **kwargs)
+    draws = {k: v.detach().cpu().numpy() for k, v in mcmc.get_samples().items()}
+    return draws, {k: np.asarray(v, dtype=stats_dtype(k)) for k, v in stats.items()}
+
+
+def run_nuts(
+    model: Model,
+    *args: Any,
+    num_samples: int = 1000,
+    num_warmup: int = 1000,
+    num_chains: int = 4,
+    seed: int = 0,
+    target_accept: float = 0.8,
+    dense_mass: bool = False,
+    max_tree_depth: int = 10,
+    jit: bool = False,
+    chain_method: str = "auto",
+    progress: bool = True,
+    **kwargs: Any,
+) -> NUTSResult:
+    r"""Sample ``model(*args, **kwargs)``'s posterior with NUTS.
+
+    Args:
+        model: a Pyro model; discrete latent sites must be marked for enumeration.
+        num_samples, num_warmup: draws kept, and adaptation steps discarded, per chain.
+        num_chains: independent chains (seeds ``seed, seed + 1, ...``).
+        target_accept: target acceptance probability of step-size adaptation.
+        dense_mass: adapt a dense (full) mass matrix instead of a diagonal one.
+        max_tree_depth: at most :math:`2^{d}-1` leapfrog steps per draw.
+        jit: compile the potential with ``torch.jit`` (Pyro's ``jit_compile``).
+        chain_method: ``"parallel"`` (one process per chain), ``"sequential"``, or ``"auto"``
+            (parallel when more than one core is available).
+
+    Returns:
+        A :class:`NUTSResult`; divergences are also reported with a warning.
+    """
+    config = _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method)
+    config.update(seed=seed, dense_mass=bool(dense_mass), jit=bool(jit))
+    check_model(model, args, kwargs, allow_enumerated=True)
+    start = time.perf_counter()
+    parallel = config["chain_method"] == "parallel" or (
+        config["chain_method"] == "auto" and num_chains > 1 and (os.cpu_count() or 1) > 1)
+    total = num_chains * (num_samples + num_warmup)
+    results = run_chains(_chain_worker, (model, args, kwargs, config), num_chains, parallel=parallel,
+                         total=total, progress=progress, desc="NUTS")
+    wall_time = time.perf_counter() - start
+    latent = {k: torch.as_tensor(np.stack([r[0][k] for r in results])) for k in results[0][0]}
+    stats = {k: np.stack([r[1][k] for r in results]) for k in results[0][1]}
+    return _assemble(model, args, kwargs, latent, stats, wall_time, config)
+
+
+def _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method) -> dict:
+    check_positive_int(num_samples, "num_samples")
+    check_positive_int(num_warmup, "num_warmup", minimum=0)
+    check_positive_int(num_chains, "num_chains")
+    check_positive_int(max_tree_depth, "max_tree_depth")
+    check_probability(target_accept, "target_accept")
+    if chain_method not in ("auto", "parallel", "sequential"):
+        raise ValueError(f"chain_method: expected 'auto', 'parallel' or 'sequential'; got {chain_method!r}")
+    return dict(num_samples=num_samples, num_warmup=num_warmup, num_chains=num_chains,
+                target_accept=target_accept, max_tree_depth=max_tree_depth, chain_method=chain_method)
+
+
+def _assemble(model, args, kwargs, latent, stats, wall_time, config) -> NUTSResult:
+    """Add deterministic sites and log-likelihoods, build InferenceData, report divergences."""
+    num_chains, num_draws = next(iter(latent.values())).shape[:2]
+    flat = {k: v.reshape((num_chains * num_draws,) + v.shape[2:]).to(torch.get_default_dtype())
+            for k, v in latent.items()}
+    evaluation = evaluate_draws(model, args, kwargs, flat)
+    trace = check_model(model, args, kwargs, allow_enumerated=True)
+    keep = {n for n, s in trace.nodes.items() if is_posterior_site(s)}
+
+    def unflatten(value):
+        return value.reshape((num_chains, num_draws) + value.shape[1:])
+
+    samples = {k: unflatten(v) for k, v in evaluation["values"].items() if k in keep}
+    log_likelihood = {k: unflatten(v) for k, v in evaluation["log_likelihood"].items()}
+    idata = to_inference_data(model, args, kwargs, samples, sample_stats=stats,
+                              log_likelihood=log_likelihood, inference="nuts")
+    num_divergences = int(stats["diverging"].sum())
+    if num_divergences:
+        warnings.warn(
+            f"run_nuts: {num_divergences} divergent transitions after warmup "
+            f"({num_divergences / stats['diverging'].size:.1%} of draws); the posterior has regions "
+            "NUTS cannot explore. Raise target_accept or reparameterise (e.g. non-centred).",
+            RuntimeWarning, stacklevel=3)
+    return NUTSResult(samples, stats, idata, wall_time, num_divergences, config)

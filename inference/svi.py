@@ -1,0 +1,240 @@
+r"""Stochastic variational inference: ``fit_svi`` fits a guide and returns a plain record.
+
+The objective is the evidence lower bound
+
+.. math:: \mathcal L(q) = \mathbb E_{q(z)}[\log p(x, z) - \log q(z)] = \log p(x) - \mathrm{KL}(q \,\|\, p(z \mid x)),
+
+estimated with ``Trace_ELBO`` (score/reparameterised), ``TraceMeanField_ELBO`` (analytic KL
+where Pyro knows it) or the importance-weighted bound of Burda et al. (``RenyiELBO(alpha=0)``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoLaplaceApproximation
+from pyro.optim import ClippedAdam
+from tqdm.auto import tqdm
+
+from vilab.guides.registry import get_guide, guide_name
+from vilab.inference.convergence import has_converged
+from vilab.inference.guide_draws import draw_from_guide
+from vilab.inference.tracing import evaluate_draws, is_posterior_site
+from vilab.inference.validation import check_model, check_positive_int
+from vilab.types import Guide, Model, Samples
+
+__all__ = ["SVIResult", "NonFiniteLossError", "fit_svi", "ELBOS"]
+
+ELBOS = ("trace", "meanfield", "iwae")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; ``step`` and ``site`` say where, the guide keeps its last
+    finite parameters, and ``result`` holds the run up to the last good step."""
+
+    def __init__(self, message: str, step: int, site: Optional[str], result: "SVIResult"):
+        super().__init__(message)
+        self.step, self.site, self.result = step, site, result
+
+
+@dataclass
+class SVIResult:
+    """What ``fit_svi`` returns.
+
+    Attributes:
+        guide: the fitted guide (for ``laplace``, the Gaussian at the MAP).
+        losses: the loss (negative ELBO estimate) at each step.
+        wall_time: seconds spent optimising.
+        converged: whether the loss stopped changing beyond its noise.
+        name: the guide's registry name or class name.
+    """
+
+    model: Model
+    guide: Guide
+    args: tuple
+    kwargs: dict
+    losses: list[float]
+    wall_time: float
+    converged: bool
+    name: str
+    elbo: str = "trace"
+    config: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.losses)
+
+    def _model_trace(self):
+        return check_model(self.model, self.args, self.kwargs)
+
+    def draws(self, num_samples: int = 1000, *, seed: Optional[int] = None):
+        """Guide draws with log weights :math:`\\log p(x, z) - \\log q(z)`.
+
+        Returns:
+            ``(samples, log_weights)``: every sample site (latent and deterministic) with
+            shape ``(num_samples, *site_shape)``, and ``(num_samples,)`` log weights.
+        """
+        check_positive_int(num_samples, "num_samples")
+        with torch.random.fork_rng():
+            if seed is not None:
+                torch.manual_seed(seed)
+            trace = self._model_trace()
+            guide_draws = draw_from_guide(self.guide, self.args, self.kwargs, num_samples, trace)
+            evaluation = evaluate_draws(self.model, self.args, self.kwargs, guide_draws.samples)
+        keep = {n for n, s in trace.nodes.items() if is_posterior_site(s)}
+        samples = {k: v for k, v in evaluation["values"].items() if k in keep}
+        return samples, evaluation["log_joint"] - guide_draws.log_q, evaluation
+
+    def sample(self, num_samples: int = 1000, *, seed: Optional[int] = None) -> Samples:
+        """``num_samples`` posterior draws: site -> ``(num_samples, *site_shape)``, latent and
+        ``pyro.deterministic`` sites."""
+        return self.draws(num_samples, seed=seed)[0]
+
+    def elbo_estimate(self, num_samples: int = 1000, *, seed: Optional[int] = 0) -> tuple[float, float]:
+        """Monte Carlo ELBO :math:`\\frac1S\\sum_s \\log w_s` and its standard error."""
+        log_weights = self.draws(num_samples, seed=seed)[1].double()
+        return float(log_weights.mean()), float(log_weights.std() / np.sqrt(num_samples))
+
+    def inference_data(self, num_samples: int = 1000, *, seed: Optional[int] = None):
+        """The guide's draws as ``arviz.InferenceData`` (one chain of ``num_samples`` draws),
+        with ``log_likelihood`` and ``observed_data``."""
+        from vilab.inference.arviz_io import to_inference_data
+
+        samples, log_weights, evaluation = self.draws(num_samples, seed=seed)
+        return to_inference_data(
+            self.model, self.args, self.kwargs, {k: v.unsqueeze(0) for k, v in samples.items()},
+            log_likelihood={k: v.unsqueeze(0) for k, v in evaluation["log_likelihood"].items()},
+            sample_stats={"log_weight": log_weights.unsqueeze(0)}, inference=f"vi:{self.name}")
+
+
+def _make_elbo(elbo: str, num_particles: int, vectorize: bool):
+    if elbo == "trace":
+        return Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
+    if elbo == "meanfield":
+        return TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
+    if elbo == "iwae":
+        if num_particles < 2:
+            raise ValueError(f"num_particles: the importance-weighted bound needs >= 2; got {num_particles}")
+        return RenyiELBO(alpha=0.0, num_particles=num_particles, vectorize_particles=vectorize)
+    raise ValueError(f"elbo: expected one of {ELBOS}; got {elbo!r}")
+
+
+def _snapshot() -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    return {name: store._params[name].detach().clone() for name in store.keys()}
+
+
+def _restore(snapshot: dict[str, torch.Tensor]) -> None:
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for name, value in snapshot.items():
+            store._params[name].copy_(value)
+
+
+def _non_finite_site(model, guide, args, kwargs) -> Optional[str]:
+    from pyro import poutine
+
+    try:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        for trace in (guide_trace, model_trace):
+            for name, site in trace.nodes.items():
+                if site["type"] == "sample":
+                    value = site["value"]
+                    if not torch.isfinite(torch.as_tensor(value, dtype=torch.get_default_dtype())).all() or \
+                            not torch.isfinite(site["fn"].log_prob(value)).all():
+                        return name
+    except (ValueError, RuntimeError):  # the bad parameters may break validation itself
+        return None
+    return None
+
+
+def fit_svi(
+    model: Model,
+    guide: str | Guide = "meanfield",
+    *args: Any,
+    num_steps: int = 2000,
+    lr: float = 0.01,
+    lr_decay: float = 0.1,
+    elbo: str = "trace",
+    num_particles: int = 1,
+    vectorize_particles: bool = True,
+    guide_options: Optional[dict] = None,
+    early_stop: bool = True,
+    min_steps: int = 200,
+    seed: Optional[int] = 0,
+    progress: bool = True,
+    **kwargs: Any,
+) -> SVIResult:
+    r"""Fit a guide to ``model(*args, **kwargs)`` by maximising the ELBO with Adam.
+
+    Args:
+        model: a Pyro model; ``*args, **kwargs`` are its data.
+        guide: a registry name (``meanfield``, ``fullrank``, ``lowrank``, ``laplace``, ``map``,
+            ``iaf``, ``nsf``, ``planar``, ``radial``, ``sylvester``) or a guide object.
+        num_steps: maximum number of optimisation steps.
+        lr: Adam's initial learning rate; it decays exponentially to ``lr * lr_decay``.
+        elbo: ``"trace"`` (Trace_ELBO), ``"meanfield"`` (analytic KL) or ``"iwae"``.
+        num_particles: Monte Carlo samples per step (vectorised when ``vectorize_particles``).
+        guide_options: options of a named guide family, e.g. ``{"num_flows": 4}``.
+        early_stop: stop once the loss has converged (after ``min_steps``).
+        seed: seeds Pyro's RNG and clears the param store (``None`` leaves both untouched).
+
+    Returns:
+        An :class:`SVIResult`.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf; the guide keeps its last finite parameters.
+    """
+    check_positive_int(num_steps, "num_steps")
+    check_positive_int(num_particles, "num_particles")
+    if not lr > 0:
+        raise ValueError(f"lr: expected > 0; got {lr!r}")
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"lr_decay: expected in (0, 1]; got {lr_decay!r}")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+        pyro.clear_param_store()
+    check_model(model, args, kwargs)
+    name = guide_name(guide)
+    guide = get_guide(guide, model, **(guide_options or {}))
+    optim = ClippedAdam({"lr": lr, "lrd": lr_decay ** (1.0 / num_steps), "clip_norm": 10.0})
+    svi = SVI(model, guide, optim, _make_elbo(elbo, num_particles, vectorize_particles))
+    losses: list[float] = []
+    converged, start = False, time.perf_counter()
+    bar = tqdm(range(num_steps), desc=f"SVI {name}", disable=not progress, leave=False)
+    good = None
+    for step in bar:
+        loss = svi.step(*args, **kwargs)
+        if not np.isfinite(loss):
+            _raise_non_finite(model, guide, args, kwargs, step, good, losses, start, name, elbo)
+        good = _snapshot()
+        losses.append(float(loss))
+        if step % 50 == 0:
+            bar.set_postfix(elbo=f"{-np.mean(losses[-50:]):.4g}")
+        if early_stop and step + 1 >= min_steps and (step + 1) % 50 == 0 and has_converged(losses):
+            converged = True
+            break
+    bar.close()
+    converged = converged or has_converged(losses)
+    if isinstance(guide, AutoLaplaceApproximation):
+        guide = guide.laplace_approximation(*args, **kwargs)
+    return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start, converged, name, elbo,
+                     {"lr": lr, "lr_decay": lr_decay, "num_particles": num_particles, "num_steps": num_steps})
+
+
+def _raise_non_finite(model, guide, args, kwargs, step, good, losses, start, name, elbo):
+    site = _non_finite_site(model, guide, args, kwargs)
+    if good is not None:
+        _restore(good)
+    where = f" (site {site!r} has a non-finite value or log density)" if site else ""
+    result = SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start, False, name, elbo)
+    raise NonFiniteLossError(
+        f"fit_svi: the loss became non-finite at step {step}{where}; the guide keeps its parameters "
+        f"from step {step - 1}. Try a smaller lr, a tighter init_scale, or check the model's priors.",
+        step, site, result)

@@ -1,0 +1,103 @@
+r"""Priors :math:`p(z)` for VAEs: standard normal, a learned Gaussian mixture and the VampPrior.
+
+Each prior is an ``nn.Module`` whose ``forward()`` returns a distribution with empty batch
+shape and event shape ``(D,)``; the VAE model broadcasts it over ``pyro.plate("data")``.
+"""
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["StandardNormalPrior", "MixturePrior", "VampPrior", "PRIORS"]
+
+PRIORS = ("standard", "mixture", "vamp")
+
+
+class StandardNormalPrior(nn.Module):
+    r""":math:`p(z) = \mathcal{N}(0, I_D)`.
+
+    Args:
+        latent_dim: ``D``.
+    """
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.latent_dim = latent_dim
+        # Buffers so the prior follows the module's device and dtype.
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+
+    def forward(self) -> dist.TorchDistribution:
+        return dist.Normal(self.loc, self.scale).to_event(1)
+
+
+class MixturePrior(nn.Module):
+    r"""Learned mixture of ``K`` diagonal Gaussians,
+    :math:`p(z) = \sum_k \pi_k \mathcal{N}(z; m_k, \operatorname{diag} s_k^2)`.
+
+    Args:
+        latent_dim: ``D``.
+        num_components: ``K``.
+    """
+
+    def __init__(self, latent_dim: int, num_components: int = 10):
+        super().__init__()
+        if num_components < 1:
+            raise ValueError(f"num_components: expected a positive integer; got {num_components}")
+        self.latent_dim, self.num_components = latent_dim, num_components
+        self.logits = nn.Parameter(torch.zeros(num_components))
+        self.locs = nn.Parameter(torch.randn(num_components, latent_dim))
+        # softplus(0.5413) = 1: components start with unit scale.
+        self.raw_scales = nn.Parameter(torch.full((num_components, latent_dim), 0.5413))
+
+    def forward(self) -> dist.TorchDistribution:
+        components = dist.Normal(self.locs, F.softplus(self.raw_scales) + 1e-4).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+
+
+class VampPrior(nn.Module):
+    r"""Variational mixture of posteriors prior,
+    :math:`p(z) = \frac1K \sum_{k=1}^K q(z \mid u_k)`, with learned pseudo-inputs :math:`u_k`.
+
+    The pseudo-inputs live in :math:`[0, 1]` (a sigmoid of free parameters) times
+    ``input_scale``, like the images the encoder sees. The encoder is *shared* with the guide
+    and deliberately not registered as a sub-module here, so its weights appear once in a
+    state dict.
+
+    Args:
+        encoder: Module with ``forward(x) -> (loc, scale)`` and ``image_shape``, ``latent_dim``.
+        num_components: ``K`` pseudo-inputs.
+        input_scale: Top grey level of the data (1 for binary images, 16 for digits).
+
+    References:
+        VAE with a VampPrior, Tomczak & Welling, 2018, arXiv:1705.07120.
+    """
+
+    def __init__(self, encoder: nn.Module, num_components: int = 500, *,
+                 input_scale: float = 1.0):
+        super().__init__()
+        if num_components < 1:
+            raise ValueError(f"num_components: expected a positive integer; got {num_components}")
+        self.__dict__["_encoder"] = encoder
+        self.latent_dim, self.num_components = encoder.latent_dim, num_components
+        self.input_scale = float(input_scale)
+        # Small noise around grey 0.5, as in the paper's initialisation N(0, 0.01) of the
+        # pseudo-input layer.
+        self.raw_pseudo_inputs = nn.Parameter(
+            0.1 * torch.randn(num_components, *encoder.image_shape))
+
+    @property
+    def pseudo_inputs(self) -> torch.Tensor:
+        """``(K, C, H, W)`` pseudo-inputs."""
+        return torch.sigmoid(self.raw_pseudo_inputs) * self.input_scale
+
+    def forward(self) -> dist.TorchDistribution:
+        loc, scale = self._encoder(self.pseudo_inputs)
+        components = dist.Normal(loc, scale).to_event(1)
+        logits = torch.full((self.num_components,), -math.log(self.num_components),
+                            dtype=loc.dtype, device=loc.device)
+        return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)

@@ -1,0 +1,105 @@
+"""VAE model: sites and shapes, decoders, priors, input validation, rebuild from config."""
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+from vilab.inference.checkpoints import load_module, save_module
+from vilab.models.vae import GUIDES, VAEConfig, build_vae
+from vilab.models.vae_priors import MixturePrior, VampPrior
+from vilab.guides.encoders import MLPEncoder
+
+pytestmark = pytest.mark.float32
+
+SMALL = dict(encoder_hidden=(16,), decoder_hidden=(16,), num_components=3, num_flows=2)
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "conv"])
+@pytest.mark.parametrize("levels", [2, 17])
+def test_model_sites_have_the_documented_shapes(architecture, levels):
+    vae = build_vae(VAEConfig((1, 8, 8), latent_dim=3, num_levels=levels,
+                              architecture=architecture, **SMALL))
+    trace = poutine.trace(vae.model).get_trace(None, batch_size=5)
+    assert trace.nodes["z"]["value"].shape == (5, 3)
+    x = trace.nodes["x"]["value"]
+    assert x.shape == (5, 1, 8, 8) and x.max() <= levels - 1
+    trace.compute_log_prob()
+    assert trace.nodes["x"]["log_prob"].shape == (5,)
+
+
+def test_model_scores_data_under_a_guide():
+    vae = build_vae(VAEConfig((1, 8, 8), latent_dim=3, **SMALL))
+    x = torch.bernoulli(torch.full((4, 1, 8, 8), 0.5))
+    loss = pyro.infer.Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in vae.parameters())
+
+
+def test_wrong_image_size_is_a_clear_error():
+    vae = build_vae(VAEConfig((1, 28, 28), latent_dim=2, **SMALL))
+    with pytest.raises(ValueError, match=r"expects images of shape \(batch, 1, 28, 28\); got \(4, 1, 8, 8\)"):
+        vae.model(torch.zeros(4, 1, 8, 8))
+    with pytest.raises(ValueError, match="the encoder expects images"):
+        vae.guide(torch.zeros(4, 1, 8, 8))
+
+
+def test_non_binary_data_for_a_bernoulli_decoder_is_a_clear_error():
+    vae = build_vae(VAEConfig((1, 8, 8), latent_dim=2, **SMALL))
+    with pytest.raises(ValueError, match="binary pixels"):
+        vae.model(torch.full((2, 1, 8, 8), 0.5))
+
+
+def test_out_of_range_levels_for_a_categorical_decoder_are_a_clear_error():
+    vae = build_vae(VAEConfig((1, 8, 8), latent_dim=2, num_levels=17, **SMALL))
+    with pytest.raises(ValueError, match="integer pixels in 0..16"):
+        vae.model(torch.full((2, 1, 8, 8), 17.0))
+
+
+@pytest.mark.parametrize("field,value", [("guide", "maf"), ("prior", "gamma"), ("architecture", "rnn")])
+def test_unknown_options_are_rejected(field, value):
+    with pytest.raises(ValueError, match=f"{field}: expected"):
+        build_vae(VAEConfig((1, 8, 8), **{field: value}))
+
+
+def test_mixture_prior_is_a_normalised_density():
+    prior = MixturePrior(1, num_components=3)()
+    grid = torch.linspace(-15, 15, 6001).unsqueeze(-1)
+    mass = torch.trapezoid(prior.log_prob(grid).exp(), grid.squeeze(-1))
+    assert abs(mass.item() - 1) < 1e-3
+
+
+def test_vamp_prior_is_the_mean_of_encoder_posteriors_at_pseudo_inputs():
+    encoder = MLPEncoder((1, 8, 8), 2, hidden_dims=(8,))
+    prior = VampPrior(encoder, num_components=4)
+    z = torch.randn(6, 2)
+    loc, scale = encoder(prior.pseudo_inputs)
+    expected = torch.distributions.Normal(loc, scale).log_prob(z.unsqueeze(1)).sum(-1)
+    expected = torch.logsumexp(expected, 1) - torch.log(torch.tensor(4.0))
+    torch.testing.assert_close(prior().log_prob(z), expected)
+    assert not any(name.startswith("_encoder") for name, _ in prior.named_parameters())
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+@pytest.mark.parametrize("prior", ["standard", "vamp"])
+def test_saved_weights_rebuild_the_same_model(tmp_path, guide, prior):
+    config = VAEConfig((1, 8, 8), latent_dim=3, guide=guide, prior=prior, **SMALL)
+    vae = build_vae(config)
+    save_module(vae, str(tmp_path / "w.safetensors"))
+    other = build_vae(VAEConfig.from_dict(config.to_dict()))
+    load_module(other, str(tmp_path / "w.safetensors"))
+    x = torch.bernoulli(torch.full((3, 1, 8, 8), 0.5))
+    z = torch.randn(3, 3)
+    torch.testing.assert_close(vae.model.decoder(z), other.model.decoder(z))
+    torch.testing.assert_close(vae.model.prior().log_prob(z), other.model.prior().log_prob(z))
+    pyro.set_rng_seed(1)
+    first = vae.guide.distribution(x).rsample()
+    pyro.set_rng_seed(1)
+    torch.testing.assert_close(first, other.guide.distribution(x).rsample())
+
+
+def test_reconstruct_and_prior_samples_are_pixel_means():
+    vae = build_vae(VAEConfig((1, 8, 8), latent_dim=2, num_levels=17, **SMALL))
+    x = torch.randint(0, 17, (3, 1, 8, 8)).float()
+    assert vae.reconstruct(x).shape == (3, 1, 8, 8)
+    samples = vae.sample_prior(5)
+    assert samples.shape == (5, 1, 8, 8) and samples.min() >= 0 and samples.max() <= 16

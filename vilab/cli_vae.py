@@ -1,0 +1,144 @@
+"""``vilab vae train`` and ``vilab vae evaluate``.
+
+``add_vae_commands(subparsers)`` registers both on an ``argparse`` sub-parsers object; each
+parsed namespace carries ``func`` (its handler, returning an exit code).
+
+Examples::
+
+    vilab vae train --data fashion-mnist --guide iaf --flows 4 --latent 32 --out runs/iaf
+    vilab vae evaluate runs/iaf --iw-samples 5000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+__all__ = ["add_vae_commands", "train_command", "evaluate_command"]
+
+_GUIDES = ("meanfield", "planar", "radial", "sylvester", "iaf", "spline")
+_DATASETS = ("fashion-mnist", "mnist", "kmnist", "idx", "digits")
+
+
+def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``vae train`` and ``vae evaluate`` to ``subparsers``; return the ``vae`` parser."""
+    vae = subparsers.add_parser("vae", help="train and evaluate VAEs on image data")
+    commands = vae.add_subparsers(dest="vae_command", required=True)
+
+    train = commands.add_parser("train", help="train a VAE with Lightning")
+    train.add_argument("--data", required=True, help=f"one of {', '.join(_DATASETS)}")
+    train.add_argument("--data-dir", default=None, help="directory of IDX files")
+    train.add_argument("--out", required=True, help="run directory (resumed if it has last.ckpt)")
+    train.add_argument("--guide", default="meanfield", help=f"one of {', '.join(_GUIDES)}")
+    train.add_argument("--flows", type=int, default=4, help="flow steps K")
+    train.add_argument("--latent", type=int, default=32, help="latent dimension")
+    train.add_argument("--architecture", choices=("mlp", "conv"), default="mlp")
+    train.add_argument("--prior", choices=("standard", "mixture", "vamp"), default="standard")
+    train.add_argument("--components", type=int, default=500, help="mixture/VampPrior size")
+    train.add_argument("--objective", choices=("elbo", "trace", "iwae"), default="elbo")
+    train.add_argument("--iw-train-samples", type=int, default=5, help="k for --objective iwae")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--kl-warmup", type=int, default=0, help="KL annealing steps")
+    train.add_argument("--free-bits", type=float, default=0.0, help="nats per latent dim")
+    train.add_argument("--patience", type=int, default=None, help="early-stopping epochs")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--devices", type=int, default=1, help="processes (DDP when > 1)")
+    train.add_argument("--max-train", type=int, default=None, help="use the first N images")
+    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--fresh", action="store_true", help="ignore an existing last.ckpt")
+    train.set_defaults(func=train_command)
+
+    evaluate = commands.add_parser("evaluate", help="metrics JSON and figures for a run")
+    evaluate.add_argument("run_dir", help="directory written by `vilab vae train`")
+    evaluate.add_argument("--iw-samples", type=int, default=5000, help="K for log p(x)")
+    evaluate.add_argument("--chunk-size", type=int, default=500)
+    evaluate.add_argument("--batch-size", type=int, default=100)
+    evaluate.add_argument("--max-test", type=int, default=None, help="use the first N images")
+    evaluate.add_argument("--data-dir", default=None)
+    evaluate.add_argument("--no-figures", action="store_true")
+    evaluate.set_defaults(func=evaluate_command)
+    return vae
+
+
+def _fail(message: str) -> int:
+    print(f"vilab vae: error: {message}", file=sys.stderr)
+    return 2
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Handler of ``vilab vae train``."""
+    from vilab.datasets import load_dataset
+    from vilab.inference.vae_training import NonFiniteLossError, TrainingConfig, train_vae
+    from vilab.models.vae import VAEConfig, build_vae
+
+    if args.guide not in _GUIDES:
+        return _fail(f"--guide: expected one of {', '.join(_GUIDES)}; got {args.guide!r}")
+    try:
+        data = load_dataset(args.data, data_dir=args.data_dir, seed=args.seed)
+    except (ValueError, FileNotFoundError) as error:
+        return _fail(str(error))
+    if args.max_train:
+        data = data.subset(num_train=args.max_train)
+    import pyro
+
+    pyro.set_rng_seed(args.seed)  # model initialisation
+    config = VAEConfig(data.image_shape, latent_dim=args.latent, num_levels=data.num_levels,
+                       architecture=args.architecture, guide=args.guide, num_flows=args.flows,
+                       prior=args.prior, num_components=args.components)
+    training = TrainingConfig(
+        max_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        objective=args.objective, iwae_samples=args.iw_train_samples,
+        kl_warmup_steps=args.kl_warmup, free_bits=args.free_bits, patience=args.patience,
+        seed=args.seed, devices=args.devices,
+        strategy="ddp_spawn" if args.devices > 1 else "auto", progress=not args.no_progress)
+    try:
+        result = train_vae(build_vae(config), data, args.out, config=training,
+                           resume=not args.fresh, extra={"data_dir": args.data_dir})
+    except NonFiniteLossError as error:
+        return _fail(f"{error}; last good checkpoint: "
+                     f"{os.path.join(args.out, 'checkpoints', 'last.ckpt')}")
+    print(f"trained in {result.wall_time:.1f} s; weights: {os.path.join(args.out, 'model.safetensors')}")
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Handler of ``vilab vae evaluate``: writes ``metrics.json`` and ``figures/*.png``."""
+    from vilab.datasets import load_dataset, make_loader
+    from vilab.inference.checkpoints import CheckpointError
+    from vilab.inference.vae_evaluation import evaluate_vae
+    from vilab.inference.vae_plots import save_all_figures
+    from vilab.inference.vae_training import load_run, read_metrics
+
+    try:
+        vae, config = load_run(args.run_dir)
+    except (FileNotFoundError, CheckpointError) as error:
+        return _fail(str(error))
+    data = load_dataset(config["data"], data_dir=args.data_dir or config.get("data_dir"),
+                        seed=config["training"]["seed"])
+    test, labels = data.test, data.test_labels
+    if args.max_test:
+        test, labels = test[:args.max_test], labels[:args.max_test]
+    import pyro
+
+    pyro.set_rng_seed(config["training"]["seed"])
+    loader = make_loader(test, labels, batch_size=args.batch_size)
+    metrics = evaluate_vae(vae, loader, iw_samples=args.iw_samples, chunk_size=args.chunk_size)
+    metrics.update({"split": "test", "data": config["data"], "guide": config["vae"]["guide"]})
+    path = os.path.join(args.run_dir, "metrics.json")
+    with open(path + ".tmp", "w") as file:
+        json.dump(metrics, file, indent=2)
+    os.replace(path + ".tmp", path)
+    if not args.no_figures:
+        figures = save_all_figures(vae, test[:1000], labels[:1000],
+                                   os.path.join(args.run_dir, "figures"),
+                                   metrics_rows=read_metrics(args.run_dir))
+        print("figures:", ", ".join(sorted(figures)))
+    print(f"test ELBO {metrics['elbo']:.2f} (rec {metrics['reconstruction']:.2f}, KL "
+          f"{metrics['kl']:.2f}); log p(x) {metrics['log_likelihood']:.2f} +- "
+          f"{metrics['log_likelihood_stderr']:.2f} (K={args.iw_samples}); active units "
+          f"{metrics['active_units']}/{metrics['latent_dim']}; metrics: {path}")
+    return 0
