@@ -69,10 +69,11 @@ def min_bulk_ess(samples: dict[str, np.ndarray]) -> float:
 
 def _latent_names(model, args, kwargs) -> list[str]:
     import pyro
+    from pyro.poutine.util import site_is_subsample
 
     trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
     return [name for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not name.startswith("_")]
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)]
 
 
 def run_vilab(model, args, kwargs, options):

@@ -1,5 +1,7 @@
 """Variational families: Pyro autoguides, normalizing-flow guides and amortized encoders."""
 from vilab.guides.flows import AutoFlow, ElementwiseAffine
 from vilab.guides.registry import AutoMAP, GuideInfo, get_guide, guide_name, list_guides
+from vilab.guides.serialization import load_guide, save_guide
 
-__all__ = ["AutoFlow", "ElementwiseAffine", "AutoMAP", "GuideInfo", "get_guide", "guide_name", "list_guides"]
+__all__ = ["AutoFlow", "ElementwiseAffine", "AutoMAP", "GuideInfo", "get_guide", "guide_name", "list_guides",
+           "save_guide", "load_guide"]

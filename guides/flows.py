@@ -147,10 +147,14 @@ def _empirical_quantiles(guide, probs, args, kwargs, num_samples: int = 4000) ->
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(0)
         latent = guide.get_posterior(*args, **kwargs).rsample((num_samples,))
+        # Singleton dims let Pyro's unpacking broadcast the draws against plated sites.
+        depth = max((len(shape) for shape in guide._unconstrained_shapes.values()), default=0)
+        latent = latent.reshape((num_samples,) + (1,) * depth + latent.shape[-1:])
         probs = torch.as_tensor(probs, dtype=latent.dtype)
         values = {}
         for site, unconstrained in guide._unpack_latent(latent):
             constrained = biject_to(site["fn"].support)(unconstrained)
+            constrained = constrained.reshape((num_samples,) + site["value"].shape)
             values[site["name"]] = torch.quantile(constrained, probs, dim=0)
     return values
 

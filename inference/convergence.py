@@ -8,7 +8,7 @@ import numpy as np
 __all__ = ["has_converged"]
 
 
-def has_converged(losses: Sequence[float], window: int = 100, rtol: float = 1e-3, z: float = 1.0) -> bool:
+def has_converged(losses: Sequence[float], window: int = 100, rtol: float = 1e-4, z: float = 1.0) -> bool:
     r"""Compare the mean loss of the last two windows of ``window`` steps.
 
     Converged when the improvement :math:`\bar L_{prev} - \bar L_{last}` is below both

@@ -24,6 +24,8 @@ from pyro.infer.mcmc import MCMC
 
 from vilab.inference.arviz_io import to_inference_data
 from vilab.inference.chains import run_chains
+from vilab.inference.fast_nuts import sample_vectorized_nuts
+from vilab.inference.vectorized import VectorizationError
 from vilab.inference.nuts_kernel import RecordingNUTS, stats_dtype
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.validation import check_model, check_positive_int, check_probability
@@ -90,6 +92,7 @@ def run_nuts(
     max_tree_depth: int = 10,
     jit: bool = False,
     chain_method: str = "auto",
+    backend: str = "auto",
     progress: bool = True,
     **kwargs: Any,
 ) -> NUTSResult:
@@ -102,16 +105,31 @@ def run_nuts(
         target_accept: target acceptance probability of step-size adaptation.
         dense_mass: adapt a dense (full) mass matrix instead of a diagonal one.
         max_tree_depth: at most :math:`2^{d}-1` leapfrog steps per draw.
-        jit: compile the potential with ``torch.jit`` (Pyro's ``jit_compile``).
-        chain_method: ``"parallel"`` (one process per chain), ``"sequential"``, or ``"auto"``
-            (parallel when more than one core is available).
+        jit: compile the potential with ``torch.jit`` (Pyro's ``jit_compile``; ``pyro`` backend).
+        chain_method: for the ``pyro`` backend, ``"parallel"`` (one process per chain),
+            ``"sequential"``, or ``"auto"`` (parallel when more than one core is available).
+        backend: ``"vectorized"`` advances all chains at once in one batched, traced program
+            (:mod:`vilab.inference.fast_nuts`); ``"pyro"`` runs Pyro's NUTS per chain; ``"auto"``
+            uses the vectorized sampler when the model passes its batching checks and otherwise
+            falls back to Pyro's NUTS with a warning.
 
     Returns:
         A :class:`NUTSResult`; divergences are also reported with a warning.
     """
     config = _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method)
     config.update(seed=seed, dense_mass=bool(dense_mass), jit=bool(jit))
-    check_model(model, args, kwargs, allow_enumerated=True)
+    if backend not in ("auto", "vectorized", "pyro"):
+        raise ValueError(f"backend: expected 'auto', 'vectorized' or 'pyro'; got {backend!r}")
+    trace = check_model(model, args, kwargs, allow_enumerated=True)
+    if backend in ("auto", "vectorized") and not jit:
+        try:
+            return _run_vectorized(model, args, kwargs, config, trace, progress)
+        except VectorizationError as error:
+            if backend == "vectorized":
+                raise
+            warnings.warn(f"run_nuts: the vectorized sampler cannot run this model ({error}); "
+                          "falling back to Pyro's NUTS, one chain per process", RuntimeWarning, stacklevel=2)
+    config["backend"] = "pyro"
     start = time.perf_counter()
     parallel = config["chain_method"] == "parallel" or (
         config["chain_method"] == "auto" and num_chains > 1 and (os.cpu_count() or 1) > 1)
@@ -121,6 +139,22 @@ def run_nuts(
     wall_time = time.perf_counter() - start
     latent = {k: torch.as_tensor(np.stack([r[0][k] for r in results])) for k in results[0][0]}
     stats = {k: np.stack([r[1][k] for r in results]) for k in results[0][1]}
+    return _assemble(model, args, kwargs, latent, stats, wall_time, config)
+
+
+def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
+    start = time.perf_counter()
+    result = sample_vectorized_nuts(
+        model, args, kwargs, num_samples=config["num_samples"], num_warmup=config["num_warmup"],
+        num_chains=config["num_chains"], target_accept=config["target_accept"],
+        dense_mass=config["dense_mass"], max_tree_depth=config["max_tree_depth"], seed=config["seed"],
+        progress=progress)
+    wall_time = time.perf_counter() - start
+    latent = {k: v for k, v in result.samples.items()
+              if k in trace.nodes and not trace.nodes[k]["is_observed"]}
+    stats = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+             for k, v in result.sample_stats.items()}
+    config["backend"] = "vectorized"
     return _assemble(model, args, kwargs, latent, stats, wall_time, config)
 
 

@@ -1,6 +1,8 @@
-"""Write a comparison to disk: metrics JSON, CSV tables, NetCDF per method, PNGs, a report page."""
+"""Write a comparison to disk: metrics JSON, CSV tables, NetCDF per method, PNGs, and the
+report as Markdown (``report.md``) and as one self-contained HTML page (``report.html``)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -8,6 +10,7 @@ import numpy as np
 
 from vilab.fileio import atomic_path, write_json, write_text
 from vilab.inference.plots import comparison_figures
+from vilab.inference.report_html import render_comparison_html
 
 __all__ = ["save_report", "warnings_for", "markdown_report"]
 
@@ -66,7 +69,8 @@ def markdown_report(report, figures: dict[str, str]) -> str:
 
 
 def save_report(report, directory) -> Path:
-    """Write everything about ``report`` into ``directory`` (each file atomically)."""
+    """Write everything about ``report`` into ``directory`` (each file atomically); ``report.html``
+    embeds every figure, so it can be opened or sent on its own."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", {
@@ -80,11 +84,15 @@ def save_report(report, directory) -> Path:
     for name, method in report.methods.items():
         with atomic_path(out / f"{name}.nc") as tmp:
             method.inference_data.to_netcdf(str(tmp))
-    figures = {}
+    files, images = {}, {}
     for name, figure in comparison_figures(report).items():
-        with atomic_path(out / f"{name}.png") as tmp:
-            figure.savefig(tmp, dpi=90, format="png")
+        buffer = io.BytesIO()
+        figure.savefig(buffer, dpi=90, format="png")
         plt.close(figure)
-        figures[name] = f"{name}.png"
-    write_text(out / "report.md", markdown_report(report, figures))
+        images[name] = buffer.getvalue()
+        with atomic_path(out / f"{name}.png") as tmp:
+            tmp.write_bytes(images[name])
+        files[name] = f"{name}.png"
+    write_text(out / "report.md", markdown_report(report, files))
+    write_text(out / "report.html", render_comparison_html(report, images))
     return out

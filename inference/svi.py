@@ -136,10 +136,22 @@ def _restore(snapshot: dict[str, torch.Tensor]) -> None:
             store._params[name].copy_(value)
 
 
+def _params_finite() -> bool:
+    return all(bool(torch.isfinite(v).all()) for _, v in pyro.get_param_store().items())
+
+
 def _non_finite_site(model, guide, args, kwargs) -> Optional[str]:
     from pyro import poutine
 
     try:
+        with pyro.validation_enabled(False):
+            return _first_non_finite_site(poutine, model, guide, args, kwargs)
+    except (ValueError, RuntimeError):  # the bad parameters may break the model itself
+        return None
+
+
+def _first_non_finite_site(poutine, model, guide, args, kwargs) -> Optional[str]:
+    if True:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         for trace in (guide_trace, model_trace):
@@ -149,8 +161,6 @@ def _non_finite_site(model, guide, args, kwargs) -> Optional[str]:
                     if not torch.isfinite(torch.as_tensor(value, dtype=torch.get_default_dtype())).all() or \
                             not torch.isfinite(site["fn"].log_prob(value)).all():
                         return name
-    except (ValueError, RuntimeError):  # the bad parameters may break validation itself
-        return None
     return None
 
 
@@ -166,7 +176,7 @@ def fit_svi(
     vectorize_particles: bool = True,
     guide_options: Optional[dict] = None,
     early_stop: bool = True,
-    min_steps: int = 200,
+    min_steps: Optional[int] = None,
     seed: Optional[int] = 0,
     progress: bool = True,
     **kwargs: Any,
@@ -182,7 +192,9 @@ def fit_svi(
         elbo: ``"trace"`` (Trace_ELBO), ``"meanfield"`` (analytic KL) or ``"iwae"``.
         num_particles: Monte Carlo samples per step (vectorised when ``vectorize_particles``).
         guide_options: options of a named guide family, e.g. ``{"num_flows": 4}``.
-        early_stop: stop once the loss has converged (after ``min_steps``).
+        early_stop: stop once the loss has converged, checked from ``min_steps`` on (default
+            half of ``num_steps``: single-sample ELBO noise hides slow early progress, and the
+            decaying learning rate does the rest).
         seed: seeds Pyro's RNG and clears the param store (``None`` leaves both untouched).
 
     Returns:
@@ -197,6 +209,7 @@ def fit_svi(
         raise ValueError(f"lr: expected > 0; got {lr!r}")
     if not 0 < lr_decay <= 1:
         raise ValueError(f"lr_decay: expected in (0, 1]; got {lr_decay!r}")
+    min_steps = num_steps // 2 if min_steps is None else check_positive_int(min_steps, "min_steps", 0)
     if seed is not None:
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
@@ -210,8 +223,13 @@ def fit_svi(
     bar = tqdm(range(num_steps), desc=f"SVI {name}", disable=not progress, leave=False)
     good = None
     for step in bar:
-        loss = svi.step(*args, **kwargs)
-        if not np.isfinite(loss):
+        try:
+            loss = svi.step(*args, **kwargs)
+        except ValueError as error:  # Pyro's validation rejects NaN parameters before the loss is NaN
+            if "nan" not in str(error).lower() and _params_finite():
+                raise
+            loss = None
+        if loss is None or not np.isfinite(loss):
             _raise_non_finite(model, guide, args, kwargs, step, good, losses, start, name, elbo)
         good = _snapshot()
         losses.append(float(loss))

@@ -75,7 +75,7 @@ def plot_latent_scatter(vae, x: torch.Tensor, labels: torch.Tensor, path: str) -
     elif means.shape[1] == 1:
         means = torch.cat([means, torch.zeros_like(means)], 1)
     figure, axis = plt.subplots(figsize=(5, 4.5))
-    points = axis.scatter(means[:, 0], means[:, 1], c=labels.cpu(), cmap="tab10", s=4)
+    points = axis.scatter(means[:, 0].numpy(), means[:, 1].numpy(), c=labels.cpu().numpy(), cmap="tab10", s=4)
     figure.colorbar(points, ax=axis, label="class")
     axis.set_xlabel(axis_names[0])
     axis.set_ylabel(axis_names[1])

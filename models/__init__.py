@@ -1,5 +1,6 @@
 """Generative models: Pyro model functions, each registered by name with default data."""
 from vilab.models import conjugate, eight_schools, funnel, logistic, mixture  # noqa: F401
+from vilab.models import posteriordb_mixture, posteriordb_regression, posteriordb_timeseries  # noqa: F401
 from vilab.models.conjugate import beta_bernoulli, linear_regression, normal_normal
 from vilab.models.eight_schools import eight_schools_centered, eight_schools_noncentered
 from vilab.models.funnel import funnel as neals_funnel
