@@ -170,7 +170,99 @@ def section_dmm(args):
     return {"budget": vars(args), "rows": rows}
 
 
-SECTIONS = {"gaps": section_gaps, "richer": section_richer, "dmm": section_dmm}
+def section_multimodal(args):
+    from vilab.inference.minibatch import fit_minibatch
+    from vilab.models.multimodal_vae import build_multimodal_vae
+
+    data = _fashion(args.num_train, args.num_test)
+    pyro.set_rng_seed(0)
+    vae = build_multimodal_vae(data.image_shape, 10, 16)
+
+    def loss(batch, step):
+        x, y = batch
+        return vae.loss(x, y), {}
+    fit = fit_minibatch(vae, loss, _train_loader(data), num_epochs=args.epochs)
+    scores = vae.log_likelihoods(data.test, data.test_labels, num_samples=500)
+    n = data.test.shape[0]
+    summary = {k: float(v.mean()) for k, v in scores.items()}
+    summary.update({f"{k}_stderr": float(v.std()) / n ** 0.5 for k, v in scores.items()})
+    labels = torch.arange(10).repeat_interleave(4)
+    torch.save({"labels": labels, "images": vae.sample_images(labels)},
+               os.path.join(RESULTS, "advanced_multimodal_samples.pt"))
+    print("  ".join(f"{k} {v:.3f}" for k, v in summary.items() if "stderr" not in k), flush=True)
+    return {"budget": vars(args), "train_seconds": fit.wall_time, "scores": summary}
+
+
+def section_vmf(args):
+    from vilab.datasets import make_loader
+    from vilab.inference.amortization import monte_carlo_elbo
+    from vilab.inference.vae_evaluation import active_units, importance_sampled_log_likelihood
+    from vilab.models.hyperspherical_vae import HypersphericalELBOLoss, build_hyperspherical_vae
+    from vilab.models.vae import VAEConfig, build_vae
+
+    data = _fashion(args.num_train, args.num_test)
+    test_loader = make_loader(data.test, batch_size=250)
+    rows = []
+    for latent_dim in (3, 5, 10):
+        for kind in ("normal", "vmf"):
+            pyro.set_rng_seed(0)
+            if kind == "vmf":
+                vae = build_hyperspherical_vae(data.image_shape, latent_dim)
+                loss = HypersphericalELBOLoss()
+            else:
+                vae = build_vae(VAEConfig(data.image_shape, latent_dim=latent_dim,
+                                          encoder_hidden=(300, 300), decoder_hidden=(300, 300)))
+                loss = None
+            fit = _fit_vae(vae, _train_loader(data), args.epochs, loss)
+            elbo = monte_carlo_elbo(vae.model, vae.guide, data.test, num_samples=10)
+            estimate = importance_sampled_log_likelihood(vae, test_loader, num_samples=500,
+                                                         chunk_size=250)
+            count, _ = active_units(vae, test_loader, num_samples=50)
+            rows.append({"latent_dim": latent_dim, "posterior": kind,
+                         "elbo": float(elbo.mean()),
+                         "elbo_stderr": float(elbo.std()) / len(elbo) ** 0.5,
+                         "log_likelihood": estimate.mean, "log_likelihood_stderr": estimate.stderr,
+                         "active_units": count, "train_seconds": fit.wall_time})
+            print(f"p={latent_dim:>2} {kind:>6}: ELBO {rows[-1]['elbo']:.2f}  log p(x) "
+                  f"{estimate.mean:.2f} +- {estimate.stderr:.2f}  AU {count}", flush=True)
+    return {"budget": vars(args), "rows": rows}
+
+
+def section_mi(args):
+    from vilab.datasets import make_loader
+    from vilab.inference.amortization import monte_carlo_elbo
+    from vilab.inference.mutual_information import InfoVAELoss, MutualInformationLoss
+    from vilab.inference.objectives import ELBOLoss
+    from vilab.inference.vae_evaluation import collapse_diagnostics, importance_sampled_log_likelihood
+    from vilab.models.autoregressive_vae import build_autoregressive_vae
+
+    data = _fashion(args.num_train, args.num_test)
+    test_loader = make_loader(data.test, batch_size=100)
+    objectives = {"elbo": ELBOLoss(), "infovae (alpha=1, lambda=100, IMQ)": InfoVAELoss(),
+                  "elbo + 1.0 * MI": MutualInformationLoss(1.0)}
+    rows = []
+    for name, loss in objectives.items():
+        pyro.set_rng_seed(0)
+        vae = build_autoregressive_vae(data.image_shape, 16)
+        fit = _fit_vae(vae, _train_loader(data), args.epochs, loss)
+        elbo = monte_carlo_elbo(vae.model, vae.guide, data.test, num_samples=5)
+        estimate = importance_sampled_log_likelihood(vae, test_loader, num_samples=200,
+                                                     chunk_size=50)
+        report = collapse_diagnostics(vae, test_loader)
+        rows.append({"objective": name, "elbo": float(elbo.mean()),
+                     "kl": float(report.kl_per_dim.sum()) if report.kl_per_dim is not None else None,
+                     "log_likelihood": estimate.mean, "log_likelihood_stderr": estimate.stderr,
+                     "active_units": report.active_units,
+                     "mutual_information": report.mutual_information,
+                     "train_seconds": fit.wall_time})
+        print(f"{name:>36}: ELBO {rows[-1]['elbo']:.2f}  log p(x) {estimate.mean:.2f}  KL "
+              f"{rows[-1]['kl']:.2f}  AU {report.active_units}/16  MI "
+              f"{report.mutual_information:.3f}", flush=True)
+    return {"budget": vars(args), "rows": rows}
+
+
+SECTIONS = {"mi": section_mi, "gaps": section_gaps, "richer": section_richer, "dmm": section_dmm,
+            "multimodal": section_multimodal, "vmf": section_vmf}
 
 
 def main(argv=None):

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from .fast_graph import simplify
+
 __all__ = ["LEAF_FIELDS", "leaf_step", "LeafStepper", "checkpoint_masks"]
 
 # Stan's threshold on the energy error that marks a divergent trajectory.
@@ -113,8 +115,12 @@ class LeafStepper:
         compile: trace the leaf into a TorchScript graph (checked against the eager leaf).
     """
 
-    def __init__(self, eager_potential_fn: Callable, example: tuple, compile: bool = True) -> None:
+    def __init__(self, eager_potential_fn: Callable, example: tuple, compile: bool = True,
+                 trace_potential_fn: Callable | None = None) -> None:
         self._eager = lambda *args: leaf_step(eager_potential_fn, *args)
+        # Tracing an already traced potential graph is much faster than tracing Pyro again.
+        self._trace_fn = self._eager if trace_potential_fn is None else (
+            lambda *args: leaf_step(trace_potential_fn, *args))
         self._fn, self.compiled = self._eager, False
         if compile:
             self._try_compile(example)
@@ -131,7 +137,7 @@ class LeafStepper:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                graph = make_fx(self._eager)(*example)
+                graph = simplify(make_fx(self._trace_fn)(*example))
                 traced = torch.jit.freeze(torch.jit.trace(graph, example, check_trace=False).eval())
             # Check on a second leaf, whose state tensors are all distinct and non-trivial; the
             # profiling executor specialises on its first calls, so compare the third.

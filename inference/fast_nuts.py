@@ -93,7 +93,8 @@ class TreeBuilder:
     def _stepper(self, dense: bool, example: tuple) -> LeafStepper:
         if dense not in self._steppers:
             self._steppers[dense] = LeafStepper(self.potential.eager_value_and_grad, example,
-                                                compile=self.compile and self.potential.compiled)
+                                                compile=self.compile and self.potential.compiled,
+                                                trace_potential_fn=self.potential.graph_module)
         return self._steppers[dense]
 
     def _subtree(self, tree: TreeState, depth: int, active, going_right, step_size, energy, metric):

@@ -63,6 +63,8 @@ def plot_pairs(report, parameters: Optional[Sequence[str]] = None, max_points: i
     """Pairwise scatter of the first parameters: reference in grey, each method overlaid."""
     names = list(parameters or _parameters(report, 4))
     n = len(names)
+    if n < 2:
+        return None
     fig, axes = plt.subplots(n, n, figsize=(2.3 * n, 2.3 * n), squeeze=False)
     rng = np.random.default_rng(0)
     for i, yname in enumerate(names):
@@ -108,8 +110,8 @@ def plot_forest(report, max_parameters: int = 20):
                 ys.append(k + offset)
                 means.append(values.mean())
                 lo, hi = np.quantile(values, [0.05, 0.95])
-                los.append(values.mean() - lo)
-                his.append(hi - values.mean())
+                los.append(max(values.mean() - lo, 0.0))  # a point mass rounds to tiny negatives
+                his.append(max(hi - values.mean(), 0.0))
         ax.errorbar(means, ys, xerr=[los, his], fmt="o", ms=3, lw=1, label=label,
                     color="black" if label == "reference" else None)
     ax.set_yticks(range(len(names)), names, fontsize=8)

@@ -5,7 +5,11 @@
 ELBO split, stops on a non-finite loss naming the batch, and stores the RNG state in its
 checkpoints so a resumed run repeats the uninterrupted one exactly. :func:`fit_lightning` wires
 it to a ``Trainer`` with atomic checkpoints, CSV (and TensorBoard, when installed) logs, early
-stopping and seeds; it scales out with ``devices``/``strategy`` (e.g. ``"ddp_spawn"`` on CPUs).
+stopping and seeds; it scales out with ``devices``/``strategy`` (DDP over gloo on CPUs, see
+:func:`resolve_strategy`). SIGTERM or SIGINT stops training at once with
+:class:`TrainingInterrupted` (DDP workers are killed with it, and die with their parent even
+on SIGKILL); checkpoints are written atomically, so ``last.ckpt`` is the last finished epoch
+and rerunning the same command resumes from it exactly.
 :func:`train_vae` adds the run directory: ``config.json``, ``model.safetensors``,
 ``checkpoints/{last,best}.ckpt`` and ``logs/``; :func:`load_run` reads it back without executing
 code.
@@ -14,14 +18,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import lightning.pytorch as pl
 import pyro
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 from torch import nn
@@ -34,6 +42,7 @@ from vilab.models.vae import VAE, VAEConfig, build_vae
 
 __all__ = [
     "NonFiniteLossError",
+    "TrainingInterrupted",
     "VAELightningModule",
     "TrainingConfig",
     "TrainingResult",
@@ -41,6 +50,7 @@ __all__ = [
     "train_vae",
     "load_run",
     "read_metrics",
+    "resolve_strategy",
     "OBJECTIVES",
 ]
 
@@ -49,6 +59,29 @@ OBJECTIVES = ("elbo", "trace", "iwae")
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names epoch, batch and step."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training was stopped by a signal (``signum``); ``last.ckpt`` holds the last finished epoch."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _rng_state(state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Pyro's RNG state (default: the current one) as tensors and tuples only, so checkpoints
+    load with ``weights_only=True``."""
+    state = pyro.util.get_rng_state() if state is None else state
+    numpy_state = state["numpy"]
+    return {"torch": state["torch"], "random": state["random"],
+            "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:])}
+
+
+def _set_rng_state(saved: dict[str, Any]) -> None:
+    numpy_state = saved["numpy"]
+    pyro.util.set_rng_state({"torch": saved["torch"], "random": saved["random"],
+                             "numpy": (numpy_state[0], numpy_state[1].numpy(), *numpy_state[2:])})
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -86,10 +119,12 @@ class VAELightningModule(pl.LightningModule):
                 f"training loss is {output.loss.item()} at epoch {self.current_epoch}, batch "
                 f"{batch_idx} (global step {self.global_step}); training stopped before the "
                 "update, so the last saved checkpoint is the last good state")
+        # sync_dist averages the epoch aggregates over DDP processes (a no-op in one process).
         self.log("train/loss", output.loss, prog_bar=True, on_step=True, on_epoch=True,
-                 batch_size=x.shape[0])
+                 batch_size=x.shape[0], sync_dist=True)
         for key, value in output.metrics.items():
-            self.log(f"train/{key}", value, on_step=False, on_epoch=True, batch_size=x.shape[0])
+            self.log(f"train/{key}", value, on_step=False, on_epoch=True, batch_size=x.shape[0],
+                     sync_dist=True)
         return output.loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -104,21 +139,32 @@ class VAELightningModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.learning_rate)
 
+    def setup(self, stage: str) -> None:
+        # Lightning seeds every DDP process alike (so initial weights agree); give each rank
+        # its own stream for reparameterization noise and dynamic binarization. A resumed
+        # run then restores each rank's saved stream in on_load_checkpoint.
+        if self.trainer.world_size > 1:
+            pyro.set_rng_seed(torch.initial_seed() + self.global_rank)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = pyro.util.get_rng_state()
-        numpy_state = state["numpy"]
-        # Tensors and plain tuples only, so the checkpoint loads with weights_only=True.
-        checkpoint["vilab_rng_state"] = {
-            "torch": state["torch"], "random": state["random"],
-            "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:])}
+        checkpoint["vilab_rng_state"] = _rng_state(state)
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Every rank calls this hook for every save, so the gather cannot deadlock. Tensors
+            # do not survive all_gather_object's pickling here, so the torch state goes as bytes.
+            state["torch"] = state["torch"].numpy().tobytes()
+            states: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, state)
+            for item in states:
+                item["torch"] = torch.frombuffer(bytearray(item["torch"]), dtype=torch.uint8)
+            checkpoint["vilab_rng_state_per_rank"] = [_rng_state(item) for item in states]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("vilab_rng_state")
-        if saved is not None:
-            numpy_state = saved["numpy"]
-            pyro.util.set_rng_state({
-                "torch": saved["torch"], "random": saved["random"],
-                "numpy": (numpy_state[0], numpy_state[1].numpy(), *numpy_state[2:])})
+        per_rank = checkpoint.get("vilab_rng_state_per_rank")
+        if per_rank is not None and len(per_rank) == self.trainer.world_size:
+            _set_rng_state(per_rank[self.global_rank])
+        elif checkpoint.get("vilab_rng_state") is not None:
+            _set_rng_state(checkpoint["vilab_rng_state"])
 
 
 @dataclass
@@ -137,7 +183,8 @@ class TrainingConfig:
         patience: Early-stopping patience in epochs on validation ELBO (``None``: off).
         seed: Seed for Python, NumPy, torch and Pyro.
         devices: Number of processes/devices.
-        strategy: Lightning strategy (``"auto"``, ``"ddp_spawn"``...).
+        strategy: Lightning strategy; ``"auto"`` picks DDP for ``devices > 1`` on CPUs (see
+            :func:`resolve_strategy`); ``"ddp_spawn"``, ``"ddp_fork"``... are passed through.
         accelerator: Lightning accelerator (``"cpu"``, ``"auto"``...).
         progress: Show the progress bar.
         gradient_clip: Clip gradient norm (``None``: off).
@@ -182,26 +229,114 @@ class TrainingResult(NamedTuple):
     wall_time: float
 
 
+def resolve_strategy(devices: int, strategy: str = "auto", accelerator: str = "cpu") -> str:
+    """The Lightning strategy :func:`fit_lightning` uses.
+
+    ``"auto"`` with ``devices > 1`` on CPUs becomes ``"ddp_spawn"`` (gloo; fresh worker
+    processes, safe everywhere). ``"ddp_fork"`` starts faster (no re-import) and is accepted
+    too; its workers run one intra-op thread each, because GNU OpenMP's thread pool does not
+    survive ``fork()`` and a forked worker using more threads can hang.
+
+    Raises:
+        ValueError: if ``devices`` is not a positive integer.
+    """
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices: expected a positive integer; got {devices!r}")
+    if strategy == "auto" and devices > 1 and accelerator == "cpu":
+        return "ddp_spawn"
+    return strategy
+
+
+class _WorkerGuard(Callback):
+    """In DDP worker processes: die with the parent, and one thread after ``fork()``."""
+
+    def __init__(self, parent_pid: int, forked: bool):
+        self.parent_pid, self.forked = parent_pid, forked
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if os.getpid() == self.parent_pid:
+            return
+        if self.forked:
+            torch.set_num_threads(1)
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            # PR_SET_PDEATHSIG = 1: the kernel sends SIGKILL to this worker if the parent dies
+            # (even by SIGKILL), so no orphan keeps training and writing checkpoints.
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
+        if os.getppid() != self.parent_pid:
+            os._exit(1)  # the parent died before the guard was armed
+
+
+@contextmanager
+def _stop_on_signals(trainer: pl.Trainer) -> Iterator[None]:
+    """Turn SIGTERM/SIGINT in the main process into :class:`TrainingInterrupted`.
+
+    Lightning alone would finish the batch and exit with status 0 on SIGTERM, and leave DDP
+    workers running when only the parent is signalled; here the workers get SIGKILL (their
+    checkpoints are atomic) and the caller gets an exception it can turn into an exit code.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for process in getattr(trainer.strategy.launcher, "procs", None) or []:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGKILL)
+        raise TrainingInterrupted(
+            f"training stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}"
+            f", global step {trainer.global_step}", signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    """Delete half-written checkpoint files left by a process killed while saving."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(".tmp-") and name.endswith(".part"):
+                os.remove(os.path.join(directory, name))
+
+
 def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: DataLoader,
                   val_loader: Optional[DataLoader], out_dir: str, *,
-                  config: Optional[TrainingConfig] = None, resume: bool = True) -> TrainingResult:
+                  config: Optional[TrainingConfig] = None, resume: bool = True,
+                  callbacks: Sequence[Callback] = ()) -> TrainingResult:
     """Train ``(model, guide, loss)`` with Lightning into ``out_dir``.
 
     Checkpoints go to ``out_dir/checkpoints`` (``last.ckpt`` every epoch, ``best.ckpt`` on
     validation ELBO), logs to ``out_dir/logs``. With ``resume`` and an existing
     ``last.ckpt`` training continues from it (same epoch, optimizer state and RNG state).
+    With ``config.devices > 1`` the batch size is per process (DDP averages the gradients).
+
+    Args:
+        callbacks: Extra Lightning callbacks (e.g. a custom stopping rule).
 
     Raises:
         NonFiniteLossError: when the loss becomes NaN/inf; ``last.ckpt`` keeps the last good state.
+        TrainingInterrupted: on SIGTERM/SIGINT; ``last.ckpt`` keeps the last finished epoch.
     """
     config = config or TrainingConfig()
+    strategy = resolve_strategy(config.devices, config.strategy, config.accelerator)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     module = VAELightningModule(model, guide, loss, learning_rate=config.learning_rate)
     ckpt_dir = os.path.join(out_dir, "checkpoints")
-    callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", save_last=True,
-                                       monitor="val/elbo" if val_loader else None, mode="max")]
+    _remove_stale_temporaries(ckpt_dir)
+    all_callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", save_last=True,
+                                           monitor="val/elbo" if val_loader else None,
+                                           mode="max"),
+                           _WorkerGuard(os.getpid(), forked=strategy in ("ddp_fork",
+                                                                          "ddp_notebook"))]
     if config.patience is not None and val_loader is not None:
-        callbacks.append(EarlyStopping(monitor="val/elbo", mode="max", patience=config.patience))
+        all_callbacks.append(EarlyStopping(monitor="val/elbo", mode="max",
+                                           patience=config.patience))
+    all_callbacks += list(callbacks)
     # A resumed run logs to a new CSV file; read_metrics concatenates them in order.
     previous = [d for d in os.listdir(os.path.join(out_dir, "logs"))
                 if d.startswith("csv")] if os.path.isdir(os.path.join(out_dir, "logs")) else []
@@ -210,7 +345,7 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
         loggers.append(TensorBoardLogger(out_dir, name="logs", version="tensorboard"))
     trainer = pl.Trainer(
         max_epochs=config.max_epochs, accelerator=config.accelerator, devices=config.devices,
-        strategy=config.strategy, callbacks=callbacks, logger=loggers,
+        strategy=strategy, callbacks=all_callbacks, logger=loggers,
         plugins=[AtomicCheckpointIO()], enable_progress_bar=config.progress,
         enable_model_summary=False, num_sanity_val_steps=0,
         gradient_clip_val=config.gradient_clip, log_every_n_steps=10, deterministic=True,
@@ -218,14 +353,15 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
     last = os.path.join(ckpt_dir, "last.ckpt")
     ckpt_path = last if resume and os.path.exists(last) else None
     start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
-    best = callbacks[0].best_model_path or None
+    with _stop_on_signals(trainer):
+        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
+    best = all_callbacks[0].best_model_path or None
     return TrainingResult(module, trainer, last, best, time.perf_counter() - start)
 
 
 def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
               config: Optional[TrainingConfig] = None, resume: bool = True,
-              extra: Optional[dict] = None) -> TrainingResult:
+              extra: Optional[dict] = None, callbacks: Sequence[Callback] = ()) -> TrainingResult:
     """Train a :class:`~vilab.models.vae.VAE` on ``data`` and save the run to ``out_dir``.
 
     Training batches of binary data are binarized afresh every time (dynamic binarization);
@@ -234,6 +370,7 @@ def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
 
     Raises:
         ValueError: if the model's image shape or levels do not match ``data``.
+        TrainingInterrupted: on SIGTERM/SIGINT (see :func:`fit_lightning`).
     """
     config = config or TrainingConfig()
     if vae.config is None:
@@ -251,7 +388,7 @@ def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
     val_loader = make_loader(data.validation, data.validation_labels,
                              batch_size=max(config.batch_size, 256))
     result = fit_lightning(vae.model, vae.guide, config.make_loss(), train_loader, val_loader,
-                           out_dir, config=config, resume=resume)
+                           out_dir, config=config, resume=resume, callbacks=callbacks)
     if result.trainer.is_global_zero:
         source = result.best_checkpoint or result.last_checkpoint
         if os.path.exists(source):

@@ -30,6 +30,8 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from torch.distributions import biject_to
 
+from .fast_graph import simplify
+
 __all__ = ["VectorizationError", "LatentSite", "BatchedPotential"]
 
 _CHAIN_PLATE = "_vilab_chains"
@@ -144,7 +146,7 @@ class BatchedPotential:
         self._value_and_grad = self.eager_value_and_grad
         generator = torch.Generator().manual_seed(seed + 1)
         self._verify(num_chains, num_checks, rtol, generator)
-        self.compiled = False
+        self.compiled, self.graph_module = False, None
         if compile:
             self._compile(num_chains, rtol, generator)
 
@@ -310,9 +312,9 @@ class BatchedPotential:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                graph = make_fx(lambda z: self.eager_value_and_grad(z))(example)
+                module = simplify(make_fx(lambda z: self.eager_value_and_grad(z))(example))
                 # TorchScript runs the aten graph about 4x faster than fx's Python code.
-                graph = torch.jit.freeze(torch.jit.trace(graph, (example,), check_trace=False).eval())
+                graph = torch.jit.freeze(torch.jit.trace(module, (example,), check_trace=False).eval())
             for _ in range(2):
                 z = self._check_points(num_chains, generator)
                 expected = self.eager_value_and_grad(z)
@@ -324,4 +326,6 @@ class BatchedPotential:
             # the verified eager path stays correct, only slower.
             return
         self._value_and_grad = graph
+        # The verified fx graph, cheaper to trace again (into a sampler step) than the model.
+        self.graph_module = module
         self.compiled = True

@@ -1,16 +1,18 @@
 """Generative models: Pyro model functions, each registered by name with default data."""
 from vilab.models import conjugate, eight_schools, funnel, logistic, mixture  # noqa: F401
 from vilab.models import posteriordb_mixture, posteriordb_regression, posteriordb_timeseries  # noqa: F401
+from vilab.models import vae, vae_priors  # noqa: F401
 from vilab.models.conjugate import beta_bernoulli, linear_regression, normal_normal
 from vilab.models.eight_schools import eight_schools_centered, eight_schools_noncentered
 from vilab.models.funnel import funnel as neals_funnel
 from vilab.models.logistic import logistic_regression
 from vilab.models.mixture import gaussian_mixture
 from vilab.models.registry import ModelSpec, get_model, list_models, register_model
+from vilab.models.vae import VAE, VAEConfig, VAEModel, build_vae
 
 __all__ = [
     "ModelSpec", "get_model", "list_models", "register_model",
     "normal_normal", "beta_bernoulli", "linear_regression",
     "eight_schools_centered", "eight_schools_noncentered", "neals_funnel",
-    "logistic_regression", "gaussian_mixture",
+    "logistic_regression", "gaussian_mixture", "VAE", "VAEConfig", "VAEModel", "build_vae",
 ]

@@ -64,7 +64,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 2
     flows = {"num_flows": args.flows}
     report = compare(
-        model, *model_args, guides=guides, reference=reference, include_nuts=reference is not None,
+        model, *model_args, guides=guides, reference=reference, include_nuts=reference is not None and not args.no_nuts,
         seed=args.seed, num_draws=args.draws,
         svi_options={"num_steps": args.steps, "lr": args.lr},
         nuts_options={"num_samples": args.samples, "num_warmup": args.warmup, "num_chains": args.chains,
@@ -78,7 +78,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(report.summary[columns].to_string(float_format=lambda v: f"{v:.3g}"))
     for note in warnings_for(report):
         print(f"warning: {note}")
-    print(f"\nwrote {out}/ (report.md, metrics.json, *.nc, *.png)")
+    print(f"\nwrote {out}/report.html (and report.md, metrics.json, summary.csv, table.csv, *.nc, *.png)")
     return 0
 
 
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--chains", type=int, default=4, help="NUTS chains")
     cmp.add_argument("--target-accept", type=float, default=0.8)
     cmp.add_argument("--dense-mass", action="store_true", help="adapt a dense mass matrix")
+    cmp.add_argument("--no-nuts", action="store_true",
+                     help="with --posteriordb, score only the guides against the reference draws")
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
     cmp.set_defaults(func=_cmd_compare)

@@ -1,0 +1,221 @@
+r"""Shrink a ``make_fx`` graph of small-tensor operations before TorchScript runs it.
+
+On the tensors of a small model (a few chains, tens to hundreds of numbers) every aten call costs
+about the same microseconds whatever it computes, so the sampler's speed is the number of calls
+in its traced leaf. Tracing Pyro through autograd leaves many calls that compute nothing new:
+constants recomputed on every call (``log(scale)`` of a fixed prior), shape-only views and
+expands, ``pow(x, 1)``, detaches, and reductions over a dimension of two or three entries, which
+PyTorch's reduction kernels run ten times slower than the elementwise ops that can replace them.
+:func:`simplify` removes or rewrites those; every rewrite keeps values equal up to rounding, and
+the caller still compares the simplified graph with the eager computation before using it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+__all__ = ["simplify"]
+
+aten = torch.ops.aten
+
+# Reductions over at most this many entries are unrolled into elementwise ops.
+_MAX_UNROLL = 4
+
+_SHAPE_ONLY = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+               aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
+               aten.clone.default, aten._to_copy.default}
+_LIKE = {aten.ones_like.default, aten.zeros_like.default, aten.full_like.default}
+# Elementwise ops that broadcast their tensor arguments; an expand feeding them is redundant
+# when the op's output shape does not change without it.
+_BROADCASTING = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.rsub.Tensor,
+                 aten.pow.Tensor_Tensor, aten.where.self, aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor,
+                 aten.ge.Tensor, aten.eq.Tensor, aten.maximum.default, aten.minimum.default,
+                 aten.logaddexp.default, aten.xlogy.Tensor, aten.logical_and.default,
+                 aten.logical_or.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor}
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _is_mutating(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def _mutated(graph: fx.Graph) -> set:
+    """Nodes written in place by some op: rewriting them could change what the write sees."""
+    out = set()
+    for node in graph.nodes:
+        if _is_mutating(node):
+            out.update(arg for arg in node.args if isinstance(arg, fx.Node))
+    return out
+
+
+def _same_meta(a, b) -> bool:
+    va, vb = _val(a), _val(b)
+    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
+            and va.shape == vb.shape and va.dtype == vb.dtype)
+
+
+def _replace(node: fx.Node, new) -> None:
+    node.replace_all_uses_with(new)
+
+
+def _fold_constants(gm: fx.GraphModule, mutated: set) -> None:
+    """Evaluate once every op whose inputs are all constants (or only an input's shape)."""
+    constant = {}
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and node not in mutated:
+            constant[node] = getattr(gm, node.target)
+            continue
+        if node.op != "call_function" or node in mutated or _is_mutating(node):
+            continue
+        if not isinstance(node.target, torch._ops.OpOverload) or node.target is aten.new_empty.default:
+            continue
+        if node.target in _LIKE:
+            value = _val(node)
+            if not isinstance(value, torch.Tensor):
+                continue
+            fill = {aten.ones_like.default: 1, aten.zeros_like.default: 0}.get(node.target)
+            fill = node.args[1] if fill is None else fill
+            result = torch.full(value.shape, fill, dtype=value.dtype)
+        else:
+            inputs = node.all_input_nodes
+            if any(arg not in constant for arg in inputs):
+                continue
+            if torch.Tag.nondeterministic_seeded in node.target.tags or "empty" in str(node.target):
+                continue
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: constant[n])
+            result = node.target(*args, **kwargs)
+            if not isinstance(result, torch.Tensor):
+                continue
+        name = f"_folded_{node.name}"
+        gm.register_buffer(name, result.clone())
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta["val"] = node.meta.get("val")
+        _replace(node, attr)
+        constant[attr] = result
+
+
+def _remove_no_ops(graph: fx.Graph, mutated: set) -> None:
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node in mutated:
+            continue
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node) or source in mutated:
+            continue
+        target = node.target
+        if target in _SHAPE_ONLY and _same_meta(node, source):
+            _replace(node, source)
+        elif target is aten.expand.default and source.target is aten.expand.default:
+            node.args = (source.args[0], *node.args[1:])
+        elif target is aten.pow.Tensor_Scalar and node.args[1] == 1 and _same_meta(node, source):
+            _replace(node, source)
+        elif target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) \
+                and not isinstance(node.args[1], fx.Node) and node.args[1] == 1 and _same_meta(node, source):
+            _replace(node, source)
+
+
+def _drop_broadcast_expands(graph: fx.Graph, mutated: set) -> None:
+    for node in list(graph.nodes):
+        if node.target is not aten.expand.default or node in mutated:
+            continue
+        source = node.args[0]
+        for user in list(node.users):
+            if user.target not in _BROADCASTING or not isinstance(_val(user), torch.Tensor):
+                continue
+            shapes = [(_val(source) if arg is node else _val(arg)).shape for arg in user.args
+                      if isinstance(_val(arg), torch.Tensor)]
+            shapes += [() for arg in user.args if not isinstance(arg, fx.Node)]
+            if torch.broadcast_shapes(*shapes) == _val(user).shape:
+                user.replace_input_with(node, source)
+
+
+def _slices(graph: fx.Graph, source: fx.Node, dim: int, size: int) -> list:
+    return [graph.call_function(aten.select.int, (source, dim, i)) for i in range(size)]
+
+
+def _fold(graph: fx.Graph, op, items: list) -> fx.Node:
+    total = items[0]
+    for item in items[1:]:
+        total = graph.call_function(op, (total, item))
+    return total
+
+
+def _small_dim(node: fx.Node, dims) -> int | None:
+    """The reduced dimension when it is a single one of at most ``_MAX_UNROLL`` entries."""
+    value = _val(node.args[0])
+    if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+        return None
+    if isinstance(dims, int):
+        dims = [dims]
+    if not isinstance(dims, (list, tuple)) or len(dims) != 1:
+        return None
+    dim = dims[0] % value.dim() if value.dim() else None
+    if dim is None or value.shape[dim] > _MAX_UNROLL:
+        return None
+    return dim
+
+
+def _unrolled(graph: fx.Graph, source: fx.Node, dim: int, op, keepdim: bool) -> fx.Node:
+    size = _val(source).shape[dim]
+    result = _fold(graph, op, _slices(graph, source, dim, size))
+    return graph.call_function(aten.unsqueeze.default, (result, dim)) if keepdim else result
+
+
+def _unroll_small_reductions(graph: fx.Graph) -> None:
+    """``sum``, ``logsumexp`` and ``log_softmax`` over 2 to 4 entries as elementwise ops."""
+    for node in list(graph.nodes):
+        target = node.target
+        if target is aten.sum.dim_IntList and 2 <= len(node.args) <= 3 and not node.kwargs:
+            dim = _small_dim(node, node.args[1])
+            if dim is None:
+                continue
+            keepdim = len(node.args) > 2 and node.args[2]
+            with graph.inserting_before(node):
+                new = _unrolled(graph, node.args[0], dim, aten.add.Tensor, keepdim)
+        elif target is aten.logsumexp.default:
+            dim = _small_dim(node, node.args[1])
+            if dim is None:
+                continue
+            keepdim = len(node.args) > 2 and node.args[2]
+            with graph.inserting_before(node):
+                new = _unrolled(graph, node.args[0], dim, aten.logaddexp.default, keepdim)
+        elif target is aten._log_softmax.default:
+            dim = _small_dim(node, node.args[1])
+            if dim is None:
+                continue
+            with graph.inserting_before(node):
+                norm = _unrolled(graph, node.args[0], dim, aten.logaddexp.default, True)
+                new = graph.call_function(aten.sub.Tensor, (node.args[0], norm))
+        elif target is aten._log_softmax_backward_data.default:
+            grad, output, dim = node.args[:3]
+            if _small_dim(node, dim) is None:
+                continue
+            dim = _small_dim(node, dim)
+            with graph.inserting_before(node):
+                total = _unrolled(graph, grad, dim, aten.add.Tensor, True)
+                weight = graph.call_function(aten.exp.default, (output,))
+                new = graph.call_function(aten.sub.Tensor,
+                                          (grad, graph.call_function(aten.mul.Tensor, (weight, total))))
+        else:
+            continue
+        _replace(node, new)
+
+
+def simplify(gm: fx.GraphModule) -> fx.GraphModule:
+    """Simplify a ``make_fx`` graph (with ``meta["val"]`` on its nodes) in place and return it."""
+    graph = gm.graph
+    mutated = _mutated(graph)
+    _fold_constants(gm, mutated)
+    _remove_no_ops(graph, mutated)
+    _drop_broadcast_expands(graph, mutated)
+    _remove_no_ops(graph, mutated)
+    _unroll_small_reductions(graph)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm
+

@@ -1,0 +1,118 @@
+r"""run_nuts against closed-form posteriors, its record's contents, and its errors.
+
+Tolerances are the Monte Carlo error: a posterior mean is within ``Z * sd / sqrt(ESS)`` and a
+posterior sd within ``Z * sd / sqrt(2 ESS)`` (the asymptotic sd of a sample sd), ESS from ArviZ.
+"""
+import math
+import warnings
+
+import arviz as az
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from scipy.stats import norm
+
+from vilab.inference import run_nuts
+from vilab.models import conjugate, get_model
+
+Z = norm.ppf(1 - 0.001 / 2)
+
+
+def _check_against(idata, name, exact_mean, exact_sd, index=()):
+    draws = idata.posterior[name].values[(Ellipsis,) + index]
+    ess = float(az.ess(draws[None] if draws.ndim == 1 else draws))
+    mean, sd = draws.mean(), draws.std()
+    assert abs(mean - exact_mean) < Z * exact_sd / math.sqrt(ess), (name, index, mean, exact_mean, ess)
+    assert abs(sd - exact_sd) < Z * exact_sd / math.sqrt(2 * ess), (name, index, sd, exact_sd, ess)
+
+
+def test_normal_normal_matches_the_exact_posterior():
+    x = conjugate.default_normal_data()
+    result = run_nuts(conjugate.normal_normal, 20, x, num_samples=500, num_warmup=300, num_chains=2,
+                      progress=False)
+    exact = conjugate.normal_normal_posterior(x)["loc"]
+    _check_against(result.inference_data, "loc", float(exact.mean), float(exact.stddev))
+
+
+def test_linear_regression_matches_the_exact_posterior():
+    features, y = conjugate.default_regression_data()
+    result = run_nuts(conjugate.linear_regression, features, y, num_samples=500, num_warmup=300,
+                      num_chains=2, progress=False)
+    exact = conjugate.linear_regression_posterior(features, y)["beta"]
+    for j in range(3):
+        _check_against(result.inference_data, "beta", float(exact.mean[j]), float(exact.stddev[j]), (j,))
+
+
+@pytest.fixture(scope="module")
+def eight_schools_run():
+    torch.set_default_dtype(torch.float64)
+    model, args, kwargs = get_model("eight_schools").load()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return run_nuts(model, *args, num_samples=100, num_warmup=100, num_chains=2, progress=False, **kwargs)
+
+
+def test_samples_hold_latent_and_deterministic_sites(eight_schools_run):
+    samples = eight_schools_run.samples
+    assert set(samples) == {"mu", "tau", "eta", "theta"}
+    assert samples["eta"].shape == (2, 100, 8) and samples["theta"].shape == (2, 100, 8)
+    assert torch.allclose(samples["theta"], samples["mu"][..., None] + samples["tau"][..., None] * samples["eta"])
+
+
+def test_inference_data_has_every_group_and_named_dims(eight_schools_run):
+    idata = eight_schools_run.inference_data
+    assert {"posterior", "sample_stats", "log_likelihood", "observed_data"} <= set(idata.groups())
+    for stat in ("diverging", "energy", "tree_depth", "step_size", "acceptance_rate", "n_steps", "lp"):
+        assert idata.sample_stats[stat].shape == (2, 100), stat
+    assert idata.posterior["theta"].dims == ("chain", "draw", "school")
+    assert idata.log_likelihood["obs"].shape == (2, 100, 8)
+    assert np.all(np.isfinite(az.bfmi(idata)))
+    assert eight_schools_run.num_divergences == int(idata.sample_stats["diverging"].sum())
+    assert eight_schools_run.wall_time > 0
+
+
+def test_pyro_backend_runs_chains_in_processes_and_records_stats():
+    x = conjugate.default_normal_data()
+    result = run_nuts(conjugate.normal_normal, 20, x, num_samples=200, num_warmup=150, num_chains=2,
+                      backend="pyro", chain_method="parallel", progress=False)
+    assert result.config["backend"] == "pyro"
+    assert result.samples["loc"].shape == (2, 200)
+    assert result.sample_stats["tree_depth"].min() >= 1
+    exact = conjugate.normal_normal_posterior(x)["loc"]
+    _check_against(result.inference_data, "loc", float(exact.mean), float(exact.stddev))
+
+
+def test_a_model_that_cannot_be_vectorized_falls_back_loudly_and_samples_correctly():
+    matrix = torch.tensor([[1.0, 0.5], [0.2, 1.0], [1.0, -1.0]])
+    y = torch.tensor([0.3, -0.2, 1.0])
+
+    def model():  # matrix algebra on a latent vector, no plates: not batchable by an outer plate
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(matrix @ z, 1.0).to_event(1), obs=y)
+
+    with pytest.warns(RuntimeWarning, match="falling back to Pyro's NUTS"):
+        result = run_nuts(model, num_samples=400, num_warmup=200, num_chains=2, progress=False)
+    exact = conjugate.linear_regression_posterior(matrix, y)["beta"]
+    for j in range(2):
+        _check_against(result.inference_data, "z", float(exact.mean[j]), float(exact.stddev[j]), (j,))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(num_chains=0), "num_chains: expected an int >= 1; got 0"),
+    (dict(num_samples=2.5), "num_samples: expected an int"),
+    (dict(target_accept=1.5), r"target_accept: expected a number in \(0, 1\)"),
+    (dict(backend="gpu"), "backend: expected 'auto', 'vectorized' or 'pyro'"),
+    (dict(chain_method="threads"), "chain_method: expected"),
+])
+def test_bad_configuration_is_named(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        run_nuts(conjugate.normal_normal, 20, conjugate.default_normal_data(), progress=False, **bad)
+
+
+def test_nan_data_is_named():
+    x = conjugate.default_normal_data()
+    x[0] = float("inf")
+    with pytest.raises(ValueError, match=r"args\[1\]: expected finite data"):
+        run_nuts(conjugate.normal_normal, 20, x, progress=False)
