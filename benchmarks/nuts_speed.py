@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ __all__ = ["PROBLEMS", "SAMPLERS", "main"]
 
 SAMPLERS = ("vilab", "pyro", "pyro_jit", "numpyro")
 RESULTS = Path(__file__).resolve().parent / "results" / "nuts_speed.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # numpyro_models.py sits beside this script
 
 
 def _eight_schools():
@@ -81,7 +84,8 @@ def run_vilab(model, args, kwargs, options):
 
     result = sample_vectorized_nuts(model, args, kwargs, progress=False, **options)
     names = _latent_names(model, args, kwargs)
-    return {name: result.samples[name].numpy() for name in names}, int(result.sample_stats["diverging"].sum())
+    samples = {name: result.samples[name].numpy() for name in names}
+    return samples, int(result.sample_stats["diverging"].sum()), {"compiled": bool(result.compiled)}
 
 
 def _run_pyro(model, args, kwargs, options, jit):
@@ -94,68 +98,68 @@ def _run_pyro(model, args, kwargs, options, jit):
     names = _latent_names(model, args, kwargs)
     samples = mcmc.get_samples(group_by_chain=True)
     divergences = sum(len(v) for v in mcmc.diagnostics().get("divergences", {}).values())
-    return {name: samples[name].numpy() for name in names}, divergences
+    return {name: samples[name].numpy() for name in names}, divergences, {}
 
 
-def run_numpyro(problem, options):
+def _to_numpy(value):
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+
+
+def run_numpyro(problem, model, args, kwargs, options):
+    """NumPyro's NUTS on its port of ``problem`` (``benchmarks/numpyro_models.py``), chains
+    vectorized; the data are the Pyro problem's, converted to NumPy."""
     import jax
-    import numpyro
-    import numpyro.distributions as ndist
     from numpyro.infer import MCMC, NUTS
 
     jax.config.update("jax_enable_x64", torch.get_default_dtype() == torch.float64)
-    if problem != "eight_schools":
+    from numpyro_models import NUMPYRO_MODELS
+
+    if problem not in NUMPYRO_MODELS:
         raise NotImplementedError("no NumPyro port")
-    from vilab.models.eight_schools import eight_schools_data
-
-    data = eight_schools_data()
-
-    def eight_schools(J, sigma, y=None):
-        mu = numpyro.sample("mu", ndist.Normal(0.0, 5.0))
-        tau = numpyro.sample("tau", ndist.HalfCauchy(5.0))
-        with numpyro.plate("J", J):
-            eta = numpyro.sample("eta", ndist.Normal(0.0, 1.0))
-            numpyro.sample("obs", ndist.Normal(mu + tau * eta, sigma), obs=y)
-
-    mcmc = MCMC(NUTS(eight_schools, target_accept_prob=options["target_accept"]), num_warmup=options["num_warmup"],
-                num_samples=options["num_samples"], num_chains=options["num_chains"],
-                chain_method="vectorized", progress_bar=False)
-    mcmc.run(jax.random.PRNGKey(options["seed"]), data["J"], np.asarray(data["sigma"]), y=np.asarray(data["y"]),
-             extra_fields=("diverging",))
+    kernel = NUTS(NUMPYRO_MODELS[problem], target_accept_prob=options["target_accept"],
+                  dense_mass=options.get("dense_mass", False))
+    mcmc = MCMC(kernel, num_warmup=options["num_warmup"], num_samples=options["num_samples"],
+                num_chains=options["num_chains"], chain_method="vectorized", progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(options["seed"]), *[_to_numpy(a) for a in args],
+             extra_fields=("diverging",), **{k: _to_numpy(v) for k, v in kwargs.items()})
     samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
     divergences = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
-    return {name: np.asarray(value) for name, value in samples.items()}, divergences
+    names = _latent_names(model, args, kwargs)
+    return {name: np.asarray(samples[name]) for name in names}, divergences, {}
 
 
 def measure(problem: str, sampler: str, options: dict) -> dict:
-    """Run one sampler on one problem; return wall time, min bulk ESS and ESS/s."""
+    """Run one sampler on one problem; return wall time, min bulk ESS, ESS/s and the load average."""
     model, args, kwargs = PROBLEMS[problem]()
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     if sampler == "vilab":
-        samples, divergences = run_vilab(model, args, kwargs, options)
+        samples, divergences, extra = run_vilab(model, args, kwargs, options)
     elif sampler in ("pyro", "pyro_jit"):
         pyro_options = {k: options[k] for k in ("num_samples", "num_warmup", "num_chains", "target_accept")}
-        samples, divergences = _run_pyro(model, args, kwargs, pyro_options, jit=sampler == "pyro_jit")
+        samples, divergences, extra = _run_pyro(model, args, kwargs, pyro_options, jit=sampler == "pyro_jit")
     else:
-        samples, divergences = run_numpyro(problem, options)
+        samples, divergences, extra = run_numpyro(problem, model, args, kwargs, options)
     wall = time.perf_counter() - start
     ess = min_bulk_ess(samples)
     return {"problem": problem, "sampler": sampler, "wall_s": wall, "min_bulk_ess": ess,
-            "ess_per_s": ess / wall, "divergences": divergences}
+            "ess_per_s": ess / wall, "divergences": divergences,
+            "load_average": [load_before, os.getloadavg()[0]], **extra}
 
 
 def _table(rows: list[dict]) -> str:
     numpyro_rate = {row["problem"]: row["ess_per_s"] for row in rows if row["sampler"] == "numpyro"}
-    lines = ["| problem | sampler | wall s | min bulk ESS | ESS/s | vs NumPyro | divergences |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| problem | sampler | wall s | min bulk ESS | ESS/s | vs NumPyro | divergences | load avg |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['problem']} | {row['sampler']} | - | - | - | - | {row['error']} |")
+            lines.append(f"| {row['problem']} | {row['sampler']} | - | - | - | - | {row['error']} | - |")
             continue
         ratio = row["ess_per_s"] / numpyro_rate[row["problem"]] if row["problem"] in numpyro_rate else None
         ratio_text = f"{ratio:.2f}" if ratio is not None else "-"
         lines.append(f"| {row['problem']} | {row['sampler']} | {row['wall_s']:.1f} | {row['min_bulk_ess']:.0f} | "
-                     f"{row['ess_per_s']:.1f} | {ratio_text} | {row['divergences']} |")
+                     f"{row['ess_per_s']:.1f} | {ratio_text} | {row['divergences']} | "
+                     f"{row['load_average'][0]:.1f}-{row['load_average'][1]:.1f} |")
     return "\n".join(lines)
 
 
@@ -178,12 +182,13 @@ def main(argv=None) -> list[dict]:
         for sampler in arguments.samplers:  # alternate samplers within each problem
             try:
                 rows.append(measure(problem, sampler, options))
-            except NotImplementedError as error:
+            except (NotImplementedError, ImportError) as error:
                 rows.append({"problem": problem, "sampler": sampler, "error": str(error)})
             print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print(_table(rows))
     arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps({"options": options, "rows": rows}, indent=2))
+    arguments.out.write_text(json.dumps({"options": options, "rows": rows, "torch_threads": torch.get_num_threads(),
+                                         "cpu_count": os.cpu_count()}, indent=2))
     return rows
 
 

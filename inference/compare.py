@@ -104,10 +104,10 @@ def _fit_guide(model, args, kwargs, guide, seed, num_draws, svi_options, guide_o
     options = dict(svi_options or {})
     result = fit_svi(model, guide, *args, seed=seed, progress=progress,
                      guide_options=(guide_options or {}).get(name), **options, **kwargs)
-    samples, log_weights, evaluation = result.draws(num_draws, seed=seed)
-    log_weights = to_numpy(log_weights)
+    draws = result.draws(num_draws, seed=seed)
+    samples, log_weights = draws.samples, to_numpy(draws.log_weights)
     smoothed = psis(log_weights)
-    idata = result.inference_data(num_draws, seed=seed)
+    idata = result.inference_data(draws=draws)
     metrics = {"kind": "vi", "k_hat": smoothed.k_hat, "k_hat_verdict": k_hat_verdict(smoothed.k_hat),
                "psis_ess": smoothed.ess, "elbo": float(np.mean(log_weights)),
                "elbo_se": float(np.std(log_weights) / np.sqrt(len(log_weights))),

@@ -116,6 +116,10 @@ def _remove_no_ops(graph: fx.Graph, mutated: set) -> None:
         elif target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) \
                 and not isinstance(node.args[1], fx.Node) and node.args[1] == 1 and _same_meta(node, source):
             _replace(node, source)
+        elif target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar) \
+                and len(node.args) == 2 and not node.kwargs and not isinstance(node.args[1], fx.Node) \
+                and node.args[1] == 0 and _same_meta(node, source):
+            _replace(node, source)
 
 
 def _drop_broadcast_expands(graph: fx.Graph, mutated: set) -> None:
@@ -205,6 +209,51 @@ def _unroll_small_reductions(graph: fx.Graph) -> None:
         _replace(node, new)
 
 
+def _slice_pieces(node: fx.Node, root: bool = True) -> list | None:
+    """The ``slice_backward`` nodes summed by a tree of ``add`` nodes rooted at ``node``."""
+    if not root and len(node.users) != 1:
+        return None
+    if node.target is aten.slice_backward.default and len(node.args) == 6 and node.args[5] == 1:
+        return [node]
+    if node.target is aten.add.Tensor and len(node.args) == 2 and not node.kwargs \
+            and all(isinstance(arg, fx.Node) for arg in node.args):
+        left, right = (_slice_pieces(arg, root=False) for arg in node.args)
+        return None if left is None or right is None else left + right
+    return None
+
+
+def _tiles(pieces: list) -> tuple | None:
+    """``(dim, pieces by start)`` when the slices tile one dimension of one shape exactly."""
+    sizes, dim = pieces[0].args[1], pieces[0].args[2]
+    if any(list(p.args[1]) != list(sizes) or p.args[2] != dim for p in pieces):
+        return None
+    dim = dim % len(sizes)
+    ordered = sorted(pieces, key=lambda p: p.args[3])
+    position = 0
+    for piece in ordered:
+        start, end = piece.args[3], min(piece.args[4], sizes[dim])
+        if start != position or end <= start:
+            return None
+        position = end
+    return (dim, ordered) if position == sizes[dim] else None
+
+
+def _join_slice_gradients(graph: fx.Graph) -> None:
+    """The gradient of slicing a vector into blocks is a sum of zero-padded blocks
+    (``slice_backward``); when the blocks tile the vector it is their concatenation."""
+    for node in reversed(list(graph.nodes)):
+        if node.target is not aten.add.Tensor or node.graph is None:
+            continue
+        pieces = _slice_pieces(node)
+        tiling = _tiles(pieces) if pieces and len(pieces) > 1 else None
+        if tiling is None:
+            continue
+        dim, ordered = tiling
+        with graph.inserting_before(node):
+            new = graph.call_function(aten.cat.default, ([piece.args[0] for piece in ordered], dim))
+        _replace(node, new)
+
+
 def simplify(gm: fx.GraphModule) -> fx.GraphModule:
     """Simplify a ``make_fx`` graph (with ``meta["val"]`` on its nodes) in place and return it."""
     graph = gm.graph
@@ -214,6 +263,7 @@ def simplify(gm: fx.GraphModule) -> fx.GraphModule:
     _drop_broadcast_expands(graph, mutated)
     _remove_no_ops(graph, mutated)
     _unroll_small_reductions(graph)
+    _join_slice_gradients(graph)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

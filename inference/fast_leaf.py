@@ -19,7 +19,7 @@ import torch
 
 from .fast_graph import simplify
 
-__all__ = ["LEAF_FIELDS", "leaf_step", "LeafStepper", "checkpoint_masks"]
+__all__ = ["LEAF_FIELDS", "leaf_step", "CompiledStep", "make_leaf_stepper", "checkpoint_masks"]
 
 # Stan's threshold on the energy error that marks a divergent trajectory.
 MAX_DELTA_ENERGY = 1000.0
@@ -58,7 +58,8 @@ def leaf_step(potential_fn: Callable, z_edge, r_edge, grad_edge, z_proposal, pot
     state, all with leading dimension ``C`` except the checkpoints ``(T, C, D)``.
 
     A fresh sub-trajectory starts with ``log_weight = -inf`` and zero sums, so that its first
-    leaf is always taken as proposal.
+    leaf is always taken as proposal. The last output, a scalar bool, says whether any chain
+    goes on (read once per leaf instead of computed by three more dispatched ops).
     """
     running = running & ~turning & ~diverging
     r_half = r_edge - (0.5 * step) * grad_edge
@@ -76,14 +77,16 @@ def leaf_step(potential_fn: Callable, z_edge, r_edge, grad_edge, z_proposal, pot
     r_sum_checkpoints = torch.where(write_mask, r_sum.unsqueeze(0), r_sum_checkpoints)
     subtree_r_sum = r_sum.unsqueeze(0) - r_sum_checkpoints + r_checkpoints
     turned = (is_turning(inverse_mass, r_checkpoints, r_new.unsqueeze(0), subtree_r_sum) & check_mask).any(0)
+    diverging = torch.where(running, delta > MAX_DELTA_ENERGY, diverging)
+    turning = torch.where(running, turned, turning)
     return (
         _select(running, z_new, z_edge), _select(running, r_new, r_edge), _select(running, grad_new, grad_edge),
         _select(take, z_new, z_proposal), torch.where(take, potential, potential_proposal),
         _select(take, grad_new, grad_proposal), torch.where(take, energy, energy_proposal),
         torch.where(running, new_log_weight, log_weight), r_sum,
         sum_accept + accept * running, num_steps + running.to(num_steps.dtype),
-        torch.where(running, delta > MAX_DELTA_ENERGY, diverging),
-        torch.where(running, turned, turning), running, r_checkpoints, r_sum_checkpoints,
+        diverging, turning, running, r_checkpoints, r_sum_checkpoints,
+        (running & ~turning & ~diverging).any(),
     )
 
 
@@ -105,23 +108,26 @@ def checkpoint_masks(leaf: int, max_tree_depth: int) -> tuple[torch.Tensor, torc
     return write, check
 
 
-class LeafStepper:
-    """Runs :func:`leaf_step` for a fixed batch shape, traced when the potential allows it.
+class CompiledStep:
+    """A pure tensor function for fixed input shapes, traced into TorchScript when possible.
+
+    The function is traced with ``make_fx``, simplified (:func:`~vilab.inference.fast_graph.simplify`)
+    and run by TorchScript only if the traced graph reproduces the eager function on a second
+    input (its first output state fed back); otherwise the eager function runs.
 
     Args:
-        eager_potential_fn: batched potential and gradient, ``(C, D) -> ((C,), (C, D))``.
-        example: example leaf inputs (state, then ``step``, ``energy_initial``,
-            ``inverse_mass``, ``write_mask``, ``check_mask``, ``uniform``).
-        compile: trace the leaf into a TorchScript graph (checked against the eager leaf).
+        eager_fn: the reference function of tensors, returning a tuple of tensors.
+        example: example inputs.
+        compile: try to trace at all.
+        trace_fn: the same function built from cheaper-to-trace parts (e.g. an already traced
+            potential); defaults to ``eager_fn``.
+        num_state: how many leading outputs are fed back as the leading inputs of the check.
     """
 
-    def __init__(self, eager_potential_fn: Callable, example: tuple, compile: bool = True,
-                 trace_potential_fn: Callable | None = None) -> None:
-        self._eager = lambda *args: leaf_step(eager_potential_fn, *args)
-        # Tracing an already traced potential graph is much faster than tracing Pyro again.
-        self._trace_fn = self._eager if trace_potential_fn is None else (
-            lambda *args: leaf_step(trace_potential_fn, *args))
-        self._fn, self.compiled = self._eager, False
+    def __init__(self, eager_fn: Callable, example: tuple, compile: bool = True,
+                 trace_fn: Callable | None = None, num_state: int = 0) -> None:
+        self._eager, self._trace_fn = eager_fn, trace_fn or eager_fn
+        self._fn, self.compiled, self._num_state = eager_fn, False, num_state
         if compile:
             self._try_compile(example)
 
@@ -133,15 +139,14 @@ class LeafStepper:
 
         # Tracers identify inputs by object: aliased example inputs would be fused in the graph.
         example = tuple(tensor.clone() for tensor in example)
-        state_size = len(LEAF_FIELDS)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph = simplify(make_fx(self._trace_fn)(*example))
                 traced = torch.jit.freeze(torch.jit.trace(graph, example, check_trace=False).eval())
-            # Check on a second leaf, whose state tensors are all distinct and non-trivial; the
+            # Check on a second input whose state tensors are distinct and non-trivial; the
             # profiling executor specialises on its first calls, so compare the third.
-            following = (*self._eager(*example)[:state_size], *example[state_size:])
+            following = (*self._eager(*example)[:self._num_state], *example[self._num_state:])
             for _ in range(3):
                 got = traced(*following)
             expected = self._eager(*following)
@@ -149,6 +154,23 @@ class LeafStepper:
                 if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-8, equal_nan=True):
                     return
         except RuntimeError:
-            # A model that cannot be traced keeps the (verified) eager leaf: correct, only slower.
+            # A function that cannot be traced keeps the eager path: correct, only slower.
             return
         self._fn, self.compiled = traced, True
+
+
+def make_leaf_stepper(eager_potential_fn: Callable, example: tuple, compile: bool = True,
+                trace_potential_fn: Callable | None = None) -> CompiledStep:
+    """:func:`leaf_step` for a fixed batch shape as a :class:`CompiledStep`.
+
+    Args:
+        eager_potential_fn: batched potential and gradient, ``(C, D) -> ((C,), (C, D))``.
+        example: example leaf inputs (state, then ``step``, ``energy_initial``,
+            ``inverse_mass``, ``write_mask``, ``check_mask``, ``uniform``).
+        compile: trace the leaf into a TorchScript graph (checked against the eager leaf).
+        trace_potential_fn: the potential as an already traced graph, much faster to trace
+            again than Pyro.
+    """
+    trace_fn = None if trace_potential_fn is None else (lambda *args: leaf_step(trace_potential_fn, *args))
+    return CompiledStep(lambda *args: leaf_step(eager_potential_fn, *args), example, compile=compile,
+                        trace_fn=trace_fn, num_state=len(LEAF_FIELDS))

@@ -14,6 +14,8 @@ References:
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -25,11 +27,15 @@ from tqdm.auto import tqdm
 from vilab.types import Model
 
 from .fast_adapt import DualAveraging, Metric, Welford, adaptation_windows
-from .fast_leaf import LEAF_FIELDS, LeafStepper, _select, checkpoint_masks, is_turning
+from .fast_leaf import LEAF_FIELDS, CompiledStep, _select, checkpoint_masks, is_turning, make_leaf_stepper
 from .vectorized import BatchedPotential, VectorizationError
 
 __all__ = ["VectorizedNutsResult", "VectorizationError", "sample_vectorized_nuts", "TreeState",
-           "TreeBuilder", "find_reasonable_step_size"]
+           "TREE_FIELDS", "TreeBuilder", "merge_fields", "find_reasonable_step_size"]
+
+# Below this many numbers per site (all chains) the sampler runs on one intra-op thread.
+_SMALL_NUMEL = 1 << 15
+
 
 @dataclass
 class TreeState:
@@ -52,6 +58,11 @@ class TreeState:
     sum_accept: torch.Tensor
     num_steps: torch.Tensor
     depth: torch.Tensor
+
+
+TREE_FIELDS = tuple(field.name for field in dataclasses.fields(TreeState))
+# The merge reads the sub-trajectory's fields up to ``turning``, not its checkpoints.
+_MERGED_LEAF_FIELDS = LEAF_FIELDS.index("turning") + 1
 
 
 class _Leapfrog:
@@ -84,18 +95,25 @@ class TreeBuilder:
         self.potential, self.num_chains = potential, num_chains
         self.max_tree_depth, self.generator, self.compile = max_tree_depth, generator, compile
         self._masks = [checkpoint_masks(leaf, max_tree_depth) for leaf in range(2 ** (max_tree_depth - 1))]
-        self._steppers: dict[bool, LeafStepper] = {}
+        self._steppers: dict[bool, CompiledStep] = {}
+        self._mergers: dict[bool, CompiledStep] = {}
 
     @property
     def compiled(self) -> bool:
         return any(stepper.compiled for stepper in self._steppers.values())
 
-    def _stepper(self, dense: bool, example: tuple) -> LeafStepper:
+    def _stepper(self, dense: bool, example: tuple) -> CompiledStep:
         if dense not in self._steppers:
-            self._steppers[dense] = LeafStepper(self.potential.eager_value_and_grad, example,
-                                                compile=self.compile and self.potential.compiled,
-                                                trace_potential_fn=self.potential.graph_module)
+            self._steppers[dense] = make_leaf_stepper(self.potential.eager_value_and_grad, example,
+                                                      compile=self.compile and self.potential.compiled,
+                                                      trace_potential_fn=self.potential.graph_module)
         return self._steppers[dense]
+
+    def _merger(self, dense: bool, example: tuple) -> CompiledStep:
+        if dense not in self._mergers:
+            self._mergers[dense] = CompiledStep(merge_fields, example, compile=self.compile,
+                                                num_state=len(TREE_FIELDS))
+        return self._mergers[dense]
 
     def _subtree(self, tree: TreeState, depth: int, active, going_right, step_size, energy, metric):
         """Take ``2**depth`` leapfrog steps from each chain's edge in its direction, stopping a
@@ -109,13 +127,13 @@ class TreeBuilder:
         state = (z, r, grad, z, tree.potential_proposal, grad, energy,
                  torch.full_like(energy, -math.inf), torch.zeros_like(z), torch.zeros_like(energy),
                  torch.zeros_like(tree.num_steps), flags, flags, active, checkpoints, checkpoints)
+        uniforms = torch.rand(2 ** depth, self.num_chains, generator=self.generator, dtype=z.dtype)
         for leaf in range(2 ** depth):
-            if leaf > 0 and not bool((state[13] & ~state[12] & ~state[11]).any()):
+            inputs = (*state, step, energy, metric.inverse_mass, *self._masks[leaf], uniforms[leaf])
+            *state, alive = self._stepper(metric.dense, inputs)(*inputs)
+            if not bool(alive):
                 break
-            uniform = torch.rand(self.num_chains, generator=self.generator, dtype=z.dtype)
-            inputs = (*state, step, energy, metric.inverse_mass, *self._masks[leaf], uniform)
-            state = self._stepper(metric.dense, inputs)(*inputs)
-        return dict(zip(LEAF_FIELDS, state))
+        return state
 
     def transition(self, z, potential, grad, metric: Metric, step_size) -> TreeState:
         """One NUTS transition for every chain from states ``(C, D)`` with potentials ``(C,)``
@@ -133,12 +151,27 @@ class TreeBuilder:
                 break
             going_right = torch.rand(z.shape[0], generator=self.generator) < 0.5
             sub = self._subtree(tree, depth, active, going_right, step_size, energy, metric)
-            tree = _merge(tree, sub, active, going_right, metric, self.generator)
+            uniform = torch.rand(z.shape[0], generator=self.generator, dtype=z.dtype)
+            inputs = (*[getattr(tree, name) for name in TREE_FIELDS], *sub[:_MERGED_LEAF_FIELDS],
+                      active, going_right, metric.inverse_mass, uniform)
+            tree = TreeState(*self._merger(metric.dense, inputs)(*inputs))
         return tree
 
 
+def merge_fields(*args):
+    """:func:`_merge` on flat tensors: the :data:`TREE_FIELDS`, the first
+    ``_MERGED_LEAF_FIELDS`` of :data:`LEAF_FIELDS`, ``active``, ``going_right``,
+    ``inverse_mass`` and ``uniform``; returns the merged tree's fields."""
+    num_tree = len(TREE_FIELDS)
+    tree = TreeState(*args[:num_tree])
+    sub = dict(zip(LEAF_FIELDS, args[num_tree:num_tree + _MERGED_LEAF_FIELDS]))
+    active, going_right, inverse_mass, uniform = args[num_tree + _MERGED_LEAF_FIELDS:]
+    merged = _merge(tree, sub, active, going_right, inverse_mass, uniform)
+    return tuple(getattr(merged, name) for name in TREE_FIELDS)
+
+
 def _merge(tree: TreeState, sub: dict, active: torch.Tensor, going_right: torch.Tensor,
-           metric: Metric, generator: torch.Generator) -> TreeState:
+           inverse_mass: torch.Tensor, uniform: torch.Tensor) -> TreeState:
     """Append a sub-trajectory to the tree; the proposal moves to it with probability
     ``min(1, w_sub / w_tree)`` (biased progressive sampling), never from a stopped sub-tree."""
     z_edge, r_edge, grad_edge = sub["z_edge"], sub["r_edge"], sub["grad_edge"]
@@ -150,9 +183,8 @@ def _merge(tree: TreeState, sub: dict, active: torch.Tensor, going_right: torch.
     r_sum = _select(active, tree.r_sum + sub["r_sum"], tree.r_sum)
     stopped = sub["turning"] | sub["diverging"]
     accept_prob = torch.clamp(torch.exp(sub["log_weight"] - tree.log_weight), max=1.0)
-    uniform = torch.rand(accept_prob.shape, generator=generator, dtype=accept_prob.dtype)
     take = active & ~stopped & (uniform < accept_prob)
-    turning = sub["turning"] | is_turning(metric.inverse_mass, r_left, r_right, r_sum)
+    turning = sub["turning"] | is_turning(inverse_mass, r_left, r_right, r_sum)
     return TreeState(
         z_left, r_left, grad_left, z_right, r_right, grad_right,
         _select(take, sub["z_proposal"], tree.z_proposal),
@@ -324,7 +356,29 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
     """
     _check_arguments(num_samples, num_warmup, num_chains, target_accept, max_tree_depth)
     start = time.perf_counter()
-    potential = BatchedPotential(model, model_args, model_kwargs, num_chains=num_chains, seed=seed)
+    with _threads_for(0):  # tracing and checking work on a few chains' values
+        potential = BatchedPotential(model, model_args, model_kwargs, num_chains=num_chains, seed=seed)
+    with _threads_for(num_chains * potential.site_numel):
+        return _sample(potential, start, num_samples, num_warmup, num_chains, target_accept, dense_mass,
+                       max_tree_depth, seed, progress)
+
+
+@contextlib.contextmanager
+def _threads_for(numel: int):
+    """One intra-op thread while the tensors are small: splitting a few hundred numbers across
+    threads costs more than it saves, and on a busy machine every parallel op waits for its
+    slowest thread (a 4x slowdown measured on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    if numel < _SMALL_NUMEL:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept, dense_mass,
+            max_tree_depth, seed, progress) -> VectorizedNutsResult:
     generator = torch.Generator().manual_seed(seed)
     z, value, grad = _initial_states(potential, num_chains, generator)
     dtype = z.dtype

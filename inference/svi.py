@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import pyro
@@ -28,7 +28,7 @@ from vilab.inference.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.validation import check_model, check_positive_int
 from vilab.types import Guide, Model, Samples
 
-__all__ = ["SVIResult", "NonFiniteLossError", "fit_svi", "ELBOS"]
+__all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "fit_svi", "ELBOS"]
 
 ELBOS = ("trace", "meanfield", "iwae")
 
@@ -40,6 +40,15 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, step: int, site: Optional[str], result: "SVIResult"):
         super().__init__(message)
         self.step, self.site, self.result = step, site, result
+
+
+class GuideSample(NamedTuple):
+    """Draws of a fitted guide: ``samples`` (site -> ``(S, *shape)``), ``log_weights`` ``(S,)``
+    and ``log_likelihood`` (observed site -> ``(S, *data_shape)``)."""
+
+    samples: Samples
+    log_weights: torch.Tensor
+    log_likelihood: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -72,12 +81,13 @@ class SVIResult:
     def _model_trace(self):
         return check_model(self.model, self.args, self.kwargs)
 
-    def draws(self, num_samples: int = 1000, *, seed: Optional[int] = None):
-        """Guide draws with log weights :math:`\\log p(x, z) - \\log q(z)`.
+    def draws(self, num_samples: int = 1000, *, seed: Optional[int] = None) -> "GuideSample":
+        """Guide draws with log weights :math:`\\log p(x, z) - \\log q(z)` and log-likelihoods.
 
         Returns:
-            ``(samples, log_weights)``: every sample site (latent and deterministic) with
-            shape ``(num_samples, *site_shape)``, and ``(num_samples,)`` log weights.
+            A :class:`GuideSample`: every sample site (latent and deterministic) with shape
+            ``(num_samples, *site_shape)``, ``(num_samples,)`` log weights, and per-observation
+            log-likelihoods of each observed site.
         """
         check_positive_int(num_samples, "num_samples")
         with torch.random.fork_rng():
@@ -88,28 +98,30 @@ class SVIResult:
             evaluation = evaluate_draws(self.model, self.args, self.kwargs, guide_draws.samples)
         keep = {n for n, s in trace.nodes.items() if is_posterior_site(s)}
         samples = {k: v for k, v in evaluation["values"].items() if k in keep}
-        return samples, evaluation["log_joint"] - guide_draws.log_q, evaluation
+        return GuideSample(samples, evaluation["log_joint"] - guide_draws.log_q, evaluation["log_likelihood"])
 
     def sample(self, num_samples: int = 1000, *, seed: Optional[int] = None) -> Samples:
         """``num_samples`` posterior draws: site -> ``(num_samples, *site_shape)``, latent and
         ``pyro.deterministic`` sites."""
-        return self.draws(num_samples, seed=seed)[0]
+        return self.draws(num_samples, seed=seed).samples
 
     def elbo_estimate(self, num_samples: int = 1000, *, seed: Optional[int] = 0) -> tuple[float, float]:
         """Monte Carlo ELBO :math:`\\frac1S\\sum_s \\log w_s` and its standard error."""
-        log_weights = self.draws(num_samples, seed=seed)[1].double()
+        log_weights = self.draws(num_samples, seed=seed).log_weights.double()
         return float(log_weights.mean()), float(log_weights.std() / np.sqrt(num_samples))
 
-    def inference_data(self, num_samples: int = 1000, *, seed: Optional[int] = None):
+    def inference_data(self, num_samples: int = 1000, *, seed: Optional[int] = None,
+                       draws: Optional["GuideSample"] = None):
         """The guide's draws as ``arviz.InferenceData`` (one chain of ``num_samples`` draws),
-        with ``log_likelihood`` and ``observed_data``."""
+        with ``log_likelihood``, ``observed_data`` and each draw's log weight in ``sample_stats``.
+        Pass ``draws`` (from :meth:`draws`) to convert those instead of drawing anew."""
         from vilab.inference.arviz_io import to_inference_data
 
-        samples, log_weights, evaluation = self.draws(num_samples, seed=seed)
+        draws = draws if draws is not None else self.draws(num_samples, seed=seed)
         return to_inference_data(
-            self.model, self.args, self.kwargs, {k: v.unsqueeze(0) for k, v in samples.items()},
-            log_likelihood={k: v.unsqueeze(0) for k, v in evaluation["log_likelihood"].items()},
-            sample_stats={"log_weight": log_weights.unsqueeze(0)}, inference=f"vi:{self.name}")
+            self.model, self.args, self.kwargs, {k: v.unsqueeze(0) for k, v in draws.samples.items()},
+            log_likelihood={k: v.unsqueeze(0) for k, v in draws.log_likelihood.items()},
+            sample_stats={"log_weight": draws.log_weights.unsqueeze(0)}, inference=f"vi:{self.name}")
 
 
 def _make_elbo(elbo: str, num_particles: int, vectorize: bool):

@@ -140,6 +140,8 @@ class BatchedPotential:
         self.max_plate_nesting = _max_plate_nesting(trace)
         self.sites = _latent_sites(trace)
         self.deterministic_shapes = _deterministic_shapes(trace)
+        # Numbers per chain in the largest site: a proxy for the size of the potential's tensors.
+        self.site_numel = max((site["value"].numel() for _, site in _sample_sites(trace)), default=1)
         self.dim = sum(site.size for site in self.sites)
         if self.dim == 0:
             raise VectorizationError("the model has no continuous latent sites to sample")

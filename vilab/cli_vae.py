@@ -47,6 +47,9 @@ def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
     train.add_argument("--patience", type=int, default=None, help="early-stopping epochs")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--devices", type=int, default=1, help="processes (DDP when > 1)")
+    train.add_argument("--strategy", default="auto",
+                       help="Lightning strategy when --devices > 1: auto (ddp_spawn on CPUs), "
+                            "ddp_spawn, ddp_fork (faster start; one thread per process)")
     train.add_argument("--max-train", type=int, default=None, help="use the first N images")
     train.add_argument("--no-progress", action="store_true")
     train.add_argument("--fresh", action="store_true", help="ignore an existing last.ckpt")
@@ -72,7 +75,8 @@ def _fail(message: str) -> int:
 def train_command(args: argparse.Namespace) -> int:
     """Handler of ``vilab vae train``."""
     from vilab.datasets import load_dataset
-    from vilab.inference.vae_training import NonFiniteLossError, TrainingConfig, train_vae
+    from vilab.inference.vae_training import (NonFiniteLossError, TrainingConfig,
+                                              TrainingInterrupted, train_vae)
     from vilab.models.vae import VAEConfig, build_vae
 
     if args.guide not in _GUIDES:
@@ -93,20 +97,30 @@ def train_command(args: argparse.Namespace) -> int:
         max_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         objective=args.objective, iwae_samples=args.iw_train_samples,
         kl_warmup_steps=args.kl_warmup, free_bits=args.free_bits, patience=args.patience,
-        seed=args.seed, devices=args.devices,
-        strategy="ddp_spawn" if args.devices > 1 else "auto", progress=not args.no_progress)
+        seed=args.seed, devices=args.devices, strategy=args.strategy,
+        progress=not args.no_progress)
     try:
         result = train_vae(build_vae(config), data, args.out, config=training,
                            resume=not args.fresh, extra={"data_dir": args.data_dir})
     except NonFiniteLossError as error:
         return _fail(f"{error}; last good checkpoint: "
                      f"{os.path.join(args.out, 'checkpoints', 'last.ckpt')}")
+    except TrainingInterrupted as error:
+        print(f"vilab vae: {error}; the last finished epoch is in "
+              f"{os.path.join(args.out, 'checkpoints', 'last.ckpt')}; rerun the same command "
+              "to resume", file=sys.stderr)
+        return 128 + error.signum  # the shell's convention for "killed by signal N"
     print(f"trained in {result.wall_time:.1f} s; weights: {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    """Handler of ``vilab vae evaluate``: writes ``metrics.json`` and ``figures/*.png``."""
+    """Handler of ``vilab vae evaluate``.
+
+    Writes into the run directory ``metrics.json``, ``figures/{reconstructions, prior_samples,
+    latent_scatter, latent_traversals, elbo_curves}.png`` and, when the HTML report module is
+    installed, ``report.html``.
+    """
     from vilab.datasets import load_dataset, make_loader
     from vilab.inference.checkpoints import CheckpointError
     from vilab.inference.vae_evaluation import evaluate_vae
@@ -132,11 +146,18 @@ def evaluate_command(args: argparse.Namespace) -> int:
     with open(path + ".tmp", "w") as file:
         json.dump(metrics, file, indent=2)
     os.replace(path + ".tmp", path)
+    figures: dict = {}
     if not args.no_figures:
         figures = save_all_figures(vae, test[:1000], labels[:1000],
                                    os.path.join(args.run_dir, "figures"),
                                    metrics_rows=read_metrics(args.run_dir))
         print("figures:", ", ".join(sorted(figures)))
+    try:
+        from vilab.inference.report_html import write_vae_report
+    except ImportError:  # the report is optional; metrics and figures are already written
+        write_vae_report = None
+    if write_vae_report is not None:
+        print("report:", write_vae_report(args.run_dir, metrics, figures))
     print(f"test ELBO {metrics['elbo']:.2f} (rec {metrics['reconstruction']:.2f}, KL "
           f"{metrics['kl']:.2f}); log p(x) {metrics['log_likelihood']:.2f} +- "
           f"{metrics['log_likelihood_stderr']:.2f} (K={args.iw_samples}); active units "

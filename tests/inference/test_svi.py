@@ -71,7 +71,7 @@ def test_beta_bernoulli_psis_corrected_mean_is_within_monte_carlo_error():
     x = conjugate.default_bernoulli_data()
     result = fit_svi(conjugate.beta_bernoulli, "meanfield", 30, x, num_steps=1500, lr=0.05, progress=False)
     exact = conjugate.beta_bernoulli_posterior(x)["probs"]
-    samples, log_weights, _ = result.draws(8000, seed=3)
+    samples, log_weights, _ = result.draws(8000, seed=3)  # a GuideSample unpacks like a tuple
     assert float(log_weights.mean()) <= conjugate.beta_bernoulli_log_evidence(x) + Z * float(log_weights.std()) / math.sqrt(8000)
     smoothed = psis(log_weights.numpy())
     assert smoothed.k_hat < 0.5
