@@ -145,8 +145,9 @@ def section_dmm(args):
     scores = _dmm_scores(dmm, images.test, 200)
     context = images.test[:8, :14]
     forecast = dmm.forecast(context, 14, num_samples=1)[0]
-    torch.save({"test": images.test[:8], "reconstruction": dmm.reconstruct(images.test[:8]),
-                "forecast": forecast}, os.path.join(RESULTS, "advanced_dmm_fashion.pt"))
+    # clone(): a saved view would carry the whole test tensor's storage.
+    torch.save({"test": images.test[:8].clone(),
+                "reconstruction": dmm.reconstruct(images.test[:8]), "forecast": forecast}, os.path.join(RESULTS, "advanced_dmm_fashion.pt"))
     rows.append({"data": "fashion-mnist rows (T=28, F=28)", "train_seconds": fit.wall_time,
                  **scores})
     print(f"fashion rows: ELBO {scores['elbo']:.2f}  IS log p(x) {scores['log_likelihood']:.2f}",
@@ -159,7 +160,8 @@ def section_dmm(args):
     forecast = dmm.forecast(context, 20, num_samples=20)
     error = (forecast.mean(0) - future).pow(2).mean(-1).sqrt().mean(0)
     baseline = (context[:, -1:] - future).pow(2).mean(-1).sqrt().mean(0)  # persistence
-    torch.save({"context": context[:8], "future": future[:8], "forecast": forecast[:, :8]},
+    torch.save({"context": context[:8].clone(), "future": future[:8].clone(),
+                "forecast": forecast[:, :8].clone()},
                os.path.join(RESULTS, "advanced_dmm_pendulum.pt"))
     rows.append({"data": "pendulum (T=50, F=2)", "train_seconds": fit.wall_time, **scores,
                  "forecast_rmse_by_horizon": error.tolist(),

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--problems", default="", help="comma-separated model names (default: all)")
     parser.add_argument("--guides", default=",".join(g.name for g in list_guides()))
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--draws", type=int, default=2000)
+    parser.add_argument("--draws", type=int, default=4000)
     parser.add_argument("--nuts", default="1000,1000,4", help="warmup,samples,chains")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()

@@ -35,6 +35,8 @@ from pyro.nn import ConditionalAutoRegressiveNN, DenseNN
 from torch import nn
 from torch.distributions import constraints
 
+from vilab.guides.encoders import _check_levels
+
 __all__ = ["FLOWS", "ConditionalSylvester", "AmortizedFlowGuide", "build_conditional_flow"]
 
 FLOWS = ("planar", "radial", "sylvester", "iaf", "spline")
@@ -229,6 +231,33 @@ class AmortizedFlowGuide(nn.Module):
     def mean(self, x: torch.Tensor, *, num_samples: int = 256) -> torch.Tensor:
         """Monte Carlo :math:`\\mathbb{E}_q[z]` from ``num_samples`` draws, ``(batch, D)``."""
         return self.distribution(x).sample((num_samples,)).mean(0)
+
+    @torch.no_grad()
+    def quantiles(self, quantiles: Sequence[float] | torch.Tensor, x: torch.Tensor, *,
+                  num_samples: int = 1000) -> dict[str, torch.Tensor]:
+        r"""Per-datapoint marginal quantiles of each coordinate of :math:`q(z \mid x)`.
+
+        The flow has no closed-form marginals, so these are empirical quantiles of
+        ``num_samples`` draws per datapoint: the CDF at the estimate is within about
+        :math:`\sqrt{p(1-p)/n}` of :math:`p`. Pyro autoguide style (``quantiles`` first).
+
+        Args:
+            quantiles: Levels :math:`p \in (0, 1)`, shape ``(Q,)``.
+            x: Images ``(batch, C, H, W)``.
+            num_samples: Draws per datapoint.
+
+        Returns:
+            ``{"z": (Q, batch, D)}``.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples: expected a positive integer; got {num_samples}")
+        draws = self.distribution(x).sample((num_samples,))
+        levels = _check_levels(quantiles, draws)
+        return {"z": torch.quantile(draws, levels, dim=0)}
+
+    def median(self, x: torch.Tensor, *, num_samples: int = 1000) -> dict[str, torch.Tensor]:
+        """Per-datapoint marginal medians ``{"z": (batch, D)}`` (Monte Carlo, see :meth:`quantiles`)."""
+        return {"z": self.quantiles([0.5], x, num_samples=num_samples)["z"][0]}
 
     def log_density(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """:math:`\\log q(z \\mid x)` at arbitrary ``z`` (needs the inverse: IAF, spline).

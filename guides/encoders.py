@@ -31,6 +31,15 @@ def _check_images(x: torch.Tensor, image_shape: Sequence[int], who: str) -> None
                          f"got {tuple(x.shape)}")
 
 
+def _check_levels(quantiles: Sequence[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``quantiles`` as a 1-D tensor of levels in (0, 1) with ``like``'s dtype and device."""
+    levels = torch.as_tensor(quantiles, dtype=like.dtype, device=like.device).reshape(-1)
+    if levels.numel() == 0 or not ((levels > 0) & (levels < 1)).all():
+        raise ValueError(f"quantiles: expected levels strictly between 0 and 1; got "
+                         f"{levels.tolist()}")
+    return levels
+
+
 class _GaussianHead(nn.Module):
     """Last layer: features -> (loc, scale), scale = softplus(.) + a floor for stability."""
 
@@ -171,6 +180,24 @@ class AmortizedNormalGuide(nn.Module):
     def median(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Posterior median of each site, Pyro autoguide style: ``{"z": (batch, D)}``."""
         return {"z": self.mean(x)}
+
+    def quantiles(self, quantiles: Sequence[float] | torch.Tensor, x: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+        r"""Per-datapoint marginal quantiles :math:`\mu_d(x) + \sigma_d(x)\,\Phi^{-1}(p)`.
+
+        Pyro autoguide style (``quantiles`` first, then the model's arguments).
+
+        Args:
+            quantiles: Levels :math:`p \in (0, 1)`, shape ``(Q,)``.
+            x: Images ``(batch, C, H, W)``.
+
+        Returns:
+            ``{"z": (Q, batch, D)}``.
+        """
+        loc, scale = self.encoder(x)
+        levels = _check_levels(quantiles, loc)
+        standard = torch.distributions.Normal(torch.zeros_like(levels), 1.0).icdf(levels)
+        return {"z": loc + scale * standard.reshape(-1, 1, 1)}
 
     def log_density(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """:math:`\\log q(z \\mid x)` for any ``z`` broadcastable to ``(..., batch, D)``."""

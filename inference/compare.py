@@ -132,7 +132,7 @@ def compare(
     reference: Optional[NUTSResult | Mapping[str, Any]] = None,
     include_nuts: bool = False,
     seed: int = 0,
-    num_draws: int = 1000,
+    num_draws: int = 4000,
     svi_options: Optional[dict] = None,
     nuts_options: Optional[dict] = None,
     guide_options: Optional[dict[str, dict]] = None,
@@ -148,7 +148,8 @@ def compare(
         reference: a :class:`NUTSResult`, or reference draws (site or flat name ->
             array; flat names like ``"theta[1]"`` allowed). ``None`` runs NUTS first and uses it.
         include_nuts: with external reference draws, also run NUTS and score it.
-        num_draws: guide draws used for the metrics and PSIS.
+        num_draws: guide draws used for the metrics and PSIS; the Pareto :math:`\hat k` of a
+            near-exact guide is itself noisy with a few thousand draws, hence the default.
         svi_options: keyword options for :func:`fit_svi` (``num_steps``, ``lr``, ``elbo``...).
         nuts_options: keyword options for :func:`run_nuts` (``num_samples``, ``num_chains``...).
         guide_options: per guide name, options of its family (``{"iaf": {"num_flows": 4}}``).

@@ -6,8 +6,10 @@ acceptance statistics, the divergence test and the U-turn checks against the che
 momenta of every balanced sub-tree that closes at this leaf (NumPyro's iterative scheme).
 Which checkpoints are written and tested depends only on the leaf index, so it enters as two
 mask tensors and the same graph serves every leaf. That graph, potential and gradient
-included, is traced once with ``make_fx`` and run by TorchScript, so a leaf costs one call
-instead of a few hundred Python-dispatched operations.
+included, is traced once with ``make_fx``, shrunk (:mod:`~vilab.inference.fast_graph`) and run
+by PyTorch's Static Runtime (TorchScript's interpreter where that is unavailable), so a leaf
+costs one call instead of a few hundred Python-dispatched operations. The same machinery
+(:class:`CompiledStep`) runs the merge of a sub-trajectory into its tree.
 """
 from __future__ import annotations
 
@@ -150,13 +152,12 @@ class CompiledStep:
             for _ in range(3):
                 got = traced(*following)
             expected = self._eager(*following)
-            for a, b in zip(got, expected):
-                if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-8, equal_nan=True):
-                    return
+            if not _all_close(got, expected):
+                return
         except RuntimeError:
             # A function that cannot be traced keeps the eager path: correct, only slower.
             return
-        self._fn, self.compiled = traced, True
+        self._fn, self.compiled = _static_runtime(traced, example, following, expected) or traced, True
 
 
 def make_leaf_stepper(eager_potential_fn: Callable, example: tuple, compile: bool = True,
@@ -174,3 +175,28 @@ def make_leaf_stepper(eager_potential_fn: Callable, example: tuple, compile: boo
     trace_fn = None if trace_potential_fn is None else (lambda *args: leaf_step(trace_potential_fn, *args))
     return CompiledStep(lambda *args: leaf_step(eager_potential_fn, *args), example, compile=compile,
                         trace_fn=trace_fn, num_state=len(LEAF_FIELDS))
+
+
+def _all_close(got, expected) -> bool:
+    return all(a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-8, equal_nan=True)
+               for a, b in zip(got, expected))
+
+
+def _static_runtime(traced, example: tuple, following: tuple, expected: tuple):
+    """The frozen graph under PyTorch's Static Runtime, which dispatches each op with about half
+    the overhead of the TorchScript interpreter; ``None`` where it is unavailable, fails, or
+    disagrees with the eager function. Its outputs must also survive the next call unchanged
+    (the sampler keeps them), which is checked too."""
+    to_static = getattr(torch._C, "_jit_to_static_module", None)
+    if to_static is None:
+        return None
+    try:
+        module = to_static(traced._c)
+        first = module(*following)
+        kept = tuple(tensor.clone() for tensor in first)
+        module(*example)
+        if not (_all_close(first, expected) and _all_close(first, kept)):
+            return None
+    except RuntimeError:
+        return None
+    return module

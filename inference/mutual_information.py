@@ -142,8 +142,7 @@ class InfoVAELoss:
     def __call__(self, model: Model, guide: Guide, x: torch.Tensor, *, step: int = 0
                  ) -> LossOutput:
         terms = latent_terms(model, guide, x)
-        prior_draws = terms.prior.sample((self.num_prior_samples or x.shape[0],))
-        prior_draws = prior_draws.reshape(-1, terms.z.shape[-1])
+        prior_draws = self._prior_draws(terms.prior, terms.z.shape[-1])
         mmd = maximum_mean_discrepancy(terms.z, prior_draws, kernel=self.kernel,
                                        bandwidth=self.bandwidth)
         loss = (-terms.reconstruction + (1 - self.alpha) * terms.kl).mean() + \
@@ -151,6 +150,13 @@ class InfoVAELoss:
         elbo = terms.reconstruction - terms.kl
         return LossOutput(loss, {"elbo": elbo.mean().detach(), "kl": terms.kl.mean().detach(),
                                  "mmd": mmd.detach()})
+
+
+    def _prior_draws(self, prior: torch.distributions.Distribution, dim: int) -> torch.Tensor:
+        # The prior at site "z" is batched over the data plate: one call gives N draws.
+        wanted = self.num_prior_samples or prior.batch_shape.numel()
+        rounds = math.ceil(wanted / max(prior.batch_shape.numel(), 1))
+        return prior.sample((rounds,)).reshape(-1, dim)[:wanted]
 
 
 class MutualInformationLoss:

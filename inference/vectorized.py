@@ -14,7 +14,8 @@ one-chain evaluations at several random points, and :class:`VectorizationError` 
 they differ or the batched run fails. The verified function is then traced once with
 ``torch.fx`` (``make_fx``) into a graph of tensor operations computing :math:`U` and
 :math:`\nabla U` together, which removes Pyro's per-call bookkeeping from the sampler's hot loop;
-the traced graph is itself checked against the untraced one.
+the graph is simplified (:func:`~vilab.inference.fast_graph.simplify`) and itself checked
+against the untraced potential.
 """
 from __future__ import annotations
 
@@ -196,12 +197,15 @@ class BatchedPotential:
         trace, log_det = self.run_model(z)
         batch = z.shape[0]
         total = log_det
-        for name, site in _sample_sites(trace):
-            if site["infer"].get("_deterministic", False):
-                continue
-            log_prob = site["fn"].log_prob(site["value"])
-            log_prob = scale_and_mask(log_prob, site["scale"], site["mask"])
-            total = total + self._per_chain(log_prob, batch, name)
+        # Validation off here too: a distribution may build others inside log_prob (DiscreteHMM
+        # does), and their support checks read tensor values, which no tracer can do.
+        with pyro.validation_enabled(False):
+            for name, site in _sample_sites(trace):
+                if site["infer"].get("_deterministic", False):
+                    continue
+                log_prob = site["fn"].log_prob(site["value"])
+                log_prob = scale_and_mask(log_prob, site["scale"], site["mask"])
+                total = total + self._per_chain(log_prob, batch, name)
         return total
 
     def _per_chain(self, log_prob: torch.Tensor | float, batch: int, name: str) -> torch.Tensor:

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--steps", type=int, default=3000, help="max SVI steps per guide")
     cmp.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
     cmp.add_argument("--flows", type=int, default=2, help="K, layers of flow guides")
-    cmp.add_argument("--draws", type=int, default=2000, help="guide draws for metrics and PSIS")
+    cmp.add_argument("--draws", type=int, default=4000, help="guide draws for metrics and PSIS")
     cmp.add_argument("--samples", type=int, default=1000, help="NUTS draws per chain")
     cmp.add_argument("--warmup", type=int, default=1000, help="NUTS warmup steps per chain")
     cmp.add_argument("--chains", type=int, default=4, help="NUTS chains")
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_vae_commands = None
     if add_vae_commands is not None:
         add_vae_commands(sub)
+    from vilab.cli_advanced import add_advanced_commands
+
+    add_advanced_commands(sub)
     return parser
 
 

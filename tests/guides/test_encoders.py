@@ -13,6 +13,16 @@ LATENT = 3
 IMAGE = (1, 8, 8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two OpenMP threads on a shared, overloaded 2-core machine spin-wait each other and run
+    # these small networks ~20x slower (see tests/inference/test_vae_training.py).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make_guide(kind):
     encoder = MLPEncoder(IMAGE, LATENT, hidden_dims=(16,))
     if kind == "meanfield":
@@ -116,3 +126,34 @@ def test_flow_guide_validates_its_options():
         AmortizedFlowGuide(encoder, "iaf")
     with pytest.raises(TypeError, match="encoder: expected a module with `features`"):
         AmortizedFlowGuide(torch.nn.Linear(2, 2), "planar")
+
+
+def test_gaussian_guide_quantiles_are_the_closed_form_normal_quantiles(x):
+    guide = make_guide("meanfield")
+    loc, scale = guide.encoder(x)
+    levels = torch.tensor([0.05, 0.5, 0.975])
+    quantiles = guide.quantiles(levels, x)["z"]
+    assert quantiles.shape == (3, 4, LATENT)
+    expected = torch.distributions.Normal(loc, scale).icdf(levels.reshape(-1, 1, 1))
+    torch.testing.assert_close(quantiles, expected)
+    torch.testing.assert_close(guide.median(x)["z"], quantiles[1])
+    with pytest.raises(ValueError, match="strictly between 0 and 1; got \\[0.5, 1.0\\]"):
+        guide.quantiles([0.5, 1.0], x)
+
+
+@pytest.mark.parametrize("kind", FLOWS)
+def test_flow_guide_quantiles_have_the_right_coverage_per_datapoint(kind, x):
+    guide = make_guide(kind)
+    levels = [0.1, 0.5, 0.9]
+    num_samples, num_fresh = 2000, 4000
+    quantiles = guide.quantiles(levels, x, num_samples=num_samples)["z"]
+    assert quantiles.shape == (3, 4, LATENT)
+    assert guide.median(x)["z"].shape == (4, LATENT)
+    with torch.no_grad():
+        fresh = guide.distribution(x).sample((num_fresh,))
+    # P(z_d < q_hat) is p up to binomial error from both the estimate and the fresh draws;
+    # z = 4.5 over 3 levels x 4 datapoints x 3 coordinates: failure rate ~2e-4 per flow.
+    for level, estimate in zip(levels, quantiles):
+        coverage = (fresh < estimate).double().mean(0)
+        sd = (level * (1 - level) * (1 / num_samples + 1 / num_fresh)) ** 0.5
+        assert ((coverage - level).abs() < 4.5 * sd).all()

@@ -28,8 +28,8 @@ def test_unbiased_mmd_matches_the_closed_form_for_gaussians():
     exact = (_rbf_expectation(m_q, s_q, m_q, s_q, h) + _rbf_expectation(m_p, s_p, m_p, s_p, h)
              - 2 * _rbf_expectation(m_q, s_q, m_p, s_p, h))
     estimates = torch.stack([maximum_mean_discrepancy(
-        m_q + s_q * torch.randn(50, 2), m_p + s_p * torch.randn(60, 2), kernel="rbf",
-        bandwidth=h) for _ in range(200)])
+        m_q + s_q * torch.randn(100, 2), m_p + s_p * torch.randn(120, 2), kernel="rbf",
+        bandwidth=h) for _ in range(100)])
     tolerance = Z * float(estimates.std()) / math.sqrt(len(estimates))
     assert float(estimates.mean()) == pytest.approx(exact, abs=tolerance)
     assert exact > 3 * tolerance  # the two distributions are distinguishable at this size
@@ -76,6 +76,12 @@ def test_info_vae_with_alpha_zero_lambda_one_is_the_elbo(strong_vae, images):
     pyro.set_rng_seed(3)
     plain = MutualInformationLoss(0.0)(strong_vae.model, strong_vae.guide, images)
     torch.testing.assert_close(plain.loss, elbo.loss)
+
+
+def test_info_vae_draws_as_many_prior_samples_as_asked(strong_vae, images):
+    prior = latent_terms(strong_vae.model, strong_vae.guide, images).prior
+    assert InfoVAELoss()._prior_draws(prior, 3).shape == (6, 3)
+    assert InfoVAELoss(num_prior_samples=10)._prior_draws(prior, 3).shape == (10, 3)
 
 
 @pytest.mark.parametrize("loss", [InfoVAELoss(), MutualInformationLoss(1.0)])

@@ -2,8 +2,10 @@
 
 Run with ``python -m pytest -q -m slow tests/inference/test_nuts_posteriordb.py`` (or one problem:
 ``... -k kidiq``); the references are read from ``$VILAB_POSTERIORDB`` or ``../shared/posteriordb``
-and the tests skip when neither exists. Each problem runs 4 chains of 1000 warm-up and 1000 draws;
-on one CPU core Pyro's NUTS takes minutes per problem (see the table in ``docs`` / the PR report).
+and the tests skip when neither exists. Each problem runs 4 chains of 1000 warm-up and 1000 draws
+with ``run_nuts``'s default backend (the vectorized sampler; Pyro's NUTS only where a model cannot
+be batched, which the failure message reports); about one to three minutes per problem on a
+shared 2-core machine.
 
 For every reference parameter:
 
@@ -65,4 +67,4 @@ def test_nuts_matches_reference_means_and_sds(posteriordb_path, name):
         if ess < MIN_ESS or rhat >= 1.01 or abs(mean_error) >= Z or abs(sd_ratio - 1) >= SD_TOLERANCE:
             failures.append(f"{parameter}: mean error {mean_error:+.2f} se (|.| < {Z:.2f}), sd ratio "
                             f"{sd_ratio:.3f}, ESS {ess:.0f} (>= {MIN_ESS}), R-hat {rhat:.3f}")
-    assert not failures, f"{name}: " + "; ".join(failures)
+    assert not failures, f"{name} (backend {nuts.config['backend']}): " + "; ".join(failures)

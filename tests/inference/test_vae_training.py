@@ -114,6 +114,8 @@ def test_cli_trains_evaluates_and_writes_metrics_and_figures(tmp_path, capsys):
     assert sorted(os.listdir(os.path.join(out, "figures"))) == [
         "elbo_curves.png", "latent_scatter.png", "latent_traversals.png", "prior_samples.png",
         "reconstructions.png"]
+    report = open(os.path.join(out, "report.html"), encoding="utf-8").read()
+    assert report.count("data:image/png;base64,") == 5
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
@@ -166,7 +168,24 @@ DDP_FAILURE_BUDGET = 1e-3
 SINGLE_PROCESS_RUNS = 6
 
 
-@pytest.mark.parametrize("strategy", ["ddp_fork", pytest.param("ddp_spawn", marks=pytest.mark.slow)])
+def test_a_two_process_run_trains_and_keeps_one_rng_stream_per_process(ddp_digits, tmp_path):
+    untrained = _validation(_small_vae(ddp_digits), ddp_digits)
+    vae = _train(ddp_digits, str(tmp_path), devices=2, seed=0, strategy="ddp_fork")
+    gain = _validation(vae, ddp_digits).per_example - untrained.per_example
+    z = stats.norm.isf(DDP_FAILURE_BUDGET / 2)
+    assert gain.mean() > z * gain.std() / math.sqrt(len(gain))
+    streams = load_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"))[
+        "vilab_rng_state_per_rank"]
+    assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])
+    # The weights that came back to this process are the ones rank 0 saved.
+    loaded, config = load_run(str(tmp_path))
+    assert config["training"]["devices"] == 2
+    for name, value in vae.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp_fork", "ddp_spawn"])
 def test_ddp_with_two_cpu_processes_trains_like_one(ddp_digits, tmp_path, strategy):
     """Two gloo processes with batch 16 each are one process with batch 32, up to the seed.
 
@@ -179,9 +198,8 @@ def test_ddp_with_two_cpu_processes_trains_like_one(ddp_digits, tmp_path, strate
     untrained = _validation(_small_vae(ddp_digits), ddp_digits)
     single = [_validation(_train(ddp_digits, str(tmp_path / f"one-{seed}"), devices=1,
                                  seed=seed), ddp_digits) for seed in range(1, 1 + SINGLE_PROCESS_RUNS)]
-    ddp_dir = str(tmp_path / "two")
-    ddp = _validation(_train(ddp_digits, ddp_dir, devices=2, seed=0, strategy=strategy),
-                      ddp_digits)
+    ddp = _validation(_train(ddp_digits, str(tmp_path / "two"), devices=2, seed=0,
+                             strategy=strategy), ddp_digits)
     z = stats.norm.isf(DDP_FAILURE_BUDGET / 2)
     for run in (single[0], ddp):
         gain = run.per_example - untrained.per_example
@@ -190,9 +208,54 @@ def test_ddp_with_two_cpu_processes_trains_like_one(ddp_digits, tmp_path, strate
     n, spread = len(elbos), statistics.stdev(elbos)
     t = stats.t.isf(DDP_FAILURE_BUDGET / 2, n - 1)
     assert abs(ddp.elbo - statistics.mean(elbos)) < t * spread * math.sqrt(1 + 1 / n)
-    # Both workers saved their own RNG stream (not rank 0's twice) for an exact resume.
-    streams = load_checkpoint(os.path.join(ddp_dir, "checkpoints", "last.ckpt"))[
-        "vilab_rng_state_per_rank"]
-    assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])
-    loaded, config = load_run(ddp_dir)
-    assert config["training"]["devices"] == 2
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(child) for child in handle.read().split()]
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_a_ddp_run_at_once_and_the_rerun_resumes_exactly(tmp_path):
+    def command(out, epochs):
+        return [sys.executable, "-m", "vilab.cli", "vae", "train", "--data", "digits",
+                "--latent", "3", "--guide", "iaf", "--flows", "1", "--epochs", str(epochs),
+                "--max-train", "384", "--batch-size", "16", "--devices", "2",
+                "--strategy", "ddp_fork", "--no-progress", "--out", str(out)]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed, 200), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), process.stderr.read()[-3000:] if process.poll() is not None else "no checkpoint"
+    workers = _children(process.pid)
+    process.send_signal(signal.SIGTERM)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, errors[-3000:]
+    assert "rerun the same command to resume" in errors
+    time.sleep(1)
+    assert workers and not any(_alive(pid) for pid in workers)
+    stopped_at = load_checkpoint(str(last))["epoch"]
+    assert stopped_at < 199
+    # Rerun to stopped_at + 2 epochs, and compare with a run that was never interrupted.
+    epochs = stopped_at + 2
+    for out in (killed, tmp_path / "straight"):
+        finished = subprocess.run(command(out, epochs), cwd=REPO, capture_output=True, text=True,
+                                  timeout=300)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    resumed, _ = load_run(str(killed))
+    straight, _ = load_run(str(tmp_path / "straight"))
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0)

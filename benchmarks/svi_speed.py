@@ -1,0 +1,140 @@
+"""SVI steps per second: vilab's ``fit_svi`` vs Pyro's SVI (``Trace_ELBO``, ``JitTrace_ELBO``) vs
+NumPyro's SVI, for the same guide families on the same problems.
+
+Every rate is ``num_steps / wall time`` of one fit, guide construction and any compilation
+included (JAX's jit for NumPyro, the first-step trace for ``JitTrace_ELBO``). One particle, Adam
+(Pyro's ``ClippedAdam``, as ``fit_svi`` uses), learning rate 0.01. The samplers of one problem
+and guide run one after another in one process. NumPyro and JAX come from the ``bench`` extra.
+
+Usage::
+
+    python benchmarks/svi_speed.py                      # eight schools, kidiq, mesquite, arK
+    python benchmarks/svi_speed.py --problems eight_schools --guides meanfield --num-steps 500
+
+Writes ``benchmarks/results/svi_speed.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from nuts_speed import PROBLEMS  # noqa: E402
+
+__all__ = ["IMPLEMENTATIONS", "GUIDES", "main"]
+
+IMPLEMENTATIONS = ("vilab", "pyro", "pyro_jit", "numpyro")
+GUIDES = ("meanfield", "fullrank", "iaf")
+DEFAULT_PROBLEMS = ("eight_schools", "kidiq-kidscore_momiq", "mesquite-logmesquite", "arK-arK")
+RESULTS = Path(__file__).resolve().parent / "results" / "svi_speed.json"
+LEARNING_RATE = 0.01
+
+
+def run_vilab(model, args, kwargs, guide, num_steps):
+    from vilab.inference import fit_svi
+
+    fit_svi(model, guide, *args, num_steps=num_steps, lr=LEARNING_RATE, early_stop=False, progress=False,
+            seed=0, **kwargs)
+
+
+def run_pyro(model, args, kwargs, guide, num_steps, jit):
+    import pyro
+    from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
+    from pyro.optim import ClippedAdam
+
+    from vilab.guides import get_guide
+
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    elbo = JitTrace_ELBO(ignore_jit_warnings=True) if jit else Trace_ELBO()
+    svi = SVI(model, get_guide(guide, model), ClippedAdam({"lr": LEARNING_RATE}), elbo)
+    for _ in range(num_steps):
+        svi.step(*args, **kwargs)
+
+
+def run_numpyro(problem, args, kwargs, guide, num_steps):
+    import jax
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
+    from numpyro.optim import Adam
+
+    from numpyro_models import NUMPYRO_MODELS
+
+    jax.config.update("jax_enable_x64", torch.get_default_dtype() == torch.float64)
+    model = NUMPYRO_MODELS[problem]
+    auto = {"meanfield": AutoNormal, "fullrank": AutoMultivariateNormal, "iaf": AutoIAFNormal}[guide]
+    svi = SVI(model, auto(model), Adam(LEARNING_RATE), Trace_ELBO())
+    numpy_args = [a.numpy() if isinstance(a, torch.Tensor) else a for a in args]
+    numpy_kwargs = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    result = svi.run(jax.random.PRNGKey(0), num_steps, *numpy_args, progress_bar=False, **numpy_kwargs)
+    jax.block_until_ready(result.losses)
+
+
+def measure(problem: str, implementation: str, guide: str, num_steps: int) -> dict:
+    model, args, kwargs = PROBLEMS[problem]()
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    if implementation == "vilab":
+        run_vilab(model, args, kwargs, guide, num_steps)
+    elif implementation in ("pyro", "pyro_jit"):
+        run_pyro(model, args, kwargs, guide, num_steps, jit=implementation == "pyro_jit")
+    else:
+        run_numpyro(problem, args, kwargs, guide, num_steps)
+    wall = time.perf_counter() - start
+    return {"problem": problem, "implementation": implementation, "guide": guide, "num_steps": num_steps,
+            "wall_s": wall, "steps_per_s": num_steps / wall, "load_average": [load_before, os.getloadavg()[0]]}
+
+
+def _table(rows: list[dict]) -> str:
+    reference = {(r["problem"], r["guide"]): r["steps_per_s"] for r in rows
+                 if r["implementation"] == "numpyro" and "error" not in r}
+    lines = ["| problem | guide | implementation | wall s | steps/s | vs NumPyro | load avg |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['problem']} | {r['guide']} | {r['implementation']} | - | - | - | {r['error']} |")
+            continue
+        key = (r["problem"], r["guide"])
+        ratio = f"{r['steps_per_s'] / reference[key]:.2f}" if key in reference else "-"
+        lines.append(f"| {r['problem']} | {r['guide']} | {r['implementation']} | {r['wall_s']:.1f} | "
+                     f"{r['steps_per_s']:.0f} | {ratio} | {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", nargs="*", default=list(DEFAULT_PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--guides", nargs="*", default=list(GUIDES), choices=GUIDES)
+    parser.add_argument("--implementations", nargs="*", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--num-steps", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    arguments = parser.parse_args(argv)
+    torch.set_default_dtype(torch.float64)
+    rows = []
+    for problem in arguments.problems:
+        for guide in arguments.guides:
+            for implementation in arguments.implementations:  # alternate within each problem and guide
+                try:
+                    rows.append(measure(problem, implementation, guide, arguments.num_steps))
+                except (RuntimeError, ValueError, NotImplementedError, ImportError) as error:
+                    rows.append({"problem": problem, "implementation": implementation, "guide": guide,
+                                 "error": f"{type(error).__name__}: {str(error)[:80]}"})
+                print(_table(rows[-1:]).splitlines()[-1], flush=True)
+    print(_table(rows))
+    arguments.out.parent.mkdir(parents=True, exist_ok=True)
+    arguments.out.write_text(json.dumps({"num_steps": arguments.num_steps, "rows": rows,
+                                         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
+                                        indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""``fast_graph.simplify`` removes operations from a traced graph without changing its values."""
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from vilab.inference.fast_graph import simplify
+
+SCALE = torch.tensor([0.5, 2.0])
+
+
+def mixture_log_density_and_grad(z):
+    """Slices of z, a constant-only subexpression, and reductions over 2 entries, with gradient."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        loc, log_scale = z[:, :2], z[:, 2:4]
+        data = torch.linspace(-2, 2, 7).reshape(1, 7, 1)
+        components = -0.5 * ((data - loc.unsqueeze(1)) / log_scale.exp().unsqueeze(1)) ** 2 - log_scale.unsqueeze(1)
+        weights = torch.log_softmax(z[:, 4:6], -1).unsqueeze(1)
+        prior = -0.5 * (z / SCALE.log().exp().repeat(3)) ** 2  # SCALE.log().exp() is constant
+        value = torch.logsumexp(components + weights, -1).sum(-1) + prior.sum(-1)
+        (grad,) = torch.autograd.grad(value.sum(), z)
+    return value.detach(), grad
+
+
+def test_simplified_graph_has_fewer_nodes_and_the_same_values():
+    example = torch.randn(3, 6, dtype=torch.float64)
+    graph = make_fx(mixture_log_density_and_grad)(example)
+    before = len(graph.graph.nodes)
+    simplify(graph)
+    targets = {str(node.target) for node in graph.graph.nodes}
+    assert len(graph.graph.nodes) < before
+    assert not {"aten.logsumexp.default", "aten._log_softmax.default", "aten.slice_backward.default"} & targets
+    for _ in range(3):
+        z = 3 * torch.randn(3, 6, dtype=torch.float64)
+        for got, expected in zip(graph(z), mixture_log_density_and_grad(z)):
+            assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_in_place_writes_are_not_folded_into_constants():
+    def masked(z):
+        constant = torch.zeros(3, dtype=z.dtype)
+        constant.masked_fill_(z > 0, 1.0)  # written in place: depends on z, not constant
+        return (constant + z,)
+
+    graph = simplify(make_fx(masked)(torch.randn(3, dtype=torch.float64)))
+    z = torch.tensor([-1.0, 2.0, -3.0], dtype=torch.float64)
+    assert torch.equal(graph(z)[0], masked(z)[0])
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 5])
+def test_small_sums_are_unrolled_exactly_and_large_ones_kept(size):
+    def total(x):
+        return (x.sum(-1, keepdim=True) * 2,)
+
+    graph = simplify(make_fx(total)(torch.randn(3, size, dtype=torch.float64)))
+    x = torch.randn(3, size, dtype=torch.float64)
+    assert torch.allclose(graph(x)[0], total(x)[0], rtol=1e-14)
+    has_sum = any(node.target is torch.ops.aten.sum.dim_IntList for node in graph.graph.nodes)
+    assert has_sum == (size > 4)
