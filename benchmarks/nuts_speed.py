@@ -185,11 +185,15 @@ def main(argv=None) -> list[dict]:
             except (NotImplementedError, ImportError) as error:
                 rows.append({"problem": problem, "sampler": sampler, "error": str(error)})
             print(_table(rows[-1:]).splitlines()[-1], flush=True)
+            _write(arguments.out, options, rows)  # after every row, so a cut-short run keeps its rows
     print(_table(rows))
-    arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps({"options": options, "rows": rows, "torch_threads": torch.get_num_threads(),
-                                         "cpu_count": os.cpu_count()}, indent=2))
     return rows
+
+
+def _write(path: Path, options: dict, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"options": options, "rows": rows, "torch_threads": torch.get_num_threads(),
+                                "cpu_count": os.cpu_count()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -70,9 +70,19 @@ def run_one(name, data, vae_options, train_options, args, out_root):
                               **train_options)
     out_dir = os.path.join(out_root, name)
     budget = CPUTimeBudget(args.cpu_minutes * 60)
-    result = train_vae(build_vae(config), data, out_dir, config=training, resume=False,
-                       callbacks=[budget])
+    from vilab.inference.checkpoints import load_checkpoint
     from vilab.inference.vae_training import load_run
+
+    if args.reuse and os.path.exists(os.path.join(out_dir, "model.safetensors")):
+        # Score a finished run again (e.g. after an evaluation failure) without retraining.
+        last = load_checkpoint(os.path.join(out_dir, "checkpoints", "last.ckpt"))
+        budget.used = float("nan")
+        result = argparse.Namespace(trainer=argparse.Namespace(
+            current_epoch=last["epoch"] + 1, global_step=last["global_step"]),
+            wall_time=float("nan"))
+    else:
+        result = train_vae(build_vae(config), data, out_dir, config=training, resume=False,
+                           callbacks=[budget])
 
     vae, _ = load_run(out_dir)
     pyro.set_rng_seed(args.seed)
@@ -117,6 +127,9 @@ def main(argv=None):
     parser.add_argument("--models", default=",".join(FASHION_MODELS))
     parser.add_argument("--digits-epochs", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate existing run directories instead of retraining them")
+    parser.add_argument("--output", default=os.path.join(HERE, "results", "vae_quality.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out_root = os.path.join(HERE, "results", "vae_runs")
@@ -146,7 +159,7 @@ def main(argv=None):
               f"{row['test_nll']:>11.2f}{row['test_nll_stderr']:>6.2f}{row['test_neg_elbo']:>9.2f}"
               f"{row['validation_neg_elbo']:>10.2f}{row['kl']:>7.2f}"
               f"{row['active_units']:>3}/{row['latent_dim']:<2}{row['train_cpu_seconds']:>12.0f}")
-    path = os.path.join(HERE, "results", "vae_quality.json")
+    path = args.output
     with open(path, "w") as handle:
         json.dump({"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                    "args": vars(args), "rows": rows}, handle, indent=2)

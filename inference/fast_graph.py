@@ -24,6 +24,7 @@ _MAX_UNROLL = 4
 _SHAPE_ONLY = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
                aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
                aten.clone.default, aten._to_copy.default}
+_COPIES = {aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default}
 _LIKE = {aten.ones_like.default, aten.zeros_like.default, aten.full_like.default}
 # Elementwise ops that broadcast their tensor arguments; an expand feeding them is redundant
 # when the op's output shape does not change without it.
@@ -79,6 +80,8 @@ def _fold_constants(gm: fx.GraphModule, mutated: set) -> None:
                 continue
             fill = {aten.ones_like.default: 1, aten.zeros_like.default: 0}.get(node.target)
             fill = node.args[1] if fill is None else fill
+            if not isinstance(fill, (bool, int, float)):
+                continue
             result = torch.full(value.shape, fill, dtype=value.dtype)
         else:
             inputs = node.all_input_nodes
@@ -107,6 +110,8 @@ def _remove_no_ops(graph: fx.Graph, mutated: set) -> None:
         if not isinstance(source, fx.Node) or source in mutated:
             continue
         target = node.target
+        if target in _COPIES and mutated:
+            continue  # a copy may protect its value from a later in-place write to its source
         if target in _SHAPE_ONLY and _same_meta(node, source):
             _replace(node, source)
         elif target is aten.expand.default and source.target is aten.expand.default:

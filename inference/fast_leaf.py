@@ -154,7 +154,7 @@ class CompiledStep:
             expected = self._eager(*following)
             if not _all_close(got, expected):
                 return
-        except RuntimeError:
+        except (RuntimeError, TypeError, ValueError):
             # A function that cannot be traced keeps the eager path: correct, only slower.
             return
         self._fn, self.compiled = _static_runtime(traced, example, following, expected) or traced, True

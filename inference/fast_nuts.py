@@ -83,11 +83,13 @@ class TreeBuilder:
     """Grows NUTS trajectories for a fixed batch of chains.
 
     Args:
-        potential: batched potential (its eager path is traced into the leaf graph).
+        potential: batched potential (its traced graph is traced again into the leaf graph; its
+            eager path is the reference the traced leaf is checked against).
         num_chains: batch size ``C``.
         max_tree_depth: at most ``2**max_tree_depth - 1`` leapfrog steps per transition.
         generator: source of randomness.
-        compile: trace each leaf into one TorchScript graph.
+        compile: run each leaf, and each merge of a sub-trajectory into its tree, as one traced
+            graph (:class:`~vilab.inference.fast_leaf.CompiledStep`).
     """
 
     def __init__(self, potential: BatchedPotential, num_chains: int, max_tree_depth: int,

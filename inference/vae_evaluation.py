@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, NamedTuple, Optional
 
+import pyro
 import torch
 
 from vilab.inference.objectives import elbo_terms, log_importance_weights
@@ -230,7 +231,13 @@ def mutual_information(model: Any, guide: Any = None, loader: Any = None) -> Opt
         m = x.shape[0]
         z = guide.distribution(x).sample()
         # [i, j] = log q(z_i | x_j); expanded so conditional flows see a full (M, M) batch.
-        pairwise = guide.log_density(x, z.unsqueeze(1).expand(m, m, z.shape[-1]))
+        # Inverting another datapoint's flow at z_i far from its mass can overflow (a gated
+        # IAF step divides by a sigmoid near 0): that density is 0 to working precision, so a
+        # non-finite off-diagonal entry counts as log 0 instead of failing validation.
+        with pyro.validation_enabled(False):
+            pairwise = guide.log_density(x, z.unsqueeze(1).expand(m, m, z.shape[-1]))
+        off_diagonal = ~torch.eye(m, dtype=torch.bool, device=pairwise.device)
+        pairwise = pairwise.masked_fill(off_diagonal & ~torch.isfinite(pairwise), -math.inf)
         log_aggregate = torch.logsumexp(pairwise, 1) - math.log(m)
         total += (pairwise.diagonal() - log_aggregate).sum().item()
         count += m

@@ -12,11 +12,12 @@ def mixture_log_density_and_grad(z):
     """Slices of z, a constant-only subexpression, and reductions over 2 entries, with gradient."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
-        loc, log_scale = z[:, :2], z[:, 2:4]
+        loc, log_scale, logits = z[:, :2], z[:, 2:4], z[:, 4:6]
         data = torch.linspace(-2, 2, 7).reshape(1, 7, 1)
         components = -0.5 * ((data - loc.unsqueeze(1)) / log_scale.exp().unsqueeze(1)) ** 2 - log_scale.unsqueeze(1)
-        weights = torch.log_softmax(z[:, 4:6], -1).unsqueeze(1)
-        prior = -0.5 * (z / SCALE.log().exp().repeat(3)) ** 2  # SCALE.log().exp() is constant
+        weights = torch.log_softmax(logits, -1).unsqueeze(1)
+        blocks = torch.cat([loc, log_scale, logits], -1)  # every gradient flows through a slice
+        prior = -0.5 * (blocks / SCALE.log().exp().repeat(3)) ** 2  # SCALE.log().exp() is constant
         value = torch.logsumexp(components + weights, -1).sum(-1) + prior.sum(-1)
         (grad,) = torch.autograd.grad(value.sum(), z)
     return value.detach(), grad

@@ -124,3 +124,24 @@ def test_evaluate_vae_gives_a_json_ready_record():
     assert metrics["num_examples"] == 30 and metrics["iw_samples"] == 20
     assert len(metrics["kl_per_dim"]) == metrics["latent_dim"] == 4
     assert isinstance(metrics["log_likelihood"], float)
+
+
+class _OverflowingGuide:
+    """A guide whose inverse overflows at other datapoints' samples (NaN off the diagonal)."""
+
+    has_inverse = True
+
+    def distribution(self, x):
+        standard = torch.distributions.Normal(torch.zeros(x.shape[0], 2), 1.0)
+        return torch.distributions.Independent(standard, 1)
+
+    def log_density(self, x, z):
+        own = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        return torch.where(torch.eye(x.shape[0], dtype=torch.bool), own, float("nan"))
+
+
+def test_mutual_information_counts_an_overflowing_inverse_as_zero_density():
+    x, y = _data(8)
+    # Only log q(z_i | x_i) survives, so I = mean_i[log q_ii - (log q_ii - log M)] = log M.
+    information = mutual_information(None, _OverflowingGuide(), make_loader(x, y, batch_size=8))
+    assert information == pytest.approx(math.log(8), abs=1e-5)
