@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 from pyro import poutine
+from pyro.infer.autoguide import AutoMultivariateNormal
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -38,9 +39,28 @@ def save_guide(guide: Guide, path: str | os.PathLike, *, name: str, options: Opt
     state = {k: v.detach().clone().contiguous() for k, v in guide.state_dict().items()}
     if not state:
         raise ValueError("guide: has no parameters yet; fit it (or call it once) before saving")
-    metadata = {"format": _FORMAT, "name": name, "options": json.dumps(options or {})}
+    metadata = {"format": _FORMAT, "name": name, "options": json.dumps(options or {}),
+                "kind": "laplace-gaussian" if _is_laplace_gaussian(guide) else "registry"}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
+
+
+def _is_laplace_gaussian(guide) -> bool:
+    # Pyro's laplace_approximation() returns a Gaussian whose loc/scale/scale_tril are buffers.
+    return isinstance(guide, AutoMultivariateNormal) and "loc" in dict(guide.named_buffers())
+
+
+def _laplace_gaussian(model, args, kwargs, state) -> AutoMultivariateNormal:
+    """Rebuild the Gaussian of ``AutoLaplaceApproximation.laplace_approximation`` from its buffers."""
+    guide = AutoMultivariateNormal(model)
+    with torch.no_grad(), poutine.block():
+        guide._setup_prototype(*args, **kwargs)
+    for name in ("loc", "scale", "scale_tril"):
+        if name not in state:
+            raise ValueError(f"path: the saved Laplace guide lacks {name!r}")
+        delattr(guide, name)
+        guide.register_buffer(name, state[name])
+    return guide
 
 
 def load_guide(path: str | os.PathLike, model: Model, *args: Any, **kwargs: Any) -> Guide:
@@ -62,6 +82,8 @@ def load_guide(path: str | os.PathLike, model: Model, *args: Any, **kwargs: Any)
         raise ValueError(f"path: {os.fspath(path)!r} is not a readable guide file (truncated or corrupted): {error}") from error
     if metadata.get("format") != _FORMAT:
         raise ValueError(f"path: expected a {_FORMAT} file; got format {metadata.get('format')!r}")
+    if metadata.get("kind") == "laplace-gaussian":
+        return _laplace_gaussian(model, args, kwargs, state)
     guide = get_guide(metadata["name"], model, **json.loads(metadata.get("options", "{}")))
     with torch.no_grad(), poutine.block():
         guide(*args, **kwargs)  # creates the parameters with their shapes

@@ -74,8 +74,7 @@ def test_save_load_round_trip(problem, fitted, name, tmp_path):
     model, args, kwargs = problem
     guide = fitted(name).guide
     path = tmp_path / f"{name}.safetensors"
-    # fit_svi turns a Laplace guide into the full-rank Gaussian at the MAP; that is what is saved.
-    save_guide(guide, path, name="fullrank" if name == "laplace" else name)
+    save_guide(guide, path, name=name)  # a fitted Laplace guide is Pyro's Gaussian at the MAP
     loaded = load_guide(path, model, *args, **kwargs)
     for key, value in guide.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key

@@ -62,14 +62,20 @@ def vae_page(tmp_path_factory):
     from vilab.inference.vae_plots import save_all_figures
     from vilab.models.vae import VAEConfig, build_vae
 
-    torch.manual_seed(0)
-    data = load_dataset("digits")
-    vae = build_vae(VAEConfig(data.image_shape, latent_dim=3, num_levels=data.num_levels,
-                              encoder_hidden=(32,), decoder_hidden=(32,)))
-    x, labels = data.test[:60].float(), data.test_labels[:60]
-    metrics = evaluate_vae(vae, make_loader(x, labels, batch_size=30), iw_samples=20, chunk_size=20)
-    metrics.update(data="digits", guide="meanfield", split="test")
-    figures = save_all_figures(vae, x, labels, str(tmp_path_factory.mktemp("vae") / "figures"))
+    # Module fixtures are built before the per-test dtype fixture runs: fix the dtype here.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(0)
+        data = load_dataset("digits")
+        vae = build_vae(VAEConfig(data.image_shape, latent_dim=3, num_levels=data.num_levels,
+                                  encoder_hidden=(32,), decoder_hidden=(32,)))
+        x, labels = data.test[:60].float(), data.test_labels[:60]
+        metrics = evaluate_vae(vae, make_loader(x, labels, batch_size=30), iw_samples=20, chunk_size=20)
+        metrics.update(data="digits", guide="meanfield", split="test")
+        figures = save_all_figures(vae, x, labels, str(tmp_path_factory.mktemp("vae") / "figures"))
+    finally:
+        torch.set_default_dtype(previous)
     return metrics, figures
 
 
