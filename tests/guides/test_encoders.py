@@ -13,15 +13,6 @@ LATENT = 3
 IMAGE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared, overloaded 2-core machine spin-wait each other and run
-    # these small networks ~20x slower (see tests/inference/test_vae_training.py).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def make_guide(kind):
     encoder = MLPEncoder(IMAGE, LATENT, hidden_dims=(16,))

@@ -17,15 +17,6 @@ pytestmark = pytest.mark.float32
 Z = 4.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared, overloaded 2-core machine spin-wait each other and run
-    # these small networks ~20x slower (see tests/inference/test_vae_training.py).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _data(n=64):
     generator = torch.Generator().manual_seed(0)

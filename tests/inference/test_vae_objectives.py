@@ -15,15 +15,6 @@ from vilab.inference.vae_evaluation import importance_sampled_log_likelihood
 Z = 4.5  # standard errors; a per-assertion failure budget of about 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared, overloaded 2-core machine spin-wait each other and run
-    # these small networks ~20x slower (see tests/inference/test_vae_training.py).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def model(x):
     with pyro.plate("data", x.shape[0], dim=-1):

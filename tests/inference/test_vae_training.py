@@ -26,15 +26,6 @@ pytestmark = pytest.mark.float32
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared, overloaded 2-core machine spin-wait each other and run
-    # these tiny networks ~20x slower; one thread is also what each DDP worker gets.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def digits():

@@ -14,15 +14,6 @@ pytestmark = pytest.mark.float32
 SMALL = dict(encoder_hidden=(16,), decoder_hidden=(16,), num_components=3, num_flows=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared, overloaded 2-core machine spin-wait each other and run
-    # these small networks ~20x slower (see tests/inference/test_vae_training.py).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.mark.parametrize("architecture", ["mlp", "conv"])
 @pytest.mark.parametrize("levels", [2, 17])
