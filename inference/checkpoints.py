@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Callable, Optional
 
 import torch
@@ -28,6 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
+
+from vilab.fileio import atomic_path
 
 __all__ = [
     "CheckpointError",
@@ -76,22 +77,11 @@ def content_digest(obj: Any) -> str:
 
 def atomic_write(path: str, write_fn: Callable[[Any], None]) -> None:
     """Call ``write_fn(file)`` on a temporary file next to ``path``, fsync, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        with os.fdopen(handle, "wb") as file:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as file:
             write_fn(file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str) -> None:
