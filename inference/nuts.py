@@ -139,7 +139,7 @@ def run_nuts(
     wall_time = time.perf_counter() - start
     latent = {k: torch.as_tensor(np.stack([r[0][k] for r in results])) for k in results[0][0]}
     stats = {k: np.stack([r[1][k] for r in results]) for k in results[0][1]}
-    return _assemble(model, args, kwargs, latent, stats, wall_time, config)
+    return _assemble(model, args, kwargs, latent, stats, wall_time, config, trace)
 
 
 def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
@@ -155,7 +155,7 @@ def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
     stats = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
              for k, v in result.sample_stats.items()}
     config["backend"] = "vectorized"
-    return _assemble(model, args, kwargs, latent, stats, wall_time, config)
+    return _assemble(model, args, kwargs, latent, stats, wall_time, config, trace)
 
 
 def _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method) -> dict:
@@ -170,13 +170,15 @@ def _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth
                 target_accept=target_accept, max_tree_depth=max_tree_depth, chain_method=chain_method)
 
 
-def _assemble(model, args, kwargs, latent, stats, wall_time, config) -> NUTSResult:
-    """Add deterministic sites and log-likelihoods, build InferenceData, report divergences."""
+def _assemble(model, args, kwargs, latent, stats, wall_time, config, trace) -> NUTSResult:
+    """Add deterministic sites and log-likelihoods, build InferenceData, report divergences.
+
+    ``trace`` is the model's validation trace from :func:`run_nuts` (site kinds and shapes).
+    """
     num_chains, num_draws = next(iter(latent.values())).shape[:2]
     flat = {k: v.reshape((num_chains * num_draws,) + v.shape[2:]).to(torch.get_default_dtype())
             for k, v in latent.items()}
     evaluation = evaluate_draws(model, args, kwargs, flat)
-    trace = check_model(model, args, kwargs, allow_enumerated=True)
     keep = {n for n, s in trace.nodes.items() if is_posterior_site(s)}
 
     def unflatten(value):
