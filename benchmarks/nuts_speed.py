@@ -91,7 +91,8 @@ def run_vilab(model, args, kwargs, options):
 def _run_pyro(model, args, kwargs, options, jit):
     from pyro.infer import MCMC, NUTS
 
-    kernel = NUTS(model, target_accept_prob=options["target_accept"], jit_compile=jit, ignore_jit_warnings=True)
+    kernel = NUTS(model, target_accept_prob=options["target_accept"], jit_compile=jit, ignore_jit_warnings=True,
+                  full_mass=options["dense_mass"])
     mcmc = MCMC(kernel, num_samples=options["num_samples"], warmup_steps=options["num_warmup"],
                 num_chains=options["num_chains"], disable_progbar=True)
     mcmc.run(*args, **kwargs)
@@ -136,7 +137,8 @@ def measure(problem: str, sampler: str, options: dict) -> dict:
     if sampler == "vilab":
         samples, divergences, extra = run_vilab(model, args, kwargs, options)
     elif sampler in ("pyro", "pyro_jit"):
-        pyro_options = {k: options[k] for k in ("num_samples", "num_warmup", "num_chains", "target_accept")}
+        pyro_options = {k: options[k] for k in ("num_samples", "num_warmup", "num_chains", "target_accept",
+                                                "dense_mass")}
         samples, divergences, extra = _run_pyro(model, args, kwargs, pyro_options, jit=sampler == "pyro_jit")
     else:
         samples, divergences, extra = run_numpyro(problem, model, args, kwargs, options)
@@ -172,11 +174,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--num-chains", type=int, default=4)
     parser.add_argument("--target-accept", type=float, default=0.8)
     parser.add_argument("--float32", action="store_true", help="run in float32 (default float64)")
+    parser.add_argument("--dense-mass", action="store_true",
+                        help="adapt a dense mass matrix (vilab, Pyro and NumPyro alike; default diagonal)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     arguments = parser.parse_args(argv)
     torch.set_default_dtype(torch.float32 if arguments.float32 else torch.float64)
     options = {"num_warmup": arguments.num_warmup, "num_samples": arguments.num_samples,
-               "num_chains": arguments.num_chains, "target_accept": arguments.target_accept, "seed": 0}
+               "num_chains": arguments.num_chains, "target_accept": arguments.target_accept, "seed": 0,
+               "dense_mass": arguments.dense_mass}
     rows = []
     for problem in arguments.problems:
         for sampler in arguments.samplers:  # alternate samplers within each problem

@@ -68,7 +68,7 @@ def run_one(name, data, vae_options, train_options, args, out_root):
     training = TrainingConfig(max_epochs=args.epochs, batch_size=args.batch_size,
                               learning_rate=args.lr, progress=False, seed=args.seed,
                               **train_options)
-    out_dir = os.path.join(out_root, name)
+    out_dir = os.path.join(out_root, name + args.tag)
     budget = CPUTimeBudget(args.cpu_minutes * 60)
     from vilab.inference.checkpoints import load_checkpoint
     from vilab.inference.vae_training import load_run
@@ -129,6 +129,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true",
                         help="evaluate existing run directories instead of retraining them")
+    parser.add_argument("--tag", default="",
+                        help="suffix for the run directory (keeps earlier runs of a model)")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "vae_quality.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

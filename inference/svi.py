@@ -10,6 +10,7 @@ where Pyro knows it) or the importance-weighted bound of Burda et al. (``RenyiEL
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from vilab.guides.registry import get_guide, guide_name
 from vilab.inference.convergence import has_converged
+from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
 from vilab.inference.guide_draws import draw_from_guide
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.validation import check_model, check_positive_int
@@ -31,6 +33,9 @@ from vilab.types import Guide, Model, Samples
 __all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "fit_svi", "ELBOS"]
 
 ELBOS = ("trace", "meanfield", "iwae")
+BACKENDS = ("auto", "compiled", "pyro")
+# ClippedAdam's element-wise gradient clamp.
+CLIP = 10.0
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,7 +63,7 @@ class SVIResult:
     Attributes:
         guide: the fitted guide (for ``laplace``, the Gaussian at the MAP).
         losses: the loss (negative ELBO estimate) at each step.
-        wall_time: seconds spent optimising.
+        wall_time: seconds spent fitting, setup (tracing a compiled step) included.
         converged: whether the loss stopped changing beyond its noise.
         name: the guide's registry name or class name.
     """
@@ -136,6 +141,87 @@ def _make_elbo(elbo: str, num_particles: int, vectorize: bool):
     raise ValueError(f"elbo: expected one of {ELBOS}; got {elbo!r}")
 
 
+class _PyroStepper:
+    """Pyro's ``SVI`` with ``ClippedAdam``; remembers the last parameters with a finite loss."""
+
+    backend = "pyro"
+
+    def __init__(self, model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd):
+        optim = ClippedAdam({"lr": lr, "lrd": lrd, "clip_norm": CLIP})
+        self.svi = SVI(model, guide, optim, _make_elbo(elbo, num_particles, vectorize))
+        self.args, self.kwargs, self.good = args, kwargs, None
+
+    def step(self) -> float:
+        try:
+            loss = self.svi.step(*self.args, **self.kwargs)
+        except ValueError as error:  # Pyro's validation rejects NaN parameters before the loss is NaN
+            if "nan" not in str(error).lower() and _params_finite():
+                raise
+            return float("nan")
+        if np.isfinite(loss):
+            self.good = _snapshot()
+        return loss
+
+    def failing_site(self, find):
+        site = find()  # at the parameters that failed
+        if self.good is not None:
+            _restore(self.good)
+        return site
+
+    def finish(self) -> None:
+        pass
+
+
+class _CompiledStepper:
+    """:class:`~vilab.inference.fast_svi.CompiledSVIStep`, same interface as ``_PyroStepper``."""
+
+    backend = "compiled"
+
+    def __init__(self, step: CompiledSVIStep):
+        self.compiled = step
+
+    def step(self) -> float:
+        return self.compiled.step()
+
+    def failing_site(self, find):
+        # The failing step's loss came from the current parameters and its noise, replayed here
+        # for the eager guide; a finite loss with a non-finite update points at the new values.
+        compiled, state = self.compiled, torch.get_rng_state()
+        try:
+            compiled.write_back()
+            torch.set_rng_state(compiled.rng_state)
+            site = find()
+            if site is None and compiled.rejected:
+                compiled.write_back(compiled.rejected)
+                site = find()
+            return site
+        finally:
+            torch.set_rng_state(state)
+            compiled.write_back()
+
+    def finish(self) -> None:
+        self.compiled.write_back()
+
+
+def _make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}; got {backend!r}")
+    _make_elbo(elbo, num_particles, vectorize)  # validates the objective's options
+    if backend != "pyro":
+        try:
+            if num_particles > 1 and not vectorize:
+                raise CompiledSVIError("vectorize_particles=False asks for one particle at a time")
+            return _CompiledStepper(CompiledSVIStep(
+                model, guide, args, kwargs, objective=elbo, num_particles=num_particles, lr=lr,
+                lr_decay_per_step=lrd, clip=CLIP))
+        except CompiledSVIError as error:
+            if backend == "compiled":
+                raise
+            warnings.warn(f"fit_svi: the compiled SVI step cannot run this model and guide ({error}); "
+                          "falling back to Pyro's SVI", RuntimeWarning, stacklevel=3)
+    return _PyroStepper(model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd)
+
+
 def _snapshot() -> dict[str, torch.Tensor]:
     store = pyro.get_param_store()
     return {name: store._params[name].detach().clone() for name in store.keys()}
@@ -191,6 +277,7 @@ def fit_svi(
     min_steps: Optional[int] = None,
     seed: Optional[int] = 0,
     progress: bool = True,
+    backend: str = "auto",
     **kwargs: Any,
 ) -> SVIResult:
     r"""Fit a guide to ``model(*args, **kwargs)`` by maximising the ELBO with Adam.
@@ -208,12 +295,18 @@ def fit_svi(
             half of ``num_steps``: single-sample ELBO noise hides slow early progress, and the
             decaying learning rate does the rest).
         seed: seeds Pyro's RNG and clears the param store (``None`` leaves both untouched).
+        backend: ``"compiled"`` runs each step as one traced graph
+            (:mod:`~vilab.inference.fast_svi`: a guide module with reparameterised sites and a
+            model without parameters of its own); ``"pyro"`` runs Pyro's ``SVI``; ``"auto"``
+            (default) compiles where it can and otherwise falls back to Pyro with a warning.
+            Both run the same objective and the same ``ClippedAdam`` update.
 
     Returns:
         An :class:`SVIResult`.
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf; the guide keeps its last finite parameters.
+        CompiledSVIError: ``backend="compiled"`` and the step cannot be compiled.
     """
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_particles, "num_particles")
@@ -228,22 +321,17 @@ def fit_svi(
     check_model(model, args, kwargs)
     name = guide_name(guide)
     guide = get_guide(guide, model, **(guide_options or {}))
-    optim = ClippedAdam({"lr": lr, "lrd": lr_decay ** (1.0 / num_steps), "clip_norm": 10.0})
-    svi = SVI(model, guide, optim, _make_elbo(elbo, num_particles, vectorize_particles))
+    start = time.perf_counter()
+    stepper = _make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vectorize_particles,
+                            lr, lr_decay ** (1.0 / num_steps))
+    setup_seconds = time.perf_counter() - start
     losses: list[float] = []
-    converged, start = False, time.perf_counter()
+    converged = False
     bar = tqdm(range(num_steps), desc=f"SVI {name}", disable=not progress, leave=False)
-    good = None
     for step in bar:
-        try:
-            loss = svi.step(*args, **kwargs)
-        except ValueError as error:  # Pyro's validation rejects NaN parameters before the loss is NaN
-            if "nan" not in str(error).lower() and _params_finite():
-                raise
-            loss = None
-        if loss is None or not np.isfinite(loss):
-            _raise_non_finite(model, guide, args, kwargs, step, good, losses, start, name, elbo)
-        good = _snapshot()
+        loss = stepper.step()
+        if not np.isfinite(loss):
+            _raise_non_finite(model, guide, args, kwargs, step, losses, start, name, elbo, stepper)
         losses.append(float(loss))
         if step % 50 == 0:
             bar.set_postfix(elbo=f"{-np.mean(losses[-50:]):.4g}")
@@ -251,17 +339,17 @@ def fit_svi(
             converged = True
             break
     bar.close()
+    stepper.finish()
     converged = converged or has_converged(losses)
     if isinstance(guide, AutoLaplaceApproximation):
         guide = guide.laplace_approximation(*args, **kwargs)
     return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start, converged, name, elbo,
-                     {"lr": lr, "lr_decay": lr_decay, "num_particles": num_particles, "num_steps": num_steps})
+                     {"lr": lr, "lr_decay": lr_decay, "num_particles": num_particles, "num_steps": num_steps,
+                      "backend": stepper.backend, "setup_seconds": setup_seconds})
 
 
-def _raise_non_finite(model, guide, args, kwargs, step, good, losses, start, name, elbo):
-    site = _non_finite_site(model, guide, args, kwargs)
-    if good is not None:
-        _restore(good)
+def _raise_non_finite(model, guide, args, kwargs, step, losses, start, name, elbo, stepper):
+    site = stepper.failing_site(lambda: _non_finite_site(model, guide, args, kwargs))
     where = f" (site {site!r} has a non-finite value or log density)" if site else ""
     result = SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start, False, name, elbo)
     raise NonFiniteLossError(

@@ -31,7 +31,7 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from torch.distributions import biject_to
 
-from .fast_graph import simplify
+from .fast_graph import data_dependent_shapes, simplify
 
 __all__ = ["VectorizationError", "LatentSite", "BatchedPotential"]
 
@@ -318,7 +318,10 @@ class BatchedPotential:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                module = simplify(make_fx(lambda z: self.eager_value_and_grad(z))(example))
+                module = make_fx(lambda z: self.eager_value_and_grad(z))(example)
+                if data_dependent_shapes(module.graph):  # right only for the traced values
+                    return
+                module = simplify(module)
                 # TorchScript runs the aten graph about 4x faster than fx's Python code.
                 graph = torch.jit.freeze(torch.jit.trace(module, (example,), check_trace=False).eval())
             for _ in range(2):
