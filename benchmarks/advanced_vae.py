@@ -242,8 +242,11 @@ def section_mi(args):
     test_loader = make_loader(data.test, batch_size=100)
     objectives = {"elbo": ELBOLoss(), "infovae (alpha=1, lambda=100, IMQ)": InfoVAELoss(),
                   "elbo + 1.0 * MI": MutualInformationLoss(1.0)}
+    keys = {"elbo": "elbo", "infovae": "infovae (alpha=1, lambda=100, IMQ)", "mi": "elbo + 1.0 * MI"}
+    chosen = [keys[k] for k in args.objectives.split(",")] if args.objectives else list(objectives)
     rows = []
-    for name, loss in objectives.items():
+    for name in chosen:
+        loss = objectives[name]
         pyro.set_rng_seed(0)
         vae = build_autoregressive_vae(data.image_shape, 16)
         fit = _fit_vae(vae, _train_loader(data), args.epochs, loss)
@@ -256,6 +259,8 @@ def section_mi(args):
                      "log_likelihood": estimate.mean, "log_likelihood_stderr": estimate.stderr,
                      "active_units": report.active_units,
                      "mutual_information": report.mutual_information,
+                     "kl_per_dim": None if report.kl_per_dim is None else report.kl_per_dim.tolist(),
+                     "unit_variances": report.unit_variances.tolist(),
                      "train_seconds": fit.wall_time})
         print(f"{name:>36}: ELBO {rows[-1]['elbo']:.2f}  log p(x) {estimate.mean:.2f}  KL "
               f"{rows[-1]['kl']:.2f}  AU {report.active_units}/16  MI "
@@ -276,6 +281,9 @@ def main(argv=None):
     parser.add_argument("--refine-steps", type=int, default=300)
     parser.add_argument("--svi-steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--objectives", default="",
+                        help="mi section: comma-separated subset of elbo,infovae,mi (default all)")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.section not in SECTIONS:
@@ -285,7 +293,7 @@ def main(argv=None):
     result["wall_seconds"] = time.perf_counter() - start
     result["command"] = "python benchmarks/advanced_vae.py " + " ".join(argv or sys.argv[1:])
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"advanced_{args.section}.json"), "w") as file:
+    with open(os.path.join(RESULTS, f"advanced_{args.section}{args.tag}.json"), "w") as file:
         json.dump(result, file, indent=2, default=str)
     return 0
 

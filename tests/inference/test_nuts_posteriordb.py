@@ -55,6 +55,7 @@ def test_nuts_matches_reference_means_and_sds(posteriordb_path, name):
     problem = load_posteriordb(posteriordb_path, name)
     nuts = run_nuts(problem.model, *problem.args, num_samples=1000, num_warmup=1000, num_chains=4,
                     seed=0, progress=False, **OPTIONS.get(name, {}), **problem.kwargs)
+    assert nuts.config["backend"] == "vectorized"  # the fast path is what this test vouches for
     draws = flatten_samples(nuts.samples, num_batch_dims=2)
     summary = problem.reference_summary["parameters"]
     failures = []
