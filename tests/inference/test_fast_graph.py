@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from vilab.inference.fast_graph import simplify
+from vilab.inference.fast_graph import data_dependent_shapes, simplify
 
 SCALE = torch.tensor([0.5, 2.0])
 
@@ -58,3 +58,19 @@ def test_small_sums_are_unrolled_exactly_and_large_ones_kept(size):
     assert torch.allclose(graph(x)[0], total(x)[0], rtol=1e-14)
     has_sum = any(node.target is torch.ops.aten.sum.dim_IntList for node in graph.graph.nodes)
     assert has_sum == (size > 4)
+
+
+def test_boolean_mask_indexing_is_flagged_as_value_dependent():
+    def masked(x):
+        y = x.clone()
+        y[x > 0] = x[x > 0] * 2  # how many entries are written depends on x
+        return y
+
+    def elementwise(x):
+        return torch.where(x > 0, x * 2, x)
+
+    example = torch.randn(6)
+    assert data_dependent_shapes(make_fx(masked)(example).graph)
+    assert data_dependent_shapes(make_fx(lambda x: x.nonzero())(example).graph)
+    assert not data_dependent_shapes(make_fx(elementwise)(example).graph)
+    assert not data_dependent_shapes(make_fx(lambda x: x[torch.tensor([0, 2])])(example).graph)
