@@ -80,6 +80,25 @@ def test_vamp_prior_is_the_mean_of_encoder_posteriors_at_pseudo_inputs():
     assert not any(name.startswith("_encoder") for name, _ in prior.named_parameters())
 
 
+def test_matrix_product_mixture_density_equals_the_broadcast_one_with_gradients():
+    from vilab.models.vae_priors import DiagonalGaussianMixture
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, generator=generator, dtype=torch.float64, requires_grad=True)
+    locs = torch.randn(7, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    scales = (0.05 + torch.rand(7, 5, generator=generator, dtype=torch.float64)).requires_grad_()
+    z = 3 * torch.randn(4, 3, 5, generator=generator, dtype=torch.float64)  # (samples, batch, D)
+    fast = DiagonalGaussianMixture(logits, locs, scales).log_prob(z)
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=logits),
+        torch.distributions.Independent(torch.distributions.Normal(locs, scales), 1)).log_prob(z)
+    assert fast.shape == (4, 3)
+    torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-9)
+    for a, b in zip(torch.autograd.grad(fast.sum(), (logits, locs, scales)),
+                    torch.autograd.grad(reference.sum(), (logits, locs, scales))):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
 @pytest.mark.parametrize("guide", GUIDES)
 @pytest.mark.parametrize("prior", ["standard", "vamp"])
 def test_saved_weights_rebuild_the_same_model(tmp_path, guide, prior):
