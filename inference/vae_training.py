@@ -342,9 +342,13 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
                                 validate_distributions=config.validate_distributions)
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     _remove_stale_temporaries(ckpt_dir)
-    all_callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", save_last=True,
+    # Two checkpoints: Lightning's save_last only writes when the monitored one improves, so
+    # "last" is its own unmonitored checkpoint, overwritten every epoch (what a resume needs).
+    all_callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, filename="best",
                                            monitor="val/elbo" if val_loader else None,
                                            mode="max"),
+                           ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
+                                           every_n_epochs=1, enable_version_counter=False),
                            _WorkerGuard(os.getpid(), forked=strategy in ("ddp_fork",
                                                                           "ddp_notebook"))]
     if config.patience is not None and val_loader is not None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from scipy import stats
@@ -55,6 +56,22 @@ def test_resume_reproduces_the_uninterrupted_run(digits, tmp_path):
     assert epochs == [0.0, 1.0]
     loaded, config = load_run(str(tmp_path / "b"))
     assert config["vae"]["guide"] == "iaf" and not loaded.training
+
+
+class _WorseEveryEpoch(pl.Callback):
+    """Report a validation ELBO that falls every epoch, so only the first epoch is ever 'best'."""
+
+    def on_validation_end(self, trainer, pl_module):  # after Lightning has collected the epoch's metrics
+        trainer.callback_metrics["val/elbo"] = torch.tensor(-float(trainer.current_epoch))
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_validation_does_not_improve(digits, tmp_path):
+    vae = _vae(digits)
+    train_vae(vae, digits, str(tmp_path), config=_config(3), callbacks=[_WorseEveryEpoch()])
+    checkpoints = tmp_path / "checkpoints"
+    assert load_checkpoint(str(checkpoints / "best.ckpt"))["epoch"] == 0
+    assert load_checkpoint(str(checkpoints / "last.ckpt"))["epoch"] == 2
+    assert sorted(os.listdir(checkpoints)) == ["best.ckpt", "last.ckpt"]
 
 
 class _NaNAfter(ELBOLoss):
