@@ -81,8 +81,12 @@ def run_one(name, data, vae_options, train_options, args, out_root):
             current_epoch=last["epoch"] + 1, global_step=last["global_step"]),
             wall_time=float("nan"))
     else:
-        result = train_vae(build_vae(config), data, out_dir, config=training, resume=False,
-                           callbacks=[budget])
+        vae = build_vae(config)
+        if args.init_from:
+            # Continue from another run's weights (e.g. a lower learning rate after a plateau).
+            from vilab.inference.checkpoints import load_module
+            load_module(vae, os.path.join(args.init_from, "model.safetensors"))
+        result = train_vae(vae, data, out_dir, config=training, resume=False, callbacks=[budget])
 
     vae, _ = load_run(out_dir)
     pyro.set_rng_seed(args.seed)
@@ -129,6 +133,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true",
                         help="evaluate existing run directories instead of retraining them")
+    parser.add_argument("--init-from", default="",
+                        help="run directory whose model.safetensors initialises the model")
     parser.add_argument("--tag", default="",
                         help="suffix for the run directory (keeps earlier runs of a model)")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "vae_quality.json"))
