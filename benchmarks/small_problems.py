@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from vilab.guides import list_guides
+from vilab.fileio import write_json
 from vilab.inference import compare, run_nuts
 from vilab.models import get_model, list_models
 from vilab.posteriordb import default_posteriordb_path, load_posteriordb
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--nuts", default="1000,1000,4", help="warmup,samples,chains")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
+    print(" ".join([f"{'problem':<34}", f"{'method':<10}"] + [f"{c[:8]:>8}" for c in COLUMNS]))
     torch.set_default_dtype(torch.float64)
     warmup, samples, chains = (int(v) for v in args.nuts.split(","))
     nuts_options = {"num_warmup": warmup, "num_samples": samples, "num_chains": chains}
@@ -78,12 +80,10 @@ def main() -> None:
             row = {"problem": name, "method": method, **{c: entry.get(c) for c in COLUMNS}}
             rows.append(row)
             print(_format(row), flush=True)
-    payload = {"command": "python benchmarks/small_problems.py " + " ".join(os.sys.argv[1:]),
-               "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-               "total_seconds": time.time() - started, "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(payload, handle, indent=1, default=lambda v: None if v is None or (isinstance(v, float) and not np.isfinite(v)) else float(v))
+        # Written after every problem (atomically), so a long run that is stopped keeps its rows.
+        write_json(args.out, {"command": "python benchmarks/small_problems.py " + " ".join(os.sys.argv[1:]),
+                              "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+                              "total_seconds": time.time() - started, "rows": rows})
     print(f"wrote {args.out} ({time.time() - started:.0f} s)")
 
 
@@ -97,5 +97,4 @@ def _format(row) -> str:
 
 
 if __name__ == "__main__":
-    print(" ".join([f"{'problem':<34}", f"{'method':<10}"] + [f"{c[:8]:>8}" for c in COLUMNS]))
     main()
