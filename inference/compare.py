@@ -20,7 +20,7 @@ from vilab.guides.registry import guide_name
 from vilab.inference.diagnostics import k_hat_verdict, nuts_diagnostics, psis, weighted_moments
 from vilab.inference.nuts import NUTSResult, run_nuts
 from vilab.inference.samples import flatten_samples, match_reference, to_numpy
-from vilab.inference.svi import SVIResult, fit_svi
+from vilab.inference.svi import LaplaceError, NonFiniteLossError, SVIResult, fit_svi
 from vilab.inference.validation import check_model, check_positive_int
 from vilab.types import Model
 
@@ -51,6 +51,7 @@ class ComparisonReport:
     reference: dict[str, np.ndarray]
     reference_name: str
     title: str = "vilab comparison"
+    failures: dict[str, str] = field(default_factory=dict)
 
     def save(self, directory: str) -> "Any":
         """Write metrics JSON, CSV tables, NetCDF InferenceData per method, PNG plots and a
@@ -175,13 +176,21 @@ def compare(
                                                     **(nuts_options or {}), **kwargs))
     else:
         raise TypeError(f"reference: expected None, a NUTSResult or a dict of draws; got {type(reference).__name__}")
+    failures: dict[str, str] = {}
     for guide in guides:
-        method = _fit_guide(model, args, kwargs, guide, seed, num_draws, svi_options, guide_options, progress)
+        try:
+            method = _fit_guide(model, args, kwargs, guide, seed, num_draws, svi_options, guide_options, progress)
+        except (NonFiniteLossError, LaplaceError) as error:
+            # One guide that cannot be fitted must not cost the user the others' results.
+            failures[guide_name(guide)] = str(error)
+            warnings.warn(f"compare: guide {guide_name(guide)!r} failed and is left out: {error}",
+                          RuntimeWarning, stacklevel=2)
+            continue
         methods[method.name if method.name not in methods else f"{method.name}_{len(methods)}"] = method
-    return _build_report(methods, reference_draws, reference_name)
+    return _build_report(methods, reference_draws, reference_name, failures)
 
 
-def _build_report(methods, reference_draws, reference_name) -> ComparisonReport:
+def _build_report(methods, reference_draws, reference_name, failures=None) -> ComparisonReport:
     rows = []
     for method in methods.values():
         if method.kind == "nuts" and reference_name == "nuts":
@@ -201,4 +210,5 @@ def _build_report(methods, reference_draws, reference_name) -> ComparisonReport:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         summary_frame = pd.DataFrame(summary).set_index("method")
-    return ComparisonReport(table, summary_frame, methods, reference_draws, reference_name)
+    return ComparisonReport(table, summary_frame, methods, reference_draws, reference_name,
+                            failures=dict(failures or {}))

@@ -17,7 +17,8 @@ __all__ = ["save_report", "warnings_for", "markdown_report"]
 
 def warnings_for(report) -> list[str]:
     """What a careful statistician would say about ``report``, in words."""
-    notes = []
+    notes = [f"{name}: could not be fitted and is not in the tables ({reason})"
+             for name, reason in getattr(report, "failures", {}).items()]
     for name, m in report.methods.items():
         x = m.metrics
         if m.kind == "nuts":

@@ -30,7 +30,7 @@ from vilab.inference.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.validation import check_model, check_positive_int
 from vilab.types import Guide, Model, Samples
 
-__all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "fit_svi", "ELBOS"]
+__all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "LaplaceError", "fit_svi", "ELBOS"]
 
 ELBOS = ("trace", "meanfield", "iwae")
 BACKENDS = ("auto", "compiled", "pyro")
@@ -307,6 +307,8 @@ def fit_svi(
     Raises:
         NonFiniteLossError: the loss became NaN/inf; the guide keeps its last finite parameters.
         CompiledSVIError: ``backend="compiled"`` and the step cannot be compiled.
+        LaplaceError: ``guide="laplace"`` and the Hessian at the fitted mode is not positive
+            definite.
     """
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_particles, "num_particles")
@@ -342,10 +344,27 @@ def fit_svi(
     stepper.finish()
     converged = converged or has_converged(losses)
     if isinstance(guide, AutoLaplaceApproximation):
-        guide = guide.laplace_approximation(*args, **kwargs)
+        guide = _laplace(guide, args, kwargs)
     return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start, converged, name, elbo,
                      {"lr": lr, "lr_decay": lr_decay, "num_particles": num_particles, "num_steps": num_steps,
                       "backend": stepper.backend, "setup_seconds": setup_seconds})
+
+
+class LaplaceError(ValueError):
+    """The Laplace approximation does not exist at the fitted mode (its Hessian is not positive
+    definite)."""
+
+
+def _laplace(guide: AutoLaplaceApproximation, args, kwargs):
+    try:
+        return guide.laplace_approximation(*args, **kwargs)
+    except torch.linalg.LinAlgError as error:
+        raise LaplaceError(
+            "fit_svi: guide 'laplace' needs a positive-definite Hessian of -log p(x, z) at the MAP "
+            f"estimate, and the fitted mode has none ({str(error).split('(')[-1].rstrip(').')}). The "
+            "mode is degenerate or not a maximum: e.g. a centred hierarchical model whose density "
+            "grows without bound as a scale goes to 0. Reparameterise (non-centred) or use another "
+            "guide.") from error
 
 
 def _raise_non_finite(model, guide, args, kwargs, step, losses, start, name, elbo, stepper):

@@ -4,6 +4,8 @@ import math
 
 import arviz as az
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from scipy.stats import norm
@@ -87,3 +89,25 @@ def test_guides_must_be_a_sequence():
     with pytest.raises(TypeError, match="guides: expected a sequence"):
         compare(conjugate.normal_normal, 20, conjugate.default_normal_data(), guides="meanfield",
                 reference={"loc": np.zeros(10)}, progress=False)
+
+
+def _flat_ridge():
+    """log p(a, b) = -(a + b)^2 / 2: the Hessian at any mode is [[1, 1], [1, 1]], singular."""
+    a = pyro.sample("a", dist.Normal(torch.tensor(0.0), 1.0))
+    b = pyro.sample("b", dist.Normal(torch.tensor(0.0), 1.0))
+    pyro.factor("ridge", 0.5 * (a ** 2 + b ** 2) - 0.5 * (a + b) ** 2)
+
+
+def test_a_guide_that_cannot_be_fitted_is_reported_and_the_others_kept():
+    from vilab.inference import LaplaceError, fit_svi
+
+    with pytest.raises(LaplaceError, match="positive-definite Hessian"):
+        fit_svi(_flat_ridge, "laplace", num_steps=50, progress=False)
+    reference = {"a": np.random.default_rng(0).normal(size=500), "b": np.random.default_rng(1).normal(size=500)}
+    with pytest.warns(RuntimeWarning, match="guide 'laplace' failed and is left out"):
+        report = compare(_flat_ridge, guides=("laplace", "meanfield"), reference=reference,
+                         svi_options={"num_steps": 50}, num_draws=200)
+    assert list(report.methods) == ["meanfield"]
+    assert "positive-definite Hessian" in report.failures["laplace"]
+    from vilab.inference.report import warnings_for
+    assert any(note.startswith("laplace: could not be fitted") for note in warnings_for(report))
