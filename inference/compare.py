@@ -156,7 +156,9 @@ def compare(
         guide_options: per guide name, options of its family (``{"iaf": {"num_flows": 4}}``).
 
     Returns:
-        A :class:`ComparisonReport`.
+        A :class:`ComparisonReport`. A guide whose fit fails (non-finite loss, no Laplace
+        approximation at a degenerate mode) is left out with a ``RuntimeWarning`` and its reason
+        kept in ``report.failures`` and in the report's warnings; the other methods are kept.
     """
     check_positive_int(num_draws, "num_draws", minimum=10)
     if isinstance(guides, str) or not isinstance(guides, Sequence):
