@@ -261,7 +261,7 @@ class CompiledSVIStep:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph = make_fx(self._step)(*example)
-        except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
+        except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as error:
             raise CompiledSVIError(f"the step cannot be traced ({type(error).__name__}: "
                                    f"{str(error).splitlines()[0][:200]})") from error
         dynamic = data_dependent_shapes(graph.graph)
@@ -276,7 +276,13 @@ class CompiledSVIStep:
             inputs = (*state, *_draw_like(noise, seed))
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
-                expected = self._step(*state)
+                try:
+                    expected = self._step(*state)
+                except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as error:
+                    # Module-local parameters are the one thing the eager step adds to Pyro's own
+                    # path; a guide that cannot run that way keeps Pyro's SVI.
+                    raise CompiledSVIError(f"the guide cannot run on substituted parameters "
+                                           f"({type(error).__name__}: {str(error)[:200]})") from error
             checks.append((inputs, expected))
             state = (*expected[1:], torch.tensor(self._step_size(2), dtype=dtype))
         with warnings.catch_warnings():
