@@ -67,12 +67,15 @@ def to_inference_data(
     groups = {
         "posterior": {k: to_numpy(v) for k, v in samples.items()},
         "observed_data": observed or None,
-        "sample_stats": {k: _stat(v) for k, v in (sample_stats or {}).items()} or None,
         "log_likelihood": {k: to_numpy(v) for k, v in (log_likelihood or {}).items()} or None,
     }
     used = {k: v for k, v in dims.items() if k in samples or k in observed or k in (log_likelihood or {})}
     idata = az.from_dict(**{k: v for k, v in groups.items() if v is not None},
                          dims=used, coords=coords or None)
+    if sample_stats:
+        # Built apart: ArviZ applies ``dims`` by variable name across groups, and a statistic
+        # may share its name with a model site (posteriordb's mesquite observes "log_weight").
+        idata.extend(az.from_dict(sample_stats={k: _stat(v) for k, v in sample_stats.items()}))
     for group in idata.groups():
         idata[group].attrs["inference"] = inference
     return idata

@@ -149,3 +149,16 @@ def test_discrete_latent_site_says_to_enumerate():
 def test_unknown_guide_is_a_clear_error():
     with pytest.raises(ValueError, match="known guides: meanfield, fullrank"):
         fit_svi(conjugate.normal_normal, "gaussian", 20, conjugate.default_normal_data(), progress=False)
+
+
+def test_inference_data_when_a_site_shares_a_statistic_name():
+    """posteriordb's mesquite observes a site called "log_weight", VI's sample statistic too."""
+    def model(y):
+        loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0), 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("log_weight", dist.Normal(loc, 1.0), obs=y)
+
+    result = fit_svi(model, "meanfield", torch.zeros(5), num_steps=20, progress=False)
+    idata = result.inference_data(num_samples=50, seed=0)
+    assert idata.sample_stats["log_weight"].dims == ("chain", "draw")
+    assert idata.log_likelihood["log_weight"].shape == (1, 50, 5)
