@@ -80,6 +80,9 @@ def main() -> None:
             row = {"problem": name, "method": method, **{c: entry.get(c) for c in COLUMNS}}
             rows.append(row)
             print(_format(row), flush=True)
+        for method, reason in report.failures.items():  # a guide that could not be fitted
+            rows.append({"problem": name, "method": method, "error": reason})
+            print(f"{name[:34]:<34} {method:<10} failed: {reason[:120]}", flush=True)
         # Written after every problem (atomically), so a long run that is stopped keeps its rows.
         write_json(args.out, {"command": "python benchmarks/small_problems.py " + " ".join(os.sys.argv[1:]),
                               "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
