@@ -188,7 +188,8 @@ class _LocalParameters:
 
 
 class CompiledSVIStep:
-    """The compiled SVI step for one model, guide and objective (see the module docstring).
+    """The compiled SVI step for one model, guide and objective (see the module docstring);
+    ``fit_svi`` drives it like its Pyro stepper (``step``, ``failing_site``, ``finish``).
 
     Args:
         model, guide: the Pyro model and a guide module already fitted to its sites.
@@ -201,6 +202,8 @@ class CompiledSVIStep:
         CompiledSVIError: the step cannot be traced, or the traced graph disagrees with the
             eager computation.
     """
+
+    backend = "compiled"
 
     def __init__(self, model, guide, args: tuple, kwargs: dict, *, objective: str = "trace",
                  num_particles: int = 1, lr: float = 0.01, lr_decay_per_step: float = 1.0,
@@ -317,6 +320,28 @@ class CompiledSVIStep:
             return float("nan")
         self.state, self.t = tuple(out[1:]), t
         return loss
+
+    def failing_site(self, find: Callable[[], Any]):
+        """``find()`` (an eager search for the site with a non-finite value or density) at the
+        failing step, then the last good parameters back in the guide. The failing loss came
+        from the current parameters and that step's noise, replayed here for the eager guide; a
+        finite loss with a non-finite update points at the rejected new values instead."""
+        state = torch.get_rng_state()
+        try:
+            self.write_back()
+            torch.set_rng_state(self.rng_state)
+            site = find()
+            if site is None and self.rejected:
+                self.write_back(self.rejected)
+                site = find()
+            return site
+        finally:
+            torch.set_rng_state(state)
+            self.write_back()
+
+    def finish(self) -> None:
+        """Leave the fitted parameters in the guide."""
+        self.write_back()
 
     def write_back(self, params: Sequence[torch.Tensor] | None = None) -> None:
         """Copy the current (or the given) parameters into the guide and so into Pyro's param

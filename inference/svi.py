@@ -172,37 +172,6 @@ class _PyroStepper:
         pass
 
 
-class _CompiledStepper:
-    """:class:`~vilab.inference.fast_svi.CompiledSVIStep`, same interface as ``_PyroStepper``."""
-
-    backend = "compiled"
-
-    def __init__(self, step: CompiledSVIStep):
-        self.compiled = step
-
-    def step(self) -> float:
-        return self.compiled.step()
-
-    def failing_site(self, find):
-        # The failing step's loss came from the current parameters and its noise, replayed here
-        # for the eager guide; a finite loss with a non-finite update points at the new values.
-        compiled, state = self.compiled, torch.get_rng_state()
-        try:
-            compiled.write_back()
-            torch.set_rng_state(compiled.rng_state)
-            site = find()
-            if site is None and compiled.rejected:
-                compiled.write_back(compiled.rejected)
-                site = find()
-            return site
-        finally:
-            torch.set_rng_state(state)
-            compiled.write_back()
-
-    def finish(self) -> None:
-        self.compiled.write_back()
-
-
 def _make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}; got {backend!r}")
@@ -211,9 +180,8 @@ def _make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vect
         try:
             if num_particles > 1 and not vectorize:
                 raise CompiledSVIError("vectorize_particles=False asks for one particle at a time")
-            return _CompiledStepper(CompiledSVIStep(
-                model, guide, args, kwargs, objective=elbo, num_particles=num_particles, lr=lr,
-                lr_decay_per_step=lrd, clip=CLIP))
+            return CompiledSVIStep(model, guide, args, kwargs, objective=elbo, num_particles=num_particles,
+                                   lr=lr, lr_decay_per_step=lrd, clip=CLIP)
         except CompiledSVIError as error:
             if backend == "compiled":
                 raise
