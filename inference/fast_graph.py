@@ -174,24 +174,21 @@ def _unrolled(graph: fx.Graph, source: fx.Node, dim: int, op, keepdim: bool) -> 
     return graph.call_function(aten.unsqueeze.default, (result, dim)) if keepdim else result
 
 
+# Reductions written as a chain of their pairwise elementwise op.
+_PAIRWISE = {aten.sum.dim_IntList: aten.add.Tensor, aten.logsumexp.default: aten.logaddexp.default}
+
+
 def _unroll_small_reductions(graph: fx.Graph) -> None:
     """``sum``, ``logsumexp`` and ``log_softmax`` over 2 to 4 entries as elementwise ops."""
     for node in list(graph.nodes):
         target = node.target
-        if target is aten.sum.dim_IntList and 2 <= len(node.args) <= 3 and not node.kwargs:
+        if target in _PAIRWISE and 2 <= len(node.args) <= 3 and not node.kwargs:
             dim = _small_dim(node, node.args[1])
             if dim is None:
                 continue
             keepdim = len(node.args) > 2 and node.args[2]
             with graph.inserting_before(node):
-                new = _unrolled(graph, node.args[0], dim, aten.add.Tensor, keepdim)
-        elif target is aten.logsumexp.default:
-            dim = _small_dim(node, node.args[1])
-            if dim is None:
-                continue
-            keepdim = len(node.args) > 2 and node.args[2]
-            with graph.inserting_before(node):
-                new = _unrolled(graph, node.args[0], dim, aten.logaddexp.default, keepdim)
+                new = _unrolled(graph, node.args[0], dim, _PAIRWISE[target], keepdim)
         elif target is aten._log_softmax.default:
             dim = _small_dim(node, node.args[1])
             if dim is None:
