@@ -44,6 +44,8 @@ FASHION_MODELS = {
     "spline": (dict(guide="spline"), {}),
     "iwae-k5": (dict(guide="meanfield"), dict(objective="iwae", iwae_samples=5)),
     "vampprior": (dict(guide="meanfield", prior="vamp", num_components=500), {}),
+    "vampprior-iwae-k5": (dict(guide="meanfield", prior="vamp", num_components=500),
+                          dict(objective="iwae", iwae_samples=5)),
 }
 
 
@@ -60,6 +62,28 @@ class CPUTimeBudget(pl.Callback):
         self.used = time.process_time() - self.start
         if self.used > self.seconds:
             trainer.should_stop = True
+
+
+def warm_start(vae, path):
+    """Continue from another run's weights (e.g. a lower learning rate after a plateau, or a
+    learned prior on top of a trained encoder/decoder). Every saved tensor must fit; the
+    model's other parameters (a new prior's) keep their initial values, and are listed."""
+    from vilab.inference.checkpoints import load_safetensors
+
+    tensors, _ = load_safetensors(path)
+    own = vae.state_dict()
+    # A saved N(0, I) prior's buffers have no counterpart in a learned prior: drop them.
+    dropped = [k for k in tensors if k.startswith("model.prior.") and k not in own]
+    tensors = {k: v for k, v in tensors.items() if k not in dropped}
+    unfit = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
+    if unfit:
+        raise SystemExit(f"--init-from: {path} has tensors this model lacks or shapes it "
+                         f"does not have: {unfit}")
+    vae.load_state_dict(tensors, strict=False)
+    kept = sorted(set(own) - set(tensors))
+    if kept:
+        print(f"warm start from {path}; kept as initialised: {kept}; "
+              f"saved prior tensors dropped: {dropped}", flush=True)
 
 
 def run_one(name, data, vae_options, train_options, args, out_root):
@@ -82,10 +106,11 @@ def run_one(name, data, vae_options, train_options, args, out_root):
             wall_time=float("nan"))
     else:
         vae = build_vae(config)
+        if args.vamp_init == "data" and config.prior == "vamp":
+            order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))
+            vae.model.prior.init_from_data(data.train[order[:config.num_components]])
         if args.init_from:
-            # Continue from another run's weights (e.g. a lower learning rate after a plateau).
-            from vilab.inference.checkpoints import load_module
-            load_module(vae, os.path.join(args.init_from, "model.safetensors"))
+            warm_start(vae, os.path.join(args.init_from, "model.safetensors"))
         result = train_vae(vae, data, out_dir, config=training, resume=False, callbacks=[budget])
 
     vae, _ = load_run(out_dir)
@@ -135,6 +160,9 @@ def main(argv=None):
                         help="evaluate existing run directories instead of retraining them")
     parser.add_argument("--init-from", default="",
                         help="run directory whose model.safetensors initialises the model")
+    parser.add_argument("--vamp-init", choices=("random", "data"), default="random",
+                        help="VampPrior pseudo-inputs: noise around grey 0.5 (the paper's) or "
+                             "random training images")
     parser.add_argument("--tag", default="",
                         help="suffix for the run directory (keeps earlier runs of a model)")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "vae_quality.json"))

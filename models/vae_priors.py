@@ -132,6 +132,32 @@ class VampPrior(nn.Module):
         self.raw_pseudo_inputs = nn.Parameter(
             0.1 * torch.randn(num_components, *encoder.image_shape))
 
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, *, margin: float = 0.05) -> None:
+        r"""Set the pseudo-inputs to ``K`` of the given images (grey levels clipped to
+        :math:`[\epsilon, 1 - \epsilon]` of ``input_scale`` so the sigmoid can reach them).
+
+        Starting from data makes the prior a mixture of posteriors of real images at once,
+        which matters when the encoder is already trained (a warm start); Tomczak & Welling
+        discuss this initialisation as an alternative to random pseudo-inputs.
+
+        Args:
+            images: ``(N, C, H, W)`` with ``N >= K`` and the encoder's image shape.
+            margin: :math:`\epsilon`, in ``(0, 0.5)``.
+        """
+        shape = tuple(self.raw_pseudo_inputs.shape[1:])
+        if not isinstance(images, torch.Tensor) or tuple(images.shape[1:]) != shape:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images: expected a tensor of shape (N, {', '.join(map(str, shape))}); "
+                             f"got {got}")
+        if images.shape[0] < self.num_components:
+            raise ValueError(f"images: expected at least {self.num_components} images (one per "
+                             f"pseudo-input); got {images.shape[0]}")
+        if not 0.0 < margin < 0.5:
+            raise ValueError(f"margin: expected a number in (0, 0.5); got {margin}")
+        grey = (images[: self.num_components] / self.input_scale).clamp(margin, 1.0 - margin)
+        self.raw_pseudo_inputs.copy_(torch.logit(grey).to(self.raw_pseudo_inputs))
+
     @property
     def pseudo_inputs(self) -> torch.Tensor:
         """``(K, C, H, W)`` pseudo-inputs."""

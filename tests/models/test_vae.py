@@ -44,6 +44,20 @@ def test_wrong_image_size_is_a_clear_error():
         vae.guide(torch.zeros(4, 1, 8, 8))
 
 
+@pytest.mark.parametrize("value, binary", [
+    (0.0, True), (1.0, True), (0.5, False), (1e-30, False), (1.0 - 2.0 ** -24, False),
+    (2.0, False), (-0.5, False), (float("nan"), False), (float("inf"), False)])
+def test_binary_check_is_exact(value, binary):
+    from vilab.models.vae import _is_binary
+
+    x = torch.bernoulli(torch.full((64, 1, 8, 8), 0.5))
+    x[17, 0, 3, 5] = value
+    assert _is_binary(x) is binary
+    assert _is_binary(x.double()) is binary
+    if binary:
+        assert _is_binary(x.to(torch.uint8)) and _is_binary(x.bool())
+
+
 def test_non_binary_data_for_a_bernoulli_decoder_is_a_clear_error():
     vae = build_vae(VAEConfig((1, 8, 8), latent_dim=2, **SMALL))
     with pytest.raises(ValueError, match="binary pixels"):
@@ -78,6 +92,20 @@ def test_vamp_prior_is_the_mean_of_encoder_posteriors_at_pseudo_inputs():
     expected = torch.logsumexp(expected, 1) - torch.log(torch.tensor(4.0))
     torch.testing.assert_close(prior().log_prob(z), expected)
     assert not any(name.startswith("_encoder") for name, _ in prior.named_parameters())
+
+
+def test_vamp_prior_initialised_from_data_puts_pseudo_inputs_on_the_images():
+    encoder = MLPEncoder((1, 8, 8), 2, hidden_dims=(8,))
+    prior = VampPrior(encoder, num_components=3)
+    images = torch.rand(5, 1, 8, 8)
+    images[0, 0, 0, 0] = 1.0  # clipped to 1 - margin: the sigmoid cannot reach 1
+    prior.init_from_data(images, margin=0.05)
+    expected = images[:3].clamp(0.05, 0.95)
+    torch.testing.assert_close(prior.pseudo_inputs, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="images: expected at least 3"):
+        prior.init_from_data(images[:2])
+    with pytest.raises(ValueError, match=r"images: expected a tensor of shape \(N, 1, 8, 8\)"):
+        prior.init_from_data(torch.rand(5, 64))
 
 
 def test_matrix_product_mixture_density_equals_the_broadcast_one_with_gradients():
