@@ -256,6 +256,117 @@ def _join_slice_gradients(graph: fx.Graph) -> None:
         _replace(node, new)
 
 
+def _key(value):
+    """A hashable stand-in for an op argument (nodes by identity); ``None`` if there is none."""
+    if isinstance(value, (list, tuple)):
+        items = tuple(_key(item) for item in value)
+        return None if any(item is None and orig is not None for item, orig in zip(items, value)) \
+            else (type(value).__name__, items)
+    if isinstance(value, float) and value != value:
+        return None  # NaN never equals itself: never merge on it
+    try:
+        hash(value)
+    except TypeError:
+        return None
+    return (type(value).__name__, value)
+
+
+def _eliminate_common_subexpressions(graph: fx.Graph, mutated: set) -> None:
+    """Merge pure ops with the same target and arguments (autograd's backward recomputes
+    ``neg``, ``unsqueeze`` and ``mul`` of values the forward pass already has)."""
+    seen = {}
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            key = ("get_attr", node.target)
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            if node in mutated or _is_mutating(node) or "empty" in str(node.target) \
+                    or torch.Tag.nondeterministic_seeded in node.target.tags:
+                continue
+            key = (node.target, _key(node.args), _key(node.kwargs))
+            if key[1] is None or key[2] is None:
+                continue
+        else:
+            continue
+        if key in seen:
+            _replace(node, seen[key])
+        else:
+            seen[key] = node
+
+
+def _constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = getattr(gm, node.target, None)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _is_filled(gm: fx.GraphModule, node, fill: float) -> bool:
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return node == fill
+    value = _constant(gm, node)
+    return value is not None and value.numel() > 0 and bool((value == fill).all())
+
+
+def _drop_identity_constants(gm: fx.GraphModule, mutated: set) -> None:
+    """``x + 0``, ``x - 0``, ``x * 1`` and ``x / 1`` with constant zeros or ones (a prior's
+    folded log-Jacobian of an identity transform) that do not change ``x``'s shape or dtype."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node in mutated or node.kwargs or len(node.args) != 2:
+            continue
+        first, second = node.args
+        if node.target in (aten.add.Tensor, aten.mul.Tensor):
+            fill = 0.0 if node.target is aten.add.Tensor else 1.0
+            pairs = [(first, second), (second, first)]
+        elif node.target in (aten.sub.Tensor, aten.div.Tensor):
+            fill = 0.0 if node.target is aten.sub.Tensor else 1.0
+            pairs = [(first, second)]
+        else:
+            continue
+        for kept, other in pairs:
+            if isinstance(kept, fx.Node) and kept not in mutated and _is_filled(gm, other, fill) \
+                    and _same_meta(node, kept):
+                _replace(node, kept)
+                break
+
+
+def _scalar_of(gm: fx.GraphModule, node):
+    """The Python number a ``mul``/``div`` operand stands for, if it is one."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return float(node)
+    return None
+
+
+def _negations_into_subtractions(gm: fx.GraphModule, mutated: set) -> None:
+    """``a + b * -1`` -> ``a - b`` and ``a + (-b)`` -> ``a - b`` (how autograd and Pyro's
+    sums write differences), and ``-(-x)`` -> ``x``."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node in mutated:
+            continue
+        if node.target is aten.neg.default and isinstance(node.args[0], fx.Node) \
+                and node.args[0].target is aten.neg.default and _same_meta(node, node.args[0].args[0]):
+            _replace(node, node.args[0].args[0])
+            continue
+        if node.target is not aten.add.Tensor or node.kwargs or len(node.args) != 2:
+            continue
+        for kept, negated in (node.args, node.args[::-1]):
+            if not (isinstance(kept, fx.Node) and isinstance(negated, fx.Node)) or negated in mutated:
+                continue
+            if negated.target is aten.neg.default:
+                inner = negated.args[0]
+            elif negated.target in (aten.mul.Tensor, aten.mul.Scalar) and not negated.kwargs \
+                    and _scalar_of(gm, negated.args[1]) == -1.0:
+                inner = negated.args[0]
+            else:
+                continue
+            if not isinstance(inner, fx.Node) or not _same_meta(negated, inner):
+                continue
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(aten.sub.Tensor, (kept, inner))
+            new.meta.update(node.meta)
+            _replace(node, new)
+            break
+
+
 _MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
                   aten._index_put_impl_.default}
 _DATA_SHAPED = {aten.nonzero.default, aten.masked_select.default, aten.unique_dim.default,
@@ -289,8 +400,13 @@ def simplify(gm: fx.GraphModule) -> fx.GraphModule:
     _remove_no_ops(graph, mutated)
     _drop_broadcast_expands(graph, mutated)
     _remove_no_ops(graph, mutated)
+    _drop_identity_constants(gm, mutated)
+    _eliminate_common_subexpressions(graph, mutated)
+    _negations_into_subtractions(gm, mutated)
     _unroll_small_reductions(graph)
     _join_slice_gradients(graph)
+    graph.eliminate_dead_code()
+    _eliminate_common_subexpressions(graph, _mutated(graph))
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

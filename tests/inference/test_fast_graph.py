@@ -74,3 +74,31 @@ def test_boolean_mask_indexing_is_flagged_as_value_dependent():
     assert data_dependent_shapes(make_fx(lambda x: x.nonzero())(example).graph)
     assert not data_dependent_shapes(make_fx(elementwise)(example).graph)
     assert not data_dependent_shapes(make_fx(lambda x: x[torch.tensor([0, 2])])(example).graph)
+
+
+def test_duplicates_identities_and_negations_are_removed_with_the_same_values():
+    def redundant(x):
+        a, b = -x, -x  # the same op twice: merged
+        c = (x + torch.zeros(3, dtype=x.dtype)) * torch.ones(3, dtype=x.dtype)  # identity constants
+        d = a + b * -1.0  # a difference written as a sum
+        return (a + b + c + d + (-(-x)), x.unsqueeze(0) + x.unsqueeze(0))
+
+    graph = simplify(make_fx(redundant)(torch.randn(3, dtype=torch.float64)))
+    calls = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    aten = torch.ops.aten
+    assert calls.count(aten.neg.default) == 1
+    assert calls.count(aten.unsqueeze.default) == 1
+    assert aten.mul.Tensor not in calls
+    x = torch.tensor([1.5, float("nan"), -float("inf")], dtype=torch.float64)
+    for got, expected in zip(graph(x), redundant(x)):
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
+def test_random_ops_are_never_merged():
+    def draws(x):
+        return (x + torch.randn(3, dtype=x.dtype), x + torch.randn(3, dtype=x.dtype))
+
+    graph = simplify(make_fx(draws)(torch.randn(3, dtype=torch.float64)))
+    first, second = graph(torch.zeros(3, dtype=torch.float64))
+    assert not torch.equal(first, second)
