@@ -116,6 +116,9 @@ def _remove_no_ops(graph: fx.Graph, mutated: set) -> None:
             _replace(node, source)
         elif target is aten.expand.default and source.target is aten.expand.default:
             node.args = (source.args[0], *node.args[1:])
+        elif target is aten.permute.default and list(node.args[1]) == list(range(len(node.args[1]))) \
+                and _same_meta(node, source):
+            _replace(node, source)
         elif target is aten.pow.Tensor_Scalar and node.args[1] == 1 and _same_meta(node, source):
             _replace(node, source)
         elif target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) \
