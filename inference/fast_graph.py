@@ -59,6 +59,11 @@ def _same_meta(a, b) -> bool:
             and va.shape == vb.shape and va.dtype == vb.dtype)
 
 
+def _contiguous(node) -> bool:
+    value = _val(node)
+    return isinstance(value, torch.Tensor) and value.is_contiguous()
+
+
 def _replace(node: fx.Node, new) -> None:
     node.replace_all_uses_with(new)
 
@@ -110,8 +115,10 @@ def _remove_no_ops(graph: fx.Graph, mutated: set) -> None:
         if not isinstance(source, fx.Node) or source in mutated:
             continue
         target = node.target
-        if target in _COPIES and mutated:
-            continue  # a copy may protect its value from a later in-place write to its source
+        if target in _COPIES and (mutated or not _contiguous(source)):
+            # A copy may protect its value from a later in-place write to its source, or make an
+            # expanded tensor contiguous for a view that follows (a batched matmul's reshape).
+            continue
         if target in _SHAPE_ONLY and _same_meta(node, source):
             _replace(node, source)
         elif target is aten.expand.default and source.target is aten.expand.default:
