@@ -130,6 +130,7 @@ class CompiledStep:
                  trace_fn: Callable | None = None, num_state: int = 0) -> None:
         self._eager, self._trace_fn = eager_fn, trace_fn or eager_fn
         self._fn, self.compiled, self._num_state = eager_fn, False, num_state
+        self.failure = "" if compile else "compilation not requested"
         if compile:
             self._try_compile(example)
 
@@ -153,9 +154,11 @@ class CompiledStep:
                 got = traced(*following)
             expected = self._eager(*following)
             if not _all_close(got, expected):
+                self.failure = "the traced graph disagrees with the eager function"
                 return
-        except (RuntimeError, TypeError, ValueError):
+        except (RuntimeError, TypeError, ValueError) as error:
             # A function that cannot be traced keeps the eager path: correct, only slower.
+            self.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             return
         self._fn, self.compiled = _static_runtime(traced, example, following, expected) or traced, True
 

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -106,9 +107,14 @@ class TreeBuilder:
 
     def _stepper(self, dense: bool, example: tuple) -> CompiledStep:
         if dense not in self._steppers:
-            self._steppers[dense] = make_leaf_stepper(self.potential.eager_value_and_grad, example,
-                                                      compile=self.compile and self.potential.compiled,
-                                                      trace_potential_fn=self.potential.graph_module)
+            compile = self.compile and self.potential.compiled
+            stepper = make_leaf_stepper(self.potential.eager_value_and_grad, example, compile=compile,
+                                        trace_potential_fn=self.potential.graph_module)
+            if compile and not stepper.compiled:
+                warnings.warn(f"NUTS: the leapfrog leaf could not be compiled ({stepper.failure}); "
+                              "it runs eagerly, correct but several times slower", RuntimeWarning,
+                              stacklevel=4)
+            self._steppers[dense] = stepper
         return self._steppers[dense]
 
     def _merger(self, dense: bool, example: tuple) -> CompiledStep:

@@ -105,3 +105,15 @@ def test_random_ops_are_never_merged():
     graph = simplify(make_fx(draws)(torch.randn(3, dtype=torch.float64)))
     first, second = graph(torch.zeros(3, dtype=torch.float64))
     assert not torch.equal(first, second)
+
+
+def test_a_step_that_cannot_be_compiled_runs_eagerly_and_says_why():
+    from vilab.inference.fast_leaf import CompiledStep
+
+    def value_dependent(x):
+        return (x * float(x.sum()),)  # reads a value: make_fx refuses it
+
+    step = CompiledStep(value_dependent, (torch.ones(3, dtype=torch.float64),), num_state=1)
+    assert not step.compiled and "RuntimeError" in step.failure
+    x = torch.arange(3, dtype=torch.float64)
+    assert torch.equal(step(x)[0], value_dependent(x)[0])
