@@ -377,6 +377,29 @@ def _negations_into_subtractions(gm: fx.GraphModule, mutated: set) -> None:
             break
 
 
+def _triangles_as_selects(gm: fx.GraphModule) -> None:
+    """``tril``/``triu`` as a ``where`` with a constant mask: the same values, but PyTorch's
+    triangle kernels cost about ten elementwise ops on the small matrices of a full-rank guide."""
+    for node in list(gm.graph.nodes):
+        if node.target not in (aten.tril.default, aten.triu.default) or node.kwargs:
+            continue
+        value = _val(node.args[0])
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+            continue
+        diagonal = node.args[1] if len(node.args) > 1 else 0
+        rows, cols = value.shape[-2:]
+        mask = torch.ones(rows, cols, dtype=torch.bool)
+        mask = mask.tril(diagonal) if node.target is aten.tril.default else mask.triu(diagonal)
+        names = (f"_mask_{node.name}", f"_zero_{node.name}")
+        gm.register_buffer(names[0], mask)
+        gm.register_buffer(names[1], torch.zeros((), dtype=value.dtype))
+        with gm.graph.inserting_before(node):
+            mask_node, zero_node = (gm.graph.get_attr(name) for name in names)
+            new = gm.graph.call_function(aten.where.self, (mask_node, node.args[0], zero_node))
+        new.meta.update(node.meta)
+        _replace(node, new)
+
+
 _MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
                   aten._index_put_impl_.default}
 _DATA_SHAPED = {aten.nonzero.default, aten.masked_select.default, aten.unique_dim.default,
@@ -415,6 +438,7 @@ def simplify(gm: fx.GraphModule) -> fx.GraphModule:
     _negations_into_subtractions(gm, mutated)
     _unroll_small_reductions(graph)
     _join_slice_gradients(graph)
+    _triangles_as_selects(gm)
     graph.eliminate_dead_code()
     _eliminate_common_subexpressions(graph, _mutated(graph))
     graph.eliminate_dead_code()

@@ -117,3 +117,17 @@ def test_a_step_that_cannot_be_compiled_runs_eagerly_and_says_why():
     assert not step.compiled and "RuntimeError" in step.failure
     x = torch.arange(3, dtype=torch.float64)
     assert torch.equal(step(x)[0], value_dependent(x)[0])
+
+
+def test_triangles_become_constant_selects_with_identical_values():
+    def triangles(x):
+        return (x.tril(), x.tril(-1), x.triu(1) * 2)
+
+    example = torch.randn(2, 4, 3, dtype=torch.float64)
+    graph = simplify(make_fx(triangles)(example))
+    calls = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+    assert not calls & {torch.ops.aten.tril.default, torch.ops.aten.triu.default}
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    x[0, 0, 2] = float("inf")  # above the diagonal: zeroed by both
+    for got, expected in zip(graph(x), triangles(x)):
+        assert torch.equal(got, expected)
