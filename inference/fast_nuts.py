@@ -14,7 +14,6 @@ References:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -28,14 +27,12 @@ from tqdm.auto import tqdm
 from vilab.types import Model
 
 from .fast_adapt import DualAveraging, Metric, Welford, adaptation_windows
-from .fast_leaf import LEAF_FIELDS, CompiledStep, _select, checkpoint_masks, is_turning, make_leaf_stepper
+from .fast_leaf import (LEAF_FIELDS, CompiledStep, _select, checkpoint_masks, is_turning, make_leaf_stepper,
+                        threads_for)
 from .vectorized import BatchedPotential, VectorizationError
 
 __all__ = ["VectorizedNutsResult", "VectorizationError", "sample_vectorized_nuts", "TreeState",
            "TREE_FIELDS", "TreeBuilder", "merge_fields", "find_reasonable_step_size"]
-
-# Below this many numbers per site (all chains) the sampler runs on one intra-op thread.
-_SMALL_NUMEL = 1 << 15
 
 
 @dataclass
@@ -364,25 +361,11 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
     """
     _check_arguments(num_samples, num_warmup, num_chains, target_accept, max_tree_depth)
     start = time.perf_counter()
-    with _threads_for(0):  # tracing and checking work on a few chains' values
+    with threads_for(0):  # tracing and checking work on a few chains' values
         potential = BatchedPotential(model, model_args, model_kwargs, num_chains=num_chains, seed=seed)
-    with _threads_for(num_chains * potential.site_numel):
+    with threads_for(num_chains * potential.site_numel):
         return _sample(potential, start, num_samples, num_warmup, num_chains, target_accept, dense_mass,
                        max_tree_depth, seed, progress)
-
-
-@contextlib.contextmanager
-def _threads_for(numel: int):
-    """One intra-op thread while the tensors are small: splitting a few hundred numbers across
-    threads costs more than it saves, and on a busy machine every parallel op waits for its
-    slowest thread (a 4x slowdown measured on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    if numel < _SMALL_NUMEL:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept, dense_mass,

@@ -219,6 +219,9 @@ class CompiledSVIStep:
         flat = torch.cat([p.detach().reshape(-1) for p in self.params.unique])
         self.state = (flat, torch.zeros_like(flat), torch.zeros_like(flat))
         self._fn, self._noise = self._compile()
+        data = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+        # Sizes that decide whether intra-op threads pay (see ``threads_for``).
+        self.numel = num_particles * max([flat.numel(), *(x.numel() for x in data)])
         # Inputs refilled in place every step: a fresh tensor per input per call costs the
         # compiled step about a tenth of its time. ``normal_`` draws the same stream as the
         # ``randn`` calls of the eager guide, which ``failing_site`` relies on.

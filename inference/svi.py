@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from vilab.guides.registry import get_guide, guide_name
 from vilab.inference.convergence import has_converged
+from vilab.inference.fast_leaf import SMALL_NUMEL, threads_for
 from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
 from vilab.inference.guide_draws import draw_from_guide
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
@@ -217,16 +218,15 @@ def _non_finite_site(model, guide, args, kwargs) -> Optional[str]:
 
 
 def _first_non_finite_site(poutine, model, guide, args, kwargs) -> Optional[str]:
-    if True:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-        for trace in (guide_trace, model_trace):
-            for name, site in trace.nodes.items():
-                if site["type"] == "sample":
-                    value = site["value"]
-                    if not torch.isfinite(torch.as_tensor(value, dtype=torch.get_default_dtype())).all() or \
-                            not torch.isfinite(site["fn"].log_prob(value)).all():
-                        return name
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    for trace in (guide_trace, model_trace):
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample":
+                value = site["value"]
+                if not torch.isfinite(torch.as_tensor(value, dtype=torch.get_default_dtype())).all() or \
+                        not torch.isfinite(site["fn"].log_prob(value)).all():
+                    return name
     return None
 
 
@@ -298,16 +298,17 @@ def fit_svi(
     losses: list[float] = []
     converged = False
     bar = tqdm(range(num_steps), desc=f"SVI {name}", disable=not progress, leave=False)
-    for step in bar:
-        loss = stepper.step()
-        if not np.isfinite(loss):
-            _raise_non_finite(model, guide, args, kwargs, step, losses, start, name, elbo, stepper)
-        losses.append(float(loss))
-        if step % 50 == 0:
-            bar.set_postfix(elbo=f"{-np.mean(losses[-50:]):.4g}")
-        if early_stop and step + 1 >= min_steps and (step + 1) % 50 == 0 and has_converged(losses):
-            converged = True
-            break
+    with threads_for(getattr(stepper, "numel", SMALL_NUMEL)):
+        for step in bar:
+            loss = stepper.step()
+            if not np.isfinite(loss):
+                _raise_non_finite(model, guide, args, kwargs, step, losses, start, name, elbo, stepper)
+            losses.append(float(loss))
+            if step % 50 == 0:
+                bar.set_postfix(elbo=f"{-np.mean(losses[-50:]):.4g}")
+            if early_stop and step + 1 >= min_steps and (step + 1) % 50 == 0 and has_converged(losses):
+                converged = True
+                break
     bar.close()
     stepper.finish()
     converged = converged or has_converged(losses)

@@ -127,6 +127,23 @@ def test_both_backends_reach_normal_normal_posterior(backend):
     assert log_evidence - elbo <= Z * se + OPT_TOL
 
 
+def test_small_compiled_fits_run_on_one_thread_and_restore_the_setting(monkeypatch):
+    import vilab.inference.fast_svi as fast_svi
+
+    seen = []
+    step = fast_svi.CompiledSVIStep.step
+    monkeypatch.setattr(fast_svi.CompiledSVIStep, "step",
+                        lambda self: seen.append(torch.get_num_threads()) or step(self))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit_svi(conjugate.normal_normal, "meanfield", 20, conjugate.default_normal_data(), num_steps=5,
+                progress=False, backend="compiled")
+        assert seen == [1] * 5 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_iwae_objective_compiles_and_trains():
     x = conjugate.default_normal_data()
     result = fit_svi(conjugate.normal_normal, "meanfield", 20, x, num_steps=300, elbo="iwae", num_particles=4,
