@@ -59,6 +59,11 @@ def _same_meta(a, b) -> bool:
             and va.shape == vb.shape and va.dtype == vb.dtype)
 
 
+def _same_dtype(a, b) -> bool:
+    va, vb = _val(a), _val(b)
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dtype == vb.dtype
+
+
 def _contiguous(node) -> bool:
     value = _val(node)
     return isinstance(value, torch.Tensor) and value.is_contiguous()
@@ -123,6 +128,14 @@ def _remove_no_ops(graph: fx.Graph, mutated: set) -> None:
             _replace(node, source)
         elif target is aten.expand.default and source.target is aten.expand.default:
             node.args = (source.args[0], *node.args[1:])
+        elif target in (aten.mean.default, aten.sum.default) and len(node.args) == 1 and not node.kwargs \
+                and isinstance(_val(source), torch.Tensor) and _val(source).numel() == 1 \
+                and _val(source).dtype.is_floating_point and _same_dtype(node, source):
+            # The mean or sum of one number is that number (a single particle's ELBO).
+            with graph.inserting_before(node):
+                new = graph.call_function(aten.view.default, (source, []))
+            new.meta.update(node.meta)
+            _replace(node, new)
         elif target is aten.permute.default and list(node.args[1]) == list(range(len(node.args[1]))) \
                 and _same_meta(node, source):
             _replace(node, source)

@@ -131,3 +131,15 @@ def test_triangles_become_constant_selects_with_identical_values():
     x[0, 0, 2] = float("inf")  # above the diagonal: zeroed by both
     for got, expected in zip(graph(x), triangles(x)):
         assert torch.equal(got, expected)
+
+
+def test_mean_and_sum_of_one_number_become_views():
+    def single(x):
+        return (x.mean() * 2, x.sum() + 1, x.reshape(1, 1).mean())
+
+    graph = simplify(make_fx(single)(torch.randn(1, dtype=torch.float64)))
+    calls = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+    assert not calls & {torch.ops.aten.mean.default, torch.ops.aten.sum.default}
+    x = torch.tensor([0.3], dtype=torch.float64)
+    for got, expected in zip(graph(x), single(x)):
+        assert got.shape == expected.shape and torch.equal(got, expected)
