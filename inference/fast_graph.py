@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-__all__ = ["simplify", "data_dependent_shapes"]
+from .fast_masks import data_dependent_shapes, mask_assignments_as_selects
+
+__all__ = ["simplify", "data_dependent_shapes", "mask_assignments_as_selects"]
 
 aten = torch.ops.aten
 
@@ -411,31 +413,6 @@ def _triangles_as_selects(gm: fx.GraphModule) -> None:
             new = gm.graph.call_function(aten.where.self, (mask_node, node.args[0], zero_node))
         new.meta.update(node.meta)
         _replace(node, new)
-
-
-_MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
-                  aten._index_put_impl_.default}
-_DATA_SHAPED = {aten.nonzero.default, aten.masked_select.default, aten.unique_dim.default,
-                aten._unique2.default, aten.unique_consecutive.default}
-
-
-def data_dependent_shapes(graph: fx.Graph) -> list[str]:
-    """Ops whose output shape depends on tensor values (boolean-mask indexing, ``nonzero``...).
-
-    ``make_fx`` records such a shape as a constant, so the graph is only right for inputs
-    that select the same number of entries; a traced function containing one must not be reused.
-    """
-    found = []
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target in _DATA_SHAPED:
-            found.append(node.name)
-        elif node.target in _MASK_INDEXING:
-            indices = node.args[1] if len(node.args) > 1 else []
-            if any(_val(index) is not None and _val(index).dtype == torch.bool for index in indices):
-                found.append(node.name)
-    return found
 
 
 def simplify(gm: fx.GraphModule) -> fx.GraphModule:

@@ -20,7 +20,9 @@ exactly Pyro's ``ClippedAdam`` (element-wise gradient clamp, exponential learnin
 Anything outside that contract raises :class:`CompiledSVIError`, and ``fit_svi`` falls back to
 Pyro's SVI (with a warning): guide functions, models with parameters, non-reparameterised or
 enumerated sites, random ops other than standard-normal noise (e.g. random subsampling),
-value-dependent shapes (boolean-mask indexing), and graphs that disagree with the eager step.
+value-dependent shapes, and graphs that disagree with the eager step. Boolean-mask
+*assignments* (``y[mask] = x[mask]``, as in Pyro's spline flows) are rewritten as selects
+first (:mod:`~vilab.inference.fast_masks`); reading a masked subset (``z[z > 0]``) is not.
 Like any tracer (Pyro's ``JitTrace_ELBO`` included), it assumes the model and guide are functions
 of their arguments and parameters: Python state that changes between calls (a call counter)
 is baked into the graph at its traced value.
@@ -40,7 +42,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
 from pyro.poutine.util import prune_subsample_sites
 
-from .fast_graph import data_dependent_shapes, simplify
+from .fast_graph import data_dependent_shapes, mask_assignments_as_selects, simplify
 from .fast_leaf import _all_close, _static_runtime
 
 __all__ = ["CompiledSVIError", "CompiledSVIStep", "elbo_loss"]
@@ -275,6 +277,7 @@ class CompiledSVIStep:
         except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as error:
             raise CompiledSVIError(f"the step cannot be traced ({type(error).__name__}: "
                                    f"{str(error).splitlines()[0][:200]})") from error
+        mask_assignments_as_selects(graph)  # y[mask] = x[mask] as where(mask, x, y)
         dynamic = data_dependent_shapes(graph.graph)
         if dynamic:
             raise CompiledSVIError(f"the step has value-dependent shapes ({', '.join(dynamic[:3])}: "

@@ -31,7 +31,7 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from torch.distributions import biject_to
 
-from .fast_graph import data_dependent_shapes, simplify
+from .fast_graph import data_dependent_shapes, mask_assignments_as_selects, simplify
 
 __all__ = ["VectorizationError", "LatentSite", "BatchedPotential"]
 
@@ -319,6 +319,7 @@ class BatchedPotential:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 module = make_fx(lambda z: self.eager_value_and_grad(z))(example)
+                mask_assignments_as_selects(module)
                 if data_dependent_shapes(module.graph):  # right only for the traced values
                     return
                 module = simplify(module)

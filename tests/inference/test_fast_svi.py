@@ -74,7 +74,7 @@ def test_iwae_loss_equals_renyi_alpha_zero():
 
 
 @pytest.mark.parametrize("guide_name", ["meanfield", "fullrank", "lowrank", "map", "laplace", "iaf",
-                                        "planar", "radial", "sylvester"])
+                                        "planar", "radial", "sylvester", "nsf"])
 def test_compiled_step_equals_pyro_svi_step(guide_name):
     """Same start, same noise: one compiled step and one Pyro ``SVI`` step with ``ClippedAdam``
     give the same loss and the same parameters."""
