@@ -101,7 +101,7 @@ class ConvDecoder(nn.Module):
 
 
 def _is_binary(x: torch.Tensor) -> bool:
-    """Whether every value of ``x`` is exactly 0 or 1 (NaN is not).
+    r"""Whether every value of ``x`` is exactly 0 or 1 (NaN is not).
 
     Runs every training step, so it avoids elementwise comparisons (slow boolean kernels, a
     quarter of a millisecond per batch of 128 images): inside :math:`[0, 1]` every term of
