@@ -75,15 +75,17 @@ def _select(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.T
 def leaf_step(potential_fn: Callable, z_edge, r_edge, grad_edge, z_proposal, potential_proposal,
               grad_proposal, energy_proposal, log_weight, r_sum, sum_accept, num_steps, diverging,
               turning, running, r_checkpoints, r_sum_checkpoints, step, energy_initial, inverse_mass,
-              write_mask, check_mask, uniform):
+              write_mask, check_mask, log_uniform):
     """Advance every running chain's sub-trajectory by one leaf; see :data:`LEAF_FIELDS` for the
     state, all with leading dimension ``C`` except the checkpoints ``(T, C, D)``.
 
     A fresh sub-trajectory starts with ``log_weight = -inf`` and zero sums, so that its first
-    leaf is always taken as proposal. The last output, a scalar bool, says whether any chain
-    goes on (read once per leaf instead of computed by three more dispatched ops).
+    leaf is always taken as proposal. ``running`` marks the chains that take this leaf; the
+    returned one marks those that take the next (not stopped by a U-turn or a divergence here),
+    and the last output, a scalar bool, says whether any does (read once per leaf instead of
+    computed by more dispatched ops). ``log_uniform`` is the log of a uniform draw per chain,
+    for the progressive sampling of the proposal.
     """
-    running = running & ~turning & ~diverging
     r_half = r_edge - (0.5 * step) * grad_edge
     z_new = z_edge + step * velocity(inverse_mass, r_half)
     potential, grad_new = potential_fn(z_new)
@@ -93,7 +95,7 @@ def leaf_step(potential_fn: Callable, z_edge, r_edge, grad_edge, z_proposal, pot
     delta = torch.where(torch.isnan(delta), torch.full_like(delta, math.inf), delta)
     accept = torch.clamp(torch.exp(-delta), max=1.0)
     new_log_weight = torch.logaddexp(log_weight, -delta)
-    take = running & (uniform < torch.exp(-delta - new_log_weight))
+    take = running & (log_uniform < -delta - new_log_weight)
     r_sum = _select(running, r_sum + r_new, r_sum)
     r_checkpoints = torch.where(write_mask, r_new.unsqueeze(0), r_checkpoints)
     r_sum_checkpoints = torch.where(write_mask, r_sum.unsqueeze(0), r_sum_checkpoints)
@@ -101,14 +103,14 @@ def leaf_step(potential_fn: Callable, z_edge, r_edge, grad_edge, z_proposal, pot
     turned = (is_turning(inverse_mass, r_checkpoints, r_new.unsqueeze(0), subtree_r_sum) & check_mask).any(0)
     diverging = torch.where(running, delta > MAX_DELTA_ENERGY, diverging)
     turning = torch.where(running, turned, turning)
+    going_on = running & ~turning & ~diverging
     return (
         _select(running, z_new, z_edge), _select(running, r_new, r_edge), _select(running, grad_new, grad_edge),
         _select(take, z_new, z_proposal), torch.where(take, potential, potential_proposal),
         _select(take, grad_new, grad_proposal), torch.where(take, energy, energy_proposal),
         torch.where(running, new_log_weight, log_weight), r_sum,
         sum_accept + accept * running, num_steps + running.to(num_steps.dtype),
-        diverging, turning, running, r_checkpoints, r_sum_checkpoints,
-        (running & ~turning & ~diverging).any(),
+        diverging, turning, going_on, r_checkpoints, r_sum_checkpoints, going_on.any(),
     )
 
 
@@ -190,7 +192,7 @@ def make_leaf_stepper(eager_potential_fn: Callable, example: tuple, compile: boo
     Args:
         eager_potential_fn: batched potential and gradient, ``(C, D) -> ((C,), (C, D))``.
         example: example leaf inputs (state, then ``step``, ``energy_initial``,
-            ``inverse_mass``, ``write_mask``, ``check_mask``, ``uniform``).
+            ``inverse_mass``, ``write_mask``, ``check_mask``, ``log_uniform``).
         compile: trace the leaf into a TorchScript graph (checked against the eager leaf).
         trace_potential_fn: the potential as an already traced graph, much faster to trace
             again than Pyro.

@@ -132,9 +132,10 @@ class TreeBuilder:
         state = (z, r, grad, z, tree.potential_proposal, grad, energy,
                  torch.full_like(energy, -math.inf), torch.zeros_like(z), torch.zeros_like(energy),
                  torch.zeros_like(tree.num_steps), flags, flags, active, checkpoints, checkpoints)
-        uniforms = torch.rand(2 ** depth, self.num_chains, generator=self.generator, dtype=z.dtype)
+        # Logged once per sub-tree rather than exponentiated in every leaf.
+        log_uniforms = torch.rand(2 ** depth, self.num_chains, generator=self.generator, dtype=z.dtype).log()
         for leaf in range(2 ** depth):
-            inputs = (*state, step, energy, metric.inverse_mass, *self._masks[leaf], uniforms[leaf])
+            inputs = (*state, step, energy, metric.inverse_mass, *self._masks[leaf], log_uniforms[leaf])
             *state, alive = self._stepper(metric.dense, inputs)(*inputs)
             if not bool(alive):
                 break
