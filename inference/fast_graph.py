@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .fast_masks import data_dependent_shapes, mask_assignments_as_selects
+from .fast_masks import _val, data_dependent_shapes, mask_assignments_as_selects
 
 __all__ = ["simplify", "data_dependent_shapes", "mask_assignments_as_selects"]
 
@@ -35,10 +35,6 @@ _BROADCASTING = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Ten
                  aten.ge.Tensor, aten.eq.Tensor, aten.maximum.default, aten.minimum.default,
                  aten.logaddexp.default, aten.xlogy.Tensor, aten.logical_and.default,
                  aten.logical_or.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor}
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _is_mutating(node: fx.Node) -> bool:
