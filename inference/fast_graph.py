@@ -283,8 +283,9 @@ def _key(value):
         items = tuple(_key(item) for item in value)
         return None if any(item is None and orig is not None for item, orig in zip(items, value)) \
             else (type(value).__name__, items)
-    if isinstance(value, float) and value != value:
-        return None  # NaN never equals itself: never merge on it
+    if isinstance(value, float):
+        # NaN never equals itself (never merge on it); str() tells 0.0 from -0.0.
+        return None if value != value else ("float", str(value))
     try:
         hash(value)
     except TypeError:
@@ -300,8 +301,10 @@ def _eliminate_common_subexpressions(graph: fx.Graph, mutated: set) -> None:
         if node.op == "get_attr":
             key = ("get_attr", node.target)
         elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            # An input written in place between two identical ops gives them different values.
             if node in mutated or _is_mutating(node) or "empty" in str(node.target) \
-                    or torch.Tag.nondeterministic_seeded in node.target.tags:
+                    or torch.Tag.nondeterministic_seeded in node.target.tags \
+                    or any(arg in mutated for arg in node.all_input_nodes):
                 continue
             key = (node.target, _key(node.args), _key(node.kwargs))
             if key[1] is None or key[2] is None:
@@ -350,13 +353,6 @@ def _drop_identity_constants(gm: fx.GraphModule, mutated: set) -> None:
                 break
 
 
-def _scalar_of(gm: fx.GraphModule, node):
-    """The Python number a ``mul``/``div`` operand stands for, if it is one."""
-    if isinstance(node, (int, float)) and not isinstance(node, bool):
-        return float(node)
-    return None
-
-
 def _negations_into_subtractions(gm: fx.GraphModule, mutated: set) -> None:
     """``a + b * -1`` -> ``a - b`` and ``a + (-b)`` -> ``a - b`` (how autograd and Pyro's
     sums write differences), and ``-(-x)`` -> ``x``."""
@@ -364,7 +360,8 @@ def _negations_into_subtractions(gm: fx.GraphModule, mutated: set) -> None:
         if node.op != "call_function" or node in mutated:
             continue
         if node.target is aten.neg.default and isinstance(node.args[0], fx.Node) \
-                and node.args[0].target is aten.neg.default and _same_meta(node, node.args[0].args[0]):
+                and node.args[0].target is aten.neg.default and node.args[0].args[0] not in mutated \
+                and _same_meta(node, node.args[0].args[0]):
             _replace(node, node.args[0].args[0])
             continue
         if node.target is not aten.add.Tensor or node.kwargs or len(node.args) != 2:
@@ -375,11 +372,13 @@ def _negations_into_subtractions(gm: fx.GraphModule, mutated: set) -> None:
             if negated.target is aten.neg.default:
                 inner = negated.args[0]
             elif negated.target in (aten.mul.Tensor, aten.mul.Scalar) and not negated.kwargs \
-                    and _scalar_of(gm, negated.args[1]) == -1.0:
+                    and isinstance(negated.args[1], (int, float)) and negated.args[1] == -1:
                 inner = negated.args[0]
             else:
                 continue
-            if not isinstance(inner, fx.Node) or not _same_meta(negated, inner):
+            # The subtraction reads its inputs later than the negation did: not if written between.
+            if not isinstance(inner, fx.Node) or inner in mutated or kept in mutated \
+                    or not _same_meta(negated, inner):
                 continue
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(aten.sub.Tensor, (kept, inner))

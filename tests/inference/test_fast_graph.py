@@ -143,3 +143,16 @@ def test_mean_and_sum_of_one_number_become_views():
     x = torch.tensor([0.3], dtype=torch.float64)
     for got, expected in zip(graph(x), single(x)):
         assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_ops_around_an_in_place_write_are_not_merged():
+    def written_between(x):
+        y = x.clone()
+        first = y * 2
+        y.add_(1.0)  # the same op of the same node, but another value after this write
+        second = y * 2
+        return (first + second,)
+
+    graph = simplify(make_fx(written_between)(torch.randn(3, dtype=torch.float64)))
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    assert torch.equal(graph(x)[0], written_between(x)[0])
