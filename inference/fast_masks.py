@@ -168,6 +168,9 @@ def mask_assignments_as_selects(gm: fx.GraphModule) -> int:
         if node.target is aten.index_put_.default and (not isinstance(old, fx.Node)
                                                       or _aliased(old, order[node], order)):
             continue
+        if any(isinstance(value, fx.Node) and _val(value).dtype != _val(node).dtype
+               for value in (new, old)):
+            continue  # a where over mixed dtypes would promote; the assignment keeps the dtype
         with graph.inserting_before(node):
             dtype = _val(node).dtype
             new, old = (_constant(graph, value, dtype) for value in (new, old))
