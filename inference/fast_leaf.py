@@ -37,7 +37,7 @@ SMALL_NUMEL = 1 << 15
 
 
 @contextlib.contextmanager
-def threads_for(numel: int) -> Iterator[None]:
+def threads_for(numel: float) -> Iterator[None]:
     """One intra-op thread while the tensors are small (fewer than :data:`SMALL_NUMEL` numbers):
     splitting a few thousand numbers across threads costs more than it saves, and on a busy
     machine every parallel op waits for its slowest thread (a 4x slowdown of a NUTS leaf, and

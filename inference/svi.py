@@ -9,6 +9,7 @@ where Pyro knows it) or the importance-weighted bound of Burda et al. (``RenyiEL
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from vilab.guides.registry import get_guide, guide_name
 from vilab.inference.convergence import has_converged
-from vilab.inference.fast_leaf import SMALL_NUMEL, threads_for
+from vilab.inference.fast_leaf import threads_for
 from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
 from vilab.inference.guide_draws import draw_from_guide
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
@@ -146,6 +147,8 @@ class _PyroStepper:
     """Pyro's ``SVI`` with ``ClippedAdam``; remembers the last parameters with a finite loss."""
 
     backend = "pyro"
+    # No size known in advance: the thread setting is left as the user has it.
+    numel = math.inf
 
     def __init__(self, model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd):
         optim = ClippedAdam({"lr": lr, "lrd": lrd, "clip_norm": CLIP})
@@ -298,7 +301,7 @@ def fit_svi(
     losses: list[float] = []
     converged = False
     bar = tqdm(range(num_steps), desc=f"SVI {name}", disable=not progress, leave=False)
-    with threads_for(getattr(stepper, "numel", SMALL_NUMEL)):
+    with threads_for(stepper.numel):
         for step in bar:
             loss = stepper.step()
             if not np.isfinite(loss):
