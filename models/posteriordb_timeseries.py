@@ -4,7 +4,7 @@ Each port takes posteriordb's data fields as keyword arguments (``y`` a float te
 ``(T,)``; ``T`` and lag orders as ints) and names its latent sites as posteriordb names the
 parameters. Given ``y``, the likelihood is computed for the whole sequence at once: the AR
 means from lagged copies of ``y``; the first-order recursions of ARMA's errors and GARCH's
-variances as one triangular solve (:func:`first_order_recursion`). With ``y=None`` a series of
+variances by a log-depth scan (:func:`first_order_recursion`). With ``y=None`` a series of
 length ``T`` is simulated step by step from standardised or scaled innovations (site
 ``"innovation"`` in plate ``"time"``) and recorded as the deterministic site ``"y"``.
 
@@ -29,25 +29,35 @@ __all__ = ["first_order_recursion", "ar_k", "arma11", "garch11"]
 def first_order_recursion(drive: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
     r"""Solve :math:`x_1 = d_1`, :math:`x_t = d_t + r\, x_{t-1}` for all ``t`` at once.
 
-    Written as the unit lower-bidiagonal system :math:`(I - r S)\, x = d` (``S`` the
-    sub-diagonal shift) and solved by forward substitution, which is the recursion itself but
-    runs as one differentiable kernel instead of ``T`` Python steps.
+    A log-depth scan (Hillis and Steele's doubling): after round :math:`k`,
+
+    .. math::
+        x^{(k)}_t = \sum_{0 \le j < 2^{k+1}} r^j d_{t-j}
+                  = x^{(k-1)}_t + r^{2^k} x^{(k-1)}_{t-2^k},
+
+    so :math:`\lceil \log_2 T \rceil` rounds of a shift, a multiply and an add give the
+    recursion's values, differentiably and on ``(*batch, T)`` tensors only. (A triangular solve
+    of :math:`(I - r S) x = d` does the same in one kernel, but its gradient with respect to the
+    matrix is a dense ``T x T`` array per batch element: 4x slower in a NUTS leaf of GARCH(1, 1).)
 
     Args:
         drive: ``d``, shape ``(*batch, T)``.
         rate: ``r``, a tensor broadcastable to ``drive[..., :1]`` (e.g. ``()`` or ``(*batch, 1)``).
 
     Returns:
-        ``x``, shape ``(*batch, T)``.
+        ``x``, shape ``(*batch, T)`` (the broadcast of ``drive`` and ``rate``).
     """
+    rate = torch.as_tensor(rate, dtype=drive.dtype)
     length = drive.shape[-1]
-    shift = torch.diag(drive.new_ones(length - 1), -1)
-    matrix = torch.eye(length, dtype=drive.dtype) - torch.as_tensor(rate).unsqueeze(-1) * shift
-    rhs = drive.unsqueeze(-1)
-    batch = torch.broadcast_shapes(matrix.shape[:-2], rhs.shape[:-2])
-    solution = torch.linalg.solve_triangular(
-        matrix.expand(batch + matrix.shape[-2:]), rhs.expand(batch + rhs.shape[-2:]), upper=False)
-    return solution.squeeze(-1)
+    solution, power, shift = drive, rate, 1
+    while shift < length:
+        # Zeros shifted in from the left: terms before x_1 do not exist.
+        earlier = torch.nn.functional.pad(solution[..., :length - shift], (shift, 0))
+        solution = solution + power * earlier
+        shift *= 2
+        if shift < length:
+            power = power * power
+    return solution.expand(torch.broadcast_shapes(solution.shape, rate.shape))
 
 
 def _series_length(y: Optional[torch.Tensor], T: Optional[int]) -> int:

@@ -280,3 +280,37 @@ def test_errors_name_the_problem(posteriordb_path, tmp_path):
         POSTERIORDB_PORTS["hmm_example-hmm_example"](N=5, K=3)
     with pytest.raises(ValueError, match="T: expected len"):
         POSTERIORDB_PORTS["arma-arma11"](y=torch.zeros(5), T=6)
+
+
+def _recursion_by_loop(drive, rate):
+    values = [drive[..., 0] + 0 * rate[..., 0]]
+    for t in range(1, drive.shape[-1]):
+        values.append(drive[..., t] + rate[..., 0] * values[-1])
+    return torch.stack(values, -1)
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 8, 9, 200])
+def test_first_order_recursion_matches_the_loop_with_gradients(length):
+    from vilab.models.posteriordb_timeseries import first_order_recursion
+
+    generator = torch.Generator().manual_seed(length)
+    drive = torch.randn(3, length, dtype=torch.float64, generator=generator).requires_grad_()
+    # One contracting, one sign-alternating and one expanding rate, as warm-up visits all three.
+    rate = torch.tensor([[0.3], [-0.9], [1.02]], dtype=torch.float64, requires_grad=True)
+    got, expected = first_order_recursion(drive, rate), _recursion_by_loop(drive, rate)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(3, length, dtype=torch.float64, generator=generator)
+    got_grads = torch.autograd.grad((got * weights).sum(), (drive, rate), materialize_grads=True)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (drive, rate))
+    for a, b in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_first_order_recursion_broadcasts_a_scalar_rate_and_a_batched_one():
+    from vilab.models.posteriordb_timeseries import first_order_recursion
+
+    drive = torch.randn(5, dtype=torch.float64)
+    rates = torch.tensor([[0.5], [-0.5]], dtype=torch.float64)
+    assert first_order_recursion(drive, rates).shape == (2, 5)
+    torch.testing.assert_close(first_order_recursion(drive, torch.tensor(0.5, dtype=torch.float64)),
+                               _recursion_by_loop(drive, torch.tensor([0.5], dtype=torch.float64)))
