@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from vilab.guides.amortized_flows import FLOWS, AmortizedFlowGuide
-from vilab.guides.encoders import AmortizedNormalGuide, build_encoder
+from vilab.guides.encoders import HIDDEN_LAYERS, AmortizedNormalGuide, build_encoder, hidden_stack
 from vilab.models.vae_priors import PRIORS, MixturePrior, StandardNormalPrior, VampPrior
 
 __all__ = ["MLPDecoder", "ConvDecoder", "VAEModel", "VAE", "VAEConfig", "build_vae", "GUIDES"]
@@ -48,17 +48,16 @@ class MLPDecoder(nn.Module):
         image_shape: ``(C, H, W)``.
         num_levels: ``L``; 2 gives one Bernoulli logit per pixel, more gives ``L`` logits.
         hidden_dims: Hidden widths, applied in order from :math:`z`.
+        hidden_layer: ``"elu"`` (``Linear`` + ELU) or ``"gated"``
+            (:class:`~vilab.guides.encoders.GatedDense`).
     """
 
     def __init__(self, latent_dim: int, image_shape: Sequence[int], *, num_levels: int = 2,
-                 hidden_dims: Sequence[int] = (256, 512)):
+                 hidden_dims: Sequence[int] = (256, 512), hidden_layer: str = "elu"):
         super().__init__()
         self.latent_dim, self.image_shape, self.num_levels = latent_dim, tuple(image_shape), num_levels
         self._out_shape = self.image_shape + ((num_levels,) if num_levels > 2 else ())
-        layers, width = [], latent_dim
-        for hidden in hidden_dims:
-            layers += [nn.Linear(width, hidden), nn.ELU()]
-            width = hidden
+        layers, width = hidden_stack(latent_dim, hidden_dims, hidden_layer)
         layers.append(nn.Linear(width, math.prod(self._out_shape)))
         self.net = nn.Sequential(*layers)
 
@@ -203,6 +202,7 @@ class VAEConfig:
         flow_hidden: Hidden widths of each flow step's network (``None``: library default).
         prior: ``"standard"``, ``"mixture"`` or ``"vamp"``.
         num_components: Mixture components / pseudo-inputs.
+        hidden_layer: MLP hidden layers, ``"elu"`` or ``"gated"`` (the anchors' networks).
     """
 
     image_shape: tuple[int, int, int]
@@ -216,6 +216,7 @@ class VAEConfig:
     flow_hidden: Optional[tuple[int, ...]] = None
     prior: str = "standard"
     num_components: int = 500
+    hidden_layer: str = "elu"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -271,7 +272,7 @@ def build_vae(config: VAEConfig) -> VAE:
     """Build encoder, decoder, prior and guide from a :class:`VAEConfig`.
 
     Raises:
-        ValueError: for an unknown guide, prior or architecture.
+        ValueError: for an unknown guide, prior, architecture or hidden layer.
     """
     if config.guide not in GUIDES:
         raise ValueError(f"guide: expected one of {', '.join(GUIDES)}; got {config.guide!r}")
@@ -279,12 +280,16 @@ def build_vae(config: VAEConfig) -> VAE:
         raise ValueError(f"prior: expected one of {', '.join(PRIORS)}; got {config.prior!r}")
     if config.architecture not in ("mlp", "conv"):
         raise ValueError(f"architecture: expected 'mlp' or 'conv'; got {config.architecture!r}")
+    if config.hidden_layer not in HIDDEN_LAYERS or (config.architecture == "conv" and config.hidden_layer != "elu"):
+        raise ValueError(f"hidden_layer: expected one of {', '.join(HIDDEN_LAYERS)} (mlp) or 'elu' (conv); "
+                         f"got {config.hidden_layer!r} with architecture {config.architecture!r}")
     input_scale = float(config.num_levels - 1)
     encoder = build_encoder(config.architecture, config.image_shape, config.latent_dim,
-                            hidden_dims=config.encoder_hidden, input_scale=input_scale)
+                            hidden_dims=config.encoder_hidden, input_scale=input_scale,
+                            hidden_layer=config.hidden_layer)
     if config.architecture == "mlp":
         decoder = MLPDecoder(config.latent_dim, config.image_shape, num_levels=config.num_levels,
-                             hidden_dims=config.decoder_hidden)
+                             hidden_dims=config.decoder_hidden, hidden_layer=config.hidden_layer)
     else:
         decoder = ConvDecoder(config.latent_dim, config.image_shape, num_levels=config.num_levels)
     if config.prior == "standard":

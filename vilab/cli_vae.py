@@ -35,6 +35,8 @@ def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
     train.add_argument("--flows", type=int, default=4, help="flow steps K")
     train.add_argument("--latent", type=int, default=32, help="latent dimension")
     train.add_argument("--architecture", choices=("mlp", "conv"), default="mlp")
+    train.add_argument("--hidden-layer", choices=("elu", "gated"), default="elu",
+                       help="MLP hidden layers: Linear+ELU or gated (the VampPrior paper's)")
     train.add_argument("--prior", choices=("standard", "mixture", "vamp"), default="standard")
     train.add_argument("--components", type=int, default=500, help="mixture/VampPrior size")
     train.add_argument("--objective", choices=("elbo", "trace", "iwae"), default="elbo")
@@ -91,7 +93,8 @@ def train_command(args: argparse.Namespace) -> int:
 
     pyro.set_rng_seed(args.seed)  # model initialisation
     config = VAEConfig(data.image_shape, latent_dim=args.latent, num_levels=data.num_levels,
-                       architecture=args.architecture, guide=args.guide, num_flows=args.flows,
+                       architecture=args.architecture, hidden_layer=args.hidden_layer, guide=args.guide,
+                       num_flows=args.flows,
                        prior=args.prior, num_components=args.components)
     training = TrainingConfig(
         max_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,

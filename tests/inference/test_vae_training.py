@@ -111,7 +111,7 @@ def _parser():
 def test_cli_trains_evaluates_and_writes_metrics_and_figures(tmp_path, capsys):
     out = str(tmp_path / "run")
     args = _parser().parse_args(["vae", "train", "--data", "digits", "--latent", "2",
-                                 "--guide", "meanfield", "--epochs", "1",
+                                 "--guide", "meanfield", "--hidden-layer", "gated", "--epochs", "1",
                                  "--max-train", "64", "--batch-size", "32", "--out", out,
                                  "--no-progress"])
     assert args.func(args) == 0
@@ -119,6 +119,7 @@ def test_cli_trains_evaluates_and_writes_metrics_and_figures(tmp_path, capsys):
     assert args.func(args) == 0
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["log_likelihood"] < 0 and metrics["iw_samples"] == 10
+    assert '"hidden_layer": "gated"' in open(os.path.join(out, "config.json")).read()
     assert sorted(os.listdir(os.path.join(out, "figures"))) == [
         "elbo_curves.png", "latent_scatter.png", "latent_traversals.png", "prior_samples.png",
         "reconstructions.png"]

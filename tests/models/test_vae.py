@@ -70,10 +70,42 @@ def test_out_of_range_levels_for_a_categorical_decoder_are_a_clear_error():
         vae.model(torch.full((2, 1, 8, 8), 17.0))
 
 
-@pytest.mark.parametrize("field,value", [("guide", "maf"), ("prior", "gamma"), ("architecture", "rnn")])
+@pytest.mark.parametrize("field,value", [("guide", "maf"), ("prior", "gamma"), ("architecture", "rnn"),
+                                         ("hidden_layer", "relu")])
 def test_unknown_options_are_rejected(field, value):
     with pytest.raises(ValueError, match=f"{field}: expected"):
         build_vae(VAEConfig((1, 8, 8), **{field: value}))
+
+
+def test_gated_layers_are_only_for_the_mlp():
+    with pytest.raises(ValueError, match="hidden_layer: .*'gated' with architecture 'conv'"):
+        build_vae(VAEConfig((1, 8, 8), architecture="conv", hidden_layer="gated"))
+
+
+def test_gated_layer_is_a_sigmoid_gated_linear_map():
+    from vilab.guides.encoders import GatedDense
+
+    layer = GatedDense(5, 3)
+    x = torch.randn(4, 5)
+    weight, bias = layer.linear.weight, layer.linear.bias
+    expected = (x @ weight[:3].T + bias[:3]) * torch.sigmoid(x @ weight[3:].T + bias[3:])
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_gated_vae_trains_and_reloads_and_old_configs_default_to_elu(tmp_path):
+    config = VAEConfig((1, 8, 8), latent_dim=3, hidden_layer="gated", prior="vamp", **SMALL)
+    vae = build_vae(config)
+    assert sum(type(m).__name__ == "GatedDense" for m in vae.modules()) == 2  # encoder + decoder
+    x = torch.bernoulli(torch.full((4, 1, 8, 8), 0.5))
+    pyro.infer.Trace_ELBO().differentiable_loss(vae.model, vae.guide, x).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
+    save_module(vae, str(tmp_path / "w.safetensors"))
+    other = build_vae(VAEConfig.from_dict(config.to_dict()))
+    load_module(other, str(tmp_path / "w.safetensors"))
+    z = torch.randn(2, 3)
+    torch.testing.assert_close(vae.model.decoder(z), other.model.decoder(z))
+    saved_before = {k: v for k, v in VAEConfig((1, 8, 8)).to_dict().items() if k != "hidden_layer"}
+    assert VAEConfig.from_dict(saved_before).hidden_layer == "elu"
 
 
 def test_mixture_prior_is_a_normalised_density():
