@@ -35,6 +35,8 @@ def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
     train.add_argument("--flows", type=int, default=4, help="flow steps K")
     train.add_argument("--latent", type=int, default=32, help="latent dimension")
     train.add_argument("--architecture", choices=("mlp", "conv"), default="mlp")
+    train.add_argument("--hidden", default=None,
+                       help="MLP encoder widths, e.g. 300,300 (the decoder's in reverse order)")
     train.add_argument("--hidden-layer", choices=("elu", "gated"), default="elu",
                        help="MLP hidden layers: Linear+ELU or gated (the VampPrior paper's)")
     train.add_argument("--prior", choices=("standard", "mixture", "vamp"), default="standard")
@@ -89,13 +91,23 @@ def train_command(args: argparse.Namespace) -> int:
         return _fail(str(error))
     if args.max_train:
         data = data.subset(num_train=args.max_train)
+    widths = {}
+    if args.hidden:
+        try:
+            hidden = tuple(int(width) for width in args.hidden.split(","))
+        except ValueError:
+            hidden = ()
+        if not hidden or min(hidden) < 1:
+            return _fail(f"--hidden: expected comma-separated positive widths such as 300,300; "
+                         f"got {args.hidden!r}")
+        widths = dict(encoder_hidden=hidden, decoder_hidden=hidden[::-1])
     import pyro
 
     pyro.set_rng_seed(args.seed)  # model initialisation
     config = VAEConfig(data.image_shape, latent_dim=args.latent, num_levels=data.num_levels,
                        architecture=args.architecture, hidden_layer=args.hidden_layer, guide=args.guide,
-                       num_flows=args.flows,
-                       prior=args.prior, num_components=args.components)
+                       num_flows=args.flows, prior=args.prior, num_components=args.components,
+                       **widths)
     training = TrainingConfig(
         max_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         objective=args.objective, iwae_samples=args.iw_train_samples,

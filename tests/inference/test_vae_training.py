@@ -111,7 +111,7 @@ def _parser():
 def test_cli_trains_evaluates_and_writes_metrics_and_figures(tmp_path, capsys):
     out = str(tmp_path / "run")
     args = _parser().parse_args(["vae", "train", "--data", "digits", "--latent", "2",
-                                 "--guide", "meanfield", "--hidden-layer", "gated", "--epochs", "1",
+                                 "--guide", "meanfield", "--hidden-layer", "gated", "--hidden", "24,12", "--epochs", "1",
                                  "--max-train", "64", "--batch-size", "32", "--out", out,
                                  "--no-progress"])
     assert args.func(args) == 0
@@ -119,7 +119,9 @@ def test_cli_trains_evaluates_and_writes_metrics_and_figures(tmp_path, capsys):
     assert args.func(args) == 0
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["log_likelihood"] < 0 and metrics["iw_samples"] == 10
-    assert '"hidden_layer": "gated"' in open(os.path.join(out, "config.json")).read()
+    saved = json.load(open(os.path.join(out, "config.json")))["vae"]
+    assert saved["hidden_layer"] == "gated" and saved["encoder_hidden"] == [24, 12] \
+        and saved["decoder_hidden"] == [12, 24]
     assert sorted(os.listdir(os.path.join(out, "figures"))) == [
         "elbo_curves.png", "latent_scatter.png", "latent_traversals.png", "prior_samples.png",
         "reconstructions.png"]
@@ -135,8 +137,12 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert args.func(args) == 2
     args = _parser().parse_args(["vae", "evaluate", str(tmp_path / "missing")])
     assert args.func(args) == 2
+    args = _parser().parse_args(["vae", "train", "--data", "digits", "--hidden", "300,x",
+                                 "--out", str(tmp_path)])
+    assert args.func(args) == 2
     errors = capsys.readouterr().err
     assert "--guide: expected one of" in errors and "data: expected one of" in errors
+    assert "--hidden: expected comma-separated positive widths such as 300,300; got '300,x'" in errors
     assert "is not a vilab VAE run" in errors
 
 
