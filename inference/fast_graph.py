@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .fast_expands import BROADCASTING, ops_before_expands
 from .fast_masks import _val, data_dependent_shapes, mask_assignments_as_selects
 
 __all__ = ["simplify", "data_dependent_shapes", "mask_assignments_as_selects"]
@@ -28,13 +29,9 @@ _SHAPE_ONLY = {aten.view.default, aten._unsafe_view.default, aten.reshape.defaul
                aten.clone.default, aten._to_copy.default}
 _COPIES = {aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default}
 _LIKE = {aten.ones_like.default, aten.zeros_like.default, aten.full_like.default}
-# Elementwise ops that broadcast their tensor arguments; an expand feeding them is redundant
-# when the op's output shape does not change without it.
-_BROADCASTING = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.rsub.Tensor,
-                 aten.pow.Tensor_Tensor, aten.where.self, aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor,
-                 aten.ge.Tensor, aten.eq.Tensor, aten.maximum.default, aten.minimum.default,
-                 aten.logaddexp.default, aten.xlogy.Tensor, aten.logical_and.default,
-                 aten.logical_or.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor}
+# An expand feeding a broadcasting op is redundant when the op's output shape does not change
+# without it.
+_BROADCASTING = BROADCASTING
 
 
 def _is_mutating(node: fx.Node) -> bool:
@@ -161,43 +158,6 @@ def _drop_broadcast_expands(graph: fx.Graph, mutated: set) -> None:
             shapes += [() for arg in user.args if not isinstance(arg, fx.Node)]
             if torch.broadcast_shapes(*shapes) == _val(user).shape:
                 user.replace_input_with(node, source)
-
-
-# Elementwise ops of one tensor argument (any others Python numbers).
-_ONE_TENSOR_ELEMENTWISE = {
-    aten.log.default, aten.exp.default, aten.neg.default, aten.sqrt.default, aten.rsqrt.default,
-    aten.log1p.default, aten.expm1.default, aten.reciprocal.default, aten.sigmoid.default,
-    aten.tanh.default, aten.abs.default, aten.pow.Tensor_Scalar, aten.mul.Scalar, aten.add.Scalar,
-    aten.sub.Scalar, aten.div.Scalar, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor,
-    aten.div.Tensor}
-
-
-def _elementwise_before_expands(graph: fx.Graph, mutated: set) -> None:
-    """``f(expand(x))`` as ``expand(f(x))`` for an elementwise ``f`` of one tensor: Pyro's
-    distributions broadcast their parameters to the batch shape, so a per-chain ``log(scale)``
-    was computed once per data point (10 us of a 290 us kidiq leaf). Only where every user
-    broadcasts, or is such an op in turn, so no user sees the stride-0 view it cannot take."""
-    for node in list(graph.nodes):  # topological: a chain of ops moves up one op at a time
-        if node.target not in _ONE_TENSOR_ELEMENTWISE or node.kwargs or node in mutated \
-                or not node.args or node.args[0].__class__ is not fx.Node:
-            continue
-        expand = node.args[0]
-        if expand.target is not aten.expand.default or any(isinstance(a, fx.Node) for a in node.args[1:]):
-            continue
-        source, value = expand.args[0], _val(node)
-        if not isinstance(_val(source), torch.Tensor) or not isinstance(value, torch.Tensor) \
-                or not all(user.target in _BROADCASTING or user.target in _ONE_TENSOR_ELEMENTWISE
-                           for user in node.users):
-            continue
-        with graph.inserting_before(node):
-            small = graph.call_function(node.target, (source, *node.args[1:]))
-            small.meta["val"] = node.target(_val(source), *node.args[1:])
-            if small.meta["val"].dtype != value.dtype:  # a type promotion would differ: keep it
-                graph.erase_node(small)
-                continue
-            new = graph.call_function(aten.expand.default, (small, list(value.shape)))
-        new.meta["val"] = value
-        _replace(node, new)
 
 
 def _slices(graph: fx.Graph, source: fx.Node, dim: int, size: int) -> list:
@@ -453,13 +413,15 @@ def simplify(gm: fx.GraphModule) -> fx.GraphModule:
     mutated = _mutated(graph)
     _fold_constants(gm, mutated)
     _remove_no_ops(graph, mutated)
-    _elementwise_before_expands(graph, mutated)
+    ops_before_expands(graph, mutated)
     _drop_broadcast_expands(graph, mutated)
     _remove_no_ops(graph, mutated)
     _drop_identity_constants(gm, mutated)
     _eliminate_common_subexpressions(graph, mutated)
     _negations_into_subtractions(gm, mutated)
     _unroll_small_reductions(graph)
+    ops_before_expands(graph, mutated)  # the unrolled reductions' selects and pairwise ops
+    _drop_broadcast_expands(graph, mutated)
     _join_slice_gradients(graph)
     _triangles_as_selects(gm)
     graph.eliminate_dead_code()
