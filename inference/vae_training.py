@@ -5,7 +5,8 @@
 ELBO split, stops on a non-finite loss naming the batch, and stores the RNG state in its
 checkpoints so a resumed run repeats the uninterrupted one exactly. :func:`fit_lightning` wires
 it to a ``Trainer`` with atomic checkpoints, CSV (and TensorBoard, when installed) logs, early
-stopping and seeds; it scales out with ``devices``/``strategy`` (DDP over gloo on CPUs, see
+stopping and seeds (both on the validation ELBO, or for IWAE training on the validation
+``k``-sample bound, the objective it improves); it scales out with ``devices``/``strategy`` (DDP over gloo on CPUs, see
 :func:`resolve_strategy`). SIGTERM or SIGINT stops training at once with
 :class:`TrainingInterrupted` (DDP workers are killed with it, and die with their parent even
 on SIGKILL); checkpoints are written atomically, so ``last.ckpt`` is the last finished epoch
@@ -37,7 +38,8 @@ from torch.utils.data import DataLoader
 
 from vilab.datasets import ImageData, make_loader
 from vilab.inference.checkpoints import AtomicCheckpointIO, load_checkpoint, load_module, save_module
-from vilab.inference.objectives import ELBOLoss, IWAELoss, KLAnnealing, PyroELBOLoss, as_loss, elbo_terms
+from vilab.inference.objectives import (ELBOLoss, IWAELoss, KLAnnealing, PyroELBOLoss, as_loss, elbo_terms,
+                                        iwae_bound)
 from vilab.models.vae import VAE, VAEConfig, build_vae
 
 __all__ = [
@@ -136,6 +138,14 @@ class VAELightningModule(pl.LightningModule):
                      sync_dist=True)
         return output.loss
 
+    @property
+    def monitor(self) -> str:
+        """The validation metric that picks the best checkpoint and stops early: the ELBO, or
+        for IWAE training the ``k``-sample bound. IWAE training loosens the ELBO on purpose
+        (its encoder spreads out to serve ``k`` samples), so a best-ELBO rule would keep its
+        least-trained model."""
+        return "val/iwae" if isinstance(self.loss_fn, IWAELoss) else "val/elbo"
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = _images(batch)
         terms = elbo_terms(self.model, self.guide, x)
@@ -144,6 +154,9 @@ class VAELightningModule(pl.LightningModule):
         self.log("val/reconstruction", terms.reconstruction.mean(), sync_dist=True,
                  batch_size=size)
         self.log("val/kl", terms.kl.mean(), sync_dist=True, batch_size=size)
+        if self.monitor == "val/iwae":
+            bound = iwae_bound(self.model, self.guide, x, num_samples=self.loss_fn.num_samples)
+            self.log("val/iwae", bound.mean(), prog_bar=True, sync_dist=True, batch_size=size)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.learning_rate)
@@ -190,7 +203,8 @@ class TrainingConfig:
         iwae_samples: ``k`` for the IWAE objective.
         kl_warmup_steps: Linear KL annealing from 0 to 1 over this many steps (0: off).
         free_bits: Free-bits floor in nats per latent dimension (0: off).
-        patience: Early-stopping patience in epochs on validation ELBO (``None``: off).
+        patience: Early-stopping patience in epochs on the validation ELBO, or on the
+            validation IWAE bound for ``objective="iwae"`` (``None``: off).
         seed: Seed for Python, NumPy, torch and Pyro.
         devices: Number of processes/devices.
         strategy: Lightning strategy; ``"auto"`` picks DDP for ``devices > 1`` on CPUs (see
@@ -345,14 +359,14 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
     # Two checkpoints: Lightning's save_last only writes when the monitored one improves, so
     # "last" is its own unmonitored checkpoint, overwritten every epoch (what a resume needs).
     all_callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, filename="best",
-                                           monitor="val/elbo" if val_loader else None,
+                                           monitor=module.monitor if val_loader else None,
                                            mode="max"),
                            ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
                                            every_n_epochs=1, enable_version_counter=False),
                            _WorkerGuard(os.getpid(), forked=strategy in ("ddp_fork",
                                                                           "ddp_notebook"))]
     if config.patience is not None and val_loader is not None:
-        all_callbacks.append(EarlyStopping(monitor="val/elbo", mode="max",
+        all_callbacks.append(EarlyStopping(monitor=module.monitor, mode="max",
                                            patience=config.patience))
     all_callbacks += list(callbacks)
     # A resumed run logs to a new CSV file; read_metrics concatenates them in order.

@@ -74,6 +74,23 @@ def test_last_checkpoint_is_the_last_epoch_even_when_validation_does_not_improve
     assert sorted(os.listdir(checkpoints)) == ["best.ckpt", "last.ckpt"]
 
 
+class _ELBOFallsBoundRises(pl.Callback):
+    """IWAE training's usual course: the ELBO loosens while the k-sample bound tightens."""
+
+    def on_validation_end(self, trainer, pl_module):
+        trainer.callback_metrics["val/elbo"] = torch.tensor(-float(trainer.current_epoch))
+        trainer.callback_metrics["val/iwae"] = torch.tensor(float(trainer.current_epoch))
+
+
+def test_iwae_training_keeps_the_best_validation_bound_not_the_best_elbo(digits, tmp_path):
+    vae = _vae(digits)
+    train_vae(vae, digits, str(tmp_path), config=_config(3, objective="iwae", iwae_samples=3),
+              callbacks=[_ELBOFallsBoundRises()])
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "best.ckpt"))["epoch"] == 2
+    logged = [row for row in read_metrics(str(tmp_path)) if "val/iwae" in row]
+    assert len(logged) == 3 and all(math.isfinite(row["val/iwae"]) for row in logged)
+
+
 class _NaNAfter(ELBOLoss):
     def __init__(self, step):
         super().__init__()
