@@ -6,8 +6,10 @@ in its traced leaf. Tracing Pyro through autograd leaves many calls that compute
 constants recomputed on every call (``log(scale)`` of a fixed prior), shape-only views and
 expands, ``pow(x, 1)``, detaches, and reductions over a dimension of two or three entries, which
 PyTorch's reduction kernels run ten times slower than the elementwise ops that can replace them.
-:func:`simplify` removes or rewrites those; every rewrite keeps values equal up to rounding, and
-the caller still compares the simplified graph with the eager computation before using it.
+:func:`simplify` removes or rewrites those, and runs the ops that read a broadcast parameter
+on the parameter rather than its expanded copy (:mod:`~vilab.inference.fast_expands`); every
+rewrite keeps values equal up to rounding, and the caller still compares the simplified graph
+with the eager computation before using it.
 """
 from __future__ import annotations
 
@@ -29,9 +31,6 @@ _SHAPE_ONLY = {aten.view.default, aten._unsafe_view.default, aten.reshape.defaul
                aten.clone.default, aten._to_copy.default}
 _COPIES = {aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default}
 _LIKE = {aten.ones_like.default, aten.zeros_like.default, aten.full_like.default}
-# An expand feeding a broadcasting op is redundant when the op's output shape does not change
-# without it.
-_BROADCASTING = BROADCASTING
 
 
 def _is_mutating(node: fx.Node) -> bool:
@@ -146,12 +145,14 @@ def _remove_no_ops(graph: fx.Graph, mutated: set) -> None:
 
 
 def _drop_broadcast_expands(graph: fx.Graph, mutated: set) -> None:
+    """An expand feeding a broadcasting op is redundant when the op's output shape does not
+    change without it."""
     for node in list(graph.nodes):
         if node.target is not aten.expand.default or node in mutated:
             continue
         source = node.args[0]
         for user in list(node.users):
-            if user.target not in _BROADCASTING or not isinstance(_val(user), torch.Tensor):
+            if user.target not in BROADCASTING or not isinstance(_val(user), torch.Tensor):
                 continue
             shapes = [(_val(source) if arg is node else _val(arg)).shape for arg in user.args
                       if isinstance(_val(arg), torch.Tensor)]
