@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -49,6 +50,19 @@ def run_vilab(model, args, kwargs, guide, num_steps):
     return result.config["backend"], num_steps / (result.wall_time - result.config["setup_seconds"])
 
 
+def bind_constants(model, args, kwargs):
+    """``model`` as a function of its tensor positional arguments only, the others (sizes such
+    as ``J`` or ``T``, ``None``) and the keyword arguments bound: ``JitTrace_ELBO`` traces a
+    function of tensors and rejects anything else. Returns the function and its arguments."""
+    tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+
+    def bound(*tensor_args):
+        supplied = iter(tensor_args)
+        return model(*[next(supplied) if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+
+    return bound, tensors
+
+
 def run_pyro(model, args, kwargs, guide, num_steps, jit):
     import pyro
     from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
@@ -58,6 +72,9 @@ def run_pyro(model, args, kwargs, guide, num_steps, jit):
 
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
+    if jit:
+        model, args = bind_constants(model, args, kwargs)
+        kwargs = {}
     elbo = JitTrace_ELBO(ignore_jit_warnings=True) if jit else Trace_ELBO()
     svi = SVI(model, get_guide(guide, model), ClippedAdam({"lr": LEARNING_RATE}), elbo)
     for _ in range(num_steps):
@@ -146,9 +163,13 @@ def main(argv=None) -> list[dict]:
             for implementation in arguments.implementations:  # alternate within each problem and guide
                 try:
                     rows.append(measure(problem, implementation, guide, arguments.num_steps))
-                except (RuntimeError, ValueError, NotImplementedError, ImportError) as error:
+                # AssertionError: Pyro's own check in its param store when JitTrace_ELBO traces
+                # an AutoIAFNormal (the guide's parameters are created inside the trace).
+                except (RuntimeError, ValueError, NotImplementedError, ImportError, AssertionError) as error:
+                    where = traceback.extract_tb(error.__traceback__)[-1]
                     rows.append({"problem": problem, "implementation": implementation, "guide": guide,
-                                 "error": f"{type(error).__name__}: {str(error)[:80]}"})
+                                 "error": f"{type(error).__name__}: {str(error)[:80]} "
+                                          f"({os.path.basename(where.filename)}:{where.lineno})"})
                 print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print(_table(rows))
     arguments.out.parent.mkdir(parents=True, exist_ok=True)
