@@ -4,10 +4,10 @@
 :mod:`vilab.inference.objectives`) with Adam, logs the training objective and the validation
 ELBO split, stops on a non-finite loss naming the batch, and stores the RNG state in its
 checkpoints so a resumed run repeats the uninterrupted one exactly. :func:`fit_lightning` wires
-it to a ``Trainer`` with atomic checkpoints, CSV (and TensorBoard, when installed) logs, early
-stopping and seeds (both on the validation ELBO, or for IWAE training on the validation
-``k``-sample bound, the objective it improves); it scales out with ``devices``/``strategy`` (DDP over gloo on CPUs, see
-:func:`resolve_strategy`). SIGTERM or SIGINT stops training at once with
+it to a ``Trainer`` with atomic checkpoints, CSV (and TensorBoard, when installed) logs, seeds,
+and a best checkpoint and early stopping on the validation ELBO (for IWAE training, on the
+validation ``k``-sample bound it improves); it scales out with ``devices``/``strategy`` (DDP
+over gloo on CPUs, see :func:`resolve_strategy`). SIGTERM or SIGINT stops training at once with
 :class:`TrainingInterrupted` (DDP workers are killed with it, and die with their parent even
 on SIGKILL); checkpoints are written atomically, so ``last.ckpt`` is the last finished epoch
 and rerunning the same command resumes from it exactly.
