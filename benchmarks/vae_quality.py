@@ -166,7 +166,8 @@ def main(argv=None):
     parser.add_argument("--kl-warmup-epochs", type=int, default=0,
                         help="linear KL annealing over this many epochs (the anchors: 100)")
     parser.add_argument("--patience", type=int, default=None,
-                        help="early stopping on validation ELBO, in epochs (the anchors: 50)")
+                        help="early stopping on the validation ELBO (IWAE models: the k-sample "
+                             "bound), in epochs (the anchors: 50)")
     parser.add_argument("--digits-epochs", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true",
