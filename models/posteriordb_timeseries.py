@@ -38,7 +38,8 @@ def first_order_recursion(drive: torch.Tensor, rate: torch.Tensor) -> torch.Tens
     so :math:`\lceil \log_2 T \rceil` rounds of a shift, a multiply and an add give the
     recursion's values, differentiably and on ``(*batch, T)`` tensors only. (A triangular solve
     of :math:`(I - r S) x = d` does the same in one kernel, but its gradient with respect to the
-    matrix is a dense ``T x T`` array per batch element: twice as slow in a NUTS leaf of GARCH(1, 1).)
+    matrix is a dense ``T x T`` array per batch element: twice as slow in a GARCH(1, 1) NUTS
+    leaf.)
 
     Args:
         drive: ``d``, shape ``(*batch, T)``.

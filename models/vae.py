@@ -280,9 +280,10 @@ def build_vae(config: VAEConfig) -> VAE:
         raise ValueError(f"prior: expected one of {', '.join(PRIORS)}; got {config.prior!r}")
     if config.architecture not in ("mlp", "conv"):
         raise ValueError(f"architecture: expected 'mlp' or 'conv'; got {config.architecture!r}")
-    if config.hidden_layer not in HIDDEN_LAYERS or (config.architecture == "conv" and config.hidden_layer != "elu"):
-        raise ValueError(f"hidden_layer: expected one of {', '.join(HIDDEN_LAYERS)} (mlp) or 'elu' (conv); "
-                         f"got {config.hidden_layer!r} with architecture {config.architecture!r}")
+    allowed = HIDDEN_LAYERS if config.architecture == "mlp" else ("elu",)
+    if config.hidden_layer not in allowed:
+        raise ValueError(f"hidden_layer: expected one of {', '.join(HIDDEN_LAYERS)} (mlp) or 'elu' "
+                         f"(conv); got {config.hidden_layer!r} with architecture {config.architecture!r}")
     input_scale = float(config.num_levels - 1)
     encoder = build_encoder(config.architecture, config.image_shape, config.latent_dim,
                             hidden_dims=config.encoder_hidden, input_scale=input_scale,
