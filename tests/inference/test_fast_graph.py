@@ -156,4 +156,3 @@ def test_ops_around_an_in_place_write_are_not_merged():
     graph = simplify(make_fx(written_between)(torch.randn(3, dtype=torch.float64)))
     x = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     assert torch.equal(graph(x)[0], written_between(x)[0])
-
