@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= runs/demo
-APT_PACKAGES := dataset-fashion-mnist chromium
+APT_PACKAGES := dataset-fashion-mnist chromium g++ python3-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-deps demo test test-slow test-all bench clean

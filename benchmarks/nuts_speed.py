@@ -82,10 +82,12 @@ def _latent_names(model, args, kwargs) -> list[str]:
 def run_vilab(model, args, kwargs, options):
     from vilab.inference.fast_nuts import sample_vectorized_nuts
 
+    options = {key: value for key, value in options.items() if key != "inductor_cache"}
     result = sample_vectorized_nuts(model, args, kwargs, progress=False, **options)
     names = _latent_names(model, args, kwargs)
     samples = {name: result.samples[name].numpy() for name in names}
-    return samples, int(result.sample_stats["diverging"].sum()), {"compiled": bool(result.compiled)}
+    return samples, int(result.sample_stats["diverging"].sum()), {
+        "compiled": bool(result.compiled), "backend": result.backend, "fuse_decision": result.fuse_decision}
 
 
 def _run_pyro(model, args, kwargs, options, jit):
@@ -176,12 +178,22 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--float32", action="store_true", help="run in float32 (default float64)")
     parser.add_argument("--dense-mass", action="store_true",
                         help="adapt a dense mass matrix (vilab, Pyro and NumPyro alike; default diagonal)")
+    parser.add_argument("--compiler", default="auto", choices=("auto", "inductor", "torchscript"),
+                        help="vilab's leaf compiler (sample_vectorized_nuts(compiler=...))")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="use Inductor's on-disk cache as a user's repeated runs do; by default a fresh "
+                             "cache directory makes every compilation cold")
     parser.add_argument("--out", type=Path, default=RESULTS)
     arguments = parser.parse_args(argv)
+    if not arguments.warm_cache:
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vilab-inductor-")
     torch.set_default_dtype(torch.float32 if arguments.float32 else torch.float64)
     options = {"num_warmup": arguments.num_warmup, "num_samples": arguments.num_samples,
                "num_chains": arguments.num_chains, "target_accept": arguments.target_accept, "seed": 0,
-               "dense_mass": arguments.dense_mass}
+               "dense_mass": arguments.dense_mass, "compiler": arguments.compiler,
+               "inductor_cache": "warm" if arguments.warm_cache else "cold"}
     rows = []
     for problem in arguments.problems:
         for sampler in arguments.samplers:  # alternate samplers within each problem

@@ -3,7 +3,8 @@ NumPyro's SVI, for the same guide families on the same problems.
 
 Every rate is ``num_steps / wall time`` of one fit, guide construction and any compilation
 included (JAX's jit for NumPyro, the first-step trace for ``JitTrace_ELBO``, the traced and
-checked step of vilab's compiled backend). The rate after that setup is reported too: for NumPyro
+checked step of vilab's compiled backend, and for ``vilab_inductor``, ``fit_svi(compiler="inductor")``,
+the fused kernel's compilation). The rate after that setup is reported too: for NumPyro
 the steps after the first (compiling) one, for vilab the steps after ``fit_svi``'s setup. One particle, Adam
 (Pyro's ``ClippedAdam``, as ``fit_svi`` uses), learning rate 0.01. The samplers of one problem
 and guide run one after another in one process. NumPyro and JAX come from the ``bench`` extra.
@@ -33,21 +34,23 @@ from nuts_speed import PROBLEMS  # noqa: E402
 
 __all__ = ["IMPLEMENTATIONS", "GUIDES", "main"]
 
-IMPLEMENTATIONS = ("vilab", "pyro", "pyro_jit", "numpyro")
+IMPLEMENTATIONS = ("vilab", "vilab_inductor", "pyro", "pyro_jit", "numpyro")
 GUIDES = ("meanfield", "fullrank", "iaf")
 DEFAULT_PROBLEMS = ("eight_schools", "kidiq-kidscore_momiq", "mesquite-logmesquite", "arK-arK")
 RESULTS = Path(__file__).resolve().parent / "results" / "svi_speed.json"
 LEARNING_RATE = 0.01
 
 
-def run_vilab(model, args, kwargs, guide, num_steps):
+def run_vilab(model, args, kwargs, guide, num_steps, compiler="auto"):
     """``fit_svi`` with its default backend; returns the backend and the rate of the steps after
-    the setup (for the compiled backend, tracing and checking the step)."""
+    the setup (for the compiled backend, tracing and checking the step, and with
+    ``compiler="inductor"`` compiling the fused kernel)."""
     from vilab.inference import fit_svi
 
     result = fit_svi(model, guide, *args, num_steps=num_steps, lr=LEARNING_RATE, early_stop=False,
-                     progress=False, seed=0, **kwargs)
-    return result.config["backend"], num_steps / (result.wall_time - result.config["setup_seconds"])
+                     progress=False, seed=0, compiler=compiler, **kwargs)
+    backend = result.config["backend"] + (" fused" if result.config.get("fused") else "")
+    return backend, num_steps / (result.wall_time - result.config["setup_seconds"])
 
 
 def bind_constants(model, args, kwargs):
@@ -113,8 +116,9 @@ def measure(problem: str, implementation: str, guide: str, num_steps: int) -> di
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     backend = None
-    if implementation == "vilab":
-        backend, steady = run_vilab(model, args, kwargs, guide, num_steps)
+    if implementation in ("vilab", "vilab_inductor"):
+        compiler = "inductor" if implementation == "vilab_inductor" else "auto"
+        backend, steady = run_vilab(model, args, kwargs, guide, num_steps, compiler)
     elif implementation in ("pyro", "pyro_jit"):
         run_pyro(model, args, kwargs, guide, num_steps, jit=implementation == "pyro_jit")
     else:
@@ -122,7 +126,7 @@ def measure(problem: str, implementation: str, guide: str, num_steps: int) -> di
     wall = time.perf_counter() - start
     return {"problem": problem, "implementation": implementation, "guide": guide, "num_steps": num_steps,
             "wall_s": wall, "steps_per_s": num_steps / wall, "load_average": [load_before, os.getloadavg()[0]],
-            "steady_steps_per_s": steady if implementation in ("numpyro", "vilab") else None,
+            "steady_steps_per_s": steady if implementation not in ("pyro", "pyro_jit") else None,
             "backend": backend}
 
 
@@ -154,8 +158,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--guides", nargs="*", default=list(GUIDES), choices=GUIDES)
     parser.add_argument("--implementations", nargs="*", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     parser.add_argument("--num-steps", type=int, default=2000)
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="use Inductor's on-disk cache as a user's repeated runs do; by default a fresh "
+                             "cache directory makes every compilation cold")
     parser.add_argument("--out", type=Path, default=RESULTS)
     arguments = parser.parse_args(argv)
+    if not arguments.warm_cache:
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vilab-inductor-")
     torch.set_default_dtype(torch.float64)
     rows = []
     for problem in arguments.problems:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from typing import Callable, Iterator
 
 import torch
 
 from .fast_graph import simplify
+from .fast_inductor import compile_fused
 
 __all__ = ["LEAF_FIELDS", "leaf_step", "CompiledStep", "make_leaf_stepper", "checkpoint_masks", "threads_for"]
 
@@ -31,6 +33,9 @@ LEAF_FIELDS = ("z_edge", "r_edge", "grad_edge", "z_proposal", "potential_proposa
                "energy_proposal", "log_weight", "r_sum", "sum_accept", "num_steps", "diverging",
                "turning", "running", "r_checkpoints", "r_sum_checkpoints")
 
+
+# A fused kernel replaces the traced step only if it is at least this much faster per call.
+FUSED_MAX_TIME_RATIO = 0.8
 
 # Below this many numbers in the largest tensor a compiled step runs on one intra-op thread.
 SMALL_NUMEL = 1 << 15
@@ -148,18 +153,66 @@ class CompiledStep:
         trace_fn: the same function built from cheaper-to-trace parts (e.g. an already traced
             potential); defaults to ``eager_fn``.
         num_state: how many leading outputs are fed back as the leading inputs of the check.
+        name: what the step is, for messages.
     """
 
     def __init__(self, eager_fn: Callable, example: tuple, compile: bool = True,
-                 trace_fn: Callable | None = None, num_state: int = 0) -> None:
+                 trace_fn: Callable | None = None, num_state: int = 0, name: str = "step") -> None:
+        self.name = name
         self._eager, self._trace_fn = eager_fn, trace_fn or eager_fn
         self._fn, self.compiled, self._num_state = eager_fn, False, num_state
         self.failure = "" if compile else "compilation not requested"
+        self.backend, self.num_ops, self._check, self.fuse_failure = "eager", 0, None, ""
         if compile:
             self._try_compile(example)
 
     def __call__(self, *args):
         return self._fn(*args)
+
+    def call_time(self) -> float:
+        """Seconds per call of the current implementation, timed on the check input (0 once
+        fused or where nothing was traced)."""
+        return 0.0 if self._check is None else _call_time(self._fn, self._check[2])
+
+    @property
+    def function(self) -> Callable:
+        """The current implementation (eager, traced or fused), for hot loops that call it
+        directly; it changes when the step is fused."""
+        return self._fn
+
+    def fuse(self) -> bool:
+        """Replace the traced step by Inductor's fused kernel
+        (:func:`~vilab.inference.fast_inductor.compile_fused`) if it compiles and reproduces the
+        eager step on the check input; returns whether the step is fused. A failure is kept in
+        :attr:`fuse_failure` and the traced step stays."""
+        if self.backend == "inductor":
+            return True
+        if self._check is None:
+            self.fuse_failure = "the step was not traced"
+            return False
+        graph, example, following, expected = self._check
+        try:
+            fused = compile_fused(graph, example)
+            first = fused(*following)
+            kept = tuple(tensor.clone() for tensor in first)
+            fused(*example)
+            ok = _all_close(first, expected) and _all_close(first, kept)
+        except (RuntimeError, AssertionError, OSError, TypeError, ValueError) as error:
+            self.fuse_failure = _describe(error)
+            return False
+        if not ok:
+            self.fuse_failure = "the fused kernel disagrees with the eager function"
+            return False
+        # Inductor inlines chains of elementwise ops; on a log-depth scan that recomputes each
+        # round's inputs, and the fused kernel can be slower than the ops it replaces.
+        fused_time, traced_time = _call_time(fused, following), _call_time(self._fn, following)
+        if fused_time > FUSED_MAX_TIME_RATIO * traced_time:
+            self.fuse_failure = (f"the fused kernel is slower ({fused_time * 1e6:.0f} µs per call against "
+                                 f"{traced_time * 1e6:.0f} µs traced)")
+            self._check = None
+            return False
+        self._fn, self.backend, self._check = fused, "inductor", None
+        return True
 
     def _try_compile(self, example: tuple) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -182,9 +235,13 @@ class CompiledStep:
                 return
         except (RuntimeError, TypeError, ValueError) as error:
             # A function that cannot be traced keeps the eager path: correct, only slower.
-            self.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            self.failure = _describe(error)
             return
-        self._fn, self.compiled = _static_runtime(traced, example, following, expected) or traced, True
+        static = _static_runtime(traced, example, following, expected)
+        self._fn, self.compiled = static or traced, True
+        self.backend = "static runtime" if static is not None else "torchscript"
+        self.num_ops = sum(1 for node in graph.graph.nodes if node.op == "call_function")
+        self._check = (graph, example, following, expected)
 
 
 def make_leaf_stepper(eager_potential_fn: Callable, example: tuple, compile: bool = True,
@@ -201,7 +258,24 @@ def make_leaf_stepper(eager_potential_fn: Callable, example: tuple, compile: boo
     """
     trace_fn = None if trace_potential_fn is None else (lambda *args: leaf_step(trace_potential_fn, *args))
     return CompiledStep(lambda *args: leaf_step(eager_potential_fn, *args), example, compile=compile,
-                        trace_fn=trace_fn, num_state=len(LEAF_FIELDS))
+                        trace_fn=trace_fn, num_state=len(LEAF_FIELDS), name="leaf")
+
+
+def _call_time(function: Callable, inputs: tuple, calls: int = 20, repeats: int = 3) -> float:
+    """Seconds per call, the best of ``repeats`` rounds of ``calls`` calls."""
+    function(*inputs)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            function(*inputs)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def _describe(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _all_close(got, expected) -> bool:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from vilab.types import Model
 
 from .fast_adapt import DualAveraging, Metric, Welford, adaptation_windows
+from .fast_inductor import COMPILERS, FusePolicy
 from .fast_leaf import (LEAF_FIELDS, CompiledStep, _select, checkpoint_masks, is_turning, make_leaf_stepper,
                         threads_for)
 from .vectorized import BatchedPotential, VectorizationError
@@ -97,10 +98,39 @@ class TreeBuilder:
         self._masks = [checkpoint_masks(leaf, max_tree_depth) for leaf in range(2 ** (max_tree_depth - 1))]
         self._steppers: dict[bool, CompiledStep] = {}
         self._mergers: dict[bool, CompiledStep] = {}
+        self._fuse, self.fuse_failure = False, ""
+        self.leaf_calls = self.merge_calls = 0
 
     @property
     def compiled(self) -> bool:
         return any(stepper.compiled for stepper in self._steppers.values())
+
+    @property
+    def backend(self) -> str:
+        """How the leaf runs: ``"eager"``, ``"torchscript"``, ``"static runtime"`` or
+        ``"inductor"`` (fused kernel)."""
+        return next((stepper.backend for stepper in self._steppers.values()), "eager")
+
+    def step_calls(self) -> list[tuple[CompiledStep, int]]:
+        """Each traced step with its calls so far (leaves, then merges)."""
+        return [*((step, self.leaf_calls) for step in self._steppers.values() if step.compiled),
+                *((step, self.merge_calls) for step in self._mergers.values() if step.compiled)]
+
+    def fuse(self, steps: list[CompiledStep] | None = None) -> None:
+        """Run ``steps`` (default: every leaf and merge, now and from now on) as fused kernels
+        (:meth:`~vilab.inference.fast_leaf.CompiledStep.fuse`); a step that cannot be fused keeps
+        its traced graph, with one warning."""
+        if steps is None:
+            self._fuse = True
+            steps = [*self._steppers.values(), *self._mergers.values()]
+        for step in steps:
+            self._fuse_step(step)
+
+    def _fuse_step(self, step: CompiledStep) -> None:
+        if step.compiled and not step.fuse() and not self.fuse_failure:
+            self.fuse_failure = step.fuse_failure
+            warnings.warn(f"NUTS: no fused kernel ({step.fuse_failure}); the traced step keeps running",
+                          RuntimeWarning, stacklevel=4)
 
     def _stepper(self, dense: bool, example: tuple) -> CompiledStep:
         if dense not in self._steppers:
@@ -112,12 +142,16 @@ class TreeBuilder:
                               "it runs eagerly, correct but several times slower", RuntimeWarning,
                               stacklevel=4)
             self._steppers[dense] = stepper
+            if self._fuse:
+                self._fuse_step(stepper)
         return self._steppers[dense]
 
     def _merger(self, dense: bool, example: tuple) -> CompiledStep:
         if dense not in self._mergers:
             self._mergers[dense] = CompiledStep(merge_fields, example, compile=self.compile,
-                                                num_state=len(TREE_FIELDS))
+                                                num_state=len(TREE_FIELDS), name="merge")
+            if self._fuse:
+                self._fuse_step(self._mergers[dense])
         return self._mergers[dense]
 
     def _subtree(self, tree: TreeState, depth: int, active, going_right, step_size, energy, metric):
@@ -133,12 +167,16 @@ class TreeBuilder:
                  torch.full_like(energy, -math.inf), torch.zeros_like(z), torch.zeros_like(energy),
                  torch.zeros_like(tree.num_steps), flags, flags, active, checkpoints, checkpoints)
         # Logged once per sub-tree rather than exponentiated in every leaf.
-        log_uniforms = torch.rand(2 ** depth, self.num_chains, generator=self.generator, dtype=z.dtype).log()
-        for leaf in range(2 ** depth):
-            inputs = (*state, step, energy, metric.inverse_mass, *self._masks[leaf], log_uniforms[leaf])
-            *state, alive = self._stepper(metric.dense, inputs)(*inputs)
+        log_uniforms = torch.rand(2 ** depth, self.num_chains, generator=self.generator, dtype=z.dtype).log().unbind(0)
+        stepper, inverse_mass = None, metric.inverse_mass
+        for leaf, log_uniform in enumerate(log_uniforms):
+            inputs = (*state, step, energy, inverse_mass, *self._masks[leaf], log_uniform)
+            if stepper is None:  # the loop runs ~10^5 times per run: no per-leaf lookups
+                stepper = self._stepper(metric.dense, inputs).function
+            *state, alive = stepper(*inputs)
             if not bool(alive):
                 break
+        self.leaf_calls += leaf + 1
         return state
 
     def transition(self, z, potential, grad, metric: Metric, step_size) -> TreeState:
@@ -161,6 +199,7 @@ class TreeBuilder:
             inputs = (*[getattr(tree, name) for name in TREE_FIELDS], *sub[:_MERGED_LEAF_FIELDS],
                       active, going_right, metric.inverse_mass, uniform)
             tree = TreeState(*self._merger(metric.dense, inputs)(*inputs))
+            self.merge_calls += 1
         return tree
 
 
@@ -247,6 +286,9 @@ class VectorizedNutsResult(NamedTuple):
         sampling_time: seconds spent drawing.
         inverse_mass_matrix: adapted metric, ``(chain, D)`` or ``(chain, D, D)``.
         compiled: whether the potential ran as a traced graph.
+        backend: how the leapfrog leaf ran at the end: ``"eager"``, ``"torchscript"``,
+            ``"static runtime"`` or ``"inductor"`` (fused C++ kernel).
+        fuse_decision: why the leaf was or was not fused (:class:`~vilab.inference.fast_inductor.FusePolicy`).
     """
 
     samples: dict[str, torch.Tensor]
@@ -255,6 +297,8 @@ class VectorizedNutsResult(NamedTuple):
     sampling_time: float
     inverse_mass_matrix: torch.Tensor
     compiled: bool
+    backend: str = "eager"
+    fuse_decision: str = ""
 
 
 def _initial_states(potential: BatchedPotential, num_chains: int, generator: torch.Generator,
@@ -331,7 +375,7 @@ def _draws_to_samples(potential: BatchedPotential, draws: torch.Tensor, chunk: i
 def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, *, num_samples: int,
                            num_warmup: int, num_chains: int, target_accept: float = 0.8,
                            dense_mass: bool = False, max_tree_depth: int = 10, seed: int = 0,
-                           progress: bool = True) -> VectorizedNutsResult:
+                           progress: bool = True, compiler: str = "auto") -> VectorizedNutsResult:
     r"""Sample a Pyro model with NUTS, all chains advancing together.
 
     Warmup follows Stan: a 75-iteration step-size buffer, doubling metric windows (diagonal or
@@ -351,6 +395,11 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         max_tree_depth: at most :math:`2^{\text{max\_tree\_depth}} - 1` leapfrog steps per draw.
         seed: seed of initialisation and of every random choice of the sampler.
         progress: show a progress bar.
+        compiler: how the traced leaf runs: ``"torchscript"`` (Static Runtime, compiles in a
+            fraction of a second), ``"inductor"`` (one fused C++ kernel, several times faster
+            per leaf, seconds to compile; needs ``g++``), or ``"auto"``: Static Runtime first,
+            switching to Inductor once the run's pace shows the compilation will pay for itself
+            (:class:`~vilab.inference.fast_inductor.FusePolicy`).
 
     Returns:
         :class:`VectorizedNutsResult`.
@@ -361,16 +410,18 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         ValueError: an argument is out of range.
     """
     _check_arguments(num_samples, num_warmup, num_chains, target_accept, max_tree_depth)
+    if compiler not in COMPILERS:
+        raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
     start = time.perf_counter()
     with threads_for(0):  # tracing and checking work on a few chains' values
         potential = BatchedPotential(model, model_args, model_kwargs, num_chains=num_chains, seed=seed)
     with threads_for(num_chains * potential.site_numel):
         return _sample(potential, start, num_samples, num_warmup, num_chains, target_accept, dense_mass,
-                       max_tree_depth, seed, progress)
+                       max_tree_depth, seed, progress, compiler)
 
 
 def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept, dense_mass,
-            max_tree_depth, seed, progress) -> VectorizedNutsResult:
+            max_tree_depth, seed, progress, compiler) -> VectorizedNutsResult:
     generator = torch.Generator().manual_seed(seed)
     z, value, grad = _initial_states(potential, num_chains, generator)
     dtype = z.dtype
@@ -379,7 +430,12 @@ def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept
     builder = TreeBuilder(potential, num_chains, max_tree_depth, generator)
     bar = tqdm(total=num_warmup + num_samples, disable=not progress, desc="vectorized NUTS")
     draws, stats = [], []
+    policy = FusePolicy(compiler if potential.compiled else "torchscript", num_warmup + num_samples)
     for iteration in range(num_warmup + num_samples):
+        if not policy.decided:
+            chosen = policy.choose(iteration, builder.step_calls())
+            if chosen is None or chosen:
+                builder.fuse(chosen)
         if iteration == num_warmup:
             step_size = warmup.averaging.final_step_size() if num_warmup > 0 else step_size
             sampling_start = time.perf_counter()
@@ -396,7 +452,8 @@ def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept
     samples = _draws_to_samples(potential, torch.stack(draws, dim=1))
     sample_stats = {key: torch.stack([row[key] for row in stats], dim=1) for key in stats[0]}
     return VectorizedNutsResult(samples, sample_stats, sampling_start - start, end - sampling_start,
-                                warmup.metric.inverse_mass, builder.compiled)
+                                warmup.metric.inverse_mass, builder.compiled, builder.backend,
+                                policy.reason + (f" ({builder.fuse_failure})" if builder.fuse_failure else ""))
 
 
 def _check_arguments(num_samples, num_warmup, num_chains, target_accept, max_tree_depth) -> None:

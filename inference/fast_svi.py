@@ -43,7 +43,8 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import prune_subsample_sites
 
 from .fast_graph import data_dependent_shapes, mask_assignments_as_selects, simplify
-from .fast_leaf import _all_close, _static_runtime
+from .fast_inductor import compile_fused
+from .fast_leaf import FUSED_MAX_TIME_RATIO, _all_close, _call_time, _describe, _static_runtime
 
 __all__ = ["CompiledSVIError", "CompiledSVIStep", "elbo_loss"]
 
@@ -206,6 +207,8 @@ class CompiledSVIStep:
     """
 
     backend = "compiled"
+    name = "SVI step"
+    fused, fuse_failure = False, ""
 
     def __init__(self, model, guide, args: tuple, kwargs: dict, *, objective: str = "trace",
                  num_particles: int = 1, lr: float = 0.01, lr_decay_per_step: float = 1.0,
@@ -313,7 +316,39 @@ class CompiledSVIStep:
                                        "(data-dependent control flow in the model or guide?)")
         (first_in, first_out), (second_in, _) = checks
         fn = _static_runtime(traced, second_in, first_in, first_out) or traced
+        self._graph, self._checks = graph, checks
         return fn, noise
+
+    # -- fusion (FusePolicy's step protocol) ---------------------------------------------------
+    @property
+    def num_ops(self) -> int:
+        return sum(1 for node in self._graph.graph.nodes if node.op == "call_function")
+
+    def call_time(self) -> float:
+        return 0.0 if self.fused else _call_time(self._fn, self._checks[1][0])
+
+    def fuse(self) -> bool:
+        """Run the step as Inductor's fused kernel
+        (:func:`~vilab.inference.fast_inductor.compile_fused`) if it reproduces both eager check
+        steps and is faster; returns whether it does (else :attr:`fuse_failure` says why)."""
+        if self.fused:
+            return True
+        try:
+            fused = compile_fused(self._graph, self._checks[0][0])
+            ok = all(_all_close(fused(*inputs), expected) for inputs, expected in self._checks)
+        except (RuntimeError, AssertionError, OSError, TypeError, ValueError) as error:
+            self.fuse_failure = _describe(error)
+            return False
+        if not ok:
+            self.fuse_failure = "the fused kernel disagrees with the eager step"
+            return False
+        fused_time, traced_time = _call_time(fused, self._checks[1][0]), self.call_time()
+        if fused_time > FUSED_MAX_TIME_RATIO * traced_time:
+            self.fuse_failure = (f"the fused kernel is slower ({fused_time * 1e6:.0f} against "
+                                 f"{traced_time * 1e6:.0f} µs)")
+            return False
+        self._fn, self.fused = fused, True
+        return True
 
     # -- running -------------------------------------------------------------------------------
     def step(self) -> float:

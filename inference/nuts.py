@@ -24,6 +24,7 @@ from pyro.infer.mcmc import MCMC
 
 from vilab.inference.arviz_io import to_inference_data
 from vilab.inference.chains import run_chains
+from vilab.inference.fast_inductor import COMPILERS
 from vilab.inference.fast_nuts import sample_vectorized_nuts
 from vilab.inference.vectorized import VectorizationError
 from vilab.inference.nuts_kernel import RecordingNUTS, stats_dtype
@@ -93,6 +94,7 @@ def run_nuts(
     jit: bool = False,
     chain_method: str = "auto",
     backend: str = "auto",
+    compiler: str = "auto",
     progress: bool = True,
     **kwargs: Any,
 ) -> NUTSResult:
@@ -112,6 +114,12 @@ def run_nuts(
             (:mod:`vilab.inference.fast_nuts`); ``"pyro"`` runs Pyro's NUTS per chain; ``"auto"``
             uses the vectorized sampler when the model passes its batching checks and otherwise
             falls back to Pyro's NUTS with a warning.
+        compiler: for the vectorized sampler, how its traced leapfrog leaf runs:
+            ``"torchscript"`` (PyTorch's Static Runtime), ``"inductor"`` (one fused C++ kernel
+            per leaf: about 4x faster per leaf, seconds to compile, needs ``g++``), or ``"auto"``:
+            Static Runtime, switching to Inductor once the run's pace shows the compilation will
+            pay for itself. ``result.config["leaf_backend"]`` and ``["fuse_decision"]`` say what
+            ran and why.
 
     Returns:
         A :class:`NUTSResult`; divergences are also reported with a warning.
@@ -120,6 +128,9 @@ def run_nuts(
     config.update(seed=seed, dense_mass=bool(dense_mass), jit=bool(jit))
     if backend not in ("auto", "vectorized", "pyro"):
         raise ValueError(f"backend: expected 'auto', 'vectorized' or 'pyro'; got {backend!r}")
+    if compiler not in COMPILERS:
+        raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
+    config["compiler"] = compiler
     trace = check_model(model, args, kwargs, allow_enumerated=True)
     if backend in ("auto", "vectorized") and not jit:
         try:
@@ -148,13 +159,13 @@ def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
         model, args, kwargs, num_samples=config["num_samples"], num_warmup=config["num_warmup"],
         num_chains=config["num_chains"], target_accept=config["target_accept"],
         dense_mass=config["dense_mass"], max_tree_depth=config["max_tree_depth"], seed=config["seed"],
-        progress=progress)
+        progress=progress, compiler=config["compiler"])
     wall_time = time.perf_counter() - start
     latent = {k: v for k, v in result.samples.items()
               if k in trace.nodes and not trace.nodes[k]["is_observed"]}
     stats = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
              for k, v in result.sample_stats.items()}
-    config["backend"] = "vectorized"
+    config.update(backend="vectorized", leaf_backend=result.backend, fuse_decision=result.fuse_decision)
     return _assemble(model, args, kwargs, latent, stats, wall_time, config, trace)
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from vilab.guides.registry import get_guide, guide_name
 from vilab.inference.convergence import has_converged
 from vilab.inference.fast_leaf import threads_for
+from vilab.inference.fast_inductor import COMPILERS, FusePolicy
 from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
 from vilab.inference.guide_draws import draw_from_guide
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
@@ -249,6 +250,7 @@ def fit_svi(
     seed: Optional[int] = 0,
     progress: bool = True,
     backend: str = "auto",
+    compiler: str = "auto",
     **kwargs: Any,
 ) -> SVIResult:
     r"""Fit a guide to ``model(*args, **kwargs)`` by maximising the ELBO with Adam.
@@ -271,6 +273,12 @@ def fit_svi(
             model without parameters of its own); ``"pyro"`` runs Pyro's ``SVI``; ``"auto"``
             (default) compiles where it can and otherwise falls back to Pyro with a warning.
             Both run the same objective and the same ``ClippedAdam`` update.
+        compiler: for the compiled step: ``"torchscript"`` (Static Runtime), ``"inductor"``
+            (one fused C++ kernel per step, seconds to compile, needs ``g++``), or ``"auto"``:
+            fuse once the run's pace shows the compilation will pay for itself
+            (:class:`~vilab.inference.fast_inductor.FusePolicy`; only long runs qualify).
+            ``result.config["fused"]`` and ``["fuse_decision"]`` say what ran and why; the
+            compilation is counted in ``["setup_seconds"]``.
 
     Returns:
         An :class:`SVIResult`.
@@ -287,6 +295,8 @@ def fit_svi(
         raise ValueError(f"lr: expected > 0; got {lr!r}")
     if not 0 < lr_decay <= 1:
         raise ValueError(f"lr_decay: expected in (0, 1]; got {lr_decay!r}")
+    if compiler not in COMPILERS:
+        raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
     min_steps = num_steps // 2 if min_steps is None else check_positive_int(min_steps, "min_steps", 0)
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -301,8 +311,11 @@ def fit_svi(
     losses: list[float] = []
     converged = False
     bar = tqdm(range(num_steps), desc=f"SVI {name}", disable=not progress, leave=False)
+    policy = FusePolicy(compiler if isinstance(stepper, CompiledSVIStep) else "torchscript", num_steps)
     with threads_for(stepper.numel):
         for step in bar:
+            if not policy.decided:
+                setup_seconds += _maybe_fuse(policy, stepper, step)
             loss = stepper.step()
             if not np.isfinite(loss):
                 _raise_non_finite(model, guide, args, kwargs, step, losses, start, name, elbo, stepper)
@@ -319,7 +332,21 @@ def fit_svi(
         guide = _laplace(guide, args, kwargs)
     return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start, converged, name, elbo,
                      {"lr": lr, "lr_decay": lr_decay, "num_particles": num_particles, "num_steps": num_steps,
-                      "backend": stepper.backend, "setup_seconds": setup_seconds})
+                      "backend": stepper.backend, "setup_seconds": setup_seconds,
+                      "fused": bool(getattr(stepper, "fused", False)), "fuse_decision": policy.reason})
+
+
+def _maybe_fuse(policy: FusePolicy, stepper, step: int) -> float:
+    """Ask ``policy`` whether to fuse the compiled step before step ``step``; returns the
+    seconds spent compiling (counted as setup, as a JIT's first call is)."""
+    chosen = policy.choose(step, [(stepper, step)])
+    if chosen is not None and not chosen:
+        return 0.0
+    start = time.perf_counter()
+    if not stepper.fuse():
+        warnings.warn(f"fit_svi: no fused kernel ({stepper.fuse_failure}); the traced step keeps running",
+                      RuntimeWarning, stacklevel=3)
+    return time.perf_counter() - start
 
 
 class LaplaceError(ValueError):

@@ -1,0 +1,214 @@
+r"""Fused C++ kernels for traced sampler steps, through PyTorch's Inductor.
+
+A NUTS leaf runs 140-530 small ATen ops; under Static Runtime each costs about 1.1 µs of
+dispatch, so a leaf of kidiq costs about 200 µs while its arithmetic takes about 6 µs. Inductor
+fuses the whole graph into one C++ function (compiled by the system's ``g++``). Its Python
+wrapper then dominates: size asserts on every input, the AOT-autograd and Dynamo wrappers, and
+one allocation per buffer. The asserts are switched off (the shapes are fixed by construction
+and the caller checks the compiled step against the eager one), and the generated ``call``
+function is invoked directly, which leaves about 40 µs per kidiq leaf (from about 200), most
+of it one allocation per output buffer.
+
+Compiling costs seconds (about 25 ms per op plus a few seconds of one-off setup per process),
+so :class:`FusePolicy` compiles a step only when its measured calls say it will pay for itself.
+Inductor's on-disk cache makes a repeated compile of the same graph much cheaper.
+
+Everything here is optional: without a C++ compiler, or wherever Inductor fails, the caller
+keeps its TorchScript step and records why. ``compile_fused`` uses Inductor's internal entry
+points (``compile_fx`` with an ``inner_compile`` hook, the compiled graph's ``current_callable``)
+of the pinned PyTorch 2.13; a change there shows as a fallback, not as wrong results, because
+every fused step is checked against its eager reference before use.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+import time
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["FusePolicy", "compile_fused", "fusion_unavailable", "COMPILERS"]
+
+COMPILERS = ("auto", "inductor", "torchscript")
+
+# Vectorised kernels run a kidiq leaf about 20% faster but take twice as long to compile, and
+# Inductor's first vectorised compile in a process also probes the CPU (about 3 s).
+VECTORIZE = False
+# Seconds of compilation per graph op and per process, measured cold on the 2-core CPU machine
+# (kidiq leaf: 142 ops in 2.3 s, merge: 57 ops in 1.9 s, garch leaf: 325 ops in 5.5 s, first
+# compile in a process 2.3 s).
+SECONDS_PER_OP = 0.025
+SETUP_SECONDS = 2.5
+# A fused step's time per call against the traced step's: 4-5x faster (kidiq leaf and merge,
+# garch leaf), 2.2x (hmm leaf).
+EXPECTED_SPEEDUP = 3.0
+# Inductor inlines an elementwise result into each reader with up to 4 reads; a log-depth scan
+# (GARCH, ARMA) then recomputes every earlier round in each later one: 110 s of compilation
+# instead of 5 s, for a kernel no faster. One read is the threshold that keeps compilation
+# linear; the kidiq leaf costs 45 µs instead of 40 with it.
+REALIZE = {"realize_reads_threshold": 1, "realize_acc_reads_threshold": 2}
+# Fuse only if the predicted saving exceeds the predicted compile time by this factor: the
+# compilation blocks the run, and the saving extrapolates early (often costlier) iterations.
+MARGIN = 1.5
+_setup_done = False
+
+
+def fusion_unavailable() -> str:
+    """Why fused kernels cannot be built here, or ``""`` when they can."""
+    try:
+        from torch._inductor import compile_fx  # noqa: F401
+    except ImportError as error:  # a minimal PyTorch build
+        return f"Inductor is not importable ({error})"
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        return "no C++ compiler (g++) on PATH; install one (apt-get install g++)"
+    include = sysconfig.get_paths().get("include", "")
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return f"no Python headers in {include!r} (apt-get install python3-dev)"
+    return ""
+
+
+def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> Callable:
+    """``graph`` (ATen ops, fixed shapes) compiled by Inductor into one C++ function.
+
+    Returns a callable of the same inputs returning a tuple of fresh tensors. Raises
+    ``RuntimeError`` (or another error of Inductor's) when it cannot be compiled; the caller
+    must check the result against its reference before using it.
+    """
+    global _setup_done
+    from torch._functorch import config as functorch_config
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    inner = []
+
+    def capture(*args, **kwargs):
+        compiled = compile_fx_inner(*args, **kwargs)
+        inner.append(compiled)
+        return compiled
+
+    # The AOT-autograd cache would skip ``capture`` on a hit; Inductor's own cache still applies,
+    # but only inside a tracing context with a shape environment (Dynamo's, normally).
+    # One compile thread: a pool of compile workers costs a torch import each, on a core the
+    # caller may be using.
+    with config.patch({"size_asserts": False, "cpp.vec_isa_ok": VECTORIZE, "compile_threads": 1, **REALIZE}), \
+            functorch_config.patch(enable_autograd_cache=False), \
+            tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+        with warnings.catch_warnings():  # Inductor's own deprecation warnings are not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            wrapped = compile_fx(graph, list(example), inner_compile=capture)
+    _setup_done = True
+    direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
+    return direct or (lambda *args: tuple(wrapped(*args)))
+
+
+def _direct_call(wrapped: Callable, inner: list, example: Sequence[torch.Tensor]) -> Optional[Callable]:
+    """The generated ``call(args)`` without its wrappers, or ``None`` where the wrappers do more
+    than prepend the graph's lifted constants (then the wrapped function must be used)."""
+    call = getattr(inner[0], "current_callable", None)
+    if call is None:
+        return None
+    seen = []
+
+    def record(args):
+        seen.append(list(args))
+        return call(args)
+
+    inner[0].current_callable = record
+    try:
+        reference = wrapped(*example)
+    finally:
+        inner[0].current_callable = call
+    if len(seen) != 1:
+        return None
+    full = seen[0]
+    constants = full[:len(full) - len(example)]
+    if any(got is not want for got, want in zip(full[len(constants):], example)):
+        return None
+    if any(any(const is tensor for tensor in example) for const in constants):
+        return None
+
+    def run(*args):
+        return call([*constants, *args])
+
+    got = run(*example)
+    if not isinstance(got, tuple) or len(got) != len(reference) or not all(
+            torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True))
+            for a, b in zip(got, reference)):
+        return None
+    return run
+
+
+class FusePolicy:
+    """Which of a sampler's traced steps to replace by fused kernels, and when.
+
+    ``"inductor"`` fuses every step from the start, ``"torchscript"`` none. ``"auto"`` counts
+    each step's calls over the iterations after the first (which traces the steps); once those
+    have taken :attr:`check_after` seconds it extrapolates each step's remaining calls, and fuses
+    a step if the expected saving (remaining calls x traced time per call x
+    ``1 - 1 / EXPECTED_SPEEDUP``) exceeds :data:`MARGIN` times its predicted compile time (cold:
+    a cache hit is cheaper, which only makes fusing a better deal). Short runs (tests, quick
+    looks) compile nothing; a merge called once per sub-tree is fused only in long runs.
+
+    Args:
+        compiler: one of :data:`COMPILERS`.
+        total_iterations: iterations of the whole run.
+    """
+
+    check_after = 1.0
+
+    def __init__(self, compiler: str, total_iterations: int) -> None:
+        if compiler not in COMPILERS:
+            raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
+        self.compiler, self.total = compiler, total_iterations
+        self.decided = compiler == "torchscript"
+        self.reason = "compiler='torchscript'" if self.decided else ""
+        self._mark: Optional[tuple[int, float, list[int]]] = None
+
+    def choose(self, done: int, steps: Sequence[tuple[object, int]]) -> Optional[list]:
+        """The steps to fuse after ``done`` iterations: ``[]`` (none, or not yet), a list of
+        steps, or ``None`` for every step, now and later. ``steps`` pairs each traced step
+        (with ``name``, ``num_ops`` and ``call_time()``) with its calls so far.
+        Decides once."""
+        if self.decided:
+            return []
+        if self.compiler == "inductor":
+            self.decided, self.reason = True, "compiler='inductor'"
+            return None
+        if done == 0 or not steps:
+            return []
+        if self._mark is None:
+            self._mark = (done, time.perf_counter(), [calls for _, calls in steps])
+            return []
+        elapsed = time.perf_counter() - self._mark[1]
+        if elapsed < self.check_after or len(steps) != len(self._mark[2]):
+            return []
+        self.decided = True
+        unavailable = fusion_unavailable()
+        if unavailable:
+            self.reason = f"not fused: {unavailable}"
+            return []
+        return self._profitable(done, steps)
+
+    def _profitable(self, done: int, steps: Sequence[tuple[object, int]]) -> list:
+        mark_done, _, mark_calls = self._mark
+        remaining_iterations = self.total - done
+        setup = 0.0 if _setup_done else SETUP_SECONDS
+        chosen, notes = [], []
+        for (step, calls), calls_at_mark in zip(steps, mark_calls):
+            remaining_calls = (calls - calls_at_mark) / (done - mark_done) * remaining_iterations
+            saving = remaining_calls * step.call_time() * (1.0 - 1.0 / EXPECTED_SPEEDUP)
+            cost = SECONDS_PER_OP * step.num_ops + setup
+            fuse = saving > MARGIN * cost
+            if fuse:
+                chosen.append(step)
+                setup = 0.0
+            notes.append(f"{step.name} {'fused' if fuse else 'not fused'} "
+                         f"(saves ~{saving:.1f} s, compiles in ~{cost:.1f} s)")
+        self.reason = "; ".join(notes)
+        return chosen

@@ -1,0 +1,200 @@
+r"""Fused kernels (``compiler="inductor"``) for the NUTS leaf and merge.
+
+Exact checks: a fused graph returns the eager values (NaN, inf and graph constants included) as
+fresh tensors; a fused step keeps its state semantics. Statistical check: NUTS with fused leaves
+matches the Normal-Normal closed-form posterior. Policy checks run on a fake clock.
+"""
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from vilab.inference import fast_inductor
+from vilab.inference.fast_inductor import FusePolicy, compile_fused, fusion_unavailable
+from vilab.inference.fast_leaf import CompiledStep
+from vilab.inference.fast_nuts import sample_vectorized_nuts
+
+pytestmark = pytest.mark.skipif(bool(fusion_unavailable()), reason=fusion_unavailable() or "available")
+
+Z = 4.5
+
+
+def _step(x, y, flag):
+    """Elementwise, reduction, select and a graph constant: the kinds of op a leaf has."""
+    weights = torch.tensor([0.5, -1.0, 2.0], dtype=x.dtype)
+    total = (torch.log(x) * weights).sum(-1)
+    return torch.where(flag.unsqueeze(-1), x * 2.0, y), torch.logaddexp(total, y.sum(-1)), flag & (total > 0)
+
+
+def _inputs():
+    x = torch.tensor([[1.0, 0.0, 2.0], [math.inf, 3.0, -1.0]], dtype=torch.float64)
+    y = torch.tensor([[0.1, 0.2, 0.3], [math.nan, 0.5, 0.6]], dtype=torch.float64)
+    return x, y, torch.tensor([True, False])
+
+
+def test_fused_graph_returns_the_eager_values_as_fresh_tensors():
+    inputs = _inputs()
+    fused = compile_fused(make_fx(_step)(*inputs), inputs)
+    got, expected = fused(*inputs), _step(*inputs)
+    assert isinstance(got, tuple) and len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b) or torch.allclose(a, b, equal_nan=True)
+        assert all(a.data_ptr() != tensor.data_ptr() for tensor in inputs)
+    again = fused(*inputs)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(got, again))
+
+
+def test_fused_compiled_step_feeds_its_state_back_like_the_eager_step():
+    def step(total, count, x):
+        return total + x.sin(), count + 1, (total * x).sum()
+
+    example = (torch.zeros(3, dtype=torch.float64), torch.zeros((), dtype=torch.long),
+               torch.linspace(0.1, 1.0, 3, dtype=torch.float64))
+    compiled = CompiledStep(step, example, num_state=2)
+    assert compiled.compiled and compiled.backend in ("static runtime", "torchscript")
+    assert compiled.fuse(), compiled.fuse_failure
+    assert compiled.backend == "inductor"
+    fused_state, eager_state = example[:2], example[:2]
+    for _ in range(5):
+        *fused_state, fused_out = compiled(*fused_state, example[2])
+        *eager_state, eager_out = step(*eager_state, example[2])
+    torch.testing.assert_close(fused_state[0], eager_state[0], rtol=1e-12, atol=1e-12)
+    assert int(fused_state[1]) == 5
+    torch.testing.assert_close(fused_out, eager_out, rtol=1e-12, atol=1e-12)
+
+
+def test_a_step_that_was_not_traced_is_not_fused_and_says_why():
+    step = CompiledStep(lambda x: (x + 1,), (torch.zeros(2),), compile=False)
+    assert not step.fuse() and "not traced" in step.fuse_failure and step.backend == "eager"
+
+
+def normal_normal(data):
+    loc = pyro.sample("loc", dist.Normal(0.0, 2.0))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
+
+
+def test_nuts_with_fused_leaves_matches_the_closed_form_posterior():
+    torch.set_default_dtype(torch.float64)
+    data = torch.tensor([0.3, 1.9, 1.1, 0.4, 2.2, 1.0, 0.7, 1.6])
+    result = sample_vectorized_nuts(normal_normal, (data,), {}, num_samples=400, num_warmup=300, num_chains=4,
+                                    seed=2, progress=False, compiler="inductor")
+    assert result.backend == "inductor" and result.fuse_decision == "compiler='inductor'"
+    precision = 1 / 2.0**2 + data.shape[0]
+    mean, sd = data.sum().item() / precision, precision**-0.5
+    draws = result.samples["loc"]
+    import arviz as az
+
+    ess = float(az.ess(draws.numpy()))
+    assert ess > 300
+    assert abs(draws.mean().item() - mean) < Z * sd / ess**0.5
+    assert abs(draws.std().item() - sd) < Z * sd / (2 * ess) ** 0.5
+    assert result.sample_stats["n_steps"].min() >= 1
+
+
+def test_short_runs_stay_on_torchscript_under_auto():
+    data = torch.tensor([0.3, 1.9, 1.1])
+    result = sample_vectorized_nuts(normal_normal, (data,), {}, num_samples=30, num_warmup=30, num_chains=2,
+                                    seed=0, progress=False)
+    assert result.backend in ("static runtime", "torchscript")
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = _Clock()
+    monkeypatch.setattr(fast_inductor.time, "perf_counter", fake)
+    return fake
+
+
+class _Step:
+    def __init__(self, name, num_ops, seconds_per_call):
+        self.name, self.num_ops, self.seconds = name, num_ops, seconds_per_call
+
+    def call_time(self):
+        return self.seconds
+
+
+def _decide(policy, clock, steps, calls_per_iteration, iterations=100, seconds=1.5):
+    """Run the policy over ``iterations`` timed iterations taking ``seconds`` in all."""
+    clock.now = 0.0
+    assert policy.choose(0, [(step, 0) for step in steps]) == []  # the first iteration traces
+    assert policy.choose(1, [(step, rate) for step, rate in zip(steps, calls_per_iteration)]) == []
+    clock.now = seconds
+    done = 1 + iterations
+    return policy.choose(done, [(step, rate * done) for step, rate in zip(steps, calls_per_iteration)])
+
+
+def test_auto_policy_fuses_a_step_only_when_its_remaining_calls_pay_for_its_compilation(clock):
+    leaf, merge = _Step("leaf", 140, 200e-6), _Step("merge", 60, 80e-6)
+    # 60 leaves and 6 merges per iteration, 1900 iterations left: the leaf saves ~15 s, the
+    # merge ~0.6 s against ~1.5 s of compilation.
+    policy = FusePolicy("auto", 2001)
+    assert _decide(policy, clock, [leaf, merge], [60, 6]) == [leaf]
+    assert "leaf fused" in policy.reason and "merge not fused" in policy.reason
+    assert policy.decided and policy.choose(500, [(leaf, 10**6), (merge, 10**5)]) == []
+    short = FusePolicy("auto", 150)
+    assert _decide(short, clock, [leaf, merge], [60, 6]) == []
+
+
+def test_auto_policy_waits_for_a_second_of_timed_iterations(clock):
+    policy = FusePolicy("auto", 10**6)
+    step = _Step("leaf", 100, 1e-3)
+    assert _decide(policy, clock, [step], [100], iterations=10, seconds=0.5) == []
+    assert not policy.decided
+    clock.now = 1.2
+    assert policy.choose(20, [(step, 2000)]) == [step]
+
+
+def test_explicit_policies_and_bad_compiler(clock):
+    assert FusePolicy("inductor", 10).choose(0, []) is None
+    never = FusePolicy("torchscript", 10**6)
+    assert never.decided and never.choose(5, [(_Step("leaf", 1, 1.0), 10**6)]) == []
+    with pytest.raises(ValueError, match="compiler"):
+        FusePolicy("xla", 10)
+    with pytest.raises(ValueError, match="compiler.*'xla'"):
+        sample_vectorized_nuts(normal_normal, (torch.zeros(2),), {}, num_samples=5, num_warmup=5, num_chains=1,
+                               progress=False, compiler="xla")
+
+
+def test_auto_policy_without_a_compiler_says_so(clock, monkeypatch):
+    monkeypatch.setattr(fast_inductor.shutil, "which", lambda name: None)
+    policy = FusePolicy("auto", 10**6)
+    assert _decide(policy, clock, [_Step("leaf", 100, 1e-3)], [100]) == []
+    assert "g++" in policy.reason
+
+
+@pytest.mark.parametrize("guide_name", ["meanfield", "iaf"])
+def test_fused_svi_steps_follow_the_traced_steps(guide_name):
+    """Same seed, same noise stream: the fused step takes the traced step's trajectory."""
+    from vilab.inference import fit_svi
+    from vilab.models import conjugate
+
+    x = conjugate.default_normal_data()
+    runs = {compiler: fit_svi(conjugate.normal_normal, guide_name, 20, x, num_steps=300, lr=0.05,
+                              early_stop=False, progress=False, seed=3, compiler=compiler)
+            for compiler in ("torchscript", "inductor")}
+    assert runs["inductor"].config["fused"] and not runs["torchscript"].config["fused"]
+    assert runs["inductor"].config["fuse_decision"] == "compiler='inductor'"
+    torch.testing.assert_close(torch.tensor(runs["inductor"].losses), torch.tensor(runs["torchscript"].losses),
+                               rtol=1e-7, atol=1e-7)
+
+
+def test_fit_svi_names_a_bad_compiler():
+    from vilab.inference import fit_svi
+    from vilab.models import conjugate
+
+    with pytest.raises(ValueError, match="compiler.*'fast'"):
+        fit_svi(conjugate.normal_normal, "meanfield", 20, conjugate.default_normal_data(), num_steps=5,
+                progress=False, compiler="fast")
