@@ -191,25 +191,8 @@ class CompiledStep:
             self.fuse_failure = "the step was not traced"
             return False
         graph, example, following, expected = self._check
-        try:
-            fused = compile_fused(graph, example)
-            first = fused(*following)
-            kept = tuple(tensor.clone() for tensor in first)
-            fused(*example)
-            ok = _all_close(first, expected) and _all_close(first, kept)
-        except (RuntimeError, AssertionError, OSError, TypeError, ValueError) as error:
-            self.fuse_failure = _describe(error)
-            return False
-        if not ok:
-            self.fuse_failure = "the fused kernel disagrees with the eager function"
-            return False
-        # Inductor inlines chains of elementwise ops; on a log-depth scan that recomputes each
-        # round's inputs, and the fused kernel can be slower than the ops it replaces.
-        fused_time, traced_time = _call_time(fused, following), _call_time(self._fn, following)
-        if fused_time > FUSED_MAX_TIME_RATIO * traced_time:
-            self.fuse_failure = (f"the fused kernel is slower ({fused_time * 1e6:.0f} µs per call against "
-                                 f"{traced_time * 1e6:.0f} µs traced)")
-            self._check = None
+        fused, self.fuse_failure = fuse_checked(graph, example, [(following, expected)], self._fn)
+        if fused is None:
             return False
         self._fn, self.backend, self._check = fused, "inductor", None
         return True
@@ -259,6 +242,33 @@ def make_leaf_stepper(eager_potential_fn: Callable, example: tuple, compile: boo
     trace_fn = None if trace_potential_fn is None else (lambda *args: leaf_step(trace_potential_fn, *args))
     return CompiledStep(lambda *args: leaf_step(eager_potential_fn, *args), example, compile=compile,
                         trace_fn=trace_fn, num_state=len(LEAF_FIELDS), name="leaf")
+
+
+def fuse_checked(graph, example: tuple, checks: list[tuple[tuple, tuple]],
+                 current: Callable) -> tuple[Callable | None, str]:
+    """``graph`` compiled by :func:`~vilab.inference.fast_inductor.compile_fused`, kept only if
+    it reproduces every ``(inputs, expected)`` of ``checks``, its outputs survive the next call
+    (callers keep them), and it is at least ``1 / FUSED_MAX_TIME_RATIO`` times faster per call than
+    ``current`` on the last check's inputs. Returns ``(fused, "")`` or ``(None, why not)``."""
+    try:
+        fused, ok = compile_fused(graph, example), True
+        for inputs, expected in checks:
+            got = fused(*inputs)
+            kept = tuple(tensor.clone() for tensor in got)
+            fused(*example)
+            ok = ok and _all_close(got, expected) and _all_close(got, kept)
+    except (RuntimeError, AssertionError, OSError, TypeError, ValueError) as error:
+        return None, _describe(error)
+    if not ok:
+        return None, "the fused kernel disagrees with the eager step"
+    # Inductor inlines chains of elementwise ops; on a log-depth scan that recomputes each
+    # round's inputs, and the fused kernel can be slower than the ops it replaces.
+    timing_inputs = checks[-1][0]
+    fused_time, traced_time = _call_time(fused, timing_inputs), _call_time(current, timing_inputs)
+    if fused_time > FUSED_MAX_TIME_RATIO * traced_time:
+        return None, (f"the fused kernel is slower ({fused_time * 1e6:.0f} µs per call against "
+                      f"{traced_time * 1e6:.0f} µs traced)")
+    return fused, ""
 
 
 def _call_time(function: Callable, inputs: tuple, calls: int = 20, repeats: int = 3) -> float:

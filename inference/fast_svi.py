@@ -43,8 +43,7 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import prune_subsample_sites
 
 from .fast_graph import data_dependent_shapes, mask_assignments_as_selects, simplify
-from .fast_inductor import compile_fused
-from .fast_leaf import FUSED_MAX_TIME_RATIO, _all_close, _call_time, _describe, _static_runtime
+from .fast_leaf import _all_close, _call_time, _static_runtime, fuse_checked
 
 __all__ = ["CompiledSVIError", "CompiledSVIStep", "elbo_loss"]
 
@@ -333,19 +332,8 @@ class CompiledSVIStep:
         steps and is faster; returns whether it does (else :attr:`fuse_failure` says why)."""
         if self.fused:
             return True
-        try:
-            fused = compile_fused(self._graph, self._checks[0][0])
-            ok = all(_all_close(fused(*inputs), expected) for inputs, expected in self._checks)
-        except (RuntimeError, AssertionError, OSError, TypeError, ValueError) as error:
-            self.fuse_failure = _describe(error)
-            return False
-        if not ok:
-            self.fuse_failure = "the fused kernel disagrees with the eager step"
-            return False
-        fused_time, traced_time = _call_time(fused, self._checks[1][0]), self.call_time()
-        if fused_time > FUSED_MAX_TIME_RATIO * traced_time:
-            self.fuse_failure = (f"the fused kernel is slower ({fused_time * 1e6:.0f} against "
-                                 f"{traced_time * 1e6:.0f} µs)")
+        fused, self.fuse_failure = fuse_checked(self._graph, self._checks[0][0], self._checks, self._fn)
+        if fused is None:
             return False
         self._fn, self.fused = fused, True
         return True
