@@ -21,6 +21,7 @@ every fused step is checked against its eager reference before use.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sysconfig
@@ -30,7 +31,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["FusePolicy", "compile_fused", "fusion_unavailable", "COMPILERS"]
+__all__ = ["FusePolicy", "compile_fused", "is_cached", "fusion_unavailable", "COMPILERS"]
 
 COMPILERS = ("auto", "inductor", "torchscript")
 
@@ -53,6 +54,8 @@ REALIZE = {"realize_reads_threshold": 1, "realize_acc_reads_threshold": 2}
 # Fuse only if the predicted saving exceeds the predicted compile time by this factor: the
 # compilation blocks the run, and the saving extrapolates early (often costlier) iterations.
 MARGIN = 1.5
+# Compiling a graph found in Inductor's cache: tracing and loading only (kidiq leaf: 0.95 s).
+CACHED_SECONDS = 1.0
 _setup_done = False
 
 
@@ -78,6 +81,7 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) 
     must check the result against its reference before using it.
     """
     global _setup_done
+    graph_key = _graph_key(graph, example)  # before Inductor, which may rewrite ``graph``
     from torch._functorch import config as functorch_config
     from torch._guards import TracingContext, tracing
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -103,8 +107,44 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) 
             warnings.simplefilter("ignore", FutureWarning)
             wrapped = compile_fx(graph, list(example), inner_compile=capture)
     _setup_done = True
+    _mark_cached(graph_key)
     direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
     return direct or (lambda *args: tuple(wrapped(*args)))
+
+
+def is_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> bool:
+    """Whether :func:`compile_fused` has compiled this graph (code, constants, input shapes,
+    settings) into the current Inductor cache directory, so that compiling it again is a cache
+    hit (about 1 s) rather than a cold compilation."""
+    return os.path.exists(_marker_path(_graph_key(graph, example)))
+
+
+def _graph_key(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> str:
+    digest = hashlib.sha256(f"{torch.__version__}|{VECTORIZE}|{REALIZE}|{torch.get_num_threads()}".encode())
+    digest.update(graph.code.encode())
+    for node in graph.graph.nodes:
+        value = getattr(graph, node.target, None) if node.op == "get_attr" else None
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{node.target}|{value.dtype}|{tuple(value.shape)}".encode())
+            digest.update(value.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for tensor in example:
+        digest.update(f"{tensor.dtype}|{tuple(tensor.shape)}|{tensor.stride()}".encode())
+    return digest.hexdigest()
+
+
+def _marker_path(key: str) -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return os.path.join(cache_dir(), "vilab_fused", key)
+
+
+def _mark_cached(key: str) -> None:
+    try:
+        path = _marker_path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "a").close()
+    except OSError:  # a read-only cache only costs a cold-compile estimate next time
+        pass
 
 
 def _direct_call(wrapped: Callable, inner: list, example: Sequence[torch.Tensor]) -> Optional[Callable]:
@@ -151,9 +191,10 @@ class FusePolicy:
     each step's calls over the iterations after the first (which traces the steps); once those
     have taken :attr:`check_after` seconds it extrapolates each step's remaining calls, and fuses
     a step if the expected saving (remaining calls x traced time per call x
-    ``1 - 1 / EXPECTED_SPEEDUP``) exceeds :data:`MARGIN` times its predicted compile time (cold:
-    a cache hit is cheaper, which only makes fusing a better deal). Short runs (tests, quick
-    looks) compile nothing; a merge called once per sub-tree is fused only in long runs.
+    ``1 - 1 / EXPECTED_SPEEDUP``) exceeds :data:`MARGIN` times its predicted compile time: cold,
+    or :data:`CACHED_SECONDS` for a graph already in Inductor's cache (:func:`is_cached`), as on
+    a repeated run. Short runs (tests, quick looks) compile nothing; a merge called once per
+    sub-tree is fused only in long runs.
 
     Args:
         compiler: one of :data:`COMPILERS`.
@@ -173,7 +214,7 @@ class FusePolicy:
     def choose(self, done: int, steps: Sequence[tuple[object, int]]) -> Optional[list]:
         """The steps to fuse after ``done`` iterations: ``[]`` (none, or not yet), a list of
         steps, or ``None`` for every step, now and later. ``steps`` pairs each traced step
-        (with ``name``, ``num_ops`` and ``call_time()``) with its calls so far.
+        (with ``name``, ``num_ops``, ``call_time()`` and ``fusion_cached()``) with its calls so far.
         Decides once."""
         if self.decided:
             return []
@@ -203,7 +244,7 @@ class FusePolicy:
         for (step, calls), calls_at_mark in zip(steps, mark_calls):
             remaining_calls = (calls - calls_at_mark) / (done - mark_done) * remaining_iterations
             saving = remaining_calls * step.call_time() * (1.0 - 1.0 / EXPECTED_SPEEDUP)
-            cost = SECONDS_PER_OP * step.num_ops + setup
+            cost = (CACHED_SECONDS if step.fusion_cached() else SECONDS_PER_OP * step.num_ops) + setup
             fuse = saving > MARGIN * cost
             if fuse:
                 chosen.append(step)

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 
 from .fast_graph import simplify
-from .fast_inductor import compile_fused
+from .fast_inductor import compile_fused, is_cached
 
 __all__ = ["LEAF_FIELDS", "leaf_step", "CompiledStep", "make_leaf_stepper", "checkpoint_masks", "threads_for"]
 
@@ -173,6 +173,10 @@ class CompiledStep:
         """Seconds per call of the current implementation, timed on the check input (0 once
         fused or where nothing was traced)."""
         return 0.0 if self._check is None else _call_time(self._fn, self._check[2])
+
+    def fusion_cached(self) -> bool:
+        """Whether fusing would be a cache hit (:func:`~vilab.inference.fast_inductor.is_cached`)."""
+        return self._check is not None and is_cached(*self._check[:2])
 
     @property
     def function(self) -> Callable:

@@ -43,6 +43,7 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import prune_subsample_sites
 
 from .fast_graph import data_dependent_shapes, mask_assignments_as_selects, simplify
+from .fast_inductor import is_cached
 from .fast_leaf import _all_close, _call_time, _static_runtime, fuse_checked
 
 __all__ = ["CompiledSVIError", "CompiledSVIStep", "elbo_loss"]
@@ -325,6 +326,9 @@ class CompiledSVIStep:
 
     def call_time(self) -> float:
         return 0.0 if self.fused else _call_time(self._fn, self._checks[1][0])
+
+    def fusion_cached(self) -> bool:
+        return not self.fused and is_cached(self._graph, self._checks[0][0])
 
     def fuse(self) -> bool:
         """Run the step as Inductor's fused kernel

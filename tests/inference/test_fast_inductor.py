@@ -119,11 +119,14 @@ def clock(monkeypatch):
 
 
 class _Step:
-    def __init__(self, name, num_ops, seconds_per_call):
-        self.name, self.num_ops, self.seconds = name, num_ops, seconds_per_call
+    def __init__(self, name, num_ops, seconds_per_call, cached=False):
+        self.name, self.num_ops, self.seconds, self.cached = name, num_ops, seconds_per_call, cached
 
     def call_time(self):
         return self.seconds
+
+    def fusion_cached(self):
+        return self.cached
 
 
 def _decide(policy, clock, steps, calls_per_iteration, iterations=100, seconds=1.5):
@@ -146,6 +149,28 @@ def test_auto_policy_fuses_a_step_only_when_its_remaining_calls_pay_for_its_comp
     assert policy.decided and policy.choose(500, [(leaf, 10**6), (merge, 10**5)]) == []
     short = FusePolicy("auto", 150)
     assert _decide(short, clock, [leaf, merge], [60, 6]) == []
+
+
+def test_auto_policy_counts_a_cached_graph_at_a_cache_hits_cost(clock):
+    # ~2 s of saving: not worth a cold compilation of 140 ops (3.5 s), worth a cache hit (1 s).
+    cold, cached = _Step("leaf", 140, 100e-6), _Step("leaf", 140, 100e-6, cached=True)
+    fast_inductor._setup_done, setup = True, fast_inductor._setup_done
+    try:
+        assert _decide(FusePolicy("auto", 600), clock, [cold], [60]) == []
+        assert _decide(FusePolicy("auto", 600), clock, [cached], [60]) == [cached]
+    finally:
+        fast_inductor._setup_done = setup
+
+
+def test_a_compiled_graph_is_known_to_be_cached_and_a_changed_one_is_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    inputs = _inputs()
+    graph = make_fx(_step)(*inputs)
+    assert not fast_inductor.is_cached(graph, inputs)
+    compile_fused(make_fx(_step)(*inputs), inputs)
+    assert fast_inductor.is_cached(graph, inputs)
+    other = (inputs[0][:1], inputs[1][:1], inputs[2][:1])
+    assert not fast_inductor.is_cached(make_fx(_step)(*other), other)
 
 
 def test_auto_policy_waits_for_a_second_of_timed_iterations(clock):
