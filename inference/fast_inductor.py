@@ -1,13 +1,14 @@
 r"""Fused C++ kernels for traced sampler steps, through PyTorch's Inductor.
 
 A NUTS leaf runs 140-530 small ATen ops; under Static Runtime each costs about 1.1 µs of
-dispatch, so a leaf of kidiq costs about 200 µs while its arithmetic takes about 6 µs. Inductor
+dispatch, so a leaf of kidiq costs about 200 µs while its arithmetic takes about 15 µs. Inductor
 fuses the whole graph into one C++ function (compiled by the system's ``g++``). Its Python
 wrapper then dominates: size asserts on every input, the AOT-autograd and Dynamo wrappers, and
 one allocation per buffer. The asserts are switched off (the shapes are fixed by construction
 and the caller checks the compiled step against the eager one), and the generated ``call``
-function is invoked directly, which leaves about 40 µs per kidiq leaf (from about 200), most
-of it one allocation per output buffer.
+function is invoked directly, which leaves about 45 µs per kidiq leaf (from about 200), most
+of it one allocation per buffer; a step whose caller lets it reuse its buffers
+(:mod:`~vilab.inference.fast_recycle`) gets down to about 16 µs.
 
 Compiling costs seconds (about 25 ms per op plus a few seconds of one-off setup per process),
 so :class:`FusePolicy` compiles a step only when its measured calls say it will pay for itself.
@@ -31,6 +32,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .fast_recycle import recycled_call
+
 __all__ = ["FusePolicy", "compile_fused", "is_cached", "fusion_unavailable", "COMPILERS"]
 
 COMPILERS = ("auto", "inductor", "torchscript")
@@ -44,8 +47,11 @@ VECTORIZE = False
 SECONDS_PER_OP = 0.025
 SETUP_SECONDS = 2.5
 # A fused step's time per call against the traced step's: 4-5x faster (kidiq leaf and merge,
-# garch leaf), 2.2x (hmm leaf).
+# garch leaf), 2.2x (hmm leaf); a fused step that reuses its buffers: 13-58x where the wrapper
+# dominated (kidiq, eight schools, mesquite, sblrc, arK, arma, garch), 8x (nes), 2.5-3.5x where
+# arithmetic does (low_dim_gauss_mix, hmm).
 EXPECTED_SPEEDUP = 3.0
+RECYCLED_SPEEDUP = 8.0
 # Inductor inlines an elementwise result into each reader with up to 4 reads; a log-depth scan
 # (GARCH, ARMA) then recomputes every earlier round in each later one: 110 s of compilation
 # instead of 5 s, for a kernel no faster. One read is the threshold that keeps compilation
@@ -73,12 +79,15 @@ def fusion_unavailable() -> str:
     return ""
 
 
-def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> Callable:
+def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
+                  recycle: bool = False) -> Callable:
     """``graph`` (ATen ops, fixed shapes) compiled by Inductor into one C++ function.
 
-    Returns a callable of the same inputs returning a tuple of fresh tensors. Raises
-    ``RuntimeError`` (or another error of Inductor's) when it cannot be compiled; the caller
-    must check the result against its reference before using it.
+    Returns a callable of the same inputs returning a tuple of fresh tensors or, with
+    ``recycle``, of tensors from buffers allocated once and overwritten two calls later
+    (:func:`~vilab.inference.fast_recycle.recycled_call`; fresh tensors where that rewrite does
+    not apply). Raises ``RuntimeError`` (or another error of Inductor's) when it cannot be
+    compiled; the caller must check the result against its reference before using it.
     """
     global _setup_done
     graph_key = _graph_key(graph, example)  # before Inductor, which may rewrite ``graph``
@@ -109,7 +118,14 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) 
     _setup_done = True
     _mark_cached(graph_key)
     direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
-    return direct or (lambda *args: tuple(wrapped(*args)))
+    if direct is None:
+        return lambda *args: tuple(wrapped(*args))
+    call, constants = direct
+    if recycle:
+        recycled = recycled_call(call, constants, example)
+        if recycled is not None:
+            return recycled
+    return lambda *args: call([*constants, *args])
 
 
 def is_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> bool:
@@ -147,9 +163,10 @@ def _mark_cached(key: str) -> None:
         pass
 
 
-def _direct_call(wrapped: Callable, inner: list, example: Sequence[torch.Tensor]) -> Optional[Callable]:
-    """The generated ``call(args)`` without its wrappers, or ``None`` where the wrappers do more
-    than prepend the graph's lifted constants (then the wrapped function must be used)."""
+def _direct_call(wrapped: Callable, inner: list, example: Sequence[torch.Tensor]) -> Optional[tuple]:
+    """The generated ``call(args)`` without its wrappers and the lifted constants the wrappers
+    prepend to the inputs, or ``None`` where the wrappers do more than that (then the wrapped
+    function must be used)."""
     call = getattr(inner[0], "current_callable", None)
     if call is None:
         return None
@@ -181,7 +198,7 @@ def _direct_call(wrapped: Callable, inner: list, example: Sequence[torch.Tensor]
             torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True))
             for a, b in zip(got, reference)):
         return None
-    return run
+    return call, constants
 
 
 class FusePolicy:
@@ -191,7 +208,8 @@ class FusePolicy:
     each step's calls over the iterations after the first (which traces the steps); once those
     have taken :attr:`check_after` seconds it extrapolates each step's remaining calls, and fuses
     a step if the expected saving (remaining calls x traced time per call x
-    ``1 - 1 / EXPECTED_SPEEDUP``) exceeds :data:`MARGIN` times its predicted compile time: cold,
+    ``1 - 1 / speedup``, :data:`RECYCLED_SPEEDUP` for a step that reuses its buffers and
+    :data:`EXPECTED_SPEEDUP` otherwise) exceeds :data:`MARGIN` times its predicted compile time: cold,
     or :data:`CACHED_SECONDS` for a graph already in Inductor's cache (:func:`is_cached`), as on
     a repeated run. Short runs (tests, quick looks) compile nothing; a merge called once per
     sub-tree is fused only in long runs.
@@ -243,7 +261,8 @@ class FusePolicy:
         chosen, notes = [], []
         for (step, calls), calls_at_mark in zip(steps, mark_calls):
             remaining_calls = (calls - calls_at_mark) / (done - mark_done) * remaining_iterations
-            saving = remaining_calls * step.call_time() * (1.0 - 1.0 / EXPECTED_SPEEDUP)
+            speedup = RECYCLED_SPEEDUP if getattr(step, "recycle", False) else EXPECTED_SPEEDUP
+            saving = remaining_calls * step.call_time() * (1.0 - 1.0 / speedup)
             cost = (CACHED_SECONDS if step.fusion_cached() else SECONDS_PER_OP * step.num_ops) + setup
             fuse = saving > MARGIN * cost
             if fuse:

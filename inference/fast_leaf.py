@@ -154,11 +154,15 @@ class CompiledStep:
             potential); defaults to ``eager_fn``.
         num_state: how many leading outputs are fed back as the leading inputs of the check.
         name: what the step is, for messages.
+        recycle: once fused, return tensors from buffers that are reused two calls later
+            (:func:`~vilab.inference.fast_recycle.recycled_call`); only for a caller that is done
+            with a call's outputs when the call after next starts.
     """
 
     def __init__(self, eager_fn: Callable, example: tuple, compile: bool = True,
-                 trace_fn: Callable | None = None, num_state: int = 0, name: str = "step") -> None:
-        self.name = name
+                 trace_fn: Callable | None = None, num_state: int = 0, name: str = "step",
+                 recycle: bool = False) -> None:
+        self.name, self.recycle = name, recycle
         self._eager, self._trace_fn = eager_fn, trace_fn or eager_fn
         self._fn, self.compiled, self._num_state = eager_fn, False, num_state
         self.failure = "" if compile else "compilation not requested"
@@ -179,6 +183,11 @@ class CompiledStep:
         return self._check is not None and is_cached(*self._check[:2])
 
     @property
+    def recycled(self) -> bool:
+        """Whether the fused kernel reuses its buffers (see ``recycle``)."""
+        return bool(getattr(self._fn, "recycled", False))
+
+    @property
     def function(self) -> Callable:
         """The current implementation (eager, traced or fused), for hot loops that call it
         directly; it changes when the step is fused."""
@@ -195,7 +204,8 @@ class CompiledStep:
             self.fuse_failure = "the step was not traced"
             return False
         graph, example, following, expected = self._check
-        fused, self.fuse_failure = fuse_checked(graph, example, [(following, expected)], self._fn)
+        fused, self.fuse_failure = fuse_checked(graph, example, [(following, expected)], self._fn,
+                                                recycle=self.recycle)
         if fused is None:
             return False
         self._fn, self.backend, self._check = fused, "inductor", None
@@ -244,18 +254,21 @@ def make_leaf_stepper(eager_potential_fn: Callable, example: tuple, compile: boo
             again than Pyro.
     """
     trace_fn = None if trace_potential_fn is None else (lambda *args: leaf_step(trace_potential_fn, *args))
+    # The sampler's leaf loop feeds each leaf's outputs to the next leaf, and the last leaf's to
+    # the merge, before the call after next: the fused leaf can reuse its buffers.
     return CompiledStep(lambda *args: leaf_step(eager_potential_fn, *args), example, compile=compile,
-                        trace_fn=trace_fn, num_state=len(LEAF_FIELDS), name="leaf")
+                        trace_fn=trace_fn, num_state=len(LEAF_FIELDS), name="leaf", recycle=True)
 
 
 def fuse_checked(graph, example: tuple, checks: list[tuple[tuple, tuple]],
-                 current: Callable) -> tuple[Callable | None, str]:
-    """``graph`` compiled by :func:`~vilab.inference.fast_inductor.compile_fused`, kept only if
-    it reproduces every ``(inputs, expected)`` of ``checks``, its outputs survive the next call
-    (callers keep them), and it is at least ``1 / FUSED_MAX_TIME_RATIO`` times faster per call than
-    ``current`` on the last check's inputs. Returns ``(fused, "")`` or ``(None, why not)``."""
+                 current: Callable, recycle: bool = False) -> tuple[Callable | None, str]:
+    """``graph`` compiled by :func:`~vilab.inference.fast_inductor.compile_fused` (with
+    ``recycle``), kept only if it reproduces every ``(inputs, expected)`` of ``checks``, its
+    outputs survive the next call (callers keep them), and it is at least
+    ``1 / FUSED_MAX_TIME_RATIO`` times faster per call than ``current`` on the last check's
+    inputs. Returns ``(fused, "")`` or ``(None, why not)``."""
     try:
-        fused, ok = compile_fused(graph, example), True
+        fused, ok = compile_fused(graph, example, recycle=recycle), True
         for inputs, expected in checks:
             got = fused(*inputs)
             kept = tuple(tensor.clone() for tensor in got)

@@ -1,0 +1,144 @@
+r"""Fused kernels whose buffers are allocated once (:mod:`vilab.inference.fast_recycle`).
+
+Exact checks: the recycled call returns the ordinary call's values; a call's outputs survive the
+next call and share memory with the call after it (the documented lifetime); a step that feeds
+its outputs back, as the NUTS leaf loop does, follows the eager step; sources the rewrite does
+not understand are left alone.
+"""
+import ast
+import math
+import textwrap
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from vilab.inference import fast_inductor
+from vilab.inference.fast_inductor import compile_fused, fusion_unavailable
+from vilab.inference.fast_leaf import CompiledStep
+from vilab.inference.fast_recycle import RECYCLE_DEPTH, _plan, recycled_call
+
+pytestmark = pytest.mark.skipif(bool(fusion_unavailable()), reason=fusion_unavailable() or "available")
+
+
+def _step(x, y, flag):
+    weights = torch.tensor([0.5, -1.0, 2.0], dtype=x.dtype)
+    total = (torch.log(x) * weights).sum(-1)
+    return torch.where(flag.unsqueeze(-1), x * 2.0, y), torch.logaddexp(total, y.sum(-1)), flag & (total > 0)
+
+
+def _inputs():
+    x = torch.tensor([[1.0, 0.0, 2.0], [math.inf, 3.0, -1.0]], dtype=torch.float64)
+    y = torch.tensor([[0.1, 0.2, 0.3], [math.nan, 0.5, 0.6]], dtype=torch.float64)
+    return x, y, torch.tensor([True, False])
+
+
+def test_recycled_kernel_returns_the_eager_values_and_reuses_its_buffers_two_calls_later():
+    inputs = _inputs()
+    fused = compile_fused(make_fx(_step)(*inputs), inputs, recycle=True)
+    assert getattr(fused, "recycled", False)
+    first = fused(*inputs)
+    kept = tuple(tensor.clone() for tensor in first)
+    second = fused(*inputs)
+    for a, b, c in zip(first, kept, _step(*inputs)):
+        assert torch.equal(a.isnan(), c.isnan()) and torch.equal(a.nan_to_num(), c.nan_to_num())
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())  # survived the next call
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first, second))
+    for _ in range(RECYCLE_DEPTH - 1):
+        later = fused(*inputs)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(first, later))
+
+
+def test_a_recycled_step_fed_its_own_outputs_follows_the_eager_step():
+    def step(total, count, x):
+        return total + x.sin() * total.cos(), count + 1, (total * x).sum()
+
+    example = (torch.linspace(-1.0, 1.0, 5, dtype=torch.float64), torch.zeros((), dtype=torch.long),
+               torch.linspace(0.1, 1.0, 5, dtype=torch.float64))
+    compiled = CompiledStep(step, example, num_state=2, recycle=True)
+    assert compiled.fuse(), compiled.fuse_failure
+    assert compiled.backend == "inductor" and compiled.recycled
+    fused_state, eager_state = example[:2], example[:2]
+    for _ in range(7):
+        *fused_state, fused_out = compiled(*fused_state, example[2])
+        *eager_state, eager_out = step(*eager_state, example[2])
+    torch.testing.assert_close(fused_state[0], eager_state[0], rtol=1e-12, atol=1e-12)
+    assert int(fused_state[1]) == 7
+    torch.testing.assert_close(fused_out, eager_out, rtol=1e-12, atol=1e-12)
+
+
+def test_steps_that_keep_their_outputs_get_fresh_tensors():
+    example = (torch.ones(3, dtype=torch.float64),)
+    compiled = CompiledStep(lambda x: (x * 2.0,), example)
+    assert compiled.fuse() and not compiled.recycled
+
+
+def test_the_nuts_leaf_runs_recycled(monkeypatch):
+    import pyro
+    import pyro.distributions as dist
+
+    from vilab.inference.fast_nuts import sample_vectorized_nuts
+
+    made = []
+
+    def spy(*args):
+        made.append(recycled_call(*args))
+        return made[-1]
+
+    monkeypatch.setattr(fast_inductor, "recycled_call", spy)
+
+    def model(data):
+        loc = pyro.sample("loc", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
+
+    data = torch.tensor([0.3, 1.9, 1.1], dtype=torch.float64)
+    result = sample_vectorized_nuts(model, (data,), {}, num_samples=5, num_warmup=5, num_chains=2, seed=0,
+                                    progress=False, compiler="inductor")
+    assert result.backend == "inductor"
+    assert len(made) == 1 and made[0] is not None  # the leaf; the merge keeps fresh outputs
+
+
+def _function(source: str) -> ast.FunctionDef:
+    return ast.parse(textwrap.dedent(source)).body[0]
+
+
+def test_sources_the_rewrite_does_not_understand_are_left_alone():
+    assigned_twice = """
+    def call(args):
+        a, = args
+        buf0 = empty_strided_cpu((2,), (1,), torch.float64)
+        buf0 = empty_strided_cpu((2,), (1,), torch.float64)
+        return (buf0,)
+    """
+    uses_runner = """
+    def call(self, args):
+        a, = args
+        buf0 = empty_strided_cpu((2,), (1,), torch.float64)
+        self.partitions[0](buf0)
+        return (buf0,)
+    """
+    allocates_nothing = """
+    def call(args):
+        a, = args
+        return (a,)
+    """
+    for source in (assigned_twice, uses_runner, allocates_nothing):
+        assert _plan(_function(source)) is None
+    assert recycled_call(len, [], (torch.zeros(1),)) is None  # no Python source
+
+
+def test_views_of_inputs_stay_in_the_per_call_body():
+    source = """
+    def call(args):
+        a, = args
+        buf0 = empty_strided_cpu((2,), (1,), torch.float64)
+        buf1 = reinterpret_tensor(a, (2,), (1,), 0)
+        buf2 = reinterpret_tensor(buf0, (2,), (1,), 0)
+        kernel(buf1, buf2)
+        return (buf2,)
+    """
+    setup, body = _plan(_function(source))
+    pooled = ast.unparse(setup)
+    assert "buf0 = empty_strided_cpu" in pooled and "buf2 = reinterpret_tensor(buf0" in pooled
+    assert "buf1" not in pooled and "buf1 = reinterpret_tensor(a" in ast.unparse(body)
