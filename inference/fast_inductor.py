@@ -219,7 +219,8 @@ class FusePolicy:
         total_iterations: iterations of the whole run.
     """
 
-    check_after = 1.0
+    # Seconds of timed iterations before deciding: spent on the slower traced step.
+    check_after = 0.5
 
     def __init__(self, compiler: str, total_iterations: int) -> None:
         if compiler not in COMPILERS:

@@ -209,6 +209,9 @@ class CompiledSVIStep:
     backend = "compiled"
     name = "SVI step"
     fused, fuse_failure = False, ""
+    # Each step reads only the previous step's state, so the fused step may reuse its buffers
+    # (:mod:`~vilab.inference.fast_recycle`); a rejected step's state is copied out of them.
+    recycle = True
 
     def __init__(self, model, guide, args: tuple, kwargs: dict, *, objective: str = "trace",
                  num_particles: int = 1, lr: float = 0.01, lr_decay_per_step: float = 1.0,
@@ -336,7 +339,8 @@ class CompiledSVIStep:
         steps and is faster; returns whether it does (else :attr:`fuse_failure` says why)."""
         if self.fused:
             return True
-        fused, self.fuse_failure = fuse_checked(self._graph, self._checks[0][0], self._checks, self._fn)
+        fused, self.fuse_failure = fuse_checked(self._graph, self._checks[0][0], self._checks, self._fn,
+                                                recycle=self.recycle)
         if fused is None:
             return False
         self._fn, self.fused = fused, True
@@ -355,7 +359,9 @@ class CompiledSVIStep:
         out = self._fn(*self.state, self._step_input, *self._noise_inputs)
         loss, health = out[0].tolist()
         if not math.isfinite(health):
-            self.rejected = self._unflatten(out[1])
+            # Copies: a recycled kernel overwrites its buffers two calls later.
+            self.rejected = [tensor.clone() for tensor in self._unflatten(out[1])]
+            self.state = tuple(tensor.clone() for tensor in self.state)
             return float("nan")
         self.state, self.t = tuple(out[1:]), t
         return loss

@@ -142,3 +142,40 @@ def test_views_of_inputs_stay_in_the_per_call_body():
     pooled = ast.unparse(setup)
     assert "buf0 = empty_strided_cpu" in pooled and "buf2 = reinterpret_tensor(buf0" in pooled
     assert "buf1" not in pooled and "buf1 = reinterpret_tensor(a" in ast.unparse(body)
+
+
+def test_a_fused_svi_step_reuses_its_buffers_and_a_nan_keeps_the_last_good_parameters():
+    """The SVI step reads only the previous state, so it is recycled; a rejected step copies
+    the state out of the buffers, and the error still names the site and leaves finite values."""
+    import warnings
+
+    import pyro
+    import pyro.distributions as dist
+
+    from vilab.inference import fit_svi
+    from vilab.inference.fast_svi import CompiledSVIStep
+    from vilab.inference.svi import NonFiniteLossError
+
+    fused = []
+    original = CompiledSVIStep.fuse
+
+    def spy(self):
+        result = original(self)
+        fused.append(bool(getattr(self._fn, "recycled", False)))
+        return result
+
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.tensor(0.0), 1.0))
+        pyro.factor("pull", 3.0 * z)  # the posterior is N(3, 1): draws above 4 soon happen
+        pyro.factor("explodes", torch.where(z > 4.0, torch.tensor(float("nan")), torch.tensor(0.0)))
+
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CompiledSVIStep, "fuse", spy)
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(NonFiniteLossError, match="non-finite at step") as info:
+            fit_svi(model, "meanfield", num_steps=200, lr=0.5, progress=False, backend="compiled",
+                    compiler="inductor", seed=0)
+    assert fused == [True]
+    assert info.value.site == "explodes" and 0 < info.value.step < 200
+    for name, value in pyro.get_param_store().items():
+        assert torch.isfinite(value).all(), name
