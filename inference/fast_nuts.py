@@ -100,6 +100,7 @@ class TreeBuilder:
         self._mergers: dict[bool, CompiledStep] = {}
         self._fuse, self.fuse_failure = False, ""
         self.leaf_calls = self.merge_calls = 0
+        self._fresh_key, self._fresh_state = None, ()
 
     @property
     def compiled(self) -> bool:
@@ -161,11 +162,9 @@ class TreeBuilder:
         r = _select(going_right, tree.r_right, tree.r_left)
         grad = _select(going_right, tree.grad_right, tree.grad_left)
         step = torch.where(going_right, step_size, -step_size).unsqueeze(-1)
-        flags = torch.zeros_like(active)
-        checkpoints = z.new_zeros(self.max_tree_depth, *z.shape)
-        state = (z, r, grad, z, tree.potential_proposal, grad, energy,
-                 torch.full_like(energy, -math.inf), torch.zeros_like(z), torch.zeros_like(energy),
-                 torch.zeros_like(tree.num_steps), flags, flags, active, checkpoints, checkpoints)
+        no_weight, zero_sum, zero, no_steps, flags, checkpoints = self._fresh(z, energy, tree.num_steps)
+        state = (z, r, grad, z, tree.potential_proposal, grad, energy, no_weight, zero_sum, zero, no_steps,
+                 flags, flags, active, checkpoints, checkpoints)
         # Logged once per sub-tree rather than exponentiated in every leaf.
         log_uniforms = torch.rand(2 ** depth, self.num_chains, generator=self.generator, dtype=z.dtype).log().unbind(0)
         stepper, inverse_mass = None, metric.inverse_mass
@@ -178,6 +177,17 @@ class TreeBuilder:
                 break
         self.leaf_calls += leaf + 1
         return state
+
+    def _fresh(self, z, energy, num_steps) -> tuple:
+        """A new sub-trajectory's constant state: log-weight ``-inf``, zero sums and counts, no
+        flags, empty checkpoints. Made once per shape and shared: no step writes its inputs."""
+        key = (z.shape, z.dtype)
+        if self._fresh_key != key:
+            self._fresh_key = key
+            self._fresh_state = (torch.full_like(energy, -math.inf), torch.zeros_like(z), torch.zeros_like(energy),
+                                 torch.zeros_like(num_steps), torch.zeros(z.shape[0], dtype=torch.bool),
+                                 z.new_zeros(self.max_tree_depth, *z.shape))
+        return self._fresh_state
 
     def transition(self, z, potential, grad, metric: Metric, step_size) -> TreeState:
         """One NUTS transition for every chain from states ``(C, D)`` with potentials ``(C,)``
