@@ -91,33 +91,20 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
     """
     global _setup_done
     graph_key = _graph_key(graph, example)  # before Inductor, which may rewrite ``graph``
-    from torch._functorch import config as functorch_config
-    from torch._guards import TracingContext, tracing
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from torch._inductor import config
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-    inner = []
-
-    def capture(*args, **kwargs):
-        compiled = compile_fx_inner(*args, **kwargs)
-        inner.append(compiled)
-        return compiled
-
-    # The AOT-autograd cache would skip ``capture`` on a hit; Inductor's own cache still applies,
-    # but only inside a tracing context with a shape environment (Dynamo's, normally).
     # One compile thread: a pool of compile workers costs a torch import each, on a core the
     # caller may be using.
-    with config.patch({"size_asserts": False, "cpp.vec_isa_ok": VECTORIZE, "compile_threads": 1, **REALIZE}), \
-            functorch_config.patch(enable_autograd_cache=False), \
-            tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
-        with warnings.catch_warnings():  # Inductor's own deprecation warnings are not the user's
-            warnings.simplefilter("ignore", FutureWarning)
-            wrapped = compile_fx(graph, list(example), inner_compile=capture)
+    settings = {"size_asserts": False, "cpp.vec_isa_ok": VECTORIZE, "compile_threads": 1, **REALIZE}
+    with warnings.catch_warnings():  # Inductor's own deprecation warnings are not the user's
+        warnings.simplefilter("ignore", FutureWarning)
+        with config.patch(settings):
+            direct = _compile_decomposed(graph, example)
+            wrapped = None
+            if direct is None:
+                wrapped, direct = _compile_through_aot(graph, example)
     _setup_done = True
     _mark_cached(graph_key)
-    direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
     if direct is None:
         return lambda *args: tuple(wrapped(*args))
     call, constants = direct
@@ -126,6 +113,62 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
         if recycled is not None:
             return recycled
     return lambda *args: call([*constants, *args])
+
+
+def _compile_decomposed(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> Optional[tuple]:
+    """Inductor's inner compiler on ``graph`` after Inductor's decompositions, without
+    AOT-autograd: the graph is already functional ATen, and AOT's re-tracing costs about 0.4 s
+    per graph. Returns ``(call, [])`` or ``None`` where this path fails (then the caller goes
+    through AOT)."""
+    from torch._guards import TracingContext, tracing
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    try:
+        expected = graph(*example)
+        decomposed = make_fx(graph, decomposition_table=select_decomp_table())(*example)
+        # Inductor's FX graph cache applies only inside a tracing context with a shape environment.
+        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+        fake = [mode.from_tensor(tensor) for tensor in example]
+        FakeTensorProp(decomposed, mode).propagate_dont_convert_inputs(*fake)
+        with tracing(TracingContext(mode)):
+            call = compile_fx_inner(decomposed, fake).current_callable
+        got = call(list(example))
+    except (RuntimeError, AssertionError, TypeError, ValueError, AttributeError):
+        return None
+    if not isinstance(got, (tuple, list)) or len(got) != len(expected) or not all(
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan())
+            and torch.allclose(a.nan_to_num(), b.nan_to_num()) for a, b in zip(got, expected)):
+        return None
+    return call, []
+
+
+def _compile_through_aot(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> tuple:
+    """Inductor's full entry point (AOT-autograd, then the inner compiler). Returns the wrapped
+    callable and ``(call, constants)`` for calling the generated code directly, or ``None``
+    in its place where the wrappers do more than prepend constants."""
+    from torch._functorch import config as functorch_config
+    from torch._guards import TracingContext, tracing
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    inner = []
+
+    def capture(*args, **kwargs):
+        compiled = compile_fx_inner(*args, **kwargs)
+        inner.append(compiled)
+        return compiled
+
+    # The AOT-autograd cache would skip ``capture`` on a hit; Inductor's own cache still applies.
+    with functorch_config.patch(enable_autograd_cache=False), \
+            tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+        wrapped = compile_fx(graph, list(example), inner_compile=capture)
+    return wrapped, (_direct_call(wrapped, inner, example) if len(inner) == 1 else None)
 
 
 def is_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> bool:

@@ -48,6 +48,16 @@ def test_fused_graph_returns_the_eager_values_as_fresh_tensors():
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(got, again))
 
 
+def test_graphs_compile_without_aot_and_through_aot_where_that_path_fails(monkeypatch):
+    inputs = _inputs()
+    direct = fast_inductor._compile_decomposed(make_fx(_step)(*inputs), inputs)
+    assert direct is not None and direct[1] == []
+    monkeypatch.setattr(fast_inductor, "_compile_decomposed", lambda graph, example: None)
+    fused = compile_fused(make_fx(_step)(*inputs), inputs)
+    for a, b in zip(fused(*inputs), _step(*inputs)):
+        assert torch.equal(a, b) or torch.allclose(a, b, equal_nan=True)
+
+
 def test_fused_compiled_step_feeds_its_state_back_like_the_eager_step():
     def step(total, count, x):
         return total + x.sin(), count + 1, (total * x).sum()
