@@ -10,7 +10,7 @@ function is invoked directly, which leaves about 45 µs per kidiq leaf (from abo
 of it one allocation per buffer; a step whose caller lets it reuse its buffers
 (:mod:`~vilab.inference.fast_recycle`) gets down to about 16 µs.
 
-Compiling costs seconds (about 25 ms per op plus a few seconds of one-off setup per process),
+Compiling costs seconds (about 1 s per graph and 15 ms per op, plus about 2 s of one-off setup per process),
 so :class:`FusePolicy` compiles a step only when its measured calls say it will pay for itself.
 Inductor's on-disk cache makes a repeated compile of the same graph much cheaper.
 
@@ -41,11 +41,13 @@ COMPILERS = ("auto", "inductor", "torchscript")
 # Vectorised kernels run a kidiq leaf about 20% faster but take twice as long to compile, and
 # Inductor's first vectorised compile in a process also probes the CPU (about 3 s).
 VECTORIZE = False
-# Seconds of compilation per graph op and per process, measured cold on the 2-core CPU machine
-# (kidiq leaf: 142 ops in 2.3 s, merge: 57 ops in 1.9 s, garch leaf: 325 ops in 5.5 s, first
-# compile in a process 2.3 s).
-SECONDS_PER_OP = 0.025
-SETUP_SECONDS = 2.5
+# Seconds of compilation per graph, per graph op and per process, measured cold on the 2-core
+# CPU machine without AOT-autograd (leaves: eight schools 136 ops in 2.75 s, kidiq 142 in 2.8 s,
+# sblrc 160 in 3.2 s, garch 325 in 6.0 s; merges of 49-61 ops 1.5-1.9 s; the first compile in a
+# process 1.4-1.9 s more).
+SECONDS_PER_GRAPH = 1.0
+SECONDS_PER_OP = 0.015
+SETUP_SECONDS = 1.7
 # A fused step's time per call against the traced step's: 4-5x faster (kidiq leaf and merge,
 # garch leaf), 2.2x (hmm leaf); a fused step that reuses its buffers: 13-58x where the wrapper
 # dominated (kidiq, eight schools, mesquite, sblrc, arK, arma, garch), 8x (nes), 2.5-3.5x where
@@ -58,8 +60,9 @@ RECYCLED_SPEEDUP = 8.0
 # linear; the kidiq leaf costs 45 µs instead of 40 with it.
 REALIZE = {"realize_reads_threshold": 1, "realize_acc_reads_threshold": 2}
 # Fuse only if the predicted saving exceeds the predicted compile time by this factor: the
-# compilation blocks the run, and the saving extrapolates early (often costlier) iterations.
-MARGIN = 1.5
+# compilation blocks the run, and the saving extrapolates early (often costlier) iterations
+# (eight schools: 7.4-10.4 s predicted, about 6.7 s measured).
+MARGIN = 1.25
 # Compiling a graph found in Inductor's cache: tracing and loading only (kidiq leaf: 0.95 s).
 CACHED_SECONDS = 1.0
 _setup_done = False
@@ -307,7 +310,8 @@ class FusePolicy:
             remaining_calls = (calls - calls_at_mark) / (done - mark_done) * remaining_iterations
             speedup = RECYCLED_SPEEDUP if getattr(step, "recycle", False) else EXPECTED_SPEEDUP
             saving = remaining_calls * step.call_time() * (1.0 - 1.0 / speedup)
-            cost = (CACHED_SECONDS if step.fusion_cached() else SECONDS_PER_OP * step.num_ops) + setup
+            cold = SECONDS_PER_GRAPH + SECONDS_PER_OP * step.num_ops
+            cost = (CACHED_SECONDS if step.fusion_cached() else cold) + setup
             fuse = saving > MARGIN * cost
             if fuse:
                 chosen.append(step)
