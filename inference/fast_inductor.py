@@ -10,8 +10,8 @@ function is invoked directly, which leaves about 45 µs per kidiq leaf (from abo
 of it one allocation per buffer; a step whose caller lets it reuse its buffers
 (:mod:`~vilab.inference.fast_recycle`) gets down to about 16 µs.
 
-Compiling costs seconds (about 1 s per graph and 15 ms per op, plus about 2 s of one-off setup per process),
-so :class:`FusePolicy` compiles a step only when its measured calls say it will pay for itself.
+Compiling costs seconds (about 1 s per graph and 15 ms per op, plus about 2 s of one-off setup
+per process), so :class:`FusePolicy` compiles a step only when its measured calls say it will pay for itself.
 Inductor's on-disk cache makes a repeated compile of the same graph much cheaper.
 
 Everything here is optional: without a C++ compiler, or wherever Inductor fails, the caller
