@@ -10,8 +10,9 @@ function is invoked directly, which leaves about 45 µs per kidiq leaf (from abo
 of it one allocation per buffer; a step whose caller lets it reuse its buffers
 (:mod:`~vilab.inference.fast_recycle`) gets down to about 16 µs.
 
-Compiling costs seconds (about 1 s per graph and 15 ms per op, plus about 2 s of one-off setup
-per process), so :class:`FusePolicy` compiles a step only when its measured calls say it will pay for itself.
+Compiling costs seconds (about 1.3 s per graph and 15 ms per op, plus about 2 s of one-off setup
+per process), so :class:`FusePolicy` compiles a step only when its measured calls say it will
+pay for itself.
 Inductor's on-disk cache makes a repeated compile of the same graph much cheaper.
 
 Everything here is optional: without a C++ compiler, or wherever Inductor fails, the caller
@@ -42,10 +43,11 @@ COMPILERS = ("auto", "inductor", "torchscript")
 # Inductor's first vectorised compile in a process also probes the CPU (about 3 s).
 VECTORIZE = False
 # Seconds of compilation per graph, per graph op and per process, measured cold on the 2-core
-# CPU machine without AOT-autograd (leaves: eight schools 136 ops in 2.75 s, kidiq 142 in 2.8 s,
-# sblrc 160 in 3.2 s, garch 325 in 6.0 s; merges of 49-61 ops 1.5-1.9 s; the first compile in a
-# process 1.4-1.9 s more).
-SECONDS_PER_GRAPH = 1.0
+# CPU machine (leaves: eight schools 136 ops in 3.1 s, kidiq 142 in 3.2 s, sblrc 160 in 3.5 s,
+# garch 325 in 6.4 s; merges of 49-61 ops 1.9-2.0 s; the first compile in a process 1.4-1.9 s
+# more). Compiling straight from the functional graph, without AOT-autograd, was 0.3-0.45 s
+# faster per graph but failed on the hmm leaf after 33 s.
+SECONDS_PER_GRAPH = 1.3
 SECONDS_PER_OP = 0.015
 SETUP_SECONDS = 1.7
 # A fused step's time per call against the traced step's: 4-5x faster (kidiq leaf and merge,
@@ -94,71 +96,12 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
     """
     global _setup_done
     graph_key = _graph_key(graph, example)  # before Inductor, which may rewrite ``graph``
-    from torch._inductor import config
-
-    # One compile thread: a pool of compile workers costs a torch import each, on a core the
-    # caller may be using.
-    settings = {"size_asserts": False, "cpp.vec_isa_ok": VECTORIZE, "compile_threads": 1, **REALIZE}
-    with warnings.catch_warnings():  # Inductor's own deprecation warnings are not the user's
-        warnings.simplefilter("ignore", FutureWarning)
-        with config.patch(settings):
-            direct = _compile_decomposed(graph, example)
-            wrapped = None
-            if direct is None:
-                wrapped, direct = _compile_through_aot(graph, example)
-    _setup_done = True
-    _mark_cached(graph_key)
-    if direct is None:
-        return lambda *args: tuple(wrapped(*args))
-    call, constants = direct
-    if recycle:
-        recycled = recycled_call(call, constants, example)
-        if recycled is not None:
-            return recycled
-    return lambda *args: call([*constants, *args])
-
-
-def _compile_decomposed(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> Optional[tuple]:
-    """Inductor's inner compiler on ``graph`` after Inductor's decompositions, without
-    AOT-autograd: the graph is already functional ATen, and AOT's re-tracing costs about 0.4 s
-    per graph. Returns ``(call, [])`` or ``None`` where this path fails (then the caller goes
-    through AOT)."""
-    from torch._guards import TracingContext, tracing
-    from torch._inductor.compile_fx import compile_fx_inner
-    from torch._inductor.decomposition import select_decomp_table
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    try:
-        expected = graph(*example)
-        decomposed = make_fx(graph, decomposition_table=select_decomp_table())(*example)
-        # Inductor's FX graph cache applies only inside a tracing context with a shape environment.
-        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-        fake = [mode.from_tensor(tensor) for tensor in example]
-        FakeTensorProp(decomposed, mode).propagate_dont_convert_inputs(*fake)
-        with tracing(TracingContext(mode)):
-            call = compile_fx_inner(decomposed, fake).current_callable
-        got = call(list(example))
-    except (RuntimeError, AssertionError, TypeError, ValueError, AttributeError):
-        return None
-    if not isinstance(got, (tuple, list)) or len(got) != len(expected) or not all(
-            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan())
-            and torch.allclose(a.nan_to_num(), b.nan_to_num()) for a, b in zip(got, expected)):
-        return None
-    return call, []
-
-
-def _compile_through_aot(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> tuple:
-    """Inductor's full entry point (AOT-autograd, then the inner compiler). Returns the wrapped
-    callable and ``(call, constants)`` for calling the generated code directly, or ``None``
-    in its place where the wrappers do more than prepend constants."""
     from torch._functorch import config as functorch_config
     from torch._guards import TracingContext, tracing
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     inner = []
 
@@ -167,11 +110,27 @@ def _compile_through_aot(graph: torch.fx.GraphModule, example: Sequence[torch.Te
         inner.append(compiled)
         return compiled
 
-    # The AOT-autograd cache would skip ``capture`` on a hit; Inductor's own cache still applies.
-    with functorch_config.patch(enable_autograd_cache=False), \
+    # The AOT-autograd cache would skip ``capture`` on a hit; Inductor's own cache still applies,
+    # but only inside a tracing context with a shape environment (Dynamo's, normally).
+    # One compile thread: a pool of compile workers costs a torch import each, on a core the
+    # caller may be using.
+    with config.patch({"size_asserts": False, "cpp.vec_isa_ok": VECTORIZE, "compile_threads": 1, **REALIZE}), \
+            functorch_config.patch(enable_autograd_cache=False), \
             tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
-        wrapped = compile_fx(graph, list(example), inner_compile=capture)
-    return wrapped, (_direct_call(wrapped, inner, example) if len(inner) == 1 else None)
+        with warnings.catch_warnings():  # Inductor's own deprecation warnings are not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            wrapped = compile_fx(graph, list(example), inner_compile=capture)
+    _setup_done = True
+    _mark_cached(graph_key)
+    direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
+    if direct is None:
+        return lambda *args: tuple(wrapped(*args))
+    call, constants = direct
+    if recycle:
+        recycled = recycled_call(call, constants, example)
+        if recycled is not None:
+            return recycled
+    return lambda *args: call([*constants, *args])
 
 
 def is_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> bool:
