@@ -47,12 +47,12 @@ def recycled_call(call: Callable, constants: Sequence[torch.Tensor],
     try:
         source = textwrap.dedent(inspect.getsource(call))
         plan = _plan(ast.parse(source).body[0])
-    except (OSError, TypeError, SyntaxError, IndexError, ValueError):
-        return None
+        namespace: dict = dict(inspect.unwrap(getattr(call, "__func__", call)).__globals__)
+    except (OSError, TypeError, SyntaxError, IndexError, ValueError, AttributeError):
+        return None  # no Python source: the ordinary call stays
     if plan is None:
         return None
     setup, body = plan
-    namespace: dict = dict(getattr(call, "__globals__", None) or call.__func__.__globals__)
     try:
         exec(compile(setup, "<vilab recycled setup>", "exec"), namespace)
         exec(compile(body, "<vilab recycled call>", "exec"), namespace)
@@ -68,9 +68,8 @@ def recycled_call(call: Callable, constants: Sequence[torch.Tensor],
         if not _agrees(run, lambda *args: call([*constants, *args]), example):
             return None
         run.recycled = True
-    except (RuntimeError, TypeError, ValueError, NameError, KeyError) as error:
-        del error  # an unexpected wrapper keeps the ordinary call
-        return None
+    except (RuntimeError, TypeError, ValueError, NameError, KeyError):
+        return None  # an unexpected wrapper keeps the ordinary call
     return run
 
 
