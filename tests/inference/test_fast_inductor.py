@@ -4,7 +4,6 @@ Exact checks: a fused graph returns the eager values (NaN, inf and graph constan
 fresh tensors; a fused step keeps its state semantics. Statistical check: NUTS with fused leaves
 matches the Normal-Normal closed-form posterior. Policy checks run on a fake clock.
 """
-import math
 
 import pyro
 import pyro.distributions as dist
@@ -22,21 +21,8 @@ pytestmark = pytest.mark.skipif(bool(fusion_unavailable()), reason=fusion_unavai
 Z = 4.5
 
 
-def _step(x, y, flag):
-    """Elementwise, reduction, select and a graph constant: the kinds of op a leaf has."""
-    weights = torch.tensor([0.5, -1.0, 2.0], dtype=x.dtype)
-    total = (torch.log(x) * weights).sum(-1)
-    return torch.where(flag.unsqueeze(-1), x * 2.0, y), torch.logaddexp(total, y.sum(-1)), flag & (total > 0)
-
-
-def _inputs():
-    x = torch.tensor([[1.0, 0.0, 2.0], [math.inf, 3.0, -1.0]], dtype=torch.float64)
-    y = torch.tensor([[0.1, 0.2, 0.3], [math.nan, 0.5, 0.6]], dtype=torch.float64)
-    return x, y, torch.tensor([True, False])
-
-
-def test_fused_graph_returns_the_eager_values_as_fresh_tensors():
-    inputs = _inputs()
+def test_fused_graph_returns_the_eager_values_as_fresh_tensors(leaf_like):
+    _step, inputs = leaf_like
     fused = compile_fused(make_fx(_step)(*inputs), inputs)
     got, expected = fused(*inputs), _step(*inputs)
     assert isinstance(got, tuple) and len(got) == len(expected)
@@ -175,9 +161,9 @@ def test_auto_policy_expects_more_from_a_step_that_reuses_its_buffers(clock):
         fast_inductor._setup_done = setup
 
 
-def test_a_compiled_graph_is_known_to_be_cached_and_a_changed_one_is_not(tmp_path, monkeypatch):
+def test_a_compiled_graph_is_known_to_be_cached_and_a_changed_one_is_not(tmp_path, monkeypatch, leaf_like):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    inputs = _inputs()
+    _step, inputs = leaf_like
     graph = make_fx(_step)(*inputs)
     assert not fast_inductor.is_cached(graph, inputs)
     compile_fused(make_fx(_step)(*inputs), inputs)

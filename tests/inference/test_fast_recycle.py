@@ -6,7 +6,6 @@ its outputs back, as the NUTS leaf loop does, follows the eager step; sources th
 not understand are left alone.
 """
 import ast
-import math
 import textwrap
 
 import pytest
@@ -21,20 +20,8 @@ from vilab.inference.fast_recycle import RECYCLE_DEPTH, _plan, recycled_call
 pytestmark = pytest.mark.skipif(bool(fusion_unavailable()), reason=fusion_unavailable() or "available")
 
 
-def _step(x, y, flag):
-    weights = torch.tensor([0.5, -1.0, 2.0], dtype=x.dtype)
-    total = (torch.log(x) * weights).sum(-1)
-    return torch.where(flag.unsqueeze(-1), x * 2.0, y), torch.logaddexp(total, y.sum(-1)), flag & (total > 0)
-
-
-def _inputs():
-    x = torch.tensor([[1.0, 0.0, 2.0], [math.inf, 3.0, -1.0]], dtype=torch.float64)
-    y = torch.tensor([[0.1, 0.2, 0.3], [math.nan, 0.5, 0.6]], dtype=torch.float64)
-    return x, y, torch.tensor([True, False])
-
-
-def test_recycled_kernel_returns_the_eager_values_and_reuses_its_buffers_two_calls_later():
-    inputs = _inputs()
+def test_recycled_kernel_returns_the_eager_values_and_reuses_its_buffers_two_calls_later(leaf_like):
+    _step, inputs = leaf_like
     fused = compile_fused(make_fx(_step)(*inputs), inputs, recycle=True)
     assert getattr(fused, "recycled", False)
     first = fused(*inputs)
