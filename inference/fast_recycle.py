@@ -96,7 +96,7 @@ def _plan(function: ast.FunctionDef) -> Optional[tuple[ast.Module, ast.Module]]:
     args_name = arguments[1] if has_self else arguments[0]
     assigned: set[str] = set()
     pooled: list[str] = []
-    prefix, kept = [], []
+    prefix, kept, prefix_names = [], [], set()
     for statement in function.body:
         if isinstance(statement, ast.Delete) or _is_clear(statement, args_name):
             continue  # buffers live in the pool; the inputs list is the caller's
@@ -106,12 +106,14 @@ def _plan(function: ast.FunctionDef) -> Optional[tuple[ast.Module, ast.Module]]:
         if assigned & set(targets) or len(set(targets)) != len(targets):
             return None
         assigned.update(targets)
-        if targets and _is_prefix(statement.value, args_name, _targets_of(prefix)):
+        if targets and _is_prefix(statement.value, args_name, prefix_names):
             prefix.append(statement)
             kept.append(statement)
-        elif len(targets) == 1 and _is_pooled(statement.value, set(pooled), _targets_of(prefix)):
+            prefix_names.update(targets)
+        elif len(targets) == 1 and _is_pooled(statement.value, set(pooled), prefix_names):
             prefix.append(statement)
             pooled.append(targets[0])
+            prefix_names.update(targets)
         else:
             kept.append(statement)
     if not pooled:
@@ -141,10 +143,6 @@ def _targets(statement) -> list[str]:
     if isinstance(target, ast.Tuple) and all(isinstance(item, ast.Name) for item in target.elts):
         return [item.id for item in target.elts]
     return []
-
-
-def _targets_of(statements: list) -> set[str]:
-    return {name for statement in statements for name in _targets(statement)}
 
 
 def _is_clear(statement, args_name: str) -> bool:
