@@ -12,7 +12,8 @@ of it one allocation per buffer; a step whose caller lets it reuse its buffers
 
 Compiling costs seconds (about 1.3 s per graph and 15 ms per op, plus about 2 s of one-off setup
 per process), so :class:`FusePolicy` compiles a step only when its measured calls say it will
-pay for itself.
+pay for itself. Where a second core is free, the compilation runs in a background process
+(:mod:`~vilab.inference.fast_background`) and the run goes on meanwhile.
 Inductor's on-disk cache makes a repeated compile of the same graph much cheaper.
 
 Everything here is optional: without a C++ compiler, or wherever Inductor fails, the caller
@@ -24,6 +25,7 @@ every fused step is checked against its eager reference before use.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import sysconfig
@@ -33,9 +35,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import fast_background
 from .fast_recycle import recycled_call
 
-__all__ = ["FusePolicy", "compile_fused", "is_cached", "fusion_unavailable", "COMPILERS"]
+__all__ = ["FusePolicy", "compile_fused", "compile_artifact", "is_cached", "fusion_unavailable", "COMPILERS"]
 
 COMPILERS = ("auto", "inductor", "torchscript")
 
@@ -65,6 +68,9 @@ REALIZE = {"realize_reads_threshold": 1, "realize_acc_reads_threshold": 2}
 # compilation blocks the run, and the saving extrapolates early (often costlier) iterations
 # (eight schools: 7.4-10.4 s predicted, about 6.7 s measured).
 MARGIN = 1.25
+# A background compilation (another core's time) is started if the predicted saving once its
+# kernel is ready exceeds this fraction of the compile time.
+BACKGROUND_MARGIN = 0.1
 # Compiling a graph found in Inductor's cache: tracing and loading only (kidiq leaf: 0.95 s).
 CACHED_SECONDS = 1.0
 _setup_done = False
@@ -72,10 +78,9 @@ _setup_done = False
 
 def fusion_unavailable() -> str:
     """Why fused kernels cannot be built here, or ``""`` when they can."""
-    try:
-        from torch._inductor import compile_fx  # noqa: F401
-    except ImportError as error:  # a minimal PyTorch build
-        return f"Inductor is not importable ({error})"
+    # Looked up, not imported: importing Inductor takes about a second.
+    if importlib.util.find_spec("torch._inductor.compile_fx") is None:  # a minimal PyTorch build
+        return "Inductor is not part of this PyTorch build"
     if shutil.which("g++") is None and shutil.which("c++") is None:
         return "no C++ compiler (g++) on PATH; install one (apt-get install g++)"
     include = sysconfig.get_paths().get("include", "")
@@ -94,6 +99,44 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
     not apply). Raises ``RuntimeError`` (or another error of Inductor's) when it cannot be
     compiled; the caller must check the result against its reference before using it.
     """
+    wrapped, inner = _inductor_compile(graph, example)
+    direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
+    if direct is None:
+        return lambda *args: tuple(wrapped(*args))
+    call, constants = direct
+    if recycle:
+        recycled = recycled_call(call, constants, example)
+        if recycled is not None:
+            return recycled
+    return lambda *args: call([*constants, *args])
+
+
+def compile_artifact(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> dict:
+    """Compile ``graph`` as :func:`compile_fused` does and describe the result so that another
+    process can run it without Inductor: ``{"source": the generated wrapper's path, "kernels":
+    {name: path of the compiled extension}, "constants": the lifted constants}``
+    (:func:`~vilab.inference.fast_background.load_artifact`). Raises ``RuntimeError`` where the
+    generated code is not a plain ``call`` of compiled C++ kernels."""
+    import inspect
+
+    wrapped, inner = _inductor_compile(graph, example)
+    direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
+    if direct is None:
+        raise RuntimeError("Inductor's wrapper does more than call its generated code")
+    call, constants = direct
+    namespace = inspect.unwrap(getattr(call, "__func__", call)).__globals__
+    kernels = {}
+    for name, value in namespace.items():
+        module = getattr(value, "__self__", None)
+        path = getattr(module, "__file__", None) or ""
+        if callable(value) and path.endswith(".so") and getattr(value, "__name__", "") == "kernel":
+            kernels[name] = path
+    return {"source": inspect.getsourcefile(call), "kernels": kernels,
+            "constants": [tensor.detach().clone() for tensor in constants]}
+
+
+def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> tuple:
+    """Inductor's compiled function for ``graph`` and the inner compiled graph(s) it wraps."""
     global _setup_done
     graph_key = _graph_key(graph, example)  # before Inductor, which may rewrite ``graph``
     from torch._functorch import config as functorch_config
@@ -122,15 +165,7 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
             wrapped = compile_fx(graph, list(example), inner_compile=capture)
     _setup_done = True
     _mark_cached(graph_key)
-    direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
-    if direct is None:
-        return lambda *args: tuple(wrapped(*args))
-    call, constants = direct
-    if recycle:
-        recycled = recycled_call(call, constants, example)
-        if recycled is not None:
-            return recycled
-    return lambda *args: call([*constants, *args])
+    return wrapped, inner
 
 
 def is_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> bool:
@@ -211,35 +246,45 @@ class FusePolicy:
 
     ``"inductor"`` fuses every step from the start, ``"torchscript"`` none. ``"auto"`` counts
     each step's calls over the iterations after the first (which traces the steps); once those
-    have taken :attr:`check_after` seconds it extrapolates each step's remaining calls, and fuses
-    a step if the expected saving (remaining calls x traced time per call x
-    ``1 - 1 / speedup``, :data:`RECYCLED_SPEEDUP` for a step that reuses its buffers and
-    :data:`EXPECTED_SPEEDUP` otherwise) exceeds :data:`MARGIN` times its predicted compile time: cold,
-    or :data:`CACHED_SECONDS` for a graph already in Inductor's cache (:func:`is_cached`), as on
-    a repeated run. Short runs (tests, quick looks) compile nothing; a merge called once per
-    sub-tree is fused only in long runs.
+    have taken :attr:`check_after` seconds it extrapolates each step's remaining calls and
+    the saving of a fused step: remaining calls x traced time per call x ``1 - 1 / speedup``
+    (:data:`RECYCLED_SPEEDUP` for a step that reuses its buffers, :data:`EXPECTED_SPEEDUP`
+    otherwise). Its compile time is predicted cold, or as :data:`CACHED_SECONDS` for a graph
+    already in Inductor's cache (:func:`is_cached`).
+
+    With ``background`` (a second core and ``fork``:
+    :func:`~vilab.inference.fast_background.background_available`), the chosen steps compile
+    one after another in a forked process while the traced steps keep running, so a step is
+    fused when its saving after its kernel is ready exceeds :data:`BACKGROUND_MARGIN` times its
+    compile time (the other core's time). Otherwise the compilation blocks the run, and the
+    whole saving must exceed :data:`MARGIN` times the compile time. Short runs (tests, quick
+    looks) compile nothing.
 
     Args:
         compiler: one of :data:`COMPILERS`.
         total_iterations: iterations of the whole run.
+        background: compile ``"auto"``'s steps beside the run (default: where available).
     """
 
     # Seconds of timed iterations before deciding: spent on the slower traced step.
     check_after = 0.5
 
-    def __init__(self, compiler: str, total_iterations: int) -> None:
+    def __init__(self, compiler: str, total_iterations: int, background: Optional[bool] = None) -> None:
         if compiler not in COMPILERS:
             raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
         self.compiler, self.total = compiler, total_iterations
         self.decided = compiler == "torchscript"
         self.reason = "compiler='torchscript'" if self.decided else ""
+        if background is None:
+            background = compiler == "auto" and fast_background.background_available()
+        self.background = background
         self._mark: Optional[tuple[int, float, list[int]]] = None
 
     def choose(self, done: int, steps: Sequence[tuple[object, int]]) -> Optional[list]:
         """The steps to fuse after ``done`` iterations: ``[]`` (none, or not yet), a list of
-        steps, or ``None`` for every step, now and later. ``steps`` pairs each traced step
-        (with ``name``, ``num_ops``, ``call_time()`` and ``fusion_cached()``) with its calls so far.
-        Decides once."""
+        steps (in the order to compile them; in the background if :attr:`background`), or
+        ``None`` for every step, now and later. ``steps`` pairs each traced step (with ``name``,
+        ``num_ops``, ``call_time()`` and ``fusion_cached()``) with its calls so far. Decides once."""
         if self.decided:
             return []
         if self.compiler == "inductor":
@@ -258,24 +303,37 @@ class FusePolicy:
         if unavailable:
             self.reason = f"not fused: {unavailable}"
             return []
-        return self._profitable(done, steps)
+        return self._profitable(done, steps, elapsed)
 
-    def _profitable(self, done: int, steps: Sequence[tuple[object, int]]) -> list:
+    def _profitable(self, done: int, steps: Sequence[tuple[object, int]], elapsed: float) -> list:
         mark_done, _, mark_calls = self._mark
         remaining_iterations = self.total - done
+        seconds_per_iteration = elapsed / (done - mark_done)
         setup = 0.0 if _setup_done else SETUP_SECONDS
-        chosen, notes = [], []
+        background_setup = 0.0 if fast_background.server_ready() else SETUP_SECONDS
+        chosen, notes, ready_after = [], [], 0.0
         for (step, calls), calls_at_mark in zip(steps, mark_calls):
             remaining_calls = (calls - calls_at_mark) / (done - mark_done) * remaining_iterations
             speedup = RECYCLED_SPEEDUP if getattr(step, "recycle", False) else EXPECTED_SPEEDUP
-            saving = remaining_calls * step.call_time() * (1.0 - 1.0 / speedup)
+            per_call = step.call_time() * (1.0 - 1.0 / speedup)
             cold = SECONDS_PER_GRAPH + SECONDS_PER_OP * step.num_ops
             cost = (CACHED_SECONDS if step.fusion_cached() else cold) + setup
-            fuse = saving > MARGIN * cost
+            if self.background:
+                # The compile server pays Inductor's setup once per session, and each graph
+                # waits for the ones before it; the traced step runs meanwhile.
+                cost = (CACHED_SECONDS if step.fusion_cached() else cold) + background_setup
+                background_setup = 0.0
+                waiting = (ready_after + cost) / (seconds_per_iteration * max(remaining_iterations, 1))
+                saving = remaining_calls * max(0.0, 1.0 - waiting) * per_call
+                fuse = saving > BACKGROUND_MARGIN * cost
+            else:
+                saving = remaining_calls * per_call
+                fuse = saving > MARGIN * cost
             if fuse:
                 chosen.append(step)
-                setup = 0.0
-            notes.append(f"{step.name} {'fused' if fuse else 'not fused'} "
+                setup, ready_after = 0.0, ready_after + cost
+            how = "fused in the background" if self.background else "fused"
+            notes.append(f"{step.name} {how if fuse else 'not fused'} "
                          f"(saves ~{saving:.1f} s, compiles in ~{cost:.1f} s)")
         self.reason = "; ".join(notes)
         return chosen

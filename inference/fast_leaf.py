@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .fast_background import BackgroundCompile
 from .fast_graph import simplify
 from .fast_inductor import compile_fused, is_cached
 
@@ -167,6 +168,7 @@ class CompiledStep:
         self._fn, self.compiled, self._num_state = eager_fn, False, num_state
         self.failure = "" if compile else "compilation not requested"
         self.backend, self.num_ops, self._check, self.fuse_failure = "eager", 0, None, ""
+        self._pending: BackgroundCompile | None = None
         if compile:
             self._try_compile(example)
 
@@ -210,6 +212,48 @@ class CompiledStep:
             return False
         self._fn, self.backend, self._check = fused, "inductor", None
         return True
+
+    def fuse_start(self) -> bool:
+        """Start compiling the fused kernel in a forked process
+        (:class:`~vilab.inference.fast_background.BackgroundCompile`) while the traced step keeps
+        running; :meth:`fuse_poll` installs it. Returns whether a compilation was started."""
+        if self.backend == "inductor" or self._pending is not None:
+            return False
+        if self._check is None:
+            self.fuse_failure = "the step was not traced"
+            return False
+        graph, example = self._check[:2]
+        self._pending = BackgroundCompile(graph, example, recycle=self.recycle)
+        return True
+
+    @property
+    def fusing(self) -> bool:
+        """Whether a background compilation is under way."""
+        return self._pending is not None
+
+    def fuse_poll(self) -> bool | None:
+        """``None`` while the background compilation runs; then whether the step is fused (its
+        kernel checked as in :meth:`fuse`, the reason for a failure in :attr:`fuse_failure`)."""
+        if self._pending is None:
+            return self.backend == "inductor"
+        outcome = self._pending.result()
+        if outcome is None:
+            return None
+        self._pending = None
+        fused, self.fuse_failure = outcome
+        if fused is not None:
+            _, example, following, expected = self._check
+            fused, self.fuse_failure = check_fused(fused, example, [(following, expected)], self._fn)
+        if fused is None:
+            return False
+        self._fn, self.backend, self._check = fused, "inductor", None
+        return True
+
+    def fuse_cancel(self) -> None:
+        """Stop a background compilation that is still running."""
+        if self._pending is not None:
+            self._pending.close()
+            self._pending = None
 
     def _try_compile(self, example: tuple) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -268,7 +312,17 @@ def fuse_checked(graph, example: tuple, checks: list[tuple[tuple, tuple]],
     ``1 / FUSED_MAX_TIME_RATIO`` times faster per call than ``current`` on the last check's
     inputs. Returns ``(fused, "")`` or ``(None, why not)``."""
     try:
-        fused, ok = compile_fused(graph, example, recycle=recycle), True
+        fused = compile_fused(graph, example, recycle=recycle)
+    except (RuntimeError, AssertionError, OSError, TypeError, ValueError) as error:
+        return None, _describe(error)
+    return check_fused(fused, example, checks, current)
+
+
+def check_fused(fused: Callable, example: tuple, checks: list[tuple[tuple, tuple]],
+                current: Callable) -> tuple[Callable | None, str]:
+    """The checks of :func:`fuse_checked` on an already compiled ``fused``."""
+    try:
+        ok = True
         for inputs, expected in checks:
             got = fused(*inputs)
             kept = tuple(tensor.clone() for tensor in got)

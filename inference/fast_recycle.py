@@ -35,17 +35,18 @@ _VIEWS = {"reinterpret_tensor"}
 
 
 def recycled_call(call: Callable, constants: Sequence[torch.Tensor],
-                  example: Sequence[torch.Tensor]) -> Optional[Callable]:
+                  example: Sequence[torch.Tensor], source: Optional[str] = None) -> Optional[Callable]:
     """``call`` (Inductor's generated ``call(args)``, bound or not) as ``run(*inputs)`` whose
     buffers are allocated once per set of :data:`RECYCLE_DEPTH`; ``None`` where the source
     cannot be rewritten or the rewrite disagrees with ``call`` on ``example``.
 
-    ``constants`` are the lifted graph constants that precede the inputs in ``args``. Outputs of
-    ``run`` are overwritten :data:`RECYCLE_DEPTH` calls later: the caller must be done with them
-    by then.
+    ``constants`` are the lifted graph constants that precede the inputs in ``args``; ``source``
+    is ``call``'s source where :mod:`inspect` cannot find it (a function made with ``exec``).
+    Outputs of ``run`` are overwritten :data:`RECYCLE_DEPTH` calls later: the caller must be
+    done with them by then.
     """
     try:
-        source = textwrap.dedent(inspect.getsource(call))
+        source = textwrap.dedent(source or inspect.getsource(call))
         plan = _plan(ast.parse(source).body[0])
         namespace: dict = dict(inspect.unwrap(getattr(call, "__func__", call)).__globals__)
     except (OSError, TypeError, SyntaxError, IndexError, ValueError, AttributeError):

@@ -118,8 +118,8 @@ def run_nuts(
             ``"torchscript"`` (PyTorch's Static Runtime), ``"inductor"`` (one fused C++ kernel
             per leaf: about 4x faster per leaf, seconds to compile, needs ``g++``), or ``"auto"``:
             Static Runtime, switching to Inductor once the run's pace shows the compilation will
-            pay for itself. ``result.config["leaf_backend"]`` and ``["fuse_decision"]`` say what
-            ran and why.
+            pay for itself (compiled in a background process where a second core is free).
+            ``result.config["leaf_backend"]`` and ``["fuse_decision"]`` say what ran and why.
 
     Returns:
         A :class:`NUTSResult`; divergences are also reported with a warning.

@@ -9,11 +9,12 @@ where Pyro knows it) or the importance-weighted bound of Burda et al. (``RenyiEL
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 import pyro
@@ -276,9 +277,10 @@ def fit_svi(
         compiler: for the compiled step: ``"torchscript"`` (Static Runtime), ``"inductor"``
             (one fused C++ kernel per step, seconds to compile, needs ``g++``), or ``"auto"``:
             fuse once the run's pace shows the compilation will pay for itself
-            (:class:`~vilab.inference.fast_inductor.FusePolicy`; only long runs qualify).
-            ``result.config["fused"]`` and ``["fuse_decision"]`` say what ran and why; the
-            compilation is counted in ``["setup_seconds"]``.
+            (:class:`~vilab.inference.fast_inductor.FusePolicy`; only long runs qualify), compiling
+            in a background process while the run goes on where a second core is free.
+            ``result.config["fused"]`` and ``["fuse_decision"]`` say what ran and why; a
+            compilation that blocks the run is counted in ``["setup_seconds"]``.
 
     Returns:
         An :class:`SVIResult`.
@@ -312,10 +314,13 @@ def fit_svi(
     converged = False
     bar = tqdm(range(num_steps), desc=f"SVI {name}", disable=not progress, leave=False)
     policy = FusePolicy(compiler if isinstance(stepper, CompiledSVIStep) else "torchscript", num_steps)
-    with threads_for(stepper.numel):
+    fused_at = ""
+    with threads_for(stepper.numel), _cancelling(stepper):
         for step in bar:
             if not policy.decided:
                 setup_seconds += _maybe_fuse(policy, stepper, step)
+            elif policy.background and not fused_at:
+                fused_at = _poll_fusion(stepper, step)
             loss = stepper.step()
             if not np.isfinite(loss):
                 _raise_non_finite(model, guide, args, kwargs, step, losses, start, name, elbo, stepper)
@@ -333,20 +338,44 @@ def fit_svi(
     return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start, converged, name, elbo,
                      {"lr": lr, "lr_decay": lr_decay, "num_particles": num_particles, "num_steps": num_steps,
                       "backend": stepper.backend, "setup_seconds": setup_seconds,
-                      "fused": bool(getattr(stepper, "fused", False)), "fuse_decision": policy.reason})
+                      "fused": bool(getattr(stepper, "fused", False)),
+                      "fuse_decision": policy.reason + fused_at})
 
 
 def _maybe_fuse(policy: FusePolicy, stepper, step: int) -> float:
     """Ask ``policy`` whether to fuse the compiled step before step ``step``; returns the
-    seconds spent compiling (counted as setup, as a JIT's first call is)."""
+    seconds spent compiling (counted as setup, as a JIT's first call is; none for a
+    compilation started in the background)."""
     chosen = policy.choose(step, [(stepper, step)])
     if chosen is not None and not chosen:
+        return 0.0
+    if chosen and policy.background:
+        stepper.fuse_start()
         return 0.0
     start = time.perf_counter()
     if not stepper.fuse():
         warnings.warn(f"fit_svi: no fused kernel ({stepper.fuse_failure}); the traced step keeps running",
                       RuntimeWarning, stacklevel=3)
     return time.perf_counter() - start
+
+
+def _poll_fusion(stepper, step: int) -> str:
+    """What became of a background compilation once it is over (``""`` until then)."""
+    outcome = stepper.fuse_poll()
+    if outcome is None:
+        return ""
+    return f"; fused at step {step}" if outcome else f"; not fused: {stepper.fuse_failure}"
+
+
+@contextlib.contextmanager
+def _cancelling(stepper) -> Iterator[None]:
+    """Stop the stepper's background compilation, if any, when the run ends."""
+    try:
+        yield
+    finally:
+        cancel = getattr(stepper, "fuse_cancel", None)
+        if cancel is not None:
+            cancel()
 
 
 class LaplaceError(ValueError):

@@ -130,11 +130,11 @@ def test_auto_policy_fuses_a_step_only_when_its_remaining_calls_pay_for_its_comp
     leaf, merge = _Step("leaf", 140, 200e-6), _Step("merge", 60, 80e-6)
     # 60 leaves and 6 merges per iteration, 1900 iterations left: the leaf saves ~15 s, the
     # merge ~0.6 s against ~2.2 s of compilation.
-    policy = FusePolicy("auto", 2001)
+    policy = FusePolicy("auto", 2001, background=False)
     assert _decide(policy, clock, [leaf, merge], [60, 6]) == [leaf]
     assert "leaf fused" in policy.reason and "merge not fused" in policy.reason
     assert policy.decided and policy.choose(500, [(leaf, 10**6), (merge, 10**5)]) == []
-    short = FusePolicy("auto", 150)
+    short = FusePolicy("auto", 150, background=False)
     assert _decide(short, clock, [leaf, merge], [60, 6]) == []
 
 
@@ -143,8 +143,8 @@ def test_auto_policy_counts_a_cached_graph_at_a_cache_hits_cost(clock):
     cold, cached = _Step("leaf", 140, 100e-6), _Step("leaf", 140, 100e-6, cached=True)
     fast_inductor._setup_done, setup = True, fast_inductor._setup_done
     try:
-        assert _decide(FusePolicy("auto", 600), clock, [cold], [60]) == []
-        assert _decide(FusePolicy("auto", 600), clock, [cached], [60]) == [cached]
+        assert _decide(FusePolicy("auto", 600, background=False), clock, [cold], [60]) == []
+        assert _decide(FusePolicy("auto", 600, background=False), clock, [cached], [60]) == [cached]
     finally:
         fast_inductor._setup_done = setup
 
@@ -155,10 +155,30 @@ def test_auto_policy_expects_more_from_a_step_that_reuses_its_buffers(clock):
     plain, recycled = _Step("leaf", 140, 50e-6), _Step("leaf", 140, 50e-6, recycle=True)
     fast_inductor._setup_done, setup = True, fast_inductor._setup_done
     try:
-        assert _decide(FusePolicy("auto", 2001), clock, [plain], [60]) == []
-        assert _decide(FusePolicy("auto", 2001), clock, [recycled], [60]) == [recycled]
+        assert _decide(FusePolicy("auto", 2001, background=False), clock, [plain], [60]) == []
+        assert _decide(FusePolicy("auto", 2001, background=False), clock, [recycled], [60]) == [recycled]
     finally:
         fast_inductor._setup_done = setup
+
+
+def test_background_policy_fuses_what_pays_once_its_kernel_is_ready(clock, monkeypatch):
+    monkeypatch.setattr(fast_inductor.fast_background, "server_ready", lambda: False)
+    # 0.015 s per iteration, 1900 iterations left (28.5 s). The leaf's kernel is ready after
+    # ~5.1 s (Inductor's setup included) and saves ~10 s after that. A merge called 6 times per
+    # iteration waits for the leaf, then compiles in ~2.2 s and saves ~0.45 s, more than a
+    # tenth of its compile time; called once per iteration it saves ~0.08 s and is not fused.
+    leaf, merge = _Step("leaf", 140, 200e-6), _Step("merge", 60, 80e-6)
+    policy = FusePolicy("auto", 2001, background=True)
+    assert _decide(policy, clock, [leaf, merge], [60, 6]) == [leaf, merge]
+    assert "leaf fused in the background" in policy.reason and "merge fused in the background" in policy.reason
+    rare = FusePolicy("auto", 2001, background=True)
+    assert _decide(rare, clock, [leaf, merge], [60, 1]) == [leaf]
+    assert "merge not fused" in rare.reason
+    # A run that ends about when the kernel would be ready compiles nothing.
+    assert _decide(FusePolicy("auto", 420, background=True), clock, [leaf], [60]) == []
+    # Once the compile server is warm, the same leaf is worth compiling in that run.
+    monkeypatch.setattr(fast_inductor.fast_background, "server_ready", lambda: True)
+    assert _decide(FusePolicy("auto", 420, background=True), clock, [leaf], [60]) == [leaf]
 
 
 def test_a_compiled_graph_is_known_to_be_cached_and_a_changed_one_is_not(tmp_path, monkeypatch, leaf_like):
@@ -173,7 +193,7 @@ def test_a_compiled_graph_is_known_to_be_cached_and_a_changed_one_is_not(tmp_pat
 
 
 def test_auto_policy_waits_for_half_a_second_of_timed_iterations(clock):
-    policy = FusePolicy("auto", 10**6)
+    policy = FusePolicy("auto", 10**6, background=False)
     step = _Step("leaf", 100, 1e-3)
     assert _decide(policy, clock, [step], [100], iterations=10, seconds=0.3) == []
     assert not policy.decided

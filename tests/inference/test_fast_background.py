@@ -1,0 +1,162 @@
+r"""Fused kernels compiled in a forked process (:mod:`vilab.inference.fast_background`).
+
+Exact checks: the kernel a child compiles, loaded without Inductor's loader, returns the eager
+step's values (recycled or not); a traced step installs it only after it passes the step's own
+checks; a failing or killed child is reported, never waited on forever; a wrapper needing names
+the loader does not provide is refused. Statistical check (slow): a NUTS run that switches to
+the background kernel mid-run matches the Normal-Normal closed-form posterior.
+"""
+import time
+
+import arviz as az
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from vilab.inference import fast_background, fast_inductor
+from vilab.inference.fast_background import BackgroundCompile, background_available, load_artifact
+from vilab.inference.fast_inductor import FusePolicy, compile_artifact, fusion_unavailable
+from vilab.inference.fast_leaf import CompiledStep
+from vilab.inference.fast_nuts import sample_vectorized_nuts
+
+Z = 4.5  # two-sided z for a per-test failure budget of about 1e-5
+
+pytestmark = [pytest.mark.skipif(bool(fusion_unavailable()), reason=fusion_unavailable() or "available"),
+              pytest.mark.skipif(not background_available(), reason="needs fork and two cores")]
+
+
+def _wait(compilation: BackgroundCompile, timeout: float = 240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        outcome = compilation.result()
+        if outcome is not None:
+            return outcome
+        time.sleep(0.05)
+    compilation.close()
+    raise AssertionError("the background compilation did not finish")
+
+
+def _same(got, expected) -> bool:
+    return all(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+               for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("recycle", [False, True])
+def test_a_kernel_compiled_in_a_child_returns_the_eager_values(leaf_like, recycle):
+    step, inputs = leaf_like
+    fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs, recycle=recycle))
+    assert why == "" and fused is not None
+    assert bool(getattr(fused, "recycled", False)) == recycle
+    for _ in range(3):
+        assert _same(fused(*inputs), step(*inputs))
+
+
+def test_a_traced_step_installs_the_background_kernel_after_its_checks(leaf_like):
+    step, inputs = leaf_like
+    compiled = CompiledStep(step, inputs, num_state=0, name="leaf", recycle=True)
+    assert compiled.compiled and compiled.fuse_poll() is False  # nothing started: not fused
+    assert compiled.fuse_start() and compiled.fusing
+    assert not compiled.fuse_start()  # one compilation at a time
+    deadline = time.monotonic() + 240.0
+    while (outcome := compiled.fuse_poll()) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert outcome and compiled.backend == "inductor" and compiled.recycled and not compiled.fusing
+    assert _same(compiled(*inputs), step(*inputs))
+
+
+@pytest.fixture
+def fresh_server():
+    """A compile server forked after the test's monkeypatches (it inherits them)."""
+    fast_background.shutdown()
+    yield
+    fast_background.shutdown()
+
+
+def test_one_server_compiles_graph_after_graph_and_a_busy_one_gets_a_private_helper(leaf_like):
+    step, inputs = leaf_like
+    graph = make_fx(step)(*inputs)
+    first = BackgroundCompile(graph, inputs)
+    second = BackgroundCompile(graph, inputs)  # while the shared server is busy
+    assert first._shared and not second._shared
+    assert _wait(first)[0] is not None and _wait(second)[0] is not None
+    assert not second._server.process.is_alive()  # a private helper stops after its graph
+    third = BackgroundCompile(graph, inputs)
+    assert third._shared and third._server is first._server
+    assert _wait(third)[0] is not None
+
+
+def test_a_failing_child_is_reported(leaf_like, monkeypatch, fresh_server):
+    def broken(graph, example):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(fast_inductor, "compile_artifact", broken)  # the forked server inherits it
+    step, inputs = leaf_like
+    fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs))
+    assert fused is None and "no compiler today" in why
+
+
+def test_a_child_that_dies_is_reported_and_a_running_one_is_stopped(leaf_like, monkeypatch, fresh_server):
+    step, inputs = leaf_like
+    monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example: time.sleep(60))
+    slow = BackgroundCompile(make_fx(step)(*inputs), inputs)
+    assert slow.result() is None
+    process = slow._server.process
+    slow.close()
+    assert not process.is_alive()
+    fast_background.shutdown()
+    monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example: __import__("os")._exit(3))
+    fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs))
+    assert fused is None and "exit code" in why
+
+
+def test_the_loader_refuses_a_wrapper_that_needs_unknown_names(leaf_like, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    step, inputs = leaf_like
+    artifact = compile_artifact(make_fx(step)(*inputs), inputs)
+    assert artifact["kernels"] and all(path.endswith(".so") for path in artifact["kernels"].values())
+    assert _same(load_artifact(artifact, inputs)(*inputs), step(*inputs))
+    source = open(artifact["source"]).read()
+    tampered = tmp_path / "wrapper.py"
+    tampered.write_text(source.replace("args.clear()", "args.clear()\n        some_helper(args)"))
+    with pytest.raises(RuntimeError, match="some_helper"):
+        load_artifact({**artifact, "source": str(tampered)}, inputs)
+    tampered.write_text(source.replace("args.clear()", "args.clear()\n        extern_kernels.fancy_mm(args)"))
+    with pytest.raises(RuntimeError, match="fancy_mm"):
+        load_artifact({**artifact, "source": str(tampered)}, inputs)
+
+
+def test_background_availability_needs_two_cores(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert not background_available()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert background_available()
+
+
+def _normal_normal(data):
+    loc = pyro.sample("loc", dist.Normal(0.0, 2.0))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
+
+
+@pytest.mark.slow
+def test_nuts_switches_to_the_background_kernel_mid_run_and_matches_the_closed_form(monkeypatch):
+    # Free compilation and a quick decision: the leaf starts compiling after ~0.05 s.
+    for name in ("SECONDS_PER_GRAPH", "SECONDS_PER_OP", "SETUP_SECONDS", "CACHED_SECONDS"):
+        monkeypatch.setattr(fast_inductor, name, 0.0)
+    monkeypatch.setattr(FusePolicy, "check_after", 0.05)
+    data = torch.tensor([0.3, 1.9, 1.1, 0.4, 2.2, 1.0, 0.7, 1.6], dtype=torch.float64)
+    result = sample_vectorized_nuts(_normal_normal, (data,), {}, num_samples=6000, num_warmup=1000, num_chains=4,
+                                    seed=3, progress=False)
+    assert "leaf fused in the background" in result.fuse_decision
+    assert "leaf fused at iteration" in result.fuse_decision, result.fuse_decision
+    assert result.backend == "inductor"
+    precision = 1 / 2.0**2 + data.shape[0]
+    mean, sd = data.sum().item() / precision, precision**-0.5
+    draws = result.samples["loc"]
+    ess = float(az.ess(draws.numpy()))
+    assert ess > 1000
+    assert abs(draws.mean().item() - mean) < Z * sd / ess**0.5
+    assert abs(draws.std().item() - sd) < Z * sd / (2 * ess) ** 0.5
