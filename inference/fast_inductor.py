@@ -246,7 +246,8 @@ class FusePolicy:
 
     ``"inductor"`` fuses every step from the start, ``"torchscript"`` none. ``"auto"`` counts
     each step's calls over the iterations after the first (which traces the steps); once those
-    have taken :attr:`check_after` seconds it extrapolates each step's remaining calls and
+    have taken :attr:`check_after` seconds (:attr:`check_after_background` where the compilation
+    would run in the background) it extrapolates each step's remaining calls and
     the saving of a fused step: remaining calls x traced time per call x ``1 - 1 / speedup``
     (:data:`RECYCLED_SPEEDUP` for a step that reuses its buffers, :data:`EXPECTED_SPEEDUP`
     otherwise). Its compile time is predicted cold, or as :data:`CACHED_SECONDS` for a graph
@@ -266,8 +267,10 @@ class FusePolicy:
         background: compile ``"auto"``'s steps beside the run (default: where available).
     """
 
-    # Seconds of timed iterations before deciding: spent on the slower traced step.
+    # Seconds of timed iterations before deciding: spent on the slower traced step. A
+    # background compilation costs the run nothing, so it starts on a shorter look.
     check_after = 0.5
+    check_after_background = 0.2
 
     def __init__(self, compiler: str, total_iterations: int, background: Optional[bool] = None) -> None:
         if compiler not in COMPILERS:
@@ -296,7 +299,8 @@ class FusePolicy:
             self._mark = (done, time.perf_counter(), [calls for _, calls in steps])
             return []
         elapsed = time.perf_counter() - self._mark[1]
-        if elapsed < self.check_after or len(steps) != len(self._mark[2]):
+        wait = self.check_after_background if self.background else self.check_after
+        if elapsed < wait or len(steps) != len(self._mark[2]):
             return []
         self.decided = True
         unavailable = fusion_unavailable()

@@ -146,7 +146,7 @@ def test_nuts_switches_to_the_background_kernel_mid_run_and_matches_the_closed_f
     # Free compilation and a quick decision: the leaf starts compiling after ~0.05 s.
     for name in ("SECONDS_PER_GRAPH", "SECONDS_PER_OP", "SETUP_SECONDS", "CACHED_SECONDS"):
         monkeypatch.setattr(fast_inductor, name, 0.0)
-    monkeypatch.setattr(FusePolicy, "check_after", 0.05)
+    monkeypatch.setattr(FusePolicy, "check_after_background", 0.05)
     data = torch.tensor([0.3, 1.9, 1.1, 0.4, 2.2, 1.0, 0.7, 1.6], dtype=torch.float64)
     result = sample_vectorized_nuts(_normal_normal, (data,), {}, num_samples=6000, num_warmup=1000, num_chains=4,
                                     seed=3, progress=False)
