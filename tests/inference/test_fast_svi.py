@@ -203,3 +203,26 @@ def test_nan_on_the_compiled_path_names_the_site_and_keeps_finite_parameters():
     assert 0 < error.step < 200 and len(error.result.losses) == error.step
     for name, value in pyro.get_param_store().items():
         assert torch.isfinite(value).all(), name
+
+
+@pytest.mark.slow
+def test_a_background_fused_step_takes_over_mid_run_and_reaches_the_posterior(monkeypatch):
+    from vilab.inference import fast_inductor
+    from vilab.inference.fast_background import background_available
+
+    if fast_inductor.fusion_unavailable() or not background_available():
+        pytest.skip("needs g++ and a second core")
+    # Free compilation and a quick decision: the step starts compiling after ~0.05 s.
+    for name in ("SECONDS_PER_GRAPH", "SECONDS_PER_OP", "SETUP_SECONDS", "CACHED_SECONDS"):
+        monkeypatch.setattr(fast_inductor, name, 0.0)
+    monkeypatch.setattr(fast_inductor.FusePolicy, "check_after_background", 0.05)
+    x = conjugate.default_normal_data()
+    result = fit_svi(conjugate.normal_normal, "meanfield", 20, x, num_steps=60000, lr=0.05, lr_decay=0.01,
+                     early_stop=False, progress=False, backend="compiled")
+    assert "fused in the background" in result.config["fuse_decision"]
+    assert "fused at step" in result.config["fuse_decision"], result.config["fuse_decision"]
+    assert result.config["fused"]
+    elbo, se = result.elbo_estimate(20000, seed=1)
+    log_evidence = conjugate.normal_normal_log_evidence(x)
+    assert elbo <= log_evidence + Z * se + 1e-9
+    assert log_evidence - elbo <= Z * se + OPT_TOL
