@@ -46,8 +46,10 @@ _EXTERN = ("mm", "bmm", "addmm", "baddbmm")
 
 
 def background_available() -> bool:
-    """Whether a compilation can run beside the caller: ``fork`` exists and this process may
-    use at least two cores."""
+    """Whether a compilation can run beside the caller: ``fork`` exists, this process may use
+    at least two cores, and it has not initialised CUDA (which a forked child cannot use)."""
+    if torch.cuda.is_initialized():
+        return False
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -140,7 +140,74 @@ def checkpoint_masks(leaf: int, max_tree_depth: int) -> tuple[torch.Tensor, torc
     return write, check
 
 
-class CompiledStep:
+class Fusable:
+    """Replacing a traced step by Inductor's fused kernel, compiled in-process (:meth:`fuse`)
+    or in a background process (:meth:`fuse_start`, then :meth:`fuse_poll`). Either way the
+    kernel must reproduce the step's eager check values and be faster
+    (:func:`fuse_checked`); a failure is kept in :attr:`fuse_failure` and the traced step
+    stays. Subclasses provide ``_fn`` (the current implementation), :attr:`is_fused`,
+    ``_fusion_inputs()`` (``(graph, example, checks)``, or ``None`` having set
+    :attr:`fuse_failure`) and ``_install(fused)``."""
+
+    recycle = False
+    fuse_failure = ""
+    _pending: BackgroundCompile | None = None
+
+    def fuse(self) -> bool:
+        """Compile the fused kernel now and use it if it passes the checks; returns whether the
+        step is fused."""
+        if self.is_fused:
+            return True
+        inputs = self._fusion_inputs()
+        if inputs is None:
+            return False
+        graph, example, checks = inputs
+        fused, self.fuse_failure = fuse_checked(graph, example, checks, self._fn, recycle=self.recycle)
+        if fused is None:
+            return False
+        self._install(fused)
+        return True
+
+    def fuse_start(self) -> bool:
+        """Start compiling the fused kernel in a forked process
+        (:class:`~vilab.inference.fast_background.BackgroundCompile`) while the traced step keeps
+        running; :meth:`fuse_poll` installs it. Returns whether a compilation was started."""
+        if self.is_fused or self._pending is not None:
+            return False
+        inputs = self._fusion_inputs()
+        if inputs is None:
+            return False
+        self._pending = BackgroundCompile(inputs[0], inputs[1], recycle=self.recycle)
+        return True
+
+    @property
+    def fusing(self) -> bool:
+        """Whether a background compilation is under way."""
+        return self._pending is not None
+
+    def fuse_poll(self) -> bool | None:
+        """``None`` while the background compilation runs; then whether the step is fused."""
+        if self._pending is None:
+            return self.is_fused
+        _, example, checks = self._fusion_inputs()
+        outcome = poll_checked(self._pending, example, checks, self._fn)
+        if outcome is None:
+            return None
+        self._pending = None
+        fused, self.fuse_failure = outcome
+        if fused is None:
+            return False
+        self._install(fused)
+        return True
+
+    def fuse_cancel(self) -> None:
+        """Stop a background compilation that is still running."""
+        if self._pending is not None:
+            self._pending.close()
+            self._pending = None
+
+
+class CompiledStep(Fusable):
     """A pure tensor function for fixed input shapes, traced into TorchScript when possible.
 
     The function is traced with ``make_fx``, simplified (:func:`~vilab.inference.fast_graph.simplify`)
@@ -168,7 +235,6 @@ class CompiledStep:
         self._fn, self.compiled, self._num_state = eager_fn, False, num_state
         self.failure = "" if compile else "compilation not requested"
         self.backend, self.num_ops, self._check, self.fuse_failure = "eager", 0, None, ""
-        self._pending: BackgroundCompile | None = None
         if compile:
             self._try_compile(example)
 
@@ -195,65 +261,19 @@ class CompiledStep:
         directly; it changes when the step is fused."""
         return self._fn
 
-    def fuse(self) -> bool:
-        """Replace the traced step by Inductor's fused kernel
-        (:func:`~vilab.inference.fast_inductor.compile_fused`) if it compiles and reproduces the
-        eager step on the check input; returns whether the step is fused. A failure is kept in
-        :attr:`fuse_failure` and the traced step stays."""
-        if self.backend == "inductor":
-            return True
-        if self._check is None:
-            self.fuse_failure = "the step was not traced"
-            return False
-        graph, example, following, expected = self._check
-        fused, self.fuse_failure = fuse_checked(graph, example, [(following, expected)], self._fn,
-                                                recycle=self.recycle)
-        if fused is None:
-            return False
-        self._fn, self.backend, self._check = fused, "inductor", None
-        return True
-
-    def fuse_start(self) -> bool:
-        """Start compiling the fused kernel in a forked process
-        (:class:`~vilab.inference.fast_background.BackgroundCompile`) while the traced step keeps
-        running; :meth:`fuse_poll` installs it. Returns whether a compilation was started."""
-        if self.backend == "inductor" or self._pending is not None:
-            return False
-        if self._check is None:
-            self.fuse_failure = "the step was not traced"
-            return False
-        graph, example = self._check[:2]
-        self._pending = BackgroundCompile(graph, example, recycle=self.recycle)
-        return True
-
     @property
-    def fusing(self) -> bool:
-        """Whether a background compilation is under way."""
-        return self._pending is not None
+    def is_fused(self) -> bool:
+        return self.backend == "inductor"
 
-    def fuse_poll(self) -> bool | None:
-        """``None`` while the background compilation runs; then whether the step is fused (its
-        kernel checked as in :meth:`fuse`, the reason for a failure in :attr:`fuse_failure`)."""
-        if self._pending is None:
-            return self.backend == "inductor"
-        outcome = self._pending.result()
-        if outcome is None:
+    def _fusion_inputs(self):
+        if self._check is None:
+            self.fuse_failure = "the step was not traced"
             return None
-        self._pending = None
-        fused, self.fuse_failure = outcome
-        if fused is not None:
-            _, example, following, expected = self._check
-            fused, self.fuse_failure = check_fused(fused, example, [(following, expected)], self._fn)
-        if fused is None:
-            return False
-        self._fn, self.backend, self._check = fused, "inductor", None
-        return True
+        graph, example, following, expected = self._check
+        return graph, example, [(following, expected)]
 
-    def fuse_cancel(self) -> None:
-        """Stop a background compilation that is still running."""
-        if self._pending is not None:
-            self._pending.close()
-            self._pending = None
+    def _install(self, fused: Callable) -> None:
+        self._fn, self.backend, self._check = fused, "inductor", None
 
     def _try_compile(self, example: tuple) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -316,6 +336,17 @@ def fuse_checked(graph, example: tuple, checks: list[tuple[tuple, tuple]],
     except (RuntimeError, AssertionError, OSError, TypeError, ValueError) as error:
         return None, _describe(error)
     return check_fused(fused, example, checks, current)
+
+
+def poll_checked(pending: BackgroundCompile, example: tuple, checks: list[tuple[tuple, tuple]],
+                 current: Callable) -> tuple[Callable | None, str] | None:
+    """``None`` while ``pending`` compiles; then its kernel after the checks of
+    :func:`check_fused`, as ``(fused, "")``, or ``(None, why not)``."""
+    outcome = pending.result()
+    if outcome is None:
+        return None
+    fused, why = outcome
+    return (None, why) if fused is None else check_fused(fused, example, checks, current)
 
 
 def check_fused(fused: Callable, example: tuple, checks: list[tuple[tuple, tuple]],

@@ -43,9 +43,8 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import prune_subsample_sites
 
 from .fast_graph import data_dependent_shapes, mask_assignments_as_selects, simplify
-from .fast_background import BackgroundCompile
 from .fast_inductor import is_cached
-from .fast_leaf import _all_close, _call_time, _static_runtime, check_fused, fuse_checked
+from .fast_leaf import Fusable, _all_close, _call_time, _static_runtime
 
 __all__ = ["CompiledSVIError", "CompiledSVIStep", "elbo_loss"]
 
@@ -191,7 +190,7 @@ class _LocalParameters:
                 value.copy_(tensor)
 
 
-class CompiledSVIStep:
+class CompiledSVIStep(Fusable):
     """The compiled SVI step for one model, guide and objective (see the module docstring);
     ``fit_svi`` drives it like its Pyro stepper (``step``, ``failing_site``, ``finish``).
 
@@ -334,52 +333,15 @@ class CompiledSVIStep:
     def fusion_cached(self) -> bool:
         return not self.fused and is_cached(self._graph, self._checks[0][0])
 
-    def fuse(self) -> bool:
-        """Run the step as Inductor's fused kernel
-        (:func:`~vilab.inference.fast_inductor.compile_fused`) if it reproduces both eager check
-        steps and is faster; returns whether it does (else :attr:`fuse_failure` says why)."""
-        if self.fused:
-            return True
-        fused, self.fuse_failure = fuse_checked(self._graph, self._checks[0][0], self._checks, self._fn,
-                                                recycle=self.recycle)
-        if fused is None:
-            return False
+    @property
+    def is_fused(self) -> bool:
+        return self.fused
+
+    def _fusion_inputs(self):
+        return self._graph, self._checks[0][0], self._checks
+
+    def _install(self, fused: Callable) -> None:
         self._fn, self.fused = fused, True
-        return True
-
-    _pending = None
-
-    def fuse_start(self) -> bool:
-        """Start compiling the fused kernel in a forked process while the traced step keeps
-        running (:class:`~vilab.inference.fast_background.BackgroundCompile`); :meth:`fuse_poll`
-        installs it. Returns whether a compilation was started."""
-        if self.fused or self._pending is not None:
-            return False
-        self._pending = BackgroundCompile(self._graph, self._checks[0][0], recycle=self.recycle)
-        return True
-
-    def fuse_poll(self) -> bool | None:
-        """``None`` while the background compilation runs (or none was started); then whether
-        the step is fused, checked as in :meth:`fuse`."""
-        if self._pending is None:
-            return None
-        outcome = self._pending.result()
-        if outcome is None:
-            return None
-        self._pending = None
-        fused, self.fuse_failure = outcome
-        if fused is not None:
-            fused, self.fuse_failure = check_fused(fused, self._checks[0][0], self._checks, self._fn)
-        if fused is None:
-            return False
-        self._fn, self.fused = fused, True
-        return True
-
-    def fuse_cancel(self) -> None:
-        """Stop a background compilation that is still running."""
-        if self._pending is not None:
-            self._pending.close()
-            self._pending = None
 
     # -- running -------------------------------------------------------------------------------
     def step(self) -> float:

@@ -319,7 +319,7 @@ def fit_svi(
         for step in bar:
             if not policy.decided:
                 setup_seconds += _maybe_fuse(policy, stepper, step)
-            elif policy.background and not fused_at:
+            elif policy.background and stepper.fusing:
                 fused_at = _poll_fusion(stepper, step)
             loss = stepper.step()
             if not np.isfinite(loss):
@@ -360,7 +360,7 @@ def _maybe_fuse(policy: FusePolicy, stepper, step: int) -> float:
 
 
 def _poll_fusion(stepper, step: int) -> str:
-    """What became of a background compilation once it is over (``""`` until then)."""
+    """What became of the stepper's background compilation once it is over (``""`` until then)."""
     outcome = stepper.fuse_poll()
     if outcome is None:
         return ""
