@@ -2,12 +2,11 @@ r"""Fused kernels compiled in a forked process while the sampler keeps running.
 
 Compiling a NUTS leaf with Inductor takes 3-6 s (14 s for the HMM example), and importing
 Inductor about 2 s more: as long as a whole NUTS run of a small model. The sampler runs on
-one thread, so on a machine with a second core the compilation can run beside it. A compile
-server, forked from the caller on first use (so it imports nothing the caller has imported),
-receives the pickled graph, compiles it and reports where Inductor wrote the generated wrapper
-and the compiled C++ extension. The server stays for the next graph, so Inductor's import
-(about 2 s) is paid once per session. The caller loads those two files itself, without importing
-Inductor, and keeps stepping its traced graph meanwhile. The caller checks the loaded kernel against its eager
+one thread, so on a machine with a second core the compilation can run beside it. A child
+forked for the graph (it shares the traced graph without pickling it, and imports nothing the
+caller has imported) compiles it and reports where Inductor wrote the generated wrapper and the
+compiled C++ extension. The caller loads those two files itself, without importing Inductor,
+and keeps stepping its traced graph meanwhile. The caller checks the loaded kernel against its eager
 reference before using it, as for a kernel compiled in-process.
 
 Loading reads the generated ``call`` with ``ast`` and runs it with a namespace of the few names
@@ -26,8 +25,6 @@ import multiprocessing
 import os
 import pickle
 import sys
-import threading
-import time
 import types
 import warnings
 from typing import Callable, Optional, Sequence
@@ -36,10 +33,7 @@ import torch
 
 from .fast_recycle import recycled_call
 
-__all__ = ["BackgroundCompile", "background_available", "load_artifact", "prepare", "shutdown"]
-
-# Inductor's import in a fresh server, on the 2-core CPU machine (about 2 s).
-IMPORT_SECONDS = 2.5
+__all__ = ["BackgroundCompile", "background_available", "load_artifact"]
 
 # Inductor's ``extern_kernels`` that are plain ``torch`` functions with an ``out=`` argument.
 _EXTERN = ("mm", "bmm", "addmm", "baddbmm")
@@ -58,8 +52,12 @@ def background_available() -> bool:
 
 
 class BackgroundCompile:
-    """One graph compiled by :func:`~vilab.inference.fast_inductor.compile_artifact` in a forked
-    compile server (:class:`_Server`), while the caller goes on.
+    """One graph compiled by :func:`~vilab.inference.fast_inductor.compile_artifact` in a child
+    forked for it, while the caller goes on.
+
+    The child inherits the graph as it is in memory: a pickled ``GraphModule`` is re-traced from
+    its code on loading, and for at least one NUTS leaf (sblrc) Inductor compiled that re-traced
+    graph into a kernel that failed the eager check, where the original graph compiles right.
 
     Args:
         graph: ATen graph with fixed shapes.
@@ -70,32 +68,27 @@ class BackgroundCompile:
 
     def __init__(self, graph: torch.fx.GraphModule, example: Sequence[torch.Tensor], recycle: bool = False) -> None:
         self.example, self.recycle = tuple(example), recycle
-        self._server, self._shared = _take_server()
+        context = multiprocessing.get_context("fork")
+        self._conn, child = context.Pipe(duplex=False)
+        self._process = context.Process(target=_compile_in_child, args=(child, graph, self.example), daemon=True)
+        with warnings.catch_warnings():
+            # JAX, when imported, warns on every fork; the child never touches JAX.
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            self._process.start()
+        child.close()  # the child's end: EOF here once the child is gone
         self._done = False
-        try:
-            request = pickle.dumps((graph, self.example, os.environ.get("TORCHINDUCTOR_CACHE_DIR")))
-            self._server.conn.send_bytes(request)
-        except (OSError, pickle.PicklingError, TypeError, AttributeError) as error:
-            self._failure = f"the graph could not be sent to the compile server ({type(error).__name__}: {error})"
-        else:
-            self._failure = ""
 
     def result(self) -> Optional[tuple[Optional[Callable], str]]:
         """``None`` while compiling; then ``(fused call, "")`` or ``(None, why not)``, once."""
         if self._done:
             raise RuntimeError("BackgroundCompile.result: the result was already taken")
-        if self._failure:
-            status, payload = "error", self._failure
-            self.close()
-        else:
-            try:
-                if not self._server.conn.poll():
-                    return None
-                status, payload = pickle.loads(self._server.conn.recv_bytes())
-            except (EOFError, OSError):
-                status, payload = "error", f"the compiling process ended (exit code {self._server.process.exitcode})"
-                self.close()
-            self._release()
+        try:
+            if not self._conn.poll():
+                return None
+            status, payload = pickle.loads(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            status, payload = "error", f"the compiling process ended (exit code {self._process.exitcode})"
+        self.close()
         if status != "ok":
             return None, payload
         try:
@@ -104,113 +97,31 @@ class BackgroundCompile:
             return None, f"{type(error).__name__}: {str(error)[:200]}"
 
     def close(self) -> None:
-        """Stop a compilation still running (its server goes with it) and release the server."""
-        global _SHARED
+        """Stop the child if it still runs and release the pipe."""
         if not self._done:
             self._done = True
-            self._server.stop()
-            if self._shared and _SHARED is self._server:
-                _SHARED = None
-
-    def _release(self) -> None:
-        if not self._done:
-            self._done = True
-            if self._shared:
-                self._server.busy = False
-                self._server.compiled += 1
-            else:
-                self._server.stop()
+            if self._process.is_alive():
+                self._process.terminate()
+            self._process.join(timeout=5)
+            self._conn.close()
 
     def __del__(self) -> None:
         if not getattr(self, "_done", True):
             self.close()
 
 
-class _Server:
-    """A forked process that compiles the graphs sent to it, one at a time. Forked, it starts
-    with everything the caller has imported; it imports Inductor on its first graph, once."""
-
-    def __init__(self) -> None:
-        context = multiprocessing.get_context("fork")
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child,), daemon=True)
-        with warnings.catch_warnings():
-            # JAX, when imported, warns on every fork; the server never touches JAX.
-            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-            self.process.start()
-        child.close()  # the server's end: EOF here once the server is gone
-        self.busy, self.compiled, self.started = False, 0, time.monotonic()
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-        self.process.join(timeout=5)
-        self.conn.close()
-
-
-_SHARED: Optional[_Server] = None
-
-
-def _take_server() -> tuple[_Server, bool]:
-    """The process-wide compile server, started on first use, or a private one while it is busy
-    (two samplers compiling at once); returns it and whether it is the shared one."""
-    global _SHARED
-    if _SHARED is None or not _SHARED.process.is_alive():
-        _SHARED = _Server()
-    if _SHARED.busy:
-        return _Server(), False
-    _SHARED.busy = True
-    return _SHARED, True
-
-
-def server_ready() -> bool:
-    """Whether the shared compile server runs and has Inductor imported (it has compiled a
-    graph, or was started by :func:`prepare` long enough ago)."""
-    if _SHARED is None or not _SHARED.process.is_alive():
-        return False
-    return _SHARED.compiled > 0 or time.monotonic() - _SHARED.started > IMPORT_SECONDS
-
-
-def shutdown() -> None:
-    """Stop the shared compile server (the next background compilation forks a new one, with
-    the caller's state at that time)."""
-    global _SHARED
-    if _SHARED is not None:
-        _SHARED.stop()
-        _SHARED = None
-
-
-def prepare() -> None:
-    """Start the shared compile server now, so that it imports Inductor while the caller traces
-    its model: a sampler that will likely compile calls this first. A no-op where background
-    compilation is unavailable or the server runs already."""
-    global _SHARED
-    if background_available() and (_SHARED is None or not _SHARED.process.is_alive()):
-        _SHARED = _Server()
-
-
-def _serve(conn) -> None:
+def _compile_in_child(conn, graph, example) -> None:
     from . import fast_inductor
 
     torch.set_num_threads(1)
-    # Inductor's import (seconds) runs beside the first receive, so a caller's send never
-    # waits on it.
-    warm = threading.Thread(target=importlib.import_module, args=("torch._inductor.compile_fx",), daemon=True)
-    warm.start()
-    while True:
-        try:
-            graph, example, cache = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            return
-        warm.join()
-        if cache is not None:  # the caller's Inductor cache, as it is now
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        try:
-            message = ("ok", fast_inductor.compile_artifact(graph, example))
-        except Exception as error:  # noqa: BLE001 -- any failure is reported; the caller keeps its step
-            message = ("error", f"{type(error).__name__}: {str(error).strip()[:200]}")
-        # Plain pickle: multiprocessing's would pass tensors through shared memory.
-        conn.send_bytes(pickle.dumps(message))
+    try:
+        message = ("ok", fast_inductor.compile_artifact(graph, example))
+    except Exception as error:  # noqa: BLE001 -- any failure is reported; the caller keeps its step
+        message = ("error", f"{type(error).__name__}: {str(error).strip()[:200]}")
+    # Plain pickle: multiprocessing's would pass tensors through shared memory that is gone
+    # once this process exits.
+    conn.send_bytes(pickle.dumps(message))
+    conn.close()
 
 
 def load_artifact(artifact: dict, example: Sequence[torch.Tensor], recycle: bool = False) -> Callable:

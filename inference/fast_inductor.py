@@ -314,7 +314,6 @@ class FusePolicy:
         remaining_iterations = self.total - done
         seconds_per_iteration = elapsed / (done - mark_done)
         setup = 0.0 if _setup_done else SETUP_SECONDS
-        background_setup = 0.0 if fast_background.server_ready() else SETUP_SECONDS
         chosen, notes, ready_after = [], [], 0.0
         for (step, calls), calls_at_mark in zip(steps, mark_calls):
             remaining_calls = (calls - calls_at_mark) / (done - mark_done) * remaining_iterations
@@ -323,10 +322,9 @@ class FusePolicy:
             cold = SECONDS_PER_GRAPH + SECONDS_PER_OP * step.num_ops
             cost = (CACHED_SECONDS if step.fusion_cached() else cold) + setup
             if self.background:
-                # The compile server pays Inductor's setup once per session, and each graph
-                # waits for the ones before it; the traced step runs meanwhile.
-                cost = (CACHED_SECONDS if step.fusion_cached() else cold) + background_setup
-                background_setup = 0.0
+                # Each child pays Inductor's setup, and each graph waits for the ones before
+                # it; the traced step runs meanwhile.
+                cost = (CACHED_SECONDS if step.fusion_cached() else cold) + SETUP_SECONDS
                 waiting = (ready_after + cost) / (seconds_per_iteration * max(remaining_iterations, 1))
                 saving = remaining_calls * max(0.0, 1.0 - waiting) * per_call
                 fuse = saving > BACKGROUND_MARGIN * cost

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from vilab.inference import fast_background, fast_inductor
+from vilab.inference import fast_inductor
 from vilab.inference.fast_background import BackgroundCompile, background_available, load_artifact
 from vilab.inference.fast_inductor import FusePolicy, compile_artifact, fusion_unavailable
 from vilab.inference.fast_leaf import CompiledStep
@@ -66,46 +66,39 @@ def test_a_traced_step_installs_the_background_kernel_after_its_checks(leaf_like
     assert _same(compiled(*inputs), step(*inputs))
 
 
-@pytest.fixture
-def fresh_server():
-    """A compile server forked after the test's monkeypatches (it inherits them)."""
-    fast_background.shutdown()
-    yield
-    fast_background.shutdown()
+def test_a_kernel_compiled_in_a_child_from_the_exact_graph_matches_sblrc_style_matrix_products():
+    # A regression product with an unbound row count, as in the sblrc leaf whose pickled and
+    # re-traced graph compiled into a wrong kernel: the child must compile the graph as it is.
+    def step(beta, x, y):
+        mean = (x * beta.unsqueeze(-2)).sum(-1)
+        return (beta * 2.0, ((y - mean) ** 2).sum(-1), torch.unbind(beta, -1)[0])
+
+    inputs = (torch.randn(4, 5, dtype=torch.float64), torch.randn(100, 5, dtype=torch.float64),
+              torch.randn(100, dtype=torch.float64))
+    fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs, recycle=True))
+    assert why == ""
+    for got, expected in zip(fused(*inputs), step(*inputs)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_one_server_compiles_graph_after_graph_and_a_busy_one_gets_a_private_helper(leaf_like):
-    step, inputs = leaf_like
-    graph = make_fx(step)(*inputs)
-    first = BackgroundCompile(graph, inputs)
-    second = BackgroundCompile(graph, inputs)  # while the shared server is busy
-    assert first._shared and not second._shared
-    assert _wait(first)[0] is not None and _wait(second)[0] is not None
-    assert not second._server.process.is_alive()  # a private helper stops after its graph
-    third = BackgroundCompile(graph, inputs)
-    assert third._shared and third._server is first._server
-    assert _wait(third)[0] is not None
-
-
-def test_a_failing_child_is_reported(leaf_like, monkeypatch, fresh_server):
+def test_a_failing_child_is_reported(leaf_like, monkeypatch):
     def broken(graph, example):
         raise RuntimeError("no compiler today")
 
-    monkeypatch.setattr(fast_inductor, "compile_artifact", broken)  # the forked server inherits it
+    monkeypatch.setattr(fast_inductor, "compile_artifact", broken)  # the forked child inherits it
     step, inputs = leaf_like
     fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs))
     assert fused is None and "no compiler today" in why
 
 
-def test_a_child_that_dies_is_reported_and_a_running_one_is_stopped(leaf_like, monkeypatch, fresh_server):
+def test_a_child_that_dies_is_reported_and_a_running_one_is_stopped(leaf_like, monkeypatch):
     step, inputs = leaf_like
     monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example: time.sleep(60))
     slow = BackgroundCompile(make_fx(step)(*inputs), inputs)
     assert slow.result() is None
-    process = slow._server.process
+    process = slow._process
     slow.close()
     assert not process.is_alive()
-    fast_background.shutdown()
     monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example: __import__("os")._exit(3))
     fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs))
     assert fused is None and "exit code" in why
