@@ -255,7 +255,7 @@ class FusePolicy:
 
     With ``background`` (a second core and ``fork``:
     :func:`~vilab.inference.fast_background.background_available`), the chosen steps compile
-    one after another in a forked process while the traced steps keep running, so a step is
+    one after another in a forked compile server while the traced steps keep running, so a step is
     fused when its saving after its kernel is ready exceeds :data:`BACKGROUND_MARGIN` times its
     compile time (the other core's time). Otherwise the compilation blocks the run, and the
     whole saving must exceed :data:`MARGIN` times the compile time. Short runs (tests, quick
@@ -314,6 +314,7 @@ class FusePolicy:
         remaining_iterations = self.total - done
         seconds_per_iteration = elapsed / (done - mark_done)
         setup = 0.0 if _setup_done else SETUP_SECONDS
+        background_setup = 0.0 if fast_background.server_ready() else SETUP_SECONDS
         chosen, notes, ready_after = [], [], 0.0
         for (step, calls), calls_at_mark in zip(steps, mark_calls):
             remaining_calls = (calls - calls_at_mark) / (done - mark_done) * remaining_iterations
@@ -322,9 +323,10 @@ class FusePolicy:
             cold = SECONDS_PER_GRAPH + SECONDS_PER_OP * step.num_ops
             cost = (CACHED_SECONDS if step.fusion_cached() else cold) + setup
             if self.background:
-                # Each child pays Inductor's setup, and each graph waits for the ones before
-                # it; the traced step runs meanwhile.
-                cost = (CACHED_SECONDS if step.fusion_cached() else cold) + SETUP_SECONDS
+                # The compile server pays Inductor's setup once per session and compiles the
+                # chosen graphs in order; each waits for the ones before it while the traced
+                # step runs.
+                cost = (CACHED_SECONDS if step.fusion_cached() else cold) + (background_setup if not chosen else 0.0)
                 waiting = (ready_after + cost) / (seconds_per_iteration * max(remaining_iterations, 1))
                 saving = remaining_calls * max(0.0, 1.0 - waiting) * per_call
                 fuse = saving > BACKGROUND_MARGIN * cost

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .fast_background import BackgroundCompile
+from .fast_background import BackgroundCompile, BackgroundTicket
 from .fast_graph import simplify
 from .fast_inductor import compile_fused, is_cached
 
@@ -151,7 +151,7 @@ class Fusable:
 
     recycle = False
     fuse_failure = ""
-    _pending: BackgroundCompile | None = None
+    _pending: BackgroundTicket | None = None
 
     def fuse(self) -> bool:
         """Compile the fused kernel now and use it if it passes the checks; returns whether the
@@ -168,17 +168,29 @@ class Fusable:
         self._install(fused)
         return True
 
-    def fuse_start(self) -> bool:
+    def fuse_start(self, pending: BackgroundTicket | None = None) -> bool:
         """Start compiling the fused kernel in a forked process
-        (:class:`~vilab.inference.fast_background.BackgroundCompile`) while the traced step keeps
-        running; :meth:`fuse_poll` installs it. Returns whether a compilation was started."""
+        (:class:`~vilab.inference.fast_background.BackgroundCompile`), or take ``pending``, this
+        step's graph in a batch already compiling (:meth:`background_job`), while the traced step
+        keeps running; :meth:`fuse_poll` installs it. Returns whether a compilation is under way."""
         if self.is_fused or self._pending is not None:
+            if pending is not None:
+                pending.close()
             return False
-        inputs = self._fusion_inputs()
-        if inputs is None:
-            return False
-        self._pending = BackgroundCompile(inputs[0], inputs[1], recycle=self.recycle)
+        if pending is None:
+            job = self.background_job()
+            if job is None:
+                return False
+            pending = BackgroundCompile(*job)
+        self._pending = pending
         return True
+
+    def background_job(self) -> tuple | None:
+        """``(graph, example, recycle)`` for
+        :class:`~vilab.inference.fast_background.BackgroundCompiles`, or ``None`` (with
+        :attr:`fuse_failure` set) where the step cannot be fused."""
+        inputs = self._fusion_inputs()
+        return None if inputs is None else (inputs[0], inputs[1], self.recycle)
 
     @property
     def fusing(self) -> bool:
@@ -338,7 +350,7 @@ def fuse_checked(graph, example: tuple, checks: list[tuple[tuple, tuple]],
     return check_fused(fused, example, checks, current)
 
 
-def poll_checked(pending: BackgroundCompile, example: tuple, checks: list[tuple[tuple, tuple]],
+def poll_checked(pending: BackgroundTicket, example: tuple, checks: list[tuple[tuple, tuple]],
                  current: Callable) -> tuple[Callable | None, str] | None:
     """``None`` while ``pending`` compiles; then its kernel after the checks of
     :func:`check_fused`, as ``(fused, "")``, or ``(None, why not)``."""

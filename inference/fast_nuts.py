@@ -23,14 +23,19 @@ from tqdm.auto import tqdm
 
 from vilab.types import Model
 
+from . import fast_background
 from .fast_adapt import DualAveraging, Metric, Welford, adaptation_windows
-from .fast_inductor import COMPILERS, FusePolicy
+from .fast_inductor import COMPILERS, FusePolicy, fusion_unavailable
 from .fast_leaf import threads_for
 from .fast_tree import TREE_FIELDS, TreeBuilder, TreeState, find_reasonable_step_size, merge_fields
 from .vectorized import BatchedPotential, VectorizationError
 
 __all__ = ["VectorizedNutsResult", "VectorizationError", "sample_vectorized_nuts", "TreeState",
            "TREE_FIELDS", "TreeBuilder", "merge_fields", "find_reasonable_step_size"]
+
+# Runs this long start the background compile server before tracing (``compiler="auto"``):
+# most of them compile their leaf.
+PREPARE_ITERATIONS = 1000
 
 
 class VectorizedNutsResult(NamedTuple):
@@ -177,6 +182,8 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
     if compiler not in COMPILERS:
         raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
     start = time.perf_counter()
+    if compiler == "auto" and num_warmup + num_samples >= PREPARE_ITERATIONS and not fusion_unavailable():
+        fast_background.prepare()  # Inductor's import overlaps the tracing below
     with threads_for(0):  # tracing and checking work on a few chains' values
         potential = BatchedPotential(model, model_args, model_kwargs, num_chains=num_chains, seed=seed)
     with threads_for(num_chains * potential.site_numel):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .fast_adapt import Metric
+from .fast_background import BackgroundCompiles
 from .fast_leaf import (LEAF_FIELDS, CompiledStep, _select, checkpoint_masks, is_turning, make_leaf_stepper)
 from .vectorized import BatchedPotential
 
@@ -124,11 +125,22 @@ class TreeBuilder:
             self._fuse_step(step)
 
     def fuse_in_background(self, steps: list[CompiledStep]) -> None:
-        """Compile ``steps`` one after another in a forked process
-        (:meth:`~vilab.inference.fast_leaf.CompiledStep.fuse_start`) while the traced steps keep
+        """Compile ``steps`` one after another in one forked process
+        (:class:`~vilab.inference.fast_background.BackgroundCompiles`) while the traced steps keep
         running; :meth:`poll_fusion` installs each kernel when it is ready."""
-        self._queue = [step for step in steps if step.compiled]
-        self._start_next()
+        self._queue, jobs = [], []
+        for step in steps:
+            job = step.background_job() if step.compiled and not step.is_fused else None
+            if job is None:
+                if step.compiled and not step.is_fused:
+                    self.fused_at.append(f"{step.name} not fused: {step.fuse_failure}")
+                continue
+            self._queue.append(step)
+            jobs.append(job)
+        if jobs:
+            batch = BackgroundCompiles(jobs)
+            for index, step in enumerate(self._queue):
+                step.fuse_start(batch.ticket(index))
 
     @property
     def fusing(self) -> bool:
@@ -136,20 +148,15 @@ class TreeBuilder:
         return bool(self._queue)
 
     def poll_fusion(self, iteration: int) -> None:
-        """Install a finished background kernel, if any, and start the next compilation (cheap
-        enough to call every iteration; ``iteration`` is recorded in :attr:`fused_at`)."""
-        outcome = self._queue[0].fuse_poll()
-        if outcome is None:
-            return
-        step = self._queue.pop(0)
-        self.fused_at.append(f"{step.name} fused at iteration {iteration}" if outcome else
-                             f"{step.name} not fused: {step.fuse_failure}")
-        self._start_next()
-
-    def _start_next(self) -> None:
-        while self._queue and not self._queue[0].fuse_start():
+        """Install the background kernels that are ready (they arrive in the queue's order;
+        cheap enough to call every iteration; ``iteration`` is recorded in :attr:`fused_at`)."""
+        while self._queue:
+            outcome = self._queue[0].fuse_poll()
+            if outcome is None:
+                return
             step = self._queue.pop(0)
-            self.fused_at.append(f"{step.name} not fused: {step.fuse_failure}")
+            self.fused_at.append(f"{step.name} fused at iteration {iteration}" if outcome else
+                                 f"{step.name} not fused: {step.fuse_failure}")
 
     def close(self) -> None:
         """Stop background compilations still running (the run is over)."""

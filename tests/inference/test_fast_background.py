@@ -1,9 +1,10 @@
 r"""Fused kernels compiled in a forked process (:mod:`vilab.inference.fast_background`).
 
-Exact checks: the kernel a child compiles, loaded without Inductor's loader, returns the eager
-step's values (recycled or not); a traced step installs it only after it passes the step's own
-checks; a failing or killed child is reported, never waited on forever; a wrapper needing names
-the loader does not provide is refused. Statistical check (slow): a NUTS run that switches to
+Exact checks: the kernel the compile server compiles, loaded without Inductor's loader, returns
+the eager step's values (recycled or not); a traced step installs it only after it passes the
+step's own checks; one server compiles batch after batch, and a busy one gets a private helper; a
+failing or killed server is reported, never waited on forever; a wrapper needing names the
+loader does not provide is refused. Statistical check (slow): a NUTS run that switches to
 the background kernel mid-run matches the Normal-Normal closed-form posterior.
 """
 import time
@@ -14,8 +15,8 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from vilab.inference import fast_inductor
-from vilab.inference.fast_background import BackgroundCompile, background_available, load_artifact
+from vilab.inference import fast_background, fast_inductor
+from vilab.inference.fast_background import BackgroundCompile, BackgroundCompiles, background_available, load_artifact
 from vilab.inference.fast_inductor import FusePolicy, compile_artifact, fusion_unavailable
 from vilab.inference.fast_leaf import CompiledStep
 from vilab.inference.fast_nuts import sample_vectorized_nuts
@@ -24,6 +25,14 @@ Z = 4.5  # two-sided z for a per-test failure budget of about 1e-5
 
 pytestmark = [pytest.mark.skipif(bool(fusion_unavailable()), reason=fusion_unavailable() or "available"),
               pytest.mark.skipif(not background_available(), reason="needs fork and two cores")]
+
+
+@pytest.fixture(autouse=True)
+def fresh_server():
+    """A compile server forked after the test's monkeypatches (it inherits them)."""
+    fast_background.shutdown()
+    yield
+    fast_background.shutdown()
 
 
 def _wait(compilation: BackgroundCompile, timeout: float = 240.0):
@@ -43,7 +52,7 @@ def _same(got, expected) -> bool:
 
 
 @pytest.mark.parametrize("recycle", [False, True])
-def test_a_kernel_compiled_in_a_child_returns_the_eager_values(leaf_like, recycle):
+def test_a_kernel_compiled_by_the_server_returns_the_eager_values(leaf_like, recycle):
     step, inputs = leaf_like
     fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs, recycle=recycle))
     assert why == "" and fused is not None
@@ -66,9 +75,9 @@ def test_a_traced_step_installs_the_background_kernel_after_its_checks(leaf_like
     assert _same(compiled(*inputs), step(*inputs))
 
 
-def test_a_kernel_compiled_in_a_child_from_the_exact_graph_matches_sblrc_style_matrix_products():
+def test_a_kernel_compiled_by_the_server_from_the_sent_graph_matches_sblrc_style_matrix_products():
     # A regression product with an unbound row count, as in the sblrc leaf whose pickled and
-    # re-traced graph compiled into a wrong kernel: the child must compile the graph as it is.
+    # re-traced graph compiled into a wrong kernel: the server must compile the graph as it is.
     def step(beta, x, y):
         mean = (x * beta.unsqueeze(-2)).sum(-1)
         return (beta * 2.0, ((y - mean) ** 2).sum(-1), torch.unbind(beta, -1)[0])
@@ -81,17 +90,75 @@ def test_a_kernel_compiled_in_a_child_from_the_exact_graph_matches_sblrc_style_m
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_a_failing_child_is_reported(leaf_like, monkeypatch):
+def _plus_one(x):
+    return (x + 1.0,)
+
+
+def test_one_batch_compiles_in_order_and_one_failure_spares_the_others(leaf_like, monkeypatch):
+    step, inputs = leaf_like
+    good, bad = make_fx(step)(*inputs), make_fx(_plus_one)(inputs[0])
+    bad_size = len(bad.graph.nodes)
+    compile_artifact_ = fast_inductor.compile_artifact
+
+    def picky(graph, example):
+        if len(graph.graph.nodes) == bad_size:
+            raise RuntimeError("not this one")
+        return compile_artifact_(graph, example)
+
+    monkeypatch.setattr(fast_inductor, "compile_artifact", picky)
+    batch = BackgroundCompiles([(good, inputs, False), (bad, inputs[:1], False), (good, inputs, True)])
+    tickets = [batch.ticket(index) for index in range(3)]
+    last, why = _wait(tickets[2])  # taken out of order: the earlier results wait for their tickets
+    assert why == "" and getattr(last, "recycled", False)
+    assert _wait(tickets[1]) == (None, "RuntimeError: not this one")
+    first, why = _wait(tickets[0])
+    assert why == "" and not getattr(first, "recycled", False)
+    for fused in (first, last):
+        assert _same(fused(*inputs), step(*inputs))
+    assert batch._closed and batch._process.is_alive() and not batch._server.busy  # kept for the next run
+    with pytest.raises(ValueError, match="index"):
+        batch.ticket(0)
+    with pytest.raises(ValueError, match="jobs"):
+        BackgroundCompiles([])
+
+
+def test_one_server_compiles_batch_after_batch_and_a_busy_one_gets_a_private_helper(leaf_like):
+    step, inputs = leaf_like
+    graph = make_fx(step)(*inputs)
+    first = BackgroundCompile(graph, inputs)
+    second = BackgroundCompile(graph, inputs)  # while the shared server is busy
+    assert first._batch._shared and not second._batch._shared
+    assert _wait(first)[0] is not None and _wait(second)[0] is not None
+    assert not second._process.is_alive()  # a private helper stops after its batch
+    third = BackgroundCompile(graph, inputs)
+    assert third._batch._shared and third._process is first._process
+    assert _wait(third)[0] is not None
+
+
+def test_a_server_runs_until_no_graph_of_its_batch_is_wanted(leaf_like, monkeypatch):
+    step, inputs = leaf_like
+    monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example: time.sleep(60))
+    graph = make_fx(step)(*inputs)
+    batch = BackgroundCompiles([(graph, inputs, False), (graph, inputs, False)])
+    first, second = batch.ticket(0), batch.ticket(1)
+    first.close()
+    assert batch._process.is_alive() and second.result() is None
+    second.close()
+    assert not batch._process.is_alive()  # stopped mid-batch: the next batch forks a new server
+    assert fast_background._SHARED is None
+
+
+def test_a_failing_compilation_is_reported(leaf_like, monkeypatch):
     def broken(graph, example):
         raise RuntimeError("no compiler today")
 
-    monkeypatch.setattr(fast_inductor, "compile_artifact", broken)  # the forked child inherits it
+    monkeypatch.setattr(fast_inductor, "compile_artifact", broken)  # the forked server inherits it
     step, inputs = leaf_like
     fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs))
     assert fused is None and "no compiler today" in why
 
 
-def test_a_child_that_dies_is_reported_and_a_running_one_is_stopped(leaf_like, monkeypatch):
+def test_a_server_that_dies_is_reported_and_a_running_one_is_stopped(leaf_like, monkeypatch):
     step, inputs = leaf_like
     monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example: time.sleep(60))
     slow = BackgroundCompile(make_fx(step)(*inputs), inputs)
@@ -99,6 +166,7 @@ def test_a_child_that_dies_is_reported_and_a_running_one_is_stopped(leaf_like, m
     process = slow._process
     slow.close()
     assert not process.is_alive()
+    fast_background.shutdown()
     monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example: __import__("os")._exit(3))
     fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs))
     assert fused is None and "exit code" in why
