@@ -34,6 +34,28 @@ def test_fused_graph_returns_the_eager_values_as_fresh_tensors(leaf_like):
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(got, again))
 
 
+def _hmm_like(logits, x, weights):
+    # An HMM's 2x2 log-matrix products, a stick-breaking cumprod and an ordered vector's cumsum,
+    # as in the HMM example's leaf; and a regression's product, large enough for BLAS.
+    pairs = (logits.exp() @ logits.exp()).log()
+    sticks = torch.cumprod(1.0 - torch.sigmoid(logits[..., 0]), -1)
+    ordered = torch.cumsum(logits[..., 1].exp(), -1)
+    return pairs, sticks, ordered, x @ weights
+
+
+def test_small_matrix_products_and_scans_are_fused_and_large_products_call_blas():
+    inputs = (torch.randn(4, 6, 2, 2, dtype=torch.float64), torch.randn(100, 5, dtype=torch.float64),
+              torch.randn(5, 4, dtype=torch.float64))
+    source = open(fast_inductor.compile_artifact(make_fx(_hmm_like)(*inputs), inputs)["source"]).read()
+    code = [line for line in source[source.index("def call("):].splitlines() if not line.strip().startswith("#")]
+    calls = "\n".join(code)
+    assert "extern_kernels.bmm" not in calls and "aten.cumprod" not in calls and "aten.cumsum" not in calls
+    assert "extern_kernels.mm(" in calls
+    fused = compile_fused(make_fx(_hmm_like)(*inputs), inputs)
+    for got, expected in zip(fused(*inputs), _hmm_like(*inputs)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_fused_compiled_step_feeds_its_state_back_like_the_eager_step():
     def step(total, count, x):
         return total + x.sin(), count + 1, (total * x).sum()
