@@ -10,6 +10,7 @@ Usage::
     python benchmarks/nuts_speed.py                       # eight schools + every posteriordb port
     python benchmarks/nuts_speed.py --problems eight_schools --samplers vilab numpyro
     python benchmarks/nuts_speed.py --num-warmup 200 --num-samples 200   # quick look
+    python benchmarks/nuts_speed.py --samplers vilab numpyro --seeds 0 1 2  # pooled over seeds
 
 Writes ``benchmarks/results/nuts_speed.json``.
 """
@@ -82,7 +83,7 @@ def _latent_names(model, args, kwargs) -> list[str]:
 def run_vilab(model, args, kwargs, options):
     from vilab.inference.fast_nuts import sample_vectorized_nuts
 
-    options = {key: value for key, value in options.items() if key != "inductor_cache"}
+    options = {key: value for key, value in options.items() if key not in ("inductor_cache", "seeds")}
     result = sample_vectorized_nuts(model, args, kwargs, progress=False, **options)
     names = _latent_names(model, args, kwargs)
     samples = {name: result.samples[name].numpy() for name in names}
@@ -152,18 +153,42 @@ def measure(problem: str, sampler: str, options: dict) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    numpyro_rate = {row["problem"]: row["ess_per_s"] for row in rows if row["sampler"] == "numpyro"}
-    lines = ["| problem | sampler | wall s | min bulk ESS | ESS/s | vs NumPyro | divergences | load avg |",
-             "|---|---|---|---|---|---|---|---|"]
+    numpyro_rate = {(row["problem"], row.get("seed", 0)): row["ess_per_s"] for row in rows
+                    if row["sampler"] == "numpyro" and "error" not in row}
+    lines = ["| problem | sampler | seed | wall s | min bulk ESS | ESS/s | vs NumPyro | divergences | load avg |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        seed = row.get("seed", 0)
         if "error" in row:
-            lines.append(f"| {row['problem']} | {row['sampler']} | - | - | - | - | {row['error']} | - |")
+            lines.append(f"| {row['problem']} | {row['sampler']} | {seed} | - | - | - | - | {row['error']} | - |")
             continue
-        ratio = row["ess_per_s"] / numpyro_rate[row["problem"]] if row["problem"] in numpyro_rate else None
-        ratio_text = f"{ratio:.2f}" if ratio is not None else "-"
-        lines.append(f"| {row['problem']} | {row['sampler']} | {row['wall_s']:.1f} | {row['min_bulk_ess']:.0f} | "
+        reference = numpyro_rate.get((row["problem"], seed))
+        ratio_text = f"{row['ess_per_s'] / reference:.2f}" if reference else "-"
+        lines.append(f"| {row['problem']} | {row['sampler']} | {seed} | {row['wall_s']:.1f} | {row['min_bulk_ess']:.0f} | "
                      f"{row['ess_per_s']:.1f} | {ratio_text} | {row['divergences']} | "
                      f"{row['load_average'][0]:.1f}-{row['load_average'][1]:.1f} |")
+    return "\n".join(lines)
+
+
+def _summary(rows: list[dict]) -> str:
+    """Per problem and sampler over the seeds: pooled ESS/s (total ESS over total wall time),
+    its ratio to NumPyro's, and the range of the per-seed ratios."""
+    pooled: dict = {}
+    for row in rows:
+        if "error" not in row:
+            ess, wall, rates = pooled.setdefault((row["problem"], row["sampler"]), [0.0, 0.0, {}])
+            pooled[row["problem"], row["sampler"]] = [ess + row["min_bulk_ess"], wall + row["wall_s"],
+                                                      {**rates, row.get("seed", 0): row["ess_per_s"]}]
+    lines = ["| problem | sampler | seeds | pooled ESS/s | vs NumPyro (pooled) | per-seed ratios |",
+             "|---|---|---|---|---|---|"]
+    for (problem, sampler), (ess, wall, rates) in pooled.items():
+        reference = pooled.get((problem, "numpyro"))
+        ratio, spread = "-", "-"
+        if reference and sampler != "numpyro":
+            ratio = f"{(ess / wall) / (reference[0] / reference[1]):.2f}"
+            per_seed = [rate / reference[2][seed] for seed, rate in rates.items() if seed in reference[2]]
+            spread = f"{min(per_seed):.2f}-{max(per_seed):.2f}" if per_seed else "-"
+        lines.append(f"| {problem} | {sampler} | {len(rates)} | {ess / wall:.1f} | {ratio} | {spread} |")
     return "\n".join(lines)
 
 
@@ -183,6 +208,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warm-cache", action="store_true",
                         help="use Inductor's on-disk cache as a user's repeated runs do; by default a fresh "
                              "cache directory makes every compilation cold")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0],
+                        help="one run per seed, problem and sampler (min bulk ESS varies by seed); a "
+                             "summary pools them")
     parser.add_argument("--out", type=Path, default=RESULTS)
     arguments = parser.parse_args(argv)
     if not arguments.warm_cache:
@@ -191,19 +219,22 @@ def main(argv=None) -> list[dict]:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vilab-inductor-")
     torch.set_default_dtype(torch.float32 if arguments.float32 else torch.float64)
     options = {"num_warmup": arguments.num_warmup, "num_samples": arguments.num_samples,
-               "num_chains": arguments.num_chains, "target_accept": arguments.target_accept, "seed": 0,
+               "num_chains": arguments.num_chains, "target_accept": arguments.target_accept, "seeds": arguments.seeds,
                "dense_mass": arguments.dense_mass, "compiler": arguments.compiler,
                "inductor_cache": "warm" if arguments.warm_cache else "cold"}
     rows = []
-    for problem in arguments.problems:
-        for sampler in arguments.samplers:  # alternate samplers within each problem
-            try:
-                rows.append(measure(problem, sampler, options))
-            except (NotImplementedError, ImportError) as error:
-                rows.append({"problem": problem, "sampler": sampler, "error": str(error)})
-            print(_table(rows[-1:]).splitlines()[-1], flush=True)
-            _write(arguments.out, options, rows)  # after every row, so a cut-short run keeps its rows
+    for seed in arguments.seeds:
+        for problem in arguments.problems:
+            for sampler in arguments.samplers:  # alternate samplers within each problem
+                try:
+                    rows.append({**measure(problem, sampler, {**options, "seed": seed}), "seed": seed})
+                except (NotImplementedError, ImportError) as error:
+                    rows.append({"problem": problem, "sampler": sampler, "seed": seed, "error": str(error)})
+                print(_table(rows[-1:]).splitlines()[-1], flush=True)
+                _write(arguments.out, options, rows)  # after every row, so a cut-short run keeps its rows
     print(_table(rows))
+    print()
+    print(_summary(rows))
     return rows
 
 
