@@ -160,7 +160,10 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         target_accept: target mean acceptance probability in (0, 1).
         dense_mass: adapt a dense rather than diagonal inverse mass matrix.
         max_tree_depth: at most :math:`2^{\text{max\_tree\_depth}} - 1` leapfrog steps per draw.
-        seed: seed of initialisation and of every random choice of the sampler.
+        seed: seed of initialisation and of every random choice of the sampler. The draws
+            repeat exactly for ``compiler="torchscript"`` or ``"inductor"``; under ``"auto"`` the
+            iteration where a fused kernel takes over depends on timing, and a kernel rounds
+            differently from the traced step, so two runs agree in distribution, not bit for bit.
         progress: show a progress bar.
         compiler: how the traced leaf runs: ``"torchscript"`` (Static Runtime, compiles in a
             fraction of a second), ``"inductor"`` (one fused C++ kernel, several times faster
