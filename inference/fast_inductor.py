@@ -14,7 +14,9 @@ Compiling costs seconds (about 1.3 s per graph and 15 ms per op, plus about 2 s 
 per process), so :class:`FusePolicy` compiles a step only when its measured calls say it will
 pay for itself. Where a second core is free, the compilation runs in a background process
 (:mod:`~vilab.inference.fast_background`) and the run goes on meanwhile.
-Inductor's on-disk cache makes a repeated compile of the same graph much cheaper.
+Inductor's on-disk cache makes a repeated compile of the same graph much cheaper. Small matrix
+products and short cumulative sums and products are decomposed before lowering, so that they
+are fused too instead of calling ATen (:data:`SMALL_MATMUL`, :data:`SMALL_SCAN`).
 
 Everything here is optional: without a C++ compiler, or wherever Inductor fails, the caller
 keeps its TorchScript step and records why. ``compile_fused`` uses Inductor's internal entry
