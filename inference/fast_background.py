@@ -82,12 +82,19 @@ class BackgroundCompiles:
         self._jobs = [(tuple(example), recycle) for _, example, recycle in jobs]
         self._messages: dict[int, tuple[str, object]] = {}
         self._open, self._closed = set(range(len(jobs))), False
-        self._server, self._shared = _take_server()
         try:
-            request = [(dumps_graph(graph), tuple(example)) for graph, example, _ in jobs]
-            self._server.conn.send_bytes(pickle.dumps((request, os.environ.get("TORCHINDUCTOR_CACHE_DIR"))))
-        except (OSError, pickle.PicklingError, TypeError, ValueError) as error:
-            why = f"the graphs could not be sent to the compile server ({type(error).__name__}: {error})"
+            graphs = [(dumps_graph(graph), tuple(example)) for graph, example, _ in jobs]
+            request, why = pickle.dumps((graphs, os.environ.get("TORCHINDUCTOR_CACHE_DIR"))), ""
+        except (pickle.PicklingError, TypeError, ValueError) as error:
+            request, why = None, f"the graphs cannot be sent to the compile server ({type(error).__name__}: {error})"
+        self._server, self._shared = _take_server()
+        if request is not None:
+            try:
+                self._server.conn.send_bytes(request)
+            except OSError as error:
+                why = f"the compile server did not take the graphs ({type(error).__name__}: {error})"
+                _stop(self._server)  # it may hold part of the message
+        if why:
             self._messages = {index: ("error", why) for index in self._open}
             self._server.busy = False
 

@@ -148,6 +148,17 @@ def test_a_server_runs_until_no_graph_of_its_batch_is_wanted(leaf_like, monkeypa
     assert fast_background._SHARED is None
 
 
+def test_a_graph_that_cannot_be_sent_is_reported_and_the_server_stays(leaf_like):
+    step, inputs = leaf_like
+    unsendable = torch.fx.symbolic_trace(torch.nn.Linear(3, 2))  # a call_module node
+    fused, why = _wait(BackgroundCompile(unsendable, (torch.randn(4, 3),)))
+    assert fused is None and "cannot be sent" in why
+    server = fast_background._SHARED
+    assert server is not None and server.process.is_alive() and not server.busy
+    fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs))
+    assert why == "" and fast_background._SHARED is server
+
+
 def test_a_failing_compilation_is_reported(leaf_like, monkeypatch):
     def broken(graph, example):
         raise RuntimeError("no compiler today")
