@@ -51,6 +51,7 @@ __all__ = [
     "fit_lightning",
     "train_vae",
     "load_run",
+    "finish_run",
     "read_metrics",
     "resolve_strategy",
     "OBJECTIVES",
@@ -440,6 +441,34 @@ def _write_json(path: str, payload: dict) -> None:
     with open(tmp, "w") as file:
         json.dump(payload, file, indent=2, default=str)
     os.replace(tmp, path)
+
+
+def finish_run(out_dir: str) -> str:
+    """Write ``out_dir/model.safetensors`` from the run's best checkpoint (by validation bound;
+    its last one where there is none), as :func:`train_vae` does when training ends: for a run
+    stopped by a signal or a non-finite loss, to evaluate it without training on.
+
+    Returns:
+        The path of ``model.safetensors``.
+
+    Raises:
+        FileNotFoundError: if ``out_dir`` is not a run directory or has no checkpoint.
+        vilab.inference.checkpoints.CheckpointError: if the checkpoint is truncated or tampered.
+    """
+    config_path = os.path.join(out_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"out_dir: {out_dir!r} is not a vilab VAE run (no config.json)")
+    sources = [os.path.join(out_dir, "checkpoints", name) for name in ("best.ckpt", "last.ckpt")]
+    source = next((path for path in sources if os.path.isfile(path)), None)
+    if source is None:
+        raise FileNotFoundError(f"out_dir: {out_dir!r} has no checkpoint (checkpoints/best.ckpt or "
+                                "last.ckpt); it stopped before its first epoch ended")
+    with open(config_path) as file:
+        vae = build_vae(VAEConfig.from_dict(json.load(file)["vae"]))
+    _load_weights_from_checkpoint(vae, source)
+    path = os.path.join(out_dir, "model.safetensors")
+    save_module(vae, path, metadata={"config": json.dumps(vae.config.to_dict()), "checkpoint": source})
+    return path
 
 
 def load_run(out_dir: str) -> tuple[VAE, dict]:

@@ -23,7 +23,8 @@ _DATASETS = ("fashion-mnist", "mnist", "kmnist", "idx", "digits")
 
 
 def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``vae train`` and ``vae evaluate`` to ``subparsers``; return the ``vae`` parser."""
+    """Add ``vae train``, ``vae evaluate`` and ``vae finish`` to ``subparsers``; return the
+    ``vae`` parser."""
     vae = subparsers.add_parser("vae", help="train and evaluate VAEs on image data")
     commands = vae.add_subparsers(dest="vae_command", required=True)
 
@@ -68,7 +69,26 @@ def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", default=None)
     evaluate.add_argument("--no-figures", action="store_true")
     evaluate.set_defaults(func=evaluate_command)
+
+    finish = commands.add_parser("finish", help="write model.safetensors of a stopped run from "
+                                                "its best checkpoint")
+    finish.add_argument("run_dir", help="directory written by `vilab vae train`")
+    finish.set_defaults(func=finish_command)
     return vae
+
+
+def finish_command(args: argparse.Namespace) -> int:
+    """Handler of ``vilab vae finish``: a run stopped by a signal or a non-finite loss gets the
+    ``model.safetensors`` that ``vilab vae evaluate`` reads, from its best checkpoint."""
+    from vilab.inference.checkpoints import CheckpointError
+    from vilab.inference.vae_training import finish_run
+
+    try:
+        path = finish_run(args.run_dir)
+    except (FileNotFoundError, CheckpointError) as error:
+        return _fail(str(error))
+    print(f"weights: {path}")
+    return 0
 
 
 def _fail(message: str) -> int:
@@ -142,6 +162,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from vilab.inference.vae_plots import save_all_figures
     from vilab.inference.vae_training import load_run, read_metrics
 
+    if os.path.isdir(os.path.join(args.run_dir, "checkpoints")) and \
+            not os.path.exists(os.path.join(args.run_dir, "model.safetensors")):
+        return _fail(f"{args.run_dir!r} has checkpoints but no model.safetensors (its training was "
+                     f"stopped); resume it with the same `vilab vae train` command, or run "
+                     f"`vilab vae finish {args.run_dir}` to use its best checkpoint")
     try:
         vae, config = load_run(args.run_dir)
     except (FileNotFoundError, CheckpointError) as error:

@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -111,6 +112,27 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_path):
     checkpoint = load_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"))
     assert checkpoint["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+def test_a_stopped_run_is_finished_from_its_best_checkpoint(digits, tmp_path, capsys):
+    from vilab.inference.vae_training import finish_run
+
+    out = str(tmp_path / "run")
+    train_vae(_vae(digits), digits, out, config=_config(2))
+    trained = {name: value.clone() for name, value in load_run(out)[0].state_dict().items()}
+    os.remove(os.path.join(out, "model.safetensors"))  # as after SIGTERM
+    args = _parser().parse_args(["vae", "evaluate", out, "--no-figures"])
+    assert args.func(args) == 2
+    assert "vilab vae finish" in capsys.readouterr().err
+    args = _parser().parse_args(["vae", "finish", out])
+    assert args.func(args) == 0
+    finished = load_run(out)[0].state_dict()
+    assert all(torch.equal(finished[name], value) for name, value in trained.items())
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        shutil.rmtree(os.path.join(out, "checkpoints"))
+        finish_run(out)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        finish_run(str(tmp_path))
 
 
 def test_training_refuses_data_of_another_shape(digits, tmp_path):
