@@ -77,7 +77,7 @@ BACKGROUND_MARGIN = 0.1
 # matrix are fused into the kernel rather than calling BLAS: the HMM example's leaf made 21 calls
 # of ``bmm`` on 2x2 matrices, each with its own buffers and views; fused, the leaf is 4x faster
 # (424 -> 106 µs per call) and compiles 3x faster. Regressions' products (sblrc: 100 x 5 by 5 x 4,
-# kidiq) stay faster in BLAS (6.9 against 11.0 µs per sblrc leaf).
+# kidiq) stay in BLAS: decomposed, their leaves were no faster (sblrc 7-12 µs either way, noise).
 SMALL_MATMUL = (8, 64)
 # Cumulative sums and products over at most this many terms are fused too (Inductor calls ATen for
 # them on CPU): the stick-breaking and ordered-vector transforms of the HMM example's leaf made 4
@@ -188,7 +188,8 @@ def is_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> b
 
 
 def _graph_key(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> str:
-    digest = hashlib.sha256(f"{torch.__version__}|{VECTORIZE}|{REALIZE}|{torch.get_num_threads()}".encode())
+    digest = hashlib.sha256(f"{torch.__version__}|{VECTORIZE}|{REALIZE}|{SMALL_MATMUL}|{SMALL_SCAN}|"
+                            f"{torch.get_num_threads()}".encode())
     digest.update(graph.code.encode())
     for node in graph.graph.nodes:
         value = getattr(graph, node.target, None) if node.op == "get_attr" else None
@@ -228,12 +229,14 @@ def _decompositions() -> dict:
 
     def scan(reduce: Callable) -> Callable:
         def decomposed(tensor, dim, dtype=None):
-            size = tensor.shape[dim] if tensor.dim() else 1
-            if dtype is not None or not tensor.is_floating_point() or not isinstance(size, int) \
-                    or not 1 <= size <= SMALL_SCAN or tensor.dim() == 0:
+            if tensor.dim() == 0 or dtype is not None or not tensor.is_floating_point():
                 return NotImplemented
             dim = dim % tensor.dim()
-            return torch.cat([reduce(tensor.narrow(dim, 0, end), dim, keepdim=True) for end in range(1, size + 1)], dim)
+            size = tensor.shape[dim]
+            if not isinstance(size, int) or not 1 <= size <= SMALL_SCAN:
+                return NotImplemented
+            prefixes = [reduce(tensor.narrow(dim, 0, end), dim, keepdim=True) for end in range(1, size + 1)]
+            return torch.cat(prefixes, dim)
         return decomposed
 
     table[aten.bmm.default], table[aten.mm.default] = bmm, mm

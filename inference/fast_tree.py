@@ -125,15 +125,16 @@ class TreeBuilder:
             self._fuse_step(step)
 
     def fuse_in_background(self, steps: list[CompiledStep]) -> None:
-        """Compile ``steps`` one after another in one forked process
+        """Compile ``steps`` one after another in the compile server
         (:class:`~vilab.inference.fast_background.BackgroundCompiles`) while the traced steps keep
         running; :meth:`poll_fusion` installs each kernel when it is ready."""
         self._queue, jobs = [], []
         for step in steps:
-            job = step.background_job() if step.compiled and not step.is_fused else None
+            if not step.compiled or step.is_fused:
+                continue
+            job = step.background_job()
             if job is None:
-                if step.compiled and not step.is_fused:
-                    self.fused_at.append(f"{step.name} not fused: {step.fuse_failure}")
+                self.fused_at.append(f"{step.name} not fused: {step.fuse_failure}")
                 continue
             self._queue.append(step)
             jobs.append(job)
