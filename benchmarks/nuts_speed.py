@@ -176,9 +176,10 @@ def _summary(rows: list[dict]) -> str:
     pooled: dict = {}
     for row in rows:
         if "error" not in row:
-            ess, wall, rates = pooled.setdefault((row["problem"], row["sampler"]), [0.0, 0.0, {}])
-            pooled[row["problem"], row["sampler"]] = [ess + row["min_bulk_ess"], wall + row["wall_s"],
-                                                      {**rates, row.get("seed", 0): row["ess_per_s"]}]
+            ess_wall_rates = pooled.setdefault((row["problem"], row["sampler"]), [0.0, 0.0, {}])
+            ess_wall_rates[0] += row["min_bulk_ess"]
+            ess_wall_rates[1] += row["wall_s"]
+            ess_wall_rates[2][row.get("seed", 0)] = row["ess_per_s"]
     lines = ["| problem | sampler | seeds | pooled ESS/s | vs NumPyro (pooled) | per-seed ratios |",
              "|---|---|---|---|---|---|"]
     for (problem, sampler), (ess, wall, rates) in pooled.items():

@@ -111,8 +111,7 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
     not apply). Raises ``RuntimeError`` (or another error of Inductor's) when it cannot be
     compiled; the caller must check the result against its reference before using it.
     """
-    wrapped, inner = _inductor_compile(graph, example)
-    direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
+    wrapped, direct = _inductor_compile(graph, example)
     if direct is None:
         return lambda *args: tuple(wrapped(*args))
     call, constants = direct
@@ -131,8 +130,7 @@ def compile_artifact(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor
     generated code is not a plain ``call`` of compiled C++ kernels."""
     import inspect
 
-    wrapped, inner = _inductor_compile(graph, example)
-    direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
+    _, direct = _inductor_compile(graph, example)
     if direct is None:
         raise RuntimeError("Inductor's wrapper does more than call its generated code")
     call, constants = direct
@@ -148,7 +146,8 @@ def compile_artifact(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor
 
 
 def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> tuple:
-    """Inductor's compiled function for ``graph`` and the inner compiled graph(s) it wraps."""
+    """Inductor's compiled function for ``graph`` and its generated code as a direct call
+    (:func:`_direct_call`; ``None`` where the wrappers do more than call it)."""
     global _setup_done
     graph_key = _graph_key(graph, example)  # before Inductor, which may rewrite ``graph``
     from torch._functorch import config as functorch_config
@@ -177,7 +176,7 @@ def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tenso
             wrapped = compile_fx(graph, list(example), inner_compile=capture, decompositions=_decompositions())
     _setup_done = True
     _mark_cached(graph_key)
-    return wrapped, inner
+    return wrapped, (_direct_call(wrapped, inner, example) if len(inner) == 1 else None)
 
 
 def is_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> bool:
@@ -377,17 +376,18 @@ class FusePolicy:
             remaining_calls = (calls - calls_at_mark) / (done - mark_done) * remaining_iterations
             speedup = RECYCLED_SPEEDUP if getattr(step, "recycle", False) else EXPECTED_SPEEDUP
             per_call = step.call_time() * (1.0 - 1.0 / speedup)
-            cold = SECONDS_PER_GRAPH + SECONDS_PER_OP * step.num_ops
-            cost = (CACHED_SECONDS if step.fusion_cached() else cold) + setup
+            compile_seconds = CACHED_SECONDS if step.fusion_cached() else \
+                SECONDS_PER_GRAPH + SECONDS_PER_OP * step.num_ops
             if self.background:
                 # The compile server pays Inductor's setup once per session and compiles the
                 # chosen graphs in order; each waits for the ones before it while the traced
                 # step runs.
-                cost = (CACHED_SECONDS if step.fusion_cached() else cold) + (background_setup if not chosen else 0.0)
+                cost = compile_seconds + (0.0 if chosen else background_setup)
                 waiting = (ready_after + cost) / (seconds_per_iteration * max(remaining_iterations, 1))
                 saving = remaining_calls * max(0.0, 1.0 - waiting) * per_call
                 fuse = saving > BACKGROUND_MARGIN * cost
             else:
+                cost = compile_seconds + setup
                 saving = remaining_calls * per_call
                 fuse = saving > MARGIN * cost
             if fuse:

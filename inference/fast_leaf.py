@@ -162,11 +162,7 @@ class Fusable:
         if inputs is None:
             return False
         graph, example, checks = inputs
-        fused, self.fuse_failure = fuse_checked(graph, example, checks, self._fn, recycle=self.recycle)
-        if fused is None:
-            return False
-        self._install(fused)
-        return True
+        return self._take(*fuse_checked(graph, example, checks, self._fn, recycle=self.recycle))
 
     def fuse_start(self, pending: BackgroundTicket | None = None) -> bool:
         """Start compiling the fused kernel in a forked process
@@ -201,12 +197,18 @@ class Fusable:
         """``None`` while the background compilation runs; then whether the step is fused."""
         if self._pending is None:
             return self.is_fused
-        _, example, checks = self._fusion_inputs()
-        outcome = poll_checked(self._pending, example, checks, self._fn)
+        outcome = self._pending.result()  # called every iteration: nothing else until it is ready
         if outcome is None:
             return None
         self._pending = None
-        fused, self.fuse_failure = outcome
+        fused, why = outcome
+        if fused is not None:
+            _, example, checks = self._fusion_inputs()
+            fused, why = check_fused(fused, example, checks, self._fn)
+        return self._take(fused, why)
+
+    def _take(self, fused: Callable | None, why: str) -> bool:
+        self.fuse_failure = why
         if fused is None:
             return False
         self._install(fused)
@@ -348,17 +350,6 @@ def fuse_checked(graph, example: tuple, checks: list[tuple[tuple, tuple]],
     except (RuntimeError, AssertionError, OSError, TypeError, ValueError) as error:
         return None, _describe(error)
     return check_fused(fused, example, checks, current)
-
-
-def poll_checked(pending: BackgroundTicket, example: tuple, checks: list[tuple[tuple, tuple]],
-                 current: Callable) -> tuple[Callable | None, str] | None:
-    """``None`` while ``pending`` compiles; then its kernel after the checks of
-    :func:`check_fused`, as ``(fused, "")``, or ``(None, why not)``."""
-    outcome = pending.result()
-    if outcome is None:
-        return None
-    fused, why = outcome
-    return (None, why) if fused is None else check_fused(fused, example, checks, current)
 
 
 def check_fused(fused: Callable, example: tuple, checks: list[tuple[tuple, tuple]],

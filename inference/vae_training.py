@@ -423,12 +423,17 @@ def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
     result = fit_lightning(vae.model, vae.guide, config.make_loss(), train_loader, val_loader,
                            out_dir, config=config, resume=resume, callbacks=callbacks)
     if result.trainer.is_global_zero:
-        source = result.best_checkpoint or result.last_checkpoint
-        if os.path.exists(source):
-            _load_weights_from_checkpoint(vae, source)
-        save_module(vae, os.path.join(out_dir, "model.safetensors"),
-                    metadata={"config": json.dumps(vae.config.to_dict()), "checkpoint": source})
+        _save_weights(vae, out_dir, result.best_checkpoint or result.last_checkpoint)
     return result
+
+
+def _save_weights(vae: VAE, out_dir: str, source: str) -> str:
+    """``out_dir/model.safetensors`` with the weights of checkpoint ``source`` (where it exists)."""
+    if os.path.exists(source):
+        _load_weights_from_checkpoint(vae, source)
+    path = os.path.join(out_dir, "model.safetensors")
+    save_module(vae, path, metadata={"config": json.dumps(vae.config.to_dict()), "checkpoint": source})
+    return path
 
 
 def _load_weights_from_checkpoint(vae: VAE, path: str) -> None:
@@ -455,20 +460,13 @@ def finish_run(out_dir: str) -> str:
         FileNotFoundError: if ``out_dir`` is not a run directory or has no checkpoint.
         vilab.inference.checkpoints.CheckpointError: if the checkpoint is truncated or tampered.
     """
-    config_path = os.path.join(out_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"out_dir: {out_dir!r} is not a vilab VAE run (no config.json)")
     sources = [os.path.join(out_dir, "checkpoints", name) for name in ("best.ckpt", "last.ckpt")]
     source = next((path for path in sources if os.path.isfile(path)), None)
+    vae = build_vae(VAEConfig.from_dict(_read_config(out_dir)["vae"]))
     if source is None:
         raise FileNotFoundError(f"out_dir: {out_dir!r} has no checkpoint (checkpoints/best.ckpt or "
                                 "last.ckpt); it stopped before its first epoch ended")
-    with open(config_path) as file:
-        vae = build_vae(VAEConfig.from_dict(json.load(file)["vae"]))
-    _load_weights_from_checkpoint(vae, source)
-    path = os.path.join(out_dir, "model.safetensors")
-    save_module(vae, path, metadata={"config": json.dumps(vae.config.to_dict()), "checkpoint": source})
-    return path
+    return _save_weights(vae, out_dir, source)
 
 
 def load_run(out_dir: str) -> tuple[VAE, dict]:
@@ -481,16 +479,20 @@ def load_run(out_dir: str) -> tuple[VAE, dict]:
         FileNotFoundError: if ``out_dir`` is not a run directory.
         vilab.inference.checkpoints.CheckpointError: if the weights are truncated or tampered.
     """
+    config = _read_config(out_dir)
+    vae = build_vae(VAEConfig.from_dict(config["vae"]))
+    load_module(vae, os.path.join(out_dir, "model.safetensors"))
+    vae.eval()
+    return vae, config
+
+
+def _read_config(out_dir: str) -> dict:
     config_path = os.path.join(out_dir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"out_dir: {out_dir!r} is not a vilab VAE run (no config.json); "
                                 "create one with `vilab vae train --out DIR`")
     with open(config_path) as file:
-        config = json.load(file)
-    vae = build_vae(VAEConfig.from_dict(config["vae"]))
-    load_module(vae, os.path.join(out_dir, "model.safetensors"))
-    vae.eval()
-    return vae, config
+        return json.load(file)
 
 
 def read_metrics(out_dir: str) -> list[dict[str, float]]:
