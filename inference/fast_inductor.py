@@ -40,12 +40,18 @@ import torch
 from . import fast_background
 from .fast_recycle import recycled_call
 
-__all__ = ["FusePolicy", "compile_fused", "compile_artifact", "is_cached", "fusion_unavailable", "COMPILERS"]
+__all__ = ["FusePolicy", "compile_fused", "compile_artifact", "is_cached", "predicted_compile_seconds",
+           "fusion_unavailable", "COMPILERS"]
 
 COMPILERS = ("auto", "inductor", "torchscript")
 
-# Vectorised kernels run a kidiq leaf about 20% faster but take twice as long to compile, and
-# Inductor's first vectorised compile in a process also probes the CPU (about 3 s).
+# Inductor's vectorised kernels run leaves along long contiguous rows faster (nes 31 -> 15 µs per
+# call, kidiq 16 -> 7.4, arK 11.5 -> 7.0), others no faster or slower (eight schools 3.6 -> 6.3,
+# hmm 79 -> 88), but compile 1-2 s slower alone and 2-3 s slower beside a run (nes 3.9 -> 6.2
+# s, arK 7.8): in a 2000-iteration run the later kernel costs what the faster one saves (nes
+# 10.5 s either way). (Switching vectorisation per graph must go through ``cpp.simdlen``: once
+# ``cpp.vec_isa_ok`` is off, Inductor's cached list of instruction sets stays empty in that
+# process.)
 VECTORIZE = False
 # Seconds of compilation per graph, per graph op and per process, measured cold on the 2-core
 # CPU machine (leaves: eight schools 136 ops in 3.1 s, kidiq 142 in 3.2 s, sblrc 160 in 3.5 s,
@@ -186,6 +192,15 @@ def is_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> b
     return os.path.exists(_marker_path(_graph_key(graph, example)))
 
 
+def predicted_compile_seconds(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> float:
+    """Seconds :func:`compile_fused` is expected to take on ``graph`` in a process that has
+    compiled before: :data:`CACHED_SECONDS` for a cache hit (:func:`is_cached`), otherwise
+    :data:`SECONDS_PER_GRAPH` plus :data:`SECONDS_PER_OP` per op."""
+    if is_cached(graph, example):
+        return CACHED_SECONDS
+    return SECONDS_PER_GRAPH + SECONDS_PER_OP * sum(1 for node in graph.graph.nodes if node.op == "call_function")
+
+
 def _graph_key(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> str:
     digest = hashlib.sha256(f"{torch.__version__}|{VECTORIZE}|{REALIZE}|{SMALL_MATMUL}|{SMALL_SCAN}|"
                             f"{torch.get_num_threads()}".encode())
@@ -306,8 +321,8 @@ class FusePolicy:
     would run in the background) it extrapolates each step's remaining calls and
     the saving of a fused step: remaining calls x traced time per call x ``1 - 1 / speedup``
     (:data:`RECYCLED_SPEEDUP` for a step that reuses its buffers, :data:`EXPECTED_SPEEDUP`
-    otherwise). Its compile time is predicted cold, or as :data:`CACHED_SECONDS` for a graph
-    already in Inductor's cache (:func:`is_cached`).
+    otherwise). Its compile time is the step's own prediction
+    (:func:`predicted_compile_seconds`).
 
     With ``background`` (a second core and ``fork``:
     :func:`~vilab.inference.fast_background.background_available`), the chosen steps compile
@@ -317,10 +332,16 @@ class FusePolicy:
     whole saving must exceed :data:`MARGIN` times the compile time. Short runs (tests, quick
     looks) compile nothing.
 
+    With ``early`` as well, ``"auto"`` sends every step to the compile server as soon as the
+    first iteration has traced them, without timing them first: for a run the caller knows to be
+    long (thousands of NUTS iterations), fusing pays on every model measured, and each second of
+    waiting is a second more of the traced steps.
+
     Args:
         compiler: one of :data:`COMPILERS`.
         total_iterations: iterations of the whole run.
         background: compile ``"auto"``'s steps beside the run (default: where available).
+        early: with ``background``, compile every traced step after the first iteration.
     """
 
     # Seconds of timed iterations before deciding: spent on the slower traced step. A
@@ -328,7 +349,8 @@ class FusePolicy:
     check_after = 0.5
     check_after_background = 0.2
 
-    def __init__(self, compiler: str, total_iterations: int, background: Optional[bool] = None) -> None:
+    def __init__(self, compiler: str, total_iterations: int, background: Optional[bool] = None,
+                 early: bool = False) -> None:
         if compiler not in COMPILERS:
             raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
         self.compiler, self.total = compiler, total_iterations
@@ -336,14 +358,14 @@ class FusePolicy:
         self.reason = "compiler='torchscript'" if self.decided else ""
         if background is None:
             background = compiler == "auto" and fast_background.background_available()
-        self.background = background
+        self.background, self.early = background, early
         self._mark: Optional[tuple[int, float, list[int]]] = None
 
     def choose(self, done: int, steps: Sequence[tuple[object, int]]) -> Optional[list]:
         """The steps to fuse after ``done`` iterations: ``[]`` (none, or not yet), a list of
         steps (in the order to compile them; in the background if :attr:`background`), or
         ``None`` for every step, now and later. ``steps`` pairs each traced step (with ``name``,
-        ``num_ops``, ``call_time()`` and ``fusion_cached()``) with its calls so far. Decides once."""
+        ``call_time()`` and ``compile_seconds()``) with its calls so far. Decides once."""
         if self.decided:
             return []
         if self.compiler == "inductor":
@@ -351,6 +373,8 @@ class FusePolicy:
             return None
         if done == 0 or not steps:
             return []
+        if self.early and self.background:
+            return self._decide(lambda: self._early(steps))
         if self._mark is None:
             self._mark = (done, time.perf_counter(), [calls for _, calls in steps])
             return []
@@ -358,12 +382,20 @@ class FusePolicy:
         wait = self.check_after_background if self.background else self.check_after
         if elapsed < wait or len(steps) != len(self._mark[2]):
             return []
+        return self._decide(lambda: self._profitable(done, steps, elapsed))
+
+    def _decide(self, choose: Callable[[], list]) -> list:
         self.decided = True
         unavailable = fusion_unavailable()
         if unavailable:
             self.reason = f"not fused: {unavailable}"
             return []
-        return self._profitable(done, steps, elapsed)
+        return choose()
+
+    def _early(self, steps: Sequence[tuple[object, int]]) -> list:
+        self.reason = "; ".join(f"{step.name} fused in the background (sent when traced: a run of "
+                                f"{self.total} iterations)" for step, _ in steps)
+        return [step for step, _ in steps]
 
     def _profitable(self, done: int, steps: Sequence[tuple[object, int]], elapsed: float) -> list:
         mark_done, _, mark_calls = self._mark
@@ -376,8 +408,7 @@ class FusePolicy:
             remaining_calls = (calls - calls_at_mark) / (done - mark_done) * remaining_iterations
             speedup = RECYCLED_SPEEDUP if getattr(step, "recycle", False) else EXPECTED_SPEEDUP
             per_call = step.call_time() * (1.0 - 1.0 / speedup)
-            compile_seconds = CACHED_SECONDS if step.fusion_cached() else \
-                SECONDS_PER_GRAPH + SECONDS_PER_OP * step.num_ops
+            compile_seconds = step.compile_seconds()
             if self.background:
                 # The compile server pays Inductor's setup once per session and compiles the
                 # chosen graphs in order; each waits for the ones before it while the traced

@@ -23,7 +23,7 @@ import torch
 
 from .fast_background import BackgroundCompile, BackgroundTicket
 from .fast_graph import simplify
-from .fast_inductor import compile_fused, is_cached
+from .fast_inductor import compile_fused, predicted_compile_seconds
 
 __all__ = ["LEAF_FIELDS", "leaf_step", "CompiledStep", "make_leaf_stepper", "checkpoint_masks", "threads_for"]
 
@@ -248,7 +248,7 @@ class CompiledStep(Fusable):
         self._eager, self._trace_fn = eager_fn, trace_fn or eager_fn
         self._fn, self.compiled, self._num_state = eager_fn, False, num_state
         self.failure = "" if compile else "compilation not requested"
-        self.backend, self.num_ops, self._check, self.fuse_failure = "eager", 0, None, ""
+        self.backend, self._check, self.fuse_failure = "eager", None, ""
         if compile:
             self._try_compile(example)
 
@@ -260,9 +260,11 @@ class CompiledStep(Fusable):
         fused or where nothing was traced)."""
         return 0.0 if self._check is None else _call_time(self._fn, self._check[2])
 
-    def fusion_cached(self) -> bool:
-        """Whether fusing would be a cache hit (:func:`~vilab.inference.fast_inductor.is_cached`)."""
-        return self._check is not None and is_cached(*self._check[:2])
+    def compile_seconds(self) -> float:
+        """Predicted seconds to fuse the step
+        (:func:`~vilab.inference.fast_inductor.predicted_compile_seconds`; 0 where nothing was
+        traced)."""
+        return 0.0 if self._check is None else predicted_compile_seconds(*self._check[:2])
 
     @property
     def recycled(self) -> bool:
@@ -315,7 +317,6 @@ class CompiledStep(Fusable):
         static = _static_runtime(traced, example, following, expected)
         self._fn, self.compiled = static or traced, True
         self.backend = "static runtime" if static is not None else "torchscript"
-        self.num_ops = sum(1 for node in graph.graph.nodes if node.op == "call_function")
         self._check = (graph, example, following, expected)
 
 

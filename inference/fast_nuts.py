@@ -33,8 +33,9 @@ from .vectorized import BatchedPotential, VectorizationError
 __all__ = ["VectorizedNutsResult", "VectorizationError", "sample_vectorized_nuts", "TreeState",
            "TREE_FIELDS", "TreeBuilder", "merge_fields", "find_reasonable_step_size"]
 
-# Runs this long start the background compile server before tracing (``compiler="auto"``):
-# most of them compile their leaf.
+# Runs this long (``compiler="auto"``) start the background compile server before tracing and
+# send it their steps as soon as the first iteration has traced them: every model measured
+# fused its leaf in such runs.
 PREPARE_ITERATIONS = 1000
 
 
@@ -203,7 +204,8 @@ def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept
     step_size = warmup.restart_step_size((z, value, grad, torch.ones(num_chains, dtype=dtype)), potential, generator)
     builder = TreeBuilder(potential, num_chains, max_tree_depth, generator)
     bar = tqdm(total=num_warmup + num_samples, disable=not progress, desc="vectorized NUTS")
-    policy = FusePolicy(compiler if potential.compiled else "torchscript", num_warmup + num_samples)
+    total = num_warmup + num_samples
+    policy = FusePolicy(compiler if potential.compiled else "torchscript", total, early=total >= PREPARE_ITERATIONS)
     try:
         draws, stats, sampling_start = _iterate(potential, builder, policy, warmup, bar, z, value, grad,
                                                 step_size, num_warmup, num_samples, generator)

@@ -43,7 +43,7 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import prune_subsample_sites
 
 from .fast_graph import data_dependent_shapes, mask_assignments_as_selects, simplify
-from .fast_inductor import is_cached
+from .fast_inductor import predicted_compile_seconds
 from .fast_leaf import Fusable, _all_close, _call_time, _static_runtime
 
 __all__ = ["CompiledSVIError", "CompiledSVIStep", "elbo_loss"]
@@ -323,15 +323,11 @@ class CompiledSVIStep(Fusable):
         return fn, noise
 
     # -- fusion (FusePolicy's step protocol) ---------------------------------------------------
-    @property
-    def num_ops(self) -> int:
-        return sum(1 for node in self._graph.graph.nodes if node.op == "call_function")
-
     def call_time(self) -> float:
         return 0.0 if self.fused else _call_time(self._fn, self._checks[1][0])
 
-    def fusion_cached(self) -> bool:
-        return not self.fused and is_cached(self._graph, self._checks[0][0])
+    def compile_seconds(self) -> float:
+        return 0.0 if self.fused else predicted_compile_seconds(self._graph, self._checks[0][0])
 
     @property
     def is_fused(self) -> bool:

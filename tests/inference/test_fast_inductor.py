@@ -126,8 +126,10 @@ class _Step:
     def call_time(self):
         return self.seconds
 
-    def fusion_cached(self):
-        return self.cached
+    def compile_seconds(self):
+        if self.cached:
+            return fast_inductor.CACHED_SECONDS
+        return fast_inductor.SECONDS_PER_GRAPH + fast_inductor.SECONDS_PER_OP * self.num_ops
 
 
 def _decide(policy, clock, steps, calls_per_iteration, iterations=100, seconds=1.5):
@@ -192,6 +194,17 @@ def test_background_policy_fuses_what_pays_once_its_kernel_is_ready(clock):
     # The decision comes after 0.2 s of timed iterations instead of 0.5 s.
     early = FusePolicy("auto", 2001, background=True)
     assert _decide(early, clock, [leaf], [60], iterations=10, seconds=0.25) == [leaf]
+
+
+def test_an_early_policy_sends_every_traced_step_after_the_first_iteration(clock):
+    leaf, merge = _Step("leaf", 140, 200e-6), _Step("merge", 60, 80e-6)
+    early = FusePolicy("auto", 2001, background=True, early=True)
+    assert early.choose(0, []) == []  # the first iteration traces
+    assert early.choose(1, [(leaf, 60), (merge, 1)]) == [leaf, merge]  # no timing, no estimate
+    assert early.decided and "sent when traced" in early.reason
+    # Without a compile server the compilation would block the run: timed as before.
+    blocking = FusePolicy("auto", 2001, background=False, early=True)
+    assert blocking.choose(1, [(leaf, 60)]) == [] and not blocking.decided
 
 
 def test_a_compiled_graph_is_known_to_be_cached_and_a_changed_one_is_not(tmp_path, monkeypatch, leaf_like):
