@@ -11,6 +11,7 @@ Usage::
     python benchmarks/nuts_speed.py --problems eight_schools --samplers vilab numpyro
     python benchmarks/nuts_speed.py --num-warmup 200 --num-samples 200   # quick look
     python benchmarks/nuts_speed.py --samplers vilab numpyro --seeds 0 1 2  # pooled over seeds
+    python benchmarks/nuts_speed.py --problems arma-arma11 --samplers vilab numpyro --init reference-mean
 
 Writes ``benchmarks/results/nuts_speed.json``.
 """
@@ -71,6 +72,18 @@ def min_bulk_ess(samples: dict[str, np.ndarray]) -> float:
     return float(min(np.min(az.ess(dataset, method="bulk")[name].values) for name in samples))
 
 
+def reference_mean(problem: str) -> dict[str, torch.Tensor]:
+    """The posteriordb reference posterior mean of ``problem``'s sites (constrained), where every
+    chain of every sampler starts under ``--init reference-mean``: a multimodal posterior
+    (arma11's MA term has a non-invertible second mode) then gets one mode for both samplers."""
+    from vilab.posteriordb import default_posteriordb_path, load_posteriordb, unflatten_samples
+
+    if problem not in PROBLEMS or problem == "eight_schools":
+        raise NotImplementedError(f"no posteriordb reference for {problem}")
+    draws = unflatten_samples(load_posteriordb(default_posteriordb_path(), problem).reference_draws, 2)
+    return {name: value.mean((0, 1)) for name, value in draws.items()}
+
+
 def _latent_names(model, args, kwargs) -> list[str]:
     import pyro
     from pyro.poutine.util import site_is_subsample
@@ -83,8 +96,11 @@ def _latent_names(model, args, kwargs) -> list[str]:
 def run_vilab(model, args, kwargs, options):
     from vilab.inference.fast_nuts import sample_vectorized_nuts
 
-    options = {key: value for key, value in options.items() if key not in ("inductor_cache", "seeds")}
-    result = sample_vectorized_nuts(model, args, kwargs, progress=False, **options)
+    init = options.get("init_values")
+    options = {key: value for key, value in options.items() if key not in ("inductor_cache", "seeds", "init", "init_values")}
+    chains = options["num_chains"]
+    init = None if init is None else {name: value.expand(chains, *value.shape) for name, value in init.items()}
+    result = sample_vectorized_nuts(model, args, kwargs, progress=False, init_values=init, **options)
     names = _latent_names(model, args, kwargs)
     samples = {name: result.samples[name].numpy() for name in names}
     return samples, int(result.sample_stats["diverging"].sum()), {
@@ -113,15 +129,17 @@ def run_numpyro(problem, model, args, kwargs, options):
     """NumPyro's NUTS on its port of ``problem`` (``benchmarks/numpyro_models.py``), chains
     vectorized; the data are the Pyro problem's, converted to NumPy."""
     import jax
-    from numpyro.infer import MCMC, NUTS
+    from numpyro.infer import MCMC, NUTS, init_to_uniform, init_to_value
 
     jax.config.update("jax_enable_x64", torch.get_default_dtype() == torch.float64)
     from numpyro_models import NUMPYRO_MODELS
 
     if problem not in NUMPYRO_MODELS:
         raise NotImplementedError("no NumPyro port")
+    init = options.get("init_values")
+    strategy = init_to_uniform if init is None else init_to_value(values={k: _to_numpy(v) for k, v in init.items()})
     kernel = NUTS(NUMPYRO_MODELS[problem], target_accept_prob=options["target_accept"],
-                  dense_mass=options.get("dense_mass", False))
+                  dense_mass=options.get("dense_mass", False), init_strategy=strategy)
     mcmc = MCMC(kernel, num_warmup=options["num_warmup"], num_samples=options["num_samples"],
                 num_chains=options["num_chains"], chain_method="vectorized", progress_bar=False)
     mcmc.run(jax.random.PRNGKey(options["seed"]), *[_to_numpy(a) for a in args],
@@ -135,11 +153,15 @@ def run_numpyro(problem, model, args, kwargs, options):
 def measure(problem: str, sampler: str, options: dict) -> dict:
     """Run one sampler on one problem; return wall time, min bulk ESS, ESS/s and the load average."""
     model, args, kwargs = PROBLEMS[problem]()
+    if options.get("init") == "reference-mean":
+        options = {**options, "init_values": reference_mean(problem)}
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     if sampler == "vilab":
         samples, divergences, extra = run_vilab(model, args, kwargs, options)
     elif sampler in ("pyro", "pyro_jit"):
+        if "init_values" in options:
+            raise NotImplementedError("--init reference-mean is not wired to Pyro's NUTS here")
         pyro_options = {k: options[k] for k in ("num_samples", "num_warmup", "num_chains", "target_accept",
                                                 "dense_mass")}
         samples, divergences, extra = _run_pyro(model, args, kwargs, pyro_options, jit=sampler == "pyro_jit")
@@ -212,6 +234,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seeds", type=int, nargs="*", default=[0],
                         help="one run per seed, problem and sampler (min bulk ESS varies by seed); a "
                              "summary pools them")
+    parser.add_argument("--init", choices=("uniform", "reference-mean"), default="uniform",
+                        help="where chains start: uniform in (-2, 2) unconstrained (Stan's and both "
+                             "samplers' default), or every chain at the posteriordb reference mean")
     parser.add_argument("--out", type=Path, default=RESULTS)
     arguments = parser.parse_args(argv)
     if not arguments.warm_cache:
@@ -221,7 +246,7 @@ def main(argv=None) -> list[dict]:
     torch.set_default_dtype(torch.float32 if arguments.float32 else torch.float64)
     options = {"num_warmup": arguments.num_warmup, "num_samples": arguments.num_samples,
                "num_chains": arguments.num_chains, "target_accept": arguments.target_accept, "seeds": arguments.seeds,
-               "dense_mass": arguments.dense_mass, "compiler": arguments.compiler,
+               "dense_mass": arguments.dense_mass, "compiler": arguments.compiler, "init": arguments.init,
                "inductor_cache": "warm" if arguments.warm_cache else "cold"}
     rows = []
     for seed in arguments.seeds:

@@ -16,7 +16,7 @@ References:
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -69,19 +69,34 @@ class VectorizedNutsResult(NamedTuple):
 
 
 def _initial_states(potential: BatchedPotential, num_chains: int, generator: torch.Generator,
-                    max_tries: int = 100):
+                    init_values: Optional[dict] = None, max_tries: int = 100):
     """Stan's initialisation: uniform on (-2, 2) in unconstrained space, redrawn per chain until
-    the potential and its gradient are finite."""
+    the potential and its gradient are finite; the sites in ``init_values`` (constrained,
+    ``(num_chains, *site_shape)``) start at their given values instead."""
     dtype = torch.get_default_dtype()
-    z = 4.0 * torch.rand(num_chains, potential.dim, generator=generator, dtype=dtype) - 2.0
+    given = torch.zeros(potential.dim, dtype=torch.bool)
+    fixed = torch.zeros(num_chains, potential.dim, dtype=dtype)
+    for site in potential.sites:
+        if site.name in (init_values or {}):
+            value = init_values[site.name].to(dtype)
+            fixed[:, site.offset:site.offset + site.size] = site.transform.inv(value).reshape(num_chains, -1)
+            given[site.offset:site.offset + site.size] = True
+
+    def draw():
+        return torch.where(given, fixed, 4.0 * torch.rand(num_chains, potential.dim, generator=generator, dtype=dtype) - 2.0)
+
+    z = draw()
     for _ in range(max_tries):
         value, grad = potential(z)
         bad = ~(torch.isfinite(value) & torch.isfinite(grad).all(-1))
         if not bool(bad.any()):
             return z, value, grad
-        fresh = 4.0 * torch.rand(num_chains, potential.dim, generator=generator, dtype=dtype) - 2.0
-        z = torch.where(bad.unsqueeze(-1), fresh, z)
-    raise ValueError(f"model: no finite log density found in {max_tries} uniform(-2, 2) initialisations")
+        z = torch.where(bad.unsqueeze(-1), draw(), z)
+    if bool(given.all()):
+        raise ValueError(f"init_values: the log density or its gradient is not finite at the given values "
+                         f"(chains {bad.nonzero().flatten().tolist()})")
+    where = " around the given init_values" if bool(given.any()) else ""
+    raise ValueError(f"model: no finite log density found in {max_tries} uniform(-2, 2) initialisations{where}")
 
 
 class _Warmup:
@@ -143,7 +158,8 @@ def _draws_to_samples(potential: BatchedPotential, draws: torch.Tensor, chunk: i
 def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, *, num_samples: int,
                            num_warmup: int, num_chains: int, target_accept: float = 0.8,
                            dense_mass: bool = False, max_tree_depth: int = 10, seed: int = 0,
-                           progress: bool = True, compiler: str = "auto") -> VectorizedNutsResult:
+                           progress: bool = True, compiler: str = "auto",
+                           init_values: Optional[dict] = None) -> VectorizedNutsResult:
     r"""Sample a Pyro model with NUTS, all chains advancing together.
 
     Warmup follows Stan: a 75-iteration step-size buffer, doubling metric windows (diagonal or
@@ -173,6 +189,9 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
             (:class:`~vilab.inference.fast_inductor.FusePolicy`); with a second core the kernel
             compiles in a background process while the run goes on
             (:mod:`~vilab.inference.fast_background`).
+        init_values: constrained starting values ``{site: (num_chains, *site_shape)}`` of some
+            latent sites (:func:`~vilab.inference.validation.check_init_values`); the other sites
+            start uniformly in (-2, 2) on the unconstrained space.
 
     Returns:
         :class:`VectorizedNutsResult`.
@@ -192,13 +211,13 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         potential = BatchedPotential(model, model_args, model_kwargs, num_chains=num_chains, seed=seed)
     with threads_for(num_chains * potential.site_numel):
         return _sample(potential, start, num_samples, num_warmup, num_chains, target_accept, dense_mass,
-                       max_tree_depth, seed, progress, compiler)
+                       max_tree_depth, seed, progress, compiler, init_values)
 
 
 def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept, dense_mass,
-            max_tree_depth, seed, progress, compiler) -> VectorizedNutsResult:
+            max_tree_depth, seed, progress, compiler, init_values) -> VectorizedNutsResult:
     generator = torch.Generator().manual_seed(seed)
-    z, value, grad = _initial_states(potential, num_chains, generator)
+    z, value, grad = _initial_states(potential, num_chains, generator, init_values)
     dtype = z.dtype
     warmup = _Warmup(num_warmup, num_chains, potential.dim, dense_mass, target_accept, dtype)
     step_size = warmup.restart_step_size((z, value, grad, torch.ones(num_chains, dtype=dtype)), potential, generator)

@@ -20,6 +20,7 @@ import arviz as az
 import numpy as np
 import pyro
 import torch
+from pyro.infer.autoguide.initialization import init_to_value
 from pyro.infer.mcmc import MCMC
 
 from vilab.inference.arviz_io import to_inference_data
@@ -29,7 +30,7 @@ from vilab.inference.fast_nuts import sample_vectorized_nuts
 from vilab.inference.vectorized import VectorizationError
 from vilab.inference.nuts_kernel import RecordingNUTS, stats_dtype
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
-from vilab.inference.validation import check_model, check_positive_int, check_probability
+from vilab.inference.validation import check_init_values, check_model, check_positive_int, check_probability
 from vilab.types import Model, Samples
 
 __all__ = ["NUTSResult", "run_nuts"]
@@ -63,9 +64,11 @@ class NUTSResult:
 def _chain_worker(model, args, kwargs, config, chain, report):
     """One chain in this process: returns (latent draws as numpy, stats)."""
     pyro.set_rng_seed(config["seed"] + chain)
+    init = config.get("init_values") or {}
     kernel = RecordingNUTS(model, target_accept_prob=config["target_accept"], full_mass=config["dense_mass"],
                            max_tree_depth=config["max_tree_depth"], jit_compile=config["jit"],
-                           ignore_jit_warnings=True)
+                           ignore_jit_warnings=True,
+                           init_strategy=init_to_value(values={name: value[chain] for name, value in init.items()}))
     stats = {k: [] for k in ("energy", "lp", "n_steps", "tree_depth", "step_size", "acceptance_rate", "diverging")}
 
     def hook(kernel, params, stage, i):
@@ -96,6 +99,7 @@ def run_nuts(
     backend: str = "auto",
     compiler: str = "auto",
     progress: bool = True,
+    init_values: Optional[dict] = None,
     **kwargs: Any,
 ) -> NUTSResult:
     r"""Sample ``model(*args, **kwargs)``'s posterior with NUTS.
@@ -120,6 +124,10 @@ def run_nuts(
             Static Runtime, switching to Inductor once the run's pace shows the compilation will
             pay for itself (compiled in a background process where a second core is free).
             ``result.config["leaf_backend"]`` and ``["fuse_decision"]`` say what ran and why.
+        init_values: where chains start: constrained values of some latent sites, each of the
+            site's shape (all chains) or ``(num_chains, *site_shape)`` (one per chain), e.g. a
+            fitted guide's ``median()``; the other sites start uniformly in (-2, 2) on the
+            unconstrained space, as Stan's do.
 
     Returns:
         A :class:`NUTSResult`; divergences are also reported with a warning.
@@ -132,6 +140,7 @@ def run_nuts(
         raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
     config["compiler"] = compiler
     trace = check_model(model, args, kwargs, allow_enumerated=True)
+    config["init_values"] = check_init_values(init_values, trace, num_chains)
     if backend in ("auto", "vectorized") and not jit:
         try:
             return _run_vectorized(model, args, kwargs, config, trace, progress)
@@ -159,7 +168,7 @@ def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
         model, args, kwargs, num_samples=config["num_samples"], num_warmup=config["num_warmup"],
         num_chains=config["num_chains"], target_accept=config["target_accept"],
         dense_mass=config["dense_mass"], max_tree_depth=config["max_tree_depth"], seed=config["seed"],
-        progress=progress, compiler=config["compiler"])
+        progress=progress, compiler=config["compiler"], init_values=config["init_values"])
     wall_time = time.perf_counter() - start
     latent = {k: v for k, v in result.samples.items()
               if k in trace.nodes and not trace.nodes[k]["is_observed"]}
@@ -206,4 +215,6 @@ def _assemble(model, args, kwargs, latent, stats, wall_time, config, trace) -> N
             f"({num_divergences / stats['diverging'].size:.1%} of draws); the posterior has regions "
             "NUTS cannot explore. Raise target_accept or reparameterise (e.g. non-centred).",
             RuntimeWarning, stacklevel=3)
+    # The result's config stays plain data: it names the initialised sites.
+    config = {**config, "init_values": sorted(config.get("init_values") or {})}
     return NUTSResult(samples, stats, idata, wall_time, num_divergences, config)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ from pyro.poutine.util import site_is_subsample
 from vilab.inference.tracing import trace_model
 from vilab.types import Model
 
-__all__ = ["check_finite_data", "check_model", "check_positive_int", "check_probability"]
+__all__ = ["check_finite_data", "check_init_values", "check_model", "check_positive_int", "check_probability"]
 
 
 def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -96,3 +96,47 @@ def check_model(model: Model, args: tuple, kwargs: dict, *, allow_enumerated: bo
     if not latent:
         raise ValueError("model: has no latent sample site (every site is observed); nothing to infer")
     return trace
+
+
+def check_init_values(init_values: Optional[dict], trace, num_chains: int) -> Optional[dict[str, torch.Tensor]]:
+    """Validate MCMC starting values against the model's ``trace``.
+
+    Args:
+        init_values: constrained values of some or all latent sites, each of the site's shape
+            (every chain starts there) or ``(num_chains, *site_shape)`` (one per chain); or ``None``.
+        trace: the model's trace (:func:`check_model`).
+        num_chains: number of chains.
+
+    Returns:
+        ``{site: (num_chains, *site_shape) tensor}`` in the default dtype, or ``None``.
+
+    Raises:
+        TypeError: ``init_values`` is not a dict.
+        ValueError: a name that is not a latent site, a value of the wrong shape, or one outside
+            the site's support.
+    """
+    if init_values is None:
+        return None
+    if not isinstance(init_values, dict):
+        raise TypeError(f"init_values: expected a dict of site name -> value; got {type(init_values).__name__}")
+    latent = {name: site for name, site in trace.nodes.items()
+              if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)}
+    checked = {}
+    for name, value in init_values.items():
+        if name not in latent:
+            raise ValueError(f"init_values: {name!r} is not a latent site of the model; "
+                             f"expected some of {sorted(latent)}")
+        site = latent[name]
+        shape = tuple(site["value"].shape)
+        value = torch.as_tensor(value, dtype=torch.get_default_dtype())
+        if tuple(value.shape) == shape:
+            value = value.expand(num_chains, *shape)
+        elif tuple(value.shape) != (num_chains, *shape):
+            raise ValueError(f"init_values[{name!r}]: expected shape {shape} or {(num_chains, *shape)} "
+                             f"(one per chain); got {tuple(value.shape)}")
+        inside = site["fn"].support.check(value)
+        if not bool(torch.as_tensor(inside).all()):
+            raise ValueError(f"init_values[{name!r}]: outside the support of {type(site['fn']).__name__} "
+                             f"({site['fn'].support})")
+        checked[name] = value.clone()
+    return checked

@@ -116,3 +116,33 @@ def test_nan_data_is_named():
     x[0] = float("inf")
     with pytest.raises(ValueError, match=r"args\[1\]: expected finite data"):
         run_nuts(conjugate.normal_normal, 20, x, progress=False)
+
+
+def _two_modes():
+    # z**2 observed at 64: modes at -8 and +8 (sd about 1/16) with 2000 nats of barrier between.
+    z = pyro.sample("z", dist.Normal(0.0, 10.0))
+    pyro.sample("y", dist.Normal(z**2, 1.0), obs=torch.tensor(64.0))
+    pyro.sample("scale", dist.HalfNormal(1.0))
+
+
+@pytest.mark.parametrize("backend", ["vectorized", "pyro"])
+def test_chains_start_where_init_values_put_them(backend):
+    options = dict(num_samples=100, num_warmup=100, num_chains=2, progress=False, backend=backend,
+                   chain_method="sequential")
+    result = run_nuts(_two_modes, init_values={"z": torch.tensor([-8.0, 8.0])}, **options)
+    means = result.samples["z"].mean(1)
+    assert means[0] < -6 and means[1] > 6, means
+    assert result.config["init_values"] == ["z"]
+    same = run_nuts(_two_modes, init_values={"z": 8.0, "scale": 0.5}, **options)  # one value for every chain
+    assert (same.samples["z"].mean(1) > 6).all()
+
+
+@pytest.mark.parametrize("init, match", [
+    ({"w": 1.0}, r"init_values: 'w' is not a latent site.*\['scale', 'z'\]"),
+    ({"z": torch.zeros(3)}, r"init_values\['z'\]: expected shape \(\) or \(2,\) \(one per chain\); got \(3,\)"),
+    ({"scale": -1.0}, r"init_values\['scale'\]: outside the support of HalfNormal"),
+    ([1.0], "init_values: expected a dict"),
+])
+def test_bad_init_values_are_named(init, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        run_nuts(_two_modes, num_samples=10, num_warmup=10, num_chains=2, progress=False, init_values=init)
