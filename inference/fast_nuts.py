@@ -91,10 +91,10 @@ def _initial_states(potential: BatchedPotential, num_chains: int, generator: tor
         bad = ~(torch.isfinite(value) & torch.isfinite(grad).all(-1))
         if not bool(bad.any()):
             return z, value, grad
+        if bool(given.all()):  # nothing left to redraw
+            raise ValueError(f"init_values: the log density or its gradient is not finite at the given "
+                             f"values (chains {bad.nonzero().flatten().tolist()})")
         z = torch.where(bad.unsqueeze(-1), draw(), z)
-    if bool(given.all()):
-        raise ValueError(f"init_values: the log density or its gradient is not finite at the given values "
-                         f"(chains {bad.nonzero().flatten().tolist()})")
     where = " around the given init_values" if bool(given.any()) else ""
     raise ValueError(f"model: no finite log density found in {max_tries} uniform(-2, 2) initialisations{where}")
 

@@ -142,6 +142,7 @@ def test_chains_start_where_init_values_put_them(backend):
     ({"z": torch.zeros(3)}, r"init_values\['z'\]: expected shape \(\) or \(2,\) \(one per chain\); got \(3,\)"),
     ({"scale": -1.0}, r"init_values\['scale'\]: outside the support of HalfNormal"),
     ([1.0], "init_values: expected a dict"),
+    ({"z": 1e200, "scale": 0.5}, "init_values: the log density or its gradient is not finite at the given values"),
 ])
 def test_bad_init_values_are_named(init, match):
     with pytest.raises((ValueError, TypeError), match=match):
