@@ -374,7 +374,7 @@ class FusePolicy:
         if done == 0 or not steps:
             return []
         if self.early and self.background:
-            return self._decide(lambda: self._early(steps))
+            return self._early(steps) if self._available() else []
         if self._mark is None:
             self._mark = (done, time.perf_counter(), [calls for _, calls in steps])
             return []
@@ -382,15 +382,15 @@ class FusePolicy:
         wait = self.check_after_background if self.background else self.check_after
         if elapsed < wait or len(steps) != len(self._mark[2]):
             return []
-        return self._decide(lambda: self._profitable(done, steps, elapsed))
+        return self._profitable(done, steps, elapsed) if self._available() else []
 
-    def _decide(self, choose: Callable[[], list]) -> list:
+    def _available(self) -> bool:
+        """Decide now; whether fused kernels can be built here (if not, :attr:`reason` says why)."""
         self.decided = True
         unavailable = fusion_unavailable()
         if unavailable:
             self.reason = f"not fused: {unavailable}"
-            return []
-        return choose()
+        return not unavailable
 
     def _early(self, steps: Sequence[tuple[object, int]]) -> list:
         self.reason = "; ".join(f"{step.name} fused in the background (sent when traced: a run of "
