@@ -94,8 +94,17 @@ def _latent_names(model, args, kwargs) -> list[str]:
 
 
 def run_vilab(model, args, kwargs, options):
+    from vilab.inference import fast_background
     from vilab.inference.fast_nuts import sample_vectorized_nuts
 
+    if options["inductor_cache"] == "cold":
+        # Cold for every run, as a user's first run of a model: a fresh cache directory (the same
+        # problem under another seed traces the same graphs, a cache hit), and a fresh compile
+        # server (one that has compiled a graph keeps it in memory and would skip g++).
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vilab-inductor-")
+        fast_background.shutdown()
     init = options.get("init_values")
     options = {key: value for key, value in options.items() if key not in ("inductor_cache", "seeds", "init", "init_values")}
     chains = options["num_chains"]

@@ -18,6 +18,11 @@ Their networks and schedule are ``--hidden-layer gated --kl-warmup-epochs 100 --
 Usage:
     nohup nice -n 0 python benchmarks/vae_quality.py --max-train 10000 --cpu-minutes 2 \
         --iw-samples 1000 --test-examples 1000 --threads 1 > quality.log &
+    # on a GPU, with a wall-clock budget
+    python benchmarks/vae_quality.py --models vampprior-iwae-k50 --hidden-layer gated \
+        --accelerator gpu --max-minutes 10 --batch-size 1000 --lr 3e-3 \
+        --max-train 50000 --max-validation 5000 --test-examples 10000 --eval-batch 100 \
+        --chunk-size 1000 --digits-epochs 0
 Writes benchmarks/results/vae_quality.json and run directories under benchmarks/results/vae_runs/.
 """
 from __future__ import annotations
@@ -55,7 +60,8 @@ FASHION_MODELS = {
 
 
 class CPUTimeBudget(pl.Callback):
-    """Stop training once this process has used ``seconds`` of CPU time in ``fit``."""
+    """Stop training once this process has used ``seconds`` of CPU time in ``fit`` (``None``:
+    never; the time is still recorded)."""
 
     def __init__(self, seconds: float):
         self.seconds, self.start, self.used = seconds, 0.0, 0.0
@@ -65,7 +71,7 @@ class CPUTimeBudget(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.used = time.process_time() - self.start
-        if self.used > self.seconds:
+        if self.seconds is not None and self.used > self.seconds:
             trainer.should_stop = True
 
 
@@ -91,6 +97,14 @@ def warm_start(vae, path):
               f"saved prior tensors dropped: {dropped}", flush=True)
 
 
+def _max_time(minutes):
+    """Lightning's ``DD:HH:MM:SS`` wall-clock budget for ``minutes`` (``None``: no limit)."""
+    if minutes is None:
+        return None
+    seconds = int(minutes * 60)
+    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def run_one(name, data, vae_options, train_options, args, out_root):
     pyro.set_rng_seed(args.seed)
     config = VAEConfig(data.image_shape, num_levels=data.num_levels, **vae_options)
@@ -98,9 +112,10 @@ def run_one(name, data, vae_options, train_options, args, out_root):
     training = TrainingConfig(max_epochs=args.epochs, batch_size=args.batch_size,
                               learning_rate=args.lr, progress=False, seed=args.seed,
                               kl_warmup_steps=args.kl_warmup_epochs * steps_per_epoch,
-                              patience=args.patience, **train_options)
+                              patience=args.patience, accelerator=args.accelerator,
+                              max_time=_max_time(args.max_minutes), **train_options)
     out_dir = os.path.join(out_root, name + args.tag)
-    budget = CPUTimeBudget(args.cpu_minutes * 60)
+    budget = CPUTimeBudget(None if args.cpu_minutes is None else args.cpu_minutes * 60)
     from vilab.inference.checkpoints import load_checkpoint
     from vilab.inference.vae_training import load_run
 
@@ -121,6 +136,8 @@ def run_one(name, data, vae_options, train_options, args, out_root):
         result = train_vae(vae, data, out_dir, config=training, resume=False, callbacks=[budget])
 
     vae, _ = load_run(out_dir)
+    if args.accelerator in ("gpu", "cuda"):
+        vae = vae.cuda()
     pyro.set_rng_seed(args.seed)
     validation = elbo_split(vae, make_loader(data.validation, batch_size=args.eval_batch))
     loader = make_loader(data.test[:args.test_examples], batch_size=args.eval_batch)
@@ -145,8 +162,18 @@ def run_one(name, data, vae_options, train_options, args, out_root):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--cpu-minutes", type=float, default=2.0,
-                        help="training budget per model, in CPU minutes of this process")
+    parser.add_argument("--cpu-minutes", type=float, default=None,
+                        help="training budget per model, in CPU minutes of this process (default: "
+                             "2 on the CPU, none on a GPU)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="wall-clock training budget per model, in minutes (on a GPU, where "
+                             "the CPU budget says little)")
+    parser.add_argument("--accelerator", default="cpu",
+                        help="Lightning accelerator for training and scoring (cpu, gpu)")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory of the Fashion-MNIST IDX files (default: Debian's)")
+    parser.add_argument("--runs-dir", default=os.path.join(HERE, "results", "vae_runs"),
+                        help="where the run directories go")
     parser.add_argument("--max-train", type=int, default=10000, help="first N training images")
     parser.add_argument("--max-validation", type=int, default=1000,
                         help="first N validation images (checked every epoch)")
@@ -181,10 +208,12 @@ def main(argv=None):
                         help="suffix for the run directory (keeps earlier runs of a model)")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "vae_quality.json"))
     args = parser.parse_args(argv)
+    if args.cpu_minutes is None and args.accelerator == "cpu":
+        args.cpu_minutes = 2.0
     torch.set_num_threads(args.threads)
-    out_root = os.path.join(HERE, "results", "vae_runs")
+    out_root = args.runs_dir
     rows = []
-    fashion = load_dataset("fashion-mnist", seed=args.seed).subset(
+    fashion = load_dataset("fashion-mnist", data_dir=args.data_dir, seed=args.seed).subset(
         num_train=args.max_train, num_validation=args.max_validation)
     for name in [m for m in args.models.split(",") if m]:
         vae_options, train_options = FASHION_MODELS[name]

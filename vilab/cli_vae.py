@@ -55,6 +55,8 @@ def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
     train.add_argument("--strategy", default="auto",
                        help="Lightning strategy when --devices > 1: auto (ddp_spawn on CPUs), "
                             "ddp_spawn, ddp_fork (faster start; one thread per process)")
+    train.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default="cpu",
+                       help="Lightning accelerator (gpu: CUDA)")
     train.add_argument("--max-train", type=int, default=None, help="use the first N images")
     train.add_argument("--no-progress", action="store_true")
     train.add_argument("--fresh", action="store_true", help="ignore an existing last.ckpt")
@@ -67,6 +69,8 @@ def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=100)
     evaluate.add_argument("--max-test", type=int, default=None, help="use the first N images")
     evaluate.add_argument("--data-dir", default=None)
+    evaluate.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                          help="where the importance sampling runs")
     evaluate.add_argument("--no-figures", action="store_true")
     evaluate.set_defaults(func=evaluate_command)
 
@@ -96,6 +100,16 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _no_cuda(flag: str, value: str) -> str:
+    """Why ``flag value`` cannot run here ("" when it can)."""
+    import torch
+
+    if value in ("gpu", "cuda") and not torch.cuda.is_available():
+        return (f"{flag}: expected a CUDA device for {value!r}; this torch ({torch.__version__}) sees "
+                f"none (use {flag} cpu)")
+    return ""
+
+
 def train_command(args: argparse.Namespace) -> int:
     """Handler of ``vilab vae train``."""
     from vilab.datasets import load_dataset
@@ -105,6 +119,8 @@ def train_command(args: argparse.Namespace) -> int:
 
     if args.guide not in _GUIDES:
         return _fail(f"--guide: expected one of {', '.join(_GUIDES)}; got {args.guide!r}")
+    if _no_cuda("--accelerator", args.accelerator):
+        return _fail(_no_cuda("--accelerator", args.accelerator))
     try:
         data = load_dataset(args.data, data_dir=args.data_dir, seed=args.seed)
     except (ValueError, FileNotFoundError) as error:
@@ -132,7 +148,7 @@ def train_command(args: argparse.Namespace) -> int:
         max_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         objective=args.objective, iwae_samples=args.iw_train_samples,
         kl_warmup_steps=args.kl_warmup, free_bits=args.free_bits, patience=args.patience,
-        seed=args.seed, devices=args.devices, strategy=args.strategy,
+        seed=args.seed, devices=args.devices, strategy=args.strategy, accelerator=args.accelerator,
         progress=not args.no_progress)
     try:
         result = train_vae(build_vae(config), data, args.out, config=training,
@@ -167,6 +183,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         return _fail(f"{args.run_dir!r} has checkpoints but no model.safetensors (its training was "
                      f"stopped); resume it with the same `vilab vae train` command, or run "
                      f"`vilab vae finish {args.run_dir}` to use its best checkpoint")
+    if _no_cuda("--device", args.device):
+        return _fail(_no_cuda("--device", args.device))
     try:
         vae, config = load_run(args.run_dir)
     except (FileNotFoundError, CheckpointError) as error:
@@ -180,7 +198,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     pyro.set_rng_seed(config["training"]["seed"])
     loader = make_loader(test, labels, batch_size=args.batch_size)
-    metrics = evaluate_vae(vae, loader, iw_samples=args.iw_samples, chunk_size=args.chunk_size)
+    metrics = evaluate_vae(vae.to(args.device), loader, iw_samples=args.iw_samples, chunk_size=args.chunk_size)
+    vae = vae.cpu()  # the figures draw on the CPU
     metrics.update({"split": "test", "data": config["data"], "guide": config["vae"]["guide"]})
     path = os.path.join(args.run_dir, "metrics.json")
     with open(path + ".tmp", "w") as file:

@@ -185,6 +185,19 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "is not a vilab VAE run" in errors
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a machine without CUDA")
+def test_cli_refuses_a_gpu_it_does_not_have(tmp_path, capsys):
+    args = _parser().parse_args(["vae", "train", "--data", "digits", "--accelerator", "gpu",
+                                 "--out", str(tmp_path)])
+    assert args.func(args) == 2
+    args = _parser().parse_args(["vae", "evaluate", str(tmp_path), "--device", "cuda"])
+    assert args.func(args) == 2
+    errors = capsys.readouterr().err
+    assert "--accelerator: expected a CUDA device for 'gpu'" in errors
+    assert "--device: expected a CUDA device for 'cuda'" in errors
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
 def test_multi_device_cpu_training_defaults_to_ddp_spawn():
     assert resolve_strategy(1) == "auto" and resolve_strategy(2) == "ddp_spawn"
     assert resolve_strategy(2, "ddp_fork") == "ddp_fork"
