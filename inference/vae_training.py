@@ -49,6 +49,7 @@ __all__ = [
     "TrainingConfig",
     "TrainingResult",
     "fit_lightning",
+    "fix_cublas_workspace",
     "train_vae",
     "load_run",
     "finish_run",
@@ -332,6 +333,13 @@ def _remove_stale_temporaries(directory: str) -> None:
                 os.remove(os.path.join(directory, name))
 
 
+def fix_cublas_workspace() -> None:
+    """Let deterministic training (the Trainer's ``deterministic=True``) use cuBLAS: without a
+    fixed workspace, PyTorch raises at the first CUDA matrix product. cuBLAS reads
+    ``CUBLAS_WORKSPACE_CONFIG`` when a process first uses it; a value already set is kept."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: DataLoader,
                   val_loader: Optional[DataLoader], out_dir: str, *,
                   config: Optional[TrainingConfig] = None, resume: bool = True,
@@ -352,6 +360,8 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
     """
     config = config or TrainingConfig()
     strategy = resolve_strategy(config.devices, config.strategy, config.accelerator)
+    if config.accelerator != "cpu":
+        fix_cublas_workspace()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     module = VAELightningModule(model, guide, loss, learning_rate=config.learning_rate,
                                 validate_distributions=config.validate_distributions)

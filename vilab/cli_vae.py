@@ -119,8 +119,9 @@ def train_command(args: argparse.Namespace) -> int:
 
     if args.guide not in _GUIDES:
         return _fail(f"--guide: expected one of {', '.join(_GUIDES)}; got {args.guide!r}")
-    if _no_cuda("--accelerator", args.accelerator):
-        return _fail(_no_cuda("--accelerator", args.accelerator))
+    why = _no_cuda("--accelerator", args.accelerator)
+    if why:
+        return _fail(why)
     try:
         data = load_dataset(args.data, data_dir=args.data_dir, seed=args.seed)
     except (ValueError, FileNotFoundError) as error:
@@ -183,8 +184,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
         return _fail(f"{args.run_dir!r} has checkpoints but no model.safetensors (its training was "
                      f"stopped); resume it with the same `vilab vae train` command, or run "
                      f"`vilab vae finish {args.run_dir}` to use its best checkpoint")
-    if _no_cuda("--device", args.device):
-        return _fail(_no_cuda("--device", args.device))
+    why = _no_cuda("--device", args.device)
+    if why:
+        return _fail(why)
     try:
         vae, config = load_run(args.run_dir)
     except (FileNotFoundError, CheckpointError) as error:

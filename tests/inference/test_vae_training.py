@@ -198,6 +198,17 @@ def test_cli_refuses_a_gpu_it_does_not_have(tmp_path, capsys):
     assert not os.listdir(tmp_path)  # refused before anything was written
 
 
+def test_deterministic_gpu_training_fixes_the_cublas_workspace(monkeypatch):
+    from vilab.inference.vae_training import fix_cublas_workspace
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    fix_cublas_workspace()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    fix_cublas_workspace()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # a user's choice stays
+
+
 def test_multi_device_cpu_training_defaults_to_ddp_spawn():
     assert resolve_strategy(1) == "auto" and resolve_strategy(2) == "ddp_spawn"
     assert resolve_strategy(2, "ddp_fork") == "ddp_fork"
