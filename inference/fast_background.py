@@ -83,7 +83,10 @@ class BackgroundCompiles:
         self._messages: dict[int, tuple[str, object]] = {}
         self._open, self._closed = set(range(len(jobs))), False
         try:
-            graphs = [(dumps_graph(graph), tuple(example)) for graph, example, _ in jobs]
+            from .fast_inductor import graph_key  # (fast_inductor imports this module)
+
+            # The key travels: the graph rebuilt in the server need not print the same.
+            graphs = [(dumps_graph(graph), tuple(example), graph_key(graph, example)) for graph, example, _ in jobs]
             request, why = pickle.dumps((graphs, os.environ.get("TORCHINDUCTOR_CACHE_DIR"))), ""
         except (pickle.PicklingError, TypeError, ValueError) as error:
             request, why = None, f"the graphs cannot be sent to the compile server ({type(error).__name__}: {error})"
@@ -275,9 +278,9 @@ def _serve(conn) -> None:
         warm.join()
         if cache is not None:  # the caller's Inductor cache, as it is now
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        for index, (blob, example) in enumerate(request):
+        for index, (blob, example, key) in enumerate(request):
             try:
-                message = (index, "ok", fast_inductor.compile_artifact(loads_graph(blob), example))
+                message = (index, "ok", fast_inductor.compile_artifact(loads_graph(blob), example, key))
             except Exception as error:  # noqa: BLE001 -- any failure is reported; the caller keeps its step
                 message = (index, "error", f"{type(error).__name__}: {str(error).strip()[:200]}")
             # Plain pickle: multiprocessing's would pass tensors through shared memory.

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import shutil
 import sysconfig
 import time
@@ -40,8 +41,8 @@ import torch
 from . import fast_background
 from .fast_recycle import recycled_call
 
-__all__ = ["FusePolicy", "compile_fused", "compile_artifact", "is_cached", "predicted_compile_seconds",
-           "fusion_unavailable", "COMPILERS"]
+__all__ = ["FusePolicy", "compile_fused", "compile_artifact", "graph_key", "is_cached", "load_cached",
+           "predicted_compile_seconds", "fusion_unavailable", "COMPILERS"]
 
 COMPILERS = ("auto", "inductor", "torchscript")
 
@@ -128,18 +129,25 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
     return lambda *args: call([*constants, *args])
 
 
-def compile_artifact(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> dict:
+def compile_artifact(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
+                     key: Optional[str] = None) -> dict:
     """Compile ``graph`` as :func:`compile_fused` does and describe the result so that another
     process can run it without Inductor: ``{"source": the generated wrapper's path, "kernels":
     {name: path of the compiled extension}, "constants": the lifted constants}``
-    (:func:`~vilab.inference.fast_background.load_artifact`). Raises ``RuntimeError`` where the
-    generated code is not a plain ``call`` of compiled C++ kernels."""
-    import inspect
-
-    _, direct = _inductor_compile(graph, example)
+    (:func:`~vilab.inference.fast_background.load_artifact`). ``key``: the graph's cache key as
+    the caller computed it (:func:`graph_key`; a graph rebuilt in another process may print
+    differently). Raises ``RuntimeError`` where the generated code is not a plain ``call`` of
+    compiled C++ kernels."""
+    _, direct = _inductor_compile(graph, example, key)
     if direct is None:
         raise RuntimeError("Inductor's wrapper does more than call its generated code")
-    call, constants = direct
+    return _artifact(*direct)
+
+
+def _artifact(call: Callable, constants: list) -> dict:
+    """Where the generated ``call`` and its compiled kernels are, and its lifted constants."""
+    import inspect
+
     namespace = inspect.unwrap(getattr(call, "__func__", call)).__globals__
     kernels = {}
     for name, value in namespace.items():
@@ -151,11 +159,27 @@ def compile_artifact(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor
             "constants": [tensor.detach().clone() for tensor in constants]}
 
 
-def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> tuple:
+def load_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
+                recycle: bool = False) -> Optional[Callable]:
+    """The kernel an earlier compilation of ``graph`` left in the current Inductor cache
+    directory (in this process or another), loaded without Inductor and without compiling
+    (:func:`~vilab.inference.fast_background.load_artifact`), or ``None``. The caller checks it
+    against its reference, as it does a fresh kernel."""
+    try:
+        artifact = torch.load(_marker_path(graph_key(graph, example)), weights_only=True)
+        return fast_background.load_artifact(artifact, example, recycle=recycle)
+    except (OSError, EOFError, RuntimeError, ImportError, SyntaxError, TypeError, ValueError, KeyError,
+            pickle.UnpicklingError):
+        return None
+
+
+def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
+                      key: Optional[str] = None) -> tuple:
     """Inductor's compiled function for ``graph`` and its generated code as a direct call
-    (:func:`_direct_call`; ``None`` where the wrappers do more than call it)."""
+    (:func:`_direct_call`; ``None`` where the wrappers do more than call it), recorded in the
+    cache under ``key`` (default: :func:`graph_key`)."""
     global _setup_done
-    graph_key = _graph_key(graph, example)  # before Inductor, which may rewrite ``graph``
+    key = key or graph_key(graph, example)  # before Inductor, which may rewrite ``graph``
     from torch._functorch import config as functorch_config
     from torch._guards import TracingContext, tracing
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -181,15 +205,16 @@ def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tenso
             warnings.simplefilter("ignore", FutureWarning)
             wrapped = compile_fx(graph, list(example), inner_compile=capture, decompositions=_decompositions())
     _setup_done = True
-    _mark_cached(graph_key)
-    return wrapped, (_direct_call(wrapped, inner, example) if len(inner) == 1 else None)
+    direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
+    _mark_cached(key, None if direct is None else _artifact(*direct))
+    return wrapped, direct
 
 
 def is_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> bool:
     """Whether :func:`compile_fused` has compiled this graph (code, constants, input shapes,
     settings) into the current Inductor cache directory, so that compiling it again is a cache
     hit (about 1 s) rather than a cold compilation."""
-    return os.path.exists(_marker_path(_graph_key(graph, example)))
+    return os.path.exists(_marker_path(graph_key(graph, example)))
 
 
 def predicted_compile_seconds(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> float:
@@ -201,7 +226,9 @@ def predicted_compile_seconds(graph: torch.fx.GraphModule, example: Sequence[tor
     return SECONDS_PER_GRAPH + SECONDS_PER_OP * sum(1 for node in graph.graph.nodes if node.op == "call_function")
 
 
-def _graph_key(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> str:
+def graph_key(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> str:
+    """What identifies a compiled kernel: the graph's code and constants, the inputs' shapes,
+    strides and dtypes, the settings and the PyTorch version."""
     digest = hashlib.sha256(f"{torch.__version__}|{VECTORIZE}|{REALIZE}|{SMALL_MATMUL}|{SMALL_SCAN}|"
                             f"{torch.get_num_threads()}".encode())
     digest.update(graph.code.encode())
@@ -265,12 +292,19 @@ def _small_product(left: Sequence, right: Sequence) -> bool:
     return sizes[-2] <= SMALL_MATMUL[0] and sizes[-3] * sizes[-1] <= SMALL_MATMUL[1]
 
 
-def _mark_cached(key: str) -> None:
+def _mark_cached(key: str, artifact: Optional[dict]) -> None:
+    """Record that ``key`` is in the cache, with the kernel's ``artifact`` (:func:`load_cached`)
+    where there is one; written to a temporary file and renamed, so a reader never sees half."""
+    path = _marker_path(key)
     try:
-        path = _marker_path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        open(path, "a").close()
-    except OSError:  # a read-only cache only costs a cold-compile estimate next time
+        partial = f"{path}.{os.getpid()}.part"
+        if artifact is None:
+            open(partial, "wb").close()
+        else:
+            torch.save(artifact, partial)
+        os.replace(partial, path)
+    except OSError:  # a read-only cache only costs a compilation next time
         pass
 
 

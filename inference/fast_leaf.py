@@ -23,7 +23,7 @@ import torch
 
 from .fast_background import BackgroundCompile, BackgroundTicket
 from .fast_graph import simplify
-from .fast_inductor import compile_fused, predicted_compile_seconds
+from .fast_inductor import compile_fused, load_cached, predicted_compile_seconds
 
 __all__ = ["LEAF_FIELDS", "leaf_step", "CompiledStep", "make_leaf_stepper", "checkpoint_masks", "threads_for"]
 
@@ -151,12 +151,13 @@ class Fusable:
 
     recycle = False
     fuse_failure = ""
+    fused_from_cache = False
     _pending: BackgroundTicket | None = None
 
     def fuse(self) -> bool:
-        """Compile the fused kernel now and use it if it passes the checks; returns whether the
-        step is fused."""
-        if self.is_fused:
+        """Compile the fused kernel now (or load it from the cache, :meth:`fuse_from_cache`) and
+        use it if it passes the checks; returns whether the step is fused."""
+        if self.is_fused or self.fuse_from_cache():
             return True
         inputs = self._fusion_inputs()
         if inputs is None:
@@ -169,7 +170,7 @@ class Fusable:
         (:class:`~vilab.inference.fast_background.BackgroundCompile`), or take ``pending``, this
         step's graph in a batch already compiling (:meth:`background_job`), while the traced step
         keeps running; :meth:`fuse_poll` installs it. Returns whether a compilation is under way."""
-        if self.is_fused or self._pending is not None:
+        if self.is_fused or self._pending is not None or (pending is None and self.fuse_from_cache()):
             if pending is not None:
                 pending.close()
             return False
@@ -206,6 +207,24 @@ class Fusable:
             _, example, checks = self._fusion_inputs()
             fused, why = check_fused(fused, example, checks, self._fn)
         return self._take(fused, why)
+
+    def fuse_from_cache(self) -> bool:
+        """Use the kernel an earlier compilation of this graph left in Inductor's cache directory
+        (:func:`~vilab.inference.fast_inductor.load_cached`: milliseconds, no compilation), if
+        there is one and it passes the checks; returns whether the step is now fused from it."""
+        if self.is_fused or self._pending is not None:
+            return False
+        inputs = self._fusion_inputs()
+        if inputs is None:
+            return False
+        graph, example, checks = inputs
+        loaded = load_cached(graph, example, recycle=self.recycle)
+        if loaded is None:
+            return False
+        fused, _ = check_fused(loaded, example, checks, self._fn)
+        if fused is not None:
+            self.fused_from_cache = True
+        return fused is not None and self._take(fused, "")
 
     def _take(self, fused: Callable | None, why: str) -> bool:
         self.fuse_failure = why

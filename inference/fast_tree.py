@@ -132,6 +132,9 @@ class TreeBuilder:
         for step in steps:
             if not step.compiled or step.is_fused:
                 continue
+            if step.fuse_from_cache():
+                self.fused_at.append(f"{step.name} loaded from the kernel cache")
+                continue
             job = step.background_job()
             if job is None:
                 self.fused_at.append(f"{step.name} not fused: {step.fuse_failure}")

@@ -28,8 +28,10 @@ pytestmark = [pytest.mark.skipif(bool(fusion_unavailable()), reason=fusion_unava
 
 
 @pytest.fixture(autouse=True)
-def fresh_server():
-    """A compile server forked after the test's monkeypatches (it inherits them)."""
+def fresh_server(tmp_path, monkeypatch):
+    """A compile server forked after the test's monkeypatches (it inherits them), and an empty
+    Inductor cache: a kernel an earlier test compiled would be loaded, not compiled."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     fast_background.shutdown()
     yield
     fast_background.shutdown()
@@ -100,10 +102,10 @@ def test_one_batch_compiles_in_order_and_one_failure_spares_the_others(leaf_like
     bad_size = len(bad.graph.nodes)
     compile_artifact_ = fast_inductor.compile_artifact
 
-    def picky(graph, example):
+    def picky(graph, example, key):
         if len(graph.graph.nodes) == bad_size:
             raise RuntimeError("not this one")
-        return compile_artifact_(graph, example)
+        return compile_artifact_(graph, example, key)
 
     monkeypatch.setattr(fast_inductor, "compile_artifact", picky)
     batch = BackgroundCompiles([(good, inputs, False), (bad, inputs[:1], False), (good, inputs, True)])
@@ -137,7 +139,7 @@ def test_one_server_compiles_batch_after_batch_and_a_busy_one_gets_a_private_hel
 
 def test_a_server_runs_until_no_graph_of_its_batch_is_wanted(leaf_like, monkeypatch):
     step, inputs = leaf_like
-    monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example: time.sleep(60))
+    monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example, key: time.sleep(60))
     graph = make_fx(step)(*inputs)
     batch = BackgroundCompiles([(graph, inputs, False), (graph, inputs, False)])
     first, second = batch.ticket(0), batch.ticket(1)
@@ -160,7 +162,7 @@ def test_a_graph_that_cannot_be_sent_is_reported_and_the_server_stays(leaf_like)
 
 
 def test_a_failing_compilation_is_reported(leaf_like, monkeypatch):
-    def broken(graph, example):
+    def broken(graph, example, key):
         raise RuntimeError("no compiler today")
 
     monkeypatch.setattr(fast_inductor, "compile_artifact", broken)  # the forked server inherits it
@@ -171,14 +173,14 @@ def test_a_failing_compilation_is_reported(leaf_like, monkeypatch):
 
 def test_a_server_that_dies_is_reported_and_a_running_one_is_stopped(leaf_like, monkeypatch):
     step, inputs = leaf_like
-    monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example: time.sleep(60))
+    monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example, key: time.sleep(60))
     slow = BackgroundCompile(make_fx(step)(*inputs), inputs)
     assert slow.result() is None
     process = slow._process
     slow.close()
     assert not process.is_alive()
     fast_background.shutdown()
-    monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example: __import__("os")._exit(3))
+    monkeypatch.setattr(fast_inductor, "compile_artifact", lambda graph, example, key: __import__("os")._exit(3))
     fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs))
     assert fused is None and "exit code" in why
 

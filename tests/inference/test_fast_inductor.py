@@ -218,6 +218,44 @@ def test_a_compiled_graph_is_known_to_be_cached_and_a_changed_one_is_not(tmp_pat
     assert not fast_inductor.is_cached(make_fx(_step)(*other), other)
 
 
+def _no_compiling(*args, **kwargs):
+    raise AssertionError("compiled although the kernel is in the cache")
+
+
+def test_a_compiled_kernel_loads_from_the_cache_without_inductor(tmp_path, monkeypatch, leaf_like):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    _step, inputs = leaf_like
+    assert fast_inductor.load_cached(make_fx(_step)(*inputs), inputs) is None
+    compile_fused(make_fx(_step)(*inputs), inputs)
+    monkeypatch.setattr(fast_inductor, "_inductor_compile", _no_compiling)
+    loaded = fast_inductor.load_cached(make_fx(_step)(*inputs), inputs)
+    for a, b in zip(loaded(*inputs), _step(*inputs)):
+        assert torch.equal(a, b) or torch.allclose(a, b, equal_nan=True)
+    other = (inputs[0][:1], inputs[1][:1], inputs[2][:1])
+    assert fast_inductor.load_cached(make_fx(_step)(*other), other) is None
+    marker = tmp_path / "vilab_fused" / fast_inductor.graph_key(make_fx(_step)(*inputs), inputs)
+    marker.write_bytes(b"not an artifact")
+    assert fast_inductor.load_cached(make_fx(_step)(*inputs), inputs) is None
+
+
+def test_a_step_fused_before_is_fused_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+
+    def step(total, x):
+        return total + x.sin(), (total * x).sum()
+
+    example = (torch.zeros(3, dtype=torch.float64), torch.linspace(0.1, 1.0, 3, dtype=torch.float64))
+    first = CompiledStep(step, example, num_state=1)
+    assert first.fuse() and not first.fused_from_cache
+    monkeypatch.setattr(fast_inductor, "_inductor_compile", _no_compiling)
+    again = CompiledStep(step, example, num_state=1)
+    assert again.fuse() and again.fused_from_cache and again.backend == "inductor"
+    for a, b in zip(again(*example), step(*example)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    background = CompiledStep(step, example, num_state=1)
+    assert not background.fuse_start() and background.fused_from_cache  # nothing left to compile
+
+
 def test_auto_policy_waits_for_half_a_second_of_timed_iterations(clock):
     policy = FusePolicy("auto", 10**6, background=False)
     step = _Step("leaf", 100, 1e-3)
