@@ -14,7 +14,10 @@ Compiling costs seconds (about 1.3 s per graph and 15 ms per op, plus about 2 s 
 per process), so :class:`FusePolicy` compiles a step only when its measured calls say it will
 pay for itself. Where a second core is free, the compilation runs in a background process
 (:mod:`~vilab.inference.fast_background`) and the run goes on meanwhile.
-Inductor's on-disk cache makes a repeated compile of the same graph much cheaper. Small matrix
+A compiled kernel is recorded in Inductor's cache directory with what it takes to load it
+(:func:`load_cached`): a later run of the same graph, in this process or another, loads it in
+milliseconds instead of compiling (a compile that hits Inductor's own cache still takes about
+a second, and a fresh process first imports Inductor). Small matrix
 products and short cumulative sums and products are decomposed before lowering, so that they
 are fused too instead of calling ATen (:data:`SMALL_MATMUL`, :data:`SMALL_SCAN`).
 
