@@ -142,8 +142,9 @@ def checkpoint_masks(leaf: int, max_tree_depth: int) -> tuple[torch.Tensor, torc
 
 class Fusable:
     """Replacing a traced step by Inductor's fused kernel, compiled in-process (:meth:`fuse`)
-    or in a background process (:meth:`fuse_start`, then :meth:`fuse_poll`). Either way the
-    kernel must reproduce the step's eager check values and be faster
+    or in a background process (:meth:`fuse_start`, then :meth:`fuse_poll`), or loaded from an
+    earlier compilation's cache entry (:meth:`fuse_from_cache`, which both try first). Either
+    way the kernel must reproduce the step's eager check values and be faster
     (:func:`fuse_checked`); a failure is kept in :attr:`fuse_failure` and the traced step
     stays. Subclasses provide ``_fn`` (the current implementation), :attr:`is_fused`,
     ``_fusion_inputs()`` (``(graph, example, checks)``, or ``None`` having set
@@ -222,9 +223,10 @@ class Fusable:
         if loaded is None:
             return False
         fused, _ = check_fused(loaded, example, checks, self._fn)
-        if fused is not None:
-            self.fused_from_cache = True
-        return fused is not None and self._take(fused, "")
+        if fused is None:
+            return False
+        self.fused_from_cache = True
+        return self._take(fused, "")
 
     def _take(self, fused: Callable | None, why: str) -> bool:
         self.fuse_failure = why
