@@ -319,6 +319,8 @@ def fit_svi(
         for step in bar:
             if not policy.decided:
                 setup_seconds += _maybe_fuse(policy, stepper, step)
+                if getattr(stepper, "fused_from_cache", False):
+                    fused_at = f"; loaded from the kernel cache at step {step}"
             elif policy.background and stepper.fusing:
                 fused_at = _poll_fusion(stepper, step)
             loss = stepper.step()

@@ -294,7 +294,9 @@ def test_fused_svi_steps_follow_the_traced_steps(guide_name):
                               early_stop=False, progress=False, seed=3, compiler=compiler)
             for compiler in ("torchscript", "inductor")}
     assert runs["inductor"].config["fused"] and not runs["torchscript"].config["fused"]
-    assert runs["inductor"].config["fuse_decision"] == "compiler='inductor'"
+    # Compiled now, or loaded from an earlier run's cache entry: the same kernel either way.
+    assert runs["inductor"].config["fuse_decision"] in (
+        "compiler='inductor'", "compiler='inductor'; loaded from the kernel cache at step 0")
     torch.testing.assert_close(torch.tensor(runs["inductor"].losses), torch.tensor(runs["torchscript"].losses),
                                rtol=1e-7, atol=1e-7)
 

@@ -206,12 +206,13 @@ def test_nan_on_the_compiled_path_names_the_site_and_keeps_finite_parameters():
 
 
 @pytest.mark.slow
-def test_a_background_fused_step_takes_over_mid_run_and_reaches_the_posterior(monkeypatch):
+def test_a_background_fused_step_takes_over_mid_run_and_reaches_the_posterior(monkeypatch, tmp_path):
     from vilab.inference import fast_inductor
     from vilab.inference.fast_background import background_available
 
     if fast_inductor.fusion_unavailable() or not background_available():
         pytest.skip("needs g++ and a second core")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compiled, not loaded from a cache
     # Free compilation and a quick decision: the step starts compiling after ~0.05 s.
     for name in ("SECONDS_PER_GRAPH", "SECONDS_PER_OP", "SETUP_SECONDS", "CACHED_SECONDS"):
         monkeypatch.setattr(fast_inductor, name, 0.0)
@@ -222,6 +223,9 @@ def test_a_background_fused_step_takes_over_mid_run_and_reaches_the_posterior(mo
     assert "fused in the background" in result.config["fuse_decision"]
     assert "fused at step" in result.config["fuse_decision"], result.config["fuse_decision"]
     assert result.config["fused"]
+    again = fit_svi(conjugate.normal_normal, "meanfield", 20, x, num_steps=2000, lr=0.05, progress=False,
+                    backend="compiled")
+    assert "loaded from the kernel cache" in again.config["fuse_decision"] and again.config["fused"]
     elbo, se = result.elbo_estimate(20000, seed=1)
     log_evidence = conjugate.normal_normal_log_evidence(x)
     assert elbo <= log_evidence + Z * se + 1e-9
