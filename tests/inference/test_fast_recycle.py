@@ -60,19 +60,22 @@ def test_steps_that_keep_their_outputs_get_fresh_tensors():
     assert compiled.fuse() and not compiled.recycled
 
 
-def test_the_nuts_leaf_and_merge_run_recycled(monkeypatch):
+def test_the_nuts_leaf_and_merge_run_recycled(monkeypatch, tmp_path):
     import pyro
     import pyro.distributions as dist
 
+    from vilab.inference import fast_background
     from vilab.inference.fast_nuts import sample_vectorized_nuts
 
     made = []
 
-    def spy(*args):
-        made.append(recycled_call(*args))
+    def spy(*args, **kwargs):
+        made.append(recycled_call(*args, **kwargs))
         return made[-1]
 
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compiled here, then loaded
     monkeypatch.setattr(fast_inductor, "recycled_call", spy)
+    monkeypatch.setattr(fast_background, "recycled_call", spy)
 
     def model(data):
         loc = pyro.sample("loc", dist.Normal(0.0, 2.0))
@@ -84,6 +87,10 @@ def test_the_nuts_leaf_and_merge_run_recycled(monkeypatch):
                                     progress=False, compiler="inductor")
     assert result.backend == "inductor"
     assert len(made) == 2 and all(call is not None for call in made)  # the leaf and the merge
+    again = sample_vectorized_nuts(model, (data,), {}, num_samples=5, num_warmup=5, num_chains=2, seed=0,
+                                   progress=False, compiler="inductor")
+    assert again.backend == "inductor"
+    assert len(made) == 4 and all(call is not None for call in made)  # loaded from the cache: recycled too
 
 
 def _function(source: str) -> ast.FunctionDef:
