@@ -215,8 +215,8 @@ def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tenso
 
 def is_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> bool:
     """Whether :func:`compile_fused` has compiled this graph (code, constants, input shapes,
-    settings) into the current Inductor cache directory, so that compiling it again is a cache
-    hit (about 1 s) rather than a cold compilation."""
+    settings) into the current Inductor cache directory, so that fusing it again is a load
+    (:func:`load_cached`) or a cache hit (about 1 s) rather than a cold compilation."""
     return os.path.exists(_marker_path(graph_key(graph, example)))
 
 
@@ -298,8 +298,8 @@ def _small_product(left: Sequence, right: Sequence) -> bool:
 def _mark_cached(key: str, artifact: Optional[dict]) -> None:
     """Record that ``key`` is in the cache, with the kernel's ``artifact`` (:func:`load_cached`)
     where there is one; written to a temporary file and renamed, so a reader never sees half."""
-    path = _marker_path(key)
     try:
+        path = _marker_path(key)  # Inductor's cache_dir() creates the directory
         os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = f"{path}.{os.getpid()}.part"
         if artifact is None:
