@@ -13,8 +13,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from vilab.inference import fast_inductor
 from vilab.inference.fast_inductor import FusePolicy, compile_fused, fusion_unavailable
-from vilab.inference.fast_leaf import CompiledStep
+from vilab.inference.fast_leaf import CompiledStep, _all_close
 from vilab.inference.fast_nuts import sample_vectorized_nuts
+from vilab.models.posteriordb_regression import blr
 
 pytestmark = pytest.mark.skipif(bool(fusion_unavailable()), reason=fusion_unavailable() or "available")
 
@@ -94,6 +95,34 @@ def test_nuts_with_fused_leaves_matches_the_closed_form_posterior(normal_normal_
     assert result.backend == "inductor" and result.fuse_decision == "compiler='inductor'"
     normal_normal_check(result.samples["loc"], data, min_ess=300, z=Z)
     assert result.sample_stats["n_steps"].min() >= 1
+
+
+def test_float32_rounding_of_a_reordered_gradient_passes_the_check_and_a_wrong_value_does_not():
+    # A Normal likelihood's score for its location, sum(y - mu), and its log density: each
+    # computed in two orders, as an eager step and a fused kernel may. The score cancels 2000
+    # terms of size 5 to a result of size 30-60: rounding leaves errors of 3e-5 to 3e-4 there.
+    y = 5.0 + torch.randn(4, 2000, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    mu = torch.full((4, 1), 5.0, dtype=torch.float32)
+    eager = torch.stack([(y - mu).sum(-1), -0.5 * ((y - mu) ** 2).sum(-1)], -1)
+    fused = torch.stack([y.sum(-1) - 2000 * mu[:, 0], -0.5 * ((y - mu) ** 2).flip(-1).cumsum(-1)[:, -1]], -1)
+    assert not torch.equal(eager, fused) and _all_close((fused,), (eager,))
+    wrong = fused.clone()
+    wrong[2, 0] += 1e-2 * eager.abs().max()
+    assert not _all_close((wrong,), (eager,))
+    # float64 keeps rtol=1e-6: the same relative errors are rejected there.
+    assert not _all_close((fused.double(),), (eager.double(),))
+
+
+@pytest.mark.float32
+def test_a_float32_model_runs_on_fused_kernels():
+    # Its leaf sums 3000 terms in float32: the fused kernel rounds differently from the eager step.
+    generator = torch.Generator().manual_seed(3)
+    x = 5.0 + torch.randn(3000, 4, generator=generator)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.3 * torch.randn(3000, generator=generator)
+    result = sample_vectorized_nuts(blr, (x, y), {}, num_samples=50, num_warmup=50, num_chains=2,
+                                    seed=0, progress=False, compiler="inductor")
+    assert result.backend == "inductor", result.fuse_decision
+    assert result.samples["beta"].dtype == torch.float32
 
 
 def test_short_runs_stay_on_torchscript_under_auto():
