@@ -235,7 +235,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--float32", action="store_true", help="run in float32 (default float64)")
     parser.add_argument("--dense-mass", action="store_true",
                         help="adapt a dense mass matrix (vilab, Pyro and NumPyro alike; default diagonal)")
-    parser.add_argument("--compiler", default="auto", choices=("auto", "inductor", "torchscript"),
+    parser.add_argument("--compiler", default="auto", choices=("auto", "inductor", "torchscript", "vm"),
                         help="vilab's leaf compiler (sample_vectorized_nuts(compiler=...))")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use Inductor's on-disk cache as a user's repeated runs do; by default a fresh "

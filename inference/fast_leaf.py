@@ -24,6 +24,7 @@ import torch
 from .fast_background import BackgroundCompile, BackgroundTicket
 from .fast_graph import simplify
 from .fast_inductor import compile_fused, load_cached, predicted_compile_seconds
+from .fast_vm import Unsupported, vm_step
 
 __all__ = ["LEAF_FIELDS", "leaf_step", "CompiledStep", "make_leaf_stepper", "checkpoint_masks", "threads_for"]
 
@@ -269,12 +270,33 @@ class CompiledStep(Fusable):
         self._eager, self._trace_fn = eager_fn, trace_fn or eager_fn
         self._fn, self.compiled, self._num_state = eager_fn, False, num_state
         self.failure = "" if compile else "compilation not requested"
-        self.backend, self._check, self.fuse_failure = "eager", None, ""
+        self.backend, self._check, self.fuse_failure, self.vm_failure = "eager", None, "", ""
         if compile:
             self._try_compile(example)
 
     def __call__(self, *args):
         return self._fn(*args)
+
+    def run_on_vm(self) -> bool:
+        """Run the traced step as a program of the virtual machine
+        (:func:`~vilab.inference.fast_vm.vm_step`: milliseconds to translate, no compiling) if
+        it translates, reproduces the eager check values and is faster (:func:`check_fused`);
+        returns whether it runs there. The step can still be fused by Inductor later; a reason
+        for not running it is kept in :attr:`vm_failure`."""
+        if self.backend in ("vm", "inductor") or self._check is None:
+            return self.backend == "vm"
+        graph, example, following, expected = self._check
+        try:
+            program = vm_step(graph, example, recycle=self.recycle)
+        except Unsupported as error:
+            self.vm_failure = f"not translated: {error}"
+            return False
+        program, why = check_fused(program, example, [(following, expected)], self._fn)
+        if program is None:
+            self.vm_failure = why
+            return False
+        self._fn, self.backend = program, "vm"
+        return True
 
     def call_time(self) -> float:
         """Seconds per call of the current implementation, timed on the check input (0 once
@@ -399,7 +421,10 @@ def check_fused(fused: Callable, example: tuple, checks: list[tuple[tuple, tuple
 
 
 def _call_time(function: Callable, inputs: tuple, calls: int = 20, repeats: int = 3) -> float:
-    """Seconds per call, the best of ``repeats`` rounds of ``calls`` calls."""
+    """Seconds per call, the best of ``repeats`` rounds of ``calls`` calls. A step that reuses
+    its output buffers is timed through its twin that does not (``unrecycled()``): those buffers
+    hold the caller's live values (a NUTS tree's state)."""
+    function = function.unrecycled() if hasattr(function, "unrecycled") else function
     function(*inputs)
     best = math.inf
     for _ in range(repeats):

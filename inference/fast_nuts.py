@@ -31,7 +31,10 @@ from .fast_tree import TREE_FIELDS, TreeBuilder, TreeState, find_reasonable_step
 from .vectorized import BatchedPotential, VectorizationError
 
 __all__ = ["VectorizedNutsResult", "VectorizationError", "sample_vectorized_nuts", "TreeState",
-           "TREE_FIELDS", "TreeBuilder", "merge_fields", "find_reasonable_step_size"]
+           "TREE_FIELDS", "TreeBuilder", "merge_fields", "find_reasonable_step_size", "NUTS_COMPILERS"]
+
+# The sampler's ``compiler`` choices: the fused-kernel policy's, and the virtual machine alone.
+NUTS_COMPILERS = (*COMPILERS, "vm")
 
 # Runs this long (``compiler="auto"``) start the background compile server before tracing and
 # send it their steps as soon as the first iteration has traced them: every model measured
@@ -178,14 +181,17 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         dense_mass: adapt a dense rather than diagonal inverse mass matrix.
         max_tree_depth: at most :math:`2^{\text{max\_tree\_depth}} - 1` leapfrog steps per draw.
         seed: seed of initialisation and of every random choice of the sampler. The draws
-            repeat exactly for ``compiler="torchscript"`` or ``"inductor"``; under ``"auto"`` the
+            repeat exactly for ``compiler="torchscript"``, ``"vm"`` or ``"inductor"``; under ``"auto"`` the
             iteration where a fused kernel takes over depends on timing, and a kernel rounds
             differently from the traced step, so two runs agree in distribution, not bit for bit.
         progress: show a progress bar.
-        compiler: how the traced leaf runs: ``"torchscript"`` (Static Runtime, compiles in a
-            fraction of a second), ``"inductor"`` (one fused C++ kernel, several times faster
-            per leaf, seconds to compile; needs ``g++``), or ``"auto"``: Static Runtime first,
-            switching to Inductor once the run's pace shows the compilation will pay for itself
+        compiler: how the traced leaf and merge run: ``"torchscript"`` (Static Runtime,
+            compiles in a fraction of a second), ``"vm"`` (a program of
+            :mod:`~vilab.inference.fast_vm`'s virtual machine: milliseconds to translate, 2-4x
+            faster per leaf than Static Runtime), ``"inductor"`` (one fused C++ kernel, several
+            times faster per leaf, seconds to compile; needs ``g++``), or ``"auto"``: the
+            virtual machine first (Static Runtime where a graph does not translate), switching
+            to Inductor once the run's pace shows the compilation will pay for itself
             (:class:`~vilab.inference.fast_inductor.FusePolicy`); with a second core the kernel
             compiles in a background process while the run goes on
             (:mod:`~vilab.inference.fast_background`).
@@ -202,8 +208,8 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         ValueError: an argument is out of range.
     """
     _check_arguments(num_samples, num_warmup, num_chains, target_accept, max_tree_depth)
-    if compiler not in COMPILERS:
-        raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
+    if compiler not in NUTS_COMPILERS:
+        raise ValueError(f"compiler: expected one of {NUTS_COMPILERS}; got {compiler!r}")
     start = time.perf_counter()
     if compiler == "auto" and num_warmup + num_samples >= PREPARE_ITERATIONS and not fusion_unavailable():
         fast_background.prepare()  # Inductor's import overlaps the tracing below
@@ -221,10 +227,13 @@ def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept
     dtype = z.dtype
     warmup = _Warmup(num_warmup, num_chains, potential.dim, dense_mass, target_accept, dtype)
     step_size = warmup.restart_step_size((z, value, grad, torch.ones(num_chains, dtype=dtype)), potential, generator)
-    builder = TreeBuilder(potential, num_chains, max_tree_depth, generator)
+    builder = TreeBuilder(potential, num_chains, max_tree_depth, generator, vm=compiler in ("auto", "vm"))
     bar = tqdm(total=num_warmup + num_samples, disable=not progress, desc="vectorized NUTS")
     total = num_warmup + num_samples
-    policy = FusePolicy(compiler if potential.compiled else "torchscript", total, early=total >= PREPARE_ITERATIONS)
+    policy = FusePolicy(compiler if potential.compiled and compiler != "vm" else "torchscript", total,
+                        early=total >= PREPARE_ITERATIONS)
+    if compiler == "vm":
+        policy.reason = "compiler='vm'"
     try:
         draws, stats, sampling_start = _iterate(potential, builder, policy, warmup, bar, z, value, grad,
                                                 step_size, num_warmup, num_samples, generator)
@@ -234,7 +243,7 @@ def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept
     end = time.perf_counter()
     samples = _draws_to_samples(potential, torch.stack(draws, dim=1))
     sample_stats = {key: torch.stack([row[key] for row in stats], dim=1) for key in stats[0]}
-    decision = "; ".join([policy.reason, *builder.fused_at])
+    decision = "; ".join(note for note in [policy.reason, *builder.vm_notes, *builder.fused_at] if note)
     return VectorizedNutsResult(samples, sample_stats, sampling_start - start, end - sampling_start,
                                 warmup.metric.inverse_mass, builder.compiled, builder.backend,
                                 decision + (f" ({builder.fuse_failure})" if builder.fuse_failure else ""))

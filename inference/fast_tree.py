@@ -83,12 +83,15 @@ class TreeBuilder:
         generator: source of randomness.
         compile: run each leaf, and each merge of a sub-trajectory into its tree, as one traced
             graph (:class:`~vilab.inference.fast_leaf.CompiledStep`).
+        vm: run each traced graph on the virtual machine
+            (:meth:`~vilab.inference.fast_leaf.CompiledStep.run_on_vm`) where it is faster.
     """
 
     def __init__(self, potential: BatchedPotential, num_chains: int, max_tree_depth: int,
-                 generator: torch.Generator, compile: bool = True) -> None:
+                 generator: torch.Generator, compile: bool = True, vm: bool = False) -> None:
         self.potential, self.num_chains = potential, num_chains
-        self.max_tree_depth, self.generator, self.compile = max_tree_depth, generator, compile
+        self.max_tree_depth, self.generator, self.compile, self.vm = max_tree_depth, generator, compile, vm
+        self.vm_notes: list[str] = []  # which steps run on the virtual machine, or why not
         self._masks = [checkpoint_masks(leaf, max_tree_depth) for leaf in range(2 ** (max_tree_depth - 1))]
         self._steppers: dict[bool, CompiledStep] = {}
         self._mergers: dict[bool, CompiledStep] = {}
@@ -105,8 +108,8 @@ class TreeBuilder:
 
     @property
     def backend(self) -> str:
-        """How the leaf runs: ``"eager"``, ``"torchscript"``, ``"static runtime"`` or
-        ``"inductor"`` (fused kernel)."""
+        """How the leaf runs: ``"eager"``, ``"torchscript"``, ``"static runtime"``, ``"vm"``
+        (:mod:`~vilab.inference.fast_vm`) or ``"inductor"`` (fused kernel)."""
         return next((stepper.backend for stepper in self._steppers.values()), "eager")
 
     def step_calls(self) -> list[tuple[CompiledStep, int]]:
@@ -168,6 +171,11 @@ class TreeBuilder:
             step.fuse_cancel()
         self._queue = []
 
+    def _to_vm(self, step: CompiledStep) -> None:
+        if self.vm and step.compiled:
+            self.vm_notes.append(f"{step.name} on the virtual machine" if step.run_on_vm() else
+                                 f"{step.name} not on the virtual machine ({step.vm_failure})")
+
     def _fuse_step(self, step: CompiledStep) -> None:
         if step.compiled and not step.fuse() and not self.fuse_failure:
             self.fuse_failure = step.fuse_failure
@@ -184,6 +192,7 @@ class TreeBuilder:
                               "it runs eagerly, correct but several times slower", RuntimeWarning,
                               stacklevel=4)
             self._steppers[dense] = stepper
+            self._to_vm(stepper)
             if self._fuse:
                 self._fuse_step(stepper)
         return self._steppers[dense]
@@ -195,6 +204,7 @@ class TreeBuilder:
             # fused merge may reuse its buffers.
             self._mergers[dense] = CompiledStep(merge_fields, example, compile=self.compile,
                                                 num_state=len(TREE_FIELDS), name="merge", recycle=True)
+            self._to_vm(self._mergers[dense])
             if self._fuse:
                 self._fuse_step(self._mergers[dense])
         return self._mergers[dense]

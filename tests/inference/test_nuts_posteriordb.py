@@ -4,16 +4,18 @@ Run with ``python -m pytest -q -m slow tests/inference/test_nuts_posteriordb.py`
 ``... -k kidiq``); the references are read from ``$VILAB_POSTERIORDB`` or ``../shared/posteriordb``
 and the tests skip when neither exists. Each problem runs 4 chains of 1000 warm-up and 1000 draws
 with ``run_nuts``'s default backend (the vectorized sampler; Pyro's NUTS only where a model cannot
-be batched, which the failure message reports) and its leaves fused by Inductor from the start
-(``compiler="inductor"``, what the default ``"auto"`` switches to in runs this long); under a
-minute per problem on a 2-core machine.
+be batched, which the failure message reports), once with its leaves fused by Inductor from the
+start (``compiler="inductor"``, what the default ``"auto"`` switches to in runs this long) and
+once on the virtual machine (``compiler="vm"``, what ``"auto"`` starts on); under a minute per
+problem and kernel on a 2-core machine.
 
 For every reference parameter:
 
 * mean: ``|mean - ref_mean| < z * ref_sd * sqrt(1/ESS + 1/ESS_ref)``, the Monte Carlo standard
   error of the difference, with ``ESS`` ArviZ's bulk ESS of our pooled chains and ``ESS_ref``
   the reference's (about 10k). ``z`` is Bonferroni over all 53 parameters of the nine
-  problems for an overall false-failure rate of 1%: ``z = Phi^{-1}(1 - 0.01 / (2 * 53)) = 3.73``.
+  problems and the two kernels for an overall false-failure rate of 1%:
+  ``z = Phi^{-1}(1 - 0.01 / (2 * 53 * 2)) = 3.91``.
 * sd: ``|sd / ref_sd - 1| < 0.10``. With ``ESS >= 400`` the relative Monte Carlo error of an sd
   is about ``1 / sqrt(2 ESS) <= 3.5%`` for near-normal marginals, so 10% is about a 3-sigma band.
 * ``ESS >= 400`` and split R-hat ``< 1.01``, so that both bands are meaningful.
@@ -31,7 +33,8 @@ pytestmark = pytest.mark.slow
 
 NUM_PARAMETERS = 53  # 7 + 4 + 4 + 6 + 3 + 5 + 8 + 10 + 6 over the nine references
 FAILURE_RATE = 0.01
-Z = stats.norm.ppf(1 - FAILURE_RATE / (2 * NUM_PARAMETERS))
+KERNELS = ("inductor", "vm")
+Z = stats.norm.ppf(1 - FAILURE_RATE / (2 * NUM_PARAMETERS * len(KERNELS)))
 MIN_ESS = 400
 SD_TOLERANCE = 0.10
 
@@ -51,15 +54,17 @@ def test_bonferroni_budget_counts_every_reference_parameter(posteriordb_path):
     assert total == NUM_PARAMETERS
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", sorted(POSTERIORDB_PORTS))
-def test_nuts_matches_reference_means_and_sds(posteriordb_path, name):
+def test_nuts_matches_reference_means_and_sds(posteriordb_path, name, kernel):
     problem = load_posteriordb(posteriordb_path, name)
-    # Fused leaves from the start: what `compiler="auto"` switches to in runs this long. The
-    # Static Runtime leaf it starts on is the same graph, vouched for by the earlier sessions' runs.
+    # Each kernel alone for the whole run: `compiler="auto"` starts on the virtual machine and
+    # switches to Inductor's kernel when it is ready. The Static Runtime leaf they replace is the
+    # same graph, vouched for by the earlier sessions' runs.
     nuts = run_nuts(problem.model, *problem.args, num_samples=1000, num_warmup=1000, num_chains=4,
-                    seed=0, progress=False, compiler="inductor", **OPTIONS.get(name, {}), **problem.kwargs)
+                    seed=0, progress=False, compiler=kernel, **OPTIONS.get(name, {}), **problem.kwargs)
     assert nuts.config["backend"] == "vectorized"  # the fast path is what this test vouches for
-    assert nuts.config["leaf_backend"] == "inductor", nuts.config["fuse_decision"]
+    assert nuts.config["leaf_backend"] == kernel, nuts.config["fuse_decision"]
     draws = flatten_samples(nuts.samples, num_batch_dims=2)
     summary = problem.reference_summary["parameters"]
     failures = []
