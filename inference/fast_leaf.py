@@ -277,12 +277,12 @@ class CompiledStep(Fusable):
     def __call__(self, *args):
         return self._fn(*args)
 
-    def run_on_vm(self) -> bool:
+    def run_on_vm(self, require_faster: bool = True) -> bool:
         """Run the traced step as a program of the virtual machine
         (:func:`~vilab.inference.fast_vm.vm_step`: milliseconds to translate, no compiling) if
-        it translates, reproduces the eager check values and is faster (:func:`check_fused`);
-        returns whether it runs there. The step can still be fused by Inductor later; a reason
-        for not running it is kept in :attr:`vm_failure`."""
+        it translates, reproduces the eager check values and (with ``require_faster``) is faster
+        (:func:`check_fused`); returns whether it runs there. The step can still be fused by
+        Inductor later; a reason for not running it is kept in :attr:`vm_failure`."""
         if self.backend in ("vm", "inductor") or self._check is None:
             return self.backend == "vm"
         graph, example, following, expected = self._check
@@ -291,7 +291,7 @@ class CompiledStep(Fusable):
         except Unsupported as error:
             self.vm_failure = f"not translated: {error}"
             return False
-        program, why = check_fused(program, example, [(following, expected)], self._fn)
+        program, why = check_fused(program, example, [(following, expected)], self._fn, require_faster)
         if program is None:
             self.vm_failure = why
             return False
@@ -397,8 +397,9 @@ def fuse_checked(graph, example: tuple, checks: list[tuple[tuple, tuple]],
 
 
 def check_fused(fused: Callable, example: tuple, checks: list[tuple[tuple, tuple]],
-                current: Callable) -> tuple[Callable | None, str]:
-    """The checks of :func:`fuse_checked` on an already compiled ``fused``."""
+                current: Callable, require_faster: bool = True) -> tuple[Callable | None, str]:
+    """The checks of :func:`fuse_checked` on an already compiled ``fused`` (the speed check
+    only with ``require_faster``)."""
     try:
         ok = True
         for inputs, expected in checks:
@@ -410,6 +411,8 @@ def check_fused(fused: Callable, example: tuple, checks: list[tuple[tuple, tuple
         return None, _describe(error)
     if not ok:
         return None, "the fused kernel disagrees with the eager step"
+    if not require_faster:
+        return fused, ""
     # Inductor inlines chains of elementwise ops; on a log-depth scan that recomputes each
     # round's inputs, and the fused kernel can be slower than the ops it replaces.
     timing_inputs = checks[-1][0]

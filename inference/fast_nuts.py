@@ -188,9 +188,10 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         compiler: how the traced leaf and merge run: ``"torchscript"`` (Static Runtime,
             compiles in a fraction of a second), ``"vm"`` (a program of
             :mod:`~vilab.inference.fast_vm`'s virtual machine: milliseconds to translate, 2-4x
-            faster per leaf than Static Runtime), ``"inductor"`` (one fused C++ kernel, several
-            times faster per leaf, seconds to compile; needs ``g++``), or ``"auto"``: the
-            virtual machine first (Static Runtime where a graph does not translate), switching
+            faster per leaf than Static Runtime on small models, slower on tensors of thousands),
+            ``"inductor"`` (one fused C++ kernel, several times faster per leaf, seconds to
+            compile; needs ``g++``), or ``"auto"``: the virtual machine first where it is faster
+            (Static Runtime otherwise, or where a graph does not translate), switching
             to Inductor once the run's pace shows the compilation will pay for itself
             (:class:`~vilab.inference.fast_inductor.FusePolicy`); with a second core the kernel
             compiles in a background process while the run goes on
@@ -227,7 +228,9 @@ def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept
     dtype = z.dtype
     warmup = _Warmup(num_warmup, num_chains, potential.dim, dense_mass, target_accept, dtype)
     step_size = warmup.restart_step_size((z, value, grad, torch.ones(num_chains, dtype=dtype)), potential, generator)
-    builder = TreeBuilder(potential, num_chains, max_tree_depth, generator, vm=compiler in ("auto", "vm"))
+    # An explicit "vm" runs there even where it is slower (to compare it, or to test it).
+    builder = TreeBuilder(potential, num_chains, max_tree_depth, generator,
+                          vm={"auto": "faster", "vm": "always"}.get(compiler))
     bar = tqdm(total=num_warmup + num_samples, disable=not progress, desc="vectorized NUTS")
     total = num_warmup + num_samples
     policy = FusePolicy(compiler if potential.compiled and compiler != "vm" else "torchscript", total,

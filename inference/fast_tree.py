@@ -84,11 +84,12 @@ class TreeBuilder:
         compile: run each leaf, and each merge of a sub-trajectory into its tree, as one traced
             graph (:class:`~vilab.inference.fast_leaf.CompiledStep`).
         vm: run each traced graph on the virtual machine
-            (:meth:`~vilab.inference.fast_leaf.CompiledStep.run_on_vm`) where it is faster.
+            (:meth:`~vilab.inference.fast_leaf.CompiledStep.run_on_vm`): ``"faster"`` where it is
+            faster than the traced graph, ``"always"`` wherever it translates, ``None`` never.
     """
 
     def __init__(self, potential: BatchedPotential, num_chains: int, max_tree_depth: int,
-                 generator: torch.Generator, compile: bool = True, vm: bool = False) -> None:
+                 generator: torch.Generator, compile: bool = True, vm: str | None = None) -> None:
         self.potential, self.num_chains = potential, num_chains
         self.max_tree_depth, self.generator, self.compile, self.vm = max_tree_depth, generator, compile, vm
         self.vm_notes: list[str] = []  # which steps run on the virtual machine, or why not
@@ -173,7 +174,7 @@ class TreeBuilder:
 
     def _to_vm(self, step: CompiledStep) -> None:
         if self.vm and step.compiled:
-            self.vm_notes.append(f"{step.name} on the virtual machine" if step.run_on_vm() else
+            self.vm_notes.append(f"{step.name} on the virtual machine" if step.run_on_vm(self.vm == "faster") else
                                  f"{step.name} not on the virtual machine ({step.vm_failure})")
 
     def _fuse_step(self, step: CompiledStep) -> None:
