@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-# The NUTS virtual machine's C library is built once per installation (about 3 s), not per model.
+# The NUTS virtual machine's C library is built once per installation (about 10 s), not per model.
 install: system-deps $(VENV)/.installed
 	@$(BIN)/python -c "from vilab.inference.fast_vm import build_library; build_library()" \
 	  || echo "note: the NUTS virtual machine could not be built; NUTS falls back to Static Runtime"

@@ -293,7 +293,7 @@ class CompiledStep(Fusable):
             return False
         program, why = check_fused(program, example, [(following, expected)], self._fn, require_faster)
         if program is None:
-            self.vm_failure = why
+            self.vm_failure = why.replace("the fused kernel", "the program")
             return False
         self._fn, self.backend = program, "vm"
         return True

@@ -83,10 +83,12 @@ static double digamma(double x) {
 static double max_nan(double a, double b) { return (isnan(a) || isnan(b)) ? NAN : (a > b ? a : b); }
 static double min_nan(double a, double b) { return (isnan(a) || isnan(b)) ? NAN : (a < b ? a : b); }
 
-/* The loop over an instruction's shape: an inner loop over the last dimension and an odometer
-   over the others. In BODY, o, a, b, c are the operands' element offsets and coord(d) the index
-   along dimension d. */
-#define LOOP(BODY)                                                                              \
+/* The loop over an instruction's shape: ROWS runs ROW once per row of the last dimension (an
+   odometer over the others) with the operands' row offsets po, pa, pb, pc, the row length inner
+   and the operands' strides along it so, sa, sb, sc. INNER(BODY) is the usual row: BODY per
+   element, with o, a, b, c the operands' element offsets and coord(d) the index along dimension
+   d; rows of unit or zero strides get loops the compiler can vectorise. */
+#define ROWS(ROW)                                                                               \
     do {                                                                                        \
         const int nd = I->nd;                                                                   \
         const int64_t inner = nd ? I->shape[nd - 1] : 1;                                        \
@@ -96,22 +98,7 @@ static double min_nan(double a, double b) { return (isnan(a) || isnan(b)) ? NAN 
         for (int d = 0; d < nd - 1; ++d) outer *= I->shape[d];                                  \
         int64_t po = I->off[0], pa = I->off[1], pb = I->off[2], pc = I->off[3];                 \
         for (int64_t t = 0; t < outer; ++t) {                                                   \
-            if (so == 1 && sa == 1 && sb == 1 && sc == 1) {                                     \
-                for (int64_t k = 0; k < inner; ++k) {                                           \
-                    const int64_t o = po + k, a = pa + k, b = pb + k, c = pc + k; BODY; }       \
-            } else if (so == 1 && sa == 1 && sb == 0 && sc == 0) {                              \
-                for (int64_t k = 0; k < inner; ++k) {                                           \
-                    const int64_t o = po + k, a = pa + k, b = pb, c = pc; BODY; }               \
-            } else if (so == 1 && sa == 0 && sb == 1 && sc == 0) {                              \
-                for (int64_t k = 0; k < inner; ++k) {                                           \
-                    const int64_t o = po + k, a = pa, b = pb + k, c = pc; BODY; }               \
-            } else if (so == 1 && sa == 1 && sb == 1 && sc == 0) {                              \
-                for (int64_t k = 0; k < inner; ++k) {                                           \
-                    const int64_t o = po + k, a = pa + k, b = pb + k, c = pc; BODY; }           \
-            } else {                                                                            \
-                int64_t o = po, a = pa, b = pb, c = pc;                                         \
-                for (int64_t k = 0; k < inner; ++k, o += so, a += sa, b += sb, c += sc) { BODY; } \
-            }                                                                                   \
+            ROW;                                                                                \
             for (int d = nd - 2; d >= 0; --d) {                                                 \
                 if (++cnt[d] < I->shape[d]) {                                                   \
                     po += I->st[0][d]; pa += I->st[1][d]; pb += I->st[2][d]; pc += I->st[3][d]; \
@@ -123,6 +110,38 @@ static double min_nan(double a, double b) { return (isnan(a) || isnan(b)) ? NAN 
             }                                                                                   \
         }                                                                                       \
     } while (0)
+
+#define INNER(BODY)                                                                             \
+    if (so == 1 && sa == 1 && sb == 1 && sc == 1) {                                             \
+        for (int64_t k = 0; k < inner; ++k) {                                                   \
+            const int64_t o = po + k, a = pa + k, b = pb + k, c = pc + k; BODY; }               \
+    } else if (so == 1 && sa == 1 && sb == 0 && sc == 0) {                                      \
+        for (int64_t k = 0; k < inner; ++k) {                                                   \
+            const int64_t o = po + k, a = pa + k, b = pb, c = pc; BODY; }                       \
+    } else if (so == 1 && sa == 0 && sb == 1 && sc == 0) {                                      \
+        for (int64_t k = 0; k < inner; ++k) {                                                   \
+            const int64_t o = po + k, a = pa, b = pb + k, c = pc; BODY; }                       \
+    } else if (so == 1 && sa == 1 && sb == 1 && sc == 0) {                                      \
+        for (int64_t k = 0; k < inner; ++k) {                                                   \
+            const int64_t o = po + k, a = pa + k, b = pb + k, c = pc; BODY; }                   \
+    } else {                                                                                    \
+        int64_t o = po, a = pa, b = pb, c = pc;                                                 \
+        for (int64_t k = 0; k < inner; ++k, o += so, a += sa, b += sb, c += sc) { BODY; }       \
+    }
+
+#define LOOP(BODY) ROWS(INNER(BODY))
+
+/* An accumulation whose output is one number per row (a reduction along the last dimension):
+   the row's total in a register, in order. */
+#define ACCUMULATE(OP, BODY)                                                                    \
+    ROWS(if (so == 0 && sa == 1) {                                                              \
+        double acc = A[po];                                                                     \
+        for (int64_t k = 0; k < inner; ++k) acc = OP(acc, A[pa + k]);                           \
+        A[po] = acc;                                                                            \
+    } else { INNER(BODY) })
+
+#define PLUS(x, y) ((x) + (y))
+#define TIMES(x, y) ((x) * (y))
 
 #define coord(d) ((d) == nd - 1 ? k : cnt[(d)])
 
@@ -191,12 +210,12 @@ static void step(const Ins* I, double* A, void** io) {
         case LOG_SIGMOID_BACKWARD: LOOP(A[o] = A[a] * sigmoid(-A[b])); break;
         case COPY: LOOP(A[o] = A[a]); break;
         case FILL: LOOP(A[o] = p0); break;
-        case SUM_ACC: LOOP(A[o] += A[a]); break;
+        case SUM_ACC: ACCUMULATE(PLUS, A[o] += A[a]); break;
         case MUL_ACC: LOOP(A[o] += A[a] * A[b]); break;
         case MAXIMUM: LOOP(A[o] = max_nan(A[a], A[b])); break;
         case MINIMUM: LOOP(A[o] = min_nan(A[a], A[b])); break;
-        case PROD_ACC: LOOP(A[o] *= A[a]); break;
-        case MAX_ACC: LOOP(A[o] = max_nan(A[o], A[a])); break;
+        case PROD_ACC: ACCUMULATE(TIMES, A[o] *= A[a]); break;
+        case MAX_ACC: ACCUMULATE(max_nan, A[o] = max_nan(A[o], A[a])); break;
         case MIN_ACC: LOOP(A[o] = min_nan(A[o], A[a])); break;
         case OR_ACC: LOOP(A[o] = (A[o] != 0.0) || (A[a] != 0.0)); break;
         /* o: the index output (filled with -1), b: the reduced values, p0: the reduced dimension */

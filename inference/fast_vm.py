@@ -20,12 +20,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import math
-import operator
 import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -76,7 +75,7 @@ def build_library() -> Path:
     handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
-        done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(_SOURCE), "-o", partial, "-lm"],
+        done = subprocess.run([compiler, "-O3", "-shared", "-fPIC", str(_SOURCE), "-o", partial, "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {done.stderr.strip()[:300]}")
