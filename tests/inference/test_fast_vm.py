@@ -19,7 +19,7 @@ from vilab.inference.fast_leaf import _all_close, _call_time
 from vilab.inference.fast_nuts import sample_vectorized_nuts
 from vilab.inference.fast_vm import Unsupported, vm_step
 
-pytestmark = pytest.mark.skipif(bool(fast_vm.vm_unavailable()), reason=fast_vm.vm_unavailable() or "available")
+pytestmark = pytest.mark.skipif(bool(fast_vm.vm_unavailable(wait=True)), reason=fast_vm.vm_unavailable() or "available")
 
 
 def _values(*shape, special=True, seed=0):
@@ -163,6 +163,18 @@ def test_a_library_that_cannot_be_built_says_why(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="cannot build fast_vm.c"):
         fast_vm.build_library()
     assert list(tmp_path.iterdir()) == []  # no partial library left behind
+
+
+def test_a_first_use_builds_in_the_background_and_the_run_goes_on(monkeypatch, tmp_path):
+    monkeypatch.setenv("VILAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fast_vm, "_library", None)
+    monkeypatch.setattr(fast_vm, "_build", None)
+    monkeypatch.setattr(fast_vm, "_library_error", "")
+    assert "being built" in fast_vm.vm_unavailable()  # at once, not after the build
+    assert fast_vm.vm_unavailable(wait=True) == ""
+    assert [path.name for path in tmp_path.iterdir()] == [fast_vm._library_path().name]
+    example = (torch.randn(3, dtype=torch.float64),)
+    assert torch.equal(vm_step(make_fx(lambda x: (x * 2.0,))(*example), example)(*example)[0], example[0] * 2.0)
 
 
 def normal_normal(data):
