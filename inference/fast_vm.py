@@ -263,12 +263,20 @@ class VMStep:
         self._inputs = [(tuple(t.shape), t.stride()) for t in inputs]
         self._outputs = [(shape, _contiguous_strides(shape), dtype) for shape, dtype in outputs]
         self._checked_calls = 0
-        self._io = (ctypes.c_void_p * (len(inputs) + len(outputs)))()
         self._run = _library.vilab_vm_run
         self._addresses = (ctypes.addressof(self._program), self._arena.data_ptr())
+        self._base = len(inputs)
         self._sets = [self._new_outputs(), self._new_outputs()] if recycle else None
+        # One pointer table per buffer set, its output pointers written once.
+        self._tables = [self._table(outputs) for outputs in self._sets or [()]]
         self._turn = 0
         self.recycled = recycle
+
+    def _table(self, outputs: Sequence[torch.Tensor]):
+        table = (ctypes.c_void_p * (self._base + len(self._outputs)))()
+        if outputs:
+            table[self._base:] = [tensor.data_ptr() for tensor in outputs]
+        return table
 
     def unrecycled(self) -> "VMStep":
         """The same program returning new tensors, for calls that must leave this step's
@@ -278,8 +286,8 @@ class VMStep:
             return self
         twin = object.__new__(VMStep)
         twin.__dict__.update(self.__dict__)
-        twin._sets, twin.recycled = None, False
-        twin._io = (ctypes.c_void_p * len(self._io))()
+        twin._sets, twin.recycled, twin._turn = None, False, 0
+        twin._tables = [twin._table(())]
         return twin
 
     def _new_outputs(self) -> tuple:
@@ -299,17 +307,14 @@ class VMStep:
         if self._checked_calls < CHECKED_CALLS:
             self._check_inputs(inputs)
             self._checked_calls += 1
-        io = self._io
-        for index, tensor in enumerate(inputs):
-            io[index] = tensor.data_ptr()
+        table = self._tables[self._turn]
+        table[:self._base] = [tensor.data_ptr() for tensor in inputs]
         if self._sets is None:
             outputs = self._new_outputs()
+            table[self._base:] = [tensor.data_ptr() for tensor in outputs]
         else:
             outputs, self._turn = self._sets[self._turn], 1 - self._turn
-        base = len(self._inputs)
-        for index, tensor in enumerate(outputs):
-            io[base + index] = tensor.data_ptr()
-        self._run(self._addresses[0], self._count, self._addresses[1], io)
+        self._run(self._addresses[0], self._count, self._addresses[1], table)
         return outputs
 
 
