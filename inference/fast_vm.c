@@ -140,6 +140,19 @@ static double min_nan(double a, double b) { return (isnan(a) || isnan(b)) ? NAN 
         A[po] = acc;                                                                            \
     } else { INNER(BODY) })
 
+/* A sum along the last dimension in four running totals: one total waits on each add's latency
+   (nes leaf sums of 476 terms: 1.4 µs each with one, 0.5 with four). */
+#define SUM_ROWS(BODY)                                                                          \
+    ROWS(if (so == 0 && sa == 1) {                                                              \
+        double s0 = 0.0; double s1 = 0.0; double s2 = 0.0; double s3 = 0.0; /* no commas: a macro argument */ \
+        int64_t k = 0;                                                                          \
+        for (; k + 4 <= inner; k += 4) {                                                        \
+            s0 += A[pa + k]; s1 += A[pa + k + 1]; s2 += A[pa + k + 2]; s3 += A[pa + k + 3];     \
+        }                                                                                       \
+        for (; k < inner; ++k) s0 += A[pa + k];                                                 \
+        A[po] += (s0 + s1) + (s2 + s3);                                                         \
+    } else { INNER(BODY) })
+
 #define PLUS(x, y) ((x) + (y))
 #define TIMES(x, y) ((x) * (y))
 
@@ -210,7 +223,7 @@ static void step(const Ins* I, double* A, void** io) {
         case LOG_SIGMOID_BACKWARD: LOOP(A[o] = A[a] * sigmoid(-A[b])); break;
         case COPY: LOOP(A[o] = A[a]); break;
         case FILL: LOOP(A[o] = p0); break;
-        case SUM_ACC: ACCUMULATE(PLUS, A[o] += A[a]); break;
+        case SUM_ACC: SUM_ROWS(A[o] += A[a]); break;
         case MUL_ACC: LOOP(A[o] += A[a] * A[b]); break;
         case MAXIMUM: LOOP(A[o] = max_nan(A[a], A[b])); break;
         case MINIMUM: LOOP(A[o] = min_nan(A[a], A[b])); break;
