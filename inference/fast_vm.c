@@ -153,7 +153,6 @@ static double min_nan(double a, double b) { return (isnan(a) || isnan(b)) ? NAN 
         A[po] += (s0 + s1) + (s2 + s3);                                                         \
     } else { INNER(BODY) })
 
-#define PLUS(x, y) ((x) + (y))
 #define TIMES(x, y) ((x) * (y))
 
 #define coord(d) ((d) == nd - 1 ? k : cnt[(d)])

@@ -221,11 +221,6 @@ def _clone(program, expected, a, **options):
     return _elementwise(program, expected, "COPY", a)
 
 
-def _fill(program, expected, *args, **kwargs) -> _View:
-    value = kwargs.get("fill_value", 1.0)
-    return _filled(program, expected, value)
-
-
 def _filled(program, expected, value) -> _View:
     out = _out(program, expected)
     program.emit("FILL", out, params=(value,))
@@ -311,8 +306,10 @@ def _expand(program, expected, a, size, implicit=False):
 
 def _reshape(program, expected, a, shape):
     shape = tuple(expected.shape)
-    if not a.contiguous():
-        a = _clone(program, expected.new_empty(a.shape), a)
+    if not a.contiguous():  # a copy first, as PyTorch's reshape of such a view
+        copy = program.alloc(a.shape, a.dtype)
+        program.emit("COPY", copy, a)
+        a = copy
     return _View(a.off, shape, _contiguous_strides(shape), a.dtype)
 
 
