@@ -153,14 +153,10 @@ class _View:
         return True
 
 
-def _empty(shape: tuple, strides: tuple, dtype: torch.dtype) -> torch.Tensor:
-    return _EMPTY(shape, strides, dtype)
-
-
 try:  # Inductor's wrappers allocate with it: 0.5 µs against torch.empty's 1.6
-    from torch._C._dynamo.guards import _empty_strided_cpu as _EMPTY
+    from torch._C._dynamo.guards import _empty_strided_cpu as _empty
 except ImportError:  # pragma: no cover -- another PyTorch
-    def _EMPTY(shape, strides, dtype):
+    def _empty(shape: tuple, strides: tuple, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty_strided(shape, strides, dtype=dtype)
 
 
@@ -177,14 +173,15 @@ def _dim(dim: int, nd: int) -> int:
 
 
 class Program:
-    """A virtual-machine program under construction: the arena's layout (constants first, then
-    one region per value) and the instructions. :mod:`~vilab.inference.fast_vm_ops` emits them
-    node by node."""
+    """A virtual-machine program under construction: the arena's layout (one region per value
+    and per constant, in the order they are made) and the instructions.
+    :mod:`~vilab.inference.fast_vm_ops` emits them node by node."""
 
     def __init__(self) -> None:
         self.size = 0
         self.instructions: list[_Ins] = []
         self.initial: list[tuple[int, torch.Tensor]] = []  # arena contents written once
+        self._numbers: dict[tuple, _View] = {}  # one region per distinct scalar operand
 
     def alloc(self, shape: Sequence[int], dtype: torch.dtype) -> _View:
         """A fresh contiguous region of the arena."""
@@ -204,7 +201,11 @@ class Program:
         if isinstance(value, _View):
             return value
         if isinstance(value, (bool, int, float)):
-            return self.constant(float(value), torch.bool if isinstance(value, bool) else dtype)
+            dtype = torch.bool if isinstance(value, bool) else dtype
+            key = (float(value), dtype)
+            if key not in self._numbers:
+                self._numbers[key] = self.constant(float(value), dtype)
+            return self._numbers[key]
         raise Unsupported(f"operand of type {type(value).__name__}")
 
     def emit(self, op: str, out: _View, *inputs: _View, shape: Optional[Sequence[int]] = None,
