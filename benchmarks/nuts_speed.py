@@ -237,6 +237,9 @@ def main(argv=None) -> list[dict]:
                         help="adapt a dense mass matrix (vilab, Pyro and NumPyro alike; default diagonal)")
     parser.add_argument("--compiler", default="auto", choices=("auto", "inductor", "torchscript", "vm"),
                         help="vilab's leaf compiler (sample_vectorized_nuts(compiler=...))")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="vilab's processes (sample_vectorized_nuts(workers=...)); default: one per core, "
+                             "at most one per chain")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use Inductor's on-disk cache as a user's repeated runs do; by default a fresh "
                              "cache directory makes every compilation cold")
@@ -256,6 +259,7 @@ def main(argv=None) -> list[dict]:
     options = {"num_warmup": arguments.num_warmup, "num_samples": arguments.num_samples,
                "num_chains": arguments.num_chains, "target_accept": arguments.target_accept, "seeds": arguments.seeds,
                "dense_mass": arguments.dense_mass, "compiler": arguments.compiler, "init": arguments.init,
+               "workers": arguments.workers,
                "inductor_cache": "warm" if arguments.warm_cache else "cold"}
     rows = []
     for seed in arguments.seeds:

@@ -71,6 +71,10 @@ SETUP_SECONDS = 1.7
 # arithmetic does (low_dim_gauss_mix, hmm).
 EXPECTED_SPEEDUP = 3.0
 RECYCLED_SPEEDUP = 8.0
+# Against a step on the virtual machine (fast_vm): Inductor's kernels replaced the program at
+# 1.25-2x (hmm leaf 207 -> about 106 µs; nes and kidiq leaves by less), and on six of ten
+# problems never did.
+VM_SPEEDUP = 1.5
 # Inductor inlines an elementwise result into each reader with up to 4 reads; a log-depth scan
 # (GARCH, ARMA) then recomputes every earlier round in each later one: 110 s of compilation
 # instead of 5 s, for a kernel no faster. One read is the threshold that keeps compilation
@@ -357,9 +361,9 @@ class FusePolicy:
     have taken :attr:`check_after` seconds (:attr:`check_after_background` where the compilation
     would run in the background) it extrapolates each step's remaining calls and
     the saving of a fused step: remaining calls x traced time per call x ``1 - 1 / speedup``
-    (:data:`RECYCLED_SPEEDUP` for a step that reuses its buffers, :data:`EXPECTED_SPEEDUP`
-    otherwise). Its compile time is the step's own prediction
-    (:func:`predicted_compile_seconds`).
+    (:data:`VM_SPEEDUP` for a step on the virtual machine, :data:`RECYCLED_SPEEDUP` for a
+    traced step that reuses its buffers, :data:`EXPECTED_SPEEDUP` otherwise). Its compile time
+    is the step's own prediction (:func:`predicted_compile_seconds`).
 
     With ``background`` (a second core and ``fork``:
     :func:`~vilab.inference.fast_background.background_available`), the chosen steps compile
@@ -443,7 +447,10 @@ class FusePolicy:
         chosen, notes, ready_after = [], [], 0.0
         for (step, calls), calls_at_mark in zip(steps, mark_calls):
             remaining_calls = (calls - calls_at_mark) / (done - mark_done) * remaining_iterations
-            speedup = RECYCLED_SPEEDUP if getattr(step, "recycle", False) else EXPECTED_SPEEDUP
+            if getattr(step, "backend", "") == "vm":
+                speedup = VM_SPEEDUP
+            else:
+                speedup = RECYCLED_SPEEDUP if getattr(step, "recycle", False) else EXPECTED_SPEEDUP
             per_call = step.call_time() * (1.0 - 1.0 / speedup)
             compile_seconds = step.compile_seconds()
             if self.background:

@@ -6,7 +6,9 @@ NUTS; :mod:`~vilab.inference.fast_tree`). All chains take their leapfrog steps t
 whose tree has stopped are masked, so Python and dispatch overhead is paid once per step for all
 chains and the potential is one batched call (:class:`~vilab.inference.vectorized.BatchedPotential`).
 Masked chains waste a little arithmetic but never change state, so each chain is an exact NUTS
-chain. This module runs the warmup (Stan's windowed adaptation) and the draws.
+chain. This module runs the warmup (Stan's windowed adaptation) and the draws, for one batch of
+chains in this process or for one batch per core in forked processes
+(:mod:`~vilab.inference.fast_workers`).
 
 References:
     The No-U-Turn Sampler: Adaptively Setting Path Lengths in Hamiltonian Monte Carlo,
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 from vilab.types import Model
 
-from . import fast_background
+from . import fast_background, fast_workers
 from .fast_adapt import DualAveraging, Metric, Welford, adaptation_windows
 from .fast_inductor import COMPILERS, FusePolicy, fusion_unavailable
 from .fast_leaf import threads_for
@@ -162,13 +164,17 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
                            num_warmup: int, num_chains: int, target_accept: float = 0.8,
                            dense_mass: bool = False, max_tree_depth: int = 10, seed: int = 0,
                            progress: bool = True, compiler: str = "auto",
-                           init_values: Optional[dict] = None) -> VectorizedNutsResult:
+                           init_values: Optional[dict] = None, workers: Optional[int] = None) -> VectorizedNutsResult:
     r"""Sample a Pyro model with NUTS, all chains advancing together.
 
     Warmup follows Stan: a 75-iteration step-size buffer, doubling metric windows (diagonal or
     dense Welford estimates, shrunk towards :math:`10^{-3} I`), a 50-iteration terminal buffer,
     and dual averaging of the step size towards ``target_accept`` restarted after every metric
     update. Each chain keeps its own step size and metric.
+
+    With more than one core the chains are split into one batch per core, each advancing in a
+    forked process (:mod:`~vilab.inference.fast_workers`): the leaf's arithmetic per process
+    shrinks with its batch, and each core pays the per-step overhead for its own batch.
 
     Args:
         model: Pyro model with continuous latent sites only.
@@ -180,7 +186,9 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         target_accept: target mean acceptance probability in (0, 1).
         dense_mass: adapt a dense rather than diagonal inverse mass matrix.
         max_tree_depth: at most :math:`2^{\text{max\_tree\_depth}} - 1` leapfrog steps per draw.
-        seed: seed of initialisation and of every random choice of the sampler. The draws
+        seed: seed of initialisation and of every random choice of the sampler (the first
+            batch's; the others' come from it, :func:`~vilab.inference.fast_workers.batch_seed`).
+            The draws depend on the batches (``workers``); with those fixed, they
             repeat exactly for ``compiler="torchscript"``, ``"vm"`` or ``"inductor"``; under ``"auto"`` the
             iteration where a fused kernel takes over depends on timing, and a kernel rounds
             differently from the traced step, so two runs agree in distribution, not bit for bit.
@@ -199,9 +207,15 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         init_values: constrained starting values ``{site: (num_chains, *site_shape)}`` of some
             latent sites (:func:`~vilab.inference.validation.check_init_values`); the other sites
             start uniformly in (-2, 2) on the unconstrained space.
+        workers: processes the chains are split over, each running one batch of about
+            :math:`C / \text{workers}` chains; ``None``: one per core this process may use, at
+            most one per chain (:func:`~vilab.inference.fast_workers.available_workers`; 1
+            without ``fork`` or where CUDA is initialised). With ``workers > 1`` the batches run
+            beside each other, so ``"auto"`` compiles no Inductor kernel in the background, and
+            ``warmup_time`` and ``sampling_time`` are the slowest batch's.
 
     Returns:
-        :class:`VectorizedNutsResult`.
+        :class:`VectorizedNutsResult`; with several batches, the chains in batch order.
 
     Raises:
         VectorizationError: the model cannot be evaluated for a batch of chains correctly (the
@@ -211,18 +225,73 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
     _check_arguments(num_samples, num_warmup, num_chains, target_accept, max_tree_depth)
     if compiler not in NUTS_COMPILERS:
         raise ValueError(f"compiler: expected one of {NUTS_COMPILERS}; got {compiler!r}")
+    workers = fast_workers.resolve_workers(workers, num_chains)
+    with fast_workers.frozen_heap():
+        return _sample_batches(workers, progress=progress, num_chains=num_chains, seed=seed, model=model,
+                               model_args=model_args, model_kwargs=model_kwargs, num_samples=num_samples,
+                               num_warmup=num_warmup, target_accept=target_accept, dense_mass=dense_mass,
+                               max_tree_depth=max_tree_depth, compiler=compiler, init_values=init_values)
+
+
+def _sample_batches(workers, *, progress, num_chains, seed, **options) -> VectorizedNutsResult:
+    """All chains in this process (``workers == 1``) or split into batches over processes."""
+    num_warmup, num_samples = options["num_warmup"], options["num_samples"]
+    if workers == 1:
+        bar = tqdm(total=num_warmup + num_samples, disable=not progress, desc="vectorized NUTS")
+        try:
+            return _sample_batch(**options, num_chains=num_chains, seed=seed, report=bar, background=None)
+        finally:
+            bar.close()
     start = time.perf_counter()
-    if compiler == "auto" and num_warmup + num_samples >= PREPARE_ITERATIONS and not fusion_unavailable():
+    sizes = fast_workers.batch_sizes(num_chains, workers)
+    results = fast_workers.run_batches(_batch_worker, sizes, seed, options, progress=progress,
+                                       total=workers * (num_warmup + num_samples))
+    return _merge_batches(results, sizes, time.perf_counter() - start)
+
+
+def _sample_batch(*, model, model_args, model_kwargs, num_chains, seed, compiler, num_samples, num_warmup,
+                  report, background, **options) -> VectorizedNutsResult:
+    """One batch of chains in this process; ``report.update(1)`` after each iteration."""
+    start = time.perf_counter()
+    background = (compiler == "auto" and fast_background.background_available()) if background is None else background
+    if background and num_warmup + num_samples >= PREPARE_ITERATIONS and not fusion_unavailable():
         fast_background.prepare()  # Inductor's import overlaps the tracing below
     with threads_for(0):  # tracing and checking work on a few chains' values
         potential = BatchedPotential(model, model_args, model_kwargs, num_chains=num_chains, seed=seed)
     with threads_for(num_chains * potential.site_numel):
-        return _sample(potential, start, num_samples, num_warmup, num_chains, target_accept, dense_mass,
-                       max_tree_depth, seed, progress, compiler, init_values)
+        return _sample(potential, start, num_samples=num_samples, num_warmup=num_warmup, num_chains=num_chains,
+                       seed=seed, compiler=compiler, report=report, background=background, **options)
 
 
-def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept, dense_mass,
-            max_tree_depth, seed, progress, compiler, init_values) -> VectorizedNutsResult:
+def _batch_worker(*, report, **options) -> VectorizedNutsResult:
+    """A batch in a forked process: no background compilation (the other batches have the
+    other cores)."""
+    try:
+        return _sample_batch(**options, report=report, background=False)
+    finally:
+        report.close()
+
+
+def _merge_batches(results: list, sizes: list[int], wall: float) -> VectorizedNutsResult:
+    """One result of the batches' results, chains in batch order."""
+    def cat(key):
+        return {name: torch.cat([getattr(r, key)[name] for r in results]) for name in getattr(results[0], key)}
+
+    sampling = max(r.sampling_time for r in results)
+    backends = sorted({r.backend for r in results})
+    decisions = [r.fuse_decision for r in results]
+    split = f"chains split over {len(sizes)} processes ({' + '.join(map(str, sizes))})"
+    if len(set(decisions)) == 1:
+        decision = "; ".join(note for note in (split, decisions[0]) if note)
+    else:
+        decision = "; ".join([split, *(f"batch {index}: {note}" for index, note in enumerate(decisions))])
+    return VectorizedNutsResult(cat("samples"), cat("sample_stats"), wall - sampling, sampling,
+                                torch.cat([r.inverse_mass_matrix for r in results]),
+                                all(r.compiled for r in results), ", ".join(backends), decision)
+
+
+def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_accept, dense_mass,
+            max_tree_depth, seed, compiler, init_values, report, background) -> VectorizedNutsResult:
     generator = torch.Generator().manual_seed(seed)
     z, value, grad = _initial_states(potential, num_chains, generator, init_values)
     dtype = z.dtype
@@ -231,18 +300,16 @@ def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept
     # An explicit "vm" runs there even where it is slower (to compare it, or to test it).
     builder = TreeBuilder(potential, num_chains, max_tree_depth, generator,
                           vm={"auto": "faster", "vm": "always"}.get(compiler))
-    bar = tqdm(total=num_warmup + num_samples, disable=not progress, desc="vectorized NUTS")
     total = num_warmup + num_samples
     policy = FusePolicy(compiler if potential.compiled and compiler != "vm" else "torchscript", total,
-                        early=total >= PREPARE_ITERATIONS)
+                        background=background, early=total >= PREPARE_ITERATIONS)
     if compiler == "vm":
         policy.reason = "compiler='vm'"
     try:
-        draws, stats, sampling_start = _iterate(potential, builder, policy, warmup, bar, z, value, grad,
+        draws, stats, sampling_start = _iterate(potential, builder, policy, warmup, report, z, value, grad,
                                                 step_size, num_warmup, num_samples, generator)
     finally:
         builder.close()
-        bar.close()
     end = time.perf_counter()
     samples = _draws_to_samples(potential, torch.stack(draws, dim=1))
     sample_stats = {key: torch.stack([row[key] for row in stats], dim=1) for key in stats[0]}
@@ -252,7 +319,7 @@ def _sample(potential, start, num_samples, num_warmup, num_chains, target_accept
                                 decision + (f" ({builder.fuse_failure})" if builder.fuse_failure else ""))
 
 
-def _iterate(potential, builder, policy, warmup, bar, z, value, grad, step_size, num_warmup, num_samples,
+def _iterate(potential, builder, policy, warmup, report, z, value, grad, step_size, num_warmup, num_samples,
              generator):
     """The warmup and sampling iterations; returns the draws, their statistics and when
     sampling started."""
@@ -276,7 +343,7 @@ def _iterate(potential, builder, policy, warmup, bar, z, value, grad, step_size,
         else:
             draws.append(z.clone())  # the merge's buffers are reused two merges later
             stats.append(_stats_row(tree, step_size))
-        bar.update(1)
+        report.update(1)
     return draws, stats, sampling_start
 
 

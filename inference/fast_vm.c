@@ -131,27 +131,31 @@ static double min_nan(double a, double b) { return (isnan(a) || isnan(b)) ? NAN 
 
 #define LOOP(BODY) ROWS(INNER(BODY))
 
-/* An accumulation whose output is one number per row (a reduction along the last dimension):
-   the row's total in a register, in order. */
+/* An accumulation whose output is one number per row (a reduction along the last dimension,
+   the input at any stride): the row's total in a register, in order. */
 #define ACCUMULATE(OP, BODY)                                                                    \
-    ROWS(if (so == 0 && sa == 1) {                                                              \
+    ROWS(if (so == 0) {                                                                         \
         double acc = A[po];                                                                     \
-        for (int64_t k = 0; k < inner; ++k) acc = OP(acc, A[pa + k]);                           \
+        for (int64_t k = 0; k < inner; ++k) acc = OP(acc, A[pa + k * sa]);                     \
         A[po] = acc;                                                                            \
     } else { INNER(BODY) })
 
-/* A sum along the last dimension in four running totals: one total waits on each add's latency
-   (nes leaf sums of 476 terms: 1.4 µs each with one, 0.5 with four). */
-#define SUM_ROWS(BODY)                                                                          \
-    ROWS(if (so == 0 && sa == 1) {                                                              \
+/* A sum (of TERM(i), i the offset of the k-th term) along the last dimension in four running
+   totals: one total waits on each add's latency (nes leaf sums of 476 terms: 1.4 µs each with
+   one, 0.5 with four). */
+#define SUM_ROWS(TERM, BODY)                                                                    \
+    ROWS(if (so == 0) {                                                                         \
         double s0 = 0.0; double s1 = 0.0; double s2 = 0.0; double s3 = 0.0; /* no commas: a macro argument */ \
         int64_t k = 0;                                                                          \
         for (; k + 4 <= inner; k += 4) {                                                        \
-            s0 += A[pa + k]; s1 += A[pa + k + 1]; s2 += A[pa + k + 2]; s3 += A[pa + k + 3];     \
+            s0 += TERM(k); s1 += TERM(k + 1); s2 += TERM(k + 2); s3 += TERM(k + 3);             \
         }                                                                                       \
-        for (; k < inner; ++k) s0 += A[pa + k];                                                 \
+        for (; k < inner; ++k) s0 += TERM(k);                                                   \
         A[po] += (s0 + s1) + (s2 + s3);                                                         \
     } else { INNER(BODY) })
+
+#define SUM_TERM(k) A[pa + (k) * sa]
+#define DOT_TERM(k) (A[pa + (k) * sa] * A[pb + (k) * sb])
 
 #define TIMES(x, y) ((x) * (y))
 
@@ -222,8 +226,8 @@ static void step(const Ins* I, double* A, void** io) {
         case LOG_SIGMOID_BACKWARD: LOOP(A[o] = A[a] * sigmoid(-A[b])); break;
         case COPY: LOOP(A[o] = A[a]); break;
         case FILL: LOOP(A[o] = p0); break;
-        case SUM_ACC: SUM_ROWS(A[o] += A[a]); break;
-        case MUL_ACC: LOOP(A[o] += A[a] * A[b]); break;
+        case SUM_ACC: SUM_ROWS(SUM_TERM, A[o] += A[a]); break;
+        case MUL_ACC: SUM_ROWS(DOT_TERM, A[o] += A[a] * A[b]); break;
         case MAXIMUM: LOOP(A[o] = max_nan(A[a], A[b])); break;
         case MINIMUM: LOOP(A[o] = min_nan(A[a], A[b])); break;
         case PROD_ACC: ACCUMULATE(TIMES, A[o] *= A[a]); break;

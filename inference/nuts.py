@@ -1,7 +1,8 @@
 r"""``run_nuts``: the No-U-Turn sampler on a Pyro model, returned as a plain record.
 
 Chains run in separate processes when the machine has more than one core (forked, so models
-defined in a notebook work), else one after another. Each chain records per-draw statistics so
+defined in a notebook work): the vectorized sampler's one batch of chains per core, Pyro's one
+process per chain; else in this process. Each chain records per-draw statistics so
 ArviZ can compute R-hat, bulk/tail ESS, MCSE and E-BFMI.
 
 References:
@@ -26,6 +27,7 @@ from pyro.infer.mcmc import MCMC
 from vilab.inference.arviz_io import to_inference_data
 from vilab.inference.chains import run_chains
 from vilab.inference.fast_nuts import NUTS_COMPILERS, sample_vectorized_nuts
+from vilab.inference.fast_workers import available_workers
 from vilab.inference.vectorized import VectorizationError
 from vilab.inference.nuts_kernel import RecordingNUTS, stats_dtype
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
@@ -111,8 +113,12 @@ def run_nuts(
         dense_mass: adapt a dense (full) mass matrix instead of a diagonal one.
         max_tree_depth: at most :math:`2^{d}-1` leapfrog steps per draw.
         jit: compile the potential with ``torch.jit`` (Pyro's ``jit_compile``; ``pyro`` backend).
-        chain_method: for the ``pyro`` backend, ``"parallel"`` (one process per chain),
-            ``"sequential"``, or ``"auto"`` (parallel when more than one core is available).
+        chain_method: how the chains share the cores. ``"parallel"``: forked processes (the
+            ``pyro`` backend: one per chain; the vectorized sampler: one batch of chains per
+            core, :mod:`~vilab.inference.fast_workers`); ``"sequential"``: this process only
+            (one chain after another; the vectorized sampler: all chains as one batch); ``"auto"``:
+            parallel where more than one core is available. The vectorized sampler's draws
+            depend on the batches (``result.config["workers"]``).
         backend: ``"vectorized"`` advances all chains at once in one batched, traced program
             (:mod:`vilab.inference.fast_nuts`); ``"pyro"`` runs Pyro's NUTS per chain; ``"auto"``
             uses the vectorized sampler when the model passes its batching checks and otherwise
@@ -150,6 +156,7 @@ def run_nuts(
                 raise
             warnings.warn(f"run_nuts: the vectorized sampler cannot run this model ({error}); "
                           "falling back to Pyro's NUTS, one chain per process", RuntimeWarning, stacklevel=2)
+    config.pop("workers", None)
     config["backend"] = "pyro"
     start = time.perf_counter()
     parallel = config["chain_method"] == "parallel" or (
@@ -165,11 +172,14 @@ def run_nuts(
 
 def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
     start = time.perf_counter()
+    sequential = config["chain_method"] == "sequential"
+    config["workers"] = 1 if sequential else available_workers(config["num_chains"])
     result = sample_vectorized_nuts(
         model, args, kwargs, num_samples=config["num_samples"], num_warmup=config["num_warmup"],
         num_chains=config["num_chains"], target_accept=config["target_accept"],
         dense_mass=config["dense_mass"], max_tree_depth=config["max_tree_depth"], seed=config["seed"],
-        progress=progress, compiler=config["compiler"], init_values=config["init_values"])
+        progress=progress, compiler=config["compiler"], init_values=config["init_values"],
+        workers=config["workers"])
     wall_time = time.perf_counter() - start
     latent = {k: v for k, v in result.samples.items()
               if k in trace.nodes and not trace.nodes[k]["is_observed"]}

@@ -157,6 +157,32 @@ def test_recycled_outputs_live_two_calls_and_timing_leaves_them_alone():
     assert third.data_ptr() == first.data_ptr()  # the buffers of the call before last
 
 
+def test_loops_merge_dimensions_and_run_the_longest_innermost():
+    contiguous = [[400, 4, 2, 1], [400, 4, 2, 1]]
+    assert fast_vm._coalesce((2, 100, 2, 2), contiguous) == ((800,), [[1], [1]])
+    # a size-1 dimension goes; a broadcast operand stops the merge where it steps differently
+    assert fast_vm._coalesce((3, 1, 4), [[4, 4, 1], [0, 0, 1]]) == ((3, 4), [[4, 1], [0, 1]])
+    # batched 2x2 products: 400 rows of 2 become 8 rows of 100 (output, left, right operand)
+    shape, strides = fast_vm._longest_inside((100, 2, 2, 2), [[4, 2, 0, 1], [4, 2, 1, 0], [4, 0, 2, 1]])
+    assert shape == (2, 2, 2, 100) and strides == [[2, 0, 1, 4], [2, 1, 0, 4], [0, 2, 1, 4]]
+    assert fast_vm._longest_inside((100, 8), [[8, 1]]) == ((100, 8), [[8, 1]])  # inner long enough
+
+
+def test_merged_and_reordered_loops_match_eager():
+    # The hmm leaf's shapes: batched 2x2 products, logsumexp over a middle dimension, sums whose
+    # reduced dimension becomes the innermost loop, broadcasts over middle dimensions.
+    def step(a, b, x, row):
+        top = x.amax(1, keepdim=True)
+        return (torch.bmm(a, b), (x - top).exp().sum(1).log() + top.squeeze(1), x.sum(1), x.sum((0, 2)), (x * row).exp(),
+                x.amax(1), x.prod(1), torch.einsum("cij,cjk->cik", a, b).sum(0))
+
+    a, b = _values(100, 2, 2, special=False), _values(100, 2, 2, special=False, seed=1)
+    x = _values(2, 50, 2, 2, special=False, seed=2)
+    _same(step, a, b, x, _values(1, 50, 1, 2, special=False, seed=3))
+    x[1, 7, 0, 1] = math.nan
+    _same(step, a, b, x, _values(1, 50, 1, 2, special=False, seed=3))
+
+
 def test_a_library_that_cannot_be_built_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("VILAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
@@ -165,8 +191,16 @@ def test_a_library_that_cannot_be_built_says_why(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no partial library left behind
 
 
+def test_a_library_is_built_for_each_machine(monkeypatch):
+    path = fast_vm._library_path()
+    monkeypatch.setattr(fast_vm, "_machine", lambda: b"another CPU")
+    assert fast_vm._library_path() != path and fast_vm._library_path().parent == path.parent
+
+
 def test_a_first_use_builds_in_the_background_and_the_run_goes_on(monkeypatch, tmp_path):
     monkeypatch.setenv("VILAB_CACHE_DIR", str(tmp_path))
+    # a compiler that rejects the native flags: the portable build follows
+    monkeypatch.setattr(fast_vm, "_NATIVE_FLAGS", ("-fno-such-option-anywhere",))
     monkeypatch.setattr(fast_vm, "_library", None)
     monkeypatch.setattr(fast_vm, "_build", None)
     monkeypatch.setattr(fast_vm, "_library_error", "")

@@ -63,3 +63,15 @@ def test_both_backends_report_the_same_sample_stats_to_arviz(runs):
     for result in runs.values():
         assert result.inference_data.sample_stats["diverging"].shape == (2, 200)
         assert np.all(az.bfmi(result.inference_data) > 0.3)
+
+
+def test_chain_method_splits_the_vectorized_chains_or_keeps_them_in_this_process(monkeypatch):
+    from vilab.inference import fast_workers
+
+    monkeypatch.setattr(fast_workers, "_cores", lambda: 2)
+    options = dict(num_samples=20, num_warmup=20, num_chains=2, seed=0, progress=False, backend="vectorized")
+    parallel = run_nuts(normal_normal, DATA.double(), chain_method="parallel", **options)
+    sequential = run_nuts(normal_normal, DATA.double(), chain_method="sequential", **options)
+    assert parallel.config["workers"] == 2 and "chains split over 2 processes (1 + 1)" in parallel.config["fuse_decision"]
+    assert sequential.config["workers"] == 1 and "split" not in sequential.config["fuse_decision"]
+    assert parallel.inference_data.posterior["loc"].shape == sequential.inference_data.posterior["loc"].shape == (2, 20)
