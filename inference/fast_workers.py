@@ -34,10 +34,21 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cannot_fork() -> str:
+    """Why this process cannot split its chains over children (empty if it can)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "the 'fork' start method is missing here"
+    if torch.cuda.is_initialized():
+        return "CUDA is initialised, and a forked child cannot use it"
+    if multiprocessing.current_process().daemon:  # a worker of multiprocessing.Pool, say
+        return "this is a daemonic process, which multiprocessing lets have no children"
+    return ""
+
+
 def available_workers(num_chains: int) -> int:
     """Processes that ``workers=None`` uses: one per core this process may use, at most one per
-    chain; 1 where ``fork`` is missing or CUDA is initialised (a forked child cannot use it)."""
-    if torch.cuda.is_initialized() or "fork" not in multiprocessing.get_all_start_methods():
+    chain; 1 where :func:`_cannot_fork` says why not."""
+    if _cannot_fork():
         return 1
     return max(1, min(num_chains, _cores()))
 
@@ -54,8 +65,8 @@ def resolve_workers(workers: Optional[int], num_chains: int) -> int:
         raise ValueError(f"workers: expected a positive integer or None; got {workers!r}")
     if workers > num_chains:
         raise ValueError(f"workers: expected at most num_chains={num_chains} processes; got {workers}")
-    if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
-        raise ValueError(f"workers: {workers} processes need the 'fork' start method, missing here")
+    if workers > 1 and _cannot_fork():
+        raise ValueError(f"workers: expected 1 here ({_cannot_fork()}); got {workers}")
     return workers
 
 

@@ -11,7 +11,6 @@ References:
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -160,7 +159,7 @@ def run_nuts(
     config["backend"] = "pyro"
     start = time.perf_counter()
     parallel = config["chain_method"] == "parallel" or (
-        config["chain_method"] == "auto" and num_chains > 1 and (os.cpu_count() or 1) > 1)
+        config["chain_method"] == "auto" and num_chains > 1 and available_workers(num_chains) > 1)
     total = num_chains * (num_samples + num_warmup)
     results = run_chains(_chain_worker, (model, args, kwargs, config), num_chains, parallel=parallel,
                          total=total, progress=progress, desc="NUTS")

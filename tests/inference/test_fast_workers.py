@@ -139,3 +139,21 @@ def test_frozen_heap_thaws_on_exit_and_leaves_a_callers_freeze_alone():
         assert gc.get_freeze_count() == count
     finally:
         gc.unfreeze()
+
+
+def _run_in_pool(workers):
+    """A vectorized run inside a worker of ``multiprocessing.Pool`` (a daemonic process)."""
+    try:
+        result = sample_vectorized_nuts(normal_normal, (DATA,), {}, num_samples=10, num_warmup=10, num_chains=2,
+                                        progress=False, workers=workers)
+    except ValueError as error:
+        return str(error)
+    return result.samples["loc"].shape
+
+
+def test_a_pool_worker_keeps_its_chains_in_its_own_process():
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_run_in_pool, (None,)) == (2, 10)
+        assert "daemonic process" in pool.apply(_run_in_pool, (2,))
