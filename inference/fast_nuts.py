@@ -210,7 +210,7 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         workers: processes the chains are split over, each running one batch of about
             :math:`C / \text{workers}` chains; ``None``: one per core this process may use, at
             most one per chain (:func:`~vilab.inference.fast_workers.available_workers`; 1
-            without ``fork`` or where CUDA is initialised). With ``workers > 1`` the batches run
+            without ``fork``, where CUDA is initialised, or in a daemonic process). With ``workers > 1`` the batches run
             beside each other, so ``"auto"`` compiles no Inductor kernel in the background, and
             ``warmup_time`` and ``sampling_time`` are the slowest batch's.
 
@@ -253,7 +253,8 @@ def _sample_batch(*, model, model_args, model_kwargs, num_chains, seed, compiler
                   report, background, **options) -> VectorizedNutsResult:
     """One batch of chains in this process; ``report.update(1)`` after each iteration."""
     start = time.perf_counter()
-    background = (compiler == "auto" and fast_background.background_available()) if background is None else background
+    if background is None:
+        background = compiler == "auto" and fast_background.background_available()
     if background and num_warmup + num_samples >= PREPARE_ITERATIONS and not fusion_unavailable():
         fast_background.prepare()  # Inductor's import overlaps the tracing below
     with threads_for(0):  # tracing and checking work on a few chains' values

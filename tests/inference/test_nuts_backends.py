@@ -72,6 +72,7 @@ def test_chain_method_splits_the_vectorized_chains_or_keeps_them_in_this_process
     options = dict(num_samples=20, num_warmup=20, num_chains=2, seed=0, progress=False, backend="vectorized")
     parallel = run_nuts(normal_normal, DATA.double(), chain_method="parallel", **options)
     sequential = run_nuts(normal_normal, DATA.double(), chain_method="sequential", **options)
-    assert parallel.config["workers"] == 2 and "chains split over 2 processes (1 + 1)" in parallel.config["fuse_decision"]
+    assert parallel.config["workers"] == 2
+    assert "chains split over 2 processes (1 + 1)" in parallel.config["fuse_decision"]
     assert sequential.config["workers"] == 1 and "split" not in sequential.config["fuse_decision"]
     assert parallel.inference_data.posterior["loc"].shape == sequential.inference_data.posterior["loc"].shape == (2, 20)
