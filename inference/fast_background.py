@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import fast_workers
 from .fast_graph_io import dumps_graph, loads_graph
 from .fast_recycle import recycled_call
 
@@ -49,15 +50,10 @@ _EXTERN = ("mm", "bmm", "addmm", "baddbmm")
 
 
 def background_available() -> bool:
-    """Whether a compilation can run beside the caller: ``fork`` exists, this process may use
-    at least two cores, and it has not initialised CUDA (which a forked child cannot use)."""
-    if torch.cuda.is_initialized():
-        return False
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return cores >= 2 and "fork" in multiprocessing.get_all_start_methods()
+    """Whether a compilation can run beside the caller: this process may use at least two
+    cores and fork a child (:func:`~vilab.inference.fast_workers.cannot_fork`: ``fork`` exists,
+    CUDA is not initialised, the process is not daemonic)."""
+    return fast_workers.cores() >= 2 and not fast_workers.cannot_fork()
 
 
 class BackgroundCompiles:

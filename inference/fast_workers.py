@@ -23,18 +23,19 @@ import torch
 
 from .chains import run_chains
 
-__all__ = ["available_workers", "batch_sizes", "batch_seed", "frozen_heap", "resolve_workers", "run_batches",
-           "ThrottledReport"]
+__all__ = ["available_workers", "batch_sizes", "batch_seed", "cannot_fork", "cores", "frozen_heap",
+           "resolve_workers", "run_batches", "ThrottledReport"]
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The cores this process may use."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
 
-def _cannot_fork() -> str:
+def cannot_fork() -> str:
     """Why this process cannot split its chains over children (empty if it can)."""
     if "fork" not in multiprocessing.get_all_start_methods():
         return "the 'fork' start method is missing here"
@@ -47,10 +48,10 @@ def _cannot_fork() -> str:
 
 def available_workers(num_chains: int) -> int:
     """Processes that ``workers=None`` uses: one per core this process may use, at most one per
-    chain; 1 where :func:`_cannot_fork` says why not."""
-    if _cannot_fork():
+    chain; 1 where :func:`cannot_fork` says why not."""
+    if cannot_fork():
         return 1
-    return max(1, min(num_chains, _cores()))
+    return max(1, min(num_chains, cores()))
 
 
 def resolve_workers(workers: Optional[int], num_chains: int) -> int:
@@ -65,8 +66,8 @@ def resolve_workers(workers: Optional[int], num_chains: int) -> int:
         raise ValueError(f"workers: expected a positive integer or None; got {workers!r}")
     if workers > num_chains:
         raise ValueError(f"workers: expected at most num_chains={num_chains} processes; got {workers}")
-    if workers > 1 and _cannot_fork():
-        raise ValueError(f"workers: expected 1 here ({_cannot_fork()}); got {workers}")
+    if workers > 1 and cannot_fork():
+        raise ValueError(f"workers: expected 1 here ({cannot_fork()}); got {workers}")
     return workers
 
 

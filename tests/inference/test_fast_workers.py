@@ -51,11 +51,11 @@ def test_bad_workers_are_refused_naming_the_argument(workers, message):
 
 
 def test_default_workers_is_one_per_core_at_most_one_per_chain(monkeypatch):
-    monkeypatch.setattr(fast_workers, "_cores", lambda: 2)
+    monkeypatch.setattr(fast_workers, "cores", lambda: 2)
     assert resolve_workers(None, 4) == 2 and resolve_workers(None, 1) == 1
-    monkeypatch.setattr(fast_workers, "_cores", lambda: 16)
+    monkeypatch.setattr(fast_workers, "cores", lambda: 16)
     assert resolve_workers(None, 4) == 4
-    monkeypatch.setattr(fast_workers, "_cores", lambda: 1)
+    monkeypatch.setattr(fast_workers, "cores", lambda: 1)
     assert resolve_workers(None, 4) == 1
 
 

@@ -68,7 +68,7 @@ def test_both_backends_report_the_same_sample_stats_to_arviz(runs):
 def test_chain_method_splits_the_vectorized_chains_or_keeps_them_in_this_process(monkeypatch):
     from vilab.inference import fast_workers
 
-    monkeypatch.setattr(fast_workers, "_cores", lambda: 2)
+    monkeypatch.setattr(fast_workers, "cores", lambda: 2)
     options = dict(num_samples=20, num_warmup=20, num_chains=2, seed=0, progress=False, backend="vectorized")
     parallel = run_nuts(normal_normal, DATA.double(), chain_method="parallel", **options)
     sequential = run_nuts(normal_normal, DATA.double(), chain_method="sequential", **options)
