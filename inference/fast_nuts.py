@@ -211,7 +211,7 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
             :math:`C / \text{workers}` chains; ``None``: one per core this process may use, at
             most one per chain (:func:`~vilab.inference.fast_workers.available_workers`; 1
             without ``fork``, where CUDA is initialised, or in a daemonic process). With ``workers > 1`` the batches run
-            beside each other, so ``"auto"`` compiles no Inductor kernel in the background, and
+            beside each other, so ``"auto"`` compiles no Inductor kernel, and
             ``warmup_time`` and ``sampling_time`` are the slowest batch's.
 
     Returns:
@@ -239,7 +239,7 @@ def _sample_batches(workers, *, progress, num_chains, seed, **options) -> Vector
     if workers == 1:
         bar = tqdm(total=num_warmup + num_samples, disable=not progress, desc="vectorized NUTS")
         try:
-            return _sample_batch(**options, num_chains=num_chains, seed=seed, report=bar, background=None)
+            return _sample_batch(**options, num_chains=num_chains, seed=seed, report=bar, split=False)
         finally:
             bar.close()
     start = time.perf_counter()
@@ -250,25 +250,25 @@ def _sample_batches(workers, *, progress, num_chains, seed, **options) -> Vector
 
 
 def _sample_batch(*, model, model_args, model_kwargs, num_chains, seed, compiler, num_samples, num_warmup,
-                  report, background, **options) -> VectorizedNutsResult:
-    """One batch of chains in this process; ``report.update(1)`` after each iteration."""
+                  report, split, **options) -> VectorizedNutsResult:
+    """One batch of chains in this process, or one of several (``split``) in a forked one;
+    ``report.update(1)`` after each iteration."""
     start = time.perf_counter()
-    if background is None:
-        background = compiler == "auto" and fast_background.background_available()
+    background = not split and compiler == "auto" and fast_background.background_available()
     if background and num_warmup + num_samples >= PREPARE_ITERATIONS and not fusion_unavailable():
         fast_background.prepare()  # Inductor's import overlaps the tracing below
     with threads_for(0):  # tracing and checking work on a few chains' values
         potential = BatchedPotential(model, model_args, model_kwargs, num_chains=num_chains, seed=seed)
     with threads_for(num_chains * potential.site_numel):
         return _sample(potential, start, num_samples=num_samples, num_warmup=num_warmup, num_chains=num_chains,
-                       seed=seed, compiler=compiler, report=report, background=background, **options)
+                       seed=seed, compiler=compiler, report=report, background=background, split=split,
+                       **options)
 
 
 def _batch_worker(*, report, **options) -> VectorizedNutsResult:
-    """A batch in a forked process: no background compilation (the other batches have the
-    other cores)."""
+    """A batch in a forked process."""
     try:
-        return _sample_batch(**options, report=report, background=False)
+        return _sample_batch(**options, report=report, split=True)
     finally:
         report.close()
 
@@ -292,7 +292,7 @@ def _merge_batches(results: list, sizes: list[int], wall: float) -> VectorizedNu
 
 
 def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_accept, dense_mass,
-            max_tree_depth, seed, compiler, init_values, report, background) -> VectorizedNutsResult:
+            max_tree_depth, seed, compiler, init_values, report, background, split) -> VectorizedNutsResult:
     generator = torch.Generator().manual_seed(seed)
     z, value, grad = _initial_states(potential, num_chains, generator, init_values)
     dtype = z.dtype
@@ -302,10 +302,16 @@ def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_acc
     builder = TreeBuilder(potential, num_chains, max_tree_depth, generator,
                           vm={"auto": "faster", "vm": "always"}.get(compiler))
     total = num_warmup + num_samples
-    policy = FusePolicy(compiler if potential.compiled and compiler != "vm" else "torchscript", total,
-                        background=background, early=total >= PREPARE_ITERATIONS)
+    # Split batches leave no core for a compile, and a blocking one paid in no run measured:
+    # its saving, extrapolated from the deep trees of early warmup, was 3x too high (kidiq in
+    # float32: 7.8 s predicted, 2.5 s for the whole run).
+    fuses = potential.compiled and compiler != "vm" and not (split and compiler == "auto")
+    policy = FusePolicy(compiler if fuses else "torchscript", total, background=background,
+                        early=total >= PREPARE_ITERATIONS)
     if compiler == "vm":
         policy.reason = "compiler='vm'"
+    elif split and compiler == "auto":
+        policy.reason = "not fused: the batches use every core (compiler='inductor' fuses at once)"
     try:
         draws, stats, sampling_start = _iterate(potential, builder, policy, warmup, report, z, value, grad,
                                                 step_size, num_warmup, num_samples, generator)
