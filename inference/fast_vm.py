@@ -280,9 +280,10 @@ def _coalesce(shape: Sequence[int], strides: list[list[int]]) -> tuple[tuple, li
 def _longest_inside(shape: tuple, strides: list[list[int]]) -> tuple[tuple, list[list[int]]]:
     """The loop with its longest dimension innermost where the innermost is short (fewer than
     8): each row of the loop costs an odometer step, and the hmm leaf's batched 2x2 matrix
-    products, ``(100, 2, 2, 2)``, ran as 400 rows of 2. Every element of the output is still
-    reduced in the same order, since only the nesting of the loops changes (a reduction that
-    becomes innermost keeps its row's total in registers, in four running totals for sums)."""
+    products, ``(100, 2, 2, 2)``, ran as 400 rows of 2. Only the nesting of the loops changes:
+    each output element accumulates its terms in the same order, except that a reduction which
+    becomes innermost keeps its row's total in registers, in four running totals for sums (a
+    different rounding, as any reordered sum)."""
     if len(shape) < 2 or shape[-1] >= 8:
         return shape, strides
     longest = max(range(len(shape)), key=lambda d: shape[d])
