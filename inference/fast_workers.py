@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .chains import run_chains
+from .vectorized import VectorizationError
 
 __all__ = ["available_workers", "batch_sizes", "batch_seed", "cannot_fork", "cores", "frozen_heap",
            "resolve_workers", "run_batches", "ThrottledReport"]
@@ -116,8 +117,6 @@ def _batch(worker: Callable, sizes: Sequence[int], seed: int, options: dict, ind
     """Runs in the child: batch ``index`` of the chains. A ``ValueError`` or a
     :class:`~vilab.inference.vectorized.VectorizationError` comes back as a value, so the caller
     raises the same kind (a caller falls back to Pyro's NUTS on the latter)."""
-    from .vectorized import VectorizationError
-
     first = sum(sizes[:index])
     init = options.get("init_values")
     if init:
@@ -126,14 +125,16 @@ def _batch(worker: Callable, sizes: Sequence[int], seed: int, options: dict, ind
         result = worker(**{**options, "init_values": init}, num_chains=sizes[index],
                         seed=batch_seed(seed, index), report=ThrottledReport(report))
     except (ValueError, VectorizationError) as error:
-        result = _Raised(type(error).__name__, str(error))
+        result = _Raised(type(error), str(error))
     # Pickled here, by value: the queue's pickler would send a tensor's storage as a file
     # descriptor, which is gone (a reset connection) once this child has exited.
     return pickle.dumps(result)
 
 
 class _Raised:
-    def __init__(self, kind: str, message: str) -> None:
+    """An error of a batch, to raise again in the caller (the class travels by reference)."""
+
+    def __init__(self, kind: type, message: str) -> None:
         self.kind, self.message = kind, message
 
 
@@ -181,8 +182,6 @@ def run_batches(worker: Callable, sizes: Sequence[int], seed: int, options: dict
         ValueError, VectorizationError: as a batch raised it.
         ChainError: a batch failed otherwise, or its process died.
     """
-    from .vectorized import VectorizationError
-
     _preload()
     with frozen_heap():  # and so for the children, whose collections then leave its pages shared
         results = run_chains(_batch, (worker, sizes, seed, options), len(sizes), parallel=True, total=total,
@@ -190,6 +189,5 @@ def run_batches(worker: Callable, sizes: Sequence[int], seed: int, options: dict
     results = [pickle.loads(blob) for blob in results]
     for result in results:
         if isinstance(result, _Raised):
-            kind = VectorizationError if result.kind == "VectorizationError" else ValueError
-            raise kind(result.message)
+            raise result.kind(result.message)
     return results

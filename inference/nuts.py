@@ -155,7 +155,6 @@ def run_nuts(
                 raise
             warnings.warn(f"run_nuts: the vectorized sampler cannot run this model ({error}); "
                           "falling back to Pyro's NUTS, one chain per process", RuntimeWarning, stacklevel=2)
-    config.pop("workers", None)
     config["backend"] = "pyro"
     start = time.perf_counter()
     parallel = config["chain_method"] == "parallel" or (
@@ -171,20 +170,20 @@ def run_nuts(
 
 def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
     start = time.perf_counter()
-    sequential = config["chain_method"] == "sequential"
-    config["workers"] = 1 if sequential else available_workers(config["num_chains"])
+    workers = 1 if config["chain_method"] == "sequential" else available_workers(config["num_chains"])
     result = sample_vectorized_nuts(
         model, args, kwargs, num_samples=config["num_samples"], num_warmup=config["num_warmup"],
         num_chains=config["num_chains"], target_accept=config["target_accept"],
         dense_mass=config["dense_mass"], max_tree_depth=config["max_tree_depth"], seed=config["seed"],
         progress=progress, compiler=config["compiler"], init_values=config["init_values"],
-        workers=config["workers"])
+        workers=workers)
     wall_time = time.perf_counter() - start
     latent = {k: v for k, v in result.samples.items()
               if k in trace.nodes and not trace.nodes[k]["is_observed"]}
     stats = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
              for k, v in result.sample_stats.items()}
-    config.update(backend="vectorized", leaf_backend=result.backend, fuse_decision=result.fuse_decision)
+    config.update(backend="vectorized", leaf_backend=result.backend, fuse_decision=result.fuse_decision,
+                  workers=workers)
     return _assemble(model, args, kwargs, latent, stats, wall_time, config, trace)
 
 
