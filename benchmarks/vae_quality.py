@@ -82,6 +82,13 @@ def warm_start(vae, path):
     from vilab.inference.checkpoints import load_safetensors
 
     tensors, _ = load_safetensors(path)
+    if getattr(vae.config, "latent_levels", 1) == 2 and not any(k.startswith("guide.lower.") for k in tensors):
+        # A one-level run under a two-level model: its z becomes the top latent z_2.
+        from vilab.models.hierarchical_vae import embed_one_level
+
+        print(f"warm start from the one-level {path}; set as N(0, I) or zero: "
+              f"{embed_one_level(vae, tensors)}", flush=True)
+        return
     own = vae.state_dict()
     # A saved N(0, I) prior's buffers have no counterpart in a learned prior: drop them.
     dropped = [k for k in tensors if k.startswith("model.prior.") and k not in own]
@@ -130,7 +137,8 @@ def run_one(name, data, vae_options, train_options, args, out_root):
         vae = build_vae(config)
         if args.vamp_init == "data" and config.prior == "vamp":
             order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))
-            vae.model.prior.init_from_data(data.train[order[:config.num_components]])
+            vamp = getattr(vae.model.prior, "top", vae.model.prior)  # a two-level prior's p(z_2)
+            vamp.init_from_data(data.train[order[:config.num_components]])
         if args.init_from:
             warm_start(vae, os.path.join(args.init_from, "model.safetensors"))
         result = train_vae(vae, data, out_dir, config=training, resume=False, callbacks=[budget])
@@ -190,6 +198,9 @@ def main(argv=None):
     parser.add_argument("--models", default=",".join(FASHION_MODELS))
     parser.add_argument("--hidden-layer", choices=("elu", "gated"), default="elu",
                         help="MLP hidden layers (the anchors' networks are gated)")
+    parser.add_argument("--latent-levels", type=int, choices=(1, 2), default=1,
+                        help="2: the two-level VAE (Tomczak & Welling's HVAE), --latent numbers per "
+                             "level; --init-from may then name a one-level run (its z becomes z_2)")
     parser.add_argument("--kl-warmup-epochs", type=int, default=0,
                         help="linear KL annealing over this many epochs (the anchors: 100)")
     parser.add_argument("--patience", type=int, default=None,
@@ -218,7 +229,8 @@ def main(argv=None):
     for name in [m for m in args.models.split(",") if m]:
         vae_options, train_options = FASHION_MODELS[name]
         vae_options = dict(MLP, latent_dim=args.latent, num_flows=args.flows,
-                           hidden_layer=args.hidden_layer, **vae_options)
+                           hidden_layer=args.hidden_layer, latent_levels=args.latent_levels,
+                           **vae_options)
         rows.append(dict(run_one(name, fashion, vae_options, train_options, args, out_root),
                          data="fashion-mnist"))
         print(json.dumps(rows[-1]), flush=True)

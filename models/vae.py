@@ -33,6 +33,8 @@ from torch import nn
 
 from vilab.guides.amortized_flows import FLOWS, AmortizedFlowGuide
 from vilab.guides.encoders import HIDDEN_LAYERS, AmortizedNormalGuide, build_encoder, hidden_stack
+from vilab.guides.hierarchical import ConditionalGaussian, HierarchicalNormalGuide
+from vilab.models.hierarchical_vae import HierarchicalPrior
 from vilab.models.vae_priors import PRIORS, MixturePrior, StandardNormalPrior, VampPrior
 
 __all__ = ["MLPDecoder", "ConvDecoder", "VAEModel", "VAE", "VAEConfig", "build_vae", "GUIDES"]
@@ -203,6 +205,9 @@ class VAEConfig:
         prior: ``"standard"``, ``"mixture"`` or ``"vamp"``.
         num_components: Mixture components / pseudo-inputs.
         hidden_layer: MLP hidden layers, ``"elu"`` or ``"gated"`` (the anchors' networks).
+        latent_levels: 1, or 2 for the two-level VAE of
+            :mod:`~vilab.models.hierarchical_vae` (``latent_dim`` numbers per level, site
+            ``"z"`` holds both; mean-field guide only; ``prior`` is then :math:`p(z_2)`).
     """
 
     image_shape: tuple[int, int, int]
@@ -217,6 +222,7 @@ class VAEConfig:
     prior: str = "standard"
     num_components: int = 500
     hidden_layer: str = "elu"
+    latent_levels: int = 1
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -284,25 +290,49 @@ def build_vae(config: VAEConfig) -> VAE:
     if config.hidden_layer not in allowed:
         raise ValueError(f"hidden_layer: expected one of {', '.join(HIDDEN_LAYERS)} (mlp) or 'elu' "
                          f"(conv); got {config.hidden_layer!r} with architecture {config.architecture!r}")
+    if config.latent_levels not in (1, 2):
+        raise ValueError(f"latent_levels: expected 1 or 2; got {config.latent_levels!r}")
+    if config.latent_levels == 2 and config.guide != "meanfield":
+        raise ValueError(f"guide: the two-level VAE (latent_levels=2) has a mean-field guide "
+                         f"only; got {config.guide!r}")
+    if config.latent_levels == 2 and config.prior == "mixture":
+        raise ValueError("prior: the two-level VAE's top prior is 'standard' or 'vamp'; got 'mixture'")
     input_scale = float(config.num_levels - 1)
     encoder = build_encoder(config.architecture, config.image_shape, config.latent_dim,
                             hidden_dims=config.encoder_hidden, input_scale=input_scale,
                             hidden_layer=config.hidden_layer)
+    decoded = config.latent_dim * config.latent_levels
     if config.architecture == "mlp":
-        decoder = MLPDecoder(config.latent_dim, config.image_shape, num_levels=config.num_levels,
+        decoder = MLPDecoder(decoded, config.image_shape, num_levels=config.num_levels,
                              hidden_dims=config.decoder_hidden, hidden_layer=config.hidden_layer)
     else:
-        decoder = ConvDecoder(config.latent_dim, config.image_shape, num_levels=config.num_levels)
+        decoder = ConvDecoder(decoded, config.image_shape, num_levels=config.num_levels)
     if config.prior == "standard":
         prior = StandardNormalPrior(config.latent_dim)
     elif config.prior == "mixture":
         prior = MixturePrior(config.latent_dim, config.num_components)
     else:
         prior = VampPrior(encoder, config.num_components, input_scale=input_scale)
+    if config.latent_levels == 2:
+        return _two_level(config, encoder, decoder, prior)
     if config.guide == "meanfield":
         guide = AmortizedNormalGuide(encoder)
     else:
         guide = AmortizedFlowGuide(encoder, config.guide, config.num_flows,
                                    hidden_dims=config.flow_hidden)
+    model = VAEModel(decoder, prior, config.image_shape, num_levels=config.num_levels)
+    return VAE(model, guide, config)
+
+
+def _two_level(config: VAEConfig, encoder: nn.Module, decoder: nn.Module, top: nn.Module) -> VAE:
+    r"""Tomczak & Welling's HVAE: ``top`` is :math:`p(z_2)`; :math:`p(z_1 \mid z_2)` has the
+    decoder's widths and :math:`q(z_1 \mid x, z_2)` the encoder's."""
+    hidden = "elu" if config.architecture == "conv" else config.hidden_layer
+    size = config.latent_dim
+    prior = HierarchicalPrior(top, ConditionalGaussian(size, size, hidden_dims=config.decoder_hidden,
+                                                       hidden_layer=hidden))
+    lower = ConditionalGaussian(size, size, hidden_dims=config.encoder_hidden,
+                                context_dim=math.prod(config.image_shape), hidden_layer=hidden)
+    guide = HierarchicalNormalGuide(encoder, lower)
     model = VAEModel(decoder, prior, config.image_shape, num_levels=config.num_levels)
     return VAE(model, guide, config)

@@ -34,7 +34,10 @@ def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run directory (resumed if it has last.ckpt)")
     train.add_argument("--guide", default="meanfield", help=f"one of {', '.join(_GUIDES)}")
     train.add_argument("--flows", type=int, default=4, help="flow steps K")
-    train.add_argument("--latent", type=int, default=32, help="latent dimension")
+    train.add_argument("--latent", type=int, default=32, help="latent dimension (per level)")
+    train.add_argument("--latent-levels", type=int, choices=(1, 2), default=1,
+                       help="2: two stochastic layers, p(z2) p(z1|z2) p(x|z1,z2) (Tomczak & "
+                            "Welling's HVAE; mean-field guide, prior standard or vamp)")
     train.add_argument("--architecture", choices=("mlp", "conv"), default="mlp")
     train.add_argument("--hidden", default=None,
                        help="MLP encoder widths, e.g. 300,300 (the decoder's in reverse order)")
@@ -144,7 +147,11 @@ def train_command(args: argparse.Namespace) -> int:
     config = VAEConfig(data.image_shape, latent_dim=args.latent, num_levels=data.num_levels,
                        architecture=args.architecture, hidden_layer=args.hidden_layer, guide=args.guide,
                        num_flows=args.flows, prior=args.prior, num_components=args.components,
-                       **widths)
+                       latent_levels=args.latent_levels, **widths)
+    try:
+        vae = build_vae(config)
+    except ValueError as error:
+        return _fail(str(error))
     training = TrainingConfig(
         max_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         objective=args.objective, iwae_samples=args.iw_train_samples,
@@ -152,7 +159,7 @@ def train_command(args: argparse.Namespace) -> int:
         seed=args.seed, devices=args.devices, strategy=args.strategy, accelerator=args.accelerator,
         progress=not args.no_progress)
     try:
-        result = train_vae(build_vae(config), data, args.out, config=training,
+        result = train_vae(vae, data, args.out, config=training,
                            resume=not args.fresh, extra={"data_dir": args.data_dir})
     except NonFiniteLossError as error:
         return _fail(f"{error}; last good checkpoint: "

@@ -168,6 +168,26 @@ def test_cli_trains_evaluates_and_writes_metrics_and_figures(tmp_path, capsys):
     assert report.count("data:image/png;base64,") == 5
 
 
+def test_cli_trains_and_evaluates_a_two_level_vae(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = _parser().parse_args(["vae", "train", "--data", "digits", "--latent", "2",
+                                 "--latent-levels", "2", "--prior", "vamp", "--components", "4",
+                                 "--hidden", "16", "--epochs", "1", "--max-train", "64",
+                                 "--batch-size", "32", "--out", out, "--no-progress"])
+    assert args.func(args) == 0
+    args = _parser().parse_args(["vae", "evaluate", out, "--iw-samples", "10", "--max-test", "40"])
+    assert args.func(args) == 0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["latent_dim"] == 4 and metrics["kl_per_dim"] is None
+    assert metrics["log_likelihood"] >= metrics["elbo"] - 3 * metrics["elbo_stderr"]
+    assert len(os.listdir(os.path.join(out, "figures"))) == 5
+    args = _parser().parse_args(["vae", "train", "--data", "digits", "--latent-levels", "2",
+                                 "--guide", "iaf", "--out", str(tmp_path / "bad")])
+    assert args.func(args) == 2
+    assert "guide: the two-level VAE (latent_levels=2) has a mean-field guide only" in \
+        capsys.readouterr().err
+
+
 def test_cli_reports_bad_input(tmp_path, capsys):
     args = _parser().parse_args(["vae", "train", "--data", "digits", "--guide", "maf",
                                  "--out", str(tmp_path)])
