@@ -3,6 +3,7 @@ from vilab.guides.amortized_flows import FLOWS, AmortizedFlowGuide, ConditionalS
 from vilab.guides.dmm_guide import DMMGuide
 from vilab.guides.encoders import AmortizedNormalGuide, ConvEncoder, MLPEncoder
 from vilab.guides.flows import AutoFlow, ElementwiseAffine
+from vilab.guides.hierarchical import ConditionalGaussian, HierarchicalNormalGuide, TwoLevelLatent
 from vilab.guides.registry import AutoMAP, GuideInfo, get_guide, guide_name, list_guides
 from vilab.guides.poe import PoEGuide, product_of_experts
 from vilab.guides.serialization import load_guide, save_guide
@@ -11,4 +12,5 @@ from vilab.guides.von_mises_fisher import HypersphericalUniform, VonMisesFisher
 __all__ = ["AutoFlow", "ElementwiseAffine", "AutoMAP", "GuideInfo", "get_guide", "guide_name", "list_guides",
            "save_guide", "load_guide", "AmortizedNormalGuide", "ConvEncoder", "MLPEncoder", "FLOWS",
            "AmortizedFlowGuide", "ConditionalSylvester", "DMMGuide", "PoEGuide", "product_of_experts",
-           "VonMisesFisher", "HypersphericalUniform"]
+           "VonMisesFisher", "HypersphericalUniform", "ConditionalGaussian", "HierarchicalNormalGuide",
+           "TwoLevelLatent"]

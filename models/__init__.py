@@ -9,6 +9,7 @@ from vilab.models.logistic import logistic_regression
 from vilab.models.mixture import gaussian_mixture
 from vilab.models.registry import ModelSpec, get_model, list_models, register_model
 from vilab.models.vae import VAE, VAEConfig, VAEModel, build_vae
+from vilab.models.hierarchical_vae import HierarchicalPrior, embed_one_level
 from vilab.models.autoregressive_vae import build_autoregressive_vae
 from vilab.models.dmm import DMM, DeepMarkovModel
 from vilab.models.hyperspherical_vae import HypersphericalELBOLoss, build_hyperspherical_vae
@@ -20,5 +21,5 @@ __all__ = [
     "eight_schools_centered", "eight_schools_noncentered", "neals_funnel",
     "logistic_regression", "gaussian_mixture", "VAE", "VAEConfig", "VAEModel", "build_vae",
     "build_autoregressive_vae", "DMM", "DeepMarkovModel", "HypersphericalELBOLoss", "build_hyperspherical_vae",
-    "MultimodalVAE", "build_multimodal_vae",
+    "MultimodalVAE", "build_multimodal_vae", "HierarchicalPrior", "embed_one_level",
 ]
