@@ -23,6 +23,10 @@ Usage:
         --accelerator gpu --max-minutes 10 --batch-size 1000 --lr 3e-3 \
         --max-train 50000 --max-validation 5000 --test-examples 10000 --eval-batch 100 \
         --chunk-size 1000 --digits-epochs 0
+    # the two-level VAE (HVAE) with a VampPrior on z_2, in phases on 2 CPU cores (BENCHMARKS.md)
+    python benchmarks/vae_quality.py --models vampprior --latent-levels 2 --hidden-layer gated \
+        --vamp-init data --kl-warmup-epochs 20 --epochs 60 --batch-size 500 --lr 2e-3 \
+        --max-train 50000 --max-validation 5000 --cpu-minutes 1000 --digits-epochs 0 --tag=-h2-p1
 Writes benchmarks/results/vae_quality.json and run directories under benchmarks/results/vae_runs/.
 """
 from __future__ import annotations
@@ -120,6 +124,7 @@ def run_one(name, data, vae_options, train_options, args, out_root):
                               learning_rate=args.lr, progress=False, seed=args.seed,
                               kl_warmup_steps=args.kl_warmup_epochs * steps_per_epoch,
                               patience=args.patience, accelerator=args.accelerator,
+                              lr_decay=args.lr_decay, lr_patience=args.lr_patience,
                               max_time=_max_time(args.max_minutes), **train_options)
     out_dir = os.path.join(out_root, name + args.tag)
     budget = CPUTimeBudget(None if args.cpu_minutes is None else args.cpu_minutes * 60)
@@ -193,6 +198,10 @@ def main(argv=None):
     parser.add_argument("--eval-batch", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr-decay", type=float, default=None,
+                        help="multiply the learning rate by this factor on a validation plateau")
+    parser.add_argument("--lr-patience", type=int, default=10,
+                        help="epochs without a better validation bound before each --lr-decay")
     parser.add_argument("--latent", type=int, default=40)
     parser.add_argument("--flows", type=int, default=4)
     parser.add_argument("--models", default=",".join(FASHION_MODELS))

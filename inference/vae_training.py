@@ -30,7 +30,7 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence
 import lightning.pytorch as pl
 import pyro
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 from torch import nn
@@ -47,6 +47,7 @@ __all__ = [
     "TrainingInterrupted",
     "VAELightningModule",
     "TrainingConfig",
+    "PlateauSchedule",
     "TrainingResult",
     "fit_lightning",
     "fix_cublas_workspace",
@@ -217,6 +218,10 @@ class TrainingConfig:
         max_time: Wall-clock budget ``"DD:HH:MM:SS"`` (``None``: no limit).
         validate_distributions: Pyro's distribution checks in training steps (see
             :class:`VAELightningModule`).
+        lr_decay: Multiply the learning rate by this factor in ``(0, 1)`` when the validation
+            metric that ``patience`` watches has not improved for ``lr_patience`` epochs
+            (``None``: a constant learning rate). Needs validation data.
+        lr_patience: Epochs without improvement before each decay.
     """
 
     max_epochs: int = 10
@@ -235,6 +240,15 @@ class TrainingConfig:
     gradient_clip: Optional[float] = None
     max_time: Optional[str] = None
     validate_distributions: bool = False
+    lr_decay: Optional[float] = None
+    lr_patience: int = 10
+
+    def check_schedule(self) -> None:
+        """Raise ``ValueError`` unless the plateau schedule's settings are usable."""
+        if self.lr_decay is not None and not 0.0 < self.lr_decay < 1.0:
+            raise ValueError(f"lr_decay: expected a factor in (0, 1); got {self.lr_decay!r}")
+        if not isinstance(self.lr_patience, int) or self.lr_patience < 0:
+            raise ValueError(f"lr_patience: expected a non-negative integer; got {self.lr_patience!r}")
 
     def make_loss(self):
         """The loss callable these settings describe."""
@@ -274,6 +288,39 @@ def resolve_strategy(devices: int, strategy: str = "auto", accelerator: str = "c
     if strategy == "auto" and devices > 1 and accelerator == "cpu":
         return "ddp_spawn"
     return strategy
+
+
+class PlateauSchedule(Callback):
+    r"""Multiply the learning rate by ``factor`` after ``patience`` epochs without a better
+    ``monitor`` (higher is better), with PyTorch's ``ReduceLROnPlateau``.
+
+    Lightning's own plateau stepping comes after the epoch's checkpoints are written, so a
+    resumed run would miss the last decision. This callback decides at the end of the training
+    epoch (after validation), before the checkpoint callbacks, and its state travels in the
+    checkpoint.
+    """
+
+    def __init__(self, monitor: str, factor: float, patience: int):
+        self.monitor, self.factor, self.patience = monitor, factor, patience
+        self.scheduler: Optional[torch.optim.lr_scheduler.ReduceLROnPlateau] = None
+        self._restored: Optional[dict] = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            trainer.optimizers[0], mode="max", factor=self.factor, patience=self.patience)
+        if self._restored:
+            self.scheduler.load_state_dict(self._restored)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if self.scheduler is not None and value is not None:
+            self.scheduler.step(float(value))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict() if self.scheduler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict
 
 
 class _WorkerGuard(Callback):
@@ -363,6 +410,10 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
     if config.accelerator != "cpu":
         fix_cublas_workspace()
     pl.seed_everything(config.seed, workers=True, verbose=False)
+    config.check_schedule()
+    if config.lr_decay is not None and val_loader is None:
+        raise ValueError("lr_decay: the plateau schedule watches the validation metric; got no "
+                         "validation data")
     module = VAELightningModule(model, guide, loss, learning_rate=config.learning_rate,
                                 validate_distributions=config.validate_distributions)
     ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -380,6 +431,10 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
         all_callbacks.append(EarlyStopping(monitor=module.monitor, mode="max",
                                            patience=config.patience))
     all_callbacks += list(callbacks)
+    if config.lr_decay is not None:
+        # After the caller's callbacks: it acts on the metric they leave.
+        all_callbacks += [PlateauSchedule(module.monitor, config.lr_decay, config.lr_patience),
+                          LearningRateMonitor(logging_interval="epoch")]
     # A resumed run logs to a new CSV file; read_metrics concatenates them in order.
     previous = [d for d in os.listdir(os.path.join(out_dir, "logs"))
                 if d.startswith("csv")] if os.path.isdir(os.path.join(out_dir, "logs")) else []

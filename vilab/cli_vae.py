@@ -51,6 +51,10 @@ def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--kl-warmup", type=int, default=0, help="KL annealing steps")
+    train.add_argument("--lr-decay", type=float, default=None,
+                       help="multiply the learning rate by this factor on a validation plateau")
+    train.add_argument("--lr-patience", type=int, default=10,
+                       help="epochs without a better validation bound before each --lr-decay")
     train.add_argument("--free-bits", type=float, default=0.0, help="nats per latent dim")
     train.add_argument("--patience", type=int, default=None, help="early-stopping epochs")
     train.add_argument("--seed", type=int, default=0)
@@ -148,16 +152,18 @@ def train_command(args: argparse.Namespace) -> int:
                        architecture=args.architecture, hidden_layer=args.hidden_layer, guide=args.guide,
                        num_flows=args.flows, prior=args.prior, num_components=args.components,
                        latent_levels=args.latent_levels, **widths)
-    try:
-        vae = build_vae(config)
-    except ValueError as error:
-        return _fail(str(error))
     training = TrainingConfig(
         max_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         objective=args.objective, iwae_samples=args.iw_train_samples,
         kl_warmup_steps=args.kl_warmup, free_bits=args.free_bits, patience=args.patience,
+        lr_decay=args.lr_decay, lr_patience=args.lr_patience,
         seed=args.seed, devices=args.devices, strategy=args.strategy, accelerator=args.accelerator,
         progress=not args.no_progress)
+    try:
+        vae = build_vae(config)
+        training.check_schedule()
+    except ValueError as error:
+        return _fail(str(error))
     try:
         result = train_vae(vae, data, args.out, config=training,
                            resume=not args.fresh, extra={"data_dir": args.data_dir})

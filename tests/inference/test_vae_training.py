@@ -75,6 +75,45 @@ def test_last_checkpoint_is_the_last_epoch_even_when_validation_does_not_improve
     assert sorted(os.listdir(checkpoints)) == ["best.ckpt", "last.ckpt"]
 
 
+def _learning_rates(run_dir):
+    return [row["lr-Adam"] for row in read_metrics(run_dir) if "lr-Adam" in row]
+
+
+def test_learning_rate_decays_on_a_plateau_and_a_resume_continues_the_schedule(digits, tmp_path):
+    config = dict(learning_rate=1e-3, lr_decay=0.5, lr_patience=0)
+    straight = _vae(digits)
+    train_vae(straight, digits, str(tmp_path / "a"), config=_config(3, **config),
+              callbacks=[_WorseEveryEpoch()])
+    # Epoch 0 sets the best; each later epoch is worse, so with patience 0 each one halves
+    # the rate of the next. The log holds the rate each epoch ran with.
+    assert _learning_rates(str(tmp_path / "a")) == pytest.approx([1e-3, 1e-3, 5e-4])
+    last = load_checkpoint(str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)
+    interrupted = _vae(digits)
+    train_vae(interrupted, digits, str(tmp_path / "b"), config=_config(2, **config),
+              callbacks=[_WorseEveryEpoch()])
+    resumed = _vae(digits)
+    train_vae(resumed, digits, str(tmp_path / "b"), config=_config(3, **config),
+              callbacks=[_WorseEveryEpoch()])
+    assert _learning_rates(str(tmp_path / "b")) == _learning_rates(str(tmp_path / "a"))
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_a_bad_learning_rate_schedule_is_a_clear_error(digits, tmp_path):
+    with pytest.raises(ValueError, match=r"lr_decay: expected a factor in \(0, 1\); got 1.5"):
+        train_vae(_vae(digits), digits, str(tmp_path / "a"), config=_config(1, lr_decay=1.5))
+    with pytest.raises(ValueError, match="lr_patience: expected a non-negative integer; got -1"):
+        train_vae(_vae(digits), digits, str(tmp_path / "b"),
+                  config=_config(1, lr_decay=0.5, lr_patience=-1))
+    vae = _vae(digits)
+    loss = ELBOLoss()
+    loader = make_loader(digits.train, batch_size=32)
+    with pytest.raises(ValueError, match="lr_decay: the plateau schedule watches the validation"):
+        fit_lightning(vae.model, vae.guide, loss, loader, None, str(tmp_path / "c"),
+                      config=_config(1, lr_decay=0.5))
+
+
 class _ELBOFallsBoundRises(pl.Callback):
     """IWAE training's usual course: the ELBO loosens while the k-sample bound tightens."""
 
@@ -184,8 +223,13 @@ def test_cli_trains_and_evaluates_a_two_level_vae(tmp_path, capsys):
     args = _parser().parse_args(["vae", "train", "--data", "digits", "--latent-levels", "2",
                                  "--guide", "iaf", "--out", str(tmp_path / "bad")])
     assert args.func(args) == 2
-    assert "guide: the two-level VAE (latent_levels=2) has a mean-field guide only" in \
-        capsys.readouterr().err
+    args = _parser().parse_args(["vae", "train", "--data", "digits", "--lr-decay", "2",
+                                 "--out", str(tmp_path / "bad")])
+    assert args.func(args) == 2
+    errors = capsys.readouterr().err
+    assert "guide: the two-level VAE (latent_levels=2) has a mean-field guide only" in errors
+    assert "lr_decay: expected a factor in (0, 1); got 2.0" in errors
+    assert not os.path.exists(tmp_path / "bad")  # refused before anything was written
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
