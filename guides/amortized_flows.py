@@ -35,7 +35,7 @@ from pyro.nn import ConditionalAutoRegressiveNN, DenseNN
 from torch import nn
 from torch.distributions import constraints
 
-from vilab.guides.encoders import _check_levels
+from vilab.guides.encoders import _empirical_quantiles
 
 __all__ = ["FLOWS", "ConditionalSylvester", "AmortizedFlowGuide", "build_conditional_flow"]
 
@@ -249,11 +249,7 @@ class AmortizedFlowGuide(nn.Module):
         Returns:
             ``{"z": (Q, batch, D)}``.
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples: expected a positive integer; got {num_samples}")
-        draws = self.distribution(x).sample((num_samples,))
-        levels = _check_levels(quantiles, draws)
-        return {"z": torch.quantile(draws, levels, dim=0)}
+        return _empirical_quantiles(self.distribution(x), quantiles, num_samples)
 
     def median(self, x: torch.Tensor, *, num_samples: int = 1000) -> dict[str, torch.Tensor]:
         """Per-datapoint marginal medians ``{"z": (batch, D)}`` (Monte Carlo, see :meth:`quantiles`)."""

@@ -80,6 +80,17 @@ def _check_levels(quantiles: Sequence[float] | torch.Tensor, like: torch.Tensor)
     return levels
 
 
+def _empirical_quantiles(distribution: dist.TorchDistribution,
+                         quantiles: Sequence[float] | torch.Tensor, num_samples: int
+                         ) -> dict[str, torch.Tensor]:
+    """``{"z": (Q, batch, D)}``: quantiles of ``num_samples`` draws, for guides whose marginals
+    have no closed form (the CDF at each estimate is within about sqrt(p(1-p)/n) of p)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples: expected a positive integer; got {num_samples}")
+    draws = distribution.sample((num_samples,))
+    return {"z": torch.quantile(draws, _check_levels(quantiles, draws), dim=0)}
+
+
 class _GaussianHead(nn.Module):
     """Last layer: features -> (loc, scale), scale = softplus(.) + a floor for stability."""
 

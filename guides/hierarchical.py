@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
-from vilab.guides.encoders import _GaussianHead, _check_images, _check_levels, hidden_stack
+from vilab.guides.encoders import _GaussianHead, _check_images, _empirical_quantiles, hidden_stack
 
 __all__ = ["TwoLevelLatent", "ConditionalGaussian", "HierarchicalNormalGuide"]
 
@@ -238,11 +238,7 @@ class HierarchicalNormalGuide(nn.Module):
         :math:`z_1`'s marginal is a continuous mixture, so these are empirical quantiles of
         ``num_samples`` draws (CDF error about :math:`\sqrt{p(1-p)/n}`), Pyro autoguide style.
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples: expected a positive integer; got {num_samples}")
-        draws = self.distribution(x).sample((num_samples,))
-        levels = _check_levels(quantiles, draws)
-        return {"z": torch.quantile(draws, levels, dim=0)}
+        return _empirical_quantiles(self.distribution(x), quantiles, num_samples)
 
     def median(self, x: torch.Tensor, *, num_samples: int = 1000) -> dict[str, torch.Tensor]:
         """Per-datapoint marginal medians ``{"z": (batch, D_1 + D_2)}`` (Monte Carlo)."""
