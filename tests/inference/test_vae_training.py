@@ -100,6 +100,20 @@ def test_learning_rate_decays_on_a_plateau_and_a_resume_continues_the_schedule(d
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0)
 
 
+class _SlightlyWorseEveryEpoch(pl.Callback):
+    """A negative bound that loses 0.001 nats an epoch: a plateau, not progress."""
+
+    def on_validation_end(self, trainer, pl_module):
+        trainer.callback_metrics["val/elbo"] = torch.tensor(-226.0 - 1e-3 * trainer.current_epoch)
+
+
+def test_a_slightly_worse_negative_bound_is_no_progress(digits, tmp_path):
+    train_vae(_vae(digits), digits, str(tmp_path),
+              config=_config(3, learning_rate=1e-3, lr_decay=0.5, lr_patience=0),
+              callbacks=[_SlightlyWorseEveryEpoch()])
+    assert _learning_rates(str(tmp_path)) == pytest.approx([1e-3, 1e-3, 5e-4])
+
+
 def test_a_bad_learning_rate_schedule_is_a_clear_error(digits, tmp_path):
     with pytest.raises(ValueError, match=r"lr_decay: expected a factor in \(0, 1\); got 1.5"):
         train_vae(_vae(digits), digits, str(tmp_path / "a"), config=_config(1, lr_decay=1.5))
