@@ -102,6 +102,11 @@ def _initial_local(guide: nn.Module, x: torch.Tensor, init: str) -> LocalGuide:
     if encoder is None:
         raise TypeError(f"guide: expected an amortized guide with an `encoder` (AmortizedNormalGuide"
                         f" or AmortizedFlowGuide); got {type(guide).__name__}")
+    if getattr(guide, "latent_dim", encoder.latent_dim) != encoder.latent_dim:
+        # A two-level guide's encoder gives only q(z2 | x); its z1 has no local parameters here.
+        raise TypeError(f"guide: local refinement needs a one-level guide whose encoder gives all "
+                        f"of z; got {type(guide).__name__} with {guide.latent_dim} latent numbers "
+                        f"and an encoder of {encoder.latent_dim}")
     transforms = getattr(guide, "transforms", None)
     with torch.no_grad():
         h = encoder.features(x)

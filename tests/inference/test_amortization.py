@@ -115,3 +115,14 @@ def test_invalid_arguments_are_rejected(setup):
         refine_locally(model, lambda x: None, x)
     with pytest.raises(ValueError, match="loc, scale"):
         LocalGuide(torch.zeros(3, 2), torch.ones(3, 3))
+
+
+def test_a_two_level_guide_is_refused_with_a_reason():
+    from vilab.models.vae import VAEConfig, build_vae
+
+    vae = build_vae(VAEConfig((1, 4, 4), latent_dim=2, encoder_hidden=(8,), decoder_hidden=(8,),
+                              latent_levels=2))
+    x = torch.bernoulli(torch.full((3, 1, 4, 4), 0.5))
+    with pytest.raises(TypeError, match="guide: local refinement needs a one-level guide .* "
+                                        "HierarchicalNormalGuide with 4 latent numbers"):
+        refine_locally(vae.model, vae.guide, x)
