@@ -187,6 +187,8 @@ def main(argv=None):
                         help="directory of the Fashion-MNIST IDX files (default: Debian's)")
     parser.add_argument("--runs-dir", default=os.path.join(HERE, "results", "vae_runs"),
                         help="where the run directories go")
+    parser.add_argument("--validation-size", type=int, default=10000,
+                        help="training images carved off as the validation split (the rest train)")
     parser.add_argument("--max-train", type=int, default=10000, help="first N training images")
     parser.add_argument("--max-validation", type=int, default=1000,
                         help="first N validation images (checked every epoch)")
@@ -233,7 +235,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out_root = args.runs_dir
     rows = []
-    fashion = load_dataset("fashion-mnist", data_dir=args.data_dir, seed=args.seed).subset(
+    fashion = load_dataset("fashion-mnist", data_dir=args.data_dir, seed=args.seed,
+                           validation_size=args.validation_size).subset(
         num_train=args.max_train, num_validation=args.max_validation)
     for name in [m for m in args.models.split(",") if m]:
         vae_options, train_options = FASHION_MODELS[name]
