@@ -191,6 +191,9 @@ def load_digits(*, validation_size: int = 200, test_size: int = 297, seed: int =
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     test, rest = order[:test_size], order[test_size:]
+    if not 0 < validation_size < len(rest):
+        raise ValueError(f"validation_size: expected 0 < validation_size < {len(rest)} (the "
+                         f"digits left after the {test_size} test images); got {validation_size}")
     val, train = rest[:validation_size], rest[validation_size:]
     return ImageData("digits", images[train], labels[train], images[val], labels[val],
                      images[test], labels[test], num_levels=17)
@@ -208,13 +211,15 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, validation_size: 
         seed: Seed of the split and of the fixed binarization.
 
     Raises:
-        ValueError: for an unknown name or a missing ``data_dir``.
+        ValueError: for an unknown name, a missing ``data_dir`` or a ``validation_size`` that
+            leaves no training (or no validation) images.
         FileNotFoundError: when the files are absent; the message gives the install command.
     """
     if name not in DATASETS:
         raise ValueError(f"data: expected one of {', '.join(DATASETS)}; got {name!r}")
     if name == "digits":
-        return load_digits(validation_size=validation_size or 200, seed=seed)
+        return load_digits(validation_size=200 if validation_size is None else validation_size,
+                           seed=seed)
     if data_dir is None:
         if name != "fashion-mnist":
             raise ValueError(f"data_dir: data set {name!r} needs a directory; "
@@ -223,7 +228,8 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, validation_size: 
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data set {name!r}: directory {data_dir!r} does not exist; "
                                 f"{_INSTALL_HINT[name]}")
-    return load_idx_directory(data_dir, name=name, validation_size=validation_size or 10000,
+    return load_idx_directory(data_dir, name=name,
+                              validation_size=10000 if validation_size is None else validation_size,
                               seed=seed)
 
 

@@ -204,9 +204,10 @@ def test_cli_trains_evaluates_and_writes_metrics_and_figures(tmp_path, capsys):
     out = str(tmp_path / "run")
     args = _parser().parse_args(["vae", "train", "--data", "digits", "--latent", "2",
                                  "--guide", "meanfield", "--hidden-layer", "gated", "--hidden", "24,12", "--epochs", "1",
-                                 "--max-train", "64", "--batch-size", "32", "--out", out,
-                                 "--no-progress"])
+                                 "--max-train", "64", "--validation-size", "100", "--batch-size", "32",
+                                 "--out", out, "--no-progress"])
     assert args.func(args) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["validation_size"] == 100
     args = _parser().parse_args(["vae", "evaluate", out, "--iw-samples", "10", "--max-test", "40"])
     assert args.func(args) == 0
     metrics = json.load(open(os.path.join(out, "metrics.json")))
@@ -257,7 +258,12 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     args = _parser().parse_args(["vae", "train", "--data", "digits", "--hidden", "300,x",
                                  "--out", str(tmp_path)])
     assert args.func(args) == 2
+    args = _parser().parse_args(["vae", "train", "--data", "digits", "--validation-size", "0",
+                                 "--out", str(tmp_path / "bad")])
+    assert args.func(args) == 2
     errors = capsys.readouterr().err
+    assert "--validation-size: expected 0 < validation_size < 1500" in errors and "got 0" in errors
+    assert not os.path.exists(tmp_path / "bad")
     assert "--guide: expected one of" in errors and "data: expected one of" in errors
     assert "--hidden: expected comma-separated positive widths such as 300,300; got '300,x'" in errors
     assert "is not a vilab VAE run" in errors

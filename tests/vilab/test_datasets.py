@@ -58,6 +58,24 @@ def test_idx_directory_splits_and_binarizes_validation_and_test_once(idx_dir):
     assert torch.equal(again.test, data.test) and torch.equal(again.validation, data.validation)
 
 
+def test_a_smaller_validation_split_keeps_its_first_images(idx_dir):
+    # A smaller validation split is a prefix of the larger one, so runs that validate on the
+    # first N of the default split and runs that train on the rest see the same validation images.
+    default, smaller = (load_idx_directory(idx_dir, validation_size=n, seed=3) for n in (10, 4))
+    assert torch.equal(smaller.validation, default.validation[:4])
+    assert len(smaller.train) == 56 and torch.equal(smaller.test, default.test)
+
+
+@pytest.mark.parametrize("size", [0, -1, "all"])
+def test_a_validation_size_that_leaves_no_images_is_refused(idx_dir, size):
+    for load, available in ((lambda n: load_idx_directory(idx_dir, validation_size=n), 60),
+                            (lambda n: load_dataset("digits", validation_size=n), 1500)):
+        n = available if size == "all" else size
+        with pytest.raises(ValueError, match=f"validation_size: expected 0 < validation_size < "
+                                             f"{available}.*got {n}"):
+            load(n)
+
+
 def test_missing_dataset_error_gives_the_install_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", data_dir=str(tmp_path / "nowhere"))
