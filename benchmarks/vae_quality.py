@@ -187,8 +187,9 @@ def main(argv=None):
                         help="directory of the Fashion-MNIST IDX files (default: Debian's)")
     parser.add_argument("--runs-dir", default=os.path.join(HERE, "results", "vae_runs"),
                         help="where the run directories go")
-    parser.add_argument("--validation-size", type=int, default=10000,
-                        help="training images carved off as the validation split (the rest train)")
+    parser.add_argument("--validation-size", type=int, default=None,
+                        help="training images carved off as the validation split (the rest "
+                             "train; default: the loader's 10,000)")
     parser.add_argument("--max-train", type=int, default=10000, help="first N training images")
     parser.add_argument("--max-validation", type=int, default=1000,
                         help="first N validation images (checked every epoch)")

@@ -135,10 +135,14 @@ def binarize(images: torch.Tensor, *, seed: int) -> torch.Tensor:
     return torch.bernoulli(images, generator=generator)
 
 
-def _split(images, labels, *, validation_size, seed):
-    if not 0 < validation_size < len(images):
-        raise ValueError(f"validation_size: expected 0 < validation_size < {len(images)}; "
+def _check_validation_size(validation_size: int, available: int, note: str = "") -> None:
+    if not 0 < validation_size < available:
+        raise ValueError(f"validation_size: expected 0 < validation_size < {available}{note}; "
                          f"got {validation_size}")
+
+
+def _split(images, labels, *, validation_size, seed):
+    _check_validation_size(validation_size, len(images))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     train, val = order[validation_size:], order[:validation_size]
     return images[train], labels[train], images[val], labels[val]
@@ -191,9 +195,8 @@ def load_digits(*, validation_size: int = 200, test_size: int = 297, seed: int =
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     test, rest = order[:test_size], order[test_size:]
-    if not 0 < validation_size < len(rest):
-        raise ValueError(f"validation_size: expected 0 < validation_size < {len(rest)} (the "
-                         f"digits left after the {test_size} test images); got {validation_size}")
+    _check_validation_size(validation_size, len(rest),
+                           f" (the digits left after the {test_size} test images)")
     val, train = rest[:validation_size], rest[validation_size:]
     return ImageData("digits", images[train], labels[train], images[val], labels[val],
                      images[test], labels[test], num_levels=17)
@@ -217,9 +220,10 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, validation_size: 
     """
     if name not in DATASETS:
         raise ValueError(f"data: expected one of {', '.join(DATASETS)}; got {name!r}")
+    # None keeps each loader's own default split.
+    split = {} if validation_size is None else {"validation_size": validation_size}
     if name == "digits":
-        return load_digits(validation_size=200 if validation_size is None else validation_size,
-                           seed=seed)
+        return load_digits(seed=seed, **split)
     if data_dir is None:
         if name != "fashion-mnist":
             raise ValueError(f"data_dir: data set {name!r} needs a directory; "
@@ -228,9 +232,7 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, validation_size: 
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data set {name!r}: directory {data_dir!r} does not exist; "
                                 f"{_INSTALL_HINT[name]}")
-    return load_idx_directory(data_dir, name=name,
-                              validation_size=10000 if validation_size is None else validation_size,
-                              seed=seed)
+    return load_idx_directory(data_dir, name=name, seed=seed, **split)
 
 
 class DynamicBinarization:
