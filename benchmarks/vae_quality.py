@@ -129,7 +129,7 @@ def run_one(name, data, vae_options, train_options, args, out_root):
     out_dir = os.path.join(out_root, name + args.tag)
     budget = CPUTimeBudget(None if args.cpu_minutes is None else args.cpu_minutes * 60)
     from vilab.inference.checkpoints import load_checkpoint
-    from vilab.inference.vae_training import load_run
+    from vilab.inference.vae_runs import load_run
 
     if args.reuse and os.path.exists(os.path.join(out_dir, "model.safetensors")):
         # Score a finished run again (e.g. after an evaluation failure) without retraining.

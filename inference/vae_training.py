@@ -12,12 +12,11 @@ over gloo on CPUs, see :func:`resolve_strategy`). SIGTERM or SIGINT stops traini
 on SIGKILL); checkpoints are written atomically, so ``last.ckpt`` is the last finished epoch
 and rerunning the same command resumes from it exactly.
 :func:`train_vae` adds the run directory: ``config.json``, ``model.safetensors``,
-``checkpoints/{last,best}.ckpt`` and ``logs/``; :func:`load_run` reads it back without executing
-code.
+``checkpoints/{last,best}.ckpt`` and ``logs/``; :mod:`vilab.inference.vae_runs` reads it back
+without executing code.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -37,11 +36,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vilab.datasets import ImageData, make_loader
-from vilab.inference.checkpoints import AtomicCheckpointIO, load_checkpoint, load_module, save_module
+from vilab.inference.checkpoints import AtomicCheckpointIO
 from vilab.inference.objectives import (ELBOLoss, IWAELoss, KLAnnealing, PyroELBOLoss, as_loss, elbo_terms,
                                         iwae_bound)
 from vilab.inference.schedules import PlateauSchedule
-from vilab.models.vae import VAE, VAEConfig, build_vae
+# Re-exported: the run-directory helpers were first importable from here.
+from vilab.inference.vae_runs import finish_run, load_run, read_metrics, save_weights, write_json
+from vilab.models.vae import VAE
 
 __all__ = [
     "NonFiniteLossError",
@@ -444,8 +445,10 @@ def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
         raise ValueError(f"vae: the model expects images {vae.config.image_shape} with "
                          f"{vae.config.num_levels} levels; data {data.name!r} has "
                          f"{data.image_shape} with {data.num_levels} levels")
+    # Lightning keeps each submodule's mode, and a run read back by load_run is in eval mode.
+    vae.train()
     os.makedirs(out_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, "config.json"),
+    write_json(os.path.join(out_dir, "config.json"),
                 {"vae": vae.config.to_dict(), "training": asdict(config), "data": data.name,
                  **(extra or {})})
     train_loader = make_loader(data.train, data.train_labels, batch_size=config.batch_size,
@@ -455,95 +458,5 @@ def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
     result = fit_lightning(vae.model, vae.guide, config.make_loss(), train_loader, val_loader,
                            out_dir, config=config, resume=resume, callbacks=callbacks)
     if result.trainer.is_global_zero:
-        _save_weights(vae, out_dir, result.best_checkpoint or result.last_checkpoint)
+        save_weights(vae, out_dir, result.best_checkpoint or result.last_checkpoint)
     return result
-
-
-def _save_weights(vae: VAE, out_dir: str, source: str) -> str:
-    """``out_dir/model.safetensors`` with the weights of checkpoint ``source`` (where it exists)."""
-    if os.path.exists(source):
-        _load_weights_from_checkpoint(vae, source)
-    path = os.path.join(out_dir, "model.safetensors")
-    save_module(vae, path, metadata={"config": json.dumps(vae.config.to_dict()), "checkpoint": source})
-    return path
-
-
-def _load_weights_from_checkpoint(vae: VAE, path: str) -> None:
-    state = load_checkpoint(path)["state_dict"]
-    vae.load_state_dict(state, strict=True)
-
-
-def _write_json(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as file:
-        json.dump(payload, file, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def finish_run(out_dir: str) -> str:
-    """Write ``out_dir/model.safetensors`` from the run's best checkpoint (by validation bound;
-    its last one where there is none), as :func:`train_vae` does when training ends: for a run
-    stopped by a signal or a non-finite loss, to evaluate it without training on.
-
-    Returns:
-        The path of ``model.safetensors``.
-
-    Raises:
-        FileNotFoundError: if ``out_dir`` is not a run directory or has no checkpoint.
-        vilab.inference.checkpoints.CheckpointError: if the checkpoint is truncated or tampered.
-    """
-    sources = [os.path.join(out_dir, "checkpoints", name) for name in ("best.ckpt", "last.ckpt")]
-    source = next((path for path in sources if os.path.isfile(path)), None)
-    vae = build_vae(VAEConfig.from_dict(_read_config(out_dir)["vae"]))
-    if source is None:
-        raise FileNotFoundError(f"out_dir: {out_dir!r} has no checkpoint (checkpoints/best.ckpt or "
-                                "last.ckpt); it stopped before its first epoch ended")
-    return _save_weights(vae, out_dir, source)
-
-
-def load_run(out_dir: str) -> tuple[VAE, dict]:
-    """Rebuild the VAE of a run directory and load ``model.safetensors`` (no code executed).
-
-    Returns:
-        ``(vae, config)`` where ``config`` is the parsed ``config.json``.
-
-    Raises:
-        FileNotFoundError: if ``out_dir`` is not a run directory.
-        vilab.inference.checkpoints.CheckpointError: if the weights are truncated or tampered.
-    """
-    config = _read_config(out_dir)
-    vae = build_vae(VAEConfig.from_dict(config["vae"]))
-    load_module(vae, os.path.join(out_dir, "model.safetensors"))
-    vae.eval()
-    return vae, config
-
-
-def _read_config(out_dir: str) -> dict:
-    config_path = os.path.join(out_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"out_dir: {out_dir!r} is not a vilab VAE run (no config.json); "
-                                "create one with `vilab vae train --out DIR`")
-    with open(config_path) as file:
-        return json.load(file)
-
-
-def read_metrics(out_dir: str) -> list[dict[str, float]]:
-    """Rows of every ``out_dir/logs/csv-*/metrics.csv`` (resumed runs in order) as dicts.
-
-    Empty cells are dropped.
-    """
-    import csv
-
-    log_dir = os.path.join(out_dir, "logs")
-    if not os.path.isdir(log_dir):
-        return []
-    rows = []
-    versions = sorted((d for d in os.listdir(log_dir) if d.startswith("csv-")),
-                      key=lambda d: int(d.split("-")[1]))
-    for version in versions:
-        path = os.path.join(log_dir, version, "metrics.csv")
-        if os.path.isfile(path):
-            with open(path) as file:
-                rows += [{k: float(v) for k, v in row.items() if v not in ("", None)}
-                         for row in csv.DictReader(file)]
-    return rows

@@ -55,7 +55,7 @@ def gaps_command(args: argparse.Namespace) -> int:
 
     from vilab.datasets import load_dataset
     from vilab.inference.amortization import gap_decomposition
-    from vilab.inference.vae_training import load_run
+    from vilab.inference.vae_runs import load_run
 
     try:
         vae, config = load_run(args.run_dir)

@@ -95,7 +95,7 @@ def finish_command(args: argparse.Namespace) -> int:
     """Handler of ``vilab vae finish``: a run stopped by a signal or a non-finite loss gets the
     ``model.safetensors`` that ``vilab vae evaluate`` reads, from its best checkpoint."""
     from vilab.inference.checkpoints import CheckpointError
-    from vilab.inference.vae_training import finish_run
+    from vilab.inference.vae_runs import finish_run
 
     try:
         path = finish_run(args.run_dir)
@@ -195,7 +195,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from vilab.inference.checkpoints import CheckpointError
     from vilab.inference.vae_evaluation import evaluate_vae
     from vilab.inference.vae_plots import save_all_figures
-    from vilab.inference.vae_training import load_run, read_metrics
+    from vilab.inference.vae_runs import load_run, read_metrics
 
     if os.path.isdir(os.path.join(args.run_dir, "checkpoints")) and \
             not os.path.exists(os.path.join(args.run_dir, "model.safetensors")):

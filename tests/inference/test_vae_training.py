@@ -20,8 +20,9 @@ from vilab.datasets import load_digits, make_loader
 from vilab.inference.checkpoints import load_checkpoint
 from vilab.inference.objectives import ELBOLoss
 from vilab.inference.vae_evaluation import elbo_split
+from vilab.inference.vae_runs import load_run, read_metrics
 from vilab.inference.vae_training import (NonFiniteLossError, TrainingConfig, fit_lightning,
-                                          load_run, read_metrics, resolve_strategy, train_vae)
+                                          resolve_strategy, train_vae)
 from vilab.models.vae import VAEConfig, build_vae
 
 pytestmark = pytest.mark.float32
@@ -57,6 +58,22 @@ def test_resume_reproduces_the_uninterrupted_run(digits, tmp_path):
     assert epochs == [0.0, 1.0]
     loaded, config = load_run(str(tmp_path / "b"))
     assert config["vae"]["guide"] == "iaf" and not loaded.training
+
+
+class _RecordModes(pl.Callback):
+    def __init__(self):
+        self.modes = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes |= {module.training for module in pl_module.modules()}
+
+
+def test_a_loaded_run_trains_on_in_training_mode(digits, tmp_path):
+    train_vae(_vae(digits), digits, str(tmp_path / "a"), config=_config(1))
+    loaded, _ = load_run(str(tmp_path / "a"))
+    record = _RecordModes()
+    train_vae(loaded, digits, str(tmp_path / "b"), config=_config(1), callbacks=[record])
+    assert record.modes == {True}
 
 
 class _WorseEveryEpoch(pl.Callback):
@@ -168,7 +185,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_path):
 
 
 def test_a_stopped_run_is_finished_from_its_best_checkpoint(digits, tmp_path, capsys):
-    from vilab.inference.vae_training import finish_run
+    from vilab.inference.vae_runs import finish_run
 
     out = str(tmp_path / "run")
     train_vae(_vae(digits), digits, out, config=_config(2))
