@@ -50,8 +50,9 @@ def write_json(path: str, payload: dict) -> None:
 
 def finish_run(out_dir: str) -> str:
     """Write ``out_dir/model.safetensors`` from the run's best checkpoint (by validation bound;
-    its last one where there is none), as :func:`~vilab.inference.vae_training.train_vae` does when training ends: for a run
-    stopped by a signal or a non-finite loss, to evaluate it without training on.
+    its last one where there is none), as :func:`~vilab.inference.vae_training.train_vae` does
+    when training ends: for a run stopped by a signal or a non-finite loss, to evaluate it
+    without training on.
 
     Returns:
         The path of ``model.safetensors``.
