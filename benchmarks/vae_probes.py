@@ -77,8 +77,7 @@ def kernel_scales(spec: str, scales: torch.Tensor) -> torch.Tensor:
     raise SystemExit(f"--scales: expected mult:C, dim:C or iso:S; got {spec!r}")
 
 
-def prior_swap(args, data) -> list[dict]:
-    vae, _ = load_run(args.run)
+def prior_swap(vae, args, data) -> list[dict]:
     holder = getattr(vae.model.prior, "top", None) is not None
     if vae.config.guide != "meanfield":
         raise SystemExit(f"prior-swap: needs a Gaussian encoder (guide 'meanfield'); {args.run} "
@@ -114,8 +113,7 @@ class _EMA(Callback):
         self.average.update_parameters(pl_module)
 
 
-def ema(args, data) -> list[dict]:
-    vae, config = load_run(args.run)
+def ema(vae, config, args, data) -> list[dict]:
     images = data.validation[:args.images]
     start = score(vae, images, args)
     training = TrainingConfig(**{**config["training"], "max_epochs": args.epochs,
@@ -153,13 +151,13 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default=os.path.join(HERE, "results", "vae_probes.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    _, config = load_run(args.run)
+    vae, config = load_run(args.run)
     data = load_dataset(config["data"], seed=0, validation_size=args.validation_size)
     if args.probe == "ema":
         args.out = args.out or args.run.rstrip("/") + "-ema"
-        rows = ema(args, data)
+        rows = ema(vae, config, args, data)
     else:
-        rows = prior_swap(args, data)
+        rows = prior_swap(vae, args, data)
     results = {}
     if os.path.exists(args.output):
         with open(args.output) as file:
