@@ -9,6 +9,11 @@ samples (encoder proposal, seed 0), so its rows are paired with the run's own sc
   s_n^2)` (the prior of the exemplar VAE without its retraining). ``--scales`` lists the kernel
   scales: ``mult:c`` is ``c`` times each image's own encoder scale, ``dim:c`` one scale per
   dimension (``c`` times the root-mean-square encoder scale), ``iso:s`` a single scale ``s``.
+* ``score RUN``: the run as it is (the number the other probes are paired with, for runs
+  trained elsewhere, e.g. by ``vae_quality.py``).
+* ``mirror RUN``: per class, the first ``--images`` training images of that class (one fixed
+  binarization) against their left-right mirror images: is the mirror image of a training image
+  as likely as the image itself (could mirroring augment the training set)?
 * ``ema RUN``: continue training RUN for ``--epochs`` epochs at a constant rate while keeping an
   exponential moving average of the weights (``torch.optim.swa_utils``), then score the average.
 
@@ -35,7 +40,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from vilab.datasets import load_dataset, make_loader
+from vilab.datasets import binarize, load_dataset, make_loader
 from vilab.inference.vae_evaluation import importance_sampled_log_likelihood
 from vilab.inference.vae_runs import load_run
 from vilab.inference.vae_training import TrainingConfig, train_vae
@@ -134,9 +139,31 @@ def ema(vae, config, args, data) -> list[dict]:
     return rows
 
 
+def score_run(vae, args, data) -> list[dict]:
+    """The run's own score, for pairing with probes of it or with other runs."""
+    row = {"weights": "run's own", "neg_log_likelihood": score(vae, data.validation[:args.images], args)}
+    print(f"{row['weights']:<48}{row['neg_log_likelihood']:>12.3f}", flush=True)
+    return [row]
+
+
+def mirror(vae, args, data) -> list[dict]:
+    """``-log p(x)`` of each class's training images as they are and mirrored left-right."""
+    rows = []
+    for label in range(int(data.train_labels.max()) + 1):
+        images = data.train[data.train_labels == label][:args.images]
+        if data.num_levels == 2:
+            images = binarize(images, seed=3)
+        row = {"class": label, "images": len(images), "as_is": score(vae, images, args),
+               "mirrored": score(vae, images.flip(-1), args)}
+        rows.append(row)
+        print(f"class {label}: as is {row['as_is']:8.2f}   mirrored {row['mirrored']:8.2f}   "
+              f"{row['mirrored'] - row['as_is']:+6.2f}", flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("probe", choices=("prior-swap", "ema"))
+    parser.add_argument("probe", choices=("prior-swap", "ema", "score", "mirror"))
     parser.add_argument("run", help="a run directory written by vae_quality.py or `vilab vae train`")
     parser.add_argument("--validation-size", type=int, default=None,
                         help="as the run was trained (its validation images are scored)")
@@ -156,6 +183,10 @@ def main(argv=None) -> None:
     if args.probe == "ema":
         args.out = args.out or args.run.rstrip("/") + "-ema"
         rows = ema(vae, config, args, data)
+    elif args.probe == "score":
+        rows = score_run(vae, args, data)
+    elif args.probe == "mirror":
+        rows = mirror(vae, args, data)
     else:
         rows = prior_swap(vae, args, data)
     results = {}

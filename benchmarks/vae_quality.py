@@ -32,6 +32,7 @@ Writes benchmarks/results/vae_quality.json and run directories under benchmarks/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -108,6 +109,23 @@ def warm_start(vae, path):
               f"saved prior tensors dropped: {dropped}", flush=True)
 
 
+def mirror_classes(data, classes):
+    """Append the left-right mirror image of every training image whose class is in ``classes``
+    (a fixed copy, so an epoch sees each image both ways). Shoes all face one way, so only tops
+    and bags are candidates; even their mirror images are not the same distribution (the
+    fourteenth session's model scores mirrored tops 4-6 nats and bags 10 nats worse,
+    BENCHMARKS.md, sixteenth session)."""
+    if not classes:
+        return data
+    labels = set(data.train_labels.tolist())
+    if not set(classes) <= labels:
+        raise ValueError(f"--mirror-classes: expected classes among {sorted(labels)}, "
+                         f"got {classes}")
+    keep = torch.isin(data.train_labels, torch.tensor(classes))
+    return dataclasses.replace(data, train=torch.cat([data.train, data.train[keep].flip(-1)]),
+                               train_labels=torch.cat([data.train_labels, data.train_labels[keep]]))
+
+
 def _max_time(minutes):
     """Lightning's ``DD:HH:MM:SS`` wall-clock budget for ``minutes`` (``None``: no limit)."""
     if minutes is None:
@@ -146,7 +164,9 @@ def run_one(name, data, vae_options, train_options, args, out_root):
             vamp.init_from_data(data.train[order[:config.num_components]])
         if args.init_from:
             warm_start(vae, os.path.join(args.init_from, "model.safetensors"))
-        result = train_vae(vae, data, out_dir, config=training, resume=False, callbacks=[budget])
+        # --resume: a long CPU run spans sessions; SIGTERM ends one at an epoch's checkpoint.
+        result = train_vae(vae, data, out_dir, config=training, resume=args.resume,
+                           callbacks=[budget])
 
     vae, _ = load_run(out_dir)
     if args.accelerator in ("gpu", "cuda"):
@@ -193,6 +213,9 @@ def main(argv=None):
     parser.add_argument("--max-train", type=int, default=10000, help="first N training images")
     parser.add_argument("--max-validation", type=int, default=1000,
                         help="first N validation images (checked every epoch)")
+    parser.add_argument("--mirror-classes", default="",
+                        help="comma-separated Fashion-MNIST classes whose training images are "
+                             "also used mirrored left-right (e.g. 0,2,3,4,6,8: tops and bags)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--digits-cpu-minutes", type=float, default=1.0)
     parser.add_argument("--iw-samples", type=int, default=5000)
@@ -222,6 +245,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true",
                         help="evaluate existing run directories instead of retraining them")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run directory from its checkpoints/last.ckpt (the same "
+                             "command again, after SIGTERM or a kill; without it a run restarts)")
     parser.add_argument("--init-from", default="",
                         help="run directory whose model.safetensors initialises the model")
     parser.add_argument("--vamp-init", choices=("random", "data"), default="random",
@@ -239,6 +265,7 @@ def main(argv=None):
     fashion = load_dataset("fashion-mnist", data_dir=args.data_dir, seed=args.seed,
                            validation_size=args.validation_size).subset(
         num_train=args.max_train, num_validation=args.max_validation)
+    fashion = mirror_classes(fashion, [int(c) for c in args.mirror_classes.split(",") if c])
     for name in [m for m in args.models.split(",") if m]:
         vae_options, train_options = FASHION_MODELS[name]
         vae_options = dict(MLP, latent_dim=args.latent, num_flows=args.flows,
