@@ -67,8 +67,11 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names epoch, batch and step."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(Exception):
     """Training was stopped by a signal (``signum``); ``last.ckpt`` holds the last finished epoch."""
+
+    # Not a RuntimeError: Pyro's trace re-raises a RuntimeError from inside a model or guide
+    # as ``type(error)(message)``, which a signal arriving mid-step would turn into a TypeError.
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)

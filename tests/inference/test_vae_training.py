@@ -21,8 +21,8 @@ from vilab.inference.checkpoints import load_checkpoint
 from vilab.inference.objectives import ELBOLoss
 from vilab.inference.vae_evaluation import elbo_split
 from vilab.inference.vae_runs import load_run, read_metrics
-from vilab.inference.vae_training import (NonFiniteLossError, TrainingConfig, fit_lightning,
-                                          resolve_strategy, train_vae)
+from vilab.inference.vae_training import (NonFiniteLossError, TrainingConfig, TrainingInterrupted,
+                                          fit_lightning, resolve_strategy, train_vae)
 from vilab.models.vae import VAEConfig, build_vae
 
 pytestmark = pytest.mark.float32
@@ -182,6 +182,32 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_path):
     checkpoint = load_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"))
     assert checkpoint["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+class _SignalInGuide(torch.nn.Module):
+    """The guide, but the ``call``-th call sends SIGTERM to this process from inside it."""
+
+    def __init__(self, guide, call):
+        super().__init__()
+        self.guide, self.call, self.calls = guide, call, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.call:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs inside Pyro's trace
+        return self.guide(*args, **kwargs)
+
+
+def test_sigterm_inside_the_guide_stops_training_at_the_last_finished_epoch(digits, tmp_path):
+    vae = _vae(digits)
+    loader = make_loader(digits.train, batch_size=32)  # 3 batches per epoch
+    val = make_loader(digits.validation, batch_size=32)
+    guide = _SignalInGuide(vae.guide, call=8)  # epoch 0: 3 training + 1 validation batch
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at epoch 1") as stopped:
+        fit_lightning(vae.model, guide, ELBOLoss(), loader, val, str(tmp_path), config=_config(3))
+    assert stopped.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"))["global_step"] == 3
 
 
 def test_a_stopped_run_is_finished_from_its_best_checkpoint(digits, tmp_path, capsys):
