@@ -90,7 +90,7 @@ def prior_swap(vae, args, data) -> list[dict]:
     with torch.no_grad():
         train = data.train
         if data.num_levels == 2:  # one fixed binarization, as validation and test have
-            train = torch.bernoulli(train, generator=torch.Generator().manual_seed(0))
+            train = binarize(train, seed=0)
         encoder = vae.guide.encoder  # q(z|x), or q(z_2|x) of the two-level guide
         locs, scales = (torch.cat(t) for t in zip(*[encoder(x) for x in train.split(1000)]))
     images = data.validation[:args.images]
@@ -151,7 +151,7 @@ def mirror(vae, args, data) -> list[dict]:
     rows = []
     for label in range(int(data.train_labels.max()) + 1):
         images = data.train[data.train_labels == label][:args.images]
-        if data.num_levels == 2:
+        if data.num_levels == 2:  # a seed apart from validation's (1) and test's (2)
             images = binarize(images, seed=3)
         row = {"class": label, "images": len(images), "as_is": score(vae, images, args),
                "mirrored": score(vae, images.flip(-1), args)}

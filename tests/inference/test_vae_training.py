@@ -202,7 +202,8 @@ def test_sigterm_inside_the_guide_stops_training_at_the_last_finished_epoch(digi
     vae = _vae(digits)
     loader = make_loader(digits.train, batch_size=32)  # 3 batches per epoch
     val = make_loader(digits.validation, batch_size=32)
-    guide = _SignalInGuide(vae.guide, call=8)  # epoch 0: 3 training + 1 validation batch
+    # 4 guide calls an epoch (3 training batches, 1 validation): call 6 is epoch 1's 2nd step.
+    guide = _SignalInGuide(vae.guide, call=6)
     with pytest.raises(TrainingInterrupted, match="SIGTERM at epoch 1") as stopped:
         fit_lightning(vae.model, guide, ELBOLoss(), loader, val, str(tmp_path), config=_config(3))
     assert stopped.value.signum == signal.SIGTERM
