@@ -304,6 +304,10 @@ def fit_svi(
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
     check_model(model, args, kwargs)
+    from vilab.inference.vi import get_method, is_method  # here: the methods import this module
+
+    if is_method(guide):
+        return get_method(guide)(model, *args, seed=seed, progress=progress, **(guide_options or {}), **kwargs)
     name = guide_name(guide)
     guide = get_guide(guide, model, **(guide_options or {}))
     start = time.perf_counter()
