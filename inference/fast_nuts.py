@@ -61,6 +61,8 @@ class VectorizedNutsResult(NamedTuple):
         backend: how the leapfrog leaf ran at the end: ``"eager"``, ``"torchscript"``,
             ``"static runtime"`` or ``"inductor"`` (fused C++ kernel).
         fuse_decision: why the leaf was or was not fused (:class:`~vilab.inference.fast_inductor.FusePolicy`).
+        batching: how the chains were batched: ``"plate"`` (the model broadcast over an outer
+            chain plate) or ``"vmap"`` (a one-chain model vectorised by ``torch.func.vmap``).
     """
 
     samples: dict[str, torch.Tensor]
@@ -71,6 +73,7 @@ class VectorizedNutsResult(NamedTuple):
     compiled: bool
     backend: str = "eager"
     fuse_decision: str = ""
+    batching: str = "plate"
 
 
 def _initial_states(potential: BatchedPotential, num_chains: int, generator: torch.Generator,
@@ -288,7 +291,7 @@ def _merge_batches(results: list, sizes: list[int], wall: float) -> VectorizedNu
         decision = "; ".join([split, *(f"batch {index}: {note}" for index, note in enumerate(decisions))])
     return VectorizedNutsResult(cat("samples"), cat("sample_stats"), wall - sampling, sampling,
                                 torch.cat([r.inverse_mass_matrix for r in results]),
-                                all(r.compiled for r in results), ", ".join(backends), decision)
+                                all(r.compiled for r in results), ", ".join(backends), decision, results[0].batching)
 
 
 def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_accept, dense_mass,
@@ -323,7 +326,8 @@ def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_acc
     decision = "; ".join(note for note in [policy.reason, *builder.vm_notes, *builder.fused_at] if note)
     return VectorizedNutsResult(samples, sample_stats, sampling_start - start, end - sampling_start,
                                 warmup.metric.inverse_mass, builder.compiled, builder.backend,
-                                decision + (f" ({builder.fuse_failure})" if builder.fuse_failure else ""))
+                                decision + (f" ({builder.fuse_failure})" if builder.fuse_failure else ""),
+                                potential.mode)
 
 
 def _iterate(potential, builder, policy, warmup, report, z, value, grad, step_size, num_warmup, num_samples,

@@ -153,8 +153,13 @@ def run_nuts(
         except VectorizationError as error:
             if backend == "vectorized":
                 raise
-            warnings.warn(f"run_nuts: the vectorized sampler cannot run this model ({error}); "
-                          "falling back to Pyro's NUTS, one chain per process", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"run_nuts: the vectorized sampler cannot run this model ({error}); falling back to Pyro's "
+                "NUTS, one chain per process, expected 10-60x slower per draw (every leapfrog step runs "
+                "the model through Pyro's tracing in Python). Pyro's jit_compile is not used: a traced "
+                "potential would freeze one branch of Python control flow on latent values, the usual "
+                "reason for this fallback. Write the branch with torch.where to get the fast path.",
+                RuntimeWarning, stacklevel=2)
     config["backend"] = "pyro"
     start = time.perf_counter()
     parallel = config["chain_method"] == "parallel" or (
@@ -183,7 +188,7 @@ def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
     stats = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
              for k, v in result.sample_stats.items()}
     config.update(backend="vectorized", leaf_backend=result.backend, fuse_decision=result.fuse_decision,
-                  workers=workers)
+                  workers=workers, batching=result.batching)
     return _assemble(model, args, kwargs, latent, stats, wall_time, config, trace)
 
 

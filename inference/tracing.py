@@ -103,6 +103,24 @@ def _vectorized(model, args, kwargs, draws, num_draws, template):
     return values, loglik, log_joint
 
 
+# Draws per vmapped call: bounds the memory of a model's batched intermediates.
+VMAP_CHUNK = 256
+
+
+def _vmapped(model, args, kwargs, draws, num_draws):
+    def one(draw):
+        return _single(model, args, kwargs, draw, True)
+
+    pieces = []
+    with pyro.validation_enabled(False):  # value checks would read batched tensors
+        for start in range(0, num_draws, VMAP_CHUNK):
+            chunk = {k: v[start:start + VMAP_CHUNK] for k, v in draws.items()}
+            pieces.append(torch.func.vmap(one)(chunk))
+    values = {k: torch.cat([p[0][k] for p in pieces]) for k in pieces[0][0]}
+    loglik = {k: torch.cat([p[1][k] for p in pieces]) for k in pieces[0][1]}
+    return values, loglik, torch.cat([p[2] for p in pieces])
+
+
 def evaluate_draws(
     model: Model,
     args: tuple,
@@ -137,6 +155,12 @@ def evaluate_draws(
                 reason = "vectorised values differ from single traces"
             except (RuntimeError, ValueError, IndexError, NotImplementedError) as error:
                 reason = f"{type(error).__name__}: {error}"
+            try:  # a model written for one draw (no plate broadcasting) still vectorises under vmap
+                result = _vmapped(model, args, kwargs, draws, num_draws)
+                if _agrees(model, args, kwargs, draws, result, num_draws):
+                    return DrawEvaluation(*result)
+            except (RuntimeError, ValueError, IndexError, NotImplementedError) as error:
+                reason += f"; under torch.func.vmap: {type(error).__name__}: {error}"
             (warn_fn or _warn)(f"model is not vectorisable over draws ({reason}); evaluating draws one by one")
         return DrawEvaluation(*_loop(model, args, kwargs, draws, num_draws))
 

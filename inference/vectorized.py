@@ -11,7 +11,12 @@ where :math:`T^{-1}` maps each latent site's unconstrained block to its support 
 value. Whether the model broadcasts correctly over that plate is never assumed: at construction
 the batched potential, its gradient and every ``pyro.deterministic`` site are compared with
 one-chain evaluations at several random points, and :class:`VectorizationError` is raised when
-they differ or the batched run fails. The verified function is then traced once with
+they differ or the batched run fails. A model written for one chain (matrix algebra on a
+latent vector, a Cholesky of a kernel built from scalar hyperparameters, sums over a site) does
+not broadcast over that plate; it is then evaluated one chain at a time under
+``torch.func.vmap``, which vectorises the same single-chain program over the batch, and checked
+the same way (``mode == "vmap"``). Only a model that neither can run (Python control flow on
+latent values) is refused. The verified function is then traced once with
 ``torch.fx`` (``make_fx``) into a graph of tensor operations computing :math:`U` and
 :math:`\nabla U` together, which removes Pyro's per-call bookkeeping from the sampler's hot loop;
 the graph is simplified (:func:`~vilab.inference.fast_graph.simplify`) and itself checked
@@ -148,7 +153,15 @@ class BatchedPotential:
             raise VectorizationError("the model has no continuous latent sites to sample")
         self._value_and_grad = self.eager_value_and_grad
         generator = torch.Generator().manual_seed(seed + 1)
-        self._verify(num_chains, num_checks, rtol, generator)
+        self.mode = "plate"
+        try:
+            self._verify(num_chains, num_checks, rtol, generator)
+        except VectorizationError as plate_error:
+            self.mode = "vmap"
+            try:
+                self._verify(num_chains, num_checks, rtol, generator)
+            except VectorizationError as vmap_error:
+                raise VectorizationError(f"{plate_error}; and under torch.func.vmap: {vmap_error}") from vmap_error
         self.compiled, self.graph_module = False, None
         if compile:
             self._compile(num_chains, rtol, generator)
@@ -194,6 +207,9 @@ class BatchedPotential:
 
     def log_density(self, z: torch.Tensor) -> torch.Tensor:
         r"""Log joint density in unconstrained space, :math:`-U(z)`, shape ``(B,)``."""
+        if self.mode == "vmap":
+            with pyro.validation_enabled(False):
+                return torch.func.vmap(self._single_log_density)(z)
         trace, log_det = self.run_model(z)
         batch = z.shape[0]
         total = log_det
@@ -226,6 +242,12 @@ class BatchedPotential:
         ``(B, *site_shape)``."""
         if not self.deterministic_shapes:
             return {}
+        if self.mode == "vmap":
+            names = list(self.deterministic_shapes)
+            with torch.no_grad(), pyro.validation_enabled(False):
+                values = torch.func.vmap(lambda point: tuple(self._single_trace(point).nodes[n]["value"]
+                                                             for n in names))(z)
+            return dict(zip(names, values))
         with torch.no_grad():
             trace, _ = self.run_model(z)
         out = {}
@@ -244,7 +266,27 @@ class BatchedPotential:
         return out
 
     # ---- potential and gradient --------------------------------------------------------------
+    def _single_trace(self, point: torch.Tensor) -> poutine.Trace:
+        values, _ = self.constrain(point.unsqueeze(0))
+        data = {name: value[0] for name, value in values.items()}
+        return _trace(poutine.condition(self.model, data=data), self.model_args, self.model_kwargs)
+
+    def _single_log_density(self, point: torch.Tensor) -> torch.Tensor:
+        # One chain's log density, a scalar, for vmap: no plate over chains, no in-place ops.
+        _, log_det = self.constrain(point.unsqueeze(0))
+        total = log_det[0]
+        for _, site in _sample_sites(self._single_trace(point)):
+            if not site["infer"].get("_deterministic", False):
+                log_prob = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
+                total = total + torch.as_tensor(log_prob, dtype=self.dtype).sum()
+        return total
+
     def eager_value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "vmap":
+            with pyro.validation_enabled(False):
+                grad, potential = torch.func.vmap(torch.func.grad_and_value(
+                    lambda point: -self._single_log_density(point)))(z)
+            return potential.detach(), grad.detach()
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             potential = -self.log_density(z)
@@ -316,7 +358,7 @@ class BatchedPotential:
 
         example = self._check_points(num_chains, generator)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), pyro.validation_enabled(False):
                 warnings.simplefilter("ignore")
                 module = make_fx(lambda z: self.eager_value_and_grad(z))(example)
                 mask_assignments_as_selects(module)

@@ -109,15 +109,37 @@ def test_dense_mass_matrix_recovers_correlated_gaussian():
     assert abs(correlation - 0.95) < 0.02
 
 
-def test_matrix_algebra_without_plates_is_refused():
+def test_matrix_algebra_without_plates_runs_under_vmap_and_matches_unbatched():
     design = torch.tensor([[1.0, 0.5], [1.0, -0.3], [1.0, 2.0]])
 
-    def regression(y):
+    def regression(y):  # written for one chain: design @ beta does not broadcast over chains
         beta = pyro.sample("beta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
         pyro.sample("y", dist.Normal(design @ beta, 1.0).to_event(1), obs=y)
 
-    with pytest.raises(VectorizationError, match="batch of chains"):
-        BatchedPotential(regression, (torch.ones(3),), {}, num_chains=4)
+    potential = BatchedPotential(regression, (torch.ones(3),), {}, num_chains=4)
+    assert potential.mode == "vmap" and potential.compiled
+    _assert_matches_single_chain(potential, torch.randn(4, 2))
+
+
+def _assert_matches_single_chain(potential, z):
+    value, grad = potential(z)
+    for chain in range(z.shape[0]):
+        expected, expected_grad = potential.single_chain_value_and_grad(z[chain])
+        assert torch.allclose(value[chain], expected) and torch.allclose(grad[chain], expected_grad)
+
+
+def test_cholesky_of_a_kernel_from_scalar_hyperparameters_runs_under_vmap():
+    x = torch.linspace(-2.0, 2.0, 6)
+
+    def gp(y):  # as GP tutorials write it: a kernel matrix from scalar draws, then a Cholesky
+        length = pyro.sample("length", dist.LogNormal(0.0, 1.0))
+        noise = pyro.sample("noise", dist.HalfNormal(1.0))
+        kernel = torch.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / length**2) + noise**2 * torch.eye(6)
+        pyro.sample("y", dist.MultivariateNormal(torch.zeros(6), scale_tril=torch.linalg.cholesky(kernel)), obs=y)
+
+    potential = BatchedPotential(gp, (torch.sin(x),), {}, num_chains=3)
+    assert potential.mode == "vmap"
+    _assert_matches_single_chain(potential, torch.randn(3, 2))
 
 
 def test_python_control_flow_on_latents_is_refused():
@@ -130,13 +152,26 @@ def test_python_control_flow_on_latents_is_refused():
         BatchedPotential(branching, (torch.tensor(0.5),), {}, num_chains=4)
 
 
-def test_model_mixing_chains_is_refused_not_silently_wrong():
+def test_model_mixing_chains_under_the_plate_is_run_per_chain_not_silently_wrong():
     def summed(y):
         loc = pyro.sample("loc", dist.Normal(torch.zeros(3), 1.0).to_event(1))
-        pyro.sample("y", dist.Normal(loc.sum(), 1.0), obs=y)  # sums over the chain dim too
+        pyro.sample("y", dist.Normal(loc.sum(), 1.0), obs=y)  # under a chain plate: sums over chains too
 
-    with pytest.raises(VectorizationError, match="differs from one-chain"):
-        BatchedPotential(summed, (torch.tensor(0.5),), {}, num_chains=4)
+    potential = BatchedPotential(summed, (torch.tensor(0.5),), {}, num_chains=4)
+    assert potential.mode == "vmap"
+    _assert_matches_single_chain(potential, torch.randn(4, 3))
+
+
+def test_deterministic_sites_of_a_vmapped_model_are_per_chain():
+    def model(y):
+        loc = pyro.sample("loc", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        total = pyro.deterministic("total", loc.sum())
+        pyro.sample("y", dist.Normal(total, 1.0), obs=y)
+
+    potential = BatchedPotential(model, (torch.tensor(0.5),), {}, num_chains=3)
+    z = torch.randn(3, 2)
+    assert potential.mode == "vmap"
+    assert torch.allclose(potential.deterministic(z)["total"], z.sum(-1))
 
 
 def test_matrix_algebra_that_broadcasts_is_accepted_and_matches_unbatched():

@@ -84,7 +84,7 @@ def test_pyro_backend_runs_chains_in_processes_and_records_stats():
     _check_against(result.inference_data, "loc", float(exact.mean), float(exact.stddev))
 
 
-def test_a_model_that_cannot_be_vectorized_falls_back_loudly_and_samples_correctly():
+def test_a_model_written_for_one_chain_runs_vectorized_under_vmap_and_samples_correctly():
     matrix = torch.tensor([[1.0, 0.5], [0.2, 1.0], [1.0, -1.0]])
     y = torch.tensor([0.3, -0.2, 1.0])
 
@@ -92,11 +92,26 @@ def test_a_model_that_cannot_be_vectorized_falls_back_loudly_and_samples_correct
         z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
         pyro.sample("y", dist.Normal(matrix @ z, 1.0).to_event(1), obs=y)
 
-    with pytest.warns(RuntimeWarning, match="falling back to Pyro's NUTS"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
         result = run_nuts(model, num_samples=400, num_warmup=200, num_chains=2, progress=False)
+    assert result.config["backend"] == "vectorized" and result.config["batching"] == "vmap"
     exact = conjugate.linear_regression_posterior(matrix, y)["beta"]
     for j in range(2):
         _check_against(result.inference_data, "z", float(exact.mean[j]), float(exact.stddev[j]), (j,))
+
+
+def test_python_control_flow_on_a_latent_falls_back_loudly_and_samples_correctly():
+    def model(y):  # a branch on a latent's value: neither a chain plate nor vmap can batch it
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        scale = 1.0 if loc > 10.0 else 0.5  # the second branch has prior mass ~1e-23: exact posterior below
+        pyro.sample("y", dist.Normal(loc, scale), obs=y)
+
+    with pytest.warns(RuntimeWarning, match="falling back to Pyro's NUTS.*slower.*control flow"):
+        result = run_nuts(model, torch.tensor(1.0), num_samples=400, num_warmup=200, num_chains=2,
+                          progress=False)
+    # Normal(0, 1) prior, one observation with sd 0.5: posterior N(0.8, sqrt(0.2)).
+    _check_against(result.inference_data, "loc", 0.8, 0.2 ** 0.5)
 
 
 @pytest.mark.parametrize("bad, match", [
