@@ -42,6 +42,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import fast_background
+from .fast_cache import cache_problem, inductor_cache_dir
 from .fast_recycle import recycled_call
 
 __all__ = ["FusePolicy", "compile_fused", "compile_artifact", "graph_key", "is_cached", "load_cached",
@@ -172,6 +173,8 @@ def load_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
     directory (in this process or another), loaded without Inductor and without compiling
     (:func:`~vilab.inference.fast_background.load_artifact`), or ``None``. The caller checks it
     against its reference, as it does a fresh kernel."""
+    if cache_problem():  # loading runs the cached code: only from a private directory
+        return None
     try:
         artifact = torch.load(_marker_path(graph_key(graph, example)), weights_only=True)
         return fast_background.load_artifact(artifact, example, recycle=recycle)
@@ -186,6 +189,9 @@ def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tenso
     (:func:`_direct_call`; ``None`` where the wrappers do more than call it), recorded in the
     cache under ``key`` (default: :func:`graph_key`)."""
     global _setup_done
+    problem = cache_problem()  # Inductor writes and reloads its kernels in its cache directory
+    if problem:
+        raise RuntimeError(problem)
     key = key or graph_key(graph, example)  # before Inductor, which may rewrite ``graph``
     from torch._functorch import config as functorch_config
     from torch._guards import TracingContext, tracing
@@ -221,6 +227,8 @@ def is_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> b
     """Whether :func:`compile_fused` has compiled this graph (code, constants, input shapes,
     settings) into the current Inductor cache directory, so that fusing it again is a load
     (:func:`load_cached`) or a cache hit (about 1 s) rather than a cold compilation."""
+    if cache_problem():
+        return False
     return os.path.exists(_marker_path(graph_key(graph, example)))
 
 
@@ -250,9 +258,7 @@ def graph_key(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> s
 
 
 def _marker_path(key: str) -> str:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return os.path.join(cache_dir(), "vilab_fused", key)
+    return os.path.join(inductor_cache_dir(), "vilab_fused", key)
 
 
 def _decompositions() -> dict:

@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .fast_cache import cache_root, private_directory
+
 __all__ = ["Unsupported", "vm_step", "vm_unavailable", "build_library"]
 
 MAXD = 6
@@ -62,8 +64,7 @@ _library_error = ""
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("VILAB_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vilab")
-    return Path(root)
+    return cache_root()
 
 
 # For this machine's vector units (the loops of the nes leaf ran 15% faster with AVX2 than with
@@ -93,7 +94,10 @@ def build_library() -> Path:
     target = _library_path()
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        private_directory(target.parent)
+    except OSError as error:
+        raise RuntimeError(f"cannot build {_SOURCE.name}: {error}") from error
     compiler = os.environ.get("CC", "cc")
     handle, partial = tempfile.mkstemp(prefix=".fast_vm-build-", suffix=".so", dir=target.parent)
     os.close(handle)
@@ -144,6 +148,7 @@ def vm_unavailable(wait: bool = False) -> str:
         if _library_error:
             return _library_error
     try:
+        private_directory(_library_path().parent)  # loading a library runs its code
         library = ctypes.CDLL(str(_library_path()))
         if library.vilab_vm_instruction_size() != ctypes.sizeof(_Ins):
             raise RuntimeError("the library's instruction layout differs from this module's")

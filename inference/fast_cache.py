@@ -1,0 +1,57 @@
+"""Where compiled kernels are cached, and the check that makes loading them safe.
+
+Loading a cached kernel runs code: Inductor's generated Python source is executed and its
+shared library loaded, and the virtual machine's library is loaded with ``ctypes``. Inductor's
+default cache is ``<system temp dir>/torchinductor_<user>``, a path anyone on the machine can
+create first and fill. So every cache vilab reads lives in one per-user directory,
+``$VILAB_CACHE_DIR`` (default ``~/.cache/vilab``), and before anything in it is loaded the
+directory must be owned by this user and writable by no one else; otherwise nothing is loaded
+from it (kernels are compiled again or the run stays unfused) and :func:`cache_problem` says why.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+__all__ = ["cache_root", "inductor_cache_dir", "cache_problem", "private_directory"]
+
+
+def cache_root() -> Path:
+    """``$VILAB_CACHE_DIR``, default ``~/.cache/vilab``."""
+    return Path(os.environ.get("VILAB_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vilab"))
+
+
+def private_directory(path: Path) -> Path:
+    """Create ``path`` (mode 0700) if needed and check that it is a directory owned by this user
+    and not writable by group or others, nor is any parent up to the cache root's. Raises
+    ``PermissionError`` naming the path and the problem."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f"{path}: expected a directory, not a link or a file")
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{path}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{path}: writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
+                              f"run `chmod go-w {path}`")
+    return path
+
+
+def inductor_cache_dir() -> Path:
+    """The per-user directory for Inductor's cache, checked by :func:`private_directory`.
+    A ``TORCHINDUCTOR_CACHE_DIR`` the user set is kept, and checked the same way."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return private_directory(Path(chosen) if chosen else cache_root() / "inductor")
+
+
+def cache_problem() -> str:
+    """Empty where the kernel cache may be used; otherwise why not. Sets
+    ``TORCHINDUCTOR_CACHE_DIR`` to the checked directory, so Inductor (in this process and in
+    forked compile servers) writes and reads there rather than in the shared temp directory."""
+    try:
+        directory = inductor_cache_dir()
+    except OSError as error:
+        return f"the kernel cache is not private ({error})"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    return ""
