@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 __all__ = ["cache_root", "inductor_cache_dir", "cache_problem", "private_directory"]
@@ -42,7 +43,14 @@ def inductor_cache_dir() -> Path:
     """The per-user directory for Inductor's cache, checked by :func:`private_directory`.
     A ``TORCHINDUCTOR_CACHE_DIR`` the user set is kept, and checked the same way."""
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and _is_inductor_default(chosen):
+        chosen = None  # Inductor sets its default into the variable when it first runs
     return private_directory(Path(chosen) if chosen else cache_root() / "inductor")
+
+
+def _is_inductor_default(path: str) -> bool:
+    parent, name = os.path.split(os.path.abspath(path))
+    return name.startswith("torchinductor_") and parent in (os.path.abspath(tempfile.gettempdir()), "/var/tmp")
 
 
 def cache_problem() -> str:

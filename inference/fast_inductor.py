@@ -213,7 +213,7 @@ def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tenso
     # caller may be using.
     with config.patch({"size_asserts": False, "cpp.vec_isa_ok": VECTORIZE, "compile_threads": 1, **REALIZE}), \
             functorch_config.patch(enable_autograd_cache=False), \
-            tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+            tracing(TracingContext(FakeTensorMode(shape_env=_shape_env()))):
         with warnings.catch_warnings():  # Inductor's own deprecation warnings are not the user's
             warnings.simplefilter("ignore", FutureWarning)
             wrapped = compile_fx(graph, list(example), inner_compile=capture, decompositions=_decompositions())
@@ -479,3 +479,16 @@ class FusePolicy:
                          f"(saves ~{saving:.1f} s, compiles in ~{cost:.1f} s)")
         self.reason = "; ".join(notes)
         return chosen
+
+
+def _shape_env():
+    """A shape environment for Inductor's cache lookups, on the torch versions where a
+    statically shaped graph compiles correctly with one; ``None`` elsewhere (no cache hits)."""
+    if _TORCH_VERSION >= (2, 14):
+        return None  # 2.14 turns the sizes symbolic and emits code reading unbound size symbols
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return ShapeEnv()
+
+
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])

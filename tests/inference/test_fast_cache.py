@@ -48,3 +48,12 @@ def test_no_cached_kernel_is_loaded_from_a_shared_directory(tmp_path, monkeypatc
     graph = make_fx(lambda x: (x * 2.0,))(*example)
     assert fast_inductor.load_cached(graph, example) is None
     assert not fast_inductor.is_cached(graph, example)
+
+
+def test_inductors_own_default_in_the_temp_directory_is_replaced(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setenv("VILAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", f"{tempfile.gettempdir()}/torchinductor_someone")
+    assert fast_cache.cache_problem() == ""
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
