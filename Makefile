@@ -6,7 +6,7 @@ OUT    ?= runs/demo
 APT_PACKAGES := dataset-fashion-mnist chromium g++ python3-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-slow test-all bench clean
+.PHONY: install system-deps demo test test-slow test-all test-torch-latest bench clean
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -35,6 +35,21 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+# The engine's tests again on the newest torch this machine installs (a CUDA build that runs on
+# the CPU), in a second environment; CI runs it after `make test`.
+TORCH_LATEST ?= 2.14.1
+VENV_LATEST  ?= .venv-torch-latest
+$(VENV_LATEST)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/pip install -q --upgrade pip
+	$(VENV_LATEST)/bin/pip install -q torch==$(TORCH_LATEST)
+	$(VENV_LATEST)/bin/pip install -q -e ".[test]"
+	touch $@
+
+test-torch-latest: system-deps $(VENV_LATEST)/.installed
+	$(VENV_LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider -o log_level=WARNING \
+	  tests/inference/test_fast_*.py tests/inference/test_nuts.py tests/inference/test_nuts_backends.py tests/inference/test_svi.py
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
