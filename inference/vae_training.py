@@ -40,8 +40,10 @@ from vilab.datasets import ImageData, make_loader
 from vilab.inference.checkpoints import AtomicCheckpointIO
 from vilab.inference.objectives import (ELBOLoss, IWAELoss, KLAnnealing, PyroELBOLoss, as_loss, elbo_terms,
                                         iwae_bound)
+from vilab.inference.progress import is_interactive
 from vilab.inference.schedules import PlateauSchedule
 # Re-exported: the run-directory helpers were first importable from here.
+from vilab.inference.vae_progress import EpochStatus
 from vilab.inference.vae_runs import (check_run_folder, finish_run, load_run, read_metrics, save_weights,
                                       set_aside_run, trim_metrics, write_json)
 from vilab.models.vae import VAE
@@ -416,6 +418,10 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
     if config.patience is not None and val_loader is not None:
         all_callbacks.append(EarlyStopping(monitor=module.monitor, mode="max",
                                            patience=config.patience))
+    # On a terminal Lightning's bar; in a log, one line per epoch (a bar there is ~87 kB an epoch).
+    bar = config.progress and is_interactive()
+    if config.progress and not bar:
+        all_callbacks.append(EpochStatus())
     all_callbacks += list(callbacks)
     if config.lr_decay is not None:
         # After the caller's callbacks: it acts on the metric they leave.
@@ -432,7 +438,7 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
     trainer = pl.Trainer(
         max_epochs=config.max_epochs, accelerator=config.accelerator, devices=config.devices,
         strategy=strategy, callbacks=all_callbacks, logger=loggers,
-        plugins=[AtomicCheckpointIO()], enable_progress_bar=config.progress,
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=bar,
         enable_model_summary=False, num_sanity_val_steps=0,
         gradient_clip_val=config.gradient_clip, log_every_n_steps=10, deterministic=True,
         max_time=config.max_time)

@@ -16,6 +16,8 @@ import json
 import sys
 from typing import Any
 
+from vilab.cli_errors import set_flag_names
+
 __all__ = ["add_advanced_commands", "gaps_command", "dmm_command"]
 
 
@@ -42,6 +44,8 @@ def add_advanced_commands(subparsers: Any) -> None:
     dmm.add_argument("--out", default=None, help="save the weights (.safetensors)")
     dmm.add_argument("--seed", type=int, default=0)
     dmm.set_defaults(func=dmm_command)
+    for parser in (gaps, dmm):
+        set_flag_names(parser)
 
 
 def _fail(command: str, message: str) -> int:
