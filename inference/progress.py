@@ -32,7 +32,13 @@ def is_terminal(stream: Optional[TextIO] = None) -> bool:
 def is_interactive() -> bool:
     """Whether a redrawn bar is seen as a bar: stderr is a terminal, or this is a notebook
     (where tqdm draws a widget)."""
-    return is_terminal() or "ipykernel" in sys.modules
+    return is_terminal() or _in_notebook()
+
+
+def _in_notebook() -> bool:
+    ipython = sys.modules.get("IPython")  # imported by every notebook kernel; never import it here
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 class StatusLine:
