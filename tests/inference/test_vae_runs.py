@@ -142,3 +142,22 @@ def test_a_run_killed_mid_epoch_resumes_without_duplicated_log_rows(digits, tmp_
     assert max(logged.values()) == 1, [key for key, count in logged.items() if count > 1]
     assert [row["step"] for row in rows if "train/loss_step" in row] == [9.0, 19.0]
     assert [row["epoch"] for row in rows if "val/elbo" in row] == [0.0, 1.0]
+
+
+def test_the_cli_names_differing_settings_by_flag_and_fresh_moves_the_run_aside(tmp_path, capsys):
+    from vilab.cli import main
+
+    out = str(tmp_path / "run")
+    train = ["vae", "train", "--data", "digits", "--hidden", "8", "--epochs", "1", "--max-train", "64",
+             "--validation-size", "32", "--batch-size", "32", "--no-progress", "--out", out]
+    assert main([*train, "--latent", "2"]) == 0
+    before = _snapshot(out)
+    assert main([*train, "--latent", "3", "--lr", "0.01"]) == 2
+    error = capsys.readouterr().err
+    assert "holds a run trained with other settings: --lr 0.001 -> 0.01, --latent 2 -> 3; " in error
+    assert "add --fresh to start over" in error and "Traceback" not in error
+    assert _snapshot(out) == before
+    assert main([*train, "--latent", "3", "--fresh"]) == 0
+    assert f"--fresh: moved the run in {out} to {out}.old-1" in capsys.readouterr().err
+    assert _snapshot(out + ".old-1") == before
+    assert json.load(open(os.path.join(out, "config.json")))["vae"]["latent_dim"] == 3
