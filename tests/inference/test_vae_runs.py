@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from vilab.datasets import load_digits
 from vilab.inference.vae_runs import load_run, read_metrics
@@ -128,12 +129,7 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
-def test_a_run_killed_mid_epoch_resumes_without_duplicated_log_rows(digits, tmp_path):
-    out = str(tmp_path / "killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, out], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+def _assert_resumes_without_duplicates(digits, out):
     steps_before = [row["step"] for row in read_metrics(out) if "train/loss_step" in row]
     assert steps_before == [9.0, 19.0]  # step 19 belongs to the killed epoch
     train_vae(_vae(digits), digits, out, config=_config(2, batch_size=8))
@@ -142,6 +138,36 @@ def test_a_run_killed_mid_epoch_resumes_without_duplicated_log_rows(digits, tmp_
     assert max(logged.values()) == 1, [key for key, count in logged.items() if count > 1]
     assert [row["step"] for row in rows if "train/loss_step" in row] == [9.0, 19.0]
     assert [row["epoch"] for row in rows if "val/elbo" in row] == [0.0, 1.0]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_without_duplicated_log_rows(digits, tmp_path):
+    out = str(tmp_path / "killed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, out], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    _assert_resumes_without_duplicates(digits, out)
+
+
+class _Crash(Exception):
+    """Stands in for SIGKILL: the process stops mid-epoch, after the CSV logger wrote a row."""
+
+
+class _CrashAfterFlush(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 22:
+            for logger in trainer.loggers:
+                logger.save()
+            raise _Crash
+
+
+def test_a_run_that_crashed_mid_epoch_resumes_without_duplicated_log_rows(digits, tmp_path):
+    """The on-disk state of the SIGKILL above (rows past the last checkpoint), made in-process."""
+    out = str(tmp_path / "crashed")
+    with pytest.raises(_Crash):
+        train_vae(_vae(digits), digits, out, config=_config(2, batch_size=8), callbacks=[_CrashAfterFlush()])
+    _assert_resumes_without_duplicates(digits, out)
 
 
 def test_the_cli_names_differing_settings_by_flag_and_fresh_moves_the_run_aside(tmp_path, capsys):
