@@ -61,8 +61,8 @@ class StatusLine:
 
     def __iter__(self) -> Iterator:
         for item in self.iterable:
+            self.update(1)  # counted when started, so a loop left early by `break` counts right
             yield item
-            self.update(1)
 
     def update(self, n: int = 1) -> None:
         """Count ``n`` more iterations; print a line if ``interval`` seconds passed since the last."""
