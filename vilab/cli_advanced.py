@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -85,6 +86,8 @@ def dmm_command(args: argparse.Namespace) -> int:
     from vilab.inference.objectives import elbo_terms
     from vilab.models.dmm import DMM
 
+    if args.out and os.path.isdir(args.out):  # found out now, not after training
+        return _fail("dmm", f"--out: expected a file name such as runs/dmm.safetensors; {args.out!r} is a folder")
     pyro.set_rng_seed(args.seed)
     try:
         if args.data == "pendulum":

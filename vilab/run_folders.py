@@ -102,7 +102,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     Raises:
         RunFolderError: if ``path`` exists and is not a folder.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." and "runs/x/" have a name to build beside
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"out: {str(path)!r} is a file; expected a folder (or a path that does not exist)")
     path.parent.mkdir(parents=True, exist_ok=True)
