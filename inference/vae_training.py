@@ -481,6 +481,9 @@ def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
                          f"{data.image_shape} with {data.num_levels} levels")
     # Lightning keeps each submodule's mode, and a run read back by load_run is in eval mode.
     vae.train()
+    config.check_schedule()  # bad settings fail here, before a run is moved or config.json written
+    config.make_loss()
+    resolve_strategy(config.devices, config.strategy, config.accelerator)
     run_config = {"vae": vae.config.to_dict(), "training": asdict(config), "data": data.name,
                   **(extra or {})}
     if not resume:
@@ -489,8 +492,6 @@ def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
             warnings.warn(f"train_vae: resume=False: the run in {out_dir!r} was moved to {moved!r}",
                           UserWarning, stacklevel=2)
     run_config = check_run_folder(out_dir, run_config)
-    config.check_schedule()  # bad settings fail here, before config.json is written
-    config.make_loss()
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "config.json"), run_config)
     train_loader = make_loader(data.train, data.train_labels, batch_size=config.batch_size,
