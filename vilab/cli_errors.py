@@ -76,9 +76,10 @@ def error_line(message: str, args: argparse.Namespace) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``args.func(args)``; a user error prints :func:`error_line` and returns 2.
+    """Run ``args.func(args)``; a user error prints :func:`error_line` and returns 2, Ctrl-C
+    prints ``vilab: interrupted`` and returns 130.
 
-    With ``args.debug`` the error is raised with its traceback instead.
+    With ``args.debug`` either is raised with its traceback instead.
     """
     try:
         return int(args.func(args) or 0)
@@ -87,3 +88,8 @@ def run_command(args: argparse.Namespace) -> int:
             raise
         print(error_line(str(error), args), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print("vilab: interrupted", file=sys.stderr)
+        return 128 + 2  # the shell's status for SIGINT

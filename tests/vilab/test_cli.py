@@ -128,3 +128,16 @@ def test_force_replaces_a_report_whole_and_a_rerun_says_it_replaces_its_own(comp
     assert main([*args[:-1], str(copy), "--guides", "planar"]) == 0
     assert "holds the report of this same comparison; it is replaced" in capsys.readouterr().err
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary left
+
+
+def test_ctrl_c_is_a_line_and_status_130_and_leaves_no_half_report(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    compare_module = importlib.import_module("vilab.inference.compare")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "run_nuts", interrupted)
+    assert main(["compare", "normal_normal", *_TINY, "--out", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err == "vilab: interrupted\n" and os.listdir(tmp_path) == []
