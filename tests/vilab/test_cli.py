@@ -116,18 +116,33 @@ def test_another_comparison_is_refused_in_a_folder_holding_a_report(compared, ca
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
-def test_force_replaces_a_report_whole_and_a_rerun_says_it_replaces_its_own(compared, tmp_path, capsys):
+def test_force_replaces_the_report_of_another_comparison_whole(compared, tmp_path, capsys):
     out, args = compared
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    assert main([*args[:-1], str(copy), "--guides", "planar", "--force"]) == 0
+    assert main([*args[:-1], str(copy), "--guides", "fullrank", "--force"]) == 0
     assert "--force: replacing the report" in capsys.readouterr().err
-    assert (copy / "planar.nc").exists() and not (copy / "meanfield.nc").exists()  # nothing mixed
+    assert (copy / "fullrank.nc").exists() and not (copy / "meanfield.nc").exists()  # nothing mixed
     settings = json.loads((copy / "run.json").read_text())["settings"]
-    assert settings["guides"] == ["planar"] and settings["model"] == "normal_normal"
-    assert main([*args[:-1], str(copy), "--guides", "planar"]) == 0
-    assert "holds the report of this same comparison; it is replaced" in capsys.readouterr().err
+    assert settings["guides"] == ["fullrank"] and settings["model"] == "normal_normal"
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary left
+
+
+def test_a_rerun_of_the_same_comparison_may_replace_it_and_an_interrupted_one_leaves_it_whole(
+        compared, capsys, monkeypatch):
+    import importlib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("vilab.inference.compare"), "run_nuts", interrupted)
+    out, args = compared
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert main(args) == 130
+    assert capsys.readouterr().err == (f"vilab compare: {out} holds the report of this same comparison; "
+                                       "it is replaced when this one is done\nvilab: interrupted\n")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert not [name for name in os.listdir(out.parent) if name.startswith(".")]
 
 
 def test_ctrl_c_is_a_line_and_status_130_and_leaves_no_half_report(tmp_path, capsys, monkeypatch):
