@@ -5,7 +5,6 @@ import os
 import warnings
 
 import pytest
-import torch
 
 import vilab.inference.report as report_module
 from vilab.run_folders import RunFolderError
