@@ -7,7 +7,8 @@ import traceback
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+
+from vilab.inference.progress import progress_bar
 
 __all__ = ["run_chains", "ChainError"]
 
@@ -31,7 +32,7 @@ def run_chains(worker: Callable, worker_args: Sequence[Any], num_chains: int, *,
 
     ``report(n)`` advances the shared progress bar by ``n`` iterations.
     """
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=desc, enabled=progress)
     try:
         if not parallel or num_chains == 1:
             return [worker(*worker_args, chain, bar.update) for chain in range(num_chains)]

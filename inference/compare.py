@@ -52,10 +52,15 @@ class ComparisonReport:
     reference_name: str
     title: str = "vilab comparison"
     failures: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # recorded in run.json by save()
 
     def save(self, directory: str) -> "Any":
         """Write metrics JSON, CSV tables, NetCDF InferenceData per method, PNG plots and a
-        report page into ``directory``; returns its path."""
+        report page into ``directory``; returns its path.
+
+        The folder is written whole (built beside it, then swapped into place): an earlier
+        report there is replaced, and a crash leaves it untouched. A file, or a folder holding
+        anything but a report, is refused with a ``ValueError`` before anything is written."""
         from vilab.inference.report import save_report
 
         return save_report(self, directory)

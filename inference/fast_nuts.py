@@ -21,8 +21,8 @@ import time
 from typing import NamedTuple, Optional
 
 import torch
-from tqdm.auto import tqdm
 
+from vilab.inference.progress import progress_bar
 from vilab.types import Model
 
 from . import fast_background, fast_workers
@@ -240,7 +240,7 @@ def _sample_batches(workers, *, progress, num_chains, seed, **options) -> Vector
     """All chains in this process (``workers == 1``) or split into batches over processes."""
     num_warmup, num_samples = options["num_warmup"], options["num_samples"]
     if workers == 1:
-        bar = tqdm(total=num_warmup + num_samples, disable=not progress, desc="vectorized NUTS")
+        bar = progress_bar(total=num_warmup + num_samples, enabled=progress, desc="vectorized NUTS")
         try:
             return _sample_batch(**options, num_chains=num_chains, seed=seed, report=bar, split=False)
         finally:

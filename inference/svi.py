@@ -22,7 +22,6 @@ import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoLaplaceApproximation
 from pyro.optim import ClippedAdam
-from tqdm.auto import tqdm
 
 from vilab.guides.registry import get_guide, guide_name
 from vilab.inference.convergence import has_converged
@@ -30,6 +29,7 @@ from vilab.inference.fast_leaf import threads_for
 from vilab.inference.fast_inductor import COMPILERS, FusePolicy
 from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
 from vilab.inference.guide_draws import draw_from_guide
+from vilab.inference.progress import progress_bar
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.validation import check_model, check_positive_int
 from vilab.types import Guide, Model, Samples
@@ -316,7 +316,7 @@ def fit_svi(
     setup_seconds = time.perf_counter() - start
     losses: list[float] = []
     converged = False
-    bar = tqdm(range(num_steps), desc=f"SVI {name}", disable=not progress, leave=False)
+    bar = progress_bar(range(num_steps), desc=f"SVI {name}", enabled=progress)
     policy = FusePolicy(compiler if isinstance(stepper, CompiledSVIStep) else "torchscript", num_steps)
     fused_at = ""
     with threads_for(stepper.numel), _cancelling(stepper):

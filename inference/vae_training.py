@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
@@ -39,9 +40,12 @@ from vilab.datasets import ImageData, make_loader
 from vilab.inference.checkpoints import AtomicCheckpointIO
 from vilab.inference.objectives import (ELBOLoss, IWAELoss, KLAnnealing, PyroELBOLoss, as_loss, elbo_terms,
                                         iwae_bound)
+from vilab.inference.progress import is_interactive
 from vilab.inference.schedules import PlateauSchedule
 # Re-exported: the run-directory helpers were first importable from here.
-from vilab.inference.vae_runs import finish_run, load_run, read_metrics, save_weights, write_json
+from vilab.inference.vae_progress import EpochStatus
+from vilab.inference.vae_runs import (check_run_folder, finish_run, load_run, read_metrics, save_weights,
+                                      set_aside_run, trim_metrics, write_json)
 from vilab.models.vae import VAE
 
 __all__ = [
@@ -343,6 +347,19 @@ def _stop_on_signals(trainer: pl.Trainer) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+class _TrimResumedLogs(Callback):
+    """On a resume, drop the CSV rows that the stopped process logged after its checkpoint: the
+    resumed run logs those steps again (a ``kill -9`` mid-epoch would otherwise leave them twice)."""
+
+    def __init__(self, out_dir: str, version: str):
+        self.out_dir, self.version = out_dir, version
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here the checkpoint is restored, so global_step is the step it was taken after.
+        if trainer.ckpt_path and trainer.is_global_zero:
+            trim_metrics(self.out_dir, trainer.global_step, keep=self.version)
+
+
 def _remove_stale_temporaries(directory: str) -> None:
     """Delete half-written checkpoint files left by a process killed while saving."""
     if os.path.isdir(directory):
@@ -401,6 +418,10 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
     if config.patience is not None and val_loader is not None:
         all_callbacks.append(EarlyStopping(monitor=module.monitor, mode="max",
                                            patience=config.patience))
+    # On a terminal Lightning's bar; in a log, one line per epoch (a bar there is ~87 kB an epoch).
+    bar = config.progress and is_interactive()
+    if config.progress and not bar:
+        all_callbacks.append(EpochStatus())
     all_callbacks += list(callbacks)
     if config.lr_decay is not None:
         # After the caller's callbacks: it acts on the metric they leave.
@@ -409,13 +430,15 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
     # A resumed run logs to a new CSV file; read_metrics concatenates them in order.
     previous = [d for d in os.listdir(os.path.join(out_dir, "logs"))
                 if d.startswith("csv")] if os.path.isdir(os.path.join(out_dir, "logs")) else []
-    loggers: list = [CSVLogger(out_dir, name="logs", version=f"csv-{len(previous)}")]
+    version = f"csv-{len(previous)}"
+    all_callbacks.append(_TrimResumedLogs(out_dir, version))
+    loggers: list = [CSVLogger(out_dir, name="logs", version=version)]
     if _TENSORBOARD_AVAILABLE:
         loggers.append(TensorBoardLogger(out_dir, name="logs", version="tensorboard"))
     trainer = pl.Trainer(
         max_epochs=config.max_epochs, accelerator=config.accelerator, devices=config.devices,
         strategy=strategy, callbacks=all_callbacks, logger=loggers,
-        plugins=[AtomicCheckpointIO()], enable_progress_bar=config.progress,
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=bar,
         enable_model_summary=False, num_sanity_val_steps=0,
         gradient_clip_val=config.gradient_clip, log_every_n_steps=10, deterministic=True,
         max_time=config.max_time)
@@ -437,8 +460,16 @@ def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
     validation/test are the fixed binarizations in ``data``. After training the best
     checkpoint's weights (by validation ELBO) are written to ``out_dir/model.safetensors``.
 
+    ``out_dir`` may hold a run already: with ``resume`` it must have been trained with the same
+    settings, except those in :data:`~vilab.inference.vae_runs.RESUMABLE_SETTINGS` (epochs,
+    patience...), whose changes ``config.json`` records under ``"resumes"``; without
+    ``resume`` the old run is moved aside to ``out_dir.old-N`` (with a ``UserWarning``).
+    ``config.json`` is written only once these checks pass.
+
     Raises:
         ValueError: if the model's image shape or levels do not match ``data``.
+        vilab.run_folders.RunFolderError: (a ``ValueError``) if ``out_dir`` is a file, a
+            non-empty folder that is no run, or a run with other settings (each one named).
         TrainingInterrupted: on SIGTERM/SIGINT (see :func:`fit_lightning`).
     """
     config = config or TrainingConfig()
@@ -450,10 +481,19 @@ def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
                          f"{data.image_shape} with {data.num_levels} levels")
     # Lightning keeps each submodule's mode, and a run read back by load_run is in eval mode.
     vae.train()
+    config.check_schedule()  # bad settings fail here, before a run is moved or config.json written
+    config.make_loss()
+    resolve_strategy(config.devices, config.strategy, config.accelerator)
+    run_config = {"vae": vae.config.to_dict(), "training": asdict(config), "data": data.name,
+                  **(extra or {})}
+    if not resume:
+        moved = set_aside_run(out_dir)
+        if moved is not None:
+            warnings.warn(f"train_vae: resume=False: the run in {out_dir!r} was moved to {moved!r}",
+                          UserWarning, stacklevel=2)
+    run_config = check_run_folder(out_dir, run_config)
     os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "config.json"),
-                {"vae": vae.config.to_dict(), "training": asdict(config), "data": data.name,
-                 **(extra or {})})
+    write_json(os.path.join(out_dir, "config.json"), run_config)
     train_loader = make_loader(data.train, data.train_labels, batch_size=config.batch_size,
                                shuffle=True, dynamic_binarization=data.num_levels == 2)
     val_loader = make_loader(data.validation, data.validation_labels,

@@ -2,12 +2,22 @@
 
 ``vilab compare`` with no model runs the embedded main job: eight schools (non-centred),
 meanfield, fullrank and IAF guides against NUTS, written to ``runs/compare``.
+
+Every check of the input (model, guide names, ``--out``) runs before any fitting. ``--out``
+takes a new or empty folder, or the report of an earlier comparison: a rerun with the same
+settings replaces it (and says so), one with other settings needs ``--force``; a folder holding
+anything else is refused. The report is built beside ``--out`` and swapped into place at the
+end, so an interrupted run leaves the previous report whole. User errors print one
+``vilab: error: ...`` line in the CLI's flags and exit with status 2 (``vilab --debug ...``
+shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Optional, Sequence
+
+from vilab.cli_errors import run_command, set_flag_names
 
 __all__ = ["main", "build_parser"]
 
@@ -39,7 +49,7 @@ def _load_problem(args: argparse.Namespace):
         from vilab.posteriordb import load_posteriordb
 
         if not args.model:
-            raise SystemExit("vilab compare: --posteriordb PATH needs a problem NAME, e.g. kidiq-kidscore_momiq")
+            raise ValueError("model: --posteriordb PATH needs a problem NAME, e.g. kidiq-kidscore_momiq")
         problem = load_posteriordb(args.posteriordb, args.model)
         return problem.model, problem.args, problem.kwargs, problem.reference_draws, f"posteriordb: {problem.name}"
     from vilab.models import get_model
@@ -47,6 +57,43 @@ def _load_problem(args: argparse.Namespace):
     name = args.model or DEFAULT_MODEL
     model, model_args, model_kwargs = get_model(name).load()
     return model, model_args, model_kwargs, None, name
+
+
+def _check_guides(guides: list[str]) -> None:
+    """Raise ``ValueError`` for a guide name that neither the guide registry nor the VI methods know."""
+    from vilab.guides import list_guides
+    from vilab.inference.vi import METHODS
+
+    known = [info.name for info in list_guides()] + sorted(METHODS)
+    unknown = [name for name in guides if name not in known]
+    if not guides or unknown:
+        raise ValueError(f"guides: expected comma-separated names among {', '.join(known)}; "
+                         f"got {', '.join(map(repr, unknown)) or 'none'} (see `vilab list`)")
+
+
+# Options that describe the comparison a report holds (--out, --quiet, --force do not).
+_SETTINGS = ("posteriordb", "guides", "steps", "lr", "flows", "draws", "samples", "warmup", "chains",
+             "target_accept", "dense_mass", "no_nuts", "seed")
+
+
+def _check_out(args: argparse.Namespace, settings: dict) -> None:
+    """Refuse ``--out`` unless it may take this comparison's report (see the module docstring)."""
+    from vilab.inference.report import previous_report
+
+    differences = previous_report(args.out, settings)
+    if differences is None:
+        return
+    if not differences:
+        print(f"vilab compare: {args.out} holds the report of this same comparison; it is "
+              "replaced when this one is done", file=sys.stderr)
+        return
+    names = {key: key if key == "model" else args.cli_flags.get(key, key) for key in differences}
+    described = ", ".join(f"{names[key]} {old!r} -> {new!r}" for key, (old, new) in differences.items())
+    if not args.force:
+        raise ValueError(f"out: {args.out!r} holds the report of another comparison ({described}); "
+                         "choose another --out, or add --force to replace it")
+    print(f"vilab compare: --force: replacing the report in {args.out} ({described}) when this "
+          "one is done", file=sys.stderr)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -57,11 +104,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     torch.set_default_dtype(torch.float64)
     guides = [g.strip() for g in args.guides.split(",") if g.strip()]
-    try:
-        model, model_args, model_kwargs, reference, title = _load_problem(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"vilab compare: {error}", file=sys.stderr)
-        return 2
+    _check_guides(guides)
+    model, model_args, model_kwargs, reference, title = _load_problem(args)
+    settings = {"model": title, **{key: getattr(args, key) for key in _SETTINGS}, "guides": guides}
+    _check_out(args, settings)
     flows = {"num_flows": args.flows}
     report = compare(
         model, *model_args, guides=guides, reference=reference, include_nuts=reference is not None and not args.no_nuts,
@@ -72,6 +118,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         guide_options={g: flows for g in guides if g in ("iaf", "nsf", "planar", "radial", "sylvester")},
         progress=not args.quiet, **model_kwargs)
     report.title = f"vilab compare: {title}"
+    report.settings = settings
     out = report.save(args.out)
     columns = [c for c in ("mean_abs_error_sd", "max_abs_error_sd", "mean_abs_log_sd_ratio", "k_hat", "elbo",
                            "wall_time", "ess_per_second", "num_divergences") if c in report.summary.columns]
@@ -85,6 +132,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``vilab`` command."""
     parser = argparse.ArgumentParser(prog="vilab", description="Variational inference vs NUTS on Pyro models.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (before the command: vilab --debug ...)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list models, posteriordb problems and guides").set_defaults(func=_cmd_list)
     cmp = sub.add_parser("compare", help="fit guides and NUTS on a model and compare them")
@@ -104,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-nuts", action="store_true",
                      help="with --posteriordb, score only the guides against the reference draws")
     cmp.add_argument("--seed", type=int, default=0)
-    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.add_argument("--quiet", action="store_true", help="no progress output")
+    cmp.add_argument("--force", action="store_true",
+                     help="replace the report of another comparison in --out")
     cmp.set_defaults(func=_cmd_compare)
     try:
         from vilab.cli_vae import add_vae_commands
@@ -115,13 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     from vilab.cli_advanced import add_advanced_commands
 
     add_advanced_commands(sub)
+    set_flag_names(parser)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``vilab`` console script."""
+    """Entry point of the ``vilab`` console script: exit status 0, 2 for a user error (one
+    ``vilab: error:`` line on stderr), or 128 + N for a run stopped by signal N."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

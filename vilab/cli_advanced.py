@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
+
+from vilab.cli_errors import set_flag_names
 
 __all__ = ["add_advanced_commands", "gaps_command", "dmm_command"]
 
@@ -42,6 +45,8 @@ def add_advanced_commands(subparsers: Any) -> None:
     dmm.add_argument("--out", default=None, help="save the weights (.safetensors)")
     dmm.add_argument("--seed", type=int, default=0)
     dmm.set_defaults(func=dmm_command)
+    for parser in (gaps, dmm):
+        set_flag_names(parser)
 
 
 def _fail(command: str, message: str) -> int:
@@ -81,6 +86,8 @@ def dmm_command(args: argparse.Namespace) -> int:
     from vilab.inference.objectives import elbo_terms
     from vilab.models.dmm import DMM
 
+    if args.out and os.path.isdir(args.out):  # found out now, not after training
+        return _fail("dmm", f"--out: expected a file name such as runs/dmm.safetensors; {args.out!r} is a folder")
     pyro.set_rng_seed(args.seed)
     try:
         if args.data == "pendulum":

@@ -16,6 +16,8 @@ import os
 import sys
 from typing import Any
 
+from vilab.cli_errors import set_flag_names, to_flags
+
 __all__ = ["add_vae_commands", "train_command", "evaluate_command"]
 
 _GUIDES = ("meanfield", "planar", "radial", "sylvester", "iaf", "spline")
@@ -69,7 +71,8 @@ def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
                        help="training images carved off for validation (default: 10000 for the "
                             "28x28 sets, 200 for digits); the rest train")
     train.add_argument("--no-progress", action="store_true")
-    train.add_argument("--fresh", action="store_true", help="ignore an existing last.ckpt")
+    train.add_argument("--fresh", action="store_true",
+                       help="start over: a run already in --out is moved to OUT.old-N first")
     train.set_defaults(func=train_command)
 
     evaluate = commands.add_parser("evaluate", help="metrics JSON and figures for a run")
@@ -88,6 +91,7 @@ def add_vae_commands(subparsers: Any) -> argparse.ArgumentParser:
                                                 "its best checkpoint")
     finish.add_argument("run_dir", help="directory written by `vilab vae train`")
     finish.set_defaults(func=finish_command)
+    set_flag_names(vae)
     return vae
 
 
@@ -136,7 +140,7 @@ def train_command(args: argparse.Namespace) -> int:
         data = load_dataset(args.data, data_dir=args.data_dir, seed=args.seed,
                             validation_size=args.validation_size)
     except (ValueError, FileNotFoundError) as error:
-        return _fail(str(error).replace("validation_size:", "--validation-size:", 1))
+        return _fail(to_flags(str(error), args.cli_flags))
     if args.max_train:
         data = data.subset(num_train=args.max_train)
     widths = {}
@@ -167,11 +171,18 @@ def train_command(args: argparse.Namespace) -> int:
         vae = build_vae(config)
         training.check_schedule()
     except ValueError as error:
-        return _fail(str(error))
+        return _fail(to_flags(str(error), args.cli_flags))
+    from vilab.inference.vae_runs import set_aside_run
+    from vilab.run_folders import RunFolderError
+
     try:
+        moved = set_aside_run(args.out) if args.fresh else None
+        if moved:
+            print(f"vilab vae: --fresh: moved the run in {args.out} to {moved}", file=sys.stderr)
         result = train_vae(vae, data, args.out, config=training,
-                           resume=not args.fresh,
                            extra={"data_dir": args.data_dir, "validation_size": len(data.validation)})
+    except RunFolderError as error:
+        return _fail(_run_folder_message(error, args))
     except NonFiniteLossError as error:
         return _fail(f"{error}; last good checkpoint: "
                      f"{os.path.join(args.out, 'checkpoints', 'last.ckpt')}")
@@ -182,6 +193,19 @@ def train_command(args: argparse.Namespace) -> int:
         return 128 + error.signum  # the shell's convention for "killed by signal N"
     print(f"trained in {result.wall_time:.1f} s; weights: {os.path.join(args.out, 'model.safetensors')}")
     return 0
+
+
+def _run_folder_message(error: Exception, args: argparse.Namespace) -> str:
+    """The refusal of ``--out`` in flags: each differing setting as ``--flag old -> new``."""
+    differences = getattr(error, "differences", None)
+    if not differences:
+        return to_flags(str(error), args.cli_flags)
+    flags = args.cli_flags
+    described = ", ".join(f"{flags.get(key.rsplit('.', 1)[-1], key)} {old!r} -> {new!r}"
+                          for key, (old, new) in differences.items())
+    return (f"--out: {args.out!r} holds a run trained with other settings: {described}; rerun "
+            "with the run's own settings to resume it, or add --fresh to start over (the old "
+            f"run is moved to {os.path.normpath(args.out)}.old-N, not deleted)")
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

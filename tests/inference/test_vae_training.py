@@ -286,8 +286,8 @@ def test_cli_trains_and_evaluates_a_two_level_vae(tmp_path, capsys):
                                  "--out", str(tmp_path / "bad")])
     assert args.func(args) == 2
     errors = capsys.readouterr().err
-    assert "guide: the two-level VAE (latent_levels=2) has a mean-field guide only" in errors
-    assert "lr_decay: expected a factor in (0, 1); got 2.0" in errors
+    assert "--guide: the two-level VAE (--latent-levels=2) has a mean-field guide only" in errors
+    assert "--lr-decay: expected a factor in (0, 1); got 2.0" in errors
     assert not os.path.exists(tmp_path / "bad")  # refused before anything was written
 
 

@@ -1,5 +1,7 @@
 """The vilab command line: list, compare (registry and posteriordb), and its errors."""
 import json
+import os
+import shutil
 
 import pytest
 
@@ -48,3 +50,109 @@ def test_unknown_posteriordb_problem_is_a_clear_error(tmp_path, capsys, posterio
 def test_missing_subcommand_exits_with_usage():
     with pytest.raises(SystemExit):
         main([])
+
+
+# --- user errors and --out: refused before any fitting, one line in the CLI's flags ---------
+
+_TINY = ["--guides", "meanfield", "--steps", "20", "--draws", "20", "--samples", "20", "--warmup", "20",
+         "--chains", "1", "--quiet"]
+
+
+@pytest.fixture
+def no_nuts(monkeypatch):
+    """Make NUTS fail the test if it is reached: the checks under test must come first."""
+    import importlib
+
+    compare_module = importlib.import_module("vilab.inference.compare")  # the package re-exports the function
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("NUTS ran before the input was checked")
+
+    monkeypatch.setattr(compare_module, "run_nuts", refuse)
+
+
+def test_a_bad_option_is_one_line_in_the_cli_s_flags_not_a_traceback(tmp_path, capsys):
+    args = ["compare", "normal_normal", *_TINY[:-3], "--chains", "0", "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    assert capsys.readouterr().err == "vilab: error: --chains: expected an int >= 1; got 0\n"
+    with pytest.raises(ValueError, match="num_chains: expected an int >= 1"):
+        main(["--debug", *args])
+
+
+def test_a_misspelled_guide_is_refused_before_nuts_runs(tmp_path, capsys, no_nuts):
+    out = tmp_path / "r"
+    assert main(["compare", "normal_normal", *_TINY, "--guides", "meanfield,fulrank", "--out", str(out)]) == 2
+    assert "vilab: error: --guides: expected comma-separated names among meanfield, fullrank" in \
+        capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_naming_a_file_or_a_foreign_folder_is_refused_before_nuts_runs(tmp_path, capsys, no_nuts):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["compare", "normal_normal", *_TINY, "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["compare", "normal_normal", *_TINY, "--out", str(tmp_path)]) == 2
+    assert "holds files that are not a comparison report (notes.txt)" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and os.listdir(tmp_path) == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """A tiny comparison written to a fresh --out, and its arguments."""
+    out = tmp_path_factory.mktemp("compared") / "run"
+    args = ["compare", "normal_normal", *_TINY, "--out", str(out)]
+    assert main(args) == 0
+    return out, args
+
+
+def test_another_comparison_is_refused_in_a_folder_holding_a_report(compared, capsys, no_nuts):
+    out, args = compared
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert main([*args, "--steps", "60"]) == 2
+    assert "holds the report of another comparison (--steps 20 -> 60); choose another --out, or add " \
+           "--force" in capsys.readouterr().err
+    assert main(["compare", "eight_schools", *args[2:]]) == 2
+    assert "model 'normal_normal' -> 'eight_schools'" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_force_replaces_the_report_of_another_comparison_whole(compared, tmp_path, capsys):
+    out, args = compared
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    assert main([*args[:-1], str(copy), "--guides", "fullrank", "--force"]) == 0
+    assert "--force: replacing the report" in capsys.readouterr().err
+    assert (copy / "fullrank.nc").exists() and not (copy / "meanfield.nc").exists()  # nothing mixed
+    settings = json.loads((copy / "run.json").read_text())["settings"]
+    assert settings["guides"] == ["fullrank"] and settings["model"] == "normal_normal"
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary left
+
+
+def test_a_rerun_of_the_same_comparison_may_replace_it_and_an_interrupted_one_leaves_it_whole(
+        compared, capsys, monkeypatch):
+    import importlib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("vilab.inference.compare"), "run_nuts", interrupted)
+    out, args = compared
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert main(args) == 130
+    assert capsys.readouterr().err == (f"vilab compare: {out} holds the report of this same comparison; "
+                                       "it is replaced when this one is done\nvilab: interrupted\n")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert not [name for name in os.listdir(out.parent) if name.startswith(".")]
+
+
+def test_ctrl_c_is_a_line_and_status_130_and_leaves_no_half_report(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    compare_module = importlib.import_module("vilab.inference.compare")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "run_nuts", interrupted)
+    assert main(["compare", "normal_normal", *_TINY, "--out", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err == "vilab: interrupted\n" and os.listdir(tmp_path) == []

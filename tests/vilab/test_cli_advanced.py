@@ -34,3 +34,13 @@ def test_dmm_command_trains_and_prints_scores(tmp_path, capsys):
     assert args.func(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["test_log_likelihood"] >= printed["test_elbo"] - 50 and out.exists()
+
+
+def test_dmm_out_naming_a_folder_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import vilab.inference.minibatch as minibatch
+
+    monkeypatch.setattr(minibatch, "fit_minibatch", lambda *a, **k: pytest.fail("trained before checking --out"))
+    args = _parser().parse_args(["dmm", "--data", "pendulum", "--out", str(tmp_path)])
+    assert args.func(args) == 2
+    assert f"--out: expected a file name such as runs/dmm.safetensors; {str(tmp_path)!r} is a folder" in \
+        capsys.readouterr().err
