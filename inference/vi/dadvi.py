@@ -59,11 +59,10 @@ from tqdm.auto import tqdm
 
 from vilab.inference.samples import flatten_samples
 from vilab.inference.svi import SVIResult
-from vilab.inference.tracing import evaluate_draws, is_posterior_site, trace_model
 from vilab.inference.validation import check_positive_int
 from vilab.inference.vectorized import VectorizationError
 from vilab.inference.vi.gaussian import gaussian_guide
-from vilab.inference.vi.potential import unconstrained_potential
+from vilab.inference.vi.potential import LoopedPotential, unconstrained_potential
 
 __all__ = ["OPTIMIZERS", "fit_dadvi", "DADVIObjective"]
 
@@ -102,7 +101,7 @@ class DADVIObjective:
         return self._cached[1:]
 
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        """:math:`F` and :math:`\\nabla F` at ``x``; ``(inf, 0)`` where :math:`F` is not finite,
+        r""":math:`F` and :math:`\nabla F` at ``x``; ``(inf, 0)`` where :math:`F` is not finite,
         so that a trust-region step there is rejected and the region shrinks."""
         _, value, grad = self._graph(x)
         value, grad = float(value.detach()), grad.detach().numpy().copy()
@@ -111,7 +110,7 @@ class DADVIObjective:
         return value, grad
 
     def hessp(self, x: np.ndarray, vector: np.ndarray) -> np.ndarray:
-        """:math:`H(x) v` by a second backward pass through the graph of :math:`\\nabla F(x)`."""
+        r""":math:`H(x) v` by a second backward pass through the graph of :math:`\nabla F(x)`."""
         eta, _, grad = self._graph(x)
         direction = torch.as_tensor(vector, dtype=grad.dtype)
         (product,) = torch.autograd.grad(grad, eta, grad_outputs=direction, retain_graph=True)
@@ -126,8 +125,8 @@ class DADVIObjective:
 
 
 def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True, num_draws: int = 30,
-              antithetic: bool = True, draws: Optional[torch.Tensor] = None, optimizer: str = "trust-ncg", gtol: float = 1e-6,
-              max_iterations: int = 1000, num_lrvb_samples: int = 10000, **kwargs: Any) -> SVIResult:
+              antithetic: bool = True, draws: Optional[torch.Tensor] = None, optimizer: str = "trust-ncg", gtol: float = 1e-8, tolerance: float = 1e-5,
+              max_iterations: int = 1000, num_lrvb_samples: int = 4000, **kwargs: Any) -> SVIResult:
     r"""Fit a mean-field Gaussian to ``model(*args, **kwargs)`` by DADVI, with its LRVB covariance.
 
     Args:
@@ -140,7 +139,13 @@ def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True,
             antithetic pairs ``torch.cat([z, -z])``, whose mean is zero).
         optimizer: ``"trust-ncg"`` (default, Hessian-vector products), ``"trust-krylov"`` or
             ``"trust-exact"`` (full Hessian each step); scipy's trust-region methods.
-        gtol: convergence when :math:`\|\nabla F\|_2 <` ``gtol`` (scipy's test).
+        gtol: scipy's stopping rule, :math:`\|\nabla F\|_2 <` ``gtol``; the optimiser also stops
+            where rounding leaves it no predicted decrease.
+        tolerance: convergence test on the Newton decrement
+            :math:`\delta = \sqrt{\nabla F^\top H^{-1} \nabla F}`, the distance to the optimum in the
+            metric of :math:`H` (for the means, in units of the LRVB sd; invariant to the scale of
+            the parameters, unlike a gradient norm). Full-Hessian Newton steps polish the
+            optimiser's answer until :math:`\delta <` ``tolerance``.
         max_iterations: the optimiser's iteration limit.
         num_lrvb_samples: draws of :math:`\mathcal N(\hat\mu, \Sigma_{\mathrm{LR}})` pushed to the
             constrained space to give each parameter's LRVB sd.
@@ -148,8 +153,9 @@ def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True,
     Returns:
         An :class:`SVIResult` whose ``guide`` is the fitted mean-field Gaussian (an
         ``AutoMultivariateNormal`` with a diagonal scale), ``losses`` the objective :math:`F`
-        (a negative ELBO estimate) at each iteration, ``converged`` scipy's gradient-norm test
-        at a point whose Hessian is positive definite, and ``config`` holding
+        (a negative ELBO estimate) at each iteration, ``converged`` whether the Newton decrement
+        fell below ``tolerance`` at a point whose Hessian is positive definite, and ``config``
+        holding
         ``gradient_evaluations``, ``lrvb_covariance`` (unconstrained, ``(D, D)``),
         ``lrvb_sd`` (flat parameter name -> sd in the constrained space, sampled),
         ``lrvb_error`` (why there is none, if so) and the optimiser's record.
@@ -157,7 +163,8 @@ def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True,
     Raises:
         ValueError: bad options or draws (before any work), or a model with discrete latents.
     """
-    _check_options(num_draws, antithetic and draws is None, optimizer, gtol, max_iterations, num_lrvb_samples)
+    _check_options(num_draws, antithetic and draws is None, optimizer, gtol, tolerance, max_iterations,
+                   num_lrvb_samples)
     if seed is not None:
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
@@ -165,34 +172,31 @@ def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True,
     potential = _potential(model, args, kwargs, num_draws if draws is None else len(draws), seed)
     draws = _draws(draws, num_draws, antithetic, potential.dim, seed)
     objective = DADVIObjective(potential.log_density, draws)
-    x0 = np.zeros(2 * potential.dim)
     losses: list[float] = []
-    solution = _minimize(objective, x0, optimizer, gtol, max_iterations, losses, progress)
-    optimizer_evaluations = objective.gradient_evaluations
-    hessian = objective.hessian(solution.x)
-    lrvb = _lrvb(hessian, potential.dim)
-    gradient_norm = float(np.linalg.norm(solution.jac))
-    converged = bool(solution.success) and gradient_norm < gtol and lrvb[1] is None
-    loc = torch.as_tensor(solution.x[:potential.dim], dtype=draws.dtype)
-    scale = torch.as_tensor(solution.x[potential.dim:], dtype=draws.dtype).exp()
-    guide = gaussian_guide(model, args, kwargs, loc, scale, sites=potential.sites)
-    config = {"method": "dadvi", "num_draws": len(draws), "antithetic": bool(antithetic),
-              "optimizer": optimizer, "gtol": gtol,
+    solution = _minimize(objective, np.zeros(2 * potential.dim), optimizer, gtol, max_iterations, losses, progress)
+    x, hessian, decrement, newton_steps = _newton_polish(objective, solution.x, tolerance, losses)
+    lrvb_covariance, lrvb_error = _lrvb(hessian, potential.dim)
+    loc = torch.as_tensor(x[:potential.dim], dtype=draws.dtype)
+    scale = torch.as_tensor(x[potential.dim:], dtype=draws.dtype).exp()
+    config = {"method": "dadvi", "num_draws": len(draws), "antithetic": bool(antithetic), "optimizer": optimizer,
               "iterations": int(solution.nit), "optimizer_message": str(solution.message),
-              "gradient_norm": gradient_norm, "vectorized": not type(potential).__name__ == "LoopedPotential",
-              "optimizer_gradient_evaluations": optimizer_evaluations,
+              "newton_steps": newton_steps, "newton_decrement": decrement, "tolerance": tolerance,
+              "gradient_norm": float(np.linalg.norm(objective.value_and_grad(x)[1])),
+              "vectorized": not isinstance(potential, LoopedPotential),
               "gradient_evaluations": objective.gradient_evaluations,
-              "lrvb_covariance": None, "lrvb_sd": None, "lrvb_error": lrvb[1]}
-    if lrvb[0] is not None:
-        config["lrvb_covariance"] = lrvb[0].tolist()
-        config["lrvb_sd"] = _constrained_sd(model, args, kwargs, potential, loc, lrvb[0], num_lrvb_samples, seed)
-    if lrvb[1] is not None:
-        warnings.warn(f"fit_dadvi: no LRVB covariance ({lrvb[1]})", RuntimeWarning, stacklevel=2)
+              "lrvb_covariance": None, "lrvb_sd": None, "lrvb_error": lrvb_error}
+    if lrvb_covariance is not None:
+        config["lrvb_covariance"] = lrvb_covariance.tolist()
+        config["lrvb_sd"] = _constrained_sd(potential, loc, lrvb_covariance, num_lrvb_samples, seed)
+    else:
+        warnings.warn(f"fit_dadvi: no LRVB covariance ({lrvb_error})", RuntimeWarning, stacklevel=2)
+    converged = decrement < tolerance and lrvb_error is None
+    guide = gaussian_guide(model, args, kwargs, loc, scale, sites=potential.sites)
     return SVIResult(model, guide, args, kwargs, losses or [float(solution.fun)], time.perf_counter() - start,
                      converged, "dadvi", "dadvi", config)
 
 
-def _check_options(num_draws, antithetic, optimizer, gtol, max_iterations, num_lrvb_samples) -> None:
+def _check_options(num_draws, antithetic, optimizer, gtol, tolerance, max_iterations, num_lrvb_samples) -> None:
     check_positive_int(num_draws, "num_draws")
     if antithetic and num_draws % 2:
         raise ValueError(f"num_draws: expected an even number with antithetic=True (pairs z, -z); got {num_draws}")
@@ -200,8 +204,9 @@ def _check_options(num_draws, antithetic, optimizer, gtol, max_iterations, num_l
     check_positive_int(num_lrvb_samples, "num_lrvb_samples", minimum=2)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}; got {optimizer!r}")
-    if not (isinstance(gtol, (int, float)) and gtol > 0):
-        raise ValueError(f"gtol: expected a positive number; got {gtol!r}")
+    for value, name in ((gtol, "gtol"), (tolerance, "tolerance")):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name}: expected a positive number; got {value!r}")
 
 
 def _potential(model, args, kwargs, batch_size: int, seed: Optional[int]):
@@ -236,7 +241,7 @@ def _minimize(objective: DADVIObjective, x0, optimizer, gtol, max_iterations, lo
         bar.update(1)
         bar.set_postfix(objective=f"{intermediate_result.fun:.6g}")
 
-    hess = objective.hessian if optimizer == "trust-exact" else None
+    hess = _finite_hessian(objective) if optimizer == "trust-exact" else None
     hessp = None if hess is not None else objective.hessp
     try:
         return scipy.optimize.minimize(objective.value_and_grad, x0, jac=True, hess=hess, hessp=hessp,
@@ -246,8 +251,53 @@ def _minimize(objective: DADVIObjective, x0, optimizer, gtol, max_iterations, lo
         bar.close()
 
 
+def _finite_hessian(objective: DADVIObjective):
+    r"""``objective.hessian`` for scipy's ``trust-exact``, which builds the Hessian at every proposed
+    point: where it is not finite (where :math:`F = \infty`, a step the trust region rejects)
+    the identity stands in, so that the rejection can happen."""
+
+    def hessian(x: np.ndarray) -> np.ndarray:
+        value = objective.hessian(x)
+        return value if np.isfinite(value).all() else np.eye(len(x))
+
+    return hessian
+
+
+def _newton_polish(objective: DADVIObjective, x: np.ndarray, tolerance: float, losses: list[float],
+                   max_steps: int = 20) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Newton steps with the full Hessian (a direct solve, so ill-conditioning that stalls
+    conjugate gradients does no harm) from ``x`` until the Newton decrement is below
+    ``tolerance``; returns the point, its Hessian, its decrement and the number of steps."""
+    for step in range(max_steps + 1):
+        value, grad = objective.value_and_grad(x)
+        hessian = objective.hessian(x)
+        try:
+            cholesky = np.linalg.cholesky(hessian)
+            direction = np.linalg.solve(cholesky.T, np.linalg.solve(cholesky, grad))
+        except np.linalg.LinAlgError:  # not a strict minimum: _lrvb says so, and converged stays False
+            return x, hessian, math.inf, step
+        decrement = float(np.sqrt(max(grad @ direction, 0.0)))
+        if decrement < tolerance or step == max_steps or not np.isfinite(value):
+            return x, hessian, decrement, step
+        x = _backtrack(objective, x, direction, value, decrement)
+        losses.append(objective.value_and_grad(x)[0])
+    raise AssertionError("unreachable")
+
+
+def _backtrack(objective: DADVIObjective, x: np.ndarray, direction: np.ndarray, value: float,
+               decrement: float) -> np.ndarray:
+    r"""The first of the steps :math:`x - 2^{-k} d` whose objective is not above ``value`` plus
+    rounding (near the optimum the predicted decrease :math:`\delta^2/2` is below it)."""
+    slack = 1e-12 * max(abs(value), 1.0)
+    for halving in range(30):
+        candidate = x - 0.5 ** halving * direction
+        if objective.value_and_grad(candidate)[0] <= value - 0.25 * 0.5 ** halving * decrement ** 2 + slack:
+            return candidate
+    return x
+
+
 def _lrvb(hessian: np.ndarray, dim: int) -> tuple[Optional[np.ndarray], Optional[str]]:
-    """:math:`[H^{-1}]_{\\mu\\mu}`, or ``None`` and the reason when :math:`H` is not positive
+    r""":math:`[H^{-1}]_{\mu\mu}`, or ``None`` and the reason when :math:`H` is not positive
     definite (the optimum is not a strict minimum) or not finite."""
     if not np.isfinite(hessian).all():
         return None, "the Hessian of the objective at the optimum is not finite"
@@ -262,19 +312,19 @@ def _lrvb(hessian: np.ndarray, dim: int) -> tuple[Optional[np.ndarray], Optional
     return 0.5 * (covariance + covariance.T), None
 
 
-def _constrained_sd(model, args, kwargs, potential, loc, covariance, num_samples, seed) -> dict[str, float]:
-    """Per flat parameter (latent and deterministic sites, as ``compare`` names them), the sd of
-    :math:`T^{-1}(z)` for :math:`z \\sim \\mathcal N(\\hat\\mu, \\Sigma_{\\mathrm{LR}})`."""
+def _constrained_sd(potential, loc, covariance, num_samples, seed, chunk: int = 500) -> dict[str, float]:
+    r"""Per flat parameter (latent and deterministic sites, as ``compare`` names them), the sd of
+    :math:`T^{-1}(z)` for :math:`z \sim \mathcal N(\hat\mu, \Sigma_{\mathrm{LR}})`."""
     generator = torch.Generator().manual_seed(0 if seed is None else seed)
     covariance = torch.as_tensor(covariance, dtype=loc.dtype)
     # eigh, not Cholesky: a covariance that is PSD up to rounding still has a square root.
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     root = eigenvectors * eigenvalues.clamp(min=0).sqrt()
     z = loc + torch.randn(num_samples, len(loc), generator=generator, dtype=loc.dtype) @ root.T
+    parts = []
     with torch.no_grad():
-        values, _ = potential.constrain(z)
-        evaluation = evaluate_draws(model, args, kwargs, values, warn_fn=lambda message: None)
-    trace = trace_model(model, args, kwargs)
-    keep = {name for name, site in trace.nodes.items() if is_posterior_site(site)}
-    samples = {k: v for k, v in evaluation["values"].items() if k in keep}
+        for block in z.split(chunk):  # chunks bound the memory of deterministic sites
+            values, _ = potential.constrain(block)
+            parts.append({**values, **potential.deterministic(block)})
+    samples = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     return {name: float(np.std(value, ddof=1)) for name, value in flatten_samples(samples, 1).items()}

@@ -54,6 +54,21 @@ class LoopedPotential(BatchedPotential):
         r"""Log joint density in unconstrained space, shape ``(B,)``, differentiable in ``z``."""
         return torch.stack([self._one(z[b:b + 1]) for b in range(z.shape[0])])
 
+    def deterministic(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Values of the ``pyro.deterministic`` sites, each ``(B, *site_shape)``, one model run
+        per point."""
+        if not self.deterministic_shapes:
+            return {}
+        values, _ = self.constrain(z)
+        out = {name: [] for name in self.deterministic_shapes}
+        with torch.no_grad(), pyro.validation_enabled(False):
+            for b in range(z.shape[0]):
+                data = {name: value[b] for name, value in values.items()}
+                trace = _trace(poutine.condition(self.model, data=data), self.model_args, self.model_kwargs)
+                for name in out:
+                    out[name].append(trace.nodes[name]["value"].reshape(self.deterministic_shapes[name]))
+        return {name: torch.stack(value) for name, value in out.items()}
+
     def _one(self, z: torch.Tensor) -> torch.Tensor:
         values, log_det = self.constrain(z)
         values = {name: value[0] for name, value in values.items()}
