@@ -131,7 +131,8 @@ def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True,
 
     Args:
         model: a Pyro model with continuous latent sites; ``*args, **kwargs`` are its data.
-        seed: seeds the draws (and Pyro's RNG, clearing the param store); ``None`` leaves both.
+        seed: seeds the draws (and Pyro's RNG, clearing the param store); ``None`` draws from
+            torch's global RNG and leaves the param store alone.
         num_draws: :math:`M`, the number of fixed draws (the paper's default is 30).
         antithetic: draw :math:`M/2` standard normals and use them with their negatives (``M``
             must be even); ``False`` draws :math:`M` i.i.d. as the paper does.
@@ -219,7 +220,8 @@ def _potential(model, args, kwargs, batch_size: int, seed: Optional[int]):
 def _draws(draws, num_draws: int, antithetic: bool, dim: int, seed: Optional[int]) -> torch.Tensor:
     dtype = torch.get_default_dtype()
     if draws is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        # seed=None: the global RNG, which the caller controls.
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
         if not antithetic:
             return torch.randn(num_draws, dim, generator=generator, dtype=dtype)
         half = torch.randn(num_draws // 2, dim, generator=generator, dtype=dtype)
@@ -315,7 +317,7 @@ def _lrvb(hessian: np.ndarray, dim: int) -> tuple[Optional[np.ndarray], Optional
 def _constrained_sd(potential, loc, covariance, num_samples, seed, chunk: int = 500) -> dict[str, float]:
     r"""Per flat parameter (latent and deterministic sites, as ``compare`` names them), the sd of
     :math:`T^{-1}(z)` for :math:`z \sim \mathcal N(\hat\mu, \Sigma_{\mathrm{LR}})`."""
-    generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     covariance = torch.as_tensor(covariance, dtype=loc.dtype)
     # eigh, not Cholesky: a covariance that is PSD up to rounding still has a square root.
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
