@@ -11,9 +11,11 @@ approximation. Draw :math:`z_1, \dots, z_M \sim \mathcal N(0, I_D)` once; with
 the negative ELBO of :math:`q_\eta = \mathcal N(\mu, \mathrm{diag}\,\sigma^2)` on the model's
 unconstrained space (Jacobian included) with its expectation replaced by the average over the
 fixed draws. :math:`F` is smooth and deterministic, so a second-order trust-region method
-(scipy's ``trust-ncg`` with Hessian-vector products from autograd) reaches its optimum
-:math:`\hat\eta` to a gradient-norm tolerance: the answer depends on the draws, not on a
-learning rate or a stopping heuristic.
+(scipy's ``trust-ncg`` with Hessian-vector products from autograd), polished by Newton steps
+with the full Hessian, reaches its optimum :math:`\hat\eta` to a tolerance on the Newton
+decrement :math:`\sqrt{\nabla F^\top H^{-1} \nabla F}` (the distance to the optimum in the
+metric of :math:`H`, whatever the parameters' scales): the answer depends on the draws, not on
+a learning rate or a stopping heuristic.
 
 Linear response (LRVB) covariance. Mean-field VI under-states variances and drops
 correlations; the sensitivity of :math:`\hat\mu` to a perturbation of the log density gives
@@ -125,8 +127,9 @@ class DADVIObjective:
 
 
 def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True, num_draws: int = 30,
-              antithetic: bool = True, draws: Optional[torch.Tensor] = None, optimizer: str = "trust-ncg", gtol: float = 1e-8, tolerance: float = 1e-5,
-              max_iterations: int = 1000, num_lrvb_samples: int = 4000, **kwargs: Any) -> SVIResult:
+              antithetic: bool = True, draws: Optional[torch.Tensor] = None, optimizer: str = "trust-ncg",
+              gtol: float = 1e-8, tolerance: float = 1e-5, max_iterations: int = 1000,
+              num_lrvb_samples: int = 4000, **kwargs: Any) -> SVIResult:
     r"""Fit a mean-field Gaussian to ``model(*args, **kwargs)`` by DADVI, with its LRVB covariance.
 
     Args:
@@ -156,8 +159,7 @@ def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True,
         ``AutoMultivariateNormal`` with a diagonal scale), ``losses`` the objective :math:`F`
         (a negative ELBO estimate) at each iteration, ``converged`` whether the Newton decrement
         fell below ``tolerance`` at a point whose Hessian is positive definite, and ``config``
-        holding
-        ``gradient_evaluations``, ``lrvb_covariance`` (unconstrained, ``(D, D)``),
+        holding ``gradient_evaluations``, ``lrvb_covariance`` (unconstrained, ``(D, D)``),
         ``lrvb_sd`` (flat parameter name -> sd in the constrained space, sampled),
         ``lrvb_error`` (why there is none, if so) and the optimiser's record.
 
