@@ -153,6 +153,10 @@ def test_compare_reports_the_lrvb_sd_beside_the_mean_field_sd(regression_data):
     tolerance = 4 * math.sqrt(1 / 20000 + 1 / 8000)
     assert (table["lrvb_sd_ratio"] - 1).abs().max() < tolerance
     assert "mean_abs_log_lrvb_sd_ratio" in report.summary.columns and report.summary.loc["dadvi", "converged"]
+    from vilab.inference.report import markdown_report
+    from vilab.inference.report_html import render_comparison_html
+
+    assert "lrvb_sd_ratio" in markdown_report(report, {}) and "LRVB sd ratio" in render_comparison_html(report, {})
 
 
 @pytest.mark.parametrize("options,match", [
