@@ -20,7 +20,6 @@ fit counts ``num_steps * num_particles``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import time

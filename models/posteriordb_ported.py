@@ -72,7 +72,8 @@ def kidscore_interaction_z(mom_hs: torch.Tensor, mom_iq: torch.Tensor,
     r"""posteriordb ``kidiq_with_mom_work-kidscore_interaction_z``: predictors standardised by
     two sds, :math:`z_{hs} = (\text{mom\_hs} - \bar{\cdot}) / (2\,\text{sd})`, likewise
     :math:`z_{iq}`; :math:`\beta` and :math:`\sigma` flat;
-    :math:`\text{kid\_score} \sim \mathcal N(\beta_1 + \beta_2 z_{hs} + \beta_3 z_{iq} + \beta_4 z_{hs} z_{iq}, \sigma)`."""
+    :math:`\text{kid\_score} \sim \mathcal N(\beta_1 + \beta_2 z_{hs} + \beta_3 z_{iq}
+    + \beta_4 z_{hs} z_{iq}, \sigma)`."""
     z_hs, z_iq = _standardize(mom_hs, 2.0), _standardize(mom_iq, 2.0)
     return _regression([torch.ones_like(z_hs), z_hs, z_iq, z_hs * z_iq], kid_score, "kid_score")
 
@@ -95,8 +96,10 @@ def logearn_logheight_male(height: torch.Tensor, male: torch.Tensor,
 
 def logearn_interaction_z(height: torch.Tensor, male: torch.Tensor,
                           earn: Optional[torch.Tensor] = None) -> torch.Tensor:
-    r"""posteriordb ``earnings-logearn_interaction_z``: :math:`z = (\text{height} - \bar{\cdot}) / \text{sd}`;
-    flat priors; :math:`\log \text{earn} \sim \mathcal N(\beta_1 + \beta_2 z + \beta_3\,\text{male} + \beta_4 z\,\text{male}, \sigma)`."""
+    r"""posteriordb ``earnings-logearn_interaction_z``:
+    :math:`z = (\text{height} - \bar{\cdot}) / \text{sd}`; flat priors;
+    :math:`\log \text{earn} \sim \mathcal N(\beta_1 + \beta_2 z + \beta_3\,\text{male}
+    + \beta_4 z\,\text{male}, \sigma)`."""
     z_height = _standardize(height)
     log_earn = None if earn is None else torch.log(earn)
     return _regression([torch.ones_like(z_height), z_height, male, z_height * male], log_earn, "log_earn")
