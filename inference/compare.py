@@ -90,6 +90,7 @@ def _rows(method: MethodResult, reference: dict[str, np.ndarray]) -> list[dict]:
     names = match_reference(method.draws, reference)
     reweighted = weighted_moments({n: method.draws[n] for n in names}, method.log_weights) \
         if method.log_weights is not None and np.isfinite(method.metrics.get("k_hat", np.nan)) else {}
+    lrvb_sd = (getattr(method.result, "config", None) or {}).get("lrvb_sd") or {}
     rows = []
     for name in names:
         mean, sd = _moments(method.draws[name])
@@ -101,6 +102,8 @@ def _rows(method: MethodResult, reference: dict[str, np.ndarray]) -> list[dict]:
         if name in reweighted:
             row["psis_mean_error_sd"] = (reweighted[name][0] - ref_mean) / ref_sd
             row["psis_sd_ratio"] = reweighted[name][1] / ref_sd
+        if name in lrvb_sd:  # DADVI's linear-response sd, beside the mean-field sd
+            row["lrvb_sd"], row["lrvb_sd_ratio"] = lrvb_sd[name], lrvb_sd[name] / ref_sd
         rows.append(row)
     return rows
 
@@ -213,6 +216,8 @@ def _build_report(methods, reference_draws, reference_name, failures=None) -> Co
                          max_abs_error_sd=float(part["mean_error_sd"].abs().max()),
                          mean_abs_log_sd_ratio=float(np.log(part["sd_ratio"]).abs().mean()),
                          mean_wasserstein_sd=float(part["wasserstein_sd"].mean()))
+            if "lrvb_sd_ratio" in part and part["lrvb_sd_ratio"].notna().any():
+                entry["mean_abs_log_lrvb_sd_ratio"] = float(np.log(part["lrvb_sd_ratio"]).abs().mean())
         summary.append(entry)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

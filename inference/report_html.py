@@ -181,6 +181,7 @@ def _k_hat_class(k_hat: Any) -> str:
 _SUMMARY_COLUMNS = (  # (column, header, digits)
     ("mean_abs_error_sd", "mean |error|", 3), ("max_abs_error_sd", "max |error|", 3),
     ("mean_abs_log_sd_ratio", "mean |log sd ratio|", 3), ("mean_wasserstein_sd", "mean W1", 3),
+    ("mean_abs_log_lrvb_sd_ratio", "mean |log LRVB sd ratio|", 3),
     ("k_hat", "k-hat", 3), ("k_hat_verdict", "verdict", 0), ("elbo", "ELBO", 5),
     ("wall_time", "wall time (s)", 3), ("ess_bulk_min", "min bulk ESS", 4), ("ess_per_second", "ESS/s", 3),
     ("r_hat_max", "max R-hat", 4), ("num_divergences", "divergences", 0),
@@ -223,6 +224,7 @@ def _summary_table(report) -> str:
 
 _PARAMETER_COLUMNS = (("mean", "mean"), ("sd", "sd"), ("ref_mean", "ref mean"), ("ref_sd", "ref sd"),
                       ("mean_error_sd", "error (ref sd)"), ("sd_ratio", "sd ratio"),
+                      ("lrvb_sd", "LRVB sd"), ("lrvb_sd_ratio", "LRVB sd ratio"),
                       ("wasserstein_sd", "W1 (ref sd)"), ("psis_mean_error_sd", "PSIS error (ref sd)"),
                       ("psis_sd_ratio", "PSIS sd ratio"))
 
@@ -232,7 +234,7 @@ def _parameter_css(column: str, value: float) -> str:
         return ""
     if column in ("mean_error_sd", "psis_mean_error_sd", "wasserstein_sd"):
         return "bad" if abs(value) > _ERROR_CUE else ""
-    if column in ("sd_ratio", "psis_sd_ratio"):
+    if column in ("sd_ratio", "psis_sd_ratio", "lrvb_sd_ratio"):
         return "" if _SD_RATIO_CUE[0] <= value <= _SD_RATIO_CUE[1] else "bad"
     return ""
 
@@ -247,7 +249,8 @@ def _parameter_table(report) -> str:
             for _, r in table.iterrows()]
     legend = (f"<p class=\"legend\">Tinted: |error| or W1 above {_ERROR_CUE} reference sd, or an sd ratio outside "
               f"[{_SD_RATIO_CUE[0]}, {_SD_RATIO_CUE[1]}]. PSIS columns are the guide's estimates after Pareto-smoothed "
-              "importance reweighting.</p>")
+              "importance reweighting. LRVB columns (DADVI) are the linear-response sd, a covariance correction of the mean-field "
+              "fit.</p>")
     return _table(["method", "parameter"] + [h for _, h in columns], rows, text_columns=2,
                   table_id="parameter-table") + legend
 

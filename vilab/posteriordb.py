@@ -2,7 +2,8 @@
 
 A posteriordb folder (e.g. ``../shared/posteriordb/kidiq-kidscore_momiq``) holds ``data.json``
 (Stan data-block fields), ``reference_draws.json`` (10 chains of flat, 1-based parameter names),
-``reference_summary.json`` and ``posteriordb_info.json``. :data:`POSTERIORDB_PORTS` maps each
+``reference_summary.json`` and ``posteriordb_info.json``, each possibly gzipped (``*.json.gz``,
+as in the compact copies under ``tests/data/posteriordb``). :data:`POSTERIORDB_PORTS` maps each
 folder name to a Pyro port in ``vilab.models.posteriordb_*``; a port is a model function whose
 parameters are named after the data fields it uses, so :func:`load_posteriordb` passes it the
 data dict's fields as keyword arguments::
@@ -12,6 +13,7 @@ data dict's fields as keyword arguments::
 """
 from __future__ import annotations
 
+import gzip
 import inspect
 import json
 import os
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from vilab.inference.samples import flatten_samples, unflatten_name
+from vilab.models import posteriordb_ported as ported
 from vilab.models.posteriordb_mixture import hmm_example, low_dim_gauss_mix
 from vilab.models.posteriordb_regression import blr, kidscore_momiq, logmesquite, nes
 from vilab.models.posteriordb_timeseries import ar_k, arma11, garch11
@@ -51,6 +54,19 @@ POSTERIORDB_PORTS: dict[str, Model] = {
     "mesquite-logmesquite": logmesquite,
     "nes2000-nes": nes,
     "sblrc-blr": blr,
+    # Ported for the VI accuracy study; compact data and reference draws in tests/data/posteriordb.
+    "diamonds-diamonds": ported.diamonds,
+    "earnings-earn_height": ported.earn_height,
+    "earnings-logearn_interaction_z": ported.logearn_interaction_z,
+    "earnings-logearn_logheight_male": ported.logearn_logheight_male,
+    "eight_schools-eight_schools_noncentered": ported.eight_schools_noncentered,
+    "gp_pois_regr-gp_pois_regr": ported.gp_pois_regr,
+    "kidiq-kidscore_interaction": ported.kidscore_interaction,
+    "kidiq-kidscore_momhsiq": ported.kidscore_momhsiq,
+    "kidiq_with_mom_work-kidscore_interaction_z": ported.kidscore_interaction_z,
+    "kilpisjarvi_mod-kilpisjarvi": ported.kilpisjarvi,
+    "mesquite-logmesquite_logvash": ported.logmesquite_logvash,
+    "mesquite-mesquite": ported.mesquite,
 }
 """posteriordb folder name -> Pyro port (a model taking the data fields as keyword arguments)."""
 
@@ -108,7 +124,7 @@ def default_posteriordb_path() -> Path:
 def list_posteriordb(path: Union[str, Path]) -> list[str]:
     """Names of the posteriors under ``path`` that have a Pyro port and a ``data.json``."""
     path = _existing_folder(path)
-    return sorted(name for name in POSTERIORDB_PORTS if (path / name / "data.json").is_file())
+    return sorted(name for name in POSTERIORDB_PORTS if _json_file(path / name / "data.json") is not None)
 
 
 def load_posteriordb(path: Union[str, Path], name: str) -> PosteriorDBProblem:
@@ -129,7 +145,7 @@ def load_posteriordb(path: Union[str, Path], name: str) -> PosteriorDBProblem:
     kwargs = model_kwargs(model, _read_json(folder / "data.json"))
     chains = _read_json(folder / "reference_draws.json")
     draws = {key: np.stack([np.asarray(chain[key], dtype=np.float64) for chain in chains]) for key in chains[0]}
-    info = _read_json(folder / "posteriordb_info.json") if (folder / "posteriordb_info.json").is_file() else {}
+    info = _read_json(folder / "posteriordb_info.json") if _json_file(folder / "posteriordb_info.json") else {}
     return PosteriorDBProblem(name=name, model=model, args=(), kwargs=kwargs, reference_draws=draws,
                               reference_summary=_read_json(folder / "reference_summary.json"),
                               description=_describe(info))
@@ -192,10 +208,19 @@ def _existing_folder(path: Union[str, Path]) -> Path:
     return path
 
 
+def _json_file(path: Path) -> Path | None:
+    """``path``, else its gzipped sibling ``path.gz`` (compact test data), else ``None``."""
+    for candidate in (path, path.with_name(path.name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"posteriordb: missing file {str(path)!r}")
-    with open(path) as handle:
+    found = _json_file(path)
+    if found is None:
+        raise FileNotFoundError(f"posteriordb: missing file {str(path)!r} (nor {path.name}.gz)")
+    with (gzip.open(found, "rt") if found.suffix == ".gz" else open(found)) as handle:
         return json.load(handle)
 
 

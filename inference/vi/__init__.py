@@ -15,6 +15,7 @@ __all__ = ["METHODS", "get_method", "is_method"]
 
 # name -> "vilab.inference.vi.<module>:<function>"; each method module adds its own line.
 METHODS: dict[str, str] = {}
+METHODS["dadvi"] = "vilab.inference.vi.dadvi:fit_dadvi"
 
 
 def is_method(name: object) -> bool:
