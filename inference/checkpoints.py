@@ -52,7 +52,7 @@ class CheckpointError(ValueError):
 
 def _feed(hasher, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
-        flat = obj.detach().cpu().contiguous().reshape(-1)
+        flat = torch.empty(obj.numel(), dtype=obj.dtype).copy_(obj.detach().cpu().reshape(-1))
         hasher.update(f"T{flat.dtype}{tuple(obj.shape)}".encode())
         hasher.update(flat.view(torch.uint8).numpy().tobytes())
     elif isinstance(obj, dict):

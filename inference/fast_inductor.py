@@ -251,7 +251,9 @@ def graph_key(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> s
         value = getattr(graph, node.target, None) if node.op == "get_attr" else None
         if isinstance(value, torch.Tensor):
             digest.update(f"{node.target}|{value.dtype}|{tuple(value.shape)}".encode())
-            digest.update(value.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            # A dense copy: an expanded constant has stride 0, which no byte view accepts.
+            dense = torch.empty(value.numel(), dtype=value.dtype).copy_(value.detach().reshape(-1))
+            digest.update(dense.view(torch.uint8).numpy().tobytes())
     for tensor in example:
         digest.update(f"{tensor.dtype}|{tuple(tensor.shape)}|{tensor.stride()}".encode())
     return digest.hexdigest()

@@ -338,3 +338,11 @@ def test_fit_svi_names_a_bad_compiler():
     with pytest.raises(ValueError, match="compiler.*'fast'"):
         fit_svi(conjugate.normal_normal, "meanfield", 20, conjugate.default_normal_data(), num_steps=5,
                 progress=False, compiler="fast")
+
+
+def test_a_graph_with_an_expanded_constant_has_a_key():
+    graph = make_fx(lambda x: (x * 2.0,))(torch.ones(1))
+    graph.register_buffer("_expanded", torch.zeros((), dtype=torch.float64).expand(1))
+    graph.graph.get_attr("_expanded")
+    graph.recompile()
+    assert len(fast_inductor.graph_key(graph, (torch.ones(1),))) == 64
