@@ -143,7 +143,9 @@ def load_spec(path: Union[str, Path], **overrides: Any) -> SweepSpec:
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known | {'num_seeds'})} "
                          "(sections [svi], [nuts], [reference], [method_options.NAME])")
-    data.update({key: value for key, value in overrides.items() if value is not None})
+    for key, value in overrides.items():  # options given as dicts add to the file's
+        if value is not None:
+            data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     missing = [name for name in ("models", "methods") if name not in data]
     if missing:
         raise ValueError(f"{path}: expected keys {missing}; got none (e.g. methods = [\"meanfield\", \"nuts\"])")
