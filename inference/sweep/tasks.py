@@ -6,11 +6,12 @@ and every random draw comes from the task's seed.
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import socket
 import time
 import warnings
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -24,11 +25,20 @@ GRADIENT_SCOPE_SVI = "optimisation steps x particles"
 GRADIENT_SCOPE_NUTS = "leapfrog steps of the kept draws (warmup not recorded)"
 
 
-def _prepare(num_cpus: int) -> None:
+@contextlib.contextmanager
+def _prepared(num_cpus: int) -> Iterator[None]:
+    """float64 and ``num_cpus`` torch threads while a task runs (restored after: a serial
+    sweep runs its tasks in the caller's process)."""
     import torch
 
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(num_cpus)
     torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
 
 
 def environment() -> dict[str, Any]:
@@ -63,12 +73,11 @@ def run_reference(model_name: str, posteriordb: Optional[str], options: Mapping[
     from vilab.inference.nuts import run_nuts
     from vilab.inference.samples import flatten_samples
 
-    _prepare(num_cpus)
-    problem = load_problem(model_name, posteriordb)
     options = dict(options)
     seed = options.pop("seed")
-    with warnings.catch_warnings():
+    with _prepared(num_cpus), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # divergences are kept in the diagnostics, and shown
+        problem = load_problem(model_name, posteriordb)
         result = run_nuts(problem.model, *problem.args, seed=seed, progress=False, **options, **problem.kwargs)
     latent = {name: value for name, value in result.samples.items() if name in result.inference_data.posterior}
     draws = {name: np.ascontiguousarray(value.reshape(-1)) for name, value in flatten_samples(latent, 2).items()}
@@ -82,12 +91,11 @@ def run_task(task: Task, posteriordb: Optional[str], reference: Mapping[str, np.
     for a method that ``compare`` reports as failed); any other error propagates."""
     from vilab.inference.compare import compare
 
-    _prepare(num_cpus)
-    problem = load_problem(task.model, posteriordb)
     options = task.options
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with _prepared(num_cpus), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        problem = load_problem(task.model, posteriordb)
         if task.method == NUTS:
             report = compare(problem.model, *problem.args, guides=(), reference=dict(reference), include_nuts=True,
                              seed=task.seed, nuts_options=options["nuts_options"], progress=False, **problem.kwargs)
