@@ -52,12 +52,14 @@ def environment() -> dict[str, Any]:
         import ray
 
         ray_version = ray.__version__
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        on_ray = ray.is_initialized()
+        node = ray.get_runtime_context().get_node_id() if on_ray else None
+        node_ip = ray.util.get_node_ip_address() if on_ray else None
     except ImportError:
-        ray_version, node = None, None
+        ray_version, node, node_ip = None, None, None
     return {"vilab_version": vilab.__version__, "torch_version": torch.__version__, "pyro_version": pyro.__version__,
             "ray_version": ray_version, "python_version": platform.python_version(), "host": socket.gethostname(),
-            "node_id": node}
+            "node_id": node, "node_ip": node_ip}
 
 
 def run_reference(model_name: str, posteriordb: Optional[str], options: Mapping[str, Any],
