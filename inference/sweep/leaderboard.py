@@ -178,6 +178,8 @@ def write_leaderboard(store: Union[SweepStore, str, Path], out: Union[str, Path,
     out = Path(out) if out is not None else store.path.parent
     out.mkdir(parents=True, exist_ok=True)
     results, references = store.results(), store.references()
+    if not len(results):
+        raise ValueError(f"store: expected at least one task in {str(store.path)!r}; got none (run the sweep first)")
     leaderboard_table(results).to_csv(out / "leaderboard.csv", index=False)
     page = out / "leaderboard.html"
     page.write_text(render_leaderboard_html(results, references), encoding="utf-8")
