@@ -59,12 +59,14 @@ class RayExecutor:
         self._pending: dict[Any, Any] = {}
         self._remotes: dict[Callable, Any] = {}
         self._owns = not ray.is_initialized()
+        self._dashboard = None
         if self._owns:
             # Workers import user models (module:attr) the way the driver does, from its path.
             path = os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)
-            ray.init(address=address, num_cpus=num_cpus if address is None and not os.environ.get("RAY_ADDRESS") else None,
+            context = ray.init(address=address, num_cpus=num_cpus if address is None and not os.environ.get("RAY_ADDRESS") else None,
                      runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}},
                      logging_level="WARNING", configure_logging=True)
+            self._dashboard = getattr(context, "dashboard_url", None) or None  # none without ray[default]
 
     @property
     def num_running(self) -> int:
@@ -72,9 +74,8 @@ class RayExecutor:
 
     @property
     def dashboard_url(self) -> Optional[str]:
-        context = self._ray.get_runtime_context()
-        url = getattr(context, "dashboard_url", None) or os.environ.get("RAY_DASHBOARD_URL")
-        return url or None
+        """``host:port`` of Ray's dashboard, where one runs."""
+        return self._dashboard
 
     def put(self, value: Any) -> Any:
         return self._ray.put(value)
