@@ -17,7 +17,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from vilab.inference.report_html import _escape, _number, _page, _table, _warnings_block, encode_figure  # noqa: E402

@@ -23,3 +23,10 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert "expected --models and --methods, or --config" in capsys.readouterr().err
     assert main(["sweep", "--out", str(tmp_path / "none"), "--leaderboard-only"]) == 2
     assert "expected a sweep results file" in capsys.readouterr().err
+
+
+def test_sweep_is_part_of_the_public_api():
+    import vilab
+    from vilab.inference.sweep import sweep
+
+    assert "sweep" in vilab.__all__ and vilab.sweep is sweep
