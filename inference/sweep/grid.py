@@ -26,6 +26,7 @@ a change of options makes new tasks instead of silently mixing results.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 __all__ = ["DEFAULT_NUTS", "DEFAULT_REFERENCE", "DEFAULT_SVI", "NUTS", "SweepSpec", "Task", "expand_tasks",
-           "load_spec", "task_id", "validate_methods"]
+           "load_spec", "task_id", "validate_methods", "validate_options"]
 
 NUTS = "nuts"
 
@@ -162,6 +163,43 @@ def validate_methods(methods: Sequence[str]) -> None:
     if bad:
         raise ValueError(f"methods: expected names from {known}; got {bad} (methods that are not yet "
                          "registered in vilab.inference.vi.METHODS cannot run)")
+
+
+def validate_options(spec: SweepSpec) -> None:
+    """Raise before any work if an option is not a parameter of the function it goes to:
+    ``svi_options`` of ``fit_svi``, ``nuts_options`` and ``reference_options`` of ``run_nuts``,
+    ``method_options[name]`` of the guide family or of the VI method ``name``."""
+    from vilab.guides import list_guides
+    from vilab.inference.nuts import run_nuts
+    from vilab.inference.svi import fit_svi
+    from vilab.inference.vi import get_method, is_method
+
+    def check(options: Mapping[str, Any], function, where: str, allowed: Sequence[str] = ()) -> None:
+        parameters = inspect.signature(function).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()) and function not in (
+                fit_svi, run_nuts):  # their **kwargs are the model's data, not options
+            return
+        known = sorted({name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+                        or (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not p.empty)}
+                       - {"seed", "progress"} | set(allowed))  # the task sets these itself
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: expected options among {known}; got {unknown}")
+
+    check(spec.svi_options, fit_svi, "svi_options")
+    check(spec.nuts_options, run_nuts, "nuts_options")
+    check(spec.reference_options, run_nuts, "reference_options", allowed=("seed",))
+    families = {info.name: info for info in list_guides()}
+    for method, options in spec.method_options.items():
+        if method in families:
+            unknown = sorted(set(options) - set(families[method].options))
+            if unknown:
+                raise ValueError(f"method_options.{method}: expected options among "
+                                 f"{list(families[method].options)}; got {unknown}")
+        elif is_method(method):
+            check(options, get_method(method), f"method_options.{method}")
+        elif options:
+            raise ValueError(f"method_options.{method}: expected no options for {method!r}; got {sorted(options)}")
 
 
 def expand_tasks(spec: SweepSpec, references: Mapping[str, dict]) -> list[Task]:

@@ -17,7 +17,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vilab.inference.sweep.executors import RayExecutor, SerialExecutor
-from vilab.inference.sweep.grid import SweepSpec, Task, expand_tasks, load_spec, task_id, validate_methods
+from vilab.inference.sweep.grid import (SweepSpec, Task, expand_tasks, load_spec, task_id, validate_methods,
+                                        validate_options)
 from vilab.inference.sweep.problems import POSTERIORDB_PREFIX, load_problem, resolve_models
 from vilab.inference.sweep.store import SweepStore
 from vilab.inference.sweep.tasks import run_reference, run_task
@@ -78,6 +79,7 @@ def sweep(models: Optional[Sequence[str]] = None, methods: Optional[Sequence[str
                              f"models={models!r}, methods={methods!r}")
         spec = SweepSpec(models, methods, seeds if seeds is not None else (0,), **options)
     validate_methods(spec.methods)
+    validate_options(spec)
     names = resolve_models(spec.models, spec.posteriordb)
     references = {name: _reference_descriptor(name, spec) for name in names}
     tasks = expand_tasks(spec, references)

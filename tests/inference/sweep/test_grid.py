@@ -1,7 +1,8 @@
 """The grid: specs from keywords and TOML, stable task ids, and checks before any work."""
 import pytest
 
-from vilab.inference.sweep.grid import DEFAULT_SVI, SweepSpec, Task, expand_tasks, load_spec, task_id, validate_methods
+from vilab.inference.sweep.grid import (DEFAULT_SVI, SweepSpec, Task, expand_tasks, load_spec, task_id, validate_methods,
+                                        validate_options)
 from vilab.inference.sweep.problems import load_problem, resolve_models
 
 
@@ -97,3 +98,22 @@ def test_unknown_models_are_refused_before_any_work(name, match, posteriordb_pat
 def test_task_is_a_plain_record():
     task = Task("normal_normal", "meanfield", 3, {"num_draws": 5})
     assert task.id == task_id("normal_normal", "meanfield", 3, {"num_draws": 5})
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"svi_options": {"num_step": 5}}, r"svi_options: expected options among \[.*'num_steps'.*got \['num_step'\]"),
+    ({"nuts_options": {"warmup": 5}}, r"nuts_options: expected options among .* got \['warmup'\]"),
+    ({"reference_options": {"chains": 2}}, r"reference_options: expected options among .*'seed'.* got \['chains'\]"),
+    ({"method_options": {"iaf": {"flows": 2}}}, r"method_options.iaf: expected options among \['num_flows'.* got \['flows'\]"),
+    ({"method_options": {"nuts": {"num_samples": 2}}}, r"method_options.nuts: expected no options for 'nuts'"),
+    ({"svi_options": {"seed": 3}}, r"svi_options: expected options among .* got \['seed'\]"),
+])
+def test_options_that_reach_no_parameter_are_refused(options, match):
+    spec = SweepSpec(["normal_normal"], ["iaf", "nuts"], **options)
+    with pytest.raises(ValueError, match=match):
+        validate_options(spec)
+
+
+def test_the_default_options_pass_the_checks():
+    validate_options(SweepSpec(["normal_normal"], ["meanfield", "iaf", "nuts"],
+                               method_options={"iaf": {"num_flows": 2}}, svi_options={"lr": 0.1}))
