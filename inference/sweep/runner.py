@@ -33,9 +33,13 @@ class SweepResult:
     """What :func:`sweep` returns.
 
     Attributes:
-        store: path of the SQLite store. leaderboard: the HTML page (``None`` if not written).
-        num_tasks: tasks in the grid. num_skipped: found finished in the store on entry.
-        num_done, num_failed: finished by this call (ok, failed). wall_time: seconds of this call.
+        store: path of the SQLite store.
+        leaderboard: path of the HTML page (``None`` if not written).
+        num_tasks: tasks in the grid.
+        num_skipped: tasks found finished in the store on entry (not run again).
+        num_done: tasks this call finished with status ``"ok"``.
+        num_failed: tasks this call recorded as failed.
+        wall_time: seconds of this call, leaderboard included.
     """
 
     store: Path
