@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Union
 
 import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure  # not pyplot: drawing a page must not touch the caller's backend
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from vilab.inference.report_html import _escape, _number, _page, _table, _warnings_block, encode_figure  # noqa: E402
-from vilab.inference.sweep.store import SweepStore  # noqa: E402
-from vilab.inference.sweep.tasks import GRADIENT_SCOPE_NUTS  # noqa: E402
+from vilab.inference.report_html import _escape, _number, _page, _table, _warnings_block, encode_figure
+from vilab.inference.sweep.store import SweepStore
+from vilab.inference.sweep.tasks import GRADIENT_SCOPE_NUTS
 
 __all__ = ["LEADERBOARD_COLUMNS", "leaderboard_table", "render_leaderboard_html", "write_leaderboard"]
 
@@ -56,8 +54,9 @@ def leaderboard_table(results: pd.DataFrame) -> pd.DataFrame:
 
 def _cost_figure(model: str, ok: pd.DataFrame):
     """Error against gradient evaluations and against seconds, one colour per method."""
-    figure, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), constrained_layout=True)
-    colours = plt.get_cmap("tab10")
+    figure = Figure(figsize=(10.5, 3.8), layout="constrained")
+    axes = figure.subplots(1, 2)
+    colours = matplotlib.colormaps["tab10"]
     for index, (method, group) in enumerate(ok.groupby("method", sort=True)):
         for axis, cost in zip(axes, ("num_gradient_evaluations", "wall_time")):
             pairs = group[[cost, ERROR]].apply(pd.to_numeric, errors="coerce").dropna()
@@ -152,7 +151,6 @@ def render_leaderboard_html(results: pd.DataFrame, references: pd.DataFrame, tit
             body += (f'<figure><img src="{encode_figure(figure)}" alt="accuracy against cost, {_escape(model)}">'
                      "<figcaption>Accuracy against cost: one small point per seed, a large marker at the median "
                      "with bars over the seeds' range; lower left is better.</figcaption></figure>")
-            plt.close(figure)
         sections.append((f"model-{_anchor(model)}", model, body))
     sections.append(("failed", "Failed tasks", _failures_table(results)))
     subtitle = (f"{results['model'].nunique()} models, {results['method'].nunique()} methods, "
