@@ -130,6 +130,19 @@ def _notes(results: pd.DataFrame, references: pd.DataFrame) -> list[str]:
     if "gradient_evaluations_scope" in results and (results["gradient_evaluations_scope"] == GRADIENT_SCOPE_NUTS).any():
         notes.append("NUTS gradient evaluations count the leapfrog steps of the kept draws only (the sampler does "
                      "not record its warmup trees): they are a lower bound of NUTS's cost (square markers).")
+    ok = results[results["status"] == "ok"]
+    if "converged" in ok:
+        stuck = ok[ok["converged"].notna() & ~ok["converged"].fillna(1).astype(bool)]
+        if len(stuck):
+            cells = ", ".join(f"{m} {k} ({n})" for (m, k), n in stuck.groupby(["model", "method"]).size().items())
+            notes.append(f"{len(stuck)} VI fits stopped before their loss converged (model method (seeds)): {cells}. "
+                         "Their errors include optimisation error: give them more steps.")
+    if "k_hat" in ok:
+        poor = ok[pd.to_numeric(ok["k_hat"], errors="coerce") > 0.7]
+        if len(poor):
+            pairs = ", ".join(f"{m} {k}" for m, k in sorted(set(zip(poor["model"], poor["method"]))))
+            notes.append(f"PSIS k-hat above 0.7 in {len(poor)} tasks ({pairs}): those guides miss mass the "
+                         "posterior has, and importance weighting cannot repair them.")
     for _, ref in references.iterrows():
         if ref.get("num_divergences", 0) or not ref.get("r_hat_max", 1.0) <= 1.01:
             notes.append(f"The NUTS reference of {ref['model']} has R-hat {_number(ref.get('r_hat_max'))} and "

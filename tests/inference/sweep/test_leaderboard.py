@@ -33,10 +33,10 @@ def store(tmp_path):
                 nuts = method == "nuts"
                 opened.write(task, {"status": "ok", "error": None, "mean_abs_error_sd": error,
                                     "max_abs_error_sd": 2 * error, "mean_abs_log_sd_ratio": error / 2,
-                                    "k_hat": None if nuts else 0.5 + seed / 10,
+                                    "k_hat": None if nuts else 0.5 + seed / 5,
                                     "num_gradient_evaluations": 1000 * (seed + 1) * (5 if nuts else 1),
                                     "gradient_evaluations_scope": GRADIENT_SCOPE_NUTS if nuts else GRADIENT_SCOPE_SVI,
-                                    "wall_time": 1.5 + seed})
+                                    "wall_time": 1.5 + seed, "converged": None if nuts else seed != 1})
         yield opened
 
 
@@ -45,7 +45,7 @@ def test_table_combines_the_seeds_that_finished(store):
     row = table.loc[("m1", "meanfield")]
     assert (row["num_ok"], row["num_tasks"]) == (3, 3)
     assert row["mean_abs_error_sd"] == pytest.approx(0.5) and row["mean_abs_error_sd_sd"] == pytest.approx(0.1)
-    assert row["k_hat"] == pytest.approx(0.6) and row["num_gradient_evaluations"] == pytest.approx(2000)
+    assert row["k_hat"] == pytest.approx(0.7) and row["num_gradient_evaluations"] == pytest.approx(2000)
     failed = table.loc[("m2", "meanfield")]
     assert (failed["num_ok"], failed["num_tasks"]) == (2, 3) and failed["mean_abs_error_sd"] == pytest.approx(1.5)
     assert math.isnan(table.loc[("m1", "nuts"), "k_hat"])
@@ -60,6 +60,8 @@ def test_page_is_self_contained_and_says_what_to_distrust(store, tmp_path):
     assert "NonFiniteLossError: the loss became non-finite" in text
     assert "lower bound of NUTS" in text and "The NUTS reference of m2 has R-hat 1.2 and 3 divergences" in text
     assert "1 of 12 tasks failed" in text
+    assert "2 VI fits stopped before their loss converged (model method (seeds)): m1 meanfield (1), m2 meanfield (1)" in text
+    assert "PSIS k-hat above 0.7 in 1 tasks (m1 meanfield)" in text
     csv = pd.read_csv(tmp_path / "board" / "leaderboard.csv")
     assert len(csv) == 4 and {"model", "method", "num_ok", "mean_abs_error_sd"} <= set(csv.columns)
 
