@@ -16,7 +16,7 @@ import pytest
 
 from vilab.inference.sweep.store import read_results
 
-from conftest import numbers
+from sweep_helpers import numbers
 
 psutil = pytest.importorskip("psutil")
 from ray_cluster import ENV, LocalCluster  # noqa: E402

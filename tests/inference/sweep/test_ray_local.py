@@ -5,7 +5,7 @@ import pytest
 
 from vilab.inference.sweep import read_results, sweep
 
-from conftest import numbers
+from sweep_helpers import numbers
 
 
 @pytest.mark.slow  # about 15 s of Ray start and stop on an idle 2-core machine, 80 s on a loaded one

@@ -5,7 +5,7 @@ import pytest
 from vilab.inference.sweep import runner, sweep
 from vilab.inference.sweep.store import SweepStore, read_results
 
-from conftest import numbers
+from sweep_helpers import numbers
 
 
 def test_serial_sweep_writes_one_row_per_task_and_a_rerun_skips_them(tmp_path, tiny):
