@@ -94,8 +94,9 @@ class SweepStore:
             previous = self._connection.execute("SELECT status FROM results WHERE task_id = ?", (task.id,)).fetchone()
             if previous is not None and previous[0] == "ok":
                 return False
+            existing = set(self._columns())
             for name in values:
-                if name not in self._columns():
+                if name not in existing:
                     self._connection.execute(f'ALTER TABLE results ADD COLUMN "{name}"')
             names = ", ".join(f'"{n}"' for n in values)
             self._connection.execute(f"INSERT OR REPLACE INTO results ({names}) VALUES ({', '.join('?' * len(values))})",
