@@ -205,6 +205,8 @@ def validate_options(spec: SweepSpec) -> None:
 def expand_tasks(spec: SweepSpec, references: Mapping[str, dict]) -> list[Task]:
     """The grid's tasks in model, method, seed order; ``references[model]`` describes the
     reference each model's tasks are scored against (part of the task's identity)."""
+    from vilab.inference.vi import is_method
+
     tasks = []
     for model in references:
         for method in spec.methods:
@@ -212,7 +214,8 @@ def expand_tasks(spec: SweepSpec, references: Mapping[str, dict]) -> list[Task]:
                 if method == NUTS:
                     options = {"nuts_options": spec.nuts_options}
                 else:
-                    options = {"svi_options": spec.svi_options, "guide_options": spec.method_options.get(method, {}),
-                               "num_draws": spec.num_draws}
+                    options = {"guide_options": spec.method_options.get(method, {}), "num_draws": spec.num_draws}
+                    if not is_method(method):  # a VI method takes its options from guide_options only
+                        options["svi_options"] = spec.svi_options
                 tasks.append(Task(model, method, seed, {**options, "reference": references[model]}))
     return tasks

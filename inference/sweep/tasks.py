@@ -103,7 +103,7 @@ def run_task(task: Task, posteriordb: Optional[str], reference: Mapping[str, np.
                              seed=task.seed, nuts_options=options["nuts_options"], progress=False, **problem.kwargs)
         else:
             report = compare(problem.model, *problem.args, guides=(task.method,), reference=dict(reference),
-                             seed=task.seed, num_draws=options["num_draws"], svi_options=options["svi_options"],
+                             seed=task.seed, num_draws=options["num_draws"], svi_options=options.get("svi_options"),
                              guide_options={task.method: options["guide_options"]}, progress=False,
                              **problem.kwargs)
     row: dict[str, Any] = {"task_seconds": time.perf_counter() - start, **environment(),

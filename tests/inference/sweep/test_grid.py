@@ -117,3 +117,14 @@ def test_options_that_reach_no_parameter_are_refused(options, match):
 def test_the_default_options_pass_the_checks():
     validate_options(SweepSpec(["normal_normal"], ["meanfield", "iaf", "nuts"],
                                method_options={"iaf": {"num_flows": 2}}, svi_options={"lr": 0.1}))
+
+
+def test_a_vi_method_is_accepted_and_its_task_carries_only_the_options_that_reach_it(monkeypatch):
+    from vilab.inference import vi
+
+    monkeypatch.setitem(vi.METHODS, "toy_method", "toy_module:fit")  # registered, as dadvi or pathfinder are
+    validate_methods(["toy_method", "nuts"])
+    spec = SweepSpec(["normal_normal"], ["toy_method"], method_options={"toy_method": {"num_draws": 7}})
+    (task,) = expand_tasks(spec, {"normal_normal": {"kind": "nuts"}})
+    assert set(task.options) == {"guide_options", "num_draws", "reference"}  # fit_svi drops svi_options for it
+    assert task.options["guide_options"] == {"num_draws": 7}
