@@ -9,6 +9,7 @@ raylet to make that node die mid-sweep; ``ray stop`` is not used: it stops every
 the machine, the test's or not.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,7 +51,7 @@ class LocalCluster:
                              *common])
             self.wait_for_nodes(num_nodes)
         except BaseException:
-            self.stop()
+            self.stop(keep_logs=True)
             raise
 
     def _start(self, command) -> None:
@@ -83,8 +84,9 @@ class LocalCluster:
         for raylet in raylets:
             raylet.kill()
 
-    def stop(self) -> None:
-        """End every process this cluster started (each node's process tree), by id."""
+    def stop(self, keep_logs: bool = False) -> None:
+        """End every process this cluster started (each node's process tree), by id, and
+        remove its temporary folder (``keep_logs``: leave it, to read why a start failed)."""
         for node in reversed(self.nodes):
             try:
                 tree = psutil.Process(node.pid).children(recursive=True)
@@ -103,3 +105,5 @@ class LocalCluster:
                     pass
         for log in self.logs:
             log.close()
+        if not keep_logs:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
