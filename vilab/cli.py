@@ -1,4 +1,4 @@
-"""The ``vilab`` command: ``list``, ``compare`` (and ``vae`` when its module is present).
+"""The ``vilab`` command: ``list``, ``compare``, ``sweep`` (and ``vae`` when its module is present).
 
 ``vilab compare`` with no model runs the embedded main job: eight schools (non-centred),
 meanfield, fullrank and IAF guides against NUTS, written to ``runs/compare``.
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vilab.cli_advanced import add_advanced_commands
 
     add_advanced_commands(sub)
+    from vilab.cli_sweep import add_sweep_command
+
+    add_sweep_command(sub)
     set_flag_names(parser)
     return parser
 
