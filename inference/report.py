@@ -37,7 +37,10 @@ def warnings_for(report) -> list[str]:
             if np.isfinite(k) and k > 0.7:
                 notes.append(f"{name}: Pareto k-hat {k:.2f} > 0.7: this guide's estimates are unreliable.")
             if not x.get("converged", True):
-                notes.append(f"{name}: the ELBO had not converged after {x.get('num_steps')} steps.")
+                why = f" ({x['convergence']})" if x.get("convergence") else ""
+                notes.append(f"{name}: NOT CONVERGED: the optimisation stopped at its budget of "
+                             f"{x.get('num_steps')} steps before its convergence test passed{why}; its "
+                             "numbers are those of an unfinished fit (raise num_steps).")
     return notes
 
 

@@ -74,7 +74,9 @@ def test_beta_bernoulli_psis_corrected_mean_is_within_monte_carlo_error():
     samples, log_weights, _ = result.draws(8000, seed=3)  # a GuideSample unpacks like a tuple
     assert float(log_weights.mean()) <= conjugate.beta_bernoulli_log_evidence(x) + Z * float(log_weights.std()) / math.sqrt(8000)
     smoothed = psis(log_weights.numpy())
-    assert smoothed.k_hat < 0.5
+    # No assertion on k-hat: the posterior has exponential tails in logit space, so the weights
+    # p/q of any Gaussian guide, the converged one included, have tail index k = 1 (estimates
+    # with 8000 draws range 0.5-6 from seed to seed); the smoothed mean is still checked.
     weights = np.exp(smoothed.log_weights - np.logaddexp.reduce(smoothed.log_weights))
     mean = float(np.sum(weights * samples["probs"].numpy()))
     assert abs(mean - float(exact.mean)) < Z * float(exact.stddev) / math.sqrt(smoothed.ess)
