@@ -10,7 +10,9 @@ iterates and calls the run converged when, over that window,
    treated as chains) is below ``rhat_threshold`` (1.1), as Dhaka et al. (2020) and Welandawe
    et al. (2022) propose, or its least-squares drift over the window is below
    ``drift_tolerance`` (0.1) of its natural unit (the posterior sd for a location started at
-   the Laplace approximation, one log unit for a scale, else the raw parameter). The second
+   the Laplace approximation, one log unit for a scale; a parameter with no known unit, such
+   as a flow's network weight or any parameter without a Laplace start, has only the
+   :math:`\hat R` arm). The second
    arm is needed because Adam's iterates at a small step size are an Ornstein-Uhlenbeck
    process whose correlation time (about ``1 / lr`` steps) can exceed the window: their
    :math:`\hat R` stays high while they wander a few hundredths of an sd around the optimum.
@@ -105,7 +107,8 @@ class IterateMonitor:
         max_monitored: at most this many coordinates (a fixed random subset) enter
             :math:`\\hat R`, so that a guide with many parameters is not kept step by step.
         elbo_tolerance: an ELBO gain per window below this many nats counts as flat.
-        units: ``(num_params,)`` natural unit of each parameter (default ones).
+        units: ``(num_params,)`` natural unit of each parameter; NaN (the default) where there
+            is none, which leaves that parameter the :math:`\hat R` arm only.
         drift_tolerance: a drift per window below this many units counts as settled.
     """
 
@@ -122,7 +125,7 @@ class IterateMonitor:
         self.monitored: collections.deque = collections.deque(maxlen=window)
         self.block_sums: collections.deque = collections.deque(maxlen=num_splits)
         self.current, self.count, self.num_recorded = None, 0, 0
-        units = torch.ones(num_params) if units is None else units.detach().reshape(-1)
+        units = torch.full((num_params,), float("nan")) if units is None else units.detach().reshape(-1)
         self.units = (units if self.index is None else units[self.index]).double().numpy()
         self.drift_tolerance = drift_tolerance
 
@@ -150,16 +153,17 @@ class IterateMonitor:
         """Run the test on the last window (call when :attr:`ready`)."""
         iterates = np.stack(list(self.monitored))
         rhats = split_rhat(iterates.reshape(self.num_splits, self.block, -1))
-        drifts = np.abs(_slopes(iterates)) * self.window / self.units
-        moving = ~((rhats < self.rhat_threshold) | (drifts < self.drift_tolerance))
+        with np.errstate(invalid="ignore"):
+            drifts = np.abs(_slopes(iterates)) * self.window / self.units
+            moving = ~((rhats < self.rhat_threshold) | (drifts < self.drift_tolerance))
         rhat = float(np.max(rhats[moving], initial=1.0)) if moving.any() else float(np.max(rhats, initial=1.0))
         slope, slope_se = loss_trend(losses[-self.window:])
         gain, gain_se = -slope * self.window, slope_se * self.window
         reasons = []
         if moving.any():
             reasons.append(f"{int(moving.sum())} parameter(s) still moving (split R-hat up to {rhat:.3g} >= "
-                           f"{self.rhat_threshold} and drift up to {float(np.max(drifts[moving])):.3g} units per "
-                           f"{self.window} steps >= {self.drift_tolerance})")
+                           f"{self.rhat_threshold}, drift up to {float(np.nanmax(drifts[moving], initial=0.0)):.3g} "
+                           f"units per {self.window} steps where a unit is known, >= {self.drift_tolerance})")
         if gain > max(TREND_Z * gain_se, self.elbo_tolerance):
             reasons.append(f"the ELBO is still rising ({gain:.3g} +- {gain_se:.2g} nats per {self.window} steps)")
         return ConvergenceCheck(not reasons, len(losses), self.window, rhat, gain, gain_se, "; ".join(reasons))

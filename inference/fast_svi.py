@@ -230,6 +230,10 @@ class CompiledSVIStep(Fusable):
         flat = torch.cat([p.detach().reshape(-1) for p in self.params.unique])
         self.state = (flat, torch.zeros_like(flat), torch.zeros_like(flat))
         self.step_scale = _flat_scale(self.params.unique, step_scales or {}, flat)
+        # Natural units for the convergence test: NaN where the parameter has no step scale.
+        self.natural_units = torch.cat([
+            (step_scales or {})[id(p)].detach().reshape(-1).to(flat.dtype) if id(p) in (step_scales or {})
+            else torch.full((p.numel(),), math.nan, dtype=flat.dtype) for p in self.params.unique])
         self._fn, self._noise = self._compile()
         data = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
         # Sizes that decide whether intra-op threads pay (see ``threads_for``).
@@ -396,8 +400,8 @@ class CompiledSVIStep(Fusable):
         return self.state[0]
 
     def units(self) -> torch.Tensor:
-        """Each parameter's step scale, flat (ones where none was given)."""
-        return torch.ones_like(self.state[0]) if self.step_scale is None else self.step_scale
+        """Each parameter's step scale, flat (NaN where none was given)."""
+        return self.natural_units
 
     def set_flat(self, flat: torch.Tensor) -> None:
         """Replace the current parameters (e.g. by an average of iterates); Adam's moments stay."""

@@ -192,9 +192,9 @@ class _PyroStepper:
         return torch.cat([p.detach().reshape(-1) for _, p in pyro.get_param_store().named_parameters()])
 
     def units(self) -> torch.Tensor:
-        """The step scale of every parameter in the store's order (ones where none is set)."""
+        """The step scale of every parameter in the store's order (NaN where none is set)."""
         scales = self.svi.optim.pt_optim_args["step_scales"]
-        return torch.cat([scales[id(p)].reshape(-1) if id(p) in scales else torch.ones(p.numel())
+        return torch.cat([scales[id(p)].reshape(-1) if id(p) in scales else torch.full((p.numel(),), math.nan)
                           for _, p in pyro.get_param_store().named_parameters()])
 
     @staticmethod
