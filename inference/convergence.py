@@ -161,9 +161,11 @@ class IterateMonitor:
         gain, gain_se = -slope * self.window, slope_se * self.window
         reasons = []
         if moving.any():
+            known = drifts[moving][np.isfinite(drifts[moving])]
+            drift = (f", drift up to {float(known.max()):.3g} of its unit per {self.window} steps >= "
+                     f"{self.drift_tolerance}") if known.size else ""
             reasons.append(f"{int(moving.sum())} parameter(s) still moving (split R-hat up to {rhat:.3g} >= "
-                           f"{self.rhat_threshold}, drift up to {float(np.nanmax(drifts[moving], initial=0.0)):.3g} "
-                           f"units per {self.window} steps where a unit is known, >= {self.drift_tolerance})")
+                           f"{self.rhat_threshold}{drift})")
         if gain > max(TREND_Z * gain_se, self.elbo_tolerance):
             reasons.append(f"the ELBO is still rising ({gain:.3g} +- {gain_se:.2g} nats per {self.window} steps)")
         return ConvergenceCheck(not reasons, len(losses), self.window, rhat, gain, gain_se, "; ".join(reasons))

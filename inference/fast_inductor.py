@@ -243,8 +243,8 @@ def graph_key(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> s
         value = getattr(graph, node.target, None) if node.op == "get_attr" else None
         if isinstance(value, torch.Tensor):
             digest.update(f"{node.target}|{value.dtype}|{tuple(value.shape)}".encode())
-            # A clone: a broadcast constant (stride 0) cannot be viewed as bytes.
-            digest.update(value.detach().flatten().clone().view(torch.uint8).numpy().tobytes())
+            # Through numpy: a broadcast constant (stride 0) cannot be viewed as bytes.
+            digest.update(value.detach().numpy().tobytes())
     for tensor in example:
         digest.update(f"{tensor.dtype}|{tuple(tensor.shape)}|{tensor.stride()}".encode())
     return digest.hexdigest()

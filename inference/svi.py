@@ -29,7 +29,7 @@ from vilab.inference.fast_leaf import threads_for
 from vilab.inference.fast_inductor import COMPILERS, FusePolicy
 from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
 from vilab.inference.guide_draws import draw_from_guide
-from vilab.inference.svi_init import LAPLACE_FAMILIES, LaplaceStart, find_laplace_start, start_guide
+from vilab.inference.svi_init import LaplaceError, LaplaceStart, prepare_guide, window_size
 from vilab.inference.svi_optim import scaled_clipped_adam
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.validation import check_model, check_positive_int
@@ -40,8 +40,6 @@ __all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "LaplaceError", "fi
 ELBOS = ("trace", "meanfield", "iwae")
 BACKENDS = ("auto", "compiled", "pyro")
 INITS = ("auto", "laplace", "guide")
-# Registry guides that start at the Laplace approximation under init="auto".
-LAPLACE_GUIDES = ("meanfield", "fullrank", "lowrank", "laplace", "iaf", "nsf", "planar", "radial", "sylvester")
 # ClippedAdam's element-wise gradient clamp.
 CLIP = 10.0
 
@@ -348,7 +346,7 @@ def fit_svi(
         raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
     if init not in INITS:
         raise ValueError(f"init: expected one of {INITS}; got {init!r}")
-    window = _window(num_steps, window)
+    window = window_size(num_steps, window)
     min_steps = window if min_steps is None else check_positive_int(min_steps, "min_steps", 0)
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -360,8 +358,8 @@ def fit_svi(
         return get_method(guide)(model, *args, seed=seed, progress=progress, **(guide_options or {}), **kwargs)
     name = guide_name(guide)
     start = time.perf_counter()
-    guide, laplace, step_scales, init_note = _start(get_guide(guide, model, **(guide_options or {})),
-                                                    name, init, model, args, kwargs)
+    guide, laplace, step_scales, init_note = prepare_guide(get_guide(guide, model, **(guide_options or {})),
+                                                           name, init, model, args, kwargs)
     config = {"lr": lr, "lr_decay": lr_decay, "num_particles": num_particles, "num_steps": num_steps,
               "init": init_note, "window": window}
     if isinstance(guide, AutoLaplaceApproximation) and laplace is not None and laplace.ok:
@@ -383,35 +381,6 @@ def fit_svi(
         guide = _laplace(guide, args, kwargs)
     config.update(backend=stepper.backend, setup_seconds=setup_seconds + config.pop("fuse_seconds", 0.0))
     return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start, converged, name, elbo, config)
-
-
-def _window(num_steps: int, window: Optional[int]) -> int:
-    if window is None:
-        return min(1000, max(40, num_steps // 16 * 4))
-    check_positive_int(window, "window")
-    if window % 4 or window < 8:
-        raise ValueError(f"window: expected a multiple of 4 and >= 8; got {window}")
-    return window
-
-
-def _start(guide, name: str, init: str, model, args, kwargs):
-    """Set ``guide`` up and start it at the Laplace approximation where ``init`` asks for it.
-
-    Returns ``(guide, LaplaceStart or None, step scales, a note for config["init"])``."""
-    if init == "guide" or not isinstance(guide, LAPLACE_FAMILIES) or (
-            not isinstance(name, str) or name not in LAPLACE_GUIDES):
-        if init == "laplace":
-            raise LaplaceError(f"fit_svi: init='laplace' needs a registry guide of {sorted(LAPLACE_GUIDES)}; "
-                               f"got {name!r}")
-        return guide, None, {}, "the guide's own initialisation"
-    with torch.random.fork_rng(), pyro.validation_enabled(False):
-        guide(*args, **kwargs)  # sets the guide up: its prototype trace and parameters
-    laplace = find_laplace_start(model, guide, args, kwargs)
-    if not laplace.ok:
-        if init == "laplace":
-            raise LaplaceError(f"fit_svi: init='laplace' found no Laplace start: {laplace.message}")
-        return guide, laplace, {}, f"the guide's own initialisation (no Laplace start: {laplace.message})"
-    return guide, laplace, start_guide(guide, laplace), "Laplace approximation (L-BFGS mode, exact Hessian)"
 
 
 def _optimise(stepper, model, guide, args, kwargs, name, elbo, start, num_steps, window, min_steps,
@@ -503,11 +472,6 @@ def _cancelling(stepper) -> Iterator[None]:
         cancel = getattr(stepper, "fuse_cancel", None)
         if cancel is not None:
             cancel()
-
-
-class LaplaceError(ValueError):
-    """The Laplace approximation does not exist at the fitted mode (its Hessian is not positive
-    definite)."""
 
 
 def _laplace(guide: AutoLaplaceApproximation, args, kwargs):

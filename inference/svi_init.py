@@ -33,15 +33,24 @@ from scipy.optimize import minimize
 from torch.distributions import biject_to, transform_to
 
 from vilab.guides.flows import AutoFlow, ElementwiseAffine
+from vilab.inference.validation import check_positive_int
 
-__all__ = ["LaplaceStart", "find_laplace_start", "start_guide", "LAPLACE_FAMILIES", "MAX_LAPLACE_DIM"]
+__all__ = ["LaplaceStart", "LaplaceError", "find_laplace_start", "start_guide", "prepare_guide", "window_size",
+           "LAPLACE_FAMILIES", "LAPLACE_GUIDES", "MAX_LAPLACE_DIM"]
 
 #: Guide classes that :func:`start_guide` knows how to start at the Laplace approximation.
 LAPLACE_FAMILIES = (autoguide.AutoNormal, autoguide.AutoMultivariateNormal,
                     autoguide.AutoLowRankMultivariateNormal, autoguide.AutoLaplaceApproximation, AutoFlow)
+#: Registry guides that start at the Laplace approximation under ``init="auto"``.
+LAPLACE_GUIDES = ("meanfield", "fullrank", "lowrank", "laplace", "iaf", "nsf", "planar", "radial", "sylvester")
 #: Above this many latent dimensions the dense Hessian (D backward passes, D^2 memory) is not
 #: computed and guides keep their own initialisation.
 MAX_LAPLACE_DIM = 1000
+
+
+class LaplaceError(ValueError):
+    """The Laplace approximation does not exist at the fitted mode (its Hessian is not positive
+    definite), or ``init="laplace"`` found none."""
 
 
 class LaplaceStart(NamedTuple):
@@ -170,9 +179,10 @@ def start_guide(guide, start: LaplaceStart) -> dict[int, torch.Tensor]:
     """Write the Laplace approximation ``start`` into ``guide`` (already set up).
 
     Returns:
-        ``id(parameter) -> step scale`` (same shape as the parameter's unconstrained tensor)
-        for every parameter of ``guide``; ones where the family has no natural scale (flow
-        layers, the unit Cholesky factor of ``fullrank``).
+        ``id(parameter) -> step scale`` (same shape as the parameter's unconstrained tensor),
+        which is also the parameter's natural unit for the convergence test: ones for
+        dimensionless parameters (the unit Cholesky factor of ``fullrank``, the factor of
+        ``lowrank``); flow layers' weights are left out (no natural unit).
     """
     scales: dict[int, torch.Tensor] = {}
     loc, cov = start.loc, start.covariance
@@ -187,6 +197,8 @@ def start_guide(guide, start: LaplaceStart) -> dict[int, torch.Tensor]:
         _write(guide, "scale_tril", cholesky / diagonal.unsqueeze(-1))
         scales[id(guide.loc)] = sd.to(guide.loc.dtype)
         scales[id(guide.scale_unconstrained)] = _positive_step_scale(diagonal).to(guide.loc.dtype)
+        # The unit Cholesky factor is dimensionless (correlation-like): unit 1, no rescaling.
+        scales[id(guide.scale_tril_unconstrained)] = torch.ones_like(guide.scale_tril_unconstrained)
     elif isinstance(guide, autoguide.AutoLowRankMultivariateNormal):
         _start_lowrank(guide, loc, cov, scales)
     elif isinstance(guide, autoguide.AutoLaplaceApproximation):
@@ -241,3 +253,35 @@ def _start_lowrank(guide, loc: torch.Tensor, cov: torch.Tensor, scales: dict) ->
     _write(guide, "cov_factor", factor)
     scales[id(guide.loc)] = sd.to(guide.loc.dtype)
     scales[id(guide.scale_unconstrained)] = _positive_step_scale(sd * math.sqrt(delta)).to(guide.loc.dtype)
+    # W is relative to the scales (dimensionless): unit 1, no rescaling.
+    scales[id(guide.cov_factor)] = torch.ones_like(guide.cov_factor)
+
+
+def window_size(num_steps: int, window: Optional[int]) -> int:
+    """The convergence test's window: ``num_steps / 4`` clamped to 40-1000, a multiple of 4."""
+    if window is None:
+        return min(1000, max(40, num_steps // 16 * 4))
+    check_positive_int(window, "window")
+    if window % 4 or window < 8:
+        raise ValueError(f"window: expected a multiple of 4 and >= 8; got {window}")
+    return window
+
+
+def prepare_guide(guide, name: str, init: str, model, args, kwargs):
+    """Set ``guide`` up and start it at the Laplace approximation where ``init`` asks for it.
+
+    Returns ``(guide, LaplaceStart or None, step scales, a note for config["init"])``."""
+    if init == "guide" or not isinstance(guide, LAPLACE_FAMILIES) or (
+            not isinstance(name, str) or name not in LAPLACE_GUIDES):
+        if init == "laplace":
+            raise LaplaceError(f"fit_svi: init='laplace' needs a registry guide of {sorted(LAPLACE_GUIDES)}; "
+                               f"got {name!r}")
+        return guide, None, {}, "the guide's own initialisation"
+    with torch.random.fork_rng(), pyro.validation_enabled(False):
+        guide(*args, **kwargs)  # sets the guide up: its prototype trace and parameters
+    laplace = find_laplace_start(model, guide, args, kwargs)
+    if not laplace.ok:
+        if init == "laplace":
+            raise LaplaceError(f"fit_svi: init='laplace' found no Laplace start: {laplace.message}")
+        return guide, laplace, {}, f"the guide's own initialisation (no Laplace start: {laplace.message})"
+    return guide, laplace, start_guide(guide, laplace), "Laplace approximation (L-BFGS mode, exact Hessian)"
