@@ -12,7 +12,9 @@ iterates and calls the run converged when, over that window,
    ``drift_tolerance`` (0.1) of its natural unit (the posterior sd for a location started at
    the Laplace approximation, one log unit for a scale; a parameter with no known unit, such
    as a flow's network weight or any parameter without a Laplace start, has only the
-   :math:`\hat R` arm). The second
+   :math:`\hat R` arm, and where some parameters have units the others are left to the ELBO
+   trend below: a flow's network weights drift along directions that leave :math:`q`
+   unchanged, which their :math:`\hat R` cannot tell from progress). The second
    arm is needed because Adam's iterates at a small step size are an Ornstein-Uhlenbeck
    process whose correlation time (about ``1 / lr`` steps) can exceed the window: their
    :math:`\hat R` stays high while they wander a few hundredths of an sd around the optimum.
@@ -51,8 +53,8 @@ NUM_TREND_BATCHES = 20
 
 
 class ConvergenceCheck(NamedTuple):
-    """One evaluation of the test. ``rhat``: the largest split :math:`\\hat R` over monitored
-    parameters; ``elbo_gain``/``elbo_gain_se``: the ELBO gain projected over the next window
+    """One evaluation of the test. ``rhat``: the largest split :math:`\\hat R` over the
+    parameters the test considers (those still moving, if any); ``elbo_gain``/``elbo_gain_se``: the ELBO gain projected over the next window
     and its standard error (nats); ``reason``: ``""`` when ``converged``, else what failed."""
 
     converged: bool
@@ -156,7 +158,13 @@ class IterateMonitor:
         with np.errstate(invalid="ignore"):
             drifts = np.abs(_slopes(iterates)) * self.window / self.units
             moving = ~((rhats < self.rhat_threshold) | (drifts < self.drift_tolerance))
-        rhat = float(np.max(rhats[moving], initial=1.0)) if moving.any() else float(np.max(rhats, initial=1.0))
+        if np.isfinite(self.units).any():
+            # Parameters without a unit beside ones with (a flow's network weights beside its
+            # Laplace-started affine map) are left to the ELBO trend: their R-hat also sees
+            # drift along directions that do not change q (the networks' symmetries).
+            moving &= np.isfinite(self.units)
+        considered = np.isfinite(self.units) if np.isfinite(self.units).any() else np.ones_like(moving)
+        rhat = float(np.max(rhats[moving if moving.any() else considered], initial=1.0))
         slope, slope_se = loss_trend(losses[-self.window:])
         gain, gain_se = -slope * self.window, slope_se * self.window
         reasons = []
