@@ -240,11 +240,15 @@ def _params_finite() -> bool:
     return all(bool(torch.isfinite(v).all()) for _, v in pyro.get_param_store().items())
 
 
-def _non_finite_site(model, guide, args, kwargs) -> Optional[str]:
+def _non_finite_site(model, guide, args, kwargs, num_particles: int = 1, plate_nesting: int = 0) -> Optional[str]:
     from pyro import poutine
 
+    # The compiled step draws its particles in this plate: replaying it (same RNG state) gives
+    # the failing step's own draws.
+    particles = pyro.plate("num_particles_vectorized", num_particles, dim=-(plate_nesting + 1)) \
+        if num_particles > 1 else contextlib.nullcontext()
     try:
-        with pyro.validation_enabled(False):
+        with pyro.validation_enabled(False), particles:
             return _first_non_finite_site(poutine, model, guide, args, kwargs)
     except (ValueError, RuntimeError):  # the bad parameters may break the model itself
         return None
@@ -497,7 +501,8 @@ def _laplace(guide: AutoLaplaceApproximation, args, kwargs):
 
 
 def _raise_non_finite(model, guide, args, kwargs, step, losses, start, name, elbo, stepper):
-    site = stepper.failing_site(lambda: _non_finite_site(model, guide, args, kwargs))
+    site = stepper.failing_site(lambda: _non_finite_site(model, guide, args, kwargs, getattr(stepper, "num_particles", 1),
+                                                         getattr(stepper, "max_plate_nesting", 0)))
     where = f" (site {site!r} has a non-finite value or log density)" if site else ""
     result = SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start, False, name, elbo)
     raise NonFiniteLossError(
