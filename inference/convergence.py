@@ -100,7 +100,7 @@ def loss_trend(losses: Sequence[float]) -> tuple[float, float]:
 
 
 class IterateMonitor:
-    """Records optimiser iterates and runs the convergence test (see the module docstring).
+    r"""Records optimiser iterates and runs the convergence test (see the module docstring).
 
     Args:
         num_params: length of the flat parameter vector recorded each step.
