@@ -41,11 +41,14 @@ def _guide_moments(result):
     return loc.detach(), torch.diag(scale.detach() ** 2)
 
 
-@pytest.mark.parametrize("guide", ["meanfield", "fullrank", "lowrank", "laplace"])
-def test_a_badly_scaled_posterior_converges_for_every_gaussian_family(guide):
+@pytest.mark.parametrize("guide, backend", [("meanfield", "auto"), ("fullrank", "auto"), ("lowrank", "auto"),
+                                            ("laplace", "auto"), ("meanfield", "pyro"), ("fullrank", "pyro")])
+def test_a_badly_scaled_posterior_converges_for_every_gaussian_family(guide, backend):
+    # backend="pyro": Pyro's SVI with ScaledClippedAdam takes the same sd-scaled steps.
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        result = fit_svi(badly_scaled, guide, progress=False, guide_options={"rank": 1} if guide == "lowrank" else None)
+        result = fit_svi(badly_scaled, guide, progress=False, backend=backend,
+                         guide_options={"rank": 1} if guide == "lowrank" else None)
     assert result.converged
     assert result.config["init"].startswith("Laplace")
     loc, covariance = _guide_moments(result)
