@@ -4,7 +4,9 @@ For each method and each scalar parameter :math:`\theta_j` with reference mean :
 sd :math:`s_j`, the table holds the mean error in reference sds :math:`(\hat m_j - m_j)/s_j`,
 the sd ratio :math:`\hat s_j / s_j`, and the 1-Wasserstein distance between the method's and
 the reference's marginal draws (also in units of :math:`s_j`). Per method, the summary adds
-PSIS :math:`\hat k` and the ELBO for guides, and ESS/s, R-hat and divergences for NUTS.
+PSIS :math:`\hat k`, the ELBO and whether the fit passed its convergence test for guides, ESS/s,
+R-hat and divergences for NUTS, and for every method ``gradient_evaluations``: the log-density
+gradients it spent (``result.config["gradient_evaluations"]``).
 """
 from __future__ import annotations
 
@@ -121,7 +123,9 @@ def _fit_guide(model, args, kwargs, guide, seed, num_draws, svi_options, guide_o
                "psis_ess": smoothed.ess, "elbo": float(np.mean(log_weights)),
                "elbo_se": float(np.std(log_weights) / np.sqrt(len(log_weights))),
                "final_loss": float(np.mean(result.losses[-50:])), "num_steps": result.num_steps,
-               "converged": result.converged, "wall_time": result.wall_time}
+               "converged": result.converged, "wall_time": result.wall_time,
+               "gradient_evaluations": result.config.get("gradient_evaluations"),
+               "convergence": result.config.get("convergence", {}).get("reason", "")}
     flat = {k: v.reshape(-1) for k, v in flatten_samples(samples, 1).items()}
     return MethodResult(name, "vi", flat, result, idata, metrics, smoothed.log_weights)
 
@@ -130,6 +134,7 @@ def _nuts_method(nuts: NUTSResult) -> MethodResult:
     flat = {k: v.reshape(-1) for k, v in flatten_samples(nuts.samples, 2).items()}
     diagnostics = nuts_diagnostics(nuts.inference_data)
     metrics = {"kind": "nuts", "wall_time": nuts.wall_time, **diagnostics,
+               "gradient_evaluations": nuts.config.get("gradient_evaluations"),
                "ess_per_second": diagnostics["ess_bulk_min"] / max(nuts.wall_time, 1e-9)}
     return MethodResult("nuts", "nuts", flat, nuts, nuts.inference_data, metrics)
 

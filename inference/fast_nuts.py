@@ -63,6 +63,7 @@ class VectorizedNutsResult(NamedTuple):
         fuse_decision: why the leaf was or was not fused (:class:`~vilab.inference.fast_inductor.FusePolicy`).
         batching: how the chains were batched: ``"plate"`` (the model broadcast over an outer
             chain plate) or ``"vmap"`` (a one-chain model vectorised by ``torch.func.vmap``).
+        warmup_leapfrog_steps: leapfrog steps (potential gradients) of all chains in warmup.
     """
 
     samples: dict[str, torch.Tensor]
@@ -74,6 +75,7 @@ class VectorizedNutsResult(NamedTuple):
     backend: str = "eager"
     fuse_decision: str = ""
     batching: str = "plate"
+    warmup_leapfrog_steps: int = 0
 
 
 def _initial_states(potential: BatchedPotential, num_chains: int, generator: torch.Generator,
@@ -291,7 +293,8 @@ def _merge_batches(results: list, sizes: list[int], wall: float) -> VectorizedNu
         decision = "; ".join([split, *(f"batch {index}: {note}" for index, note in enumerate(decisions))])
     return VectorizedNutsResult(cat("samples"), cat("sample_stats"), wall - sampling, sampling,
                                 torch.cat([r.inverse_mass_matrix for r in results]),
-                                all(r.compiled for r in results), ", ".join(backends), decision, results[0].batching)
+                                all(r.compiled for r in results), ", ".join(backends), decision, results[0].batching,
+                                sum(r.warmup_leapfrog_steps for r in results))
 
 
 def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_accept, dense_mass,
@@ -316,7 +319,7 @@ def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_acc
     elif split and compiler == "auto":
         policy.reason = "not fused: the batches use every core (compiler='inductor' fuses at once)"
     try:
-        draws, stats, sampling_start = _iterate(potential, builder, policy, warmup, report, z, value, grad,
+        draws, stats, sampling_start, warmup_steps = _iterate(potential, builder, policy, warmup, report, z, value, grad,
                                                 step_size, num_warmup, num_samples, generator)
     finally:
         builder.close()
@@ -327,14 +330,14 @@ def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_acc
     return VectorizedNutsResult(samples, sample_stats, sampling_start - start, end - sampling_start,
                                 warmup.metric.inverse_mass, builder.compiled, builder.backend,
                                 decision + (f" ({builder.fuse_failure})" if builder.fuse_failure else ""),
-                                potential.mode)
+                                potential.mode, warmup_steps)
 
 
 def _iterate(potential, builder, policy, warmup, report, z, value, grad, step_size, num_warmup, num_samples,
              generator):
-    """The warmup and sampling iterations; returns the draws, their statistics and when
-    sampling started."""
-    draws, stats, sampling_start = [], [], time.perf_counter()
+    """The warmup and sampling iterations; returns the draws, their statistics, when sampling
+    started and the warmup's leapfrog steps (all chains)."""
+    draws, stats, sampling_start, warmup_steps = [], [], time.perf_counter(), 0
     for iteration in range(num_warmup + num_samples):
         if not policy.decided:
             chosen = policy.choose(iteration, builder.step_calls())
@@ -350,12 +353,13 @@ def _iterate(potential, builder, policy, warmup, report, z, value, grad, step_si
         tree = builder.transition(z, value, grad, warmup.metric, step_size)
         z, value, grad = tree.z_proposal, tree.potential_proposal, tree.grad_proposal
         if iteration < num_warmup:
+            warmup_steps += int(tree.num_steps.sum())
             step_size = warmup.update(iteration, tree, (z, value, grad), potential, generator)
         else:
             draws.append(z.clone())  # the merge's buffers are reused two merges later
             stats.append(_stats_row(tree, step_size))
         report.update(1)
-    return draws, stats, sampling_start
+    return draws, stats, sampling_start, warmup_steps
 
 
 def _check_arguments(num_samples, num_warmup, num_chains, target_accept, max_tree_depth) -> None:

@@ -200,6 +200,9 @@ class CompiledSVIStep(Fusable):
         objective: ``"trace"``, ``"meanfield"`` or ``"iwae"``.
         num_particles: particles per step (always vectorised here).
         lr, lr_decay_per_step, clip: ``ClippedAdam``'s ``lr``, ``lrd`` and ``clip_norm``.
+        step_scales: ``id(parameter) -> tensor``, a per-element step scale (a diagonal
+            preconditioner: the update of :class:`~vilab.inference.svi_optim.ScaledClippedAdam`);
+            parameters not in it have scale 1.
 
     Raises:
         CompiledSVIError: the step cannot be traced, or the traced graph disagrees with the
@@ -215,7 +218,7 @@ class CompiledSVIStep(Fusable):
 
     def __init__(self, model, guide, args: tuple, kwargs: dict, *, objective: str = "trace",
                  num_particles: int = 1, lr: float = 0.01, lr_decay_per_step: float = 1.0,
-                 clip: float = 10.0) -> None:
+                 clip: float = 10.0, step_scales: dict | None = None) -> None:
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.objective, self.num_particles, self.clip = objective, num_particles, clip
         self.lr, self.lrd, self.t = lr, lr_decay_per_step, 0
@@ -226,6 +229,11 @@ class CompiledSVIStep(Fusable):
         self.shapes = [p.shape for p in self.params.unique]
         flat = torch.cat([p.detach().reshape(-1) for p in self.params.unique])
         self.state = (flat, torch.zeros_like(flat), torch.zeros_like(flat))
+        self.step_scale = _flat_scale(self.params.unique, step_scales or {}, flat)
+        # Natural units for the convergence test: NaN where the parameter has no step scale.
+        self.natural_units = torch.cat([
+            (step_scales or {})[id(p)].detach().reshape(-1).to(flat.dtype) if id(p) in (step_scales or {})
+            else torch.full((p.numel(),), math.nan, dtype=flat.dtype) for p in self.params.unique])
         self._fn, self._noise = self._compile()
         data = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
         # Sizes that decide whether intra-op threads pay (see ``threads_for``).
@@ -259,10 +267,16 @@ class CompiledSVIStep(Fusable):
             leaf = params.detach().requires_grad_()
             loss = self._loss(leaf)
             (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
-        grad = torch.zeros_like(params) if grad is None else grad.clamp(-self.clip, self.clip)
+        if grad is None:
+            grad = torch.zeros_like(params)
+        elif self.step_scale is not None:  # Adam on params / scale: gradient and clip in scaled units
+            grad = (grad * self.step_scale).clamp(-self.clip, self.clip)
+        else:
+            grad = grad.clamp(-self.clip, self.clip)
         m = m * BETAS[0] + grad * (1 - BETAS[0])
         v = v * BETAS[1] + grad * grad * (1 - BETAS[1])
-        params = params - step_size * m / (v.sqrt() + EPS)
+        update = m / (v.sqrt() + EPS)
+        params = params - step_size * (update if self.step_scale is None else self.step_scale * update)
         loss = loss.detach()
         return torch.stack([loss, loss + params.sum()]), params, m, v
 
@@ -381,10 +395,31 @@ class CompiledSVIStep(Fusable):
         """Leave the fitted parameters in the guide."""
         self.write_back()
 
+    def flat(self) -> torch.Tensor:
+        """The current parameters as one flat vector (valid until the next step)."""
+        return self.state[0]
+
+    def units(self) -> torch.Tensor:
+        """Each parameter's step scale, flat (NaN where none was given)."""
+        return self.natural_units
+
+    def set_flat(self, flat: torch.Tensor) -> None:
+        """Replace the current parameters (e.g. by an average of iterates); Adam's moments stay."""
+        self.state = (flat.to(self.state[0].dtype).clone(), *self.state[1:])
+
     def write_back(self, params: Sequence[torch.Tensor] | None = None) -> None:
         """Copy the current (or the given) parameters into the guide and so into Pyro's param
         store."""
         self.params.write(self._unflatten(self.state[0]) if params is None else params)
+
+
+def _flat_scale(params, step_scales: dict, flat: torch.Tensor) -> torch.Tensor | None:
+    """The step scales of ``params`` as one flat vector like ``flat`` (``None``: all ones)."""
+    if not any(id(p) in step_scales for p in params):
+        return None
+    pieces = [step_scales[id(p)].detach().reshape(-1) if id(p) in step_scales else torch.ones(p.numel())
+              for p in params]
+    return torch.cat(pieces).to(flat.dtype)
 
 
 def _is_random(node: fx.Node) -> bool:

@@ -47,6 +47,8 @@ class NUTSResult:
             log_likelihood and observed_data.
         wall_time: seconds, warmup and sampling of all chains.
         num_divergences: divergent transitions after warmup, over all chains.
+        config: the run's settings; ``gradient_evaluations`` counts potential gradients (leapfrog
+            steps, warmup included, all chains).
     """
 
     samples: Samples
@@ -70,10 +72,13 @@ def _chain_worker(model, args, kwargs, config, chain, report):
                            ignore_jit_warnings=True,
                            init_strategy=init_to_value(values={name: value[chain] for name, value in init.items()}))
     stats = {k: [] for k in ("energy", "lp", "n_steps", "tree_depth", "step_size", "acceptance_rate", "diverging")}
+    warmup_steps = [0]
 
     def hook(kernel, params, stage, i):
         report(1)
-        if stage == "Sample":
+        if stage != "Sample":
+            warmup_steps[0] += int(kernel.last_stats["n_steps"])
+        else:
             for key, value in kernel.last_stats.items():
                 stats[key].append(value)
 
@@ -81,7 +86,7 @@ def _chain_worker(model, args, kwargs, config, chain, report):
                 num_chains=1, hook_fn=hook, disable_progbar=True)
     mcmc.run(*args, **kwargs)
     draws = {k: v.detach().cpu().numpy() for k, v in mcmc.get_samples().items()}
-    return draws, {k: np.asarray(v, dtype=stats_dtype(k)) for k, v in stats.items()}
+    return draws, {k: np.asarray(v, dtype=stats_dtype(k)) for k, v in stats.items()}, warmup_steps[0]
 
 
 def run_nuts(
@@ -170,6 +175,7 @@ def run_nuts(
     wall_time = time.perf_counter() - start
     latent = {k: torch.as_tensor(np.stack([r[0][k] for r in results])) for k in results[0][0]}
     stats = {k: np.stack([r[1][k] for r in results]) for k in results[0][1]}
+    config["warmup_leapfrog_steps"] = sum(r[2] for r in results)
     return _assemble(model, args, kwargs, latent, stats, wall_time, config, trace)
 
 
@@ -188,7 +194,8 @@ def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
     stats = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
              for k, v in result.sample_stats.items()}
     config.update(backend="vectorized", leaf_backend=result.backend, fuse_decision=result.fuse_decision,
-                  workers=workers, batching=result.batching)
+                  workers=workers, batching=result.batching,
+                  warmup_leapfrog_steps=result.warmup_leapfrog_steps)
     return _assemble(model, args, kwargs, latent, stats, wall_time, config, trace)
 
 
@@ -231,4 +238,6 @@ def _assemble(model, args, kwargs, latent, stats, wall_time, config, trace) -> N
             RuntimeWarning, stacklevel=3)
     # The result's config stays plain data: it names the initialised sites.
     config = {**config, "init_values": sorted(config.get("init_values") or {})}
+    # Potential gradients: one per leapfrog step, warmup and sampling, all chains.
+    config["gradient_evaluations"] = int(stats["n_steps"].sum()) + int(config.pop("warmup_leapfrog_steps", 0))
     return NUTSResult(samples, stats, idata, wall_time, num_divergences, config)

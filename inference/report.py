@@ -52,7 +52,10 @@ def warnings_for(report) -> list[str]:
             if np.isfinite(k) and k > 0.7:
                 notes.append(f"{name}: Pareto k-hat {k:.2f} > 0.7: this guide's estimates are unreliable.")
             if not x.get("converged", True):
-                notes.append(f"{name}: the ELBO had not converged after {x.get('num_steps')} steps.")
+                why = f" ({x['convergence']})" if x.get("convergence") else ""
+                notes.append(f"{name}: NOT CONVERGED: the optimisation stopped at its budget of "
+                             f"{x.get('num_steps')} steps before its convergence test passed{why}; its "
+                             "numbers are those of an unfinished fit (raise num_steps).")
     return notes
 
 
@@ -92,7 +95,8 @@ def markdown_report(report, figures: dict[str, str]) -> str:
     """The report as Markdown (summary, warnings, per-parameter table, figures)."""
     summary_columns = [c for c in ("kind", "mean_abs_error_sd", "max_abs_error_sd", "mean_abs_log_sd_ratio",
                                    "mean_abs_log_lrvb_sd_ratio",
-                                   "mean_wasserstein_sd", "k_hat", "k_hat_verdict", "elbo", "wall_time",
+                                   "mean_wasserstein_sd", "k_hat", "k_hat_verdict", "elbo", "converged",
+                                   "gradient_evaluations", "wall_time",
                                    "ess_bulk_min", "ess_per_second", "r_hat_max", "num_divergences")
                        if c in report.summary.columns]
     parts = [f"# {report.title}", "", f"Reference: {report.reference_name}.", "", "## Methods", "",

@@ -183,6 +183,7 @@ _SUMMARY_COLUMNS = (  # (column, header, digits)
     ("mean_abs_log_sd_ratio", "mean |log sd ratio|", 3), ("mean_wasserstein_sd", "mean W1", 3),
     ("mean_abs_log_lrvb_sd_ratio", "mean |log LRVB sd ratio|", 3),
     ("k_hat", "k-hat", 3), ("k_hat_verdict", "verdict", 0), ("elbo", "ELBO", 5),
+    ("converged", "converged", 0), ("gradient_evaluations", "gradient evals", 0),
     ("wall_time", "wall time (s)", 3), ("ess_bulk_min", "min bulk ESS", 4), ("ess_per_second", "ESS/s", 3),
     ("r_hat_max", "max R-hat", 4), ("num_divergences", "divergences", 0),
 )
@@ -199,6 +200,10 @@ def _summary_cell(column: str, value: Any, digits: int) -> tuple[str, str]:
         return _number(value, digits), "bad" if value > _RHAT_LIMIT else "good"
     if column == "num_divergences":
         return _number(int(value)), "bad" if value > 0 else "good"
+    if column == "converged":  # the warnings say what the convergence test found
+        return ("yes", "good") if bool(value) else ("NO", "bad")
+    if column == "gradient_evaluations":
+        return _number(int(value)), ""
     return _number(value, digits), ""
 
 

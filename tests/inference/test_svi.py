@@ -74,7 +74,9 @@ def test_beta_bernoulli_psis_corrected_mean_is_within_monte_carlo_error():
     samples, log_weights, _ = result.draws(8000, seed=3)  # a GuideSample unpacks like a tuple
     assert float(log_weights.mean()) <= conjugate.beta_bernoulli_log_evidence(x) + Z * float(log_weights.std()) / math.sqrt(8000)
     smoothed = psis(log_weights.numpy())
-    assert smoothed.k_hat < 0.5
+    # No assertion on k-hat: the posterior has exponential tails in logit space, so the weights
+    # p/q of any Gaussian guide, the converged one included, have tail index k = 1 (estimates
+    # with 8000 draws range 0.5-6 from seed to seed); the smoothed mean is still checked.
     weights = np.exp(smoothed.log_weights - np.logaddexp.reduce(smoothed.log_weights))
     mean = float(np.sum(weights * samples["probs"].numpy()))
     assert abs(mean - float(exact.mean)) < Z * float(exact.stddev) / math.sqrt(smoothed.ess)
@@ -84,7 +86,7 @@ def test_iwae_and_analytic_kl_objectives_run():
     x = conjugate.default_normal_data()
     for elbo, particles in (("iwae", 4), ("meanfield", 2)):
         result = fit_svi(conjugate.normal_normal, "meanfield", 20, x, num_steps=50, elbo=elbo,
-                         num_particles=particles, progress=False)
+                         num_particles=particles, progress=False, early_stop=False)
         assert len(result.losses) == 50 and np.isfinite(result.losses).all()
 
 
@@ -104,7 +106,8 @@ def test_nan_loss_stops_with_step_and_site_and_keeps_finite_parameters():
 
     # A call counter is Python state, which a traced step cannot see: this runs Pyro's SVI.
     with pytest.raises(NonFiniteLossError, match="non-finite at step") as info:
-        fit_svi(model, "meanfield", num_steps=100, progress=False, backend="pyro")
+        # init="guide": the Laplace start's L-BFGS would call the model too and move the count.
+        fit_svi(model, "meanfield", num_steps=100, progress=False, backend="pyro", init="guide")
     error = info.value
     # the model is called once by validation and once to set up the guide before step 0
     assert error.step == 10 and error.site == "explodes"
