@@ -14,6 +14,7 @@ sd under :math:`H^{-1}` (the LRVB sd for a mean); 1e-4 of a posterior sd leaves 
 """
 import math
 import os
+import warnings
 
 import numpy as np
 import pyro
@@ -127,16 +128,32 @@ def test_improper_posterior_is_not_converged():
     assert not result.converged and result.config["lrvb_error"] and result.config["lrvb_sd"] is None
 
 
-def test_model_that_does_not_broadcast_is_evaluated_point_by_point(regression_data):
+def test_model_written_for_one_point_is_vectorised_under_vmap(regression_data):
     features, y = regression_data
 
-    def matrix_regression(features, y):  # features @ beta cannot take a batch of beta
+    def matrix_regression(features, y):  # features @ beta cannot take a plate of beta; vmap can
         beta = pyro.sample("beta", dist.Normal(torch.zeros(3), 1.0).to_event(1))
         pyro.sample("y", dist.Normal(features @ beta, 1.0).to_event(1), obs=y)
 
     posterior = linear_regression_posterior(features, y)["beta"]
-    with pytest.warns(RuntimeWarning, match="one point at a time"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
         result = fit_dadvi(matrix_regression, features, y, num_draws=6, progress=False)
+    assert result.converged and result.config["vectorized"]
+    assert ((result.guide.loc.detach() - posterior.mean).abs() < TOLERANCE_SD * posterior.stddev).all()
+
+
+def test_model_with_control_flow_on_a_latent_is_evaluated_point_by_point(regression_data):
+    features, y = regression_data
+
+    def branching_regression(features, y):  # a Python branch on a latent: neither a plate nor vmap
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        noise = 1.0 if beta[0] < 1e6 else 2.0  # always 1 where the posterior lives
+        pyro.sample("y", dist.Normal(features @ beta, noise).to_event(1), obs=y)
+
+    posterior = linear_regression_posterior(features, y)["beta"]
+    with pytest.warns(RuntimeWarning, match="one point at a time"):
+        result = fit_dadvi(branching_regression, features, y, num_draws=6, progress=False)
     assert result.converged and not result.config["vectorized"]
     assert ((result.guide.loc.detach() - posterior.mean).abs() < TOLERANCE_SD * posterior.stddev).all()
 
