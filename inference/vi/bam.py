@@ -19,12 +19,23 @@ those of the scores. With :math:`V = L L^\top`,
 symmetric: the update stays symmetric positive definite without a general matrix square root.
 For a Gaussian target the exact posterior is a fixed point for any batch.
 
+BaM from a far start (uniform on (-2, 2), :math:`\Sigma_0 = I`) can stall: on posteriordb's arK
+it stayed thousands of nats below the mode with a collapsed covariance while its divergence
+estimate stopped decreasing. The default start is therefore the authors' other option, L-BFGS:
+:math:`\mu_0` at the mode L-BFGS finds from a uniform start, :math:`\Sigma_0` its
+inverse-Hessian estimate there (:mod:`~vilab.inference.vi.lbfgs_path`); its gradient
+evaluations are counted. ``init="uniform"`` gives the plain start.
+
 The learning rate is the paper's :math:`\lambda_t = B D / (t + 1)` unless a constant is
 given. Each batch also estimates the divergence BaM minimises,
 :math:`\mathbb E_q \lVert \nabla \log q - \nabla \log p \rVert^2_{\Sigma}` at :math:`q_t`
-(``losses``); the run has converged when that estimate no longer decreases beyond its Monte
-Carlo noise (:func:`~vilab.inference.convergence.has_converged` over windows of
-``window`` iterations), the test SVI uses on its loss.
+(``losses``). The run has converged when that estimate no longer decreases beyond its Monte
+Carlo noise (:func:`~vilab.inference.convergence.has_converged` over windows of ``window``
+iterations, the test SVI uses on its loss) and the mean has stopped moving: the mean of
+:math:`\mu_t` over the last window differs from that over the window before by less than
+``0.1`` in root-mean-square Mahalanobis units of :math:`\Sigma_t`
+(:math:`\sqrt{\Delta^\top \Sigma_t^{-1} \Delta / D} < 0.1`). A stalled run drifts and fails
+the second test.
 
 References:
     Batch and match: black-box variational inference with a score-based divergence, Cai,
@@ -44,9 +55,15 @@ from vilab.inference.svi import SVIResult
 from vilab.inference.validation import check_positive_int
 from vilab.inference.vi.density import LogDensity
 from vilab.inference.vi.gaussian import gaussian_guide
+from vilab.inference.vi.lbfgs_path import inverse_hessian_estimates, lbfgs_path
 from vilab.types import Model
 
 __all__ = ["bam_update", "fit_bam"]
+
+INITS = ("lbfgs", "uniform")
+# Root-mean-square shift of the window-mean location, in q's sds, below which the mean has
+# stopped moving (the batch noise of a 25-iteration window mean is far below it).
+LOCATION_TOLERANCE = 0.1
 
 
 def bam_update(loc: torch.Tensor, covariance: torch.Tensor, draws: torch.Tensor, scores: torch.Tensor,
@@ -79,7 +96,31 @@ def _score_divergence(loc, covariance, draws, scores) -> float:
     return float((residual * (residual @ covariance)).sum(-1).mean())
 
 
-def _check(batch_size, max_iterations, min_iterations, window, learning_rate):
+def _start(density: LogDensity, generator: torch.Generator, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    start = density.initial_points(1, generator)[0]
+    eye = torch.eye(density.dim, dtype=start.dtype)
+    if init == "uniform":
+        return start, eye
+    path = lbfgs_path(density, start, history_size=6, max_iterations=1000, relative_tolerance=1e-10,
+                      gradient_tolerance=1e-8)
+    estimates = inverse_hessian_estimates(path, 6)
+    last = estimates[-1] if estimates else None
+    if last is None or int(torch.linalg.cholesky_ex(last).info) != 0:
+        last = eye
+    return path.positions[-1], last
+
+
+def _location_settled(locs: list[torch.Tensor], covariance: torch.Tensor, window: int) -> bool:
+    if len(locs) < 2 * window:
+        return False
+    shift = torch.stack(locs[-window:]).mean(0) - torch.stack(locs[-2 * window:-window]).mean(0)
+    squared = float(shift @ torch.linalg.solve(covariance, shift)) / shift.shape[0]
+    return squared ** 0.5 < LOCATION_TOLERANCE
+
+
+def _check(batch_size, max_iterations, min_iterations, window, learning_rate, init):
+    if init not in INITS:
+        raise ValueError(f"init: expected one of {INITS}; got {init!r}")
     check_positive_int(batch_size, "batch_size", minimum=2)
     check_positive_int(max_iterations, "max_iterations")
     check_positive_int(min_iterations, "min_iterations", minimum=0)
@@ -90,7 +131,7 @@ def _check(batch_size, max_iterations, min_iterations, window, learning_rate):
 
 def fit_bam(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = False, batch_size: int = 16,
             max_iterations: int = 500, min_iterations: int = 50, window: int = 25,
-            learning_rate: Optional[float] = None, init_scale: float = 1.0, **kwargs: Any) -> SVIResult:
+            learning_rate: Optional[float] = None, init: str = "lbfgs", **kwargs: Any) -> SVIResult:
     r"""Batch-and-match VI on ``model(*args, **kwargs)``; ``fit_svi(model, "bam")`` calls it.
 
     Args:
@@ -101,15 +142,16 @@ def fit_bam(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = 
         max_iterations: iterations at most; min_iterations: none stops earlier.
         window: iterations per window of the convergence test.
         learning_rate: a constant :math:`\lambda`; ``None``: :math:`\lambda_t = BD/(t+1)`.
-        init_scale: :math:`\Sigma_0 = \text{init\_scale}^2 I`; :math:`\mu_0` is uniform on
-            (-2, 2) with a finite density, as Stan's starts.
+        init: ``"lbfgs"`` (:math:`\mu_0` the L-BFGS mode from a uniform start, :math:`\Sigma_0`
+            its inverse-Hessian estimate) or ``"uniform"`` (:math:`\mu_0` uniform on (-2, 2)
+            with a finite density, as Stan's starts, :math:`\Sigma_0 = I`).
 
     Returns:
         An :class:`SVIResult` with the final Gaussian as guide; ``losses`` are the per-batch
         score-divergence estimates; ``config["gradient_evaluations"]`` counts score calls;
         ``config["dropped_draws"]`` counts draws left out of a batch for a non-finite score.
     """
-    _check(batch_size, max_iterations, min_iterations, window, learning_rate)
+    _check(batch_size, max_iterations, min_iterations, window, learning_rate, init)
     start_time = time.perf_counter()
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -117,9 +159,8 @@ def fit_bam(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = 
     generator = torch.Generator().manual_seed(0 if seed is None else seed)
     density = LogDensity(model, args, kwargs, seed=0 if seed is None else seed)
     dim = density.dim
-    loc = density.initial_points(1, generator)[0]
-    covariance = init_scale ** 2 * torch.eye(dim, dtype=loc.dtype)
-    losses, dropped, converged = [], 0, False
+    loc, covariance = _start(density, generator, init)
+    losses, locs, dropped, rejected, converged = [], [], 0, 0, False
     for t in range(max_iterations):
         scale_tril = torch.linalg.cholesky(covariance)
         draws = loc + torch.randn(batch_size, dim, generator=generator, dtype=loc.dtype) @ scale_tril.T
@@ -132,14 +173,21 @@ def fit_bam(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = 
         draws, scores = draws[finite], scores[finite]
         losses.append(_score_divergence(loc, covariance, draws, scores))
         lam = learning_rate if learning_rate is not None else batch_size * dim / (t + 1)
-        loc, covariance = bam_update(loc, covariance, draws, scores, lam)
-        if t + 1 >= min_iterations and (t + 1) % window == 0 and has_converged(losses, window=window, rtol=1e-3):
+        new_loc, new_covariance = bam_update(loc, covariance, draws, scores, lam)
+        if int(torch.linalg.cholesky_ex(new_covariance).info) == 0:
+            loc, covariance = new_loc, new_covariance
+        else:  # round-off broke positive definiteness: keep q_t, as the authors' code does
+            rejected += 1
+        locs.append(loc)
+        if t + 1 >= min_iterations and (t + 1) % window == 0 and has_converged(losses, window=window, rtol=1e-3) \
+                and _location_settled(locs, covariance, window):
             converged = True
             break
     guide = gaussian_guide(model, args, kwargs, loc, torch.linalg.cholesky(covariance), sites=density.potential.sites)
     config = {"batch_size": batch_size, "max_iterations": max_iterations, "learning_rate": learning_rate,
               "iterations": len(losses), "gradient_evaluations": density.gradient_evaluations,
               "density_evaluations": density.density_evaluations, "dropped_draws": dropped,
+              "rejected_updates": rejected, "init": init,
               "batched_density": density.batched}
     return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start_time, converged, "bam",
                      "score divergence", config)
