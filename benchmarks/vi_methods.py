@@ -94,25 +94,31 @@ def main() -> None:
     path = default_posteriordb_path()
     names = [p for p in args.problems.split(",") if p] or list_posteriordb(path)
     methods = [m for m in args.methods.split(",") if m]
-    guides = [m for m in methods if m != "nuts"]
     warmup, samples, chains = (int(v) for v in args.nuts.split(","))
     print(" ".join([f"{'problem':<36}", f"{'method':<16}"] + [f"{c[:9]:>9}" for c in COLUMNS]), flush=True)
     rows, started = [], time.time()
     for name in names:
         problem = load_posteriordb(path, name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = compare(problem.model, *problem.args, guides=guides, reference=problem.reference_draws,
-                             include_nuts="nuts" in methods, num_draws=args.draws, seed=args.seed,
-                             svi_options={"num_steps": args.steps},
-                             nuts_options={"num_warmup": warmup, "num_samples": samples, "num_chains": chains},
-                             progress=False, **problem.kwargs)
-        for row in _rows(name, report, args.draws, args.seed):
-            rows.append(row)
-            print(_format(row), flush=True)
-        for method, reason in report.failures.items():
-            rows.append({"problem": name, "method": method, "error": reason})
-            print(f"{name[:36]:<36} {method:<16} failed: {reason[:100]}", flush=True)
+        for method in methods:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    report = compare(problem.model, *problem.args, guides=[] if method == "nuts" else [method],
+                                     reference=problem.reference_draws, include_nuts=method == "nuts",
+                                     num_draws=args.draws, seed=args.seed, svi_options={"num_steps": args.steps},
+                                     nuts_options={"num_warmup": warmup, "num_samples": samples,
+                                                   "num_chains": chains}, progress=False, **problem.kwargs)
+            except RuntimeError as error:  # one method's crash must not cost the table the others
+                report = None
+                failures = {method: f"{type(error).__name__}: {error}"}
+            else:
+                failures = report.failures
+            for row in _rows(name, report, args.draws, args.seed) if report is not None else []:
+                rows.append(row)
+                print(_format(row), flush=True)
+            for failed, reason in failures.items():
+                rows.append({"problem": name, "method": failed, "error": reason})
+                print(f"{name[:36]:<36} {failed:<16} failed: {reason[:100]}", flush=True)
         write_json(args.out, {"command": "python benchmarks/vi_methods.py " + " ".join(os.sys.argv[1:]),
                               "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
                               "total_seconds": time.time() - started, "rows": rows})
