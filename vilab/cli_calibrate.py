@@ -3,7 +3,8 @@
 Simulates parameters from the prior and data from the model, fits the method to each data
 set, tests the symmetry of the truth's posterior quantiles (VSBC) or the uniformity of its
 ranks (SBC, ``--method nuts``) per parameter, and writes ``calibration.json``,
-``calibration.csv`` and ``calibration.png`` into ``--out``::
+``calibration.csv`` and ``calibration.png`` into ``--out``. Exits 0 when every parameter
+passes, 1 when one is flagged, 2 on bad input::
 
     vilab calibrate eight_schools_centered --method meanfield --simulations 100 --out runs/vsbc
 """
