@@ -111,10 +111,11 @@ def main() -> None:
     for name in names:
         problem = load_posteriordb(path, name)
         for method in methods:
-            note = ""
+            note, crash = "", ""
             try:
                 report = _compare(problem, method, args, {"num_steps": args.steps}, (warmup, samples, chains))
             except RuntimeError as error:
+                crash = f"{type(error).__name__}: {error}"
                 if method in ("meanfield", "fullrank"):
                     # The compiled SVI step can fail where Pyro's SVI runs: same objective, slower.
                     note = f"backend pyro (the compiled step failed: {error})"
@@ -122,7 +123,7 @@ def main() -> None:
                                       (warmup, samples, chains))
                 else:  # one method's crash must not cost the table the others
                     report = None
-            failures = report.failures if report is not None else {method: "RuntimeError (see log)"}
+            failures = report.failures if report is not None else {method: crash}
             for row in _rows(name, report, args.draws, args.seed) if report is not None else []:
                 row.update({"note": note} if note else {})
                 rows.append(row)
