@@ -18,6 +18,7 @@ bound).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -100,7 +101,12 @@ def main() -> None:
     parser.add_argument("--nuts", default="1000,1000,4", help="warmup,samples,chains")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--render", metavar="JSON", nargs="+", help="print the rows of these result files as a "
+                        "markdown table and exit")
     args = parser.parse_args()
+    if args.render:
+        print(markdown([row for path in args.render for row in json.load(open(path))["rows"]]))
+        return
     torch.set_default_dtype(torch.float64)
     path = default_posteriordb_path()
     names = [p for p in args.problems.split(",") if p] or list_posteriordb(path)
@@ -135,6 +141,23 @@ def main() -> None:
                               "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
                               "total_seconds": time.time() - started, "rows": rows})
     print(f"wrote {args.out} ({time.time() - started:.0f} s)")
+
+
+def markdown(rows) -> str:
+    """The rows as a markdown table, one line per problem and method, failures included."""
+    header = "| problem | method | max err (sd) | RMS err (sd) | mean abs log sd ratio | W1 (sd) | k-hat | " \
+             "wall s | gradient evals | converged |"
+    lines = [header, "|" + "---|" * 10]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['problem']} | {row['method']} | failed: {row['error'][:60]} |" + " |" * 7)
+            continue
+        cells = [row["problem"], row["method"]]
+        for column in COLUMNS:
+            value = row[column]
+            cells.append("-" if value is None else str(value) if isinstance(value, bool) else f"{float(value):.3g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _format(row) -> str:
