@@ -18,6 +18,7 @@ METHODS: dict[str, str] = {
     "pathfinder": "vilab.inference.vi.pathfinder:fit_pathfinder",
     "multipathfinder": "vilab.inference.vi.pathfinder:fit_multipathfinder",
     "bam": "vilab.inference.vi.bam:fit_bam",
+    "gsm": "vilab.inference.vi.bam:fit_gsm",
 }
 
 

@@ -1,4 +1,5 @@
-r"""Batch-and-match (BaM): full-covariance Gaussian VI by closed-form score matching.
+r"""Batch-and-match (BaM) and Gaussian score matching (GSM): full-covariance Gaussian VI by
+closed-form score matching (:func:`fit_bam`, :func:`fit_gsm`).
 
 Each iteration draws a batch :math:`z_1..z_B \sim q_t = \mathcal N(\mu_t, \Sigma_t)` on the
 unconstrained space, evaluates the scores :math:`g_b = \nabla \log p(z_b)`, and moves to the
@@ -58,7 +59,7 @@ from vilab.inference.vi.gaussian import gaussian_guide
 from vilab.inference.vi.lbfgs_path import inverse_hessian_estimates, lbfgs_path
 from vilab.types import Model
 
-__all__ = ["bam_update", "fit_bam"]
+__all__ = ["bam_update", "gsm_update", "fit_bam", "fit_gsm"]
 
 INITS = ("lbfgs", "uniform")
 # Root-mean-square shift of the window-mean location, in q's sds, below which the mean has
@@ -121,12 +122,33 @@ def _location_settled(locs: list[torch.Tensor], covariance: torch.Tensor, window
 def _check(batch_size, max_iterations, min_iterations, window, learning_rate, init):
     if init not in INITS:
         raise ValueError(f"init: expected one of {INITS}; got {init!r}")
-    check_positive_int(batch_size, "batch_size", minimum=2)
+    check_positive_int(batch_size, "batch_size", minimum=1)
     check_positive_int(max_iterations, "max_iterations")
     check_positive_int(min_iterations, "min_iterations", minimum=0)
     check_positive_int(window, "window", minimum=2)
     if learning_rate is not None and not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
         raise ValueError(f"learning_rate: expected a number > 0 or None (the paper's B*D/(t+1)); got {learning_rate!r}")
+
+
+def gsm_update(loc: torch.Tensor, covariance: torch.Tensor, draws: torch.Tensor, scores: torch.Tensor,
+               learning_rate: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""One GSM step: for each draw :math:`z` with score :math:`g`, the smallest change (in KL)
+    of :math:`(\mu, \Sigma)` after which :math:`
+abla \log q(z) = g`, averaged over the batch
+    (Modi et al. 2023, Algorithm 1); ``learning_rate`` is unused (GSM has none)."""
+    eye = torch.eye(loc.shape[0], dtype=loc.dtype)
+    loc_steps, covariance_steps = [], []
+    for z, g in zip(draws, scores):
+        sigma_g = covariance @ g
+        offset = loc - z
+        offset_g = offset @ g
+        rho = 0.5 * torch.sqrt(1 + 4 * (g @ sigma_g + offset_g ** 2)) - 0.5
+        step = (eye - torch.outer(offset, g) / (1 + rho + offset_g)) @ (sigma_g - offset) / (1 + rho)
+        moved = loc + step - z
+        loc_steps.append(step)
+        covariance_steps.append(torch.outer(offset, offset) - torch.outer(moved, moved))
+    new_covariance = covariance + torch.stack(covariance_steps).mean(0)
+    return loc + torch.stack(loc_steps).mean(0), (new_covariance + new_covariance.T) / 2
 
 
 def fit_bam(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = False, batch_size: int = 16,
@@ -152,6 +174,38 @@ def fit_bam(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = 
         ``config["dropped_draws"]`` counts draws left out of a batch for a non-finite score.
     """
     _check(batch_size, max_iterations, min_iterations, window, learning_rate, init)
+
+    def rate(t: int, dim: int) -> float:
+        return learning_rate if learning_rate is not None else batch_size * dim / (t + 1)
+
+    return _fit(model, args, kwargs, "bam", bam_update, rate, seed=seed, batch_size=batch_size,
+                max_iterations=max_iterations, min_iterations=min_iterations, window=window, init=init,
+                config={"learning_rate": learning_rate})
+
+
+def fit_gsm(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = False, batch_size: int = 2,
+            max_iterations: int = 1000, min_iterations: int = 50, window: int = 25, init: str = "lbfgs",
+            **kwargs: Any) -> SVIResult:
+    r"""Gaussian score matching VI on ``model(*args, **kwargs)``; ``fit_svi(model, "gsm")`` calls it.
+
+    Each iteration moves :math:`(\mu, \Sigma)` by the batch average of the per-draw closed-form
+    updates that make :math:`q`'s score match :math:`p`'s at the draw (:func:`gsm_update`); no
+    learning rate. Start, convergence test, arguments and result as :func:`fit_bam` (default
+    ``batch_size`` 2, the authors' example).
+
+    References:
+        Variational inference with Gaussian score matching, Modi, Margossian, Yao, Gower, Blei
+        and Saul, NeurIPS 2023, arXiv:2307.07849 (Algorithm 1; the update follows the
+        authors' ``gsmvi/gsm.py``).
+    """
+    _check(batch_size, max_iterations, min_iterations, window, None, init)
+    return _fit(model, args, kwargs, "gsm", gsm_update, lambda t, dim: None, seed=seed, batch_size=batch_size,
+                max_iterations=max_iterations, min_iterations=min_iterations, window=window, init=init, config={})
+
+
+def _fit(model, args, kwargs, name, update, rate, *, seed, batch_size, max_iterations, min_iterations, window,
+         init, config) -> SVIResult:
+    """The loop BaM and GSM share: draw a batch from q_t, take its scores, update."""
     start_time = time.perf_counter()
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -167,14 +221,13 @@ def fit_bam(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = 
         _, scores = density.value_and_score(draws)
         finite = torch.isfinite(scores).all(-1)
         dropped += int((~finite).sum())
-        if int(finite.sum()) < 2:
-            raise RuntimeError(f"bam: the score is not finite at {int((~finite).sum())} of {batch_size} draws of "
+        if int(finite.sum()) < min(2, batch_size):
+            raise RuntimeError(f"{name}: the score is not finite at {int((~finite).sum())} of {batch_size} draws of "
                                f"iteration {t}; the model's density is not differentiable where q puts its mass")
         draws, scores = draws[finite], scores[finite]
         losses.append(_score_divergence(loc, covariance, draws, scores))
-        lam = learning_rate if learning_rate is not None else batch_size * dim / (t + 1)
-        new_loc, new_covariance = bam_update(loc, covariance, draws, scores, lam)
-        if int(torch.linalg.cholesky_ex(new_covariance).info) == 0:
+        new_loc, new_covariance = update(loc, covariance, draws, scores, rate(t, dim))
+        if int(torch.linalg.cholesky_ex(new_covariance).info) == 0 and bool(torch.isfinite(new_loc).all()):
             loc, covariance = new_loc, new_covariance
         else:  # round-off broke positive definiteness: keep q_t, as the authors' code does
             rejected += 1
@@ -184,10 +237,9 @@ def fit_bam(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = 
             converged = True
             break
     guide = gaussian_guide(model, args, kwargs, loc, torch.linalg.cholesky(covariance), sites=density.potential.sites)
-    config = {"batch_size": batch_size, "max_iterations": max_iterations, "learning_rate": learning_rate,
-              "iterations": len(losses), "gradient_evaluations": density.gradient_evaluations,
+    config = {"batch_size": batch_size, "max_iterations": max_iterations, **config, "iterations": len(losses),
+              "gradient_evaluations": density.gradient_evaluations,
               "density_evaluations": density.density_evaluations, "dropped_draws": dropped,
-              "rejected_updates": rejected, "init": init,
-              "batched_density": density.batched}
-    return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start_time, converged, "bam",
+              "rejected_updates": rejected, "init": init, "batched_density": density.batched}
+    return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start_time, converged, name,
                      "score divergence", config)

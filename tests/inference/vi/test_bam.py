@@ -1,4 +1,4 @@
-"""Batch-and-match against closed-form posteriors.
+"""Batch-and-match and Gaussian score matching against closed-form posteriors.
 
 For a Gaussian target the exact posterior is a fixed point of the BaM update for any batch
 (the batch's score divergence is zero there and the KL term is zero at q_t), so BaM's
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vilab.inference import compare, fit_svi
-from vilab.inference.vi.bam import bam_update
+from vilab.inference.vi.bam import bam_update, gsm_update
 from vilab.models.conjugate import (default_normal_data, default_regression_data, linear_regression,
                                     linear_regression_posterior, normal_normal, normal_normal_posterior)
 
@@ -24,11 +24,11 @@ def _covariance(guide):
     return (scale_tril @ scale_tril.T).detach()
 
 
-@pytest.mark.parametrize("init", ["lbfgs", "uniform"])
-def test_bam_finds_the_exact_linear_regression_posterior(init):
+@pytest.mark.parametrize("method,init", [("bam", "lbfgs"), ("bam", "uniform"), ("gsm", "lbfgs")])
+def test_score_matching_finds_the_exact_linear_regression_posterior(method, init):
     features, y = default_regression_data()
     exact = linear_regression_posterior(features, y)["beta"]
-    result = fit_svi(linear_regression, "bam", features, y, guide_options={"init": init}, progress=False)
+    result = fit_svi(linear_regression, method, features, y, guide_options={"init": init}, progress=False)
     assert result.converged and result.config["init"] == init
     assert torch.allclose(result.guide.loc.detach(), exact.mean, atol=1e-8)
     assert torch.allclose(_covariance(result.guide), exact.covariance_matrix, atol=1e-10)
@@ -47,6 +47,8 @@ def test_the_exact_gaussian_is_a_fixed_point_of_the_update_for_any_batch():
         new_loc, new_covariance = bam_update(loc, covariance, draws, scores, learning_rate)
         assert torch.allclose(new_loc, loc, atol=1e-10)
         assert torch.allclose(new_covariance, covariance, atol=1e-10)
+    new_loc, new_covariance = gsm_update(loc, covariance, draws, scores)
+    assert torch.allclose(new_loc, loc, atol=1e-10) and torch.allclose(new_covariance, covariance, atol=1e-10)
 
 
 def test_bam_draws_match_the_normal_normal_posterior_through_compare():
@@ -63,8 +65,10 @@ def test_bam_draws_match_the_normal_normal_posterior_through_compare():
 def test_bad_options_are_refused():
     x = default_normal_data()
     with pytest.raises(ValueError, match="batch_size"):
-        fit_svi(normal_normal, "bam", 20, x, guide_options={"batch_size": 1}, progress=False)
+        fit_svi(normal_normal, "bam", 20, x, guide_options={"batch_size": 0}, progress=False)
     with pytest.raises(ValueError, match="learning_rate"):
         fit_svi(normal_normal, "bam", 20, x, guide_options={"learning_rate": -1.0}, progress=False)
     with pytest.raises(ValueError, match="init: expected one of"):
         fit_svi(normal_normal, "bam", 20, x, guide_options={"init": "prior"}, progress=False)
+    with pytest.raises(ValueError, match="init: expected one of"):
+        fit_svi(normal_normal, "gsm", 20, x, guide_options={"init": "prior"}, progress=False)
