@@ -35,7 +35,7 @@ from vilab.inference.vi.pathfinder import resample_draws
 from vilab.posteriordb import default_posteriordb_path, list_posteriordb, load_posteriordb
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "vi_methods.json")
-DEFAULT_METHODS = "pathfinder,multipathfinder,bam,meanfield,fullrank,nuts"
+DEFAULT_METHODS = "pathfinder,multipathfinder,bam,gsm,meanfield,fullrank,nuts"
 COLUMNS = ("max_abs_error_sd", "rmse_error_sd", "mean_abs_log_sd_ratio", "mean_wasserstein_sd", "k_hat",
            "wall_time", "gradient_evaluations", "converged")
 
