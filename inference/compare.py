@@ -113,7 +113,10 @@ def _fit_guide(model, args, kwargs, guide, seed, num_draws, svi_options, guide_o
                "psis_ess": smoothed.ess, "elbo": float(np.mean(log_weights)),
                "elbo_se": float(np.std(log_weights) / np.sqrt(len(log_weights))),
                "final_loss": float(np.mean(result.losses[-50:])), "num_steps": result.num_steps,
-               "converged": result.converged, "wall_time": result.wall_time}
+               "converged": result.converged, "wall_time": result.wall_time,
+               # Methods count their own (Pathfinder: L-BFGS calls); SVI takes one per step and particle.
+               "gradient_evaluations": int(result.config.get(
+                   "gradient_evaluations", result.num_steps * result.config.get("num_particles", 1)))}
     flat = {k: v.reshape(-1) for k, v in flatten_samples(samples, 1).items()}
     return MethodResult(name, "vi", flat, result, idata, metrics, smoothed.log_weights)
 

@@ -76,7 +76,7 @@ def _markdown_table(frame) -> str:
 def markdown_report(report, figures: dict[str, str]) -> str:
     """The report as Markdown (summary, warnings, per-parameter table, figures)."""
     summary_columns = [c for c in ("kind", "mean_abs_error_sd", "max_abs_error_sd", "mean_abs_log_sd_ratio",
-                                   "mean_wasserstein_sd", "k_hat", "k_hat_verdict", "elbo", "wall_time",
+                                   "mean_wasserstein_sd", "k_hat", "k_hat_verdict", "elbo", "wall_time", "gradient_evaluations",
                                    "ess_bulk_min", "ess_per_second", "r_hat_max", "num_divergences")
                        if c in report.summary.columns]
     parts = [f"# {report.title}", "", f"Reference: {report.reference_name}.", "", "## Methods", "",

@@ -182,7 +182,8 @@ _SUMMARY_COLUMNS = (  # (column, header, digits)
     ("mean_abs_error_sd", "mean |error|", 3), ("max_abs_error_sd", "max |error|", 3),
     ("mean_abs_log_sd_ratio", "mean |log sd ratio|", 3), ("mean_wasserstein_sd", "mean W1", 3),
     ("k_hat", "k-hat", 3), ("k_hat_verdict", "verdict", 0), ("elbo", "ELBO", 5),
-    ("wall_time", "wall time (s)", 3), ("ess_bulk_min", "min bulk ESS", 4), ("ess_per_second", "ESS/s", 3),
+    ("wall_time", "wall time (s)", 3), ("gradient_evaluations", "gradient evals", 4),
+    ("ess_bulk_min", "min bulk ESS", 4), ("ess_per_second", "ESS/s", 3),
     ("r_hat_max", "max R-hat", 4), ("num_divergences", "divergences", 0),
 )
 

@@ -41,6 +41,7 @@ def test_pathfinder_and_multipathfinder_match_the_normal_normal_posterior_throug
         _assert_matches(report, method)
         result = report.methods[method].result
         assert result.converged and result.config["gradient_evaluations"] > 0
+        assert report.summary.loc[method, "gradient_evaluations"] == result.config["gradient_evaluations"]
         # Exact up to round-off: every draw's log weight is log p(x), so the ELBO is the evidence.
         assert report.summary.loc[method, "elbo"] == pytest.approx(normal_normal_log_evidence(x), abs=1e-8)
     assert report.methods["multipathfinder"].result.config["k_hat"] < 0.5
