@@ -58,6 +58,9 @@ def calibrate_command(args: argparse.Namespace) -> int:
           f"failure budget alpha={result.alpha} (Bonferroni over {len(result.table)} parameters)")
     print(result.table[["parameter", "statistic", "p_value", "mean_quantile", "verdict"]].to_string(
         index=False, float_format=lambda v: f"{v:.3g}"))
+    if result.unconverged:
+        print(f"warning: {len(result.unconverged)} of {result.num_simulations} fits did not converge; a flag may "
+              "mean 'cannot fit what the prior generates' rather than 'biased' (raise --steps)", file=sys.stderr)
     if result.failures:
         print(f"warning: {len(result.failures)} fits failed and were left out", file=sys.stderr)
     out = result.save(args.out)

@@ -65,6 +65,11 @@ class CalibrationResult:
         alpha: the family failure budget; num_simulations: fits that succeeded.
         failures: simulation index -> why its fit failed (left out of the tests).
         wall_time: seconds in all.
+        num_ranks: SBC's :math:`L + 1`.
+        unconverged: simulations whose fit did not report convergence (VI: the method's own
+            ``converged``; NUTS: a divergence). They stay in the tests: a method that cannot
+            fit the data the prior generates is part of what VSBC measures, but a flag driven by
+            them says "did not converge" rather than "biased".
     """
 
     method: str
@@ -76,6 +81,7 @@ class CalibrationResult:
     failures: dict[int, str] = field(default_factory=dict)
     wall_time: float = 0.0
     num_ranks: Optional[int] = None
+    unconverged: list[int] = field(default_factory=list)
 
     @property
     def flagged(self) -> list[str]:
@@ -90,7 +96,7 @@ class CalibrationResult:
         self.table.to_csv(os.path.join(directory, "calibration.csv"), index=False)
         record = {"method": self.method, "test": self.test, "alpha": self.alpha,
                   "num_simulations": self.num_simulations, "failures": {str(k): v for k, v in self.failures.items()},
-                  "wall_time": self.wall_time, "parameters": self.table.to_dict(orient="records"),
+                  "wall_time": self.wall_time, "unconverged": self.unconverged, "parameters": self.table.to_dict(orient="records"),
                   "statistics": {k: v.tolist() for k, v in self.statistics.items()}}
         with open(os.path.join(directory, "calibration.json"), "w") as handle:
             json.dump(record, handle, indent=1, default=float)
@@ -137,8 +143,9 @@ def _fit_quantiles(model, args, kwargs, method, truth, num_draws, seed, options)
     draws = flatten_samples({k: v for k, v in result.sample(num_draws, seed=seed).items() if k in truth}, 1)
     flat_truth = flatten_samples({k: v.unsqueeze(0) for k, v in truth.items()}, 1)
     # Ties (a truth equal to draws, e.g. at a boundary) count half, so p stays symmetric.
-    return {name: float(np.mean(draws[name] < flat_truth[name][0]) + 0.5 * np.mean(draws[name] == flat_truth[name][0]))
-            for name in flat_truth}
+    quantiles = {name: float(np.mean(draws[name] < flat_truth[name][0]) + 0.5 * np.mean(draws[name] == flat_truth[name][0]))
+                 for name in flat_truth}
+    return quantiles, bool(result.converged)
 
 
 def _nuts_ranks(model, args, kwargs, truth, num_ranks, seed, options) -> dict[str, float]:
@@ -148,7 +155,8 @@ def _nuts_ranks(model, args, kwargs, truth, num_ranks, seed, options) -> dict[st
     flat = {k: v.reshape(-1) for k, v in flatten_samples({k: v for k, v in result.samples.items() if k in truth}, 2).items()}
     flat_truth = flatten_samples({k: v.unsqueeze(0) for k, v in truth.items()}, 1)
     keep = np.linspace(0, len(next(iter(flat.values()))) - 1, num_ranks - 1).round().astype(int)
-    return {name: float(np.sum(flat[name][keep] < flat_truth[name][0])) for name in flat_truth}
+    ranks = {name: float(np.sum(flat[name][keep] < flat_truth[name][0])) for name in flat_truth}
+    return ranks, result.num_divergences == 0
 
 
 def _check_options(method, num_simulations, num_draws, alpha, num_bins, num_ranks):
@@ -189,17 +197,21 @@ def calibrate(model: Model, *args: Any, method: str = "meanfield", num_simulatio
     start, options = time.perf_counter(), dict(method_options or {})
     collected: dict[str, list[float]] = {}
     failures: dict[int, str] = {}
+    unconverged: list[int] = []
     for m in tqdm(range(num_simulations), desc=f"calibrate {method}", disable=not progress):
         truth, observations = simulate(model, args, kwargs, seed + m)
         conditioned = poutine.condition(model, data=observations)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # per-fit warnings would flood; failures are kept
-                values = _nuts_ranks(conditioned, args, kwargs, truth, num_ranks, seed + m, options) if method == "nuts" \
-                    else _fit_quantiles(conditioned, args, kwargs, method, truth, num_draws, seed + m, options)
+                values, converged = _nuts_ranks(conditioned, args, kwargs, truth, num_ranks, seed + m, options) \
+                    if method == "nuts" else _fit_quantiles(conditioned, args, kwargs, method, truth, num_draws,
+                                                            seed + m, options)
         except (ValueError, RuntimeError, FloatingPointError) as error:
             failures[m] = f"{type(error).__name__}: {error}"
             continue
+        if not converged:
+            unconverged.append(m)
         for name, value in values.items():
             collected.setdefault(name, []).append(value)
     if not collected:
@@ -208,7 +220,7 @@ def calibrate(model: Model, *args: Any, method: str = "meanfield", num_simulatio
     table = _table(statistics, method, alpha, num_bins, num_ranks)
     return CalibrationResult(method, "SBC" if method == "nuts" else "VSBC", statistics, table, alpha,
                              num_simulations - len(failures), failures, time.perf_counter() - start,
-                             num_ranks if method == "nuts" else None)
+                             num_ranks if method == "nuts" else None, unconverged)
 
 
 def _table(statistics, method, alpha, num_bins, num_ranks) -> pd.DataFrame:
