@@ -112,7 +112,7 @@ def _initial_states(potential: BatchedPotential, num_chains: int, generator: tor
 class _Warmup:
     """Stan's windowed adaptation of step size and metric for all chains together."""
 
-    def __init__(self, num_warmup, num_chains, dim, dense_mass, target_accept, dtype):
+    def __init__(self, num_warmup, num_chains, dim, dense_mass, target_accept, dtype, init_inverse_mass=None):
         self.windows = adaptation_windows(num_warmup)
         self.window_ends = {end for start, end in self.windows[1:-1]}
         self.slow = {i for start, end in self.windows[1:-1] for i in range(start, end + 1)}
@@ -120,6 +120,12 @@ class _Warmup:
         self.num_chains, self.dim = num_chains, dim
         eye = torch.eye(dim, dtype=dtype).expand(num_chains, dim, dim).clone()
         self.metric = Metric(eye if dense_mass else torch.ones(num_chains, dim, dtype=dtype), dense_mass)
+        if init_inverse_mass is not None:  # e.g. Pathfinder's covariance, shared by every chain
+            start = init_inverse_mass.to(dtype)
+            expected = (dim, dim) if dense_mass else (dim,)
+            if tuple(start.shape) != expected:
+                raise ValueError(f"init_inverse_mass: expected shape {expected}; got {tuple(start.shape)}")
+            self.metric = Metric(start.expand(num_chains, *start.shape).clone(), dense_mass)
         self.welford = Welford(num_chains, dim, dense_mass, dtype)
 
     def restart_step_size(self, state, potential, generator):
@@ -169,7 +175,8 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
                            num_warmup: int, num_chains: int, target_accept: float = 0.8,
                            dense_mass: bool = False, max_tree_depth: int = 10, seed: int = 0,
                            progress: bool = True, compiler: str = "auto",
-                           init_values: Optional[dict] = None, workers: Optional[int] = None) -> VectorizedNutsResult:
+                           init_values: Optional[dict] = None, workers: Optional[int] = None,
+                           init_inverse_mass: Optional[torch.Tensor] = None) -> VectorizedNutsResult:
     r"""Sample a Pyro model with NUTS, all chains advancing together.
 
     Warmup follows Stan: a 75-iteration step-size buffer, doubling metric windows (diagonal or
@@ -212,6 +219,8 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         init_values: constrained starting values ``{site: (num_chains, *site_shape)}`` of some
             latent sites (:func:`~vilab.inference.validation.check_init_values`); the other sites
             start uniformly in (-2, 2) on the unconstrained space.
+        init_inverse_mass: the metric warmup starts from, ``(D,)`` (diagonal) or ``(D, D)``
+            (dense, with ``dense_mass``), for every chain; default the identity.
         workers: processes the chains are split over, each running one batch of about
             :math:`C / \text{workers}` chains; ``None``: one per core this process may use, at
             most one per chain (:func:`~vilab.inference.fast_workers.available_workers`; 1
@@ -235,7 +244,8 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         return _sample_batches(workers, progress=progress, num_chains=num_chains, seed=seed, model=model,
                                model_args=model_args, model_kwargs=model_kwargs, num_samples=num_samples,
                                num_warmup=num_warmup, target_accept=target_accept, dense_mass=dense_mass,
-                               max_tree_depth=max_tree_depth, compiler=compiler, init_values=init_values)
+                               max_tree_depth=max_tree_depth, compiler=compiler, init_values=init_values,
+                               init_inverse_mass=init_inverse_mass)
 
 
 def _sample_batches(workers, *, progress, num_chains, seed, **options) -> VectorizedNutsResult:
@@ -298,11 +308,12 @@ def _merge_batches(results: list, sizes: list[int], wall: float) -> VectorizedNu
 
 
 def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_accept, dense_mass,
-            max_tree_depth, seed, compiler, init_values, report, background, split) -> VectorizedNutsResult:
+            max_tree_depth, seed, compiler, init_values, report, background, split,
+            init_inverse_mass=None) -> VectorizedNutsResult:
     generator = torch.Generator().manual_seed(seed)
     z, value, grad = _initial_states(potential, num_chains, generator, init_values)
     dtype = z.dtype
-    warmup = _Warmup(num_warmup, num_chains, potential.dim, dense_mass, target_accept, dtype)
+    warmup = _Warmup(num_warmup, num_chains, potential.dim, dense_mass, target_accept, dtype, init_inverse_mass)
     step_size = warmup.restart_step_size((z, value, grad, torch.ones(num_chains, dtype=dtype)), potential, generator)
     # An explicit "vm" runs there even where it is slower (to compare it, or to test it).
     builder = TreeBuilder(potential, num_chains, max_tree_depth, generator,

@@ -105,6 +105,7 @@ def run_nuts(
     compiler: str = "auto",
     progress: bool = True,
     init_values: Optional[dict] = None,
+    init: Optional[str] = None,
     **kwargs: Any,
 ) -> NUTSResult:
     r"""Sample ``model(*args, **kwargs)``'s posterior with NUTS.
@@ -139,6 +140,10 @@ def run_nuts(
             site's shape (all chains) or ``(num_chains, *site_shape)`` (one per chain), e.g. a
             fitted guide's ``median()``; the other sites start uniformly in (-2, 2) on the
             unconstrained space, as Stan's do.
+        init: ``"pathfinder"`` starts the chains at multi-path Pathfinder draws and warmup's
+            metric at its covariance (:mod:`~vilab.inference.vi.nuts_init`; the ``pyro``
+            backend takes the starting points only); ``result.config["pathfinder"]`` holds its
+            gradient evaluations and k-hat. Not with ``init_values``.
 
     Returns:
         A :class:`NUTSResult`; divergences are also reported with a warning.
@@ -152,6 +157,7 @@ def run_nuts(
     config["compiler"] = compiler
     trace = check_model(model, args, kwargs, allow_enumerated=True)
     config["init_values"] = check_init_values(init_values, trace, num_chains)
+    config["init_inverse_mass"] = _pathfinder_start(model, args, kwargs, config, init, init_values, trace)
     if backend in ("auto", "vectorized") and not jit:
         try:
             return _run_vectorized(model, args, kwargs, config, trace, progress)
@@ -166,6 +172,9 @@ def run_nuts(
                 "reason for this fallback. Write the branch with torch.where to get the fast path.",
                 RuntimeWarning, stacklevel=2)
     config["backend"] = "pyro"
+    if config.pop("init_inverse_mass", None) is not None:
+        warnings.warn("run_nuts: the pyro backend starts from Pathfinder's draws but adapts its metric from the "
+                      "identity", RuntimeWarning, stacklevel=2)
     start = time.perf_counter()
     parallel = config["chain_method"] == "parallel" or (
         config["chain_method"] == "auto" and num_chains > 1 and available_workers(num_chains) > 1)
@@ -187,7 +196,7 @@ def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
         num_chains=config["num_chains"], target_accept=config["target_accept"],
         dense_mass=config["dense_mass"], max_tree_depth=config["max_tree_depth"], seed=config["seed"],
         progress=progress, compiler=config["compiler"], init_values=config["init_values"],
-        workers=workers)
+        workers=workers, init_inverse_mass=config.get("init_inverse_mass"))
     wall_time = time.perf_counter() - start
     latent = {k: v for k, v in result.samples.items()
               if k in trace.nodes and not trace.nodes[k]["is_observed"]}
@@ -197,6 +206,24 @@ def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
                   workers=workers, batching=result.batching,
                   warmup_leapfrog_steps=result.warmup_leapfrog_steps)
     return _assemble(model, args, kwargs, latent, stats, wall_time, config, trace)
+
+
+def _pathfinder_start(model, args, kwargs, config, init, init_values, trace):
+    """With ``init="pathfinder"``: set ``config["init_values"]`` and ``["pathfinder"]``, and
+    return the starting inverse mass matrix (``None`` without ``init``)."""
+    if init is None:
+        return None
+    if init != "pathfinder":
+        raise ValueError(f"init: expected None or 'pathfinder'; got {init!r}")
+    if init_values is not None:
+        raise ValueError("init: 'pathfinder' chooses the starting values; pass init_values or init, not both")
+    from vilab.inference.vi.nuts_init import pathfinder_init
+
+    start = pathfinder_init(model, args, kwargs, num_chains=config["num_chains"], dense_mass=config["dense_mass"],
+                            seed=config["seed"])
+    config["init_values"] = check_init_values(start.init_values, trace, config["num_chains"])
+    config["pathfinder"] = start.info
+    return start.inverse_mass
 
 
 def _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method) -> dict:
@@ -240,4 +267,5 @@ def _assemble(model, args, kwargs, latent, stats, wall_time, config, trace) -> N
     config = {**config, "init_values": sorted(config.get("init_values") or {})}
     # Potential gradients: one per leapfrog step, warmup and sampling, all chains.
     config["gradient_evaluations"] = int(stats["n_steps"].sum()) + int(config.pop("warmup_leapfrog_steps", 0))
+    config.pop("init_inverse_mass", None)
     return NUTSResult(samples, stats, idata, wall_time, num_divergences, config)

@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vilab.cli_advanced import add_advanced_commands
 
     add_advanced_commands(sub)
+    from vilab.cli_calibrate import add_calibrate_command
+
+    add_calibrate_command(sub)
     from vilab.cli_sweep import add_sweep_command
 
     add_sweep_command(sub)

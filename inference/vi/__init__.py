@@ -14,8 +14,13 @@ from typing import Callable
 __all__ = ["METHODS", "get_method", "is_method"]
 
 # name -> "vilab.inference.vi.<module>:<function>"; each method module adds its own line.
-METHODS: dict[str, str] = {}
-METHODS["dadvi"] = "vilab.inference.vi.dadvi:fit_dadvi"
+METHODS: dict[str, str] = {
+    "pathfinder": "vilab.inference.vi.pathfinder:fit_pathfinder",
+    "multipathfinder": "vilab.inference.vi.pathfinder:fit_multipathfinder",
+    "bam": "vilab.inference.vi.bam:fit_bam",
+    "gsm": "vilab.inference.vi.bam:fit_gsm",
+    "dadvi": "vilab.inference.vi.dadvi:fit_dadvi",
+}
 
 
 def is_method(name: object) -> bool:
