@@ -91,10 +91,11 @@ def test_multipathfinder_resampled_draws_match_the_linear_regression_posterior()
 
 
 def _unbatchable_model(x):
-    """Normal-normal written with a scalar reshape: it cannot run under an outer plate."""
+    """Normal-normal with a Python branch on the latent: neither an outer plate nor vmap runs it."""
     loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0), 1.0))
+    scale = 1.0 if loc < 1e6 else 2.0  # always 1 where the posterior lives
     with pyro.plate("data", x.shape[0]):
-        pyro.sample("x", dist.Normal(loc.reshape(()), 1.0), obs=x)
+        pyro.sample("x", dist.Normal(loc, scale), obs=x)
 
 
 def test_a_model_that_refuses_batching_is_evaluated_point_by_point():
