@@ -30,15 +30,23 @@ class PSISResult(NamedTuple):
     ess: float
 
 
+# Relative spread of log weights below which they are equal up to float64 round-off.
+ROUND_OFF = 1e-10
+
+
 def psis(log_weights: np.ndarray) -> PSISResult:
     """Pareto-smooth ``log_weights`` (``(S,)``: :math:`\\log p(x,z_s) - \\log q(z_s)`).
 
-    A guide whose draws all have the same weight (a point estimate) gets ``k_hat = nan``.
+    A guide whose draws all have the same weight (a point estimate) gets ``k_hat = nan``; one
+    whose weights differ by round-off only (an exact guide: :math:`q = p(z \mid x)`) gets
+    ``k_hat = -inf`` (bounded weights), since fitting a Pareto tail to round-off is meaningless.
     """
     log_weights = np.asarray(log_weights, dtype=float).reshape(-1)
+    uniform = np.full(log_weights.size, -np.log(max(log_weights.size, 1)))
     if log_weights.size < 2 or np.ptp(log_weights) == 0 or not np.isfinite(log_weights).any():
-        uniform = np.full(log_weights.size, -np.log(max(log_weights.size, 1)))
         return PSISResult(float("nan"), uniform, float(log_weights.size))
+    if np.isfinite(log_weights).all() and np.ptp(log_weights) < ROUND_OFF * max(1.0, np.abs(log_weights).max()):
+        return PSISResult(float("-inf"), uniform, float(log_weights.size))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ warns on k > 0.7; the verdict says it in words
         smoothed, k_hat = az.psislw(log_weights.copy())
@@ -48,6 +56,8 @@ def psis(log_weights: np.ndarray) -> PSISResult:
 
 def k_hat_verdict(k_hat: float) -> str:
     """The reading of a Pareto :math:`\\hat k` (Yao et al. 2018 thresholds)."""
+    if k_hat == -np.inf:
+        return "good (equal weights: exact up to round-off)"
     if not np.isfinite(k_hat):
         return "n/a (point estimate)"
     if k_hat < 0.5:
