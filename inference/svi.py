@@ -10,6 +10,7 @@ where Pyro knows it) or the importance-weighted bound of Burda et al. (``RenyiEL
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 import warnings
@@ -358,14 +359,19 @@ def fit_svi(
         raise ValueError(f"elbo: expected one of {ELBOS}; got {elbo!r}")
     if init not in INITS:
         raise ValueError(f"init: expected one of {INITS}; got {init!r}")
+    from vilab.inference.vi import get_method, is_method  # here: the methods import this module
+
+    if is_method(guide):
+        _refuse_svi_options(guide, num_steps=num_steps, lr=lr, lr_decay=lr_decay, elbo=elbo,
+                            num_particles=num_particles, vectorize_particles=vectorize_particles, init=init,
+                            early_stop=early_stop, min_steps=min_steps, window=window, backend=backend,
+                            compiler=compiler)
     window = window_size(num_steps, window)
     min_steps = window if min_steps is None else check_positive_int(min_steps, "min_steps", 0)
     if seed is not None:
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
     check_model(model, args, kwargs)
-    from vilab.inference.vi import get_method, is_method  # here: the methods import this module
-
     if is_method(guide):
         return get_method(guide)(model, *args, seed=seed, progress=progress, **(guide_options or {}), **kwargs)
     name = guide_name(guide)
@@ -395,6 +401,18 @@ def fit_svi(
         guide = _laplace(guide, args, kwargs)
     config.update(backend=stepper.backend, setup_seconds=setup_seconds + config.pop("fuse_seconds", 0.0))
     return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start, converged, name, elbo, config)
+
+
+def _refuse_svi_options(method: str, **given: Any) -> None:
+    """A method that is not SVI on a guide takes its options in ``guide_options``; an SVI option
+    set away from its default would be ignored silently, so it is refused."""
+    defaults = {name: parameter.default for name, parameter in inspect.signature(fit_svi).parameters.items()}
+    changed = sorted(name for name, value in given.items() if value != defaults[name])
+    if changed:
+        raise TypeError(f"fit_svi: {', '.join(changed)}: options of SVI on a guide, which method {method!r} "
+                        f"does not run; expected them at their defaults; got "
+                        f"{', '.join(f'{n}={given[n]!r}' for n in changed)}. Pass {method!r}'s own options "
+                        "in guide_options.")
 
 
 def _optimise(stepper, model, guide, args, kwargs, name, elbo, start, num_steps, window, min_steps,

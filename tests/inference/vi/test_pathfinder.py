@@ -148,3 +148,9 @@ def test_nuts_init_is_checked():
         run_nuts(normal_normal, 20, x, init="laplace", progress=False)
     with pytest.raises(ValueError, match="init_values or init, not both"):
         run_nuts(normal_normal, 20, x, init="pathfinder", init_values={"loc": torch.tensor(0.0)}, progress=False)
+
+
+def test_svi_options_a_method_does_not_run_are_refused_not_ignored():
+    x = default_normal_data()
+    with pytest.raises(TypeError, match="lr, num_steps: options of SVI on a guide.*'pathfinder'.*guide_options"):
+        fit_svi(normal_normal, "pathfinder", 20, x, num_steps=5, lr=0.1, progress=False)
