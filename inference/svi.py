@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,11 +31,12 @@ from vilab.inference.fast_leaf import threads_for
 from vilab.inference.fast_inductor import COMPILERS, FusePolicy
 from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
 from vilab.inference.guide_draws import draw_from_guide
+from vilab.inference.model_handlers import full_plates, proper_unobserved
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
-from vilab.inference.validation import check_model, check_positive_int
+from vilab.inference.validation import check_model, check_model_kwargs, check_positive_int, check_seed, keyword_options
 from vilab.types import Guide, Model, Samples
 
-__all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "LaplaceError", "fit_svi", "ELBOS"]
+__all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "LaplaceError", "fit_svi", "ELBOS", "check_svi_options"]
 
 ELBOS = ("trace", "meanfield", "iwae")
 BACKENDS = ("auto", "compiled", "pyro")
@@ -88,10 +90,13 @@ class SVIResult:
         return len(self.losses)
 
     def _model_trace(self):
-        return check_model(self.model, self.args, self.kwargs)
+        return check_model(full_plates(self.model), self.args, self.kwargs)
 
     def draws(self, num_samples: int = 1000, *, seed: Optional[int] = None) -> "GuideSample":
         """Guide draws with log weights :math:`\\log p(x, z) - \\log q(z)` and log-likelihoods.
+
+        Both are evaluated on the full data: a subsampled ``pyro.plate`` runs over all its
+        indices here (:func:`~vilab.inference.model_handlers.full_plates`).
 
         Returns:
             A :class:`GuideSample`: every sample site (latent and deterministic) with shape
@@ -103,8 +108,8 @@ class SVIResult:
             if seed is not None:
                 torch.manual_seed(seed)
             trace = self._model_trace()
-            guide_draws = draw_from_guide(self.guide, self.args, self.kwargs, num_samples, trace)
-            evaluation = evaluate_draws(self.model, self.args, self.kwargs, guide_draws.samples)
+            guide_draws = draw_from_guide(full_plates(self.guide), self.args, self.kwargs, num_samples, trace)
+            evaluation = evaluate_draws(full_plates(self.model), self.args, self.kwargs, guide_draws.samples)
         keep = {n for n, s in trace.nodes.items() if is_posterior_site(s)}
         samples = {k: v for k, v in evaluation["values"].items() if k in keep}
         return GuideSample(samples, evaluation["log_joint"] - guide_draws.log_q, evaluation["log_likelihood"])
@@ -128,7 +133,7 @@ class SVIResult:
 
         draws = draws if draws is not None else self.draws(num_samples, seed=seed)
         return to_inference_data(
-            self.model, self.args, self.kwargs, {k: v.unsqueeze(0) for k, v in draws.samples.items()},
+            full_plates(self.model), self.args, self.kwargs, {k: v.unsqueeze(0) for k, v in draws.samples.items()},
             log_likelihood={k: v.unsqueeze(0) for k, v in draws.log_likelihood.items()},
             sample_stats={"log_weight": draws.log_weights.unsqueeze(0)}, inference=f"vi:{self.name}")
 
@@ -268,7 +273,8 @@ def fit_svi(
         early_stop: stop once the loss has converged, checked from ``min_steps`` on (default
             half of ``num_steps``: single-sample ELBO noise hides slow early progress, and the
             decaying learning rate does the rest).
-        seed: seeds Pyro's RNG and clears the param store (``None`` leaves both untouched).
+        seed: an int in ``[0, 2**32 - 1]`` that seeds Pyro's RNG and clears the param store, or
+            ``None``, which leaves both untouched.
         backend: ``"compiled"`` runs each step as one traced graph
             (:mod:`~vilab.inference.fast_svi`: a guide module with reparameterised sites and a
             model without parameters of its own); ``"pyro"`` runs Pyro's ``SVI``; ``"auto"``
@@ -291,15 +297,14 @@ def fit_svi(
         LaplaceError: ``guide="laplace"`` and the Hessian at the fitted mode is not positive
             definite.
     """
-    check_positive_int(num_steps, "num_steps")
-    check_positive_int(num_particles, "num_particles")
-    if not lr > 0:
-        raise ValueError(f"lr: expected > 0; got {lr!r}")
-    if not 0 < lr_decay <= 1:
-        raise ValueError(f"lr_decay: expected in (0, 1]; got {lr_decay!r}")
-    if compiler not in COMPILERS:
-        raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
-    min_steps = num_steps // 2 if min_steps is None else check_positive_int(min_steps, "min_steps", 0)
+    from vilab.inference.arguments import check_guide
+
+    check_model_kwargs(model, kwargs, "fit_svi", keyword_options(fit_svi))
+    check_svi_options(num_steps=num_steps, num_particles=num_particles, lr=lr, lr_decay=lr_decay, compiler=compiler,
+                      min_steps=min_steps, seed=seed, elbo=elbo, backend=backend)
+    check_guide(guide, guide_options)
+    min_steps = num_steps // 2 if min_steps is None else min_steps
+    model = proper_unobserved(model)
     if seed is not None:
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
@@ -346,6 +351,26 @@ def fit_svi(
                       "backend": stepper.backend, "setup_seconds": setup_seconds,
                       "fused": bool(getattr(stepper, "fused", False)),
                       "fuse_decision": policy.reason + fused_at})
+
+
+def check_svi_options(*, num_steps=2000, num_particles=1, lr=0.01, lr_decay=0.1, compiler="auto", min_steps=None,
+                      seed=0, elbo="trace", backend="auto", **_) -> None:
+    """Check :func:`fit_svi`'s option values (defaults for those not given), before any fit."""
+    check_positive_int(num_steps, "num_steps")
+    check_positive_int(num_particles, "num_particles")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+        raise ValueError(f"lr: expected a number > 0; got {lr!r}")
+    if isinstance(lr_decay, bool) or not isinstance(lr_decay, numbers.Real) or not 0 < lr_decay <= 1:
+        raise ValueError(f"lr_decay: expected a number in (0, 1]; got {lr_decay!r}")
+    if compiler not in COMPILERS:
+        raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
+    if elbo not in ELBOS:
+        raise ValueError(f"elbo: expected one of {ELBOS}; got {elbo!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}; got {backend!r}")
+    if min_steps is not None:
+        check_positive_int(min_steps, "min_steps", 0)
+    check_seed(seed, allow_none=True)
 
 
 def _maybe_fuse(policy: FusePolicy, stepper, step: int) -> float:
