@@ -47,7 +47,7 @@ def check_guide(guide: Any, options: Optional[Mapping] = None, argument: str = "
         known = [*families, *METHODS]
         if guide not in known:
             raise ValueError(f"{argument}: unknown guide {guide!r}{did_you_mean(guide, known)}; "
-                             f"expected one of {known}")
+                             f"known guides: {', '.join(known)}")
         allowed = families[guide] if guide in families else _method_options(guide)
         if options is not None and allowed is not None:
             check_options(options, f"guide_options[{guide!r}]", allowed)

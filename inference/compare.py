@@ -233,6 +233,7 @@ def _build_report(methods, reference_draws, reference_name, failures=None) -> Co
         summary.append(entry)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        summary_frame = pd.DataFrame(summary).set_index("method")
+        # Every method may have failed: the report still says why (``failures``).
+        summary_frame = pd.DataFrame(summary, columns=None if summary else ["method"]).set_index("method")
     return ComparisonReport(table, summary_frame, methods, reference_draws, reference_name,
                             failures=dict(failures or {}))

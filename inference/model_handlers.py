@@ -6,6 +6,12 @@ but a posterior draw's log-likelihood, the ``observed_data`` group, PSIS weights
 see every data point: under this handler each subsampled plate takes all ``size`` indices
 (scale 1), as if ``subsample_size`` had not been given.
 
+``improper_init``: ``pyro.distributions.ImproperUniform`` has a density (zero) but no
+``sample``; a model using it is a factor graph that NUTS can sample. Wherever such a site would
+be sampled without a value (a model's first trace, an autoguide's prototype, NUTS's
+initialisation) this handler places it uniformly in :math:`(-2, 2)` on the unconstrained space,
+as Stan initialises every parameter.
+
 ``proper_unobserved``: ``pyro.sample(name, d, obs=y, obs_mask=mask)`` adds a latent site
 ``name_unobserved`` of ``y``'s full shape whose density is masked out where ``y`` is observed;
 those elements are replaced by data and so are never used, but under a flat (improper) density
@@ -20,9 +26,14 @@ from typing import Callable
 
 import torch
 from pyro.poutine.messenger import Messenger
+from pyro.distributions import ImproperUniform
 from pyro.poutine.subsample_messenger import SubsampleMessenger, _Subsample
+from torch.distributions import transform_to
 
-__all__ = ["full_plates", "proper_unobserved", "has_subsampling"]
+__all__ = ["full_plates", "proper_unobserved", "has_subsampling", "improper_init", "is_improper"]
+
+# Stan's (and Pyro's init_to_uniform's) initial range on the unconstrained space.
+_INIT_RADIUS = 2.0
 
 
 class _FullPlates(Messenger):
@@ -74,6 +85,29 @@ class _ProperUnobserved(Messenger):
         elif name.endswith("_unobserved") and name[:-len("_unobserved")] in self._observed \
                 and isinstance(msg["mask"], torch.Tensor):
             msg["mask"] = None
+
+
+def is_improper(fn) -> bool:
+    """Whether a site's distribution is an ``ImproperUniform`` (perhaps ``.to_event``-ed or masked)."""
+    while not isinstance(fn, ImproperUniform) and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, ImproperUniform)
+
+
+class _ImproperInit(Messenger):
+    def _pyro_sample(self, msg) -> None:
+        if msg["value"] is None and not msg["is_observed"] and is_improper(msg["fn"]):
+            fn = msg["fn"]
+            transform = transform_to(fn.support)
+            shape = transform.inverse_shape(fn.batch_shape + fn.event_shape)
+            unconstrained = (2 * torch.rand(shape, dtype=torch.get_default_dtype()) - 1) * _INIT_RADIUS
+            msg["value"] = transform(unconstrained)
+
+
+def improper_init(fn: Callable) -> Callable:
+    """``fn`` with each ``ImproperUniform`` site that has no value placed uniformly in
+    :math:`(-2, 2)` on its unconstrained space instead of sampled (which it cannot be)."""
+    return _ImproperInit()(fn)
 
 
 def full_plates(fn: Callable) -> Callable:

@@ -27,7 +27,7 @@ from vilab.inference.arviz_io import to_inference_data
 from vilab.inference.chains import run_chains
 from vilab.inference.fast_nuts import NUTS_COMPILERS, sample_vectorized_nuts
 from vilab.inference.fast_workers import available_workers
-from vilab.inference.model_handlers import full_plates, proper_unobserved
+from vilab.inference.model_handlers import full_plates, improper_init, proper_unobserved
 from vilab.inference.vectorized import VectorizationError
 from vilab.inference.nuts_kernel import RecordingNUTS, stats_dtype
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
@@ -154,8 +154,9 @@ def run_nuts(
                                 chain_method=chain_method, backend=backend, compiler=compiler)
     config.update(dense_mass=bool(dense_mass), jit=bool(jit))
     # NUTS needs the full data's density (a subsampled plate's would change at every step), and
-    # proper densities for the never-used elements of an obs_mask site (model_handlers).
-    model = proper_unobserved(full_plates(model))
+    # proper densities for the never-used elements of an obs_mask site, and ImproperUniform sites
+    # placed (not sampled) where a trace needs a first value (model_handlers).
+    model = improper_init(proper_unobserved(full_plates(model)))
     trace = check_model(model, args, kwargs, allow_enumerated=True)
     check_no_learned_params(trace, "run_nuts")
     config["init_values"] = check_init_values(init_values, trace, num_chains)
@@ -231,7 +232,8 @@ def _assemble(model, args, kwargs, latent, stats, wall_time, config, trace) -> N
     num_chains, num_draws = next(iter(latent.values())).shape[:2]
     flat = {k: v.reshape((num_chains * num_draws,) + v.shape[2:]).to(torch.get_default_dtype())
             for k, v in latent.items()}
-    evaluation = evaluate_draws(model, args, kwargs, flat)
+    # Enumerated sites get posterior draws; their marginal log joint is not needed here.
+    evaluation = evaluate_draws(model, args, kwargs, flat, marginalize=False)
     keep = {n for n, s in trace.nodes.items() if is_posterior_site(s)}
 
     def unflatten(value):

@@ -20,7 +20,7 @@ from typing import Any, Iterator, NamedTuple, Optional
 import numpy as np
 import pyro
 import torch
-from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoLaplaceApproximation
 from pyro.optim import ClippedAdam
 from tqdm.auto import tqdm
@@ -30,8 +30,9 @@ from vilab.inference.convergence import has_converged
 from vilab.inference.fast_leaf import threads_for
 from vilab.inference.fast_inductor import COMPILERS, FusePolicy
 from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
+from vilab.inference.enumeration import enumerated_objective, hide_enumerated
 from vilab.inference.guide_draws import draw_from_guide
-from vilab.inference.model_handlers import full_plates, proper_unobserved
+from vilab.inference.model_handlers import full_plates, improper_init, proper_unobserved
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.validation import check_model, check_model_kwargs, check_positive_int, check_seed, keyword_options
 from vilab.types import Guide, Model, Samples
@@ -90,7 +91,7 @@ class SVIResult:
         return len(self.losses)
 
     def _model_trace(self):
-        return check_model(full_plates(self.model), self.args, self.kwargs)
+        return check_model(full_plates(self.model), self.args, self.kwargs, allow_enumerated=True)
 
     def draws(self, num_samples: int = 1000, *, seed: Optional[int] = None) -> "GuideSample":
         """Guide draws with log weights :math:`\\log p(x, z) - \\log q(z)` and log-likelihoods.
@@ -143,6 +144,8 @@ def _make_elbo(elbo: str, num_particles: int, vectorize: bool):
         return Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
     if elbo == "meanfield":
         return TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
+    if elbo == "enum":  # set by fit_svi for models with enumerated sites (vilab.inference.enumeration)
+        return TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
     if elbo == "iwae":
         if num_particles < 2:
             raise ValueError(f"num_particles: the importance-weighted bound needs >= 2; got {num_particles}")
@@ -267,7 +270,11 @@ def fit_svi(
             ``iaf``, ``nsf``, ``planar``, ``radial``, ``sylvester``) or a guide object.
         num_steps: maximum number of optimisation steps.
         lr: Adam's initial learning rate; it decays exponentially to ``lr * lr_decay``.
-        elbo: ``"trace"`` (Trace_ELBO), ``"meanfield"`` (analytic KL) or ``"iwae"``.
+        elbo: ``"trace"`` (Trace_ELBO), ``"meanfield"`` (analytic KL) or ``"iwae"``. A model
+            with enumerated discrete sites (``config_enumerate``) needs ``"trace"``, which then
+            runs as ``TraceEnum_ELBO`` summing them out (Pyro's SVI; ``result.elbo == "enum"``);
+            a named guide covers the other sites, and ``draws`` draw the discrete ones from
+            their conditional posterior.
         num_particles: Monte Carlo samples per step (vectorised when ``vectorize_particles``).
         guide_options: options of a named guide family, e.g. ``{"num_flows": 4}``.
         early_stop: stop once the loss has converged, checked from ``min_steps`` on (default
@@ -304,17 +311,23 @@ def fit_svi(
                       min_steps=min_steps, seed=seed, elbo=elbo, backend=backend)
     check_guide(guide, guide_options)
     min_steps = num_steps // 2 if min_steps is None else min_steps
-    model = proper_unobserved(model)
+    # obs_mask sites get proper densities where unused; ImproperUniform sites are placed, not
+    # sampled, where an autoguide's prototype trace needs a value (model_handlers).
+    model = improper_init(proper_unobserved(model))
     if seed is not None:
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
-    check_model(model, args, kwargs)
     from vilab.inference.vi import get_method, is_method  # here: the methods import this module
+
+    trace = check_model(model, args, kwargs, allow_enumerated=not is_method(guide))
 
     if is_method(guide):
         return get_method(guide)(model, *args, seed=seed, progress=progress, **(guide_options or {}), **kwargs)
     name = guide_name(guide)
-    guide = get_guide(guide, model, **(guide_options or {}))
+    # Enumerated discrete sites are summed out by TraceEnum_ELBO; a named guide covers the rest.
+    elbo, backend = enumerated_objective(trace, guide, elbo, backend)
+    guide = get_guide(guide, hide_enumerated(model, trace) if isinstance(guide, str) else model,
+                      **(guide_options or {}))
     start = time.perf_counter()
     stepper = _make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vectorize_particles,
                             lr, lr_decay ** (1.0 / num_steps))
@@ -359,9 +372,9 @@ def check_svi_options(*, num_steps=2000, num_particles=1, lr=0.01, lr_decay=0.1,
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_particles, "num_particles")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
-        raise ValueError(f"lr: expected a number > 0; got {lr!r}")
+        raise ValueError(f"lr: expected > 0 (a number); got {lr!r}")
     if isinstance(lr_decay, bool) or not isinstance(lr_decay, numbers.Real) or not 0 < lr_decay <= 1:
-        raise ValueError(f"lr_decay: expected a number in (0, 1]; got {lr_decay!r}")
+        raise ValueError(f"lr_decay: expected in (0, 1] (a number); got {lr_decay!r}")
     if compiler not in COMPILERS:
         raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
     if elbo not in ELBOS:

@@ -166,8 +166,13 @@ def check_model(model: Model, args: tuple, kwargs: dict, *, allow_enumerated: bo
             continue
         latent.append(name)
         if site["fn"].has_enumerate_support:
-            if allow_enumerated and site["infer"].get("enumerate") == "parallel":
-                continue
+            if site["infer"].get("enumerate") == "parallel":
+                if allow_enumerated:
+                    continue
+                raise ValueError(
+                    f"model: site {name!r} is a discrete latent variable marked for enumeration, which "
+                    "this method cannot sum out; use run_nuts, or fit_svi/compare with a registry guide "
+                    "(TraceEnum_ELBO sums it out), or marginalise it (e.g. MixtureSameFamily)")
             raise ValueError(
                 f"model: site {name!r} is a discrete latent variable ({type(site['fn']).__name__}); "
                 "vilab's guides are continuous. Marginalise it out (e.g. MixtureSameFamily, "
