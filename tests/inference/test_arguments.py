@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from vilab.inference import compare, fit_svi, run_nuts
-from vilab.inference.arguments import method_names
 
 
 def normal_mean(y):
@@ -89,6 +88,8 @@ def test_model_keywords_still_reach_the_model():
 
 
 def test_guides_of_one_class_get_distinct_names():
+    from vilab.inference.arguments import method_names
+
     guides = [pyro.infer.autoguide.AutoNormal(normal_mean), "meanfield",
               pyro.infer.autoguide.AutoNormal(normal_mean), "meanfield"]
     assert method_names(guides) == ["AutoNormal", "meanfield", "AutoNormal_2", "meanfield_2"]

@@ -10,7 +10,6 @@ from pyro.infer import config_enumerate
 from scipy.stats import norm
 
 from vilab.inference import compare, fit_svi, run_nuts
-from vilab.inference.enumeration import marginal_log_joint
 from vilab.inference.tracing import evaluate_draws, trace_model
 
 K = 2
@@ -72,6 +71,8 @@ def test_evaluated_draws_hold_posterior_assignments_and_loglik_given_them():
 
 
 def test_log_joint_of_enumerated_model_is_the_marginal():
+    from vilab.inference.enumeration import marginal_log_joint
+
     theta = _theta_draws(5)
     template = trace_model(gmm, (DATA,), {}, {k: v[0] for k, v in theta.items()})
     got = marginal_log_joint(gmm, (DATA,), {}, theta, template)

@@ -11,7 +11,6 @@ from pyro.distributions import constraints
 from scipy.stats import norm
 
 from vilab.inference import fit_svi, run_nuts
-from vilab.inference.model_handlers import full_plates, proper_unobserved
 from vilab.inference.tracing import trace_model
 
 Z = norm.ppf(1 - 0.001 / 2)
@@ -32,6 +31,8 @@ def _exact_posterior():
 
 
 def test_full_plates_runs_a_subsampled_plate_over_every_index():
+    from vilab.inference.model_handlers import full_plates
+
     trace = trace_model(full_plates(subsampled_mean), (Y,), {})
     assert trace.nodes["obs"]["value"].shape == (NUM_OBS,) and trace.nodes["obs"]["scale"] == 1.0
     # Outside the handler the plate subsamples again (the wrapped library helper is restored).
@@ -63,6 +64,8 @@ def test_run_nuts_samples_the_full_data_posterior_of_a_subsampled_model():
 
 
 def test_proper_unobserved_gives_the_unused_elements_a_density():
+    from vilab.inference.model_handlers import proper_unobserved
+
     mask = torch.tensor([True, False, True])
 
     def model(y, mask):
