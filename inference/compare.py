@@ -167,6 +167,11 @@ def compare(
         nuts_options: keyword options for :func:`run_nuts` (``num_samples``, ``num_chains``...).
         guide_options: per guide name, options of its family (``{"iaf": {"num_flows": 4}}``).
 
+    A model with enumerated discrete sites (``config_enumerate``, as in Pyro's mixture
+    tutorial) is compared on its continuous sites: NUTS and each guide (fitted with
+    ``TraceEnum_ELBO``) sum the discrete sites out; their draws of them come from the
+    conditional posterior given each continuous draw, and PSIS weights use the marginal density.
+
     Every guide, option name and seed is checked before anything runs. A model with
     ``pyro.param`` sites is refused: NUTS would condition on whatever value Pyro's param store
     holds while each guide learns its own, so the methods would not share one posterior.

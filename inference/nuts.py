@@ -107,7 +107,13 @@ def run_nuts(
     r"""Sample ``model(*args, **kwargs)``'s posterior with NUTS.
 
     Args:
-        model: a Pyro model; discrete latent sites must be marked for enumeration.
+        model: a Pyro model; discrete latent sites must be marked for enumeration
+            (``config_enumerate``): NUTS sums them out, and each kept draw then gets a draw of
+            them from their conditional posterior given its continuous values (Pyro's
+            ``infer_discrete``), in ``samples`` and the InferenceData, with the log-likelihood
+            computed given that draw. A subsampled ``pyro.plate`` runs over its full size here
+            (NUTS needs the full data's density); ``ImproperUniform`` sites start uniformly in
+            (-2, 2) on the unconstrained space, like every site without ``init_values``.
         num_samples, num_warmup: draws kept, and adaptation steps discarded, per chain.
         num_chains: independent chains (seeds ``seed, seed + 1, ...``).
         seed: an int in ``[0, 2**32 - 1]``.

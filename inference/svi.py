@@ -265,7 +265,11 @@ def fit_svi(
     r"""Fit a guide to ``model(*args, **kwargs)`` by maximising the ELBO with Adam.
 
     Args:
-        model: a Pyro model; ``*args, **kwargs`` are its data.
+        model: a Pyro model; ``*args, **kwargs`` are its data. A ``pyro.plate`` with
+            ``subsample_size`` subsamples during fitting (Pyro scales its sites by
+            ``size / subsample_size``); :meth:`SVIResult.draws` and ``inference_data`` evaluate
+            every draw on the full plate. ``pyro.param`` sites in the model are learned with the
+            guide. ``ImproperUniform`` sites start uniformly in (-2, 2) on the unconstrained space.
         guide: a registry name (``meanfield``, ``fullrank``, ``lowrank``, ``laplace``, ``map``,
             ``iaf``, ``nsf``, ``planar``, ``radial``, ``sylvester``) or a guide object.
         num_steps: maximum number of optimisation steps.
