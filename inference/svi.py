@@ -199,8 +199,13 @@ def _make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vect
         except CompiledSVIError as error:
             if backend == "compiled":
                 raise
+            how = "Pyro's SVI"
+            if num_particles > 1 and vectorize and isinstance(error.__cause__, IndexError):
+                # The model indexes a latent's leading dim (``a[county]``), where a particle plate
+                # sits: Pyro's vectorised particles fail the same way, one at a time do not.
+                vectorize, how = False, "Pyro's SVI with one particle at a time (vectorize_particles=False)"
             warnings.warn(f"fit_svi: the compiled SVI step cannot run this model and guide ({error}); "
-                          "falling back to Pyro's SVI", RuntimeWarning, stacklevel=3)
+                          f"falling back to {how}", RuntimeWarning, stacklevel=3)
     return _PyroStepper(model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd)
 
 

@@ -259,3 +259,12 @@ def test_group_indexed_model_compiles_with_one_particle():
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10)
     result = fit_svi(_radon, "meanfield", county, log_radon, num_steps=20, backend="compiled", progress=False)
     assert result.config["backend"] == "compiled" and all(math.isfinite(loss) for loss in result.losses)
+
+
+def test_group_indexed_model_with_several_particles_runs_them_one_at_a_time():
+    generator = torch.Generator().manual_seed(0)
+    county = torch.randint(0, 5, (40,), generator=generator)
+    log_radon = torch.randn(40, generator=generator)
+    with pytest.warns(RuntimeWarning, match="one particle at a time"):
+        result = fit_svi(_radon, "meanfield", county, log_radon, num_steps=10, num_particles=3, progress=False)
+    assert result.config["backend"] == "pyro" and all(math.isfinite(loss) for loss in result.losses)
