@@ -8,8 +8,8 @@ when they disagree.
 Memory is bounded: draws are evaluated in chunks of at most ``max_elements`` numbers per site
 tensor (:data:`MAX_ELEMENTS_PER_CHUNK` by default). A two-draw probe chunk comes first, so a
 model that broadcasts wrongly over the draw plate (its tensors growing as the square of the
-number of draws, e.g. a latent indexed ``beta[g]`` or unsqueezed on the left) is caught at a
-few kilobytes and evaluated one draw at a time instead.
+number of draws, e.g. a scalar latent written ``alpha.unsqueeze(-1)`` next to
+``beta[..., g, :]``) is caught at a few kilobytes and evaluated one draw at a time instead.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from vilab.inference.enumeration import discrete_posterior_draws, enumerated_sites, marginal_log_joint
+from vilab.inference.model_handlers import improper_init
 from vilab.types import Model
 
 __all__ = ["max_plate_nesting", "trace_model", "evaluate_draws", "DrawEvaluation", "is_data_site",
@@ -45,8 +46,6 @@ def trace_model(model: Model, args: tuple, kwargs: dict, condition: Optional[Map
     unconstrained space (:func:`~vilab.inference.model_handlers.improper_init`): it cannot be
     sampled.
     """
-    from vilab.inference.model_handlers import improper_init
-
     fn = poutine.condition(model, data=dict(condition)) if condition else model
     trace = poutine.trace(improper_init(fn)).get_trace(*args, **kwargs)
     trace.compute_log_prob()
