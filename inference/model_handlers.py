@@ -30,7 +30,7 @@ from pyro.distributions import ImproperUniform
 from pyro.poutine.subsample_messenger import SubsampleMessenger, _Subsample
 from torch.distributions import transform_to
 
-__all__ = ["full_plates", "proper_unobserved", "has_subsampling", "improper_init", "is_improper"]
+__all__ = ["full_plates", "proper_unobserved", "has_subsampling", "improper_init", "is_improper", "for_inference"]
 
 # Stan's (and Pyro's init_to_uniform's) initial range on the unconstrained space.
 _INIT_RADIUS = 2.0
@@ -124,4 +124,30 @@ def proper_unobserved(fn: Callable) -> Callable:
 def has_subsampling(trace) -> bool:
     """Whether a model trace holds a subsampled plate (fewer indices than its size)."""
     return any(site["type"] == "sample" and isinstance(site["fn"], _Subsample)
-               and site["fn"].subsample_size < site["fn"].size for site in trace.nodes.values())
+               and len(site["value"]) < site["fn"].size for site in trace.nodes.values())
+
+
+def _has_masked_unobserved(trace) -> bool:
+    names = {name for name, site in trace.nodes.items() if site["type"] == "sample"}
+    return any(name.endswith("_unobserved") and f"{name[:-len('_unobserved')]}_observed" in names
+               and isinstance(site["mask"], torch.Tensor) for name, site in trace.nodes.items()
+               if site["type"] == "sample")
+
+
+def for_inference(model: Callable, trace, *, full_data: bool = False) -> Callable:
+    """``model`` with the handlers its ``trace`` calls for, and no others (a model without
+    ``obs_mask`` sites, ``ImproperUniform`` sites or subsampled plates comes back unchanged).
+
+    Args:
+        model: a Pyro model.
+        trace: one trace of it.
+        full_data: also run subsampled plates over their full size (for NUTS).
+    """
+    if full_data and has_subsampling(trace):
+        model = full_plates(model)
+    if _has_masked_unobserved(trace):
+        model = proper_unobserved(model)
+    if any(site["type"] == "sample" and not site["is_observed"] and is_improper(site["fn"])
+           for site in trace.nodes.values()):
+        model = improper_init(model)
+    return model

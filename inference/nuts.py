@@ -27,7 +27,7 @@ from vilab.inference.arviz_io import to_inference_data
 from vilab.inference.chains import run_chains
 from vilab.inference.fast_nuts import NUTS_COMPILERS, sample_vectorized_nuts
 from vilab.inference.fast_workers import available_workers
-from vilab.inference.model_handlers import full_plates, improper_init, proper_unobserved
+from vilab.inference.model_handlers import for_inference
 from vilab.inference.vectorized import VectorizationError
 from vilab.inference.nuts_kernel import RecordingNUTS, stats_dtype
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
@@ -159,11 +159,13 @@ def run_nuts(
                                 target_accept=target_accept, max_tree_depth=max_tree_depth,
                                 chain_method=chain_method, backend=backend, compiler=compiler)
     config.update(dense_mass=bool(dense_mass), jit=bool(jit))
-    # NUTS needs the full data's density (a subsampled plate's would change at every step), and
+    trace = check_model(model, args, kwargs, allow_enumerated=True)
+    # NUTS needs the full data's density (a subsampled plate's would change at every step),
     # proper densities for the never-used elements of an obs_mask site, and ImproperUniform sites
     # placed (not sampled) where a trace needs a first value (model_handlers).
-    model = improper_init(proper_unobserved(full_plates(model)))
-    trace = check_model(model, args, kwargs, allow_enumerated=True)
+    adapted = for_inference(model, trace, full_data=True)
+    if adapted is not model:
+        model, trace = adapted, check_model(adapted, args, kwargs, allow_enumerated=True)
     check_no_learned_params(trace, "run_nuts")
     config["init_values"] = check_init_values(init_values, trace, num_chains)
     if backend in ("auto", "vectorized") and not jit:

@@ -32,7 +32,7 @@ from vilab.inference.fast_inductor import COMPILERS, FusePolicy
 from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
 from vilab.inference.enumeration import enumerated_objective, hide_enumerated
 from vilab.inference.guide_draws import draw_from_guide
-from vilab.inference.model_handlers import full_plates, improper_init, proper_unobserved
+from vilab.inference.model_handlers import for_inference, full_plates, has_subsampling
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.validation import check_model, check_model_kwargs, check_positive_int, check_seed, keyword_options
 from vilab.types import Guide, Model, Samples
@@ -90,8 +90,13 @@ class SVIResult:
     def num_steps(self) -> int:
         return len(self.losses)
 
-    def _model_trace(self):
-        return check_model(full_plates(self.model), self.args, self.kwargs, allow_enumerated=True)
+    def _full_data(self):
+        """Model, guide and model trace, over every index of a subsampled plate (if any)."""
+        trace = check_model(self.model, self.args, self.kwargs, allow_enumerated=True)
+        if not has_subsampling(trace):
+            return self.model, self.guide, trace
+        model = full_plates(self.model)
+        return model, full_plates(self.guide), check_model(model, self.args, self.kwargs, allow_enumerated=True)
 
     def draws(self, num_samples: int = 1000, *, seed: Optional[int] = None) -> "GuideSample":
         """Guide draws with log weights :math:`\\log p(x, z) - \\log q(z)` and log-likelihoods.
@@ -108,9 +113,9 @@ class SVIResult:
         with torch.random.fork_rng():
             if seed is not None:
                 torch.manual_seed(seed)
-            trace = self._model_trace()
-            guide_draws = draw_from_guide(full_plates(self.guide), self.args, self.kwargs, num_samples, trace)
-            evaluation = evaluate_draws(full_plates(self.model), self.args, self.kwargs, guide_draws.samples)
+            model, guide, trace = self._full_data()
+            guide_draws = draw_from_guide(guide, self.args, self.kwargs, num_samples, trace)
+            evaluation = evaluate_draws(model, self.args, self.kwargs, guide_draws.samples)
         keep = {n for n, s in trace.nodes.items() if is_posterior_site(s)}
         samples = {k: v for k, v in evaluation["values"].items() if k in keep}
         return GuideSample(samples, evaluation["log_joint"] - guide_draws.log_q, evaluation["log_likelihood"])
@@ -134,7 +139,7 @@ class SVIResult:
 
         draws = draws if draws is not None else self.draws(num_samples, seed=seed)
         return to_inference_data(
-            full_plates(self.model), self.args, self.kwargs, {k: v.unsqueeze(0) for k, v in draws.samples.items()},
+            self._full_data()[0], self.args, self.kwargs, {k: v.unsqueeze(0) for k, v in draws.samples.items()},
             log_likelihood={k: v.unsqueeze(0) for k, v in draws.log_likelihood.items()},
             sample_stats={"log_weight": draws.log_weights.unsqueeze(0)}, inference=f"vi:{self.name}")
 
@@ -320,15 +325,15 @@ def fit_svi(
                       min_steps=min_steps, seed=seed, elbo=elbo, backend=backend)
     check_guide(guide, guide_options)
     min_steps = num_steps // 2 if min_steps is None else min_steps
-    # obs_mask sites get proper densities where unused; ImproperUniform sites are placed, not
-    # sampled, where an autoguide's prototype trace needs a value (model_handlers).
-    model = improper_init(proper_unobserved(model))
     if seed is not None:
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
     from vilab.inference.vi import get_method, is_method  # here: the methods import this module
 
     trace = check_model(model, args, kwargs, allow_enumerated=not is_method(guide))
+    # obs_mask sites get proper densities where unused; ImproperUniform sites are placed, not
+    # sampled, where an autoguide's prototype trace needs a value (model_handlers).
+    model = for_inference(model, trace)
 
     if is_method(guide):
         return get_method(guide)(model, *args, seed=seed, progress=progress, **(guide_options or {}), **kwargs)
