@@ -19,9 +19,10 @@ import pandas as pd
 from scipy.stats import wasserstein_distance
 
 from vilab.guides.registry import guide_name
+from vilab.inference.arguments import check_compare_arguments, check_no_learned_params, method_names
 from vilab.inference.diagnostics import k_hat_verdict, nuts_diagnostics, psis, weighted_moments
 from vilab.inference.nuts import NUTSResult, run_nuts
-from vilab.inference.samples import flatten_samples, match_reference, to_numpy
+from vilab.inference.samples import flatten_samples, masked_out_names, match_reference, to_numpy
 from vilab.inference.svi import LaplaceError, NonFiniteLossError, SVIResult, fit_svi
 from vilab.inference.validation import check_model, check_positive_int
 from vilab.types import Model
@@ -84,12 +85,20 @@ def reference_from_draws(model: Model, args: tuple, kwargs: dict, draws: Mapping
     return flat
 
 
+def _is_parameter(reference: np.ndarray) -> bool:
+    """Whether a flat name varies under the reference: entries of a ``pyro.deterministic`` site
+    that equal data (the observed entries of an ``obs_mask`` site) are constants, and errors in
+    units of their zero sd do not exist."""
+    finite = reference[np.isfinite(reference)]
+    return finite.size > 1 and float(np.ptp(finite)) > 0
+
+
 def _moments(values: np.ndarray) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1))
 
 
 def _rows(method: MethodResult, reference: dict[str, np.ndarray]) -> list[dict]:
-    names = match_reference(method.draws, reference)
+    names = [name for name in match_reference(method.draws, reference) if _is_parameter(reference[name])]
     reweighted = weighted_moments({n: method.draws[n] for n in names}, method.log_weights) \
         if method.log_weights is not None and np.isfinite(method.metrics.get("k_hat", np.nan)) else {}
     lrvb_sd = (getattr(method.result, "config", None) or {}).get("lrvb_sd") or {}
@@ -110,11 +119,11 @@ def _rows(method: MethodResult, reference: dict[str, np.ndarray]) -> list[dict]:
     return rows
 
 
-def _fit_guide(model, args, kwargs, guide, seed, num_draws, svi_options, guide_options, progress) -> MethodResult:
-    name = guide_name(guide)
+def _fit_guide(model, args, kwargs, guide, name, seed, num_draws, svi_options, guide_options,
+               progress) -> MethodResult:
     options = dict(svi_options or {})
     result = fit_svi(model, guide, *args, seed=seed, progress=progress,
-                     guide_options=(guide_options or {}).get(name), **options, **kwargs)
+                     guide_options=(guide_options or {}).get(guide_name(guide)), **options, **kwargs)
     draws = result.draws(num_draws, seed=seed)
     samples, log_weights = draws.samples, to_numpy(draws.log_weights)
     smoothed = psis(log_weights)
@@ -158,25 +167,40 @@ def compare(
 
     Args:
         model: a Pyro model; ``*args, **kwargs`` are its data.
-        guides: registry names or guide objects.
+        guides: registry names or guide objects. Two guides with one name (two ``AutoNormal``
+            objects) are told apart as ``AutoNormal``, ``AutoNormal_2``, ... everywhere.
         reference: a :class:`NUTSResult`, or reference draws (site or flat name ->
             array; flat names like ``"theta[1]"`` allowed). ``None`` runs NUTS first and uses it.
         include_nuts: with external reference draws, also run NUTS and score it.
         num_draws: guide draws used for the metrics and PSIS; the Pareto :math:`\hat k` of a
             near-exact guide is itself noisy with a few thousand draws, hence the default.
+        seed: an int (NUTS chains take ``seed, seed + 1, ...``; every guide is fitted from
+            ``seed``).
         svi_options: keyword options for :func:`fit_svi` (``num_steps``, ``lr``, ``elbo``...).
         nuts_options: keyword options for :func:`run_nuts` (``num_samples``, ``num_chains``...).
         guide_options: per guide name, options of its family (``{"iaf": {"num_flows": 4}}``).
 
+    A model with enumerated discrete sites (``config_enumerate``, as in Pyro's mixture
+    tutorial) is compared on its continuous sites: NUTS and each guide (fitted with
+    ``TraceEnum_ELBO``) sum the discrete sites out; their draws of them come from the
+    conditional posterior given each continuous draw, and PSIS weights use the marginal density.
+
+    Every guide, option name and seed is checked before anything runs. A model with
+    ``pyro.param`` sites is refused: NUTS would condition on whatever value Pyro's param store
+    holds while each guide learns its own, so the methods would not share one posterior.
+
     Returns:
-        A :class:`ComparisonReport`. A guide whose fit fails (non-finite loss, no Laplace
-        approximation at a degenerate mode) is left out with a ``RuntimeWarning`` and its reason
-        kept in ``report.failures`` and in the report's warnings; the other methods are kept.
+        A :class:`ComparisonReport`. A guide whose fit fails for any reason (non-finite loss,
+        no Laplace approximation at a degenerate mode, an error inside the model) is left out
+        with a ``RuntimeWarning`` and its reason kept in ``report.failures`` and in the
+        report's warnings; the other methods are kept.
     """
     check_positive_int(num_draws, "num_draws", minimum=10)
-    if isinstance(guides, str) or not isinstance(guides, Sequence):
-        raise TypeError(f"guides: expected a sequence of guide names or objects; got {guides!r}")
-    check_model(model, args, kwargs)
+    check_compare_arguments(model, kwargs, guides=guides, seed=seed, svi_options=svi_options,
+                            nuts_options=nuts_options, guide_options=guide_options)
+    trace = check_model(model, args, kwargs, allow_enumerated=True)
+    check_no_learned_params(trace, "compare")
+    names = method_names(guides)
     methods: dict[str, MethodResult] = {}
     if reference is None or isinstance(reference, NUTSResult):
         nuts = reference if reference is not None else run_nuts(
@@ -192,16 +216,19 @@ def compare(
     else:
         raise TypeError(f"reference: expected None, a NUTSResult or a dict of draws; got {type(reference).__name__}")
     failures: dict[str, str] = {}
-    for guide in guides:
+    for guide, name in zip(guides, names):
         try:
-            method = _fit_guide(model, args, kwargs, guide, seed, num_draws, svi_options, guide_options, progress)
-        except (NonFiniteLossError, LaplaceError) as error:
-            # One guide that cannot be fitted must not cost the user the others' results.
-            failures[guide_name(guide)] = str(error)
-            warnings.warn(f"compare: guide {guide_name(guide)!r} failed and is left out: {error}",
-                          RuntimeWarning, stacklevel=2)
-            continue
-        methods[method.name if method.name not in methods else f"{method.name}_{len(methods)}"] = method
+            methods[name] = _fit_guide(model, args, kwargs, guide, name, seed, num_draws, svi_options,
+                                       guide_options, progress)
+        except Exception as error:  # noqa: BLE001 -- KeyboardInterrupt and SystemExit still end the run
+            # One guide that cannot be fitted must not cost the user the others' results (NUTS's
+            # above all); the reason stays in the report.
+            reason = str(error) if isinstance(error, (NonFiniteLossError, LaplaceError)) \
+                else f"{type(error).__name__}: {error}"
+            failures[name] = reason
+            warnings.warn(f"compare: guide {name!r} failed and is left out: {reason}", RuntimeWarning, stacklevel=2)
+    ignored = masked_out_names(trace)
+    reference_draws = {k: v for k, v in reference_draws.items() if k not in ignored}
     return _build_report(methods, reference_draws, reference_name, failures)
 
 
@@ -226,6 +253,7 @@ def _build_report(methods, reference_draws, reference_name, failures=None) -> Co
         summary.append(entry)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        summary_frame = pd.DataFrame(summary).set_index("method")
+        # Every method may have failed: the report still says why (``failures``).
+        summary_frame = pd.DataFrame(summary, columns=None if summary else ["method"]).set_index("method")
     return ComparisonReport(table, summary_frame, methods, reference_draws, reference_name,
                             failures=dict(failures or {}))

@@ -29,6 +29,7 @@ is baked into the graph at its traced value.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Callable, Sequence
@@ -87,8 +88,15 @@ def _analytic_kl(guide_site: dict, model_site: dict):
 
 def _particle_elbos(model, guide, args, kwargs, objective: str, num_particles: int,
                     max_plate_nesting: int) -> torch.Tensor:
-    r"""``(P,)`` single-sample ELBOs :math:`\log p(x, z_p) - \log q(z_p)` of vectorised particles."""
-    with pyro.plate("num_particles_vectorized", num_particles, dim=-(max_plate_nesting + 1)):
+    r"""``(P,)`` single-sample ELBOs :math:`\log p(x, z_p) - \log q(z_p)` of vectorised particles.
+
+    One particle runs without the particle plate, as Pyro's ``Trace_ELBO`` does: a model that
+    indexes a latent by group (``a[county]``, as Pyro's and Stan's varying-intercept models do)
+    reads its first dimension, which the particle plate would occupy.
+    """
+    particles = pyro.plate("num_particles_vectorized", num_particles, dim=-(max_plate_nesting + 1)) \
+        if num_particles > 1 else contextlib.nullcontext()
+    with particles:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
@@ -294,7 +302,7 @@ class CompiledSVIStep(Fusable):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph = make_fx(self._step)(*example)
-        except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as error:
+        except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError, IndexError) as error:
             raise CompiledSVIError(f"the step cannot be traced ({type(error).__name__}: "
                                    f"{str(error).splitlines()[0][:200]})") from error
         mask_assignments_as_selects(graph)  # y[mask] = x[mask] as where(mask, x, y)
@@ -312,7 +320,7 @@ class CompiledSVIStep(Fusable):
                 torch.manual_seed(seed)
                 try:
                     expected = self._step(*state)
-                except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as error:
+                except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError, IndexError) as error:
                     # Module-local parameters are the one thing the eager step adds to Pyro's own
                     # path; a guide that cannot run that way keeps Pyro's SVI.
                     raise CompiledSVIError(f"the guide cannot run on substituted parameters "

@@ -1,4 +1,9 @@
-"""Draws from a fitted guide with their log density, vectorised where the guide allows."""
+"""Draws from a fitted guide with their log density, vectorised where the guide allows.
+
+Vectorised draws come in chunks of at most :data:`~vilab.inference.tracing.MAX_ELEMENTS_PER_CHUNK`
+numbers (counting every latent site of one draw, as a joint guide's latent vector does), so the
+guide's own per-draw tensors stay bounded whatever ``num_samples`` is.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -8,7 +13,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from vilab.inference.tracing import is_posterior_site, max_plate_nesting
+from vilab.inference.enumeration import enumerated_sites
+from vilab.inference.tracing import MAX_ELEMENTS_PER_CHUNK, is_posterior_site, max_plate_nesting
 from vilab.types import Guide, Samples
 
 __all__ = ["GuideDraws", "draw_from_guide"]
@@ -55,8 +61,18 @@ def _looped(guide, args, kwargs, num_samples, latent):
     return GuideDraws({k: torch.stack(v) for k, v in values.items()}, torch.stack(log_q))
 
 
+def _chunked(guide, args, kwargs, num_samples, model_trace, latent, max_elements) -> GuideDraws:
+    per_draw = sum(model_trace.nodes[name]["value"].numel() for name in latent)
+    chunk = max(1, max_elements // max(per_draw, 1))
+    parts = [_vectorized(guide, args, kwargs, min(chunk, num_samples - start), model_trace, latent)
+             for start in range(0, num_samples, chunk)]
+    return GuideDraws({k: torch.cat([p.samples[k] for p in parts]) for k in latent},
+                      torch.cat([p.log_q for p in parts]))
+
+
 @torch.no_grad()
-def draw_from_guide(guide: Guide, args: tuple, kwargs: dict, num_samples: int, model_trace) -> GuideDraws:
+def draw_from_guide(guide: Guide, args: tuple, kwargs: dict, num_samples: int, model_trace, *,
+                    max_elements: int = MAX_ELEMENTS_PER_CHUNK) -> GuideDraws:
     """Draw ``num_samples`` latent values from ``guide`` and their :math:`\\log q(z)`.
 
     Args:
@@ -64,11 +80,15 @@ def draw_from_guide(guide: Guide, args: tuple, kwargs: dict, num_samples: int, m
         args, kwargs: the model's data.
         num_samples: ``S``.
         model_trace: one trace of the model (gives latent names, shapes and plate depth).
+        max_elements: the most latent numbers drawn in one vectorised call of the guide.
     """
-    latent = [n for n, s in model_trace.nodes.items() if is_posterior_site(s) and not s["is_observed"]]
+    # Enumerated sites are summed out by the objective, not drawn by the guide.
+    enumerated = set(enumerated_sites(model_trace))
+    latent = [n for n, s in model_trace.nodes.items()
+              if is_posterior_site(s) and not s["is_observed"] and n not in enumerated]
     try:
-        draws = _vectorized(guide, args, kwargs, num_samples, model_trace, latent)
-    except (RuntimeError, ValueError, KeyError, NotImplementedError):
+        draws = _chunked(guide, args, kwargs, num_samples, model_trace, latent, max_elements)
+    except (RuntimeError, ValueError, KeyError, NotImplementedError, IndexError):
         draws = None
     if draws is None or not torch.isfinite(draws.log_q).any():
         draws = _looped(guide, args, kwargs, num_samples, latent)

@@ -27,13 +27,15 @@ from vilab.inference.arviz_io import to_inference_data
 from vilab.inference.chains import run_chains
 from vilab.inference.fast_nuts import NUTS_COMPILERS, sample_vectorized_nuts
 from vilab.inference.fast_workers import available_workers
+from vilab.inference.model_handlers import for_inference
 from vilab.inference.vectorized import VectorizationError
 from vilab.inference.nuts_kernel import RecordingNUTS, stats_dtype
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
-from vilab.inference.validation import check_init_values, check_model, check_positive_int, check_probability
+from vilab.inference.validation import (check_init_values, check_model, check_model_kwargs, check_positive_int,
+                                       check_probability, check_seed, keyword_options)
 from vilab.types import Model, Samples
 
-__all__ = ["NUTSResult", "run_nuts"]
+__all__ = ["NUTSResult", "run_nuts", "check_nuts_options"]
 
 
 @dataclass
@@ -111,9 +113,16 @@ def run_nuts(
     r"""Sample ``model(*args, **kwargs)``'s posterior with NUTS.
 
     Args:
-        model: a Pyro model; discrete latent sites must be marked for enumeration.
+        model: a Pyro model; discrete latent sites must be marked for enumeration
+            (``config_enumerate``): NUTS sums them out, and each kept draw then gets a draw of
+            them from their conditional posterior given its continuous values (Pyro's
+            ``infer_discrete``), in ``samples`` and the InferenceData, with the log-likelihood
+            computed given that draw. A subsampled ``pyro.plate`` runs over its full size here
+            (NUTS needs the full data's density); ``ImproperUniform`` sites start uniformly in
+            (-2, 2) on the unconstrained space, like every site without ``init_values``.
         num_samples, num_warmup: draws kept, and adaptation steps discarded, per chain.
         num_chains: independent chains (seeds ``seed, seed + 1, ...``).
+        seed: an int in ``[0, 2**32 - 1]``.
         target_accept: target acceptance probability of step-size adaptation.
         dense_mass: adapt a dense (full) mass matrix instead of a diagonal one.
         max_tree_depth: at most :math:`2^{d}-1` leapfrog steps per draw.
@@ -147,15 +156,27 @@ def run_nuts(
 
     Returns:
         A :class:`NUTSResult`; divergences are also reported with a warning.
+
+    Raises:
+        TypeError: a keyword that is neither an option here nor a parameter of the model.
+        ValueError: bad options, or a model with ``pyro.param`` sites (NUTS would condition on
+            whatever the param store holds: make them sample sites or pass them as data).
     """
-    config = _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method)
-    config.update(seed=seed, dense_mass=bool(dense_mass), jit=bool(jit))
-    if backend not in ("auto", "vectorized", "pyro"):
-        raise ValueError(f"backend: expected 'auto', 'vectorized' or 'pyro'; got {backend!r}")
-    if compiler not in NUTS_COMPILERS:
-        raise ValueError(f"compiler: expected one of {NUTS_COMPILERS}; got {compiler!r}")
-    config["compiler"] = compiler
+    from vilab.inference.arguments import check_no_learned_params
+
+    check_model_kwargs(model, kwargs, "run_nuts", keyword_options(run_nuts))
+    config = check_nuts_options(num_samples=num_samples, num_warmup=num_warmup, num_chains=num_chains, seed=seed,
+                                target_accept=target_accept, max_tree_depth=max_tree_depth,
+                                chain_method=chain_method, backend=backend, compiler=compiler)
+    config.update(dense_mass=bool(dense_mass), jit=bool(jit))
     trace = check_model(model, args, kwargs, allow_enumerated=True)
+    # NUTS needs the full data's density (a subsampled plate's would change at every step),
+    # proper densities for the never-used elements of an obs_mask site, and ImproperUniform sites
+    # placed (not sampled) where a trace needs a first value (model_handlers).
+    adapted = for_inference(model, trace, full_data=True)
+    if adapted is not model:
+        model, trace = adapted, check_model(adapted, args, kwargs, allow_enumerated=True)
+    check_no_learned_params(trace, "run_nuts")
     config["init_values"] = check_init_values(init_values, trace, num_chains)
     config["init_inverse_mass"] = _pathfinder_start(model, args, kwargs, config, init, init_values, trace)
     if backend in ("auto", "vectorized") and not jit:
@@ -226,6 +247,18 @@ def _pathfinder_start(model, args, kwargs, config, init, init_values, trace):
     return start.inverse_mass
 
 
+def check_nuts_options(*, num_samples=1000, num_warmup=1000, num_chains=4, seed=0, target_accept=0.8,
+                       max_tree_depth=10, chain_method="auto", backend="auto", compiler="auto", **_) -> dict:
+    """Check :func:`run_nuts`'s option values (defaults for those not given); returns the
+    sampler's configuration."""
+    config = _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method)
+    if backend not in ("auto", "vectorized", "pyro"):
+        raise ValueError(f"backend: expected 'auto', 'vectorized' or 'pyro'; got {backend!r}")
+    if compiler not in NUTS_COMPILERS:
+        raise ValueError(f"compiler: expected one of {NUTS_COMPILERS}; got {compiler!r}")
+    return {**config, "seed": check_seed(seed), "compiler": compiler}
+
+
 def _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method) -> dict:
     check_positive_int(num_samples, "num_samples")
     check_positive_int(num_warmup, "num_warmup", minimum=0)
@@ -246,7 +279,8 @@ def _assemble(model, args, kwargs, latent, stats, wall_time, config, trace) -> N
     num_chains, num_draws = next(iter(latent.values())).shape[:2]
     flat = {k: v.reshape((num_chains * num_draws,) + v.shape[2:]).to(torch.get_default_dtype())
             for k, v in latent.items()}
-    evaluation = evaluate_draws(model, args, kwargs, flat)
+    # Enumerated sites get posterior draws; their marginal log joint is not needed here.
+    evaluation = evaluate_draws(model, args, kwargs, flat, marginalize=False)
     keep = {n for n, s in trace.nodes.items() if is_posterior_site(s)}
 
     def unflatten(value):

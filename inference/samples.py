@@ -14,7 +14,7 @@ import torch
 
 from vilab.types import ArrayLike
 
-__all__ = ["flatten_samples", "to_numpy", "unflatten_name", "match_reference"]
+__all__ = ["flatten_samples", "to_numpy", "unflatten_name", "match_reference", "masked_out_names"]
 
 _FLAT_NAME = re.compile(r"^(?P<site>[^\[\]]+)(\[(?P<index>[0-9, ]+)\])?$")
 
@@ -83,3 +83,26 @@ def match_reference(
             f"reference has [{theirs}]"
         )
     return shared
+
+
+def masked_out_names(trace) -> set[str]:
+    """Flat names of latent elements that no density in ``trace`` sees.
+
+    ``pyro.sample(name, d, obs=y, obs_mask=mask)`` adds a latent site ``f"{name}_unobserved"``
+    of the data's full shape whose density is masked (``~mask``) where ``y`` is observed; those
+    elements are replaced by data and so are no part of the posterior (any sampler leaves them
+    wandering under a flat density).
+    """
+    names: set[str] = set()
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or not name.endswith("_unobserved"):
+            continue
+        if f"{name[:-len('_unobserved')]}_observed" not in trace.nodes or not isinstance(site["mask"], torch.Tensor):
+            continue
+        value = torch.as_tensor(site["value"])
+        batch_shape = value.shape[:value.dim() - site["fn"].event_dim]
+        seen = site["mask"].expand(batch_shape).reshape(batch_shape + (1,) * site["fn"].event_dim).expand(value.shape)
+        for index in itertools.product(*(range(n) for n in value.shape)):
+            if not bool(seen[index]):
+                names.add(f"{name}[{','.join(str(i + 1) for i in index)}]")
+    return names

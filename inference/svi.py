@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any, Iterator, NamedTuple, Optional
 import numpy as np
 import pyro
 import torch
-from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoLaplaceApproximation
 
 from vilab.guides.registry import get_guide, guide_name
@@ -28,15 +29,17 @@ from vilab.inference.convergence import ConvergenceCheck, IterateMonitor
 from vilab.inference.fast_leaf import threads_for
 from vilab.inference.fast_inductor import COMPILERS, FusePolicy
 from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
+from vilab.inference.enumeration import enumerated_objective, hide_enumerated
 from vilab.inference.guide_draws import draw_from_guide
 from vilab.inference.progress import progress_bar
 from vilab.inference.svi_init import LaplaceError, LaplaceStart, prepare_guide, window_size
 from vilab.inference.svi_optim import scaled_clipped_adam
+from vilab.inference.model_handlers import for_inference, full_plates, has_subsampling
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
-from vilab.inference.validation import check_model, check_positive_int
+from vilab.inference.validation import check_model, check_model_kwargs, check_positive_int, check_seed, keyword_options
 from vilab.types import Guide, Model, Samples
 
-__all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "LaplaceError", "fit_svi", "ELBOS"]
+__all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "LaplaceError", "fit_svi", "ELBOS", "check_svi_options"]
 
 ELBOS = ("trace", "meanfield", "iwae")
 BACKENDS = ("auto", "compiled", "pyro")
@@ -97,11 +100,19 @@ class SVIResult:
     def num_steps(self) -> int:
         return len(self.losses)
 
-    def _model_trace(self):
-        return check_model(self.model, self.args, self.kwargs)
+    def _full_data(self):
+        """Model, guide and model trace, over every index of a subsampled plate (if any)."""
+        trace = check_model(self.model, self.args, self.kwargs, allow_enumerated=True)
+        if not has_subsampling(trace):
+            return self.model, self.guide, trace
+        model = full_plates(self.model)
+        return model, full_plates(self.guide), check_model(model, self.args, self.kwargs, allow_enumerated=True)
 
     def draws(self, num_samples: int = 1000, *, seed: Optional[int] = None) -> "GuideSample":
         """Guide draws with log weights :math:`\\log p(x, z) - \\log q(z)` and log-likelihoods.
+
+        Both are evaluated on the full data: a subsampled ``pyro.plate`` runs over all its
+        indices here (:func:`~vilab.inference.model_handlers.full_plates`).
 
         Returns:
             A :class:`GuideSample`: every sample site (latent and deterministic) with shape
@@ -112,9 +123,9 @@ class SVIResult:
         with torch.random.fork_rng():
             if seed is not None:
                 torch.manual_seed(seed)
-            trace = self._model_trace()
-            guide_draws = draw_from_guide(self.guide, self.args, self.kwargs, num_samples, trace)
-            evaluation = evaluate_draws(self.model, self.args, self.kwargs, guide_draws.samples)
+            model, guide, trace = self._full_data()
+            guide_draws = draw_from_guide(guide, self.args, self.kwargs, num_samples, trace)
+            evaluation = evaluate_draws(model, self.args, self.kwargs, guide_draws.samples)
         keep = {n for n, s in trace.nodes.items() if is_posterior_site(s)}
         samples = {k: v for k, v in evaluation["values"].items() if k in keep}
         return GuideSample(samples, evaluation["log_joint"] - guide_draws.log_q, evaluation["log_likelihood"])
@@ -138,7 +149,7 @@ class SVIResult:
 
         draws = draws if draws is not None else self.draws(num_samples, seed=seed)
         return to_inference_data(
-            self.model, self.args, self.kwargs, {k: v.unsqueeze(0) for k, v in draws.samples.items()},
+            self._full_data()[0], self.args, self.kwargs, {k: v.unsqueeze(0) for k, v in draws.samples.items()},
             log_likelihood={k: v.unsqueeze(0) for k, v in draws.log_likelihood.items()},
             sample_stats={"log_weight": draws.log_weights.unsqueeze(0)}, inference=f"vi:{self.name}")
 
@@ -148,6 +159,8 @@ def _make_elbo(elbo: str, num_particles: int, vectorize: bool):
         return Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
     if elbo == "meanfield":
         return TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
+    if elbo == "enum":  # set by fit_svi for models with enumerated sites (vilab.inference.enumeration)
+        return TraceEnum_ELBO(num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1)
     if elbo == "iwae":
         if num_particles < 2:
             raise ValueError(f"num_particles: the importance-weighted bound needs >= 2; got {num_particles}")
@@ -220,8 +233,13 @@ def _make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vect
         except CompiledSVIError as error:
             if backend == "compiled":
                 raise
+            how = "Pyro's SVI"
+            if num_particles > 1 and vectorize and isinstance(error.__cause__, IndexError):
+                # The model indexes a latent's leading dim (``a[county]``), where a particle plate
+                # sits: Pyro's vectorised particles fail the same way, one at a time do not.
+                vectorize, how = False, "Pyro's SVI with one particle at a time (vectorize_particles=False)"
             warnings.warn(f"fit_svi: the compiled SVI step cannot run this model and guide ({error}); "
-                          "falling back to Pyro's SVI", RuntimeWarning, stacklevel=3)
+                          f"falling back to {how}", RuntimeWarning, stacklevel=3)
     return _PyroStepper(model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd, step_scales)
 
 
@@ -301,14 +319,22 @@ def fit_svi(
     first returns ``converged=False`` (its last iterate) with a ``RuntimeWarning``.
 
     Args:
-        model: a Pyro model; ``*args, **kwargs`` are its data.
+        model: a Pyro model; ``*args, **kwargs`` are its data. A ``pyro.plate`` with
+            ``subsample_size`` subsamples during fitting (Pyro scales its sites by
+            ``size / subsample_size``); :meth:`SVIResult.draws` and ``inference_data`` evaluate
+            every draw on the full plate. ``pyro.param`` sites in the model are learned with the
+            guide. ``ImproperUniform`` sites start uniformly in (-2, 2) on the unconstrained space.
         guide: a registry name (``meanfield``, ``fullrank``, ``lowrank``, ``laplace``, ``map``,
             ``iaf``, ``nsf``, ``planar``, ``radial``, ``sylvester``) or a guide object.
         num_steps: maximum number of optimisation steps.
         lr: Adam's initial learning rate; it decays exponentially to ``lr * lr_decay``. With a
             Laplace start it is in units of each location's Laplace sd (and of
             :math:`\log \sigma` for scales).
-        elbo: ``"trace"`` (Trace_ELBO), ``"meanfield"`` (analytic KL) or ``"iwae"``.
+        elbo: ``"trace"`` (Trace_ELBO), ``"meanfield"`` (analytic KL) or ``"iwae"``. A model
+            with enumerated discrete sites (``config_enumerate``) needs ``"trace"``, which then
+            runs as ``TraceEnum_ELBO`` summing them out (Pyro's SVI; ``result.elbo == "enum"``);
+            a named guide covers the other sites, and ``draws`` draw the discrete ones from
+            their conditional posterior.
         num_particles: Monte Carlo samples per step (vectorised when ``vectorize_particles``).
             ``None`` (default): 4 for a guide started at the Laplace approximation, else 1. At one
             particle the gradient noise biases the fitted scales upwards (nes2000 ``fullrank``:
@@ -323,7 +349,8 @@ def fit_svi(
             steps from ``min_steps`` on, default ``window``).
         window: iterates per convergence test and per average (default ``num_steps / 4``,
             clamped to 40-1000, a multiple of 4).
-        seed: seeds Pyro's RNG and clears the param store (``None`` leaves both untouched).
+        seed: an int in ``[0, 2**32 - 1]`` that seeds Pyro's RNG and clears the param store, or
+            ``None``, which leaves both untouched.
         backend: ``"compiled"`` runs each step as one traced graph
             (:mod:`~vilab.inference.fast_svi`: a guide module with reparameterised sites and a
             model without parameters of its own); ``"pyro"`` runs Pyro's ``SVI``; ``"auto"``
@@ -346,38 +373,39 @@ def fit_svi(
         LaplaceError: ``guide="laplace"`` and the Hessian at the fitted mode is not positive
             definite, or ``init="laplace"`` and no Laplace start exists.
     """
-    check_positive_int(num_steps, "num_steps")
-    if num_particles is not None:
-        check_positive_int(num_particles, "num_particles")
-    if not lr > 0:
-        raise ValueError(f"lr: expected > 0; got {lr!r}")
-    if not 0 < lr_decay <= 1:
-        raise ValueError(f"lr_decay: expected in (0, 1]; got {lr_decay!r}")
-    if compiler not in COMPILERS:
-        raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
-    if elbo not in ELBOS:
-        raise ValueError(f"elbo: expected one of {ELBOS}; got {elbo!r}")
-    if init not in INITS:
-        raise ValueError(f"init: expected one of {INITS}; got {init!r}")
+    from vilab.inference.arguments import check_guide
     from vilab.inference.vi import get_method, is_method  # here: the methods import this module
 
+    check_model_kwargs(model, kwargs, "fit_svi", keyword_options(fit_svi))
+    check_svi_options(num_steps=num_steps, num_particles=1 if num_particles is None else num_particles, lr=lr,
+                      lr_decay=lr_decay, compiler=compiler, min_steps=min_steps, seed=seed, elbo=elbo,
+                      backend=backend)
+    if init not in INITS:
+        raise ValueError(f"init: expected one of {INITS}; got {init!r}")
+    check_guide(guide, guide_options)
     if is_method(guide):
         _refuse_svi_options(guide, num_steps=num_steps, lr=lr, lr_decay=lr_decay, elbo=elbo,
                             num_particles=num_particles, vectorize_particles=vectorize_particles, init=init,
                             early_stop=early_stop, min_steps=min_steps, window=window, backend=backend,
                             compiler=compiler)
     window = window_size(num_steps, window)
-    min_steps = window if min_steps is None else check_positive_int(min_steps, "min_steps", 0)
+    min_steps = window if min_steps is None else min_steps
     if seed is not None:
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
-    check_model(model, args, kwargs)
+    trace = check_model(model, args, kwargs, allow_enumerated=not is_method(guide))
+    # obs_mask sites get proper densities where unused; ImproperUniform sites are placed, not
+    # sampled, where an autoguide's prototype trace needs a value (model_handlers).
+    model = for_inference(model, trace)
     if is_method(guide):
         return get_method(guide)(model, *args, seed=seed, progress=progress, **(guide_options or {}), **kwargs)
     name = guide_name(guide)
+    # Enumerated discrete sites are summed out by TraceEnum_ELBO; a named guide covers the rest.
+    elbo, backend = enumerated_objective(trace, guide, elbo, backend)
+    guide = get_guide(guide, hide_enumerated(model, trace) if isinstance(guide, str) else model,
+                      **(guide_options or {}))
     start = time.perf_counter()
-    guide, laplace, step_scales, init_note = prepare_guide(get_guide(guide, model, **(guide_options or {})),
-                                                           name, init, model, args, kwargs)
+    guide, laplace, step_scales, init_note = prepare_guide(guide, name, init, model, args, kwargs)
     if num_particles is None:
         num_particles = LAPLACE_PARTICLES if laplace is not None and laplace.ok else 1
     config = {"lr": lr, "lr_decay": lr_decay, "num_particles": num_particles, "num_steps": num_steps,
@@ -468,6 +496,26 @@ def _laplace_result(model, guide, args, kwargs, name, elbo, laplace: LaplaceStar
                   gradient_evaluations=laplace.num_gradient_evaluations, convergence={})
     return SVIResult(model, guide, args, kwargs, [-laplace.log_density], time.perf_counter() - start, True, name,
                      elbo, config)
+
+
+def check_svi_options(*, num_steps=2000, num_particles=1, lr=0.01, lr_decay=0.1, compiler="auto", min_steps=None,
+                      seed=0, elbo="trace", backend="auto", **_) -> None:
+    """Check :func:`fit_svi`'s option values (defaults for those not given), before any fit."""
+    check_positive_int(num_steps, "num_steps")
+    check_positive_int(num_particles, "num_particles")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+        raise ValueError(f"lr: expected > 0 (a number); got {lr!r}")
+    if isinstance(lr_decay, bool) or not isinstance(lr_decay, numbers.Real) or not 0 < lr_decay <= 1:
+        raise ValueError(f"lr_decay: expected in (0, 1] (a number); got {lr_decay!r}")
+    if compiler not in COMPILERS:
+        raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
+    if elbo not in ELBOS:
+        raise ValueError(f"elbo: expected one of {ELBOS}; got {elbo!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}; got {backend!r}")
+    if min_steps is not None:
+        check_positive_int(min_steps, "min_steps", 0)
+    check_seed(seed, allow_none=True)
 
 
 def _maybe_fuse(policy: FusePolicy, stepper, step: int) -> float:

@@ -1,8 +1,10 @@
 """Checks at the public boundary: data, configuration and what a model asks of a guide."""
 from __future__ import annotations
 
+import difflib
+import inspect
 import numbers
-from typing import Any, Iterable, Optional
+from typing import Any, Collection, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -11,7 +13,11 @@ from pyro.poutine.util import site_is_subsample
 from vilab.inference.tracing import trace_model
 from vilab.types import Model
 
-__all__ = ["check_finite_data", "check_init_values", "check_model", "check_positive_int", "check_probability"]
+__all__ = ["check_finite_data", "check_init_values", "check_model", "check_positive_int", "check_probability",
+           "check_seed", "check_options", "check_model_kwargs", "did_you_mean", "keyword_options"]
+
+# numpy's legacy seeding (which ``pyro.set_rng_seed`` calls) takes 0 <= seed < 2**32.
+_MAX_SEED = 2**32 - 1
 
 
 def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -21,6 +27,80 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}; got {value}")
     return int(value)
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` to ``name``, else ``""``."""
+    close = _closest(name, choices)
+    return f" (did you mean {close!r}?)" if close else ""
+
+
+def _closest(name: str, choices: Iterable[str]) -> Optional[str]:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def check_seed(value: Any, name: str = "seed", *, allow_none: bool = False) -> Optional[int]:
+    """Return ``value`` if it is an int in ``[0, 2**32 - 1]`` (or ``None`` where allowed)."""
+    if value is None and allow_none:
+        return None
+    expected = f"an int in [0, {_MAX_SEED}]" + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected {expected}; got {type(value).__name__} {value!r}"
+                        + (" (pass seed=0, or any other int)" if value is None else ""))
+    if not 0 <= value <= _MAX_SEED:
+        raise ValueError(f"{name}: expected {expected}; got {value}")
+    return int(value)
+
+
+def keyword_options(function) -> tuple[str, ...]:
+    """The keyword-only options of ``function`` (``run_nuts``'s ``num_samples``, ...)."""
+    return tuple(name for name, parameter in inspect.signature(function).parameters.items()
+                 if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_options(options: Optional[Mapping], name: str, allowed: Collection[str], what: str = "option") -> dict:
+    """Return ``options`` as a dict after checking each key is one of ``allowed``.
+
+    Raises:
+        TypeError: ``options`` is not a dict (or ``None``).
+        ValueError: a key that is not allowed, with the closest allowed key as a suggestion.
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"{name}: expected a dict of option name -> value; got {type(options).__name__}")
+    for key in options:
+        if key not in allowed:
+            raise ValueError(f"{name}: unknown {what} {key!r}{did_you_mean(key, allowed)}; "
+                             f"expected some of {sorted(allowed)}")
+    return dict(options)
+
+
+def check_model_kwargs(model: Model, kwargs: Mapping, caller: str, options: Collection[str]) -> None:
+    """Check that every extra keyword argument of ``caller`` is a parameter of ``model``.
+
+    ``run_nuts(model, data, num_step=500)`` would otherwise pass ``num_step`` to the model as
+    data (or fail deep inside it). Models taking ``**kwargs`` accept any name.
+
+    Raises:
+        TypeError: naming the argument, the model's parameters and the closest option of
+            ``caller``.
+    """
+    try:
+        parameters = inspect.signature(model).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check against
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [n for n, p in parameters.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                               inspect.Parameter.KEYWORD_ONLY)]
+    for key in kwargs:
+        if key not in accepted:
+            close = _closest(key, options)
+            hint = f"; did you mean {caller}'s option {close!r}?" if close else ""
+            raise TypeError(f"{caller}: keyword {key!r} is neither an option of {caller} nor a parameter of "
+                            f"the model (expected one of {accepted}; got {key!r}){hint}")
 
 
 def check_probability(value: Any, name: str) -> float:
@@ -86,8 +166,13 @@ def check_model(model: Model, args: tuple, kwargs: dict, *, allow_enumerated: bo
             continue
         latent.append(name)
         if site["fn"].has_enumerate_support:
-            if allow_enumerated and site["infer"].get("enumerate") == "parallel":
-                continue
+            if site["infer"].get("enumerate") == "parallel":
+                if allow_enumerated:
+                    continue
+                raise ValueError(
+                    f"model: site {name!r} is a discrete latent variable marked for enumeration, which "
+                    "this method cannot sum out; use run_nuts, or fit_svi/compare with a registry guide "
+                    "(TraceEnum_ELBO sums it out), or marginalise it (e.g. MixtureSameFamily)")
             raise ValueError(
                 f"model: site {name!r} is a discrete latent variable ({type(site['fn']).__name__}); "
                 "vilab's guides are continuous. Marginalise it out (e.g. MixtureSameFamily, "

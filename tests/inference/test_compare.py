@@ -111,3 +111,111 @@ def test_a_guide_that_cannot_be_fitted_is_reported_and_the_others_kept():
     assert "positive-definite Hessian" in report.failures["laplace"]
     from vilab.inference.report import warnings_for
     assert any(note.startswith("laplace: could not be fitted") for note in warnings_for(report))
+
+
+# ---- issue 26: learned params, guide names, per-guide failures, obs_mask -------------------------
+
+def _scale_as_param(y):
+    """A model that learns its noise scale as a point estimate (``pyro.param``)."""
+    sigma = pyro.param("sigma", torch.tensor(1.0), constraint=dist.constraints.positive)
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("obs", dist.Normal(mu, sigma), obs=y)
+
+
+def test_a_model_with_a_learned_param_is_refused_before_any_fit():
+    from vilab.inference import run_nuts
+
+    y = 2.0 + 3.0 * torch.randn(50)
+    with pytest.raises(ValueError, match="learned parameter.*'sigma'.*sample site with a prior.*as data"):
+        compare(_scale_as_param, y, guides=("meanfield",), progress=False)
+    with pytest.raises(ValueError, match="run_nuts: the model has learned parameter.*'sigma'"):
+        run_nuts(_scale_as_param, y, progress=False)
+
+
+def test_two_guides_of_one_class_keep_their_own_names_and_rows():
+    from pyro.infer.autoguide import AutoDiagonalNormal
+
+    x = conjugate.default_normal_data()
+    exact = conjugate.normal_normal_posterior(x)["loc"]
+    reference = {"loc": exact.sample((4000,))}
+    model = conjugate.normal_normal
+    report = compare(model, 20, x, guides=(AutoDiagonalNormal(model), AutoDiagonalNormal(model)),
+                     reference=reference, num_draws=500, progress=False,
+                     svi_options={"num_steps": 300, "lr": 0.05, "early_stop": False})
+    names = ["AutoDiagonalNormal", "AutoDiagonalNormal_2"]
+    assert list(report.methods) == names and list(report.summary.index) == names
+    for name in names:
+        rows = report.table[report.table["method"] == name]
+        assert list(rows["parameter"]) == ["loc"]
+        assert np.isfinite(rows["mean_error_sd"]).all()
+        assert report.methods[name].name == name
+
+
+def radon(county, log_radon=None):
+    """Varying-intercept radon model (Gelman & Hill; Pyro/NumPyro tutorials' indexing ``a[county]``)."""
+    mu_a = pyro.sample("mu_a", dist.Normal(0.0, 10.0))
+    sigma_a = pyro.sample("sigma_a", dist.HalfCauchy(5.0))
+    with pyro.plate("county", 5):
+        a = pyro.sample("a", dist.Normal(mu_a, sigma_a))
+    sigma_y = pyro.sample("sigma_y", dist.HalfCauchy(5.0))
+    with pyro.plate("data", len(county)):
+        pyro.sample("obs", dist.Normal(a[county], sigma_y), obs=log_radon)
+
+
+def _radon_data():
+    generator = torch.Generator().manual_seed(0)
+    county = torch.randint(0, 5, (40,), generator=generator)
+    return county, torch.randn(5, generator=generator)[county] + 0.3 * torch.randn(40, generator=generator)
+
+
+def test_a_guide_failing_with_any_error_keeps_the_others():
+    county, log_radon = _radon_data()
+
+    def crashing_guide(county, log_radon=None):
+        raise IndexError("index 4 is out of bounds for dimension 0 with size 1")
+
+    reference = {"mu_a": np.random.default_rng(0).normal(size=200)}
+    with pytest.warns(RuntimeWarning, match="guide 'function' failed and is left out: IndexError"):
+        report = compare(radon, county, log_radon, guides=("meanfield", crashing_guide), reference=reference,
+                         num_draws=50, progress=False, svi_options={"num_steps": 50})
+    assert list(report.methods) == ["meanfield"]
+    assert report.failures["function"].startswith("IndexError: index 4")
+
+
+def _masked_normal(y, mask):
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("obs", dist.Normal(mu, 1.0), obs=y, obs_mask=mask)
+
+
+_MASK = torch.tensor([True, True, False, True, True, False, True, True])
+
+
+def test_obs_mask_reference_with_data_entries_gives_a_table():
+    """Reference draws of the deterministic ``obs`` site hold the data where it is observed:
+    constants, with no error in units of their zero sd."""
+    y = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    precision = 1 / 100 + int(_MASK.sum())
+    mu = (y[_MASK].sum() / precision + torch.randn(2000) / precision**0.5)
+    obs = torch.where(_MASK, y, mu.unsqueeze(-1) + torch.randn(2000, 8))
+    report = compare(_masked_normal, y, _MASK, guides=("meanfield",), reference={"mu": mu, "obs": obs},
+                     num_draws=200, progress=False, svi_options={"num_steps": 300, "lr": 0.05, "backend": "pyro"})
+    rows = report.table[report.table["method"] == "meanfield"]
+    assert set(rows["parameter"]) == {"mu", "obs[3]", "obs[6]"}
+    assert np.isfinite(rows["mean_error_sd"]).all()
+
+
+@pytest.mark.slow
+def test_obs_mask_model_compares_on_its_posterior_quantities():
+    y = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    report = compare(_masked_normal, y, _MASK, guides=("meanfield",), num_draws=200, progress=False,
+                     svi_options={"num_steps": 300, "lr": 0.05},
+                     nuts_options={"num_samples": 300, "num_warmup": 300, "num_chains": 2})
+    rows = report.table[report.table["method"] == "meanfield"]
+    # Observed entries are data (no error in sd units); the masked-out half of obs_unobserved
+    # is no part of the posterior.
+    assert set(rows["parameter"]) == {"mu", "obs_unobserved[3]", "obs_unobserved[6]", "obs[3]", "obs[6]"}
+    assert np.isfinite(rows["mean_error_sd"]).all()
+    # Those never-used elements have a proper density, so they no longer wander and spoil R-hat.
+    assert report.summary.loc["nuts", "r_hat_max"] < 1.05

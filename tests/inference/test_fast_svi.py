@@ -231,3 +231,40 @@ def test_a_background_fused_step_takes_over_mid_run_and_reaches_the_posterior(mo
     log_evidence = conjugate.normal_normal_log_evidence(x)
     assert elbo <= log_evidence + Z * se + 1e-9
     assert log_evidence - elbo <= Z * se + OPT_TOL
+
+
+def _radon(county, log_radon=None):
+    """Varying-intercept radon model, indexed ``a[county]`` as Pyro's and Stan's versions are."""
+    mu_a = pyro.sample("mu_a", dist.Normal(0.0, 10.0))
+    sigma_a = pyro.sample("sigma_a", dist.HalfCauchy(5.0))
+    with pyro.plate("county", 5):
+        a = pyro.sample("a", dist.Normal(mu_a, sigma_a))
+    sigma_y = pyro.sample("sigma_y", dist.HalfCauchy(5.0))
+    with pyro.plate("data", len(county)):
+        pyro.sample("obs", dist.Normal(a[county], sigma_y), obs=log_radon)
+
+
+def test_group_indexed_model_compiles_with_one_particle():
+    generator = torch.Generator().manual_seed(0)
+    county = torch.randint(0, 5, (40,), generator=generator)
+    log_radon = torch.randn(5, generator=generator)[county] + 0.3 * torch.randn(40, generator=generator)
+    pyro.clear_param_store()
+    guide = get_guide("meanfield", _radon)
+    guide(county, log_radon)
+    torch.manual_seed(3)
+    expected, _ = _pyro_loss_and_grads(Trace_ELBO(), _radon, guide, (county, log_radon), {})
+    torch.manual_seed(3)
+    with pyro.validation_enabled(False):
+        got = elbo_loss(_radon, guide, (county, log_radon), {}, "trace", 1, max_plate_nesting=1)
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10)
+    result = fit_svi(_radon, "meanfield", county, log_radon, num_steps=20, backend="compiled", progress=False)
+    assert result.config["backend"] == "compiled" and all(math.isfinite(loss) for loss in result.losses)
+
+
+def test_group_indexed_model_with_several_particles_runs_them_one_at_a_time():
+    generator = torch.Generator().manual_seed(0)
+    county = torch.randint(0, 5, (40,), generator=generator)
+    log_radon = torch.randn(40, generator=generator)
+    with pytest.warns(RuntimeWarning, match="one particle at a time"):
+        result = fit_svi(_radon, "meanfield", county, log_radon, num_steps=10, num_particles=3, progress=False)
+    assert result.config["backend"] == "pyro" and all(math.isfinite(loss) for loss in result.losses)

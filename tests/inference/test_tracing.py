@@ -6,6 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from vilab.inference import tracing
 from vilab.inference.tracing import evaluate_draws
 
 
@@ -57,3 +58,70 @@ def test_python_control_flow_on_a_draw_falls_back_to_one_by_one_with_a_warning_a
 def test_no_draws_is_a_clear_error():
     with pytest.raises(ValueError, match="draws: expected at least one latent site"):
         evaluate_draws(_plated_model, (torch.zeros(2),), {}, {})
+
+
+def _hierarchical_logistic(x, group, y=None):
+    """Hierarchical logistic regression with per-group coefficients ``beta[..., g, :]`` and an
+    intercept written ``alpha.unsqueeze(-1)``: right for one draw, but under an outer plate of
+    ``S`` draws ``alpha`` is ``(S, 1)``, the unsqueeze makes it ``(S, 1, 1)``, and the logits
+    broadcast to ``(S, S, N)``, quadratic in the number of draws."""
+    num_groups, num_features = int(group.max()) + 1, x.shape[-1]
+    alpha = pyro.sample("alpha", dist.Normal(0.0, 1.0))
+    mu = pyro.sample("mu", dist.Normal(torch.zeros(num_features), 1.0).to_event(1))
+    with pyro.plate("groups", num_groups):
+        beta = pyro.sample("beta", dist.Normal(mu, 1.0).to_event(1))
+    logits = alpha.unsqueeze(-1) + (beta[..., group, :] * x).sum(-1)
+    with pyro.plate("data", len(group)):
+        pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
+
+
+def _logistic_draws(num_draws, num_groups=4, num_features=3):
+    generator = torch.Generator().manual_seed(0)
+    return {"alpha": torch.randn(num_draws, generator=generator),
+            "mu": torch.randn(num_draws, num_features, generator=generator),
+            "beta": torch.randn(num_draws, num_groups, num_features, generator=generator)}
+
+
+def _logistic_data(num_obs=30, num_groups=4, num_features=3):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(num_obs, num_features, generator=generator)
+    group = torch.arange(num_obs) % num_groups
+    return x, group, (torch.rand(num_obs, generator=generator) < 0.5).double()
+
+
+def _recording(monkeypatch):
+    sizes = []
+    original = tracing._vectorized
+
+    def spy(model, args, kwargs, draws, num_draws, template):
+        sizes.append(num_draws)
+        return original(model, args, kwargs, draws, num_draws, template)
+
+    monkeypatch.setattr(tracing, "_vectorized", spy)
+    return sizes
+
+
+def test_a_model_that_broadcasts_wrongly_is_caught_by_the_two_draw_probe(monkeypatch):
+    sizes = _recording(monkeypatch)
+    x, group, y = _logistic_data()
+    draws = _logistic_draws(200)
+    with pytest.warns(RuntimeWarning, match="not vectorisable over draws.*site 'y': log density of shape \\(2, 2, 30\\)"):
+        result = evaluate_draws(_hierarchical_logistic, (x, group, y), {}, draws)
+    # One probe of two draws, never a (200, 200, ...) tensor; then one trace per draw.
+    assert sizes == [2]
+    looped = evaluate_draws(_hierarchical_logistic, (x, group, y), {}, draws, vectorize=False)
+    assert torch.allclose(result["log_joint"], looped["log_joint"])
+
+
+def test_draws_are_evaluated_in_chunks_within_the_element_bound(monkeypatch):
+    sizes = _recording(monkeypatch)
+    y = torch.randn(50)
+    draws = {"mu": torch.randn(301)}
+    result = evaluate_draws(_plated_model, (y,), {}, draws, max_elements=1000)
+    # Largest site tensor of one draw: 50 numbers, so 1000 // 50 = 20 draws a chunk.
+    assert sizes[0] == 2 and max(sizes) == 20 and sum(sizes) == 301
+    assert all(size * 50 <= 1000 for size in sizes)
+    whole = evaluate_draws(_plated_model, (y,), {}, draws, max_elements=10**9)
+    assert torch.allclose(result["log_joint"], whole["log_joint"])
+    assert torch.allclose(result["log_likelihood"]["y"], whole["log_likelihood"]["y"])
+    assert torch.allclose(result["values"]["shifted"], whole["values"]["shifted"])
