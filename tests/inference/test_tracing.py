@@ -101,13 +101,14 @@ def _recording(monkeypatch):
     return sizes
 
 
-def test_a_model_that_broadcasts_wrongly_is_caught_by_the_two_draw_probe(monkeypatch):
+def test_a_model_that_broadcasts_wrongly_is_caught_by_the_two_draw_probe_then_vmapped(monkeypatch):
     sizes = _recording(monkeypatch)
     x, group, y = _logistic_data()
     draws = _logistic_draws(200)
-    with pytest.warns(RuntimeWarning, match="not vectorisable over draws.*site 'y': log density of shape \\(2, 2, 30\\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # vmap runs it: no fallback to one by one
         result = evaluate_draws(_hierarchical_logistic, (x, group, y), {}, draws)
-    # One probe of two draws, never a (200, 200, ...) tensor; then one trace per draw.
+    # One plate probe of two draws, never a (200, 200, ...) tensor; then vmap, draw by draw shapes.
     assert sizes == [2]
     looped = evaluate_draws(_hierarchical_logistic, (x, group, y), {}, draws, vectorize=False)
     assert torch.allclose(result["log_joint"], looped["log_joint"])
