@@ -121,7 +121,11 @@ def _rows(method: MethodResult, reference: dict[str, np.ndarray]) -> list[dict]:
 
 def _fit_guide(model, args, kwargs, guide, name, seed, num_draws, svi_options, guide_options,
                progress) -> MethodResult:
-    options = dict(svi_options or {})
+    from vilab.inference.vi import is_method
+
+    # svi_options are SVI's (steps, lr, ...); a method that is not SVI on a guide takes its own
+    # options from guide_options, and fit_svi refuses SVI options given to it.
+    options = {} if is_method(guide) else dict(svi_options or {})
     result = fit_svi(model, guide, *args, seed=seed, progress=progress,
                      guide_options=(guide_options or {}).get(guide_name(guide)), **options, **kwargs)
     draws = result.draws(num_draws, seed=seed)
@@ -176,7 +180,9 @@ def compare(
             near-exact guide is itself noisy with a few thousand draws, hence the default.
         seed: an int (NUTS chains take ``seed, seed + 1, ...``; every guide is fitted from
             ``seed``).
-        svi_options: keyword options for :func:`fit_svi` (``num_steps``, ``lr``, ``elbo``...).
+        svi_options: keyword options for :func:`fit_svi` (``num_steps``, ``lr``, ``elbo``...), for the
+            guides fitted by SVI; methods such as ``dadvi`` or ``pathfinder`` take theirs from
+            ``guide_options``.
         nuts_options: keyword options for :func:`run_nuts` (``num_samples``, ``num_chains``...).
         guide_options: per guide name, options of its family (``{"iaf": {"num_flows": 4}}``).
 

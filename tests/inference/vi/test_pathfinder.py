@@ -154,3 +154,11 @@ def test_svi_options_a_method_does_not_run_are_refused_not_ignored():
     x = default_normal_data()
     with pytest.raises(TypeError, match="lr, num_steps: options of SVI on a guide.*'pathfinder'.*guide_options"):
         fit_svi(normal_normal, "pathfinder", 20, x, num_steps=5, lr=0.1, progress=False)
+
+
+def test_compare_gives_svi_options_to_the_svi_guides_only():
+    x = default_normal_data()
+    reference = {"loc": normal_normal_posterior(x)["loc"].sample((2000,))}
+    report = compare(normal_normal, 20, x, guides=("pathfinder", "meanfield"), reference=reference,
+                     svi_options={"num_steps": 300}, num_draws=200, progress=False)
+    assert not report.failures and report.summary.loc["meanfield", "num_steps"] <= 300
