@@ -234,13 +234,25 @@ def _make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vect
             if backend == "compiled":
                 raise
             how = "Pyro's SVI"
-            if num_particles > 1 and vectorize and isinstance(error.__cause__, IndexError):
-                # The model indexes a latent's leading dim (``a[county]``), where a particle plate
-                # sits: Pyro's vectorised particles fail the same way, one at a time do not.
+            if num_particles > 1 and vectorize and not _particles_vectorise(model, guide, args, kwargs, elbo,
+                                                                            num_particles):
+                # The model indexes a latent's leading dim (``a[county]``) or does matrix algebra on
+                # it (``cholesky(K) @ f``), where a particle plate sits: Pyro's vectorised particles
+                # fail the same way, one at a time do not.
                 vectorize, how = False, "Pyro's SVI with one particle at a time (vectorize_particles=False)"
             warnings.warn(f"fit_svi: the compiled SVI step cannot run this model and guide ({error}); "
                           f"falling back to {how}", RuntimeWarning, stacklevel=3)
     return _PyroStepper(model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd, step_scales)
+
+
+def _particles_vectorise(model, guide, args, kwargs, elbo, num_particles) -> bool:
+    """Whether Pyro's ELBO runs with ``num_particles`` vectorised particles (one evaluation)."""
+    try:
+        with pyro.poutine.block(), torch.no_grad():
+            _make_elbo(elbo, num_particles, True).loss(model, guide, *args, **kwargs)
+    except (RuntimeError, IndexError, ValueError):
+        return False
+    return True
 
 
 def _snapshot() -> dict[str, torch.Tensor]:

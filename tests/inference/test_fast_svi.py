@@ -269,3 +269,17 @@ def test_group_indexed_model_with_several_particles_runs_them_one_at_a_time():
     with pytest.warns(RuntimeWarning, match="one particle at a time"):
         result = fit_svi(_radon, "meanfield", county, log_radon, num_steps=10, num_particles=3, progress=False)
     assert result.config["backend"] == "pyro" and all(math.isfinite(loss) for loss in result.losses)
+
+
+def test_matrix_algebra_on_a_latent_with_several_particles_runs_them_one_at_a_time():
+    x = torch.linspace(-1.0, 1.0, 5)
+
+    def gp(y):  # cholesky(K) @ f_tilde, as posteriordb's gp_pois_regr: no particle plate fits it
+        length = pyro.sample("length", dist.LogNormal(0.0, 1.0))
+        f_tilde = pyro.sample("f_tilde", dist.Normal(torch.zeros(5), 1.0).to_event(1))
+        kernel = torch.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / length**2) + 1e-6 * torch.eye(5)
+        pyro.sample("y", dist.Normal(torch.linalg.cholesky(kernel) @ f_tilde, 0.5).to_event(1), obs=y)
+
+    with pytest.warns(RuntimeWarning, match="one particle at a time"):
+        result = fit_svi(gp, "meanfield", torch.sin(x), num_steps=10, num_particles=3, progress=False)
+    assert result.config["backend"] == "pyro" and all(math.isfinite(loss) for loss in result.losses)
