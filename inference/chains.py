@@ -9,11 +9,9 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from vilab.errors import ChainError
+
 __all__ = ["run_chains", "ChainError"]
-
-
-class ChainError(RuntimeError):
-    """A chain failed in its worker process; the message holds the worker's traceback."""
 
 
 def _child(worker, worker_args, chain, messages):

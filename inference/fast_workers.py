@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .chains import run_chains
-from .vectorized import VectorizationError
+from vilab.errors import VectorizationError
 
 __all__ = ["available_workers", "batch_sizes", "batch_seed", "cannot_fork", "cores", "frozen_heap",
            "resolve_workers", "run_batches", "ThrottledReport"]

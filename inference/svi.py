@@ -33,6 +33,7 @@ from vilab.inference.guide_draws import draw_from_guide
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.validation import check_model, check_positive_int
 from vilab.types import Guide, Model, Samples
+from vilab.errors import LaplaceError, NonFiniteLossError
 
 __all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "LaplaceError", "fit_svi", "ELBOS"]
 
@@ -40,15 +41,6 @@ ELBOS = ("trace", "meanfield", "iwae")
 BACKENDS = ("auto", "compiled", "pyro")
 # ClippedAdam's element-wise gradient clamp.
 CLIP = 10.0
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; ``step`` and ``site`` say where, the guide keeps its last
-    finite parameters, and ``result`` holds the run up to the last good step."""
-
-    def __init__(self, message: str, step: int, site: Optional[str], result: "SVIResult"):
-        super().__init__(message)
-        self.step, self.site, self.result = step, site, result
 
 
 class GuideSample(NamedTuple):
@@ -382,11 +374,6 @@ def _cancelling(stepper) -> Iterator[None]:
         cancel = getattr(stepper, "fuse_cancel", None)
         if cancel is not None:
             cancel()
-
-
-class LaplaceError(ValueError):
-    """The Laplace approximation does not exist at the fitted mode (its Hessian is not positive
-    definite)."""
 
 
 def _laplace(guide: AutoLaplaceApproximation, args, kwargs):
