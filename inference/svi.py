@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from vilab.guides.registry import get_guide, guide_name
 from vilab.inference.convergence import has_converged
 from vilab.inference.fast_leaf import threads_for
-from vilab.inference.fast_inductor import COMPILERS, FusePolicy
+from vilab.inference.fast_inductor import COMPILERS
+from vilab.inference.fast_policy import FusePolicy
 from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
 from vilab.inference.guide_draws import draw_from_guide
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
@@ -269,7 +270,7 @@ def fit_svi(
         compiler: for the compiled step: ``"torchscript"`` (Static Runtime), ``"inductor"``
             (one fused C++ kernel per step, seconds to compile, needs ``g++``), or ``"auto"``:
             fuse once the run's pace shows the compilation will pay for itself
-            (:class:`~vilab.inference.fast_inductor.FusePolicy`; only long runs qualify), compiling
+            (:class:`~vilab.inference.fast_policy.FusePolicy`; only long runs qualify), compiling
             in a background process while the run goes on where a second core is free.
             ``result.config["fused"]`` and ``["fuse_decision"]`` say what ran and why; a
             compilation that blocks the run is counted in ``["setup_seconds"]``.
