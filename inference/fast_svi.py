@@ -38,7 +38,6 @@ import torch
 import torch.fx as fx
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
-from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
 from pyro.poutine.util import prune_subsample_sites
 

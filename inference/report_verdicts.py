@@ -1,4 +1,4 @@
-"""The warnings in words of a comparison: what a careful statistician would say about it.
+r"""The warnings in words of a comparison: what a careful statistician would say about it.
 
 :func:`warnings_for` reads a :class:`~vilab.inference.compare.ComparisonReport` (NUTS's
 divergences, R-hat and ESS; each guide's PSIS :math:`\hat k`, errors in reference sds and
