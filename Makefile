@@ -6,7 +6,7 @@ OUT    ?= runs/demo
 APT_PACKAGES := dataset-fashion-mnist chromium g++ python3-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-slow test-all bench clean
+.PHONY: install system-deps demo test test-slow test-all doctest lint docs bench clean
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -22,7 +22,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,dev]"
 	touch $@
 
 # The NUTS virtual machine's C library is built once per installation (about 10 s), not per model.
@@ -36,6 +36,24 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 
+# Runnable examples in the public docstrings.
+DOCTEST_MODULES := vilab/errors.py vilab/__init__.py inference/svi/api.py inference/nuts/api.py \
+	inference/comparison/api.py inference/common/diagnostics.py guides/registry.py models/registry.py
+
+doctest: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules $(DOCTEST_MODULES)
+
+# ruff (lint and format), mypy on the public API, and the import layers (pyproject.toml).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+# The documentation, with warnings as errors.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir build/site
+
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
 
@@ -46,4 +64,4 @@ bench: install
 	$(BIN)/python benchmarks/small_problems.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache build *.egg-info
+	rm -rf $(VENV) runs .pytest_cache build site *.egg-info
