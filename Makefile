@@ -37,11 +37,10 @@ test: install
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 # Runnable examples in the public docstrings.
-DOCTEST_MODULES := vilab/errors.py vilab/__init__.py inference/svi/api.py inference/nuts/api.py \
-	inference/comparison/api.py inference/common/diagnostics.py guides/registry.py models/registry.py
+DOCTEST_MODULES := tests/test_docstring_examples.py
 
 doctest: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules $(DOCTEST_MODULES)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(DOCTEST_MODULES)
 
 # ruff (lint and format), mypy on the public API, and the import layers (pyproject.toml).
 lint: install

@@ -159,6 +159,21 @@ def compare(
         A :class:`ComparisonReport`. A guide whose fit fails (non-finite loss, no Laplace
         approximation at a degenerate mode) is left out with a ``RuntimeWarning`` and its reason
         kept in ``report.failures`` and in the report's warnings; the other methods are kept.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.linspace(2.0, 4.0, 20)  # posterior of mu: mean 3.0, sd 0.22
+        >>> from vilab.inference import compare
+        >>> report = compare(model, y, guides=("meanfield",), num_draws=500, progress=False,
+        ...                  nuts_options={"num_samples": 200, "num_warmup": 200, "num_chains": 2,
+        ...                                "chain_method": "sequential"},
+        ...                  svi_options={"num_steps": 1000, "lr": 0.1})
+        >>> list(report.summary.index)
+        ['nuts', 'meanfield']
     """
     check_positive_int(num_draws, "num_draws", minimum=10)
     if isinstance(guides, str) or not isinstance(guides, Sequence):

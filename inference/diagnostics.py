@@ -34,6 +34,13 @@ def psis(log_weights: np.ndarray) -> PSISResult:
     """Pareto-smooth ``log_weights`` (``(S,)``: :math:`\\log p(x,z_s) - \\log q(z_s)`).
 
     A guide whose draws all have the same weight (a point estimate) gets ``k_hat = nan``.
+
+    Example:
+        >>> import numpy as np
+        >>> from vilab.inference import k_hat_verdict, psis
+        >>> result = psis(np.random.default_rng(0).normal(size=2000))  # mild weights
+        >>> round(result.k_hat, 2), k_hat_verdict(result.k_hat)
+        (0.17, 'good')
     """
     log_weights = np.asarray(log_weights, dtype=float).reshape(-1)
     if log_weights.size < 2 or np.ptp(log_weights) == 0 or not np.isfinite(log_weights).any():

@@ -283,6 +283,18 @@ def fit_svi(
         CompiledSVIError: ``backend="compiled"`` and the step cannot be compiled.
         LaplaceError: ``guide="laplace"`` and the Hessian at the fitted mode is not positive
             definite.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.linspace(2.0, 4.0, 20)  # posterior of mu: mean 3.0, sd 0.22
+        >>> from vilab.inference import fit_svi
+        >>> result = fit_svi(model, "meanfield", y, num_steps=1000, lr=0.1, progress=False)
+        >>> result.converged, round(float(result.sample(4000, seed=0)["mu"].mean()), 1)
+        (True, 3.0)
     """
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_particles, "num_particles")
