@@ -1,13 +1,13 @@
 r"""Fused kernels compiled in a forked process while the sampler keeps running.
 
-Compiling a NUTS leaf with Inductor takes 3-6 s (14 s for the HMM example), and importing
+Compiling a NUTS leaf with Inductor takes 3-6 s (14 s for an HMM's), and importing
 Inductor about 2 s more: as long as a whole NUTS run of a small model. The sampler runs on
 one thread, so on a machine with a second core the compilation can run beside it. A compile
 server, forked from the caller before its first graph is ready (so it imports nothing the caller
 has imported, and imports Inductor while the caller traces), receives the run's graphs node for
 node, compiles them one after another and reports, for each, where Inductor wrote the generated
 wrapper and the compiled C++ extension. The server stays for the next run, so Inductor's import
-is paid once per session. The caller loads those two files itself, without importing Inductor,
+is paid once per process. The caller loads those two files itself, without importing Inductor,
 and keeps stepping its traced graphs meanwhile. The caller checks the loaded kernel against its eager
 reference before using it, as for a kernel compiled in-process.
 
@@ -52,7 +52,7 @@ class BackgroundCompiles:
     another in a compile server (:class:`_Server`), while the caller goes on.
 
     The graphs travel node for node (:func:`~vilab.inference.fast_graph_io.dumps_graph`): a
-    pickled ``GraphModule`` is traced again from its code on loading, and for the sblrc NUTS
+    pickled ``GraphModule`` is traced again from its code on loading, and for one regression's NUTS
     leaf Inductor compiled that re-traced graph into a kernel that failed the eager check. The
     server reports each graph as soon as it is compiled. Where the process-wide server is busy
     (two samplers compiling at once), a private one is forked for this batch.

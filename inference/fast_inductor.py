@@ -1,12 +1,12 @@
 r"""Fused C++ kernels for traced sampler steps, through PyTorch's Inductor.
 
 A NUTS leaf runs 140-530 small ATen ops; under Static Runtime each costs about 1.1 µs of
-dispatch, so a leaf of kidiq costs about 200 µs while its arithmetic takes about 15 µs. Inductor
+dispatch, so a small regression's leaf costs about 200 µs while its arithmetic takes about 15 µs. Inductor
 fuses the whole graph into one C++ function (compiled by the system's ``g++``). Its Python
 wrapper then dominates: size asserts on every input, the AOT-autograd and Dynamo wrappers, and
 one allocation per buffer. The asserts are switched off (the shapes are fixed by construction
 and the caller checks the compiled step against the eager one), and the generated ``call``
-function is invoked directly, which leaves about 45 µs per kidiq leaf (from about 200), most
+function is invoked directly, which leaves about 45 µs per such leaf (from about 200), most
 of it one allocation per buffer; a step whose caller lets it reuse its buffers
 (:mod:`~vilab.inference.fast_recycle`) gets down to about 16 µs.
 
@@ -48,55 +48,51 @@ __all__ = ["compile_fused", "compile_artifact", "graph_key", "is_cached", "load_
 
 COMPILERS = ("auto", "inductor", "torchscript")
 
-# Inductor's vectorised kernels run leaves along long contiguous rows faster (nes 31 -> 15 µs per
-# call, kidiq 16 -> 7.4, arK 11.5 -> 7.0), others no faster or slower (eight schools 3.6 -> 6.3,
-# hmm 79 -> 88), but compile 1-2 s slower alone and 2-3 s slower beside a run (nes 3.9 -> 6.2
-# s, arK 7.8): in a 2000-iteration run the later kernel costs what the faster one saves (nes
-# 10.5 s either way). (Switching vectorisation per graph must go through ``cpp.simdlen``: once
+# Inductor's vectorised kernels run leaves along long contiguous rows about 2x faster, others no
+# faster or slower, but compile 1-3 s slower: in a 2000-iteration run the later kernel costs what
+# the faster one saves (the measurements behind this and the constants below: docs/design/engine.md). (Switching vectorisation per graph must go through ``cpp.simdlen``: once
 # ``cpp.vec_isa_ok`` is off, Inductor's cached list of instruction sets stays empty in that
 # process.)
 VECTORIZE = False
 # Seconds of compilation per graph, per graph op and per process, measured cold on the 2-core
-# CPU machine (leaves: eight schools 136 ops in 3.1 s, kidiq 142 in 3.2 s, sblrc 160 in 3.5 s,
-# garch 325 in 6.4 s; merges of 49-61 ops 1.9-2.0 s; the first compile in a process 1.4-1.9 s
-# more). Compiling straight from the functional graph, without AOT-autograd, was 0.3-0.45 s
-# faster per graph but failed on the hmm leaf after 33 s.
+# CPU machine (leaves of 136-325 ops in 3.1-6.4 s; merges of 49-61 ops 1.9-2.0 s; the first compile
+# in a process 1.4-1.9 s more). Compiling straight from the functional graph, without AOT-autograd,
+# was 0.3-0.45 s faster per graph but failed on an HMM's leaf after 33 s.
 SECONDS_PER_GRAPH = 1.3
 SECONDS_PER_OP = 0.015
 SETUP_SECONDS = 1.7
-# A fused step's time per call against the traced step's: 4-5x faster (kidiq leaf and merge,
-# garch leaf), 2.2x (hmm leaf); a fused step that reuses its buffers: 13-58x where the wrapper
-# dominated (kidiq, eight schools, mesquite, sblrc, arK, arma, garch), 8x (nes), 2.5-3.5x where
-# arithmetic does (low_dim_gauss_mix, hmm).
+# A fused step's time per call against the traced step's: 2.2-5x faster; a fused step that reuses
+# its buffers: 13-58x where the wrapper dominated (regressions, hierarchical and time-series
+# models), 2.5-3.5x where arithmetic does (mixtures, HMMs).
 EXPECTED_SPEEDUP = 3.0
 RECYCLED_SPEEDUP = 8.0
 # Against a step on the virtual machine (fast_vm): Inductor's kernels replaced the program at
-# 1.25-2x (hmm leaf 207 -> about 106 µs; nes and kidiq leaves by less), and on six of ten
-# problems never did.
+# 1.25-2x (an HMM's leaf; regressions' leaves by less), and on six of ten benchmark problems
+# never did.
 VM_SPEEDUP = 1.5
 # Inductor inlines an elementwise result into each reader with up to 4 reads; a log-depth scan
 # (GARCH, ARMA) then recomputes every earlier round in each later one: 110 s of compilation
 # instead of 5 s, for a kernel no faster. One read is the threshold that keeps compilation
-# linear; the kidiq leaf costs 45 µs instead of 40 with it.
+# linear; a regression's leaf costs 45 µs instead of 40 with it.
 REALIZE = {"realize_reads_threshold": 1, "realize_acc_reads_threshold": 2}
 # Fuse only if the predicted saving exceeds the predicted compile time by this factor: the
 # compilation blocks the run, and the saving extrapolates early (often costlier) iterations
-# (eight schools: 7.4-10.4 s predicted, about 6.7 s measured).
+# (a hierarchical model: 7.4-10.4 s predicted, about 6.7 s measured).
 MARGIN = 1.25
 # A background compilation (another core's time) is started if the predicted saving once its
 # kernel is ready exceeds this fraction of the compile time.
 BACKGROUND_MARGIN = 0.1
 # Matrix products with a contraction of at most [0] terms and at most [1] entries per output
-# matrix are fused into the kernel rather than calling BLAS: the HMM example's leaf made 21 calls
+# matrix are fused into the kernel rather than calling BLAS: a two-state HMM's leaf made 21 calls
 # of ``bmm`` on 2x2 matrices, each with its own buffers and views; fused, the leaf is 4x faster
-# (424 -> 106 µs per call) and compiles 3x faster. Regressions' products (sblrc: 100 x 5 by 5 x 4,
-# kidiq) stay in BLAS: decomposed, their leaves were no faster (sblrc 7-12 µs either way, noise).
+# (424 -> 106 µs per call) and compiles 3x faster. Regressions' products (100 x 5 by 5 x 4) stay in
+# BLAS: decomposed, their leaves were no faster (7-12 µs either way, noise).
 SMALL_MATMUL = (8, 64)
 # Cumulative sums and products over at most this many terms are fused too (Inductor calls ATen for
-# them on CPU): the stick-breaking and ordered-vector transforms of the HMM example's leaf made 4
+# them on CPU): the stick-breaking and ordered-vector transforms of a two-state HMM's leaf made 4
 # such calls, each with its own buffer.
 SMALL_SCAN = 16
-# Compiling a graph found in Inductor's cache: tracing and loading only (kidiq leaf: 0.95 s).
+# Compiling a graph found in Inductor's cache: tracing and loading only (a regression's leaf: 0.95 s).
 CACHED_SECONDS = 1.0
 _setup_done = False
 

@@ -304,7 +304,7 @@ def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_acc
                           vm={"auto": "faster", "vm": "always"}.get(compiler))
     total = num_warmup + num_samples
     # Split batches leave no core for a compile, and a blocking one paid in no run measured:
-    # its saving, extrapolated from the deep trees of early warmup, was far too high (kidiq in
+    # its saving, extrapolated from the deep trees of early warmup, was far too high (a regression in
     # float32: 7.8 s predicted, 3.6 s for the whole run on the VM).
     fuses = potential.compiled and compiler != "vm" and not (split and compiler == "auto")
     policy = FusePolicy(compiler if fuses else "torchscript", total, background=background,

@@ -117,7 +117,7 @@ class FusePolicy:
             per_call = step.call_time() * (1.0 - 1.0 / speedup)
             compile_seconds = step.compile_seconds()
             if self.background:
-                # The compile server pays Inductor's setup once per session and compiles the
+                # The compile server pays Inductor's setup once per process and compiles the
                 # chosen graphs in order; each waits for the ones before it while the traced
                 # step runs.
                 cost = compile_seconds + (0.0 if chosen else background_setup)

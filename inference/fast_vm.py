@@ -7,7 +7,7 @@ program for a virtual machine written in C (``fast_vm.c``: about 70 instructions
 N-d loop over one arena of doubles), built once per installation (:func:`build_library`).
 Translating takes milliseconds. A call costs one C call, the loops' arithmetic and about 0.5 µs
 per output tensor; NUTS leaves of the posteriordb problems ran in 24-66 µs where Static Runtime,
-at about 1 µs of dispatch per op, took 60-600 µs (hmm, with 513 instructions, is the slowest).
+at about 1 µs of dispatch per op, took 60-600 µs (an HMM's, with 513 instructions, is the slowest).
 The sampler runs the program until Inductor's kernel is ready, and keeps it where that kernel is
 no faster.
 
@@ -48,7 +48,7 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-# For this machine's vector units (the loops of the nes leaf ran 15% faster with AVX2 than with
+# For this machine's vector units (the loops of a regression's leaf ran 15% faster with AVX2 than with
 # SSE2), without contracting a * b + c into one rounding, which the eager step does not do.
 _NATIVE_FLAGS = ("-march=native", "-ffp-contract=off")
 

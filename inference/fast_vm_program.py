@@ -135,7 +135,7 @@ _DIMENSION_OPS = {"ARGMAX", "CUMSUM", "CUMPROD"}
 def _coalesce(shape: Sequence[int], strides: list[list[int]]) -> tuple[tuple, list[list[int]]]:
     """The same loop over fewer dimensions: size-1 dimensions dropped, and neighbours merged
     where every operand steps over both as over one (``stride[d] == stride[d + 1] * size[d + 1]``;
-    broadcast dimensions, stride 0, merge with each other). The hmm leaf's ``(2, 100, 2, 2)``
+    broadcast dimensions, stride 0, merge with each other). An HMM leaf's ``(2, 100, 2, 2)``
     operands ran as 400 rows of 2 and become one row of 800."""
     keep = [d for d, size in enumerate(shape) if size != 1]
     merged_shape: list[int] = []
@@ -154,7 +154,7 @@ def _coalesce(shape: Sequence[int], strides: list[list[int]]) -> tuple[tuple, li
 
 def _longest_inside(shape: tuple, strides: list[list[int]]) -> tuple[tuple, list[list[int]]]:
     """The loop with its longest dimension innermost where the innermost is short (fewer than
-    8): each row of the loop costs an odometer step, and the hmm leaf's batched 2x2 matrix
+    8): each row of the loop costs an odometer step, and an HMM leaf's batched 2x2 matrix
     products, ``(100, 2, 2, 2)``, ran as 400 rows of 2. Only the nesting of the loops changes:
     each output element accumulates its terms in the same order, except that a reduction which
     becomes innermost keeps its row's total in registers, in four running totals for sums (a

@@ -44,7 +44,8 @@ _LONG_TRAJECTORY = 31
 
 def _dense_mass_advice(name: str, result, poor_mixing: bool) -> list[str]:
     """Long trajectories under a diagonal metric, with poor mixing, usually mean strongly
-    correlated parameters, which a dense metric removes (kidiq: 5x the ESS per second)."""
+    correlated parameters, which a dense metric removes (5x the ESS per second on a
+    regression with unscaled predictors)."""
     stats = getattr(result, "sample_stats", None) or {}
     if not poor_mixing or result.config.get("dense_mass", False) or "n_steps" not in stats:
         return []
