@@ -51,7 +51,7 @@ lint: install
 
 # The documentation, with warnings as errors.
 docs: install
-	$(BIN)/mkdocs build --strict --site-dir build/site
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs build/site
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
