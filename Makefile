@@ -6,7 +6,7 @@ OUT    ?= runs/demo
 APT_PACKAGES := dataset-fashion-mnist chromium g++ python3-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-slow test-all doctest lint docs bench clean
+.PHONY: install system-deps demo test test-slow test-all doctest lint import-tree docs bench clean
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -43,11 +43,19 @@ doctest: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(DOCTEST_MODULES)
 
 # ruff (lint and format), mypy on the public API, and the import layers (pyproject.toml).
-lint: install
+lint: install import-tree
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/lint-imports
+	cd $(IMPORT_TREE) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
+
+# import-linter reads a package from one folder; vilab's subpackages live beside it (package-dir),
+# so it reads a tree of links that puts them where the installed package has them.
+IMPORT_TREE := build/import-tree
+import-tree:
+	rm -rf $(IMPORT_TREE) && mkdir -p $(IMPORT_TREE)/vilab
+	for f in vilab/*; do ln -s $(CURDIR)/$$f $(IMPORT_TREE)/vilab/; done
+	for d in models guides inference; do ln -s $(CURDIR)/$$d $(IMPORT_TREE)/vilab/$$d; done
 
 # The documentation, with warnings as errors.
 docs: install
