@@ -6,7 +6,7 @@ OUT    ?= runs/demo
 APT_PACKAGES := dataset-fashion-mnist chromium g++ python3-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-slow test-all test-torch-latest bench clean
+.PHONY: install system-deps demo test test-slow test-all test-torch-latest doctest lint import-tree docs bench clean
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -22,7 +22,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,dev]"
 	touch $@
 
 # The NUTS virtual machine's C library is built once per installation (about 10 s), not per model.
@@ -51,6 +51,31 @@ test-torch-latest: system-deps $(VENV_LATEST)/.installed
 	$(VENV_LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider -o log_level=WARNING \
 	  tests/inference/test_fast_*.py tests/inference/test_nuts.py tests/inference/test_nuts_backends.py tests/inference/test_svi.py
 
+# Runnable examples in the public docstrings.
+DOCTEST_MODULES := tests/test_docstring_examples.py
+
+doctest: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(DOCTEST_MODULES)
+
+# ruff (lint and format), mypy on the public API, and the import layers (pyproject.toml).
+lint: install import-tree
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	cd $(IMPORT_TREE) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
+
+# import-linter reads a package from one folder; vilab's subpackages live beside it (package-dir),
+# so it reads a tree of links that puts them where the installed package has them.
+IMPORT_TREE := build/import-tree
+import-tree:
+	rm -rf $(IMPORT_TREE) && mkdir -p $(IMPORT_TREE)/vilab
+	for f in vilab/*; do ln -s $(CURDIR)/$$f $(IMPORT_TREE)/vilab/; done
+	for d in models guides inference; do ln -s $(CURDIR)/$$d $(IMPORT_TREE)/vilab/$$d; done
+
+# The documentation, with warnings as errors.
+docs: install
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs build/site
+
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
 
@@ -61,4 +86,4 @@ bench: install
 	$(BIN)/python benchmarks/small_problems.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache build *.egg-info
+	rm -rf $(VENV) runs .pytest_cache build site *.egg-info

@@ -1,6 +1,6 @@
 """Numbers for "beyond the basic VAE": gaps, richer-than-posterior, DMM, MI, multimodal, vMF.
 
-Every section trains on a small budget (stated in its JSON and in BENCHMARKS.md)
+Every section trains on a small budget (stated in its JSON and in docs/lab-notes/benchmarks.md)
 because the reference machine has 2 shared CPU cores; the numbers are short-run numbers, not
 converged ones.
 

@@ -10,7 +10,6 @@ for its nine problems, and a long NUTS run for the rest. Prints one table and wr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -22,7 +21,7 @@ import torch
 from vilab.guides import list_guides
 from vilab.fileio import write_json
 from vilab.inference import compare, run_nuts
-from vilab.models import get_model, list_models
+from vilab.models import list_models
 from vilab.posteriordb import default_posteriordb_path, load_posteriordb
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "small_problems.json")

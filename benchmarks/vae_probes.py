@@ -17,7 +17,7 @@ samples (encoder proposal, seed 0), so its rows are paired with the run's own sc
 * ``ema RUN``: continue training RUN for ``--epochs`` epochs at a constant rate while keeping an
   exponential moving average of the weights (``torch.optim.swa_utils``), then score the average.
 
-Usage (BENCHMARKS.md, fifteenth session):
+Usage (docs/lab-notes/benchmarks.md, fifteenth session):
     python benchmarks/vae_probes.py prior-swap benchmarks/results/vae_runs/vampprior-iwae-k5-h2-v55b \
         --validation-size 5000 --images 200 --iw-samples 200 --scales mult:1.0,mult:1.15,dim:1.0
     python benchmarks/vae_probes.py ema benchmarks/results/vae_runs/vampprior-iwae-k5-h2-v55b \

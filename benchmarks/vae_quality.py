@@ -13,7 +13,7 @@ single-sample -ELBO on the validation split (the anchor's metric) and test -ELBO
 Published anchors (Fashion-MNIST, MLP, N(0, I) prior, long training): 228.70 nats; VampPrior
 227.35; exemplar prior 226.75. Digits reference VAE: about 100.5 nats -ELBO (validation).
 Their networks and schedule are ``--hidden-layer gated --kl-warmup-epochs 100 --patience 50
---lr 5e-4 --epochs 2000`` on all 50,000 training images (a GPU's work, see BENCHMARKS.md).
+--lr 5e-4 --epochs 2000`` on all 50,000 training images (a GPU's work, see docs/lab-notes/benchmarks.md).
 
 Usage:
     nohup nice -n 0 python benchmarks/vae_quality.py --max-train 10000 --cpu-minutes 2 \
@@ -23,7 +23,7 @@ Usage:
         --accelerator gpu --max-minutes 10 --batch-size 1000 --lr 3e-3 \
         --max-train 50000 --max-validation 5000 --test-examples 10000 --eval-batch 100 \
         --chunk-size 1000 --digits-epochs 0
-    # the two-level VAE (HVAE) with a VampPrior on z_2, in phases on 2 CPU cores (BENCHMARKS.md)
+    # the two-level VAE (HVAE) with a VampPrior on z_2, in phases on 2 CPU cores (docs/lab-notes/benchmarks.md)
     python benchmarks/vae_quality.py --models vampprior --latent-levels 2 --hidden-layer gated \
         --vamp-init data --kl-warmup-epochs 20 --epochs 60 --batch-size 500 --lr 2e-3 \
         --max-train 50000 --max-validation 5000 --cpu-minutes 1000 --digits-epochs 0 --tag=-h2-p1
@@ -114,7 +114,7 @@ def mirror_classes(data, classes):
     (a fixed copy, so an epoch sees each image both ways). Shoes all face one way, so only tops
     and bags are candidates; even their mirror images are not the same distribution (the
     fourteenth session's model scores mirrored tops 4-6 nats and bags 10 nats worse,
-    BENCHMARKS.md, sixteenth session)."""
+    docs/lab-notes/benchmarks.md, sixteenth session)."""
     if not classes:
         return data
     labels = set(data.train_labels.tolist())

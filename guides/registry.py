@@ -102,6 +102,13 @@ def get_guide(guide: str | Guide, model: Model, **options: Any) -> Guide:
         ValueError: unknown name (the message lists the known ones) or an option the family
             does not take.
         TypeError: ``guide`` is neither a name nor callable.
+
+    Example:
+        >>> from vilab.guides import get_guide
+        >>> from vilab.models import get_model
+        >>> model, args, kwargs = get_model("normal_normal").load()
+        >>> type(get_guide("meanfield", model)).__name__
+        'AutoNormal'
     """
     if not isinstance(guide, str):
         if not callable(guide):

@@ -74,7 +74,7 @@ def to_inference_data(
                          dims=used, coords=coords or None)
     if sample_stats:
         # Built apart: ArviZ applies ``dims`` by variable name across groups, and a statistic
-        # may share its name with a model site (posteriordb's mesquite observes "log_weight").
+        # may share its name with a model site (a regression may observe "log_weight").
         idata.extend(az.from_dict(sample_stats={k: _stat(v) for k, v in sample_stats.items()}))
     for group in idata.groups():
         idata[group].attrs["inference"] = inference

@@ -10,11 +10,9 @@ import torch
 
 from vilab.inference.progress import progress_bar
 
+from vilab.errors import ChainError
+
 __all__ = ["run_chains", "ChainError"]
-
-
-class ChainError(RuntimeError):
-    """A chain failed in its worker process; the message holds the worker's traceback."""
 
 
 def _child(worker, worker_args, chain, messages):

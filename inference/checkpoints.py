@@ -29,6 +29,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from vilab.fileio import atomic_path
+from vilab.errors import CheckpointError
 
 __all__ = [
     "CheckpointError",
@@ -44,10 +45,6 @@ __all__ = [
 ]
 
 _CHECKSUM_KEY = "vilab_checksum"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, tampered with or not a vilab checkpoint."""
 
 
 def _feed(hasher, obj: Any) -> None:

@@ -200,6 +200,21 @@ def compare(
         no Laplace approximation at a degenerate mode, an error inside the model) is left out
         with a ``RuntimeWarning`` and its reason kept in ``report.failures`` and in the
         report's warnings; the other methods are kept.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.linspace(2.0, 4.0, 20)  # posterior of mu: mean 3.0, sd 0.22
+        >>> from vilab.inference import compare
+        >>> report = compare(model, y, guides=("meanfield",), num_draws=500, progress=False,
+        ...                  nuts_options={"num_samples": 200, "num_warmup": 200, "num_chains": 2,
+        ...                                "chain_method": "sequential"},
+        ...                  svi_options={"num_steps": 1000, "lr": 0.1})
+        >>> list(report.summary.index)
+        ['nuts', 'meanfield']
     """
     check_positive_int(num_draws, "num_draws", minimum=10)
     check_compare_arguments(model, kwargs, guides=guides, seed=seed, svi_options=svi_options,

@@ -40,6 +40,13 @@ def psis(log_weights: np.ndarray) -> PSISResult:
     A guide whose draws all have the same weight (a point estimate) gets ``k_hat = nan``; one
     whose weights differ by round-off only (an exact guide: :math:`q = p(z \mid x)`) gets
     ``k_hat = -inf`` (bounded weights), since fitting a Pareto tail to round-off is meaningless.
+
+    Example:
+        >>> import numpy as np
+        >>> from vilab.inference import k_hat_verdict, psis
+        >>> result = psis(np.random.default_rng(0).normal(size=2000))  # mild weights
+        >>> round(result.k_hat, 2), k_hat_verdict(result.k_hat)
+        (0.17, 'good')
     """
     log_weights = np.asarray(log_weights, dtype=float).reshape(-1)
     uniform = np.full(log_weights.size, -np.log(max(log_weights.size, 1)))

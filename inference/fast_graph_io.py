@@ -1,7 +1,7 @@
 r"""An ATen graph sent to another process node for node.
 
 Pickling a ``torch.fx.GraphModule`` sends its generated Python code, which the receiver traces
-again: the sblrc NUTS leaf came back with 200 nodes instead of 196, and Inductor compiled that
+again: a regression's NUTS leaf came back with 200 nodes instead of 196, and Inductor compiled that
 graph into a kernel that failed the eager check, where the original graph compiles right. These
 functions send the nodes themselves (operation, name, target, arguments) and the tensors of the
 graph's attributes, so that the receiver rebuilds the same graph. Node metadata (fake values,

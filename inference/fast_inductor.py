@@ -1,17 +1,17 @@
 r"""Fused C++ kernels for traced sampler steps, through PyTorch's Inductor.
 
 A NUTS leaf runs 140-530 small ATen ops; under Static Runtime each costs about 1.1 µs of
-dispatch, so a leaf of kidiq costs about 200 µs while its arithmetic takes about 15 µs. Inductor
+dispatch, so a small regression's leaf costs about 200 µs while its arithmetic takes about 15 µs. Inductor
 fuses the whole graph into one C++ function (compiled by the system's ``g++``). Its Python
 wrapper then dominates: size asserts on every input, the AOT-autograd and Dynamo wrappers, and
 one allocation per buffer. The asserts are switched off (the shapes are fixed by construction
 and the caller checks the compiled step against the eager one), and the generated ``call``
-function is invoked directly, which leaves about 45 µs per kidiq leaf (from about 200), most
+function is invoked directly, which leaves about 45 µs per such leaf (from about 200), most
 of it one allocation per buffer; a step whose caller lets it reuse its buffers
 (:mod:`~vilab.inference.fast_recycle`) gets down to about 16 µs.
 
 Compiling costs seconds (about 1.3 s per graph and 15 ms per op, plus about 2 s of one-off setup
-per process), so :class:`FusePolicy` compiles a step only when its measured calls say it will
+per process), so :class:`~vilab.inference.fast_policy.FusePolicy` compiles a step only when its measured calls say it will
 pay for itself. Where a second core is free, the compilation runs in a background process
 (:mod:`~vilab.inference.fast_background`) and the run goes on meanwhile.
 A compiled kernel is recorded in Inductor's cache directory with what it takes to load it
@@ -35,70 +35,65 @@ import os
 import pickle
 import shutil
 import sysconfig
-import time
 import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import fast_background
+from . import fast_artifacts
 from .fast_cache import cache_problem, inductor_cache_dir
 from .fast_recycle import recycled_call
 
-__all__ = ["FusePolicy", "compile_fused", "compile_artifact", "graph_key", "is_cached", "load_cached",
+__all__ = ["compile_fused", "compile_artifact", "graph_key", "is_cached", "load_cached",
            "predicted_compile_seconds", "fusion_unavailable", "COMPILERS"]
 
 COMPILERS = ("auto", "inductor", "torchscript")
 
-# Inductor's vectorised kernels run leaves along long contiguous rows faster (nes 31 -> 15 µs per
-# call, kidiq 16 -> 7.4, arK 11.5 -> 7.0), others no faster or slower (eight schools 3.6 -> 6.3,
-# hmm 79 -> 88), but compile 1-2 s slower alone and 2-3 s slower beside a run (nes 3.9 -> 6.2
-# s, arK 7.8): in a 2000-iteration run the later kernel costs what the faster one saves (nes
-# 10.5 s either way). (Switching vectorisation per graph must go through ``cpp.simdlen``: once
+# Inductor's vectorised kernels run leaves along long contiguous rows about 2x faster, others no
+# faster or slower, but compile 1-3 s slower: in a 2000-iteration run the later kernel costs what
+# the faster one saves (the measurements behind this and the constants below: docs/design/engine.md). (Switching vectorisation per graph must go through ``cpp.simdlen``: once
 # ``cpp.vec_isa_ok`` is off, Inductor's cached list of instruction sets stays empty in that
 # process.)
 VECTORIZE = False
 # Seconds of compilation per graph, per graph op and per process, measured cold on the 2-core
-# CPU machine (leaves: eight schools 136 ops in 3.1 s, kidiq 142 in 3.2 s, sblrc 160 in 3.5 s,
-# garch 325 in 6.4 s; merges of 49-61 ops 1.9-2.0 s; the first compile in a process 1.4-1.9 s
-# more). Compiling straight from the functional graph, without AOT-autograd, was 0.3-0.45 s
-# faster per graph but failed on the hmm leaf after 33 s.
+# CPU machine (leaves of 136-325 ops in 3.1-6.4 s; merges of 49-61 ops 1.9-2.0 s; the first compile
+# in a process 1.4-1.9 s more). Compiling straight from the functional graph, without AOT-autograd,
+# was 0.3-0.45 s faster per graph but failed on an HMM's leaf after 33 s.
 SECONDS_PER_GRAPH = 1.3
 SECONDS_PER_OP = 0.015
 SETUP_SECONDS = 1.7
-# A fused step's time per call against the traced step's: 4-5x faster (kidiq leaf and merge,
-# garch leaf), 2.2x (hmm leaf); a fused step that reuses its buffers: 13-58x where the wrapper
-# dominated (kidiq, eight schools, mesquite, sblrc, arK, arma, garch), 8x (nes), 2.5-3.5x where
-# arithmetic does (low_dim_gauss_mix, hmm).
+# A fused step's time per call against the traced step's: 2.2-5x faster; a fused step that reuses
+# its buffers: 13-58x where the wrapper dominated (regressions, hierarchical and time-series
+# models), 2.5-3.5x where arithmetic does (mixtures, HMMs).
 EXPECTED_SPEEDUP = 3.0
 RECYCLED_SPEEDUP = 8.0
 # Against a step on the virtual machine (fast_vm): Inductor's kernels replaced the program at
-# 1.25-2x (hmm leaf 207 -> about 106 µs; nes and kidiq leaves by less), and on six of ten
-# problems never did.
+# 1.25-2x (an HMM's leaf; regressions' leaves by less), and on six of ten benchmark problems
+# never did.
 VM_SPEEDUP = 1.5
 # Inductor inlines an elementwise result into each reader with up to 4 reads; a log-depth scan
 # (GARCH, ARMA) then recomputes every earlier round in each later one: 110 s of compilation
 # instead of 5 s, for a kernel no faster. One read is the threshold that keeps compilation
-# linear; the kidiq leaf costs 45 µs instead of 40 with it.
+# linear; a regression's leaf costs 45 µs instead of 40 with it.
 REALIZE = {"realize_reads_threshold": 1, "realize_acc_reads_threshold": 2}
 # Fuse only if the predicted saving exceeds the predicted compile time by this factor: the
 # compilation blocks the run, and the saving extrapolates early (often costlier) iterations
-# (eight schools: 7.4-10.4 s predicted, about 6.7 s measured).
+# (a hierarchical model: 7.4-10.4 s predicted, about 6.7 s measured).
 MARGIN = 1.25
 # A background compilation (another core's time) is started if the predicted saving once its
 # kernel is ready exceeds this fraction of the compile time.
 BACKGROUND_MARGIN = 0.1
 # Matrix products with a contraction of at most [0] terms and at most [1] entries per output
-# matrix are fused into the kernel rather than calling BLAS: the HMM example's leaf made 21 calls
+# matrix are fused into the kernel rather than calling BLAS: a two-state HMM's leaf made 21 calls
 # of ``bmm`` on 2x2 matrices, each with its own buffers and views; fused, the leaf is 4x faster
-# (424 -> 106 µs per call) and compiles 3x faster. Regressions' products (sblrc: 100 x 5 by 5 x 4,
-# kidiq) stay in BLAS: decomposed, their leaves were no faster (sblrc 7-12 µs either way, noise).
+# (424 -> 106 µs per call) and compiles 3x faster. Regressions' products (100 x 5 by 5 x 4) stay in
+# BLAS: decomposed, their leaves were no faster (7-12 µs either way, noise).
 SMALL_MATMUL = (8, 64)
 # Cumulative sums and products over at most this many terms are fused too (Inductor calls ATen for
-# them on CPU): the stick-breaking and ordered-vector transforms of the HMM example's leaf made 4
+# them on CPU): the stick-breaking and ordered-vector transforms of a two-state HMM's leaf made 4
 # such calls, each with its own buffer.
 SMALL_SCAN = 16
-# Compiling a graph found in Inductor's cache: tracing and loading only (kidiq leaf: 0.95 s).
+# Compiling a graph found in Inductor's cache: tracing and loading only (a regression's leaf: 0.95 s).
 CACHED_SECONDS = 1.0
 _setup_done = False
 
@@ -142,7 +137,7 @@ def compile_artifact(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor
     """Compile ``graph`` as :func:`compile_fused` does and describe the result so that another
     process can run it without Inductor: ``{"source": the generated wrapper's path, "kernels":
     {name: path of the compiled extension}, "constants": the lifted constants}``
-    (:func:`~vilab.inference.fast_background.load_artifact`). ``key``: the graph's cache key as
+    (:func:`~vilab.inference.fast_artifacts.load_artifact`). ``key``: the graph's cache key as
     the caller computed it (:func:`graph_key`; a graph rebuilt in another process may print
     differently). Raises ``RuntimeError`` where the generated code is not a plain ``call`` of
     compiled C++ kernels."""
@@ -171,13 +166,13 @@ def load_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
                 recycle: bool = False) -> Optional[Callable]:
     """The kernel an earlier compilation of ``graph`` left in the current Inductor cache
     directory (in this process or another), loaded without Inductor and without compiling
-    (:func:`~vilab.inference.fast_background.load_artifact`), or ``None``. The caller checks it
+    (:func:`~vilab.inference.fast_artifacts.load_artifact`), or ``None``. The caller checks it
     against its reference, as it does a fresh kernel."""
     if cache_problem():  # loading runs the cached code: only from a private directory
         return None
     try:
         artifact = torch.load(_marker_path(graph_key(graph, example)), weights_only=True)
-        return fast_background.load_artifact(artifact, example, recycle=recycle)
+        return fast_artifacts.load_artifact(artifact, example, recycle=recycle)
     except (OSError, EOFError, RuntimeError, ImportError, SyntaxError, TypeError, ValueError, KeyError,
             pickle.UnpicklingError):
         return None
@@ -361,136 +356,3 @@ def _direct_call(wrapped: Callable, inner: list, example: Sequence[torch.Tensor]
     return call, constants
 
 
-class FusePolicy:
-    """Which of a sampler's traced steps to replace by fused kernels, and when.
-
-    ``"inductor"`` fuses every step from the start, ``"torchscript"`` none. ``"auto"`` counts
-    each step's calls over the iterations after the first (which traces the steps); once those
-    have taken :attr:`check_after` seconds (:attr:`check_after_background` where the compilation
-    would run in the background) it extrapolates each step's remaining calls and
-    the saving of a fused step: remaining calls x traced time per call x ``1 - 1 / speedup``
-    (:data:`VM_SPEEDUP` for a step on the virtual machine, :data:`RECYCLED_SPEEDUP` for a
-    traced step that reuses its buffers, :data:`EXPECTED_SPEEDUP` otherwise). Its compile time
-    is the step's own prediction (:func:`predicted_compile_seconds`).
-
-    With ``background`` (a second core and ``fork``:
-    :func:`~vilab.inference.fast_background.background_available`), the chosen steps compile
-    one after another in a forked compile server while the traced steps keep running, so a step is
-    fused when its saving after its kernel is ready exceeds :data:`BACKGROUND_MARGIN` times its
-    compile time (the other core's time). Otherwise the compilation blocks the run, and the
-    whole saving must exceed :data:`MARGIN` times the compile time. Short runs (tests, quick
-    looks) compile nothing.
-
-    With ``early`` as well, ``"auto"`` sends every step to the compile server as soon as the
-    first iteration has traced them, without timing them first: for a run the caller knows to be
-    long (thousands of NUTS iterations), fusing pays on every model measured, and each second of
-    waiting is a second more of the traced steps.
-
-    Args:
-        compiler: one of :data:`COMPILERS`.
-        total_iterations: iterations of the whole run.
-        background: compile ``"auto"``'s steps beside the run (default: where available).
-        early: with ``background``, compile every traced step after the first iteration.
-    """
-
-    # Seconds of timed iterations before deciding: spent on the slower traced step. A
-    # background compilation costs the run nothing, so it starts on a shorter look.
-    check_after = 0.5
-    check_after_background = 0.2
-
-    def __init__(self, compiler: str, total_iterations: int, background: Optional[bool] = None,
-                 early: bool = False) -> None:
-        if compiler not in COMPILERS:
-            raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
-        self.compiler, self.total = compiler, total_iterations
-        self.decided = compiler == "torchscript"
-        self.reason = "compiler='torchscript'" if self.decided else ""
-        if background is None:
-            background = compiler == "auto" and fast_background.background_available()
-        self.background, self.early = background, early
-        self._mark: Optional[tuple[int, float, list[int]]] = None
-
-    def choose(self, done: int, steps: Sequence[tuple[object, int]]) -> Optional[list]:
-        """The steps to fuse after ``done`` iterations: ``[]`` (none, or not yet), a list of
-        steps (in the order to compile them; in the background if :attr:`background`), or
-        ``None`` for every step, now and later. ``steps`` pairs each traced step (with ``name``,
-        ``call_time()`` and ``compile_seconds()``) with its calls so far. Decides once."""
-        if self.decided:
-            return []
-        if self.compiler == "inductor":
-            self.decided, self.reason = True, "compiler='inductor'"
-            return None
-        if done == 0 or not steps:
-            return []
-        if self.early and self.background:
-            return self._early(steps) if self._available() else []
-        if self._mark is None:
-            self._mark = (done, time.perf_counter(), [calls for _, calls in steps])
-            return []
-        elapsed = time.perf_counter() - self._mark[1]
-        wait = self.check_after_background if self.background else self.check_after
-        if elapsed < wait or len(steps) != len(self._mark[2]):
-            return []
-        return self._profitable(done, steps, elapsed) if self._available() else []
-
-    def _available(self) -> bool:
-        """Decide now; whether fused kernels can be built here (if not, :attr:`reason` says why)."""
-        self.decided = True
-        unavailable = fusion_unavailable()
-        if unavailable:
-            self.reason = f"not fused: {unavailable}"
-        return not unavailable
-
-    def _early(self, steps: Sequence[tuple[object, int]]) -> list:
-        self.reason = "; ".join(f"{step.name} fused in the background (sent when traced: a run of "
-                                f"{self.total} iterations)" for step, _ in steps)
-        return [step for step, _ in steps]
-
-    def _profitable(self, done: int, steps: Sequence[tuple[object, int]], elapsed: float) -> list:
-        mark_done, _, mark_calls = self._mark
-        remaining_iterations = self.total - done
-        seconds_per_iteration = elapsed / (done - mark_done)
-        setup = 0.0 if _setup_done else SETUP_SECONDS
-        background_setup = 0.0 if fast_background.server_ready() else SETUP_SECONDS
-        chosen, notes, ready_after = [], [], 0.0
-        for (step, calls), calls_at_mark in zip(steps, mark_calls):
-            remaining_calls = (calls - calls_at_mark) / (done - mark_done) * remaining_iterations
-            if getattr(step, "backend", "") == "vm":
-                speedup = VM_SPEEDUP
-            else:
-                speedup = RECYCLED_SPEEDUP if getattr(step, "recycle", False) else EXPECTED_SPEEDUP
-            per_call = step.call_time() * (1.0 - 1.0 / speedup)
-            compile_seconds = step.compile_seconds()
-            if self.background:
-                # The compile server pays Inductor's setup once per session and compiles the
-                # chosen graphs in order; each waits for the ones before it while the traced
-                # step runs.
-                cost = compile_seconds + (0.0 if chosen else background_setup)
-                waiting = (ready_after + cost) / (seconds_per_iteration * max(remaining_iterations, 1))
-                saving = remaining_calls * max(0.0, 1.0 - waiting) * per_call
-                fuse = saving > BACKGROUND_MARGIN * cost
-            else:
-                cost = compile_seconds + setup
-                saving = remaining_calls * per_call
-                fuse = saving > MARGIN * cost
-            if fuse:
-                chosen.append(step)
-                setup, ready_after = 0.0, ready_after + cost
-            how = "fused in the background" if self.background else "fused"
-            notes.append(f"{step.name} {how if fuse else 'not fused'} "
-                         f"(saves ~{saving:.1f} s, compiles in ~{cost:.1f} s)")
-        self.reason = "; ".join(notes)
-        return chosen
-
-
-def _shape_env():
-    """A shape environment for Inductor's cache lookups, on the torch versions where a
-    statically shaped graph compiles correctly with one; ``None`` elsewhere (no cache hits)."""
-    if _TORCH_VERSION >= (2, 14):
-        return None  # 2.14 turns the sizes symbolic and emits code reading unbound size symbols
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    return ShapeEnv()
-
-
-_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])

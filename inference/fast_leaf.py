@@ -445,8 +445,8 @@ def _describe(error: Exception) -> str:
 
 # Agreement of a compiled step with its eager reference, beyond float64's 1e-6 / 1e-8: in
 # float32 a kernel that sums in another order is off by a few units in the last place of the
-# terms, which cancellation in a gradient leaves large beside a small result (the float32 GARCH,
-# NES and HMM leaves differed by 1e-5 to 2e-4 on outputs of size 6-170: rejected at 1e-6, so
+# terms, which cancellation in a gradient leaves large beside a small result (the float32 leaves
+# of a GARCH, a regression and an HMM differed by 1e-5 to 2e-4 on outputs of size 6-170: rejected at 1e-6, so
 # float32 models never ran fused). A wrong kernel is off by the size of the values.
 ROUNDING_RTOL_ULPS = 256
 ROUNDING_ATOL_ULPS = 64

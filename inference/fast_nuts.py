@@ -27,7 +27,8 @@ from vilab.types import Model
 
 from . import fast_background, fast_workers
 from .fast_adapt import DualAveraging, Metric, Welford, adaptation_windows
-from .fast_inductor import COMPILERS, FusePolicy, fusion_unavailable
+from .fast_inductor import COMPILERS, fusion_unavailable
+from .fast_policy import FusePolicy
 from .fast_leaf import threads_for
 from .fast_tree import TREE_FIELDS, TreeBuilder, TreeState, find_reasonable_step_size, merge_fields
 from .vectorized import BatchedPotential, VectorizationError
@@ -60,7 +61,7 @@ class VectorizedNutsResult(NamedTuple):
         compiled: whether the potential ran as a traced graph.
         backend: how the leapfrog leaf ran at the end: ``"eager"``, ``"torchscript"``,
             ``"static runtime"`` or ``"inductor"`` (fused C++ kernel).
-        fuse_decision: why the leaf was or was not fused (:class:`~vilab.inference.fast_inductor.FusePolicy`).
+        fuse_decision: why the leaf was or was not fused (:class:`~vilab.inference.fast_policy.FusePolicy`).
         batching: how the chains were batched: ``"plate"`` (the model broadcast over an outer
             chain plate) or ``"vmap"`` (a one-chain model vectorised by ``torch.func.vmap``).
         warmup_leapfrog_steps: leapfrog steps (potential gradients) of all chains in warmup.
@@ -213,7 +214,7 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
             compile; needs ``g++``), or ``"auto"``: the virtual machine first where it is faster
             (Static Runtime otherwise, or where a graph does not translate), switching
             to Inductor once the run's pace shows the compilation will pay for itself
-            (:class:`~vilab.inference.fast_inductor.FusePolicy`); with a second core the kernel
+            (:class:`~vilab.inference.fast_policy.FusePolicy`); with a second core the kernel
             compiles in a background process while the run goes on
             (:mod:`~vilab.inference.fast_background`).
         init_values: constrained starting values ``{site: (num_chains, *site_shape)}`` of some
@@ -320,7 +321,7 @@ def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_acc
                           vm={"auto": "faster", "vm": "always"}.get(compiler))
     total = num_warmup + num_samples
     # Split batches leave no core for a compile, and a blocking one paid in no run measured:
-    # its saving, extrapolated from the deep trees of early warmup, was far too high (kidiq in
+    # its saving, extrapolated from the deep trees of early warmup, was far too high (a regression in
     # float32: 7.8 s predicted, 3.6 s for the whole run on the VM).
     fuses = potential.compiled and compiler != "vm" and not (split and compiler == "auto")
     policy = FusePolicy(compiler if fuses else "torchscript", total, background=background,

@@ -39,29 +39,20 @@ import torch
 import torch.fx as fx
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
-from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
 from pyro.poutine.util import prune_subsample_sites
 
 from .fast_graph import data_dependent_shapes, mask_assignments_as_selects, simplify
 from .fast_inductor import predicted_compile_seconds
 from .fast_leaf import Fusable, _all_close, _call_time, _static_runtime
+from vilab.errors import CompiledSVIError
+from vilab.inference.tracing import max_plate_nesting
 
 __all__ = ["CompiledSVIError", "CompiledSVIStep", "elbo_loss"]
 
 aten = torch.ops.aten
 BETAS = (0.9, 0.999)
 EPS = 1e-8
-
-
-class CompiledSVIError(RuntimeError):
-    """The SVI step of this model and guide cannot be compiled (the reason is the message)."""
-
-
-def _max_plate_nesting(*traces) -> int:
-    dims = [-frame.dim for trace in traces for site in trace.nodes.values() if site["type"] == "sample"
-            for frame in site["cond_indep_stack"] if frame.vectorized and frame.dim is not None]
-    return max(dims, default=0)
 
 
 def _per_particle(value: torch.Tensor, num_particles: int, inner_dims: int) -> torch.Tensor:
@@ -139,7 +130,7 @@ def _check_eligible(model, guide, args, kwargs) -> int:
         raise CompiledSVIError("the guide is not a torch.nn.Module")
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)  # also builds the guide's parameters
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    plate_nesting = _max_plate_nesting(model_trace, guide_trace)
+    plate_nesting = max_plate_nesting(model_trace, guide_trace)
     guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
     for name, site in guide_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"]:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .fast_vm import _DTYPE, Program, Unsupported, _contiguous_strides, _dim, _View
+from .fast_vm_program import _DTYPE, Program, Unsupported, _contiguous_strides, _dim, _View
 
 __all__ = ["translate"]
 

@@ -1,7 +1,7 @@
 r"""The vectorized sampler's chains split over processes: one batch of chains per core.
 
 One process advances all chains together, on one core: a NUTS leaf over a few hundred data
-points costs in proportion to the chains it carries (nes2000's leaf: 33 µs for 4 chains, 19 for 2),
+points costs in proportion to the chains it carries (a regression's leaf over 2,000 points: 33 µs for 4 chains, 19 for 2),
 and Python's overhead per leapfrog step is paid once. With a second core, two processes that
 each run half the chains halve the arithmetic per process and pay the overhead on each core at
 once. Each batch is an ordinary vectorized run (its own trace, warmup and seed) in a child
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .chains import run_chains
-from .vectorized import VectorizationError
+from vilab.errors import VectorizationError
 
 __all__ = ["available_workers", "batch_sizes", "batch_seed", "cannot_fork", "cores", "frozen_heap",
            "resolve_workers", "run_batches", "ThrottledReport"]
@@ -143,7 +143,7 @@ def frozen_heap() -> Iterator[None]:
     """The objects alive on entry are left out of garbage collections until exit
     (:func:`gc.freeze`). A process that has imported torch holds about a million of them, and
     tracing a model allocates enough to trigger full collections over all of them: the first
-    trace of eight schools spent 0.4 of its 0.8 s collecting. Nothing changes where the caller
+    trace of a small hierarchical model spent 0.4 of its 0.8 s collecting. Nothing changes where the caller
     has frozen objects already."""
     if gc.get_freeze_count():
         yield

@@ -161,6 +161,19 @@ def run_nuts(
         TypeError: a keyword that is neither an option here nor a parameter of the model.
         ValueError: bad options, or a model with ``pyro.param`` sites (NUTS would condition on
             whatever the param store holds: make them sample sites or pass them as data).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.linspace(2.0, 4.0, 20)  # posterior of mu: mean 3.0, sd 0.22
+        >>> from vilab.inference import run_nuts
+        >>> result = run_nuts(model, y, num_samples=200, num_warmup=200, num_chains=2,
+        ...                   chain_method="sequential", progress=False)
+        >>> tuple(result.samples["mu"].shape), round(float(result.samples["mu"].mean()), 1)
+        ((2, 200), 3.0)
     """
     from vilab.inference.arguments import check_no_learned_params
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, Optional, Union
 
 import pyro
 import torch
@@ -40,7 +40,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, Normal, kl_divergence
 
-from vilab.types import Guide, Model
+from vilab.types import ELBOTerms, Guide, LossOutput, Model
 
 __all__ = [
     "ELBOTerms",
@@ -55,25 +55,6 @@ __all__ = [
     "PyroELBOLoss",
     "as_loss",
 ]
-
-
-class ELBOTerms(NamedTuple):
-    """Per-datapoint ELBO pieces, each ``(batch,)`` (``kl_per_dim``: ``(batch, D)`` or ``None``)."""
-
-    reconstruction: torch.Tensor
-    kl: torch.Tensor
-    kl_per_dim: Optional[torch.Tensor]
-
-    @property
-    def elbo(self) -> torch.Tensor:
-        return self.reconstruction - self.kl
-
-
-class LossOutput(NamedTuple):
-    """A scalar loss to minimise (per datapoint) and detached scalars to log."""
-
-    loss: torch.Tensor
-    metrics: dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

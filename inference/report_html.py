@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from vilab.inference.report_verdicts import warnings_for
+
 __all__ = ["FigureLike", "encode_figure", "render_comparison_html", "render_vae_html",
            "vae_warnings", "write_vae_report"]
 
@@ -268,13 +270,11 @@ def render_comparison_html(report, figures: Mapping[str, FigureLike], *,
         report: what :func:`~vilab.inference.compare.compare` returned.
         figures: figure name -> PNG bytes, PNG path or matplotlib Figure (names as in
             :func:`~vilab.inference.plots.comparison_figures` get a reading guide as caption).
-        notes: the warnings in words; ``None`` takes :func:`~vilab.inference.report.warnings_for`.
+        notes: the warnings in words; ``None`` takes :func:`~vilab.inference.report_verdicts.warnings_for`.
 
     Returns:
         One self-contained HTML document.
     """
-    from vilab.inference.report import warnings_for
-
     if not isinstance(figures, Mapping):
         raise TypeError(f"figures: expected a mapping of name -> figure; got {type(figures).__name__}")
     notes = warnings_for(report) if notes is None else list(notes)

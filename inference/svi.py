@@ -27,17 +27,19 @@ from pyro.infer.autoguide import AutoLaplaceApproximation
 from vilab.guides.registry import get_guide, guide_name
 from vilab.inference.convergence import ConvergenceCheck, IterateMonitor
 from vilab.inference.fast_leaf import threads_for
-from vilab.inference.fast_inductor import COMPILERS, FusePolicy
+from vilab.inference.fast_inductor import COMPILERS
+from vilab.inference.fast_policy import FusePolicy
 from vilab.inference.fast_svi import CompiledSVIError, CompiledSVIStep
 from vilab.inference.enumeration import enumerated_objective, hide_enumerated
 from vilab.inference.guide_draws import draw_from_guide
 from vilab.inference.progress import progress_bar
-from vilab.inference.svi_init import LaplaceError, LaplaceStart, prepare_guide, window_size
+from vilab.inference.svi_init import LaplaceStart, prepare_guide, window_size
 from vilab.inference.svi_optim import scaled_clipped_adam
 from vilab.inference.model_handlers import for_inference, full_plates, has_subsampling
 from vilab.inference.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.validation import check_model, check_model_kwargs, check_positive_int, check_seed, keyword_options
 from vilab.types import Guide, Model, Samples
+from vilab.errors import LaplaceError, NonFiniteLossError
 
 __all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "LaplaceError", "fit_svi", "ELBOS", "check_svi_options"]
 
@@ -48,15 +50,6 @@ INITS = ("auto", "laplace", "guide")
 LAPLACE_PARTICLES = 4
 # ClippedAdam's element-wise gradient clamp.
 CLIP = 10.0
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; ``step`` and ``site`` say where, the guide keeps its last
-    finite parameters, and ``result`` holds the run up to the last good step."""
-
-    def __init__(self, message: str, step: int, site: Optional[str], result: "SVIResult"):
-        super().__init__(message)
-        self.step, self.site, self.result = step, site, result
 
 
 class GuideSample(NamedTuple):
@@ -371,7 +364,7 @@ def fit_svi(
         compiler: for the compiled step: ``"torchscript"`` (Static Runtime), ``"inductor"``
             (one fused C++ kernel per step, seconds to compile, needs ``g++``), or ``"auto"``:
             fuse once the run's pace shows the compilation will pay for itself
-            (:class:`~vilab.inference.fast_inductor.FusePolicy`; only long runs qualify), compiling
+            (:class:`~vilab.inference.fast_policy.FusePolicy`; only long runs qualify), compiling
             in a background process while the run goes on where a second core is free.
             ``result.config["fused"]`` and ``["fuse_decision"]`` say what ran and why; a
             compilation that blocks the run is counted in ``["setup_seconds"]``.
@@ -384,6 +377,18 @@ def fit_svi(
         CompiledSVIError: ``backend="compiled"`` and the step cannot be compiled.
         LaplaceError: ``guide="laplace"`` and the Hessian at the fitted mode is not positive
             definite, or ``init="laplace"`` and no Laplace start exists.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.linspace(2.0, 4.0, 20)  # posterior of mu: mean 3.0, sd 0.22
+        >>> from vilab.inference import fit_svi
+        >>> result = fit_svi(model, "meanfield", y, num_steps=1000, lr=0.1, progress=False)
+        >>> result.converged, round(float(result.sample(4000, seed=0)["mu"].mean()), 1)
+        (True, 3.0)
     """
     from vilab.inference.arguments import check_guide
     from vilab.inference.vi import get_method, is_method  # here: the methods import this module

@@ -32,6 +32,7 @@ from pyro.infer import autoguide
 from scipy.optimize import minimize
 from torch.distributions import biject_to, transform_to
 
+from vilab.errors import LaplaceError
 from vilab.guides.flows import AutoFlow, ElementwiseAffine
 from vilab.inference.validation import check_positive_int
 
@@ -46,11 +47,6 @@ LAPLACE_GUIDES = ("meanfield", "fullrank", "lowrank", "laplace", "iaf", "nsf", "
 #: Above this many latent dimensions the dense Hessian (D backward passes, D^2 memory) is not
 #: computed and guides keep their own initialisation.
 MAX_LAPLACE_DIM = 1000
-
-
-class LaplaceError(ValueError):
-    """The Laplace approximation does not exist at the fitted mode (its Hessian is not positive
-    definite), or ``init="laplace"`` found none."""
 
 
 class LaplaceStart(NamedTuple):

@@ -52,11 +52,20 @@ def trace_model(model: Model, args: tuple, kwargs: dict, condition: Optional[Map
     return trace
 
 
-def max_plate_nesting(trace) -> int:
-    """The deepest plate dim used by any site of ``trace`` (0 when there are no plates)."""
+def max_plate_nesting(*traces, count_batch_dims: bool = False) -> int:
+    """The deepest plate dim used by any sample site of ``traces`` (0 when there are no plates).
+
+    With ``count_batch_dims``, a site's distribution batch dims count too: a batched sample
+    statement outside any plate still occupies them (what a batching outer plate must clear).
+    Subsample sites are skipped.
+    """
     depth = 0
-    for site in trace.nodes.values():
-        if site["type"] == "sample":
+    for trace in traces:
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if count_batch_dims:
+                depth = max(depth, len(site["fn"].batch_shape))
             for frame in site["cond_indep_stack"]:
                 if frame.vectorized and frame.dim is not None:
                     depth = max(depth, -frame.dim)

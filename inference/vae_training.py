@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vilab.datasets import ImageData, make_loader
+from vilab.errors import NonFiniteLossError, TrainingInterrupted
 from vilab.inference.checkpoints import AtomicCheckpointIO
 from vilab.inference.objectives import (ELBOLoss, IWAELoss, KLAnnealing, PyroELBOLoss, as_loss, elbo_terms,
                                         iwae_bound)
@@ -65,21 +66,6 @@ __all__ = [
 ]
 
 OBJECTIVES = ("elbo", "trace", "iwae")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names epoch, batch and step."""
-
-
-class TrainingInterrupted(Exception):
-    """Training was stopped by a signal (``signum``); ``last.ckpt`` holds the last finished epoch."""
-
-    # Not a RuntimeError: Pyro's trace re-raises a RuntimeError from inside a model or guide
-    # as ``type(error)(message)``, which a signal arriving mid-step would turn into a TypeError.
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 def _rng_state(state: Optional[dict[str, Any]] = None) -> dict[str, Any]:

@@ -37,14 +37,12 @@ from pyro.distributions.util import scale_and_mask
 from torch.distributions import biject_to
 
 from .fast_graph import data_dependent_shapes, mask_assignments_as_selects, simplify
+from vilab.errors import VectorizationError
+from vilab.inference.tracing import max_plate_nesting
 
 __all__ = ["VectorizationError", "LatentSite", "BatchedPotential"]
 
 _CHAIN_PLATE = "_vilab_chains"
-
-
-class VectorizationError(RuntimeError):
-    """The model cannot be evaluated correctly for a batch of chains in one call."""
 
 
 @dataclass(frozen=True)
@@ -80,14 +78,6 @@ def _sample_sites(trace: poutine.Trace):
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site_is_subsample(site):
             yield name, site
-
-
-def _max_plate_nesting(trace: poutine.Trace) -> int:
-    depth = 0
-    for _, site in _sample_sites(trace):
-        depth = max(depth, len(site["fn"].batch_shape))
-        depth = max(depth, *(-f.dim for f in site["cond_indep_stack"] if f.dim is not None), 0)
-    return depth
 
 
 def _latent_sites(trace: poutine.Trace) -> list[LatentSite]:
@@ -143,7 +133,7 @@ class BatchedPotential:
         with torch.random.fork_rng(), pyro.validation_enabled(False):
             torch.manual_seed(seed)
             trace = _trace(model, self.model_args, self.model_kwargs)
-        self.max_plate_nesting = _max_plate_nesting(trace)
+        self.max_plate_nesting = max_plate_nesting(trace, count_batch_dims=True)
         self.sites = _latent_sites(trace)
         self.deterministic_shapes = _deterministic_shapes(trace)
         # Numbers per chain in the largest site: a proxy for the size of the potential's tensors.

@@ -26,8 +26,8 @@ from torch.nn import functional as F
 
 from vilab.guides.encoders import MLPEncoder
 from vilab.guides.von_mises_fisher import HypersphericalUniform, VonMisesFisher
-from vilab.inference.objectives import ELBOTerms, LossOutput
 from vilab.models.vae import VAE, MLPDecoder, VAEModel
+from vilab.types import ELBOTerms, LossOutput
 
 __all__ = ["HypersphericalPrior", "VMFGuide", "build_hyperspherical_vae",
            "hyperspherical_elbo_terms", "HypersphericalELBOLoss"]

@@ -18,6 +18,7 @@ References:
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional, Sequence
 
 import pyro
@@ -26,6 +27,9 @@ import torch
 from torch.distributions import constraints
 
 __all__ = ["flat", "linear_predictor", "posteriordb_loader", "kidscore_momiq", "logmesquite", "nes", "blr"]
+
+# The module that reads posteriordb folders (it maps each folder to its port defined here).
+POSTERIORDB_LOADER = "vilab.posteriordb"
 
 
 def flat(support: constraints.Constraint = constraints.real, shape: Sequence[int] = ()) -> dist.Distribution:
@@ -190,11 +194,10 @@ def posteriordb_loader(folder: str):
     """A registry loader for posteriordb posterior ``folder``; reads files only when called."""
 
     def load():
-        # Imported here: vilab.posteriordb imports this module, and loading must not read files
-        # at import time.
-        from vilab.posteriordb import default_posteriordb_path, load_posteriordb
-
-        problem = load_posteriordb(default_posteriordb_path(), folder)
+        # The loader module imports the ports, so it is found by name when a model is loaded
+        # (as VI methods are, vilab.inference.vi.METHODS): no import cycle, no file read at import.
+        loader = importlib.import_module(POSTERIORDB_LOADER)
+        problem = loader.load_posteriordb(loader.default_posteriordb_path(), folder)
         return problem.model, problem.args, problem.kwargs
 
     return load

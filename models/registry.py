@@ -55,6 +55,13 @@ def get_model(name: str) -> ModelSpec:
 
     Raises:
         ValueError: if ``name`` is unknown; the message lists the known names.
+
+    Example:
+        >>> from vilab.models import get_model
+        >>> spec = get_model("normal_normal")
+        >>> spec.description
+        'Normal mean, known variance (closed-form posterior)'
+        >>> model, args, kwargs = spec.load()  # ready for fit_svi(model, guide, *args, **kwargs)
     """
     _ensure_loaded()
     if not isinstance(name, str):

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from vilab.errors import VilabError
+
 __all__ = [
     "RunFolderError",
     "atomic_directory",
@@ -25,7 +27,7 @@ __all__ = [
 ]
 
 
-class RunFolderError(ValueError):
+class RunFolderError(VilabError, ValueError):
     """A run folder cannot be used as asked: it is a file, or it holds another run."""
 
 

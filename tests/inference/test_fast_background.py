@@ -17,7 +17,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from vilab.inference import fast_background, fast_inductor
 from vilab.inference.fast_background import BackgroundCompile, BackgroundCompiles, background_available, load_artifact
-from vilab.inference.fast_inductor import FusePolicy, compile_artifact, fusion_unavailable
+from vilab.inference.fast_inductor import compile_artifact, fusion_unavailable
+from vilab.inference.fast_policy import FusePolicy
 from vilab.inference.fast_leaf import CompiledStep
 from vilab.inference.fast_nuts import sample_vectorized_nuts
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from vilab.inference import fast_inductor
-from vilab.inference.fast_inductor import FusePolicy, compile_fused, fusion_unavailable
+from vilab.inference import fast_inductor, fast_policy
+from vilab.inference.fast_inductor import compile_fused, fusion_unavailable
+from vilab.inference.fast_policy import FusePolicy
 from vilab.inference.fast_leaf import CompiledStep, _all_close
 from vilab.inference.fast_nuts import sample_vectorized_nuts
 from vilab.models.posteriordb_regression import blr
@@ -144,7 +145,7 @@ class _Clock:
 @pytest.fixture
 def clock(monkeypatch):
     fake = _Clock()
-    monkeypatch.setattr(fast_inductor.time, "perf_counter", fake)
+    monkeypatch.setattr(fast_policy.time, "perf_counter", fake)
     return fake
 
 

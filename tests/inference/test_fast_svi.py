@@ -207,7 +207,7 @@ def test_nan_on_the_compiled_path_names_the_site_and_keeps_finite_parameters():
 
 @pytest.mark.slow
 def test_a_background_fused_step_takes_over_mid_run_and_reaches_the_posterior(monkeypatch, tmp_path):
-    from vilab.inference import fast_inductor
+    from vilab.inference import fast_inductor, fast_policy
     from vilab.inference.fast_background import background_available
 
     if fast_inductor.fusion_unavailable() or not background_available():
@@ -216,7 +216,7 @@ def test_a_background_fused_step_takes_over_mid_run_and_reaches_the_posterior(mo
     # Free compilation and a quick decision: the step starts compiling after ~0.05 s.
     for name in ("SECONDS_PER_GRAPH", "SECONDS_PER_OP", "SETUP_SECONDS", "CACHED_SECONDS"):
         monkeypatch.setattr(fast_inductor, name, 0.0)
-    monkeypatch.setattr(fast_inductor.FusePolicy, "check_after_background", 0.05)
+    monkeypatch.setattr(fast_policy.FusePolicy, "check_after_background", 0.05)
     x = conjugate.default_normal_data()
     # A cold compile (an empty cache) takes seconds: the run must outlast it.
     result = fit_svi(conjugate.normal_normal, "meanfield", 20, x, num_steps=150000, lr=0.05, lr_decay=0.01,

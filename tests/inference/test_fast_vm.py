@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from vilab.inference import fast_vm
+from vilab.inference import fast_vm, fast_vm_program
 from vilab.inference.fast_leaf import _all_close, _call_time
 from vilab.inference.fast_nuts import sample_vectorized_nuts
 from vilab.inference.fast_vm import Unsupported, vm_step
@@ -159,13 +159,13 @@ def test_recycled_outputs_live_two_calls_and_timing_leaves_them_alone():
 
 def test_loops_merge_dimensions_and_run_the_longest_innermost():
     contiguous = [[400, 4, 2, 1], [400, 4, 2, 1]]
-    assert fast_vm._coalesce((2, 100, 2, 2), contiguous) == ((800,), [[1], [1]])
+    assert fast_vm_program._coalesce((2, 100, 2, 2), contiguous) == ((800,), [[1], [1]])
     # a size-1 dimension goes; a broadcast operand stops the merge where it steps differently
-    assert fast_vm._coalesce((3, 1, 4), [[4, 4, 1], [0, 0, 1]]) == ((3, 4), [[4, 1], [0, 1]])
+    assert fast_vm_program._coalesce((3, 1, 4), [[4, 4, 1], [0, 0, 1]]) == ((3, 4), [[4, 1], [0, 1]])
     # batched 2x2 products: 400 rows of 2 become 8 rows of 100 (output, left, right operand)
-    shape, strides = fast_vm._longest_inside((100, 2, 2, 2), [[4, 2, 0, 1], [4, 2, 1, 0], [4, 0, 2, 1]])
+    shape, strides = fast_vm_program._longest_inside((100, 2, 2, 2), [[4, 2, 0, 1], [4, 2, 1, 0], [4, 0, 2, 1]])
     assert shape == (2, 2, 2, 100) and strides == [[2, 0, 1, 4], [2, 1, 0, 4], [0, 2, 1, 4]]
-    assert fast_vm._longest_inside((100, 8), [[8, 1]]) == ((100, 8), [[8, 1]])  # inner long enough
+    assert fast_vm_program._longest_inside((100, 8), [[8, 1]]) == ((100, 8), [[8, 1]])  # inner long enough
 
 
 def test_merged_and_reordered_loops_match_eager():

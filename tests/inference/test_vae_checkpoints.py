@@ -1,6 +1,5 @@
 """Checkpoints: atomic saves, weights-only loads, truncated/tampered files are clear errors."""
 import os
-import pickle
 
 import pytest
 import torch

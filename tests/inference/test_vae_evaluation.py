@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from vilab.datasets import make_loader
 from vilab.inference.objectives import ELBOLoss
-from vilab.inference.vae_evaluation import (active_units, collapse_diagnostics, elbo_split,
+from vilab.inference.vae_evaluation import (collapse_diagnostics, elbo_split,
                                             evaluate_vae, importance_sampled_log_likelihood,
-                                            kl_per_dimension, mutual_information)
+                                            mutual_information)
 from vilab.models.vae import VAEConfig, build_vae
 
 pytestmark = pytest.mark.float32
