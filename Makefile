@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 # The NUTS virtual machine's C library is built once per installation (about 10 s), not per model.
 install: system-deps $(VENV)/.installed
-	@$(BIN)/python -c "from vilab.inference.fast_vm import build_library; build_library()" \
+	@$(BIN)/python -c "from vilab.inference.engine.backends.vm import build_library; build_library()" \
 	  || echo "note: the NUTS virtual machine could not be built; NUTS falls back to Static Runtime"
 
 demo: install
@@ -49,7 +49,7 @@ $(VENV_LATEST)/.installed: pyproject.toml
 
 test-torch-latest: system-deps $(VENV_LATEST)/.installed
 	$(VENV_LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider -o log_level=WARNING \
-	  tests/inference/test_fast_*.py tests/inference/test_nuts.py tests/inference/test_nuts_backends.py tests/inference/test_svi.py
+	  tests/inference/engine tests/inference/nuts/test_fast_nuts.py tests/inference/nuts/test_fast_tree.py tests/inference/nuts/test_nuts.py tests/inference/nuts/test_nuts_backends.py tests/inference/svi/test_svi.py
 
 # Runnable examples in the public docstrings.
 DOCTEST_MODULES := tests/test_docstring_examples.py

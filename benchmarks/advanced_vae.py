@@ -43,8 +43,8 @@ def _train_loader(data, batch_size=100):
 
 
 def _fit_vae(vae, loader, epochs, loss=None):
-    from vilab.inference.minibatch import fit_minibatch
-    from vilab.inference.objectives import ELBOLoss
+    from vilab.inference.vae.minibatch import fit_minibatch
+    from vilab.inference.vae.objectives import ELBOLoss
 
     loss = loss or ELBOLoss()
 
@@ -55,8 +55,8 @@ def _fit_vae(vae, loader, epochs, loss=None):
 
 
 def section_gaps(args):
-    from vilab.inference.amortization import gap_decomposition, monte_carlo_elbo, refine_locally
-    from vilab.models.vae import VAEConfig, build_vae
+    from vilab.inference.vae.amortization import gap_decomposition, monte_carlo_elbo, refine_locally
+    from vilab.models.vae.vae import VAEConfig, build_vae
 
     data = _fashion(args.num_train, args.num_test)
     rows = []
@@ -109,7 +109,7 @@ def section_richer(args):
 
 
 def _dmm_scores(dmm, x, iw_samples):
-    from vilab.inference.amortization import importance_log_likelihood, monte_carlo_elbo
+    from vilab.inference.vae.amortization import importance_log_likelihood, monte_carlo_elbo
 
     elbo = monte_carlo_elbo(dmm.model, dmm.guide, x, num_samples=10)
     log_likelihood = importance_log_likelihood(dmm.model, dmm.guide, x, num_samples=iw_samples,
@@ -121,8 +121,8 @@ def _dmm_scores(dmm, x, iw_samples):
 
 
 def _fit_dmm(dmm, train, epochs, batch_size):
-    from vilab.inference.minibatch import fit_minibatch
-    from vilab.inference.objectives import elbo_terms
+    from vilab.inference.vae.minibatch import fit_minibatch
+    from vilab.inference.vae.objectives import elbo_terms
 
     def loss(batch, step):
         # KL annealing over the first 500 steps, as Krishnan et al. do.
@@ -135,7 +135,7 @@ def _fit_dmm(dmm, train, epochs, batch_size):
 
 def section_dmm(args):
     from vilab.datasets_sequential import load_image_rows, simulate_pendulum
-    from vilab.models.dmm import DMM
+    from vilab.models.vae.dmm import DMM
 
     rows = []
     pyro.set_rng_seed(0)
@@ -173,8 +173,8 @@ def section_dmm(args):
 
 
 def section_multimodal(args):
-    from vilab.inference.minibatch import fit_minibatch
-    from vilab.models.multimodal_vae import build_multimodal_vae
+    from vilab.inference.vae.minibatch import fit_minibatch
+    from vilab.models.vae.multimodal import build_multimodal_vae
 
     data = _fashion(args.num_train, args.num_test)
     pyro.set_rng_seed(0)
@@ -197,10 +197,10 @@ def section_multimodal(args):
 
 def section_vmf(args):
     from vilab.datasets import make_loader
-    from vilab.inference.amortization import monte_carlo_elbo
-    from vilab.inference.vae_evaluation import active_units, importance_sampled_log_likelihood
-    from vilab.models.hyperspherical_vae import HypersphericalELBOLoss, build_hyperspherical_vae
-    from vilab.models.vae import VAEConfig, build_vae
+    from vilab.inference.vae.amortization import monte_carlo_elbo
+    from vilab.inference.vae.evaluation import active_units, importance_sampled_log_likelihood
+    from vilab.models.vae.hyperspherical import HypersphericalELBOLoss, build_hyperspherical_vae
+    from vilab.models.vae.vae import VAEConfig, build_vae
 
     data = _fashion(args.num_train, args.num_test)
     test_loader = make_loader(data.test, batch_size=250)
@@ -232,11 +232,11 @@ def section_vmf(args):
 
 def section_mi(args):
     from vilab.datasets import make_loader
-    from vilab.inference.amortization import monte_carlo_elbo
-    from vilab.inference.mutual_information import InfoVAELoss, MutualInformationLoss
-    from vilab.inference.objectives import ELBOLoss
-    from vilab.inference.vae_evaluation import collapse_diagnostics, importance_sampled_log_likelihood
-    from vilab.models.autoregressive_vae import build_autoregressive_vae
+    from vilab.inference.vae.amortization import monte_carlo_elbo
+    from vilab.inference.vae.mutual_information import InfoVAELoss, MutualInformationLoss
+    from vilab.inference.vae.objectives import ELBOLoss
+    from vilab.inference.vae.evaluation import collapse_diagnostics, importance_sampled_log_likelihood
+    from vilab.models.vae.autoregressive import build_autoregressive_vae
 
     data = _fashion(args.num_train, args.num_test)
     test_loader = make_loader(data.test, batch_size=100)

@@ -94,8 +94,8 @@ def _latent_names(model, args, kwargs) -> list[str]:
 
 
 def run_vilab(model, args, kwargs, options):
-    from vilab.inference import fast_background
-    from vilab.inference.fast_nuts import sample_vectorized_nuts
+    from vilab.inference.engine.processes import server as fast_background
+    from vilab.inference.nuts.sampler import sample_vectorized_nuts
 
     if options["inductor_cache"] == "cold":
         # Cold for every run, as a user's first run of a model: a fresh cache directory (the same

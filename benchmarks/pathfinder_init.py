@@ -23,7 +23,7 @@ import torch
 
 from vilab.fileio import write_json
 from vilab.inference import run_nuts
-from vilab.inference.diagnostics import nuts_diagnostics
+from vilab.inference.common.diagnostics import nuts_diagnostics
 from vilab.posteriordb import default_posteriordb_path, load_posteriordb
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "pathfinder_init.json")

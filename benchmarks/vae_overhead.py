@@ -26,9 +26,9 @@ import time
 import torch
 from torch.nn import functional as F
 
-from vilab.inference.objectives import ELBOLoss
-from vilab.inference.vae_training import VAELightningModule
-from vilab.models.vae import VAEConfig, build_vae
+from vilab.inference.vae.objectives import ELBOLoss
+from vilab.inference.vae.training import VAELightningModule
+from vilab.models.vae.vae import VAEConfig, build_vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -41,10 +41,10 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from vilab.datasets import binarize, load_dataset, make_loader
-from vilab.inference.vae_evaluation import importance_sampled_log_likelihood
-from vilab.inference.vae_runs import load_run
-from vilab.inference.vae_training import TrainingConfig, train_vae
-from vilab.models.vae_priors import DiagonalGaussianMixture
+from vilab.inference.vae.evaluation import importance_sampled_log_likelihood
+from vilab.inference.vae.runs import load_run
+from vilab.inference.vae.training import TrainingConfig, train_vae
+from vilab.models.vae.priors import DiagonalGaussianMixture
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -44,9 +44,9 @@ import pyro
 import torch
 
 from vilab.datasets import load_dataset, make_loader
-from vilab.inference.vae_evaluation import elbo_split, evaluate_vae
-from vilab.inference.vae_training import TrainingConfig, train_vae
-from vilab.models.vae import VAEConfig, build_vae
+from vilab.inference.vae.evaluation import elbo_split, evaluate_vae
+from vilab.inference.vae.training import TrainingConfig, train_vae
+from vilab.models.vae.vae import VAEConfig, build_vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MLP = dict(encoder_hidden=(300, 300), decoder_hidden=(300, 300))
@@ -84,12 +84,12 @@ def warm_start(vae, path):
     """Continue from another run's weights (e.g. a lower learning rate after a plateau, or a
     learned prior on top of a trained encoder/decoder). Every saved tensor must fit; the
     model's other parameters (a new prior's) keep their initial values, and are listed."""
-    from vilab.inference.checkpoints import load_safetensors
+    from vilab.inference.vae.checkpoints import load_safetensors
 
     tensors, _ = load_safetensors(path)
     if getattr(vae.config, "latent_levels", 1) == 2 and not any(k.startswith("guide.lower.") for k in tensors):
         # A one-level run under a two-level model: its z becomes the top latent z_2.
-        from vilab.models.hierarchical_vae import embed_one_level
+        from vilab.models.vae.hierarchical import embed_one_level
 
         print(f"warm start from the one-level {path}; set as N(0, I) or zero: "
               f"{embed_one_level(vae, tensors)}", flush=True)
@@ -146,8 +146,8 @@ def run_one(name, data, vae_options, train_options, args, out_root):
                               max_time=_max_time(args.max_minutes), **train_options)
     out_dir = os.path.join(out_root, name + args.tag)
     budget = CPUTimeBudget(None if args.cpu_minutes is None else args.cpu_minutes * 60)
-    from vilab.inference.checkpoints import load_checkpoint
-    from vilab.inference.vae_runs import load_run
+    from vilab.inference.vae.checkpoints import load_checkpoint
+    from vilab.inference.vae.runs import load_run
 
     if args.reuse and os.path.exists(os.path.join(out_dir, "model.safetensors")):
         # Score a finished run again (e.g. after an evaluation failure) without retraining.

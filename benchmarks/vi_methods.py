@@ -30,7 +30,7 @@ from scipy.stats import wasserstein_distance
 
 from vilab.fileio import write_json
 from vilab.inference import compare
-from vilab.inference.samples import flatten_samples
+from vilab.samples import flatten_samples
 from vilab.inference.vi.pathfinder import resample_draws
 from vilab.posteriordb import default_posteriordb_path, list_posteriordb, load_posteriordb
 

@@ -1,13 +1,13 @@
 """Variational families: Pyro autoguides, normalizing-flow guides and amortized encoders."""
-from vilab.guides.amortized_flows import FLOWS, AmortizedFlowGuide, ConditionalSylvester
-from vilab.guides.dmm_guide import DMMGuide
-from vilab.guides.encoders import AmortizedNormalGuide, ConvEncoder, MLPEncoder
+from vilab.guides.amortized.flows import FLOWS, AmortizedFlowGuide, ConditionalSylvester
+from vilab.guides.amortized.dmm import DMMGuide
+from vilab.guides.amortized.encoders import AmortizedNormalGuide, ConvEncoder, MLPEncoder
 from vilab.guides.flows import AutoFlow, ElementwiseAffine
-from vilab.guides.hierarchical import ConditionalGaussian, HierarchicalNormalGuide, TwoLevelLatent
+from vilab.guides.amortized.hierarchical import ConditionalGaussian, HierarchicalNormalGuide, TwoLevelLatent
 from vilab.guides.registry import AutoMAP, GuideInfo, get_guide, guide_name, list_guides
-from vilab.guides.poe import PoEGuide, product_of_experts
+from vilab.guides.amortized.poe import PoEGuide, product_of_experts
 from vilab.guides.serialization import load_guide, save_guide
-from vilab.guides.von_mises_fisher import HypersphericalUniform, VonMisesFisher
+from vilab.guides.amortized.von_mises_fisher import HypersphericalUniform, VonMisesFisher
 
 __all__ = ["AutoFlow", "ElementwiseAffine", "AutoMAP", "GuideInfo", "get_guide", "guide_name", "list_guides",
            "save_guide", "load_guide", "AmortizedNormalGuide", "ConvEncoder", "MLPEncoder", "FLOWS",

@@ -7,10 +7,10 @@ import pytest
 # The modules whose public docstrings carry examples (the README's API and its records).
 MODULES = [
     "vilab.errors",
-    "vilab.inference.svi",
-    "vilab.inference.nuts",
-    "vilab.inference.compare",
-    "vilab.inference.diagnostics",
+    "vilab.inference.svi.api",
+    "vilab.inference.nuts.api",
+    "vilab.inference.comparison.api",
+    "vilab.inference.common.diagnostics",
     "vilab.guides.registry",
     "vilab.models.registry",
 ]

@@ -4,7 +4,7 @@ Every error vilab raises on purpose derives from :class:`VilabError`, so ``excep
 catches them all; each also derives from the built-in exception a caller would expect
 (``ValueError`` for bad input or a broken file, ``RuntimeError`` for a computation that cannot go
 on, ``FloatingPointError`` for a NaN), so code that catches those keeps working. The modules that
-raise them re-export them under their old names (``vilab.inference.svi.NonFiniteLossError`` is
+raise them re-export them under their old names (``vilab.inference.svi.api.NonFiniteLossError`` is
 this module's class).
 
 Example:

@@ -24,11 +24,11 @@ from typing import Any, Mapping, Union
 import numpy as np
 import torch
 
-from vilab.inference.samples import flatten_samples, unflatten_name
-from vilab.models import posteriordb_ported as ported
-from vilab.models.posteriordb_mixture import hmm_example, low_dim_gauss_mix
-from vilab.models.posteriordb_regression import blr, kidscore_momiq, logmesquite, nes
-from vilab.models.posteriordb_timeseries import ar_k, arma11, garch11
+from vilab.samples import flatten_samples, unflatten_name
+from vilab.models.posteriordb import ported
+from vilab.models.posteriordb.mixture import hmm_example, low_dim_gauss_mix
+from vilab.models.posteriordb.regression import blr, kidscore_momiq, logmesquite, nes
+from vilab.models.posteriordb.timeseries import ar_k, arma11, garch11
 from vilab.types import Model
 
 __all__ = [

@@ -19,7 +19,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor, float, int]
 ReferenceDraws = Mapping[str, ArrayLike]
 
 
-# Records of the VAE objectives (vilab.inference.objectives), here so that models defining their
+# Records of the VAE objectives (vilab.inference.vae.objectives), here so that models defining their
 # own objective (the hyperspherical VAE) need not import the inference package.
 class ELBOTerms(NamedTuple):
     """Per-datapoint ELBO pieces, each ``(batch,)`` (``kl_per_dim``: ``(batch, D)`` or ``None``)."""

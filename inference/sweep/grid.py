@@ -78,7 +78,7 @@ class SweepSpec:
             with a port under ``posteriordb``), or ``"package.module:attr"`` where ``attr`` is a
             :class:`~vilab.models.registry.ModelSpec` or a zero-argument callable returning
             ``(model, args, kwargs)``.
-        methods: guide names, VI method names (anything :func:`~vilab.inference.svi.fit_svi`
+        methods: guide names, VI method names (anything :func:`~vilab.inference.svi.api.fit_svi`
             accepts by name) and ``"nuts"``.
         seeds: one task per seed for every model and method.
         posteriordb: the posteriordb folder (``None``: ``$VILAB_POSTERIORDB`` or ``../shared/posteriordb``).
@@ -170,8 +170,8 @@ def validate_options(spec: SweepSpec) -> None:
     ``svi_options`` of ``fit_svi``, ``nuts_options`` and ``reference_options`` of ``run_nuts``,
     ``method_options[name]`` of the guide family or of the VI method ``name``."""
     from vilab.guides import list_guides
-    from vilab.inference.nuts import run_nuts
-    from vilab.inference.svi import fit_svi
+    from vilab.inference.nuts.api import run_nuts
+    from vilab.inference.svi.api import fit_svi
     from vilab.inference.vi import get_method, is_method
 
     def check(options: Mapping[str, Any], function, where: str, allowed: Sequence[str] = ()) -> None:

@@ -17,7 +17,7 @@ import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure  # not pyplot: drawing a page must not touch the caller's backend
 
-from vilab.inference.report_html import _escape, _number, _page, _table, _warnings_block, encode_figure
+from vilab.inference.report.html import _escape, _number, _page, _table, _warnings_block, encode_figure
 from vilab.inference.sweep.store import SweepStore
 from vilab.inference.sweep.tasks import GRADIENT_SCOPE_NUTS
 

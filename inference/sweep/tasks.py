@@ -71,9 +71,9 @@ def run_reference(model_name: str, posteriordb: Optional[str], options: Mapping[
         run's diagnostics (R-hat max, bulk ESS min, divergences, seconds) to flag a reference
         that did not earn its place.
     """
-    from vilab.inference.diagnostics import nuts_diagnostics
-    from vilab.inference.nuts import run_nuts
-    from vilab.inference.samples import flatten_samples
+    from vilab.inference.common.diagnostics import nuts_diagnostics
+    from vilab.inference.nuts.api import run_nuts
+    from vilab.samples import flatten_samples
 
     options = dict(options)
     seed = options.pop("seed")
@@ -91,7 +91,7 @@ def run_task(task: Task, posteriordb: Optional[str], reference: Mapping[str, np.
              num_cpus: int = 1) -> dict[str, Any]:
     """Run ``task`` and return its store row (status ``"ok"`` or ``"failed"`` with the error
     for a method that ``compare`` reports as failed); any other error propagates."""
-    from vilab.inference.compare import compare
+    from vilab.inference.comparison.api import compare
 
     options = task.options
     start = time.perf_counter()

@@ -31,7 +31,7 @@ The learning rate is the paper's :math:`\lambda_t = B D / (t + 1)` unless a cons
 given. Each batch also estimates the divergence BaM minimises,
 :math:`\mathbb E_q \lVert \nabla \log q - \nabla \log p \rVert^2_{\Sigma}` at :math:`q_t`
 (``losses``). The run has converged when that estimate no longer decreases beyond its Monte
-Carlo noise (:func:`~vilab.inference.convergence.has_converged` over windows of ``window``
+Carlo noise (:func:`~vilab.inference.svi.convergence.has_converged` over windows of ``window``
 iterations, the test SVI uses on its loss) and the mean has stopped moving: the mean of
 :math:`\mu_t` over the last window differs from that over the window before by less than
 ``0.1`` in root-mean-square Mahalanobis units of :math:`\Sigma_t`
@@ -51,9 +51,9 @@ from typing import Any, Optional
 import pyro
 import torch
 
-from vilab.inference.convergence import has_converged
-from vilab.inference.svi import SVIResult
-from vilab.inference.validation import check_positive_int
+from vilab.inference.svi.convergence import has_converged
+from vilab.inference.svi.api import SVIResult
+from vilab.inference.common.validation import check_positive_int
 from vilab.inference.vi.density import LogDensity
 from vilab.inference.vi.gaussian import gaussian_guide
 from vilab.inference.vi.lbfgs_path import inverse_hessian_estimates, lbfgs_path

@@ -59,10 +59,10 @@ import scipy.optimize
 import torch
 from tqdm.auto import tqdm
 
-from vilab.inference.samples import flatten_samples
-from vilab.inference.svi import SVIResult
-from vilab.inference.validation import check_positive_int
-from vilab.inference.vectorized import VectorizationError
+from vilab.samples import flatten_samples
+from vilab.inference.svi.api import SVIResult
+from vilab.inference.common.validation import check_positive_int
+from vilab.inference.engine.potential import VectorizationError
 from vilab.inference.vi.gaussian import gaussian_guide
 from vilab.inference.vi.potential import LoopedPotential, unconstrained_potential
 

@@ -2,7 +2,7 @@ r"""The model's log density on the unconstrained space, for methods that call it
 
 Pathfinder and batch-and-match need :math:`\log p(x, T^{-1}(z)) + \log|\det J_{T^{-1}}(z)|`
 and its gradient at a ``(B, D)`` batch of flat unconstrained points, in the layout of
-:class:`~vilab.inference.vectorized.BatchedPotential`. Where the model passes the batching
+:class:`~vilab.inference.engine.potential.BatchedPotential`. Where the model passes the batching
 checks the batch is one model run; where it does not (``VectorizationError``: Python control
 flow or matrix algebra on latent values), the points are evaluated one at a time with the same
 layout, so the answer is the same and only slower. Every evaluation is counted, so the methods
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from vilab.inference.vectorized import BatchedPotential, VectorizationError
+from vilab.inference.engine.potential import BatchedPotential, VectorizationError
 
 __all__ = ["LogDensity"]
 

@@ -4,7 +4,7 @@ Methods that produce :math:`q(z) = \mathcal N(z; \mu, L L^\top)` over the flat u
 vector :math:`z \in \mathbb R^D` (DADVI, Pathfinder, batch-and-match) return it as an
 ``AutoMultivariateNormal`` with its parameters set, so that drawing, ``median()``,
 ``quantiles()``, ELBO and PSIS work as for any fitted guide. The flat layout is the one of
-:class:`~vilab.inference.vectorized.BatchedPotential` (latent sites in trace order, each
+:class:`~vilab.inference.engine.potential.BatchedPotential` (latent sites in trace order, each
 site's unconstrained block flattened); :func:`gaussian_guide` checks that the guide's
 layout agrees.
 """

@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from vilab.inference.diagnostics import psis
+from vilab.inference.common.diagnostics import psis
 
 __all__ = ["PathfinderInit", "pathfinder_init"]
 

@@ -32,9 +32,9 @@ import numpy as np
 import pyro
 import torch
 
-from vilab.inference.diagnostics import psis
-from vilab.inference.svi import SVIResult
-from vilab.inference.validation import check_positive_int
+from vilab.inference.common.diagnostics import psis
+from vilab.inference.svi.api import SVIResult
+from vilab.inference.common.validation import check_positive_int
 from vilab.inference.vi.density import LogDensity
 from vilab.inference.vi.gaussian import gaussian_guide
 from vilab.inference.vi.lbfgs_path import inverse_hessian_estimates, lbfgs_path

@@ -3,7 +3,7 @@ r"""The model's log density on its unconstrained space, for a batch of points.
 VI methods that work on the flat unconstrained vector :math:`z \in \mathbb R^D` (DADVI,
 Pathfinder, batch-and-match) need :math:`\log p(x, T^{-1}(z)) + \log|\det J_{T^{-1}}(z)|` for a
 ``(B, D)`` batch, differentiable (twice, for Newton-type methods). A model that broadcasts over
-an outer plate gets :class:`~vilab.inference.vectorized.BatchedPotential` (one model run per
+an outer plate gets :class:`~vilab.inference.engine.potential.BatchedPotential` (one model run per
 batch, checked against one-point runs); any other model with continuous latents gets
 :class:`LoopedPotential`, which runs the model once per point and gives the same numbers.
 """
@@ -17,8 +17,9 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
-from vilab.inference.vectorized import (BatchedPotential, VectorizationError, _deterministic_shapes,
-                                        _latent_sites, _max_plate_nesting, _sample_sites, _trace)
+from vilab.inference.common.tracing import max_plate_nesting
+from vilab.inference.engine.potential import (BatchedPotential, VectorizationError, _deterministic_shapes,
+                                        _latent_sites, _sample_sites, _trace)
 
 __all__ = ["LoopedPotential", "unconstrained_potential"]
 
@@ -41,7 +42,7 @@ class LoopedPotential(BatchedPotential):
         with torch.random.fork_rng(), pyro.validation_enabled(False):
             torch.manual_seed(seed)
             trace = _trace(model, self.model_args, self.model_kwargs)
-        self.max_plate_nesting = _max_plate_nesting(trace)
+        self.max_plate_nesting = max_plate_nesting(trace, count_batch_dims=True)
         self.sites = _latent_sites(trace)
         self.deterministic_shapes = _deterministic_shapes(trace)
         self.dim = sum(site.size for site in self.sites)

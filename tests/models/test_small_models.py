@@ -10,7 +10,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from vilab.inference.tracing import evaluate_draws
+from vilab.inference.common.tracing import evaluate_draws
 from vilab.models import conjugate, eight_schools_noncentered, get_model, list_models
 
 

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vilab.cli import build_parser
-from vilab.cli_errors import PYTHON_NAMES, to_flags
-from vilab.inference.vae_runs import RESUMABLE_SETTINGS, check_run_folder, trim_metrics
+from vilab.cli.main import build_parser
+from vilab.cli.errors import PYTHON_NAMES, to_flags
+from vilab.inference.vae.runs import RESUMABLE_SETTINGS, check_run_folder, trim_metrics
 from vilab.run_folders import RunFolderError, atomic_directory, flatten_settings, settings_differences
 
 keys = st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True)

@@ -22,8 +22,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from vilab.inference.compare import compare
-from vilab.inference.svi import fit_svi
+from vilab.inference.comparison.api import compare
+from vilab.inference.svi.api import fit_svi
 from vilab.inference.vi.dadvi import DADVIObjective, fit_dadvi
 from vilab.models.conjugate import (linear_regression, linear_regression_posterior, normal_normal,
                                     normal_normal_posterior)
@@ -170,8 +170,8 @@ def test_compare_reports_the_lrvb_sd_beside_the_mean_field_sd(regression_data):
     tolerance = 4 * math.sqrt(1 / 20000 + 1 / 8000)
     assert (table["lrvb_sd_ratio"] - 1).abs().max() < tolerance
     assert "mean_abs_log_lrvb_sd_ratio" in report.summary.columns and report.summary.loc["dadvi", "converged"]
-    from vilab.inference.report import markdown_report
-    from vilab.inference.report_html import render_comparison_html
+    from vilab.inference.report.save import markdown_report
+    from vilab.inference.report.html import render_comparison_html
 
     assert "lrvb_sd_ratio" in markdown_report(report, {}) and "LRVB sd ratio" in render_comparison_html(report, {})
 
@@ -204,8 +204,8 @@ PORTED = os.path.join(os.path.dirname(__file__), "..", "..", "data", "posteriord
                                   "earnings-logearn_interaction_z", "earnings-logearn_logheight_male",
                                   "mesquite-mesquite", "mesquite-logmesquite_logvash", "kilpisjarvi_mod-kilpisjarvi"])
 def test_dadvi_on_ported_regressions_is_within_a_tenth_of_a_reference_sd(name):
-    from vilab.inference.diagnostics import psis
-    from vilab.inference.samples import flatten_samples
+    from vilab.inference.common.diagnostics import psis
+    from vilab.samples import flatten_samples
     from vilab.posteriordb import load_posteriordb
 
     problem = load_posteriordb(PORTED, name)

@@ -1,0 +1,3 @@
+"""Forked processes: the background compile server, the chain workers and independent chains."""
+
+__all__: list[str] = []

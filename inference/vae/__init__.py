@@ -1,0 +1,3 @@
+"""VAEs: the training loop, evaluation, objectives, checkpoints and run directories."""
+
+__all__: list[str] = []
