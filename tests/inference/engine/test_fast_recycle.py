@@ -64,7 +64,7 @@ def test_the_nuts_leaf_and_merge_run_recycled(monkeypatch, tmp_path):
     import pyro
     import pyro.distributions as dist
 
-    from vilab.inference.engine.processes import server as fast_background
+    from vilab.inference.engine.backends import artifacts
     from vilab.inference.nuts.sampler import sample_vectorized_nuts
 
     made = []
@@ -75,7 +75,7 @@ def test_the_nuts_leaf_and_merge_run_recycled(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compiled here, then loaded
     monkeypatch.setattr(fast_inductor, "recycled_call", spy)
-    monkeypatch.setattr(fast_background, "recycled_call", spy)
+    monkeypatch.setattr(artifacts, "recycled_call", spy)
 
     def model(data):
         loc = pyro.sample("loc", dist.Normal(0.0, 2.0))
