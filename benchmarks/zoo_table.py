@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,9 +59,10 @@ def _caught(function):
     return value, sorted(set(messages)), error, time.perf_counter() - start
 
 
-def _nuts(entry, model, args, kwargs, reference):
+def _nuts(entry, model, args, kwargs):
+    import arviz as az
     import vilab
-    from zoo.check import nuts_z_scores, z_threshold
+    from zoo.check import tensor_draws
 
     result, messages, error, seconds = _caught(lambda: vilab.run_nuts(model, *args, **NUTS_OPTIONS, **kwargs))
     record = {"seconds": seconds, "warnings": messages, "error": error}
@@ -72,18 +74,23 @@ def _nuts(entry, model, args, kwargs, reference):
                   fuse_decision=str(config.get("fuse_decision")), divergences=result.num_divergences,
                   wall_time=result.wall_time)
     try:
-        scores = nuts_z_scores(entry, result.samples, reference)
-        record.update(z_scores=scores, max_abs_z=max(abs(z) for z in scores.values()),
-                      z_threshold=z_threshold(len(scores)))
+        num_chains, num_draws = next(iter(result.samples.values())).shape[:2]
+        statistics = entry.stats(tensor_draws(result.samples, 2))
+        summary = {}
+        for name, values in statistics.items():
+            chains = np.asarray(values, dtype=float).reshape(num_chains, num_draws)
+            ess = float(az.ess(chains)) if np.ptp(chains) > 0 else 1.0
+            summary[name] = {"mean": float(chains.mean()), "sd": float(chains.std(ddof=1)), "ess": ess}
+        record["statistics"] = summary
     except Exception as exception:  # noqa: BLE001 - e.g. a statistic's site missing from the samples
         record["check_error"] = f"{type(exception).__name__}: {_short(exception)}"
     return record
 
 
-def _svi(entry, model, args, kwargs, reference, guide):
+def _svi(entry, model, args, kwargs, guide):
     import vilab
     from vilab.inference.diagnostics import psis
-    from zoo.check import tensor_draws, weighted_z_scores
+    from zoo.check import tensor_draws
 
     result, messages, error, seconds = _caught(lambda: vilab.fit_svi(model, guide, *args, **SVI_OPTIONS, **kwargs))
     record = {"seconds": seconds, "warnings": messages, "error": error}
@@ -96,20 +103,57 @@ def _svi(entry, model, args, kwargs, reference, guide):
         draws = result.draws(4000, seed=0)
         log_weights = np.asarray(draws.log_weights.detach(), dtype=float)
         smoothed = psis(log_weights)
-        statistics = entry.stats(tensor_draws(draws.samples, 1))
-        errors = {k: (float(np.mean(statistics[k])) - ref["mean"]) / ref["sd"] for k, ref in reference["summary"].items()}
-        record.update(k_hat=smoothed.k_hat, psis_ess=smoothed.ess,
-                      max_abs_mean_error_sd=max(abs(v) for v in errors.values()))
-        if np.isfinite(smoothed.k_hat) and smoothed.k_hat < 0.7:
-            scores = weighted_z_scores(entry, draws.samples, smoothed.log_weights, smoothed.ess, reference)
-            record["max_abs_psis_z"] = max(abs(z) for z in scores.values())
+        weights = np.exp(smoothed.log_weights - np.logaddexp.reduce(smoothed.log_weights))
+        summary = {}
+        for name, values in entry.stats(tensor_draws(draws.samples, 1)).items():
+            values = np.asarray(values, dtype=float)
+            weighted = float(np.sum(weights * values))
+            summary[name] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)), "psis_mean": weighted,
+                             "psis_sd": float(np.sqrt(max(np.sum(weights * (values - weighted) ** 2), 0.0)))}
+        record.update(k_hat=smoothed.k_hat, psis_ess=smoothed.ess, statistics=summary)
     except Exception as exception:  # noqa: BLE001
         record["check_error"] = f"{type(exception).__name__}: {_short(exception)}"
     return record
 
 
+def score(record: dict, reference: dict) -> None:
+    """Add accuracy against ``reference`` to a model's record (in place)."""
+    from zoo.check import z_threshold
+
+    summary = reference["summary"]
+    nuts = record.get("nuts", {})
+    if "statistics" in nuts:
+        scores = {}
+        for name, ref in summary.items():
+            mine = nuts["statistics"].get(name)
+            if mine is None:
+                continue
+            error = np.sqrt(mine["sd"] ** 2 / max(mine["ess"], 1.0) + ref["sd"] ** 2 / ref["ess"])
+            scores[name] = (mine["mean"] - ref["mean"]) / error
+        if scores:
+            nuts.update(z_scores=scores, max_abs_z=max(abs(z) for z in scores.values()),
+                        z_threshold=z_threshold(len(scores)), missing=sorted(set(summary) - set(scores)))
+    for guide in ("meanfield", "fullrank"):
+        fit = record.get(guide, {})
+        if "statistics" not in fit:
+            continue
+        errors = {k: (fit["statistics"][k]["mean"] - ref["mean"]) / ref["sd"]
+                  for k, ref in summary.items() if k in fit["statistics"]}
+        fit["max_abs_mean_error_sd"] = max(abs(v) for v in errors.values()) if errors else None
+        fit["max_sd_ratio_deviation"] = max(abs(np.log(fit["statistics"][k]["sd"] / ref["sd"]))
+                                            for k, ref in summary.items() if k in fit["statistics"]) if errors else None
+        if np.isfinite(fit["k_hat"]) and fit["k_hat"] < 0.7:
+            psis_scores = {k: (fit["statistics"][k]["psis_mean"] - ref["mean"]) / np.sqrt(
+                fit["statistics"][k]["psis_sd"] ** 2 / max(fit["psis_ess"], 1.0) + ref["sd"] ** 2 / ref["ess"])
+                for k, ref in summary.items() if k in fit["statistics"]}
+            fit["max_abs_psis_z"] = max(abs(v) for v in psis_scores.values()) if psis_scores else None
+
+
 def _compare(entry, model, args, kwargs, reference):
     import vilab
+
+    if reference is None:
+        return {"error": "not run: no reference yet"}
 
     report, messages, error, seconds = _caught(lambda: vilab.compare(
         model, *args, guides=("meanfield",), reference=reference["draws"], svi_options=dict(num_steps=1000),
@@ -129,24 +173,48 @@ def run_model(name: str) -> dict:
     from zoo import by_name, load_reference
 
     entry = by_name(name)
-    reference = load_reference(entry)
+    try:
+        reference = load_reference(entry)
+    except FileNotFoundError:
+        reference = None
     record = {"name": name, "kind": entry.kind, "source": entry.source, "features": list(entry.features),
-              "reference": reference["kind"], "note": entry.note}
+              "reference": reference["kind"] if reference else None, "note": entry.note}
     built = lambda: entry.inputs(entry.data())  # noqa: E731 - a fresh model (PyroModule state) per method
-    record["nuts"] = _nuts(entry, *built(), reference)
+    record["nuts"] = _nuts(entry, *built())
     for guide in ("meanfield", "fullrank"):
-        record[guide] = _svi(entry, *built(), reference, guide)
+        record[guide] = _svi(entry, *built(), guide)
     record["compare"] = _compare(entry, *built(), reference)
+    if reference is not None:
+        score(record, reference)
     return record
+
+
+def rescore(records: list) -> None:
+    """Score records whose reference appeared after they ran (their compare stays not run)."""
+    from zoo import by_name, load_reference
+
+    for record in records:
+        try:
+            reference = load_reference(by_name(record["name"]))
+        except FileNotFoundError:
+            continue
+        record["reference"] = reference["kind"]
+        score(record, reference)
 
 
 def _run_isolated(name: str, timeout: float) -> dict:
     """One model in a subprocess, so a hang or a crash costs one row, not the table."""
     command = [sys.executable, __file__, "--one", name]
+    # A session of its own, so that a timeout also ends the sampler's forked workers.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return {"name": name, "error": f"timed out after {timeout:.0f} s"}
+    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
         return {"name": name, "error": f"exit {done.returncode}: {_short(done.stderr[-600:])}"}
@@ -183,25 +251,38 @@ def main(argv=None) -> int:
     parser.add_argument("names", nargs="*")
     parser.add_argument("--one", help="run one model in this process and print its JSON record")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
+    parser.add_argument("--output", default=RESULTS, help="JSON file to add the models to")
+    parser.add_argument("--rescore", action="store_true", help="only score the stored records again")
+    parser.add_argument("--merge", nargs="*", default=[], help="also take the records of these JSON files")
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_model(args.one), default=str))
         return 0
     from zoo import ZOO
 
-    names = args.names or [e.name for e in ZOO]
     previous = {}
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as handle:
+    if os.path.exists(args.output):
+        with open(args.output) as handle:
             previous = {r["name"]: r for r in json.load(handle)["models"]}
+    for path in args.merge:
+        with open(path) as handle:
+            previous.update({r["name"]: r for r in json.load(handle)["models"]})
+    names = [] if args.rescore else (args.names or [e.name for e in ZOO])
     for name in names:
         previous[name] = _run_isolated(name, args.timeout)
         print(f"{name}: done", flush=True)
-        ordered = [previous[e.name] for e in ZOO if e.name in previous]
-        with open(RESULTS, "w") as handle:
-            json.dump({"nuts": NUTS_OPTIONS, "svi": SVI_OPTIONS, "models": ordered}, handle, indent=1, default=str)
+        _write(args.output, [previous[e.name] for e in ZOO if e.name in previous])
+    ordered = [previous[e.name] for e in ZOO if e.name in previous]
+    if args.rescore:
+        rescore(ordered)
+        _write(args.output, ordered)
     print(table(ordered))
     return 0
+
+
+def _write(path: str, records: list) -> None:
+    with open(path, "w") as handle:
+        json.dump({"nuts": NUTS_OPTIONS, "svi": SVI_OPTIONS, "models": records}, handle, indent=1, default=str)
 
 
 if __name__ == "__main__":

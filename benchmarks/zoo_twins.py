@@ -7,13 +7,15 @@ kwargs)``.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
-from numpyro.infer.reparam import TransformReparam
+from numpyro.infer.reparam import LocScaleReparam, TransformReparam
 
 __all__ = ["TWINS"]
 
@@ -108,10 +110,12 @@ def partially_pooled(at_bats, hits=None):
 
 
 def partially_pooled_with_logit(at_bats, hits=None):
+    # Non-centred (same posterior): the centred form leaves NumPyro's NUTS with divergences.
     loc = numpyro.sample("loc", dist.Normal(-1, 1))
     scale = numpyro.sample("scale", dist.HalfCauchy(1))
     with numpyro.plate("num_players", at_bats.shape[0]):
-        alpha = numpyro.sample("alpha", dist.Normal(loc, scale))
+        with numpyro.handlers.reparam(config={"alpha": LocScaleReparam(0)}):
+            alpha = numpyro.sample("alpha", dist.Normal(loc, scale))
         numpyro.sample("obs", dist.Binomial(at_bats, logits=alpha), obs=hits)
 
 
@@ -276,7 +280,9 @@ TWINS = {
     "gp_numpyro": lambda x: (gp_numpyro, x),
     "gp_latent_classifier": lambda x: (gp_latent_classifier, x),
     "gmm_enumerated": lambda x: (gmm, x),
-    "hmm_model_1": lambda x: (hmm_model_1, x),
+    # the lengths stay Python ints: they set the loops' ranges
+    "hmm_model_1": lambda x: (functools.partial(hmm_model_1, lengths=[int(v) for v in x["lengths"]]),
+                              dict(sequences=x["sequences"])),
     "ar2_for_loop": lambda x: (ar2_for_loop, x),
     "stochastic_volatility": lambda x: (stochastic_volatility, x),
     "bnn": lambda x: (bnn, dict(X=x["X"], Y=x["Y"], D_H=5)),

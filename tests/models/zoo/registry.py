@@ -89,7 +89,9 @@ ENTRIES = [
     dict(name="coin_fairness_subsampled", kind="glm", features=("plate subsample_size", "closed form"),
          source="Pyro tutorial 'SVI Part II' " + PYRO + "tutorial/source/svi_part_ii.ipynb",
          data=d.coin_flips, inputs=lambda x: (glm.coin_fairness_subsampled, (tensor(x["data"]),), {}),
-         sites=("latent_fairness",), closed_form=cf.coin_moments, closed_draws=cf.coin_draws),
+         sites=("latent_fairness",), closed_form=cf.coin_moments, closed_draws=cf.coin_draws,
+         # NUTS needs the full likelihood in every step; a subsampled plate must be refused by name
+         options={"nuts_refusal": "observe_data"}),
     dict(name="conditioned_scale", kind="glm", features=("pyro.condition", "closed form"),
          source="Pyro tutorial 'Introduction to Pyro' " + PYRO + "tutorial/source/intro_long.ipynb",
          data=lambda: {"guess": 8.5}, inputs=lambda x: (glm.conditioned_scale, (torch.tensor(x["guess"]),), {}),
