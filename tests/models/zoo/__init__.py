@@ -11,7 +11,7 @@ import gzip
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -39,6 +39,9 @@ class ZooEntry:
         closed_draws: (data dict, n, rng) -> site -> exact draws, for ``compare``.
         fast: in the default (fast) suite.
         note: how the data or the port differ from the source, if at all.
+        options: expectations beyond the default: ``nuts_refusal`` (a regex the ``ValueError``
+            of ``run_nuts`` must match: NUTS cannot be right on the model) and ``svi_refusal``
+            (the same for ``fit_svi`` and ``compare``).
     """
 
     name: str
