@@ -89,7 +89,7 @@ def _nuts(entry, model, args, kwargs):
 
 def _svi(entry, model, args, kwargs, guide):
     import vilab
-    from vilab.inference.diagnostics import psis
+    from vilab.inference.common.diagnostics import psis
     from zoo.check import tensor_draws
 
     result, messages, error, seconds = _caught(lambda: vilab.fit_svi(model, guide, *args, **SVI_OPTIONS, **kwargs))

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import vilab  # noqa: E402
-from vilab.inference.diagnostics import psis  # noqa: E402
+from vilab.inference.common.diagnostics import psis  # noqa: E402
 from zoo import ZOO  # noqa: E402
 from zoo import load_reference as _load_reference  # noqa: E402
 from zoo.check import nuts_z_scores, tensor_draws, weighted_z_scores, z_threshold  # noqa: E402
@@ -130,7 +130,7 @@ def test_compare_scores_every_reference_parameter(entry):
 
 def tensor_draws_names(draws):
     """``compare``'s flat names (1-based, ``a[1,2]``) of reference draws given per site."""
-    from vilab.inference.samples import flatten_samples
+    from vilab.samples import flatten_samples
 
     return [name for name, values in flatten_samples(draws, 1).items() if np.ptp(values) > 0]
 

@@ -80,7 +80,7 @@ class BayesianRegression(PyroModule):
         sigma = pyro.sample("sigma", dist.Uniform(0., 10.))
         mean = self.linear(x).squeeze(-1)
         with pyro.plate("data", x.shape[0]):
-            obs = pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+            obs = pyro.sample("obs", dist.Normal(mean, sigma), obs=y)  # noqa: F841 -- as the tutorial writes it
         return mean
 
 
