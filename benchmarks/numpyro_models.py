@@ -8,6 +8,7 @@ means of the mixtures are ``ImproperUniform`` on the ordered cone plus their nor
 as a factor, as Stan writes them. Recursions (ARMA errors, GARCH variances, the HMM forward
 pass) use ``jax.lax.scan``.
 """
+
 from __future__ import annotations
 
 import jax
@@ -36,7 +37,7 @@ def ar_k(K, y, T=None):
     beta = numpyro.sample("beta", dist.Normal(0.0, 10.0).expand([K]).to_event(1))
     sigma = numpyro.sample("sigma", dist.HalfCauchy(2.5))
     length = y.shape[0]
-    lags = jnp.stack([y[K - k:length - k] for k in range(1, K + 1)], -1)
+    lags = jnp.stack([y[K - k : length - k] for k in range(1, K + 1)], -1)
     numpyro.sample("y", dist.Normal(alpha + lags @ beta, sigma), obs=y[K:])
 
 
@@ -70,7 +71,7 @@ def garch11(sigma1, y, T=None):
         return variance, variance
 
     _, rest = jax.lax.scan(step, jnp.asarray(sigma1, dtype=y.dtype) ** 2, y[:-1])
-    variance = jnp.concatenate([jnp.asarray([sigma1 ** 2], dtype=y.dtype), rest])
+    variance = jnp.concatenate([jnp.asarray([sigma1**2], dtype=y.dtype), rest])
     numpyro.sample("y", dist.Normal(mu, jnp.sqrt(variance)), obs=y)
 
 

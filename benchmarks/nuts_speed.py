@@ -15,6 +15,7 @@ Usage::
 
 Writes ``benchmarks/results/nuts_speed.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ def _posteriordb(name):
 
         problem = load_posteriordb(default_posteriordb_path(), name)
         return problem.model, problem.args, problem.kwargs
+
     return load
 
 
@@ -89,8 +91,11 @@ def _latent_names(model, args, kwargs) -> list[str]:
     from pyro.poutine.util import site_is_subsample
 
     trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
-    return [name for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)]
+    return [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    ]
 
 
 def run_vilab(model, args, kwargs, options):
@@ -106,23 +111,38 @@ def run_vilab(model, args, kwargs, options):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vilab-inductor-")
         fast_background.shutdown()
     init = options.get("init_values")
-    options = {key: value for key, value in options.items() if key not in ("inductor_cache", "seeds", "init", "init_values")}
+    options = {
+        key: value for key, value in options.items() if key not in ("inductor_cache", "seeds", "init", "init_values")
+    }
     chains = options["num_chains"]
     init = None if init is None else {name: value.expand(chains, *value.shape) for name, value in init.items()}
     result = sample_vectorized_nuts(model, args, kwargs, progress=False, init_values=init, **options)
     names = _latent_names(model, args, kwargs)
     samples = {name: result.samples[name].numpy() for name in names}
-    return samples, int(result.sample_stats["diverging"].sum()), {
-        "compiled": bool(result.compiled), "backend": result.backend, "fuse_decision": result.fuse_decision}
+    return (
+        samples,
+        int(result.sample_stats["diverging"].sum()),
+        {"compiled": bool(result.compiled), "backend": result.backend, "fuse_decision": result.fuse_decision},
+    )
 
 
 def _run_pyro(model, args, kwargs, options, jit):
     from pyro.infer import MCMC, NUTS
 
-    kernel = NUTS(model, target_accept_prob=options["target_accept"], jit_compile=jit, ignore_jit_warnings=True,
-                  full_mass=options["dense_mass"])
-    mcmc = MCMC(kernel, num_samples=options["num_samples"], warmup_steps=options["num_warmup"],
-                num_chains=options["num_chains"], disable_progbar=True)
+    kernel = NUTS(
+        model,
+        target_accept_prob=options["target_accept"],
+        jit_compile=jit,
+        ignore_jit_warnings=True,
+        full_mass=options["dense_mass"],
+    )
+    mcmc = MCMC(
+        kernel,
+        num_samples=options["num_samples"],
+        warmup_steps=options["num_warmup"],
+        num_chains=options["num_chains"],
+        disable_progbar=True,
+    )
     mcmc.run(*args, **kwargs)
     names = _latent_names(model, args, kwargs)
     samples = mcmc.get_samples(group_by_chain=True)
@@ -147,12 +167,26 @@ def run_numpyro(problem, model, args, kwargs, options):
         raise NotImplementedError("no NumPyro port")
     init = options.get("init_values")
     strategy = init_to_uniform if init is None else init_to_value(values={k: _to_numpy(v) for k, v in init.items()})
-    kernel = NUTS(NUMPYRO_MODELS[problem], target_accept_prob=options["target_accept"],
-                  dense_mass=options.get("dense_mass", False), init_strategy=strategy)
-    mcmc = MCMC(kernel, num_warmup=options["num_warmup"], num_samples=options["num_samples"],
-                num_chains=options["num_chains"], chain_method="vectorized", progress_bar=False)
-    mcmc.run(jax.random.PRNGKey(options["seed"]), *[_to_numpy(a) for a in args],
-             extra_fields=("diverging",), **{k: _to_numpy(v) for k, v in kwargs.items()})
+    kernel = NUTS(
+        NUMPYRO_MODELS[problem],
+        target_accept_prob=options["target_accept"],
+        dense_mass=options.get("dense_mass", False),
+        init_strategy=strategy,
+    )
+    mcmc = MCMC(
+        kernel,
+        num_warmup=options["num_warmup"],
+        num_samples=options["num_samples"],
+        num_chains=options["num_chains"],
+        chain_method="vectorized",
+        progress_bar=False,
+    )
+    mcmc.run(
+        jax.random.PRNGKey(options["seed"]),
+        *[_to_numpy(a) for a in args],
+        extra_fields=("diverging",),
+        **{k: _to_numpy(v) for k, v in kwargs.items()},
+    )
     samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
     divergences = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
     names = _latent_names(model, args, kwargs)
@@ -171,23 +205,36 @@ def measure(problem: str, sampler: str, options: dict) -> dict:
     elif sampler in ("pyro", "pyro_jit"):
         if "init_values" in options:
             raise NotImplementedError("--init reference-mean is not wired to Pyro's NUTS here")
-        pyro_options = {k: options[k] for k in ("num_samples", "num_warmup", "num_chains", "target_accept",
-                                                "dense_mass")}
+        pyro_options = {
+            k: options[k] for k in ("num_samples", "num_warmup", "num_chains", "target_accept", "dense_mass")
+        }
         samples, divergences, extra = _run_pyro(model, args, kwargs, pyro_options, jit=sampler == "pyro_jit")
     else:
         samples, divergences, extra = run_numpyro(problem, model, args, kwargs, options)
     wall = time.perf_counter() - start
     ess = min_bulk_ess(samples)
-    return {"problem": problem, "sampler": sampler, "wall_s": wall, "min_bulk_ess": ess,
-            "ess_per_s": ess / wall, "divergences": divergences,
-            "load_average": [load_before, os.getloadavg()[0]], **extra}
+    return {
+        "problem": problem,
+        "sampler": sampler,
+        "wall_s": wall,
+        "min_bulk_ess": ess,
+        "ess_per_s": ess / wall,
+        "divergences": divergences,
+        "load_average": [load_before, os.getloadavg()[0]],
+        **extra,
+    }
 
 
 def _table(rows: list[dict]) -> str:
-    numpyro_rate = {(row["problem"], row.get("seed", 0)): row["ess_per_s"] for row in rows
-                    if row["sampler"] == "numpyro" and "error" not in row}
-    lines = ["| problem | sampler | seed | wall s | min bulk ESS | ESS/s | vs NumPyro | divergences | load avg |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    numpyro_rate = {
+        (row["problem"], row.get("seed", 0)): row["ess_per_s"]
+        for row in rows
+        if row["sampler"] == "numpyro" and "error" not in row
+    }
+    lines = [
+        "| problem | sampler | seed | wall s | min bulk ESS | ESS/s | vs NumPyro | divergences | load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         seed = row.get("seed", 0)
         if "error" in row:
@@ -195,9 +242,11 @@ def _table(rows: list[dict]) -> str:
             continue
         reference = numpyro_rate.get((row["problem"], seed))
         ratio_text = f"{row['ess_per_s'] / reference:.2f}" if reference else "-"
-        lines.append(f"| {row['problem']} | {row['sampler']} | {seed} | {row['wall_s']:.1f} | {row['min_bulk_ess']:.0f} | "
-                     f"{row['ess_per_s']:.1f} | {ratio_text} | {row['divergences']} | "
-                     f"{row['load_average'][0]:.1f}-{row['load_average'][1]:.1f} |")
+        lines.append(
+            f"| {row['problem']} | {row['sampler']} | {seed} | {row['wall_s']:.1f} | {row['min_bulk_ess']:.0f} | "
+            f"{row['ess_per_s']:.1f} | {ratio_text} | {row['divergences']} | "
+            f"{row['load_average'][0]:.1f}-{row['load_average'][1]:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -211,8 +260,10 @@ def _summary(rows: list[dict]) -> str:
             ess_wall_rates[0] += row["min_bulk_ess"]
             ess_wall_rates[1] += row["wall_s"]
             ess_wall_rates[2][row.get("seed", 0)] = row["ess_per_s"]
-    lines = ["| problem | sampler | seeds | pooled ESS/s | vs NumPyro (pooled) | per-seed ratios |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| problem | sampler | seeds | pooled ESS/s | vs NumPyro (pooled) | per-seed ratios |",
+        "|---|---|---|---|---|---|",
+    ]
     for (problem, sampler), (ess, wall, rates) in pooled.items():
         reference = pooled.get((problem, "numpyro"))
         ratio, spread = "-", "-"
@@ -233,22 +284,43 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--num-chains", type=int, default=4)
     parser.add_argument("--target-accept", type=float, default=0.8)
     parser.add_argument("--float32", action="store_true", help="run in float32 (default float64)")
-    parser.add_argument("--dense-mass", action="store_true",
-                        help="adapt a dense mass matrix (vilab, Pyro and NumPyro alike; default diagonal)")
-    parser.add_argument("--compiler", default="auto", choices=("auto", "inductor", "torchscript", "vm"),
-                        help="vilab's leaf compiler (sample_vectorized_nuts(compiler=...))")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="vilab's processes (sample_vectorized_nuts(workers=...)); default: one per core, "
-                             "at most one per chain")
-    parser.add_argument("--warm-cache", action="store_true",
-                        help="use Inductor's on-disk cache as a user's repeated runs do; by default a fresh "
-                             "cache directory makes every compilation cold")
-    parser.add_argument("--seeds", type=int, nargs="*", default=[0],
-                        help="one run per seed, problem and sampler (min bulk ESS varies by seed); a "
-                             "summary pools them")
-    parser.add_argument("--init", choices=("uniform", "reference-mean"), default="uniform",
-                        help="where chains start: uniform in (-2, 2) unconstrained (Stan's and both "
-                             "samplers' default), or every chain at the posteriordb reference mean")
+    parser.add_argument(
+        "--dense-mass",
+        action="store_true",
+        help="adapt a dense mass matrix (vilab, Pyro and NumPyro alike; default diagonal)",
+    )
+    parser.add_argument(
+        "--compiler",
+        default="auto",
+        choices=("auto", "inductor", "torchscript", "vm"),
+        help="vilab's leaf compiler (sample_vectorized_nuts(compiler=...))",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="vilab's processes (sample_vectorized_nuts(workers=...)); default: one per core, at most one per chain",
+    )
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="use Inductor's on-disk cache as a user's repeated runs do; by default a fresh "
+        "cache directory makes every compilation cold",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="*",
+        default=[0],
+        help="one run per seed, problem and sampler (min bulk ESS varies by seed); a summary pools them",
+    )
+    parser.add_argument(
+        "--init",
+        choices=("uniform", "reference-mean"),
+        default="uniform",
+        help="where chains start: uniform in (-2, 2) unconstrained (Stan's and both "
+        "samplers' default), or every chain at the posteriordb reference mean",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     arguments = parser.parse_args(argv)
     if not arguments.warm_cache:
@@ -256,11 +328,18 @@ def main(argv=None) -> list[dict]:
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vilab-inductor-")
     torch.set_default_dtype(torch.float32 if arguments.float32 else torch.float64)
-    options = {"num_warmup": arguments.num_warmup, "num_samples": arguments.num_samples,
-               "num_chains": arguments.num_chains, "target_accept": arguments.target_accept, "seeds": arguments.seeds,
-               "dense_mass": arguments.dense_mass, "compiler": arguments.compiler, "init": arguments.init,
-               "workers": arguments.workers,
-               "inductor_cache": "warm" if arguments.warm_cache else "cold"}
+    options = {
+        "num_warmup": arguments.num_warmup,
+        "num_samples": arguments.num_samples,
+        "num_chains": arguments.num_chains,
+        "target_accept": arguments.target_accept,
+        "seeds": arguments.seeds,
+        "dense_mass": arguments.dense_mass,
+        "compiler": arguments.compiler,
+        "init": arguments.init,
+        "workers": arguments.workers,
+        "inductor_cache": "warm" if arguments.warm_cache else "cold",
+    }
     rows = []
     for seed in arguments.seeds:
         for problem in arguments.problems:
@@ -279,8 +358,12 @@ def main(argv=None) -> list[dict]:
 
 def _write(path: Path, options: dict, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"options": options, "rows": rows, "torch_threads": torch.get_num_threads(),
-                                "cpu_count": os.cpu_count()}, indent=2))
+    path.write_text(
+        json.dumps(
+            {"options": options, "rows": rows, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

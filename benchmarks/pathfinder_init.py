@@ -11,6 +11,7 @@ Pathfinder's own gradient evaluations. Writes ``benchmarks/results/pathfinder_in
     python benchmarks/pathfinder_init.py
     python benchmarks/pathfinder_init.py --problems kidiq-kidscore_momiq --warmups 25,50,100,1000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,28 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results", "pathfinder_init.js
 def _run(problem, warmup, init, args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = run_nuts(problem.model, *problem.args, num_warmup=warmup, num_samples=args.samples,
-                          num_chains=args.chains, seed=args.seed, init=init, dense_mass=args.dense,
-                          chain_method="sequential", progress=False, **problem.kwargs)
+        result = run_nuts(
+            problem.model,
+            *problem.args,
+            num_warmup=warmup,
+            num_samples=args.samples,
+            num_chains=args.chains,
+            seed=args.seed,
+            init=init,
+            dense_mass=args.dense,
+            chain_method="sequential",
+            progress=False,
+            **problem.kwargs,
+        )
     diagnostics = nuts_diagnostics(result.inference_data)
-    return {"warmup": warmup, "init": init or "uniform", "ess_bulk_min": diagnostics["ess_bulk_min"],
-            "r_hat_max": diagnostics["r_hat_max"], "num_divergences": diagnostics["num_divergences"],
-            "pathfinder_gradient_evaluations": (result.config.get("pathfinder") or {}).get("gradient_evaluations", 0)}
+    return {
+        "warmup": warmup,
+        "init": init or "uniform",
+        "ess_bulk_min": diagnostics["ess_bulk_min"],
+        "r_hat_max": diagnostics["r_hat_max"],
+        "num_divergences": diagnostics["num_divergences"],
+        "pathfinder_gradient_evaluations": (result.config.get("pathfinder") or {}).get("gradient_evaluations", 0),
+    }
 
 
 def _shortest(rows, init, target) -> int | None:
@@ -70,16 +86,26 @@ def main() -> None:
                 print(row, flush=True)
         baseline = next(r for r in problem_rows if r["init"] == "uniform" and r["warmup"] == warmups[-1])
         target = args.fraction * baseline["ess_bulk_min"]
-        entry = {"problem": name, "target_ess": target,
-                 "warmup_uniform": _shortest(problem_rows, "uniform", target),
-                 "warmup_pathfinder": _shortest(problem_rows, "pathfinder", target),
-                 "pathfinder_gradient_evaluations": max(r["pathfinder_gradient_evaluations"] for r in problem_rows)}
+        entry = {
+            "problem": name,
+            "target_ess": target,
+            "warmup_uniform": _shortest(problem_rows, "uniform", target),
+            "warmup_pathfinder": _shortest(problem_rows, "pathfinder", target),
+            "pathfinder_gradient_evaluations": max(r["pathfinder_gradient_evaluations"] for r in problem_rows),
+        }
         summary.append(entry)
         rows.extend(problem_rows)
         print(entry, flush=True)
-        write_json(args.out, {"command": "python benchmarks/pathfinder_init.py " + " ".join(os.sys.argv[1:]),
-                              "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-                              "total_seconds": time.time() - started, "summary": summary, "rows": rows})
+        write_json(
+            args.out,
+            {
+                "command": "python benchmarks/pathfinder_init.py " + " ".join(os.sys.argv[1:]),
+                "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+                "total_seconds": time.time() - started,
+                "summary": summary,
+                "rows": rows,
+            },
+        )
     print(f"wrote {args.out} ({time.time() - started:.0f} s)")
 
 

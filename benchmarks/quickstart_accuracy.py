@@ -7,6 +7,7 @@ log-density gradient evaluations, and NUTS's gradient evaluations.
     python benchmarks/quickstart_accuracy.py                       # meanfield, iaf, fullrank
     python benchmarks/quickstart_accuracy.py --guides meanfield --seeds 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,11 @@ def main(argv=None) -> None:
             report = compare(model, torch.randn(50) + 3.0, guides=guides, seed=seed, progress=False)
         for guide in guides:
             part, row = report.table[report.table.method == guide], report.summary.loc[guide]
-            print(f"seed {seed} {guide:9s} max|err| {part.mean_error_sd.abs().max():.3f} sd ratio "
-                  f"{part.sd_ratio.min():.3f}-{part.sd_ratio.max():.3f} k-hat {row.k_hat:.2f} "
-                  f"elbo {row.elbo:.2f} converged {row.converged} grads {row.gradient_evaluations}")
+            print(
+                f"seed {seed} {guide:9s} max|err| {part.mean_error_sd.abs().max():.3f} sd ratio "
+                f"{part.sd_ratio.min():.3f}-{part.sd_ratio.max():.3f} k-hat {row.k_hat:.2f} "
+                f"elbo {row.elbo:.2f} converged {row.converged} grads {row.gradient_evaluations}"
+            )
         print(f"seed {seed} nuts grads {report.summary.loc['nuts'].gradient_evaluations}", flush=True)
 
 

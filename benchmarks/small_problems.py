@@ -7,6 +7,7 @@ for its nine problems, and a long NUTS run for the rest. Prints one table and wr
     python benchmarks/small_problems.py                      # everything (long)
     python benchmarks/small_problems.py --problems eight_schools,normal_normal --guides meanfield,iaf
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,17 @@ from vilab.models import list_models
 from vilab.posteriordb import default_posteriordb_path, load_posteriordb
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "small_problems.json")
-COLUMNS = ("mean_abs_error_sd", "max_abs_error_sd", "mean_abs_log_sd_ratio", "mean_wasserstein_sd", "k_hat",
-           "elbo", "wall_time", "ess_per_second", "num_divergences")
+COLUMNS = (
+    "mean_abs_error_sd",
+    "max_abs_error_sd",
+    "mean_abs_log_sd_ratio",
+    "mean_wasserstein_sd",
+    "k_hat",
+    "elbo",
+    "wall_time",
+    "ess_per_second",
+    "num_divergences",
+)
 
 
 def _problems(names):
@@ -46,7 +56,12 @@ def _problems(names):
             torch.manual_seed(0)
             draws = {k: d.sample((10000,)) for k, d in spec.exact_posterior().items()}
             problems[spec.name] = (model, args, kwargs, draws)
-        elif "hierarchical" in spec.tags or "regression" in spec.tags or "mixture" in spec.tags or "pathological" in spec.tags:
+        elif (
+            "hierarchical" in spec.tags
+            or "regression" in spec.tags
+            or "mixture" in spec.tags
+            or "pathological" in spec.tags
+        ):
             model, args, kwargs = spec.load()
             problems[spec.name] = (model, args, kwargs, None)
     return problems
@@ -72,9 +87,18 @@ def main() -> None:
             warnings.simplefilter("ignore")
             if reference is None:
                 reference = run_nuts(model, *margs, progress=False, **nuts_options, **mkwargs)
-            report = compare(model, *margs, guides=guides, reference=reference, include_nuts=True, num_draws=args.draws,
-                             svi_options={"num_steps": args.steps}, nuts_options=nuts_options, progress=False,
-                             **mkwargs)
+            report = compare(
+                model,
+                *margs,
+                guides=guides,
+                reference=reference,
+                include_nuts=True,
+                num_draws=args.draws,
+                svi_options={"num_steps": args.steps},
+                nuts_options=nuts_options,
+                progress=False,
+                **mkwargs,
+            )
         for method, entry in report.summary.iterrows():
             row = {"problem": name, "method": method, **{c: entry.get(c) for c in COLUMNS}}
             rows.append(row)
@@ -83,9 +107,15 @@ def main() -> None:
             rows.append({"problem": name, "method": method, "error": reason})
             print(f"{name[:34]:<34} {method:<10} failed: {reason[:120]}", flush=True)
         # Written after every problem (atomically), so a long run that is stopped keeps its rows.
-        write_json(args.out, {"command": "python benchmarks/small_problems.py " + " ".join(os.sys.argv[1:]),
-                              "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-                              "total_seconds": time.time() - started, "rows": rows})
+        write_json(
+            args.out,
+            {
+                "command": "python benchmarks/small_problems.py " + " ".join(os.sys.argv[1:]),
+                "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+                "total_seconds": time.time() - started,
+                "rows": rows,
+            },
+        )
     print(f"wrote {args.out} ({time.time() - started:.0f} s)")
 
 
@@ -93,8 +123,11 @@ def _format(row) -> str:
     cells = [f"{row['problem'][:34]:<34}", f"{row['method']:<10}"]
     for column in COLUMNS:
         value = row[column]
-        cells.append(f"{'-':>8}" if value is None or (isinstance(value, float) and not np.isfinite(value))
-                     else f"{float(value):>8.3g}")
+        cells.append(
+            f"{'-':>8}"
+            if value is None or (isinstance(value, float) and not np.isfinite(value))
+            else f"{float(value):>8.3g}"
+        )
     return " ".join(cells)
 
 

@@ -16,6 +16,7 @@ Usage::
 
 Writes ``benchmarks/results/svi_speed.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,18 @@ def run_vilab(model, args, kwargs, guide, num_steps, compiler="auto"):
     ``compiler="inductor"`` compiling the fused kernel)."""
     from vilab.inference import fit_svi
 
-    result = fit_svi(model, guide, *args, num_steps=num_steps, lr=LEARNING_RATE, early_stop=False,
-                     progress=False, seed=0, compiler=compiler, **kwargs)
+    result = fit_svi(
+        model,
+        guide,
+        *args,
+        num_steps=num_steps,
+        lr=LEARNING_RATE,
+        early_stop=False,
+        progress=False,
+        seed=0,
+        compiler=compiler,
+        **kwargs,
+    )
     backend = result.config["backend"] + (" fused" if result.config.get("fused") else "")
     return backend, num_steps / (result.wall_time - result.config["setup_seconds"])
 
@@ -124,31 +135,45 @@ def measure(problem: str, implementation: str, guide: str, num_steps: int) -> di
     else:
         steady = run_numpyro(problem, args, kwargs, guide, num_steps)
     wall = time.perf_counter() - start
-    return {"problem": problem, "implementation": implementation, "guide": guide, "num_steps": num_steps,
-            "wall_s": wall, "steps_per_s": num_steps / wall, "load_average": [load_before, os.getloadavg()[0]],
-            "steady_steps_per_s": steady if implementation not in ("pyro", "pyro_jit") else None,
-            "backend": backend}
+    return {
+        "problem": problem,
+        "implementation": implementation,
+        "guide": guide,
+        "num_steps": num_steps,
+        "wall_s": wall,
+        "steps_per_s": num_steps / wall,
+        "load_average": [load_before, os.getloadavg()[0]],
+        "steady_steps_per_s": steady if implementation not in ("pyro", "pyro_jit") else None,
+        "backend": backend,
+    }
 
 
 def _table(rows: list[dict]) -> str:
     ok = [r for r in rows if "error" not in r and r["implementation"] == "numpyro"]
     reference = {(r["problem"], r["guide"]): r for r in ok}
-    lines = ["| problem | guide | implementation | wall s | steps/s (all) | vs NumPyro (all) | "
-             "steps/s after setup | vs NumPyro (after setup) | load avg |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| problem | guide | implementation | wall s | steps/s (all) | vs NumPyro (all) | "
+        "steps/s after setup | vs NumPyro (after setup) | load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['problem']} | {r['guide']} | {r['implementation']} | - | - | - | - | - | {r['error']} |")
+            lines.append(
+                f"| {r['problem']} | {r['guide']} | {r['implementation']} | - | - | - | - | - | {r['error']} |"
+            )
             continue
         ref = reference.get((r["problem"], r["guide"]))
         name = r["implementation"] + (f" ({r['backend']})" if r.get("backend") else "")
         ratio = f"{r['steps_per_s'] / ref['steps_per_s']:.2f}" if ref else "-"
         steady = r.get("steady_steps_per_s")
-        steady_ratio = (f"{steady / ref['steady_steps_per_s']:.2f}"
-                        if ref and steady and ref.get("steady_steps_per_s") else "-")
-        lines.append(f"| {r['problem']} | {r['guide']} | {name} | {r['wall_s']:.1f} | {r['steps_per_s']:.0f} | "
-                     f"{ratio} | {f'{steady:.0f}' if steady else '-'} | {steady_ratio} | "
-                     f"{r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |")
+        steady_ratio = (
+            f"{steady / ref['steady_steps_per_s']:.2f}" if ref and steady and ref.get("steady_steps_per_s") else "-"
+        )
+        lines.append(
+            f"| {r['problem']} | {r['guide']} | {name} | {r['wall_s']:.1f} | {r['steps_per_s']:.0f} | "
+            f"{ratio} | {f'{steady:.0f}' if steady else '-'} | {steady_ratio} | "
+            f"{r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -158,9 +183,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--guides", nargs="*", default=list(GUIDES), choices=GUIDES)
     parser.add_argument("--implementations", nargs="*", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     parser.add_argument("--num-steps", type=int, default=2000)
-    parser.add_argument("--warm-cache", action="store_true",
-                        help="use Inductor's on-disk cache as a user's repeated runs do; by default a fresh "
-                             "cache directory makes every compilation cold")
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="use Inductor's on-disk cache as a user's repeated runs do; by default a fresh "
+        "cache directory makes every compilation cold",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     arguments = parser.parse_args(argv)
     if not arguments.warm_cache:
@@ -178,15 +206,29 @@ def main(argv=None) -> list[dict]:
                 # an AutoIAFNormal (the guide's parameters are created inside the trace).
                 except (RuntimeError, ValueError, NotImplementedError, ImportError, AssertionError) as error:
                     where = traceback.extract_tb(error.__traceback__)[-1]
-                    rows.append({"problem": problem, "implementation": implementation, "guide": guide,
-                                 "error": f"{type(error).__name__}: {str(error)[:80]} "
-                                          f"({os.path.basename(where.filename)}:{where.lineno})"})
+                    rows.append(
+                        {
+                            "problem": problem,
+                            "implementation": implementation,
+                            "guide": guide,
+                            "error": f"{type(error).__name__}: {str(error)[:80]} "
+                            f"({os.path.basename(where.filename)}:{where.lineno})",
+                        }
+                    )
                 print(_table(rows[-1:]).splitlines()[-1], flush=True)
     print(_table(rows))
     arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps({"num_steps": arguments.num_steps, "rows": rows,
-                                         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
-                                        indent=2))
+    arguments.out.write_text(
+        json.dumps(
+            {
+                "num_steps": arguments.num_steps,
+                "rows": rows,
+                "torch_threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(),
+            },
+            indent=2,
+        )
+    )
     return rows
 
 

@@ -11,6 +11,7 @@ tasks serially in this process, checks that both stores hold the same numbers, a
     .venv/bin/python benchmarks/sweep_posteriordb.py --models posteriordb/kidiq-kidscore_momiq \\
         --methods meanfield,nuts --num-seeds 1 --steps 300 --samples 200 --warmup 200   # a small check
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,16 @@ from pathlib import Path
 import pandas as pd
 
 DEFAULT_METHODS = "meanfield,fullrank,dadvi,pathfinder,nuts"
-TIMING_COLUMNS = ["finished_at", "task_seconds", "wall_time", "ess_per_second", "host", "node_id", "node_ip",
-                  "ray_version"]
+TIMING_COLUMNS = [
+    "finished_at",
+    "task_seconds",
+    "wall_time",
+    "ess_per_second",
+    "host",
+    "node_id",
+    "node_ip",
+    "ray_version",
+]
 
 
 def _available(methods: list[str]) -> tuple[list[str], list[str]]:
@@ -52,10 +61,14 @@ def _per_method(results: pd.DataFrame) -> dict:
     from vilab.inference.sweep import leaderboard_table
 
     table = leaderboard_table(results)
-    summary = table.groupby("method").agg(models=("model", "nunique"), seeds_ok=("num_ok", "sum"),
-                                          tasks=("num_tasks", "sum"), mean_abs_error_sd=("mean_abs_error_sd", "mean"),
-                                          gradient_evaluations=("num_gradient_evaluations", "median"),
-                                          seconds=("wall_time", "median"))
+    summary = table.groupby("method").agg(
+        models=("model", "nunique"),
+        seeds_ok=("num_ok", "sum"),
+        tasks=("num_tasks", "sum"),
+        mean_abs_error_sd=("mean_abs_error_sd", "mean"),
+        gradient_evaluations=("num_gradient_evaluations", "median"),
+        seconds=("wall_time", "median"),
+    )
     return json.loads(summary.to_json(orient="index"))
 
 
@@ -81,8 +94,11 @@ def main() -> None:
     if unavailable:
         print(f"not registered in this checkout, left out: {', '.join(unavailable)}")
     posteriordb = args.posteriordb or str(default_posteriordb_path())
-    options = {"posteriordb": posteriordb, "svi_options": {"num_steps": args.steps} if args.steps else {},
-               "nuts_options": {k: v for k, v in (("num_samples", args.samples), ("num_warmup", args.warmup)) if v}}
+    options = {
+        "posteriordb": posteriordb,
+        "svi_options": {"num_steps": args.steps} if args.steps else {},
+        "nuts_options": {k: v for k, v in (("num_samples", args.samples), ("num_warmup", args.warmup)) if v},
+    }
     grid = ([m.strip() for m in args.models.split(",")], methods, list(range(args.num_seeds)))
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)  # a timing starts from an empty store
@@ -93,16 +109,28 @@ def main() -> None:
     if not args.skip_sequential:
         start = time.perf_counter()
         serial = sweep(*grid, out=out / "sequential", serial=True, **options)
-        runs["sequential"] = {"wall_seconds": time.perf_counter() - start, "done": serial.num_done,
-                              "failed": serial.num_failed}
+        runs["sequential"] = {
+            "wall_seconds": time.perf_counter() - start,
+            "done": serial.num_done,
+            "failed": serial.num_failed,
+        }
         runs["speedup"] = runs["sequential"]["wall_seconds"] / runs["ray"]["wall_seconds"]
         runs["same_numbers"] = _same_numbers(read_results(on_ray.store), read_results(serial.store))
     results = read_results(on_ray.store)
-    record = {"benchmark": "sweep_posteriordb", "command": " ".join(sys.argv), "machine": {
-                  "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-              "models": sorted(results["model"].unique()), "methods": methods, "unavailable_methods": unavailable,
-              "seeds": grid[2], "num_tasks": on_ray.num_tasks, "runs": runs, "per_method": _per_method(results),
-              "leaderboard": str(on_ray.leaderboard), "store": str(on_ray.store)}
+    record = {
+        "benchmark": "sweep_posteriordb",
+        "command": " ".join(sys.argv),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "models": sorted(results["model"].unique()),
+        "methods": methods,
+        "unavailable_methods": unavailable,
+        "seeds": grid[2],
+        "num_tasks": on_ray.num_tasks,
+        "runs": runs,
+        "per_method": _per_method(results),
+        "leaderboard": str(on_ray.leaderboard),
+        "store": str(on_ray.store),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(json.dumps(runs, indent=2))

@@ -14,6 +14,7 @@ Usage:
     nice -n 0 python benchmarks/vae_overhead.py --rounds 20 --steps 50 --threads 1
 Writes benchmarks/results/vae_overhead.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ def plain_step(encoder, decoder, optimizer, x):
     z = loc + scale * torch.randn_like(loc)
     logits = decoder(z)
     reconstruction = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum((1, 2, 3))
-    kl = (0.5 * (loc ** 2 + scale ** 2 - 1) - torch.log(scale)).sum(-1)
+    kl = (0.5 * (loc**2 + scale**2 - 1) - torch.log(scale)).sum(-1)
     loss = (kl - reconstruction).mean()
     loss.backward()
     optimizer.step()
@@ -74,13 +75,18 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--validate-distributions", action="store_true",
-                        help="keep Pyro's distribution argument/support checks on")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: immune to OpenMP spin-waits on a "
-                             "shared, overloaded machine)")
-    parser.add_argument("--validate-data", action="store_true",
-                        help="keep the per-call binary-data check on in vilab's model")
+    parser.add_argument(
+        "--validate-distributions", action="store_true", help="keep Pyro's distribution argument/support checks on"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: immune to OpenMP spin-waits on a shared, overloaded machine)",
+    )
+    parser.add_argument(
+        "--validate-data", action="store_true", help="keep the per-call binary-data check on in vilab's model"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -88,8 +94,7 @@ def main(argv=None):
     vae, twin = build_vae(config), build_vae(config)
     twin.load_state_dict(vae.state_dict())
     vae.model.validate_data = args.validate_data
-    module = VAELightningModule(vae.model, vae.guide, ELBOLoss(),
-                                validate_distributions=args.validate_distributions)
+    module = VAELightningModule(vae.model, vae.guide, ELBOLoss(), validate_distributions=args.validate_distributions)
     vilab_optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
     plain_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-3)
     encoder, decoder = twin.guide.encoder, twin.model.decoder
@@ -100,22 +105,25 @@ def main(argv=None):
     for _ in range(args.rounds):
         plain.append(timed(lambda x, i: plain_step(encoder, decoder, plain_optimizer, x), data))
         ours.append(timed(lambda x, i: vilab_step(module, vilab_optimizer, x, i), data))
-    result = {"plain_images_per_s": statistics.median(plain),
-              "vilab_images_per_s": statistics.median(ours),
-              "ratio": statistics.median(ours) / statistics.median(plain),
-              "per_round_ratios": [o / p for o, p in zip(ours, plain)],
-              "plain_per_round": plain, "vilab_per_round": ours,
-              "load_average": os.getloadavg(),
-              "threads": torch.get_num_threads(), "validate_data": args.validate_data,
-              "validate_distributions": args.validate_distributions,
-              "command": " ".join(["python", *sys.argv])}
+    result = {
+        "plain_images_per_s": statistics.median(plain),
+        "vilab_images_per_s": statistics.median(ours),
+        "ratio": statistics.median(ours) / statistics.median(plain),
+        "per_round_ratios": [o / p for o, p in zip(ours, plain)],
+        "plain_per_round": plain,
+        "vilab_per_round": ours,
+        "load_average": os.getloadavg(),
+        "threads": torch.get_num_threads(),
+        "validate_data": args.validate_data,
+        "validate_distributions": args.validate_distributions,
+        "command": " ".join(["python", *sys.argv]),
+    }
     print(f"{'loop':<10}{'images/s (median)':>20}")
     print(f"{'plain':<10}{result['plain_images_per_s']:>20.0f}")
     print(f"{'vilab':<10}{result['vilab_images_per_s']:>20.0f}")
     print(f"ratio vilab/plain = {result['ratio']:.3f} (target >= 0.9)")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    suffix = ("_validated" if args.validate_data else "") + (
-        "_pyro_checks" if args.validate_distributions else "")
+    suffix = ("_validated" if args.validate_data else "") + ("_pyro_checks" if args.validate_distributions else "")
     with open(os.path.join(HERE, "results", f"vae_overhead{suffix}.json"), "w") as handle:
         json.dump(result, handle, indent=2)
 

@@ -27,6 +27,7 @@ References:
     Norouzi, Fleet & Norouzi, "Exemplar VAE: Linking Generative Models, Nearest Neighbor
     Retrieval, and Data Augmentation", NeurIPS 2020.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def score(vae, images, args) -> float:
     """``-log p(x)`` averaged over ``images`` (K = ``--iw-samples``, seed 0)."""
     pyro.set_rng_seed(0)
-    estimate = importance_sampled_log_likelihood(vae, make_loader(images, batch_size=50),
-                                                 num_samples=args.iw_samples, chunk_size=100)
+    estimate = importance_sampled_log_likelihood(
+        vae, make_loader(images, batch_size=50), num_samples=args.iw_samples, chunk_size=100
+    )
     return -estimate.mean
 
 
@@ -85,15 +87,17 @@ def kernel_scales(spec: str, scales: torch.Tensor) -> torch.Tensor:
 def prior_swap(vae, args, data) -> list[dict]:
     holder = getattr(vae.model.prior, "top", None) is not None
     if vae.config.guide != "meanfield":
-        raise SystemExit(f"prior-swap: needs a Gaussian encoder (guide 'meanfield'); {args.run} "
-                         f"has guide {vae.config.guide!r}, whose posterior is not N(mu(x), s(x)^2)")
+        raise SystemExit(
+            f"prior-swap: needs a Gaussian encoder (guide 'meanfield'); {args.run} "
+            f"has guide {vae.config.guide!r}, whose posterior is not N(mu(x), s(x)^2)"
+        )
     with torch.no_grad():
         train = data.train
         if data.num_levels == 2:  # one fixed binarization, as validation and test have
             train = binarize(train, seed=0)
         encoder = vae.guide.encoder  # q(z|x), or q(z_2|x) of the two-level guide
         locs, scales = (torch.cat(t) for t in zip(*[encoder(x) for x in train.split(1000)]))
-    images = data.validation[:args.images]
+    images = data.validation[: args.images]
     rows = [{"prior": "run's own", "neg_log_likelihood": score(vae, images, args)}]
     print(f"{'prior':<28}{'-log p(x)':>12}", flush=True)
     print(f"{rows[0]['prior']:<28}{rows[0]['neg_log_likelihood']:>12.3f}", flush=True)
@@ -119,11 +123,19 @@ class _EMA(Callback):
 
 
 def ema(vae, config, args, data) -> list[dict]:
-    images = data.validation[:args.images]
+    images = data.validation[: args.images]
     start = score(vae, images, args)
-    training = TrainingConfig(**{**config["training"], "max_epochs": args.epochs,
-                                 "learning_rate": args.lr, "lr_decay": None, "patience": None,
-                                 "max_time": None, "progress": False})
+    training = TrainingConfig(
+        **{
+            **config["training"],
+            "max_epochs": args.epochs,
+            "learning_rate": args.lr,
+            "lr_decay": None,
+            "patience": None,
+            "max_time": None,
+            "progress": False,
+        }
+    )
     callback = _EMA(args.decay)
     pyro.set_rng_seed(0)
     began = time.perf_counter()
@@ -131,9 +143,14 @@ def ema(vae, config, args, data) -> list[dict]:
     minutes = (time.perf_counter() - began) / 60
     vae.load_state_dict(callback.average.module.state_dict())
     vae.eval()
-    rows = [{"weights": "run's own", "neg_log_likelihood": start},
-            {"weights": f"EMA {args.decay} after {args.epochs} epochs at lr {args.lr}",
-             "neg_log_likelihood": score(vae, images, args), "train_minutes": round(minutes, 1)}]
+    rows = [
+        {"weights": "run's own", "neg_log_likelihood": start},
+        {
+            "weights": f"EMA {args.decay} after {args.epochs} epochs at lr {args.lr}",
+            "neg_log_likelihood": score(vae, images, args),
+            "train_minutes": round(minutes, 1),
+        },
+    ]
     for row in rows:
         print(f"{row['weights']:<48}{row['neg_log_likelihood']:>12.3f}", flush=True)
     return rows
@@ -141,7 +158,7 @@ def ema(vae, config, args, data) -> list[dict]:
 
 def score_run(vae, args, data) -> list[dict]:
     """The run's own score, for pairing with probes of it or with other runs."""
-    row = {"weights": "run's own", "neg_log_likelihood": score(vae, data.validation[:args.images], args)}
+    row = {"weights": "run's own", "neg_log_likelihood": score(vae, data.validation[: args.images], args)}
     print(f"{row['weights']:<48}{row['neg_log_likelihood']:>12.3f}", flush=True)
     return [row]
 
@@ -150,14 +167,21 @@ def mirror(vae, args, data) -> list[dict]:
     """``-log p(x)`` of each class's training images as they are and mirrored left-right."""
     rows = []
     for label in range(int(data.train_labels.max()) + 1):
-        images = data.train[data.train_labels == label][:args.images]
+        images = data.train[data.train_labels == label][: args.images]
         if data.num_levels == 2:  # a seed apart from validation's (1) and test's (2)
             images = binarize(images, seed=3)
-        row = {"class": label, "images": len(images), "as_is": score(vae, images, args),
-               "mirrored": score(vae, images.flip(-1), args)}
+        row = {
+            "class": label,
+            "images": len(images),
+            "as_is": score(vae, images, args),
+            "mirrored": score(vae, images.flip(-1), args),
+        }
         rows.append(row)
-        print(f"class {label}: as is {row['as_is']:8.2f}   mirrored {row['mirrored']:8.2f}   "
-              f"{row['mirrored'] - row['as_is']:+6.2f}", flush=True)
+        print(
+            f"class {label}: as is {row['as_is']:8.2f}   mirrored {row['mirrored']:8.2f}   "
+            f"{row['mirrored'] - row['as_is']:+6.2f}",
+            flush=True,
+        )
     return rows
 
 
@@ -165,8 +189,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("probe", choices=("prior-swap", "ema", "score", "mirror"))
     parser.add_argument("run", help="a run directory written by vae_quality.py or `vilab vae train`")
-    parser.add_argument("--validation-size", type=int, default=None,
-                        help="as the run was trained (its validation images are scored)")
+    parser.add_argument(
+        "--validation-size", type=int, default=None, help="as the run was trained (its validation images are scored)"
+    )
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--iw-samples", type=int, default=200)
     parser.add_argument("--scales", default="mult:1.0,dim:1.0")
@@ -194,7 +219,9 @@ def main(argv=None) -> None:
         with open(args.output) as file:
             results = json.load(file)
     results[f"{args.probe} {os.path.basename(args.run.rstrip('/'))}"] = {
-        "settings": {k: v for k, v in vars(args).items() if k != "output"}, "rows": rows}
+        "settings": {k: v for k, v in vars(args).items() if k != "output"},
+        "rows": rows,
+    }
     with open(args.output + ".tmp", "w") as file:
         json.dump(results, file, indent=2)
     os.replace(args.output + ".tmp", args.output)

@@ -29,6 +29,7 @@ Usage:
         --max-train 50000 --max-validation 5000 --cpu-minutes 1000 --digits-epochs 0 --tag=-h2-p1
 Writes benchmarks/results/vae_quality.json and run directories under benchmarks/results/vae_runs/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,10 +58,14 @@ FASHION_MODELS = {
     "spline": (dict(guide="spline"), {}),
     "iwae-k5": (dict(guide="meanfield"), dict(objective="iwae", iwae_samples=5)),
     "vampprior": (dict(guide="meanfield", prior="vamp", num_components=500), {}),
-    "vampprior-iwae-k5": (dict(guide="meanfield", prior="vamp", num_components=500),
-                          dict(objective="iwae", iwae_samples=5)),
-    "vampprior-iwae-k50": (dict(guide="meanfield", prior="vamp", num_components=500),
-                           dict(objective="iwae", iwae_samples=50)),
+    "vampprior-iwae-k5": (
+        dict(guide="meanfield", prior="vamp", num_components=500),
+        dict(objective="iwae", iwae_samples=5),
+    ),
+    "vampprior-iwae-k50": (
+        dict(guide="meanfield", prior="vamp", num_components=500),
+        dict(objective="iwae", iwae_samples=50),
+    ),
 }
 
 
@@ -91,8 +96,9 @@ def warm_start(vae, path):
         # A one-level run under a two-level model: its z becomes the top latent z_2.
         from vilab.models.vae.hierarchical import embed_one_level
 
-        print(f"warm start from the one-level {path}; set as N(0, I) or zero: "
-              f"{embed_one_level(vae, tensors)}", flush=True)
+        print(
+            f"warm start from the one-level {path}; set as N(0, I) or zero: {embed_one_level(vae, tensors)}", flush=True
+        )
         return
     own = vae.state_dict()
     # A saved N(0, I) prior's buffers have no counterpart in a learned prior: drop them.
@@ -100,13 +106,13 @@ def warm_start(vae, path):
     tensors = {k: v for k, v in tensors.items() if k not in dropped}
     unfit = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
     if unfit:
-        raise SystemExit(f"--init-from: {path} has tensors this model lacks or shapes it "
-                         f"does not have: {unfit}")
+        raise SystemExit(f"--init-from: {path} has tensors this model lacks or shapes it does not have: {unfit}")
     vae.load_state_dict(tensors, strict=False)
     kept = sorted(set(own) - set(tensors))
     if kept:
-        print(f"warm start from {path}; kept as initialised: {kept}; "
-              f"saved prior tensors dropped: {dropped}", flush=True)
+        print(
+            f"warm start from {path}; kept as initialised: {kept}; saved prior tensors dropped: {dropped}", flush=True
+        )
 
 
 def mirror_classes(data, classes):
@@ -119,11 +125,13 @@ def mirror_classes(data, classes):
         return data
     labels = set(data.train_labels.tolist())
     if not set(classes) <= labels:
-        raise ValueError(f"--mirror-classes: expected classes among {sorted(labels)}, "
-                         f"got {classes}")
+        raise ValueError(f"--mirror-classes: expected classes among {sorted(labels)}, got {classes}")
     keep = torch.isin(data.train_labels, torch.tensor(classes))
-    return dataclasses.replace(data, train=torch.cat([data.train, data.train[keep].flip(-1)]),
-                               train_labels=torch.cat([data.train_labels, data.train_labels[keep]]))
+    return dataclasses.replace(
+        data,
+        train=torch.cat([data.train, data.train[keep].flip(-1)]),
+        train_labels=torch.cat([data.train_labels, data.train_labels[keep]]),
+    )
 
 
 def _max_time(minutes):
@@ -138,12 +146,20 @@ def run_one(name, data, vae_options, train_options, args, out_root):
     pyro.set_rng_seed(args.seed)
     config = VAEConfig(data.image_shape, num_levels=data.num_levels, **vae_options)
     steps_per_epoch = math.ceil(len(data.train) / args.batch_size)
-    training = TrainingConfig(max_epochs=args.epochs, batch_size=args.batch_size,
-                              learning_rate=args.lr, progress=False, seed=args.seed,
-                              kl_warmup_steps=args.kl_warmup_epochs * steps_per_epoch,
-                              patience=args.patience, accelerator=args.accelerator,
-                              lr_decay=args.lr_decay, lr_patience=args.lr_patience,
-                              max_time=_max_time(args.max_minutes), **train_options)
+    training = TrainingConfig(
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        progress=False,
+        seed=args.seed,
+        kl_warmup_steps=args.kl_warmup_epochs * steps_per_epoch,
+        patience=args.patience,
+        accelerator=args.accelerator,
+        lr_decay=args.lr_decay,
+        lr_patience=args.lr_patience,
+        max_time=_max_time(args.max_minutes),
+        **train_options,
+    )
     out_dir = os.path.join(out_root, name + args.tag)
     budget = CPUTimeBudget(None if args.cpu_minutes is None else args.cpu_minutes * 60)
     from vilab.inference.vae.checkpoints import load_checkpoint
@@ -153,69 +169,91 @@ def run_one(name, data, vae_options, train_options, args, out_root):
         # Score a finished run again (e.g. after an evaluation failure) without retraining.
         last = load_checkpoint(os.path.join(out_dir, "checkpoints", "last.ckpt"))
         budget.used = float("nan")
-        result = argparse.Namespace(trainer=argparse.Namespace(
-            current_epoch=last["epoch"] + 1, global_step=last["global_step"]),
-            wall_time=float("nan"))
+        result = argparse.Namespace(
+            trainer=argparse.Namespace(current_epoch=last["epoch"] + 1, global_step=last["global_step"]),
+            wall_time=float("nan"),
+        )
     else:
         vae = build_vae(config)
         if args.vamp_init == "data" and config.prior == "vamp":
             order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))
             vamp = getattr(vae.model.prior, "top", vae.model.prior)  # a two-level prior's p(z_2)
-            vamp.init_from_data(data.train[order[:config.num_components]])
+            vamp.init_from_data(data.train[order[: config.num_components]])
         if args.init_from:
             warm_start(vae, os.path.join(args.init_from, "model.safetensors"))
         # --resume: a long CPU run spans sessions; SIGTERM ends one at an epoch's checkpoint.
-        result = train_vae(vae, data, out_dir, config=training, resume=args.resume,
-                           callbacks=[budget])
+        result = train_vae(vae, data, out_dir, config=training, resume=args.resume, callbacks=[budget])
 
     vae, _ = load_run(out_dir)
     if args.accelerator in ("gpu", "cuda"):
         vae = vae.cuda()
     pyro.set_rng_seed(args.seed)
     validation = elbo_split(vae, make_loader(data.validation, batch_size=args.eval_batch))
-    loader = make_loader(data.test[:args.test_examples], batch_size=args.eval_batch)
+    loader = make_loader(data.test[: args.test_examples], batch_size=args.eval_batch)
     pyro.set_rng_seed(args.seed)
     start, cpu_start = time.perf_counter(), time.process_time()
     metrics = evaluate_vae(vae, loader, iw_samples=args.iw_samples, chunk_size=args.chunk_size)
-    return {"model": name, "epochs": result.trainer.current_epoch,
-            "steps": result.trainer.global_step, "train_images": len(data.train),
-            "train_seconds": round(result.wall_time, 1),
-            "train_cpu_seconds": round(budget.used, 1),
-            "eval_seconds": round(time.perf_counter() - start, 1),
-            "eval_cpu_seconds": round(time.process_time() - cpu_start, 1),
-            "test_examples": metrics["num_examples"], "iw_samples": args.iw_samples,
-            "validation_neg_elbo": -validation.elbo,
-            "test_nll": -metrics["log_likelihood"],
-            "test_nll_stderr": metrics["log_likelihood_stderr"],
-            "test_neg_elbo": -metrics["elbo"], "reconstruction": -metrics["reconstruction"],
-            "kl": metrics["kl"], "active_units": metrics["active_units"],
-            "latent_dim": metrics["latent_dim"], "mutual_information": metrics["mutual_information"]}
+    return {
+        "model": name,
+        "epochs": result.trainer.current_epoch,
+        "steps": result.trainer.global_step,
+        "train_images": len(data.train),
+        "train_seconds": round(result.wall_time, 1),
+        "train_cpu_seconds": round(budget.used, 1),
+        "eval_seconds": round(time.perf_counter() - start, 1),
+        "eval_cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "test_examples": metrics["num_examples"],
+        "iw_samples": args.iw_samples,
+        "validation_neg_elbo": -validation.elbo,
+        "test_nll": -metrics["log_likelihood"],
+        "test_nll_stderr": metrics["log_likelihood_stderr"],
+        "test_neg_elbo": -metrics["elbo"],
+        "reconstruction": -metrics["reconstruction"],
+        "kl": metrics["kl"],
+        "active_units": metrics["active_units"],
+        "latent_dim": metrics["latent_dim"],
+        "mutual_information": metrics["mutual_information"],
+    }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--cpu-minutes", type=float, default=None,
-                        help="training budget per model, in CPU minutes of this process (default: "
-                             "2 on the CPU, none on a GPU)")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="wall-clock training budget per model, in minutes (on a GPU, where "
-                             "the CPU budget says little)")
-    parser.add_argument("--accelerator", default="cpu",
-                        help="Lightning accelerator for training and scoring (cpu, gpu)")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory of the Fashion-MNIST IDX files (default: Debian's)")
-    parser.add_argument("--runs-dir", default=os.path.join(HERE, "results", "vae_runs"),
-                        help="where the run directories go")
-    parser.add_argument("--validation-size", type=int, default=None,
-                        help="training images carved off as the validation split (the rest "
-                             "train; default: the loader's 10,000)")
+    parser.add_argument(
+        "--cpu-minutes",
+        type=float,
+        default=None,
+        help="training budget per model, in CPU minutes of this process (default: 2 on the CPU, none on a GPU)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="wall-clock training budget per model, in minutes (on a GPU, where the CPU budget says little)",
+    )
+    parser.add_argument(
+        "--accelerator", default="cpu", help="Lightning accelerator for training and scoring (cpu, gpu)"
+    )
+    parser.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST IDX files (default: Debian's)")
+    parser.add_argument(
+        "--runs-dir", default=os.path.join(HERE, "results", "vae_runs"), help="where the run directories go"
+    )
+    parser.add_argument(
+        "--validation-size",
+        type=int,
+        default=None,
+        help="training images carved off as the validation split (the rest train; default: the loader's 10,000)",
+    )
     parser.add_argument("--max-train", type=int, default=10000, help="first N training images")
-    parser.add_argument("--max-validation", type=int, default=1000,
-                        help="first N validation images (checked every epoch)")
-    parser.add_argument("--mirror-classes", default="",
-                        help="comma-separated Fashion-MNIST classes whose training images are "
-                             "also used mirrored left-right (e.g. 0,2,3,4,6,8: tops and bags)")
+    parser.add_argument(
+        "--max-validation", type=int, default=1000, help="first N validation images (checked every epoch)"
+    )
+    parser.add_argument(
+        "--mirror-classes",
+        default="",
+        help="comma-separated Fashion-MNIST classes whose training images are "
+        "also used mirrored left-right (e.g. 0,2,3,4,6,8: tops and bags)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--digits-cpu-minutes", type=float, default=1.0)
     parser.add_argument("--iw-samples", type=int, default=5000)
@@ -224,37 +262,57 @@ def main(argv=None):
     parser.add_argument("--eval-batch", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lr-decay", type=float, default=None,
-                        help="multiply the learning rate by this factor on a validation plateau")
-    parser.add_argument("--lr-patience", type=int, default=10,
-                        help="epochs without a better validation bound before each --lr-decay")
+    parser.add_argument(
+        "--lr-decay", type=float, default=None, help="multiply the learning rate by this factor on a validation plateau"
+    )
+    parser.add_argument(
+        "--lr-patience", type=int, default=10, help="epochs without a better validation bound before each --lr-decay"
+    )
     parser.add_argument("--latent", type=int, default=40)
     parser.add_argument("--flows", type=int, default=4)
     parser.add_argument("--models", default=",".join(FASHION_MODELS))
-    parser.add_argument("--hidden-layer", choices=("elu", "gated"), default="elu",
-                        help="MLP hidden layers (the anchors' networks are gated)")
-    parser.add_argument("--latent-levels", type=int, choices=(1, 2), default=1,
-                        help="2: the two-level VAE (Tomczak & Welling's HVAE), --latent numbers per "
-                             "level; --init-from may then name a one-level run (its z becomes z_2)")
-    parser.add_argument("--kl-warmup-epochs", type=int, default=0,
-                        help="linear KL annealing over this many epochs (the anchors: 100)")
-    parser.add_argument("--patience", type=int, default=None,
-                        help="early stopping on the validation ELBO (IWAE models: the k-sample "
-                             "bound), in epochs (the anchors: 50)")
+    parser.add_argument(
+        "--hidden-layer",
+        choices=("elu", "gated"),
+        default="elu",
+        help="MLP hidden layers (the anchors' networks are gated)",
+    )
+    parser.add_argument(
+        "--latent-levels",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: the two-level VAE (Tomczak & Welling's HVAE), --latent numbers per "
+        "level; --init-from may then name a one-level run (its z becomes z_2)",
+    )
+    parser.add_argument(
+        "--kl-warmup-epochs", type=int, default=0, help="linear KL annealing over this many epochs (the anchors: 100)"
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="early stopping on the validation ELBO (IWAE models: the k-sample bound), in epochs (the anchors: 50)",
+    )
     parser.add_argument("--digits-epochs", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reuse", action="store_true",
-                        help="evaluate existing run directories instead of retraining them")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run directory from its checkpoints/last.ckpt (the same "
-                             "command again, after SIGTERM or a kill; without it a run restarts)")
-    parser.add_argument("--init-from", default="",
-                        help="run directory whose model.safetensors initialises the model")
-    parser.add_argument("--vamp-init", choices=("random", "data"), default="random",
-                        help="VampPrior pseudo-inputs: noise around grey 0.5 (the paper's) or "
-                             "random training images")
-    parser.add_argument("--tag", default="",
-                        help="suffix for the run directory (keeps earlier runs of a model)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="evaluate existing run directories instead of retraining them"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run directory from its checkpoints/last.ckpt (the same "
+        "command again, after SIGTERM or a kill; without it a run restarts)",
+    )
+    parser.add_argument("--init-from", default="", help="run directory whose model.safetensors initialises the model")
+    parser.add_argument(
+        "--vamp-init",
+        choices=("random", "data"),
+        default="random",
+        help="VampPrior pseudo-inputs: noise around grey 0.5 (the paper's) or random training images",
+    )
+    parser.add_argument("--tag", default="", help="suffix for the run directory (keeps earlier runs of a model)")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "vae_quality.json"))
     args = parser.parse_args(argv)
     if args.cpu_minutes is None and args.accelerator == "cpu":
@@ -262,39 +320,64 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out_root = args.runs_dir
     rows = []
-    fashion = load_dataset("fashion-mnist", data_dir=args.data_dir, seed=args.seed,
-                           validation_size=args.validation_size).subset(
-        num_train=args.max_train, num_validation=args.max_validation)
+    fashion = load_dataset(
+        "fashion-mnist", data_dir=args.data_dir, seed=args.seed, validation_size=args.validation_size
+    ).subset(num_train=args.max_train, num_validation=args.max_validation)
     fashion = mirror_classes(fashion, [int(c) for c in args.mirror_classes.split(",") if c])
     for name in [m for m in args.models.split(",") if m]:
         vae_options, train_options = FASHION_MODELS[name]
-        vae_options = dict(MLP, latent_dim=args.latent, num_flows=args.flows,
-                           hidden_layer=args.hidden_layer, latent_levels=args.latent_levels,
-                           **vae_options)
-        rows.append(dict(run_one(name, fashion, vae_options, train_options, args, out_root),
-                         data="fashion-mnist"))
+        vae_options = dict(
+            MLP,
+            latent_dim=args.latent,
+            num_flows=args.flows,
+            hidden_layer=args.hidden_layer,
+            latent_levels=args.latent_levels,
+            **vae_options,
+        )
+        rows.append(dict(run_one(name, fashion, vae_options, train_options, args, out_root), data="fashion-mnist"))
         print(json.dumps(rows[-1]), flush=True)
     if args.digits_epochs > 0:
         digits = load_dataset("digits", seed=args.seed)
-        digits_args = argparse.Namespace(**{**vars(args), "epochs": args.digits_epochs,
-                                            "test_examples": len(digits.test),
-                                            "cpu_minutes": args.digits_cpu_minutes})
-        rows.append(dict(run_one("digits-categorical", digits,
-                                 dict(latent_dim=16, encoder_hidden=(128, 128),
-                                      decoder_hidden=(128, 128)), {}, digits_args, out_root),
-                         data="digits"))
+        digits_args = argparse.Namespace(
+            **{
+                **vars(args),
+                "epochs": args.digits_epochs,
+                "test_examples": len(digits.test),
+                "cpu_minutes": args.digits_cpu_minutes,
+            }
+        )
+        rows.append(
+            dict(
+                run_one(
+                    "digits-categorical",
+                    digits,
+                    dict(latent_dim=16, encoder_hidden=(128, 128), decoder_hidden=(128, 128)),
+                    {},
+                    digits_args,
+                    out_root,
+                ),
+                data="digits",
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'model':<20}{'data':<15}{'epochs':>7}{'steps':>7}{'-log p(x)':>11}{'+-':>6}"
-          f"{'-ELBO':>9}{'val -ELBO':>10}{'KL':>7}{'AU':>6}{'train cpu s':>12}")
+    print(
+        f"\n{'model':<20}{'data':<15}{'epochs':>7}{'steps':>7}{'-log p(x)':>11}{'+-':>6}"
+        f"{'-ELBO':>9}{'val -ELBO':>10}{'KL':>7}{'AU':>6}{'train cpu s':>12}"
+    )
     for row in rows:
-        print(f"{row['model']:<20}{row['data']:<15}{row['epochs']:>7}{row['steps']:>7}"
-              f"{row['test_nll']:>11.2f}{row['test_nll_stderr']:>6.2f}{row['test_neg_elbo']:>9.2f}"
-              f"{row['validation_neg_elbo']:>10.2f}{row['kl']:>7.2f}"
-              f"{row['active_units']:>3}/{row['latent_dim']:<2}{row['train_cpu_seconds']:>12.0f}")
+        print(
+            f"{row['model']:<20}{row['data']:<15}{row['epochs']:>7}{row['steps']:>7}"
+            f"{row['test_nll']:>11.2f}{row['test_nll_stderr']:>6.2f}{row['test_neg_elbo']:>9.2f}"
+            f"{row['validation_neg_elbo']:>10.2f}{row['kl']:>7.2f}"
+            f"{row['active_units']:>3}/{row['latent_dim']:<2}{row['train_cpu_seconds']:>12.0f}"
+        )
     path = args.output
     with open(path, "w") as handle:
-        json.dump({"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-                   "args": vars(args), "rows": rows}, handle, indent=2)
+        json.dump(
+            {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "args": vars(args), "rows": rows},
+            handle,
+            indent=2,
+        )
     print(f"wrote {path}")
 
 

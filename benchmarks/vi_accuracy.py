@@ -17,6 +17,7 @@ or VI method) plus ``dadvi_iid`` (DADVI with the paper's i.i.d. draws instead of
 pairs). Gradient evaluations: DADVI counts its own (``config["gradient_evaluations"]``); an SVI
 fit counts ``num_steps * num_particles``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,15 +61,22 @@ def _score(problem, method_result, report, name: str) -> dict:
     ratios = np.array([draws[k].std(ddof=1) / summary[k]["sd"] for k in names])
     table = report.table[report.table["method"] == method_result.name]
     config = result.config
-    gradients = config.get("gradient_evaluations",
-                           result.num_steps * config.get("num_particles", 1))
-    row = {"posterior": problem.name, "method": name, "num_parameters": len(names),
-           "max_abs_error_sd": float(np.abs(errors).max()), "rmse_error_sd": float(np.sqrt(np.mean(errors ** 2))),
-           "sd_ratio_min": float(ratios.min()), "sd_ratio_max": float(ratios.max()),
-           "mean_wasserstein_sd": float(table["wasserstein_sd"].mean()),
-           "k_hat": float(method_result.metrics["k_hat"]), "wall_time": float(result.wall_time),
-           "gradient_evaluations": int(gradients), "converged": bool(result.converged),
-           "parameters": {k: {"error_sd": float(e), "sd_ratio": float(r)} for k, e, r in zip(names, errors, ratios)}}
+    gradients = config.get("gradient_evaluations", result.num_steps * config.get("num_particles", 1))
+    row = {
+        "posterior": problem.name,
+        "method": name,
+        "num_parameters": len(names),
+        "max_abs_error_sd": float(np.abs(errors).max()),
+        "rmse_error_sd": float(np.sqrt(np.mean(errors**2))),
+        "sd_ratio_min": float(ratios.min()),
+        "sd_ratio_max": float(ratios.max()),
+        "mean_wasserstein_sd": float(table["wasserstein_sd"].mean()),
+        "k_hat": float(method_result.metrics["k_hat"]),
+        "wall_time": float(result.wall_time),
+        "gradient_evaluations": int(gradients),
+        "converged": bool(result.converged),
+        "parameters": {k: {"error_sd": float(e), "sd_ratio": float(r)} for k, e, r in zip(names, errors, ratios)},
+    }
     if config.get("lrvb_sd"):
         lrvb = np.array([config["lrvb_sd"][k] / summary[k]["sd"] for k in names])
         row.update(lrvb_sd_ratio_min=float(lrvb.min()), lrvb_sd_ratio_max=float(lrvb.max()))
@@ -83,9 +91,18 @@ def run_one(name: str, folder: str, method: str, args) -> dict:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = compare(problem.model, *problem.args, guides=(guide,), reference=problem.reference_draws,
-                         seed=args.seed, num_draws=args.num_draws, progress=False,
-                         svi_options={"num_steps": args.steps}, guide_options={guide: options}, **problem.kwargs)
+        report = compare(
+            problem.model,
+            *problem.args,
+            guides=(guide,),
+            reference=problem.reference_draws,
+            seed=args.seed,
+            num_draws=args.num_draws,
+            progress=False,
+            svi_options={"num_steps": args.steps},
+            guide_options={guide: options},
+            **problem.kwargs,
+        )
     if guide in report.failures:
         return {"posterior": name, "method": method, "error": report.failures[guide]}
     row = _score(problem, report.methods[guide], report, method)
@@ -99,18 +116,22 @@ def _range(row, low, high) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    header = ("| posterior | method | max err | RMSE err | sd ratio | LRVB sd ratio | W1 | k-hat | time (s) "
-              "| grad evals | converged |")
+    header = (
+        "| posterior | method | max err | RMSE err | sd ratio | LRVB sd ratio | W1 | k-hat | time (s) "
+        "| grad evals | converged |"
+    )
     lines = [header, "|" + "---|" * 11]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['posterior']} | {row['method']} | failed: {row['error'][:80]} |" + " |" * 8)
             continue
-        lines.append(f"| {row['posterior']} | {row['method']} | {row['max_abs_error_sd']:.3f} | "
-                     f"{row['rmse_error_sd']:.3f} | {_range(row, 'sd_ratio_min', 'sd_ratio_max')} | "
-                     f"{_range(row, 'lrvb_sd_ratio_min', 'lrvb_sd_ratio_max')} | {row['mean_wasserstein_sd']:.3f} | "
-                     f"{row['k_hat']:.2f} | {row['wall_time']:.1f} | {row['gradient_evaluations']} | "
-                     f"{row['converged']} |")
+        lines.append(
+            f"| {row['posterior']} | {row['method']} | {row['max_abs_error_sd']:.3f} | "
+            f"{row['rmse_error_sd']:.3f} | {_range(row, 'sd_ratio_min', 'sd_ratio_max')} | "
+            f"{_range(row, 'lrvb_sd_ratio_min', 'lrvb_sd_ratio_max')} | {row['mean_wasserstein_sd']:.3f} | "
+            f"{row['k_hat']:.2f} | {row['wall_time']:.1f} | {row['gradient_evaluations']} | "
+            f"{row['converged']} |"
+        )
     return "\n".join(lines)
 
 
@@ -120,9 +141,11 @@ def medians(rows: list[dict]) -> dict[str, dict[str, float]]:
     for method in sorted({r["method"] for r in rows}):
         scored = [r for r in rows if r["method"] == method and "error" not in r]
         if scored:
-            out[method] = {"median_rmse_error_sd": float(np.median([r["rmse_error_sd"] for r in scored])),
-                           "median_max_abs_error_sd": float(np.median([r["max_abs_error_sd"] for r in scored])),
-                           "num_posteriors": len(scored)}
+            out[method] = {
+                "median_rmse_error_sd": float(np.median([r["rmse_error_sd"] for r in scored])),
+                "median_max_abs_error_sd": float(np.median([r["max_abs_error_sd"] for r in scored])),
+                "num_posteriors": len(scored),
+            }
     return out
 
 
@@ -143,18 +166,34 @@ def main() -> None:
             try:
                 row = run_one(name, folder, method, args)
             except Exception as error:  # noqa: BLE001 -- one failure must not cost the rest of the table
-                row = {"posterior": name, "method": method, "error": f"{type(error).__name__}: {error}",
-                       "traceback": traceback.format_exc()}
+                row = {
+                    "posterior": name,
+                    "method": method,
+                    "error": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc(),
+                }
             rows.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
-            write_json(args.out, {"rows": rows, "medians": medians(rows), "steps": args.steps,
-                                  "num_draws": args.num_draws, "seed": args.seed, "torch": torch.__version__,
-                                  "machine": platform.platform(), "cpus": os.cpu_count()})
+            write_json(
+                args.out,
+                {
+                    "rows": rows,
+                    "medians": medians(rows),
+                    "steps": args.steps,
+                    "num_draws": args.num_draws,
+                    "seed": args.seed,
+                    "torch": torch.__version__,
+                    "machine": platform.platform(),
+                    "cpus": os.cpu_count(),
+                },
+            )
     print()
     print(markdown(rows))
     for method, entry in medians(rows).items():
-        print(f"{method}: median RMSE of mean error {entry['median_rmse_error_sd']:.3f} ref sd over "
-              f"{entry['num_posteriors']} posteriors")
+        print(
+            f"{method}: median RMSE of mean error {entry['median_rmse_error_sd']:.3f} ref sd over "
+            f"{entry['num_posteriors']} posteriors"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ bound).
     python benchmarks/vi_methods.py                                   # every posterior
     python benchmarks/vi_methods.py --problems kidiq-kidscore_momiq --methods pathfinder,bam
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,16 @@ from vilab.posteriordb import default_posteriordb_path, list_posteriordb, load_p
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "vi_methods.json")
 DEFAULT_METHODS = "pathfinder,multipathfinder,bam,gsm,meanfield,fullrank,nuts"
-COLUMNS = ("max_abs_error_sd", "rmse_error_sd", "mean_abs_log_sd_ratio", "mean_wasserstein_sd", "k_hat",
-           "wall_time", "gradient_evaluations", "converged")
+COLUMNS = (
+    "max_abs_error_sd",
+    "rmse_error_sd",
+    "mean_abs_log_sd_ratio",
+    "mean_wasserstein_sd",
+    "k_hat",
+    "wall_time",
+    "gradient_evaluations",
+    "converged",
+)
 
 
 def _gradient_evaluations(method) -> float:
@@ -61,8 +70,12 @@ def _errors(draws: dict, reference: dict) -> dict:
         log_ratios.append(abs(np.log(ours.std(ddof=1) / sd)))
         distances.append(wasserstein_distance(ours, ref) / sd)
     errors = np.abs(errors)
-    return {"max_abs_error_sd": float(errors.max()), "rmse_error_sd": float(np.sqrt(np.mean(errors ** 2))),
-            "mean_abs_log_sd_ratio": float(np.mean(log_ratios)), "mean_wasserstein_sd": float(np.mean(distances))}
+    return {
+        "max_abs_error_sd": float(errors.max()),
+        "rmse_error_sd": float(np.sqrt(np.mean(errors**2))),
+        "mean_abs_log_sd_ratio": float(np.mean(log_ratios)),
+        "mean_wasserstein_sd": float(np.mean(distances)),
+    }
 
 
 def _rows(name, report, num_draws, seed) -> list[dict]:
@@ -72,11 +85,22 @@ def _rows(name, report, num_draws, seed) -> list[dict]:
         if method_name == "multipathfinder":
             draws = flatten_samples(resample_draws(method.result, num_draws, seed=seed), 1)
         k_hat = method.result.config.get("k_hat", method.metrics.get("k_hat")) if method.kind == "vi" else None
-        converged = method.metrics.get("converged") if method.kind == "vi" else \
-            bool(method.metrics["r_hat_max"] < 1.01 and method.metrics["num_divergences"] == 0)
-        rows.append({"problem": name, "method": method_name, **_errors(draws, report.reference),
-                     "k_hat": k_hat, "wall_time": method.metrics["wall_time"],
-                     "gradient_evaluations": _gradient_evaluations(method), "converged": converged})
+        converged = (
+            method.metrics.get("converged")
+            if method.kind == "vi"
+            else bool(method.metrics["r_hat_max"] < 1.01 and method.metrics["num_divergences"] == 0)
+        )
+        rows.append(
+            {
+                "problem": name,
+                "method": method_name,
+                **_errors(draws, report.reference),
+                "k_hat": k_hat,
+                "wall_time": method.metrics["wall_time"],
+                "gradient_evaluations": _gradient_evaluations(method),
+                "converged": converged,
+            }
+        )
     return rows
 
 
@@ -84,25 +108,37 @@ def _compare(problem, method, args, svi_options, nuts):
     warmup, samples, chains = nuts
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return compare(problem.model, *problem.args, guides=[] if method == "nuts" else [method],
-                       reference=problem.reference_draws, include_nuts=method == "nuts", num_draws=args.draws,
-                       seed=args.seed, svi_options=svi_options,
-                       nuts_options={"num_warmup": warmup, "num_samples": samples, "num_chains": chains},
-                       progress=False, **problem.kwargs)
+        return compare(
+            problem.model,
+            *problem.args,
+            guides=[] if method == "nuts" else [method],
+            reference=problem.reference_draws,
+            include_nuts=method == "nuts",
+            num_draws=args.draws,
+            seed=args.seed,
+            svi_options=svi_options,
+            nuts_options={"num_warmup": warmup, "num_samples": samples, "num_chains": chains},
+            progress=False,
+            **problem.kwargs,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default="", help="comma-separated posteriordb names (default: all)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS}); "
-                        "any fit_svi guide or method name, e.g. dadvi, and nuts")
+    parser.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated (default {DEFAULT_METHODS}); any fit_svi guide or method name, e.g. dadvi, and nuts",
+    )
     parser.add_argument("--steps", type=int, default=3000, help="SVI steps (meanfield, fullrank)")
     parser.add_argument("--draws", type=int, default=4000)
     parser.add_argument("--nuts", default="1000,1000,4", help="warmup,samples,chains")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=RESULTS)
-    parser.add_argument("--render", metavar="JSON", nargs="+", help="print the rows of these result files as a "
-                        "markdown table and exit")
+    parser.add_argument(
+        "--render", metavar="JSON", nargs="+", help="print the rows of these result files as a markdown table and exit"
+    )
     args = parser.parse_args()
     if args.render:
         print(markdown([row for path in args.render for row in json.load(open(path))["rows"]]))
@@ -125,8 +161,9 @@ def main() -> None:
                 if method in ("meanfield", "fullrank"):
                     # The compiled SVI step can fail where Pyro's SVI runs: same objective, slower.
                     note = f"backend pyro (the compiled step failed: {error})"
-                    report = _compare(problem, method, args, {"num_steps": args.steps, "backend": "pyro"},
-                                      (warmup, samples, chains))
+                    report = _compare(
+                        problem, method, args, {"num_steps": args.steps, "backend": "pyro"}, (warmup, samples, chains)
+                    )
                 else:  # one method's crash must not cost the table the others
                     report = None
             failures = report.failures if report is not None else {method: crash}
@@ -137,16 +174,24 @@ def main() -> None:
             for failed, reason in failures.items():
                 rows.append({"problem": name, "method": failed, "error": reason})
                 print(f"{name[:36]:<36} {failed:<16} failed: {reason[:100]}", flush=True)
-        write_json(args.out, {"command": "python benchmarks/vi_methods.py " + " ".join(os.sys.argv[1:]),
-                              "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-                              "total_seconds": time.time() - started, "rows": rows})
+        write_json(
+            args.out,
+            {
+                "command": "python benchmarks/vi_methods.py " + " ".join(os.sys.argv[1:]),
+                "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+                "total_seconds": time.time() - started,
+                "rows": rows,
+            },
+        )
     print(f"wrote {args.out} ({time.time() - started:.0f} s)")
 
 
 def markdown(rows) -> str:
     """The rows as a markdown table, one line per problem and method, failures included."""
-    header = "| problem | method | max err (sd) | RMS err (sd) | mean abs log sd ratio | W1 (sd) | k-hat | " \
-             "wall s | gradient evals | converged |"
+    header = (
+        "| problem | method | max err (sd) | RMS err (sd) | mean abs log sd ratio | W1 (sd) | k-hat | "
+        "wall s | gradient evals | converged |"
+    )
     lines = [header, "|" + "---|" * 10]
     for row in rows:
         if "error" in row:

@@ -11,6 +11,7 @@ on the twin in ``benchmarks/zoo_twins.py``, in float64. The file
 and R-hat, and 1000 thinned draws of the model's latent sites (for ``vilab.compare``). A run whose
 statistics miss R-hat < 1.01 or ESS > 1000 is reported and written with ``"checks_passed": false``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,14 @@ def _to_jax(value):
 def reference_run(entry, seed: int = 0, num_samples: int = NUM_SAMPLES, target_accept: float = 0.9) -> dict:
     """Run the twin and summarise it; returns the JSON-ready record."""
     model, kwargs = TWINS[entry.name](entry.data())
-    mcmc = MCMC(NUTS(model, target_accept_prob=target_accept), num_warmup=NUM_WARMUP, num_samples=num_samples,
-                num_chains=NUM_CHAINS, chain_method="sequential", progress_bar=False)
+    mcmc = MCMC(
+        NUTS(model, target_accept_prob=target_accept),
+        num_warmup=NUM_WARMUP,
+        num_samples=num_samples,
+        num_chains=NUM_CHAINS,
+        chain_method="sequential",
+        progress_bar=False,
+    )
     start = time.perf_counter()
     mcmc.run(jax.random.PRNGKey(seed), **{k: _to_jax(v) for k, v in kwargs.items()})
     seconds = time.perf_counter() - start
@@ -60,16 +67,26 @@ def reference_run(entry, seed: int = 0, num_samples: int = NUM_SAMPLES, target_a
         chains = values.reshape(NUM_CHAINS, num_samples)
         if np.std(chains) == 0:
             continue  # a constant (e.g. the zero above a Cholesky factor's diagonal)
-        summary[name] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)),
-                         "ess": float(effective_sample_size(chains)), "rhat": float(split_gelman_rubin(chains))}
+        summary[name] = {
+            "mean": float(values.mean()),
+            "sd": float(values.std(ddof=1)),
+            "ess": float(effective_sample_size(chains)),
+            "rhat": float(split_gelman_rubin(chains)),
+        }
     keep = np.linspace(0, NUM_CHAINS * num_samples - 1, NUM_STORED).astype(int)
     draws = {site: np.round(flat[site][keep], 8).tolist() for site in entry.sites if site in flat}
     divergences = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
     passed = all(s["rhat"] < 1.01 and s["ess"] > 1000 for s in summary.values()) and divergences == 0
-    return {"name": entry.name, "summary": summary, "draws": draws, "checks_passed": passed,
-            "divergences": divergences, "seconds": seconds,
-            "sampler": f"NumPyro {numpyro.__version__} NUTS, {NUM_CHAINS} x ({NUM_WARMUP} + {num_samples}), "
-                       f"target_accept {target_accept}, float64"}
+    return {
+        "name": entry.name,
+        "summary": summary,
+        "draws": draws,
+        "checks_passed": passed,
+        "divergences": divergences,
+        "seconds": seconds,
+        "sampler": f"NumPyro {numpyro.__version__} NUTS, {NUM_CHAINS} x ({NUM_WARMUP} + {num_samples}), "
+        f"target_accept {target_accept}, float64",
+    }
 
 
 def main(argv=None) -> int:
@@ -86,9 +103,11 @@ def main(argv=None) -> int:
         record = reference_run(entry, num_samples=args.num_samples, target_accept=args.target_accept)
         worst_rhat = max(s["rhat"] for s in record["summary"].values())
         min_ess = min(s["ess"] for s in record["summary"].values())
-        print(f"{entry.name}: {record['seconds']:.0f} s, max R-hat {worst_rhat:.4f}, min ESS {min_ess:.0f}, "
-              f"divergences {record['divergences']}, checks {'passed' if record['checks_passed'] else 'FAILED'}",
-              flush=True)
+        print(
+            f"{entry.name}: {record['seconds']:.0f} s, max R-hat {worst_rhat:.4f}, min ESS {min_ess:.0f}, "
+            f"divergences {record['divergences']}, checks {'passed' if record['checks_passed'] else 'FAILED'}",
+            flush=True,
+        )
         with gzip.open(os.path.join(REFERENCE_DIR, f"{entry.name}.json.gz"), "wt") as handle:
             json.dump(record, handle)
     return 0

@@ -14,6 +14,7 @@ errors (``check.nuts_z_scores``), guide means in reference sds and PSIS k-hat. W
 ``benchmarks/results/zoo.json`` and prints the markdown table of ``docs/zoo.md``.
 Timings depend on the machine's load; the paths and errors do not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,15 @@ def _caught(function):
         except Exception as exception:  # noqa: BLE001 - the table records every failure
             value, error = None, f"{type(exception).__name__}: {_short(exception)}"
             traceback.print_exc()
-    messages = [_short(w.message) for w in caught
-                if issubclass(w.category, (RuntimeWarning, UserWarning)) and "vilab" in str(w.filename) + str(w.message)
-                or "fit_svi" in str(w.message) or "run_nuts" in str(w.message) or "compare" in str(w.message)]
+    messages = [
+        _short(w.message)
+        for w in caught
+        if issubclass(w.category, (RuntimeWarning, UserWarning))
+        and "vilab" in str(w.filename) + str(w.message)
+        or "fit_svi" in str(w.message)
+        or "run_nuts" in str(w.message)
+        or "compare" in str(w.message)
+    ]
     return value, sorted(set(messages)), error, time.perf_counter() - start
 
 
@@ -70,9 +77,13 @@ def _nuts(entry, model, args, kwargs):
         record["path"] = "refused" if error and error.startswith(("ValueError", "TypeError")) else "crashed"
         return record
     config = result.config
-    record.update(path=config.get("backend"), leaf_backend=config.get("leaf_backend"),
-                  fuse_decision=str(config.get("fuse_decision")), divergences=result.num_divergences,
-                  wall_time=result.wall_time)
+    record.update(
+        path=config.get("backend"),
+        leaf_backend=config.get("leaf_backend"),
+        fuse_decision=str(config.get("fuse_decision")),
+        divergences=result.num_divergences,
+        wall_time=result.wall_time,
+    )
     try:
         num_chains, num_draws = next(iter(result.samples.values())).shape[:2]
         statistics = entry.stats(tensor_draws(result.samples, 2))
@@ -97,8 +108,12 @@ def _svi(entry, model, args, kwargs, guide):
     if result is None:
         record["path"] = "refused" if error and error.startswith(("ValueError", "TypeError")) else "crashed"
         return record
-    record.update(path=result.config.get("backend"), converged=bool(result.converged), num_steps=result.num_steps,
-                  final_loss=float(np.mean(result.losses[-50:])))
+    record.update(
+        path=result.config.get("backend"),
+        converged=bool(result.converged),
+        num_steps=result.num_steps,
+        final_loss=float(np.mean(result.losses[-50:])),
+    )
     try:
         draws = result.draws(4000, seed=0)
         log_weights = np.asarray(draws.log_weights.detach(), dtype=float)
@@ -108,8 +123,12 @@ def _svi(entry, model, args, kwargs, guide):
         for name, values in entry.stats(tensor_draws(draws.samples, 1)).items():
             values = np.asarray(values, dtype=float)
             weighted = float(np.sum(weights * values))
-            summary[name] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)), "psis_mean": weighted,
-                             "psis_sd": float(np.sqrt(max(np.sum(weights * (values - weighted) ** 2), 0.0)))}
+            summary[name] = {
+                "mean": float(values.mean()),
+                "sd": float(values.std(ddof=1)),
+                "psis_mean": weighted,
+                "psis_sd": float(np.sqrt(max(np.sum(weights * (values - weighted) ** 2), 0.0))),
+            }
         record.update(k_hat=smoothed.k_hat, psis_ess=smoothed.ess, statistics=summary)
     except Exception as exception:  # noqa: BLE001
         record["check_error"] = f"{type(exception).__name__}: {_short(exception)}"
@@ -131,21 +150,40 @@ def score(record: dict, reference: dict) -> None:
             error = np.sqrt(mine["sd"] ** 2 / max(mine["ess"], 1.0) + ref["sd"] ** 2 / ref["ess"])
             scores[name] = (mine["mean"] - ref["mean"]) / error
         if scores:
-            nuts.update(z_scores=scores, max_abs_z=max(abs(z) for z in scores.values()),
-                        z_threshold=z_threshold(len(scores)), missing=sorted(set(summary) - set(scores)))
+            nuts.update(
+                z_scores=scores,
+                max_abs_z=max(abs(z) for z in scores.values()),
+                z_threshold=z_threshold(len(scores)),
+                missing=sorted(set(summary) - set(scores)),
+            )
     for guide in ("meanfield", "fullrank"):
         fit = record.get(guide, {})
         if "statistics" not in fit:
             continue
-        errors = {k: (fit["statistics"][k]["mean"] - ref["mean"]) / ref["sd"]
-                  for k, ref in summary.items() if k in fit["statistics"]}
+        errors = {
+            k: (fit["statistics"][k]["mean"] - ref["mean"]) / ref["sd"]
+            for k, ref in summary.items()
+            if k in fit["statistics"]
+        }
         fit["max_abs_mean_error_sd"] = max(abs(v) for v in errors.values()) if errors else None
-        fit["max_sd_ratio_deviation"] = max(abs(np.log(fit["statistics"][k]["sd"] / ref["sd"]))
-                                            for k, ref in summary.items() if k in fit["statistics"]) if errors else None
+        fit["max_sd_ratio_deviation"] = (
+            max(
+                abs(np.log(fit["statistics"][k]["sd"] / ref["sd"]))
+                for k, ref in summary.items()
+                if k in fit["statistics"]
+            )
+            if errors
+            else None
+        )
         if np.isfinite(fit["k_hat"]) and fit["k_hat"] < 0.7:
-            psis_scores = {k: (fit["statistics"][k]["psis_mean"] - ref["mean"]) / np.sqrt(
-                fit["statistics"][k]["psis_sd"] ** 2 / max(fit["psis_ess"], 1.0) + ref["sd"] ** 2 / ref["ess"])
-                for k, ref in summary.items() if k in fit["statistics"]}
+            psis_scores = {
+                k: (fit["statistics"][k]["psis_mean"] - ref["mean"])
+                / np.sqrt(
+                    fit["statistics"][k]["psis_sd"] ** 2 / max(fit["psis_ess"], 1.0) + ref["sd"] ** 2 / ref["ess"]
+                )
+                for k, ref in summary.items()
+                if k in fit["statistics"]
+            }
             fit["max_abs_psis_z"] = max(abs(v) for v in psis_scores.values()) if psis_scores else None
 
 
@@ -155,13 +193,23 @@ def _compare(entry, model, args, kwargs, reference):
     if reference is None:
         return {"error": "not run: no reference yet"}
 
-    report, messages, error, seconds = _caught(lambda: vilab.compare(
-        model, *args, guides=("meanfield",), reference=reference["draws"], svi_options=dict(num_steps=1000),
-        num_draws=1000, progress=False, **kwargs))
+    report, messages, error, seconds = _caught(
+        lambda: vilab.compare(
+            model,
+            *args,
+            guides=("meanfield",),
+            reference=reference["draws"],
+            svi_options=dict(num_steps=1000),
+            num_draws=1000,
+            progress=False,
+            **kwargs,
+        )
+    )
     record = {"seconds": seconds, "warnings": messages, "error": error}
     if report is not None:
-        record.update(rows=int(len(report.table)), failures=report.failures,
-                      parameters=sorted(set(report.table["parameter"])))
+        record.update(
+            rows=int(len(report.table)), failures=report.failures, parameters=sorted(set(report.table["parameter"]))
+        )
     return record
 
 
@@ -177,8 +225,14 @@ def run_model(name: str) -> dict:
         reference = load_reference(entry)
     except FileNotFoundError:
         reference = None
-    record = {"name": name, "kind": entry.kind, "source": entry.source, "features": list(entry.features),
-              "reference": reference["kind"] if reference else None, "note": entry.note}
+    record = {
+        "name": name,
+        "kind": entry.kind,
+        "source": entry.source,
+        "features": list(entry.features),
+        "reference": reference["kind"] if reference else None,
+        "note": entry.note,
+    }
     built = lambda: entry.inputs(entry.data())  # noqa: E731 - a fresh model (PyroModule state) per method
     record["nuts"] = _nuts(entry, *built())
     for guide in ("meanfield", "fullrank"):
@@ -206,8 +260,9 @@ def _run_isolated(name: str, timeout: float) -> dict:
     """One model in a subprocess, so a hang or a crash costs one row, not the table."""
     command = [sys.executable, __file__, "--one", name]
     # A session of its own, so that a timeout also ends the sampler's forked workers.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -231,18 +286,27 @@ def _cell(record: dict) -> str:
 
 def table(records: list) -> str:
     """The markdown table of docs/zoo.md."""
-    lines = ["| model | kind | NUTS path | NUTS s | NUTS max abs z (limit) | meanfield path | k-hat | "
-             "fullrank path | k-hat | compare |", "|---" * 10 + "|"]
+    lines = [
+        "| model | kind | NUTS path | NUTS s | NUTS max abs z (limit) | meanfield path | k-hat | "
+        "fullrank path | k-hat | compare |",
+        "|---" * 10 + "|",
+    ]
     for r in records:
         if "nuts" not in r:
             lines.append(f"| {r['name']} | | {r.get('error', '')} | | | | | | | |")
             continue
         nuts, mf, fr, cmp = r["nuts"], r["meanfield"], r["fullrank"], r["compare"]
-        z = f"{nuts['max_abs_z']:.1f} ({nuts['z_threshold']:.1f})" if "max_abs_z" in nuts else nuts.get("check_error", "")
+        z = (
+            f"{nuts['max_abs_z']:.1f} ({nuts['z_threshold']:.1f})"
+            if "max_abs_z" in nuts
+            else nuts.get("check_error", "")
+        )
         k = lambda s: f"{s['k_hat']:.2f}" if "k_hat" in s else ""  # noqa: E731
         compared = f"{cmp['rows']} rows" if cmp.get("error") is None else cmp["error"][:60]
-        lines.append(f"| {r['name']} | {r['kind']} | {_cell(nuts)} | {nuts['seconds']:.0f} | {z} | {_cell(mf)} | "
-                     f"{k(mf)} | {_cell(fr)} | {k(fr)} | {compared} |")
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {_cell(nuts)} | {nuts['seconds']:.0f} | {z} | {_cell(mf)} | "
+            f"{k(mf)} | {_cell(fr)} | {k(fr)} | {compared} |"
+        )
     return "\n".join(lines)
 
 

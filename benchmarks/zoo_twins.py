@@ -5,6 +5,7 @@ is the same posterior written in NumPyro, with the same site names, so that its 
 a reference independent of vilab's samplers. ``TWINS`` maps a zoo name to ``data dict -> (model,
 kwargs)``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -92,13 +93,14 @@ def horseshoe(X, Y):
 
 
 def eight_schools_noncentered(J, sigma, y=None):
-    mu = numpyro.sample('mu', dist.Normal(0, 5))
-    tau = numpyro.sample('tau', dist.HalfCauchy(5))
-    with numpyro.plate('J', J):
-        with numpyro.handlers.reparam(config={'theta': TransformReparam()}):
-            theta = numpyro.sample('theta', dist.TransformedDistribution(
-                dist.Normal(0., 1.), dist.transforms.AffineTransform(mu, tau)))
-        numpyro.sample('obs', dist.Normal(theta, sigma), obs=y)
+    mu = numpyro.sample("mu", dist.Normal(0, 5))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5))
+    with numpyro.plate("J", J):
+        with numpyro.handlers.reparam(config={"theta": TransformReparam()}):
+            theta = numpyro.sample(
+                "theta", dist.TransformedDistribution(dist.Normal(0.0, 1.0), dist.transforms.AffineTransform(mu, tau))
+            )
+        numpyro.sample("obs", dist.Normal(theta, sigma), obs=y)
 
 
 def partially_pooled(at_bats, hits=None):
@@ -194,20 +196,20 @@ def gp_latent_classifier(x, z):
     alpha = numpyro.sample("alpha", dist.HalfNormal(1.0))
     a = numpyro.sample("a", dist.Normal(0.0, 1.0))
     eta = numpyro.sample("eta", dist.Normal(jnp.zeros(N), 1.0).to_event(1))
-    K = alpha ** 2 * jnp.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / rho ** 2) + 1e-9 * jnp.eye(N)
+    K = alpha**2 * jnp.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / rho**2) + 1e-9 * jnp.eye(N)
     f = jnp.linalg.cholesky(K) @ eta
     with numpyro.plate("N", N):
         numpyro.sample("z", dist.Bernoulli(logits=a + f), obs=z)
 
 
 def gmm(data):
-    weights = numpyro.sample('weights', dist.Dirichlet(0.5 * jnp.ones(2)))
-    scale = numpyro.sample('scale', dist.LogNormal(0., 2.))
-    with numpyro.plate('components', 2):
-        locs = numpyro.sample('locs', dist.Normal(0., 10.))
-    with numpyro.plate('data', len(data)):
-        assignment = numpyro.sample('assignment', dist.Categorical(weights), infer={"enumerate": "parallel"})
-        numpyro.sample('obs', dist.Normal(locs[assignment], scale), obs=data)
+    weights = numpyro.sample("weights", dist.Dirichlet(0.5 * jnp.ones(2)))
+    scale = numpyro.sample("scale", dist.LogNormal(0.0, 2.0))
+    with numpyro.plate("components", 2):
+        locs = numpyro.sample("locs", dist.Normal(0.0, 10.0))
+    with numpyro.plate("data", len(data)):
+        assignment = numpyro.sample("assignment", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        numpyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
 
 
 def hmm_model_1(sequences, lengths, hidden_dim=2):
@@ -217,7 +219,7 @@ def hmm_model_1(sequences, lengths, hidden_dim=2):
     # the sequences' forward algorithm, as enumeration computes it (Pyro's model_1 loops in Python)
     log_lik = 0.0
     for i in range(num_sequences):
-        sequence = sequences[i, :int(lengths[i])]
+        sequence = sequences[i, : int(lengths[i])]
         emission = (sequence[:, None, :] * jnp.log(probs_y) + (1 - sequence[:, None, :]) * jnp.log1p(-probs_y)).sum(-1)
         alpha = jnp.log(probs_x[0]) + emission[0]
         for t in range(1, sequence.shape[0]):
@@ -239,10 +241,10 @@ def ar2_for_loop(y):
 
 
 def stochastic_volatility(returns):
-    step_size = numpyro.sample('sigma', dist.Exponential(50.))
-    s = numpyro.sample('s', dist.GaussianRandomWalk(scale=step_size, num_steps=jnp.shape(returns)[0]))
-    nu = numpyro.sample('nu', dist.Exponential(.1))
-    numpyro.sample('r', dist.StudentT(df=nu, loc=0., scale=jnp.exp(s)), obs=returns)
+    step_size = numpyro.sample("sigma", dist.Exponential(50.0))
+    s = numpyro.sample("s", dist.GaussianRandomWalk(scale=step_size, num_steps=jnp.shape(returns)[0]))
+    nu = numpyro.sample("nu", dist.Exponential(0.1))
+    numpyro.sample("r", dist.StudentT(df=nu, loc=0.0, scale=jnp.exp(s)), obs=returns)
 
 
 def bnn(X, Y, D_H, D_Y=1):
@@ -260,8 +262,13 @@ def bnn(X, Y, D_H, D_Y=1):
 
 TWINS = {
     "logistic_docstring": lambda x: (logistic_docstring, dict(data=x["data"], labels=x["labels"])),
-    "rugged_pyromodule": lambda x: (rugged_pyromodule, dict(x=np.stack(
-        [x["is_cont_africa"], x["ruggedness"], x["is_cont_africa"] * x["ruggedness"]], -1), y=x["log_gdp"])),
+    "rugged_pyromodule": lambda x: (
+        rugged_pyromodule,
+        dict(
+            x=np.stack([x["is_cont_africa"], x["ruggedness"], x["is_cont_africa"] * x["ruggedness"]], -1),
+            y=x["log_gdp"],
+        ),
+    ),
     "rugged_function": lambda x: (rugged_function, x),
     "kline_poisson": lambda x: (kline_poisson, dict(cid=x["cid"], P=x["P_std"], T=x["T"])),
     "kline_gamma_poisson": lambda x: (kline_gamma_poisson, dict(T=x["T"], P=x["P"], cid=x["cid"])),
@@ -281,8 +288,10 @@ TWINS = {
     "gp_latent_classifier": lambda x: (gp_latent_classifier, x),
     "gmm_enumerated": lambda x: (gmm, x),
     # the lengths stay Python ints: they set the loops' ranges
-    "hmm_model_1": lambda x: (functools.partial(hmm_model_1, lengths=[int(v) for v in x["lengths"]]),
-                              dict(sequences=x["sequences"])),
+    "hmm_model_1": lambda x: (
+        functools.partial(hmm_model_1, lengths=[int(v) for v in x["lengths"]]),
+        dict(sequences=x["sequences"]),
+    ),
     "ar2_for_loop": lambda x: (ar2_for_loop, x),
     "stochastic_volatility": lambda x: (stochastic_volatility, x),
     "bnn": lambda x: (bnn, dict(X=x["X"], Y=x["Y"], D_H=5)),

@@ -1,4 +1,5 @@
 """Sphinx configuration: `make docs` builds docs/ into build/site with warnings as errors."""
+
 import os
 
 project = "vilab"

@@ -1,4 +1,5 @@
 """Variational families: Pyro autoguides, normalizing-flow guides and amortized encoders."""
+
 from vilab.guides.amortized.flows import FLOWS, AmortizedFlowGuide, ConditionalSylvester
 from vilab.guides.amortized.dmm import DMMGuide
 from vilab.guides.amortized.encoders import AmortizedNormalGuide, ConvEncoder, MLPEncoder
@@ -9,8 +10,28 @@ from vilab.guides.amortized.poe import PoEGuide, product_of_experts
 from vilab.guides.serialization import load_guide, save_guide
 from vilab.guides.amortized.von_mises_fisher import HypersphericalUniform, VonMisesFisher
 
-__all__ = ["AutoFlow", "ElementwiseAffine", "AutoMAP", "GuideInfo", "get_guide", "guide_name", "list_guides",
-           "save_guide", "load_guide", "AmortizedNormalGuide", "ConvEncoder", "MLPEncoder", "FLOWS",
-           "AmortizedFlowGuide", "ConditionalSylvester", "DMMGuide", "PoEGuide", "product_of_experts",
-           "VonMisesFisher", "HypersphericalUniform", "ConditionalGaussian", "HierarchicalNormalGuide",
-           "TwoLevelLatent"]
+__all__ = [
+    "AutoFlow",
+    "ElementwiseAffine",
+    "AutoMAP",
+    "GuideInfo",
+    "get_guide",
+    "guide_name",
+    "list_guides",
+    "save_guide",
+    "load_guide",
+    "AmortizedNormalGuide",
+    "ConvEncoder",
+    "MLPEncoder",
+    "FLOWS",
+    "AmortizedFlowGuide",
+    "ConditionalSylvester",
+    "DMMGuide",
+    "PoEGuide",
+    "product_of_experts",
+    "VonMisesFisher",
+    "HypersphericalUniform",
+    "ConditionalGaussian",
+    "HierarchicalNormalGuide",
+    "TwoLevelLatent",
+]

@@ -18,6 +18,7 @@ References:
     arXiv:1606.04934.
     Durkan et al., "Neural Spline Flows", 2019, arXiv:1906.04032.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -91,7 +92,11 @@ def _nsf(dim, hidden_dims):
 
 #: flow name -> ``(latent_dim, hidden_dims) -> TransformModule`` for one layer.
 FLOW_LAYERS: dict[str, Callable[[int, Optional[Sequence[int]]], TransformModule]] = {
-    "planar": _planar, "radial": _radial, "sylvester": _sylvester, "iaf": _iaf, "nsf": _nsf,
+    "planar": _planar,
+    "radial": _radial,
+    "sylvester": _sylvester,
+    "iaf": _iaf,
+    "nsf": _nsf,
 }
 
 
@@ -108,9 +113,16 @@ class AutoFlow(AutoNormalizingFlow):
         init_loc_fn: per-site initialisation of :math:`\mu` (as for Pyro's autoguides).
     """
 
-    def __init__(self, model: Model, flow: str = "iaf", *, num_flows: int = 2,
-                 hidden_dims: Optional[Sequence[int]] = None, init_scale: float = 0.1,
-                 init_loc_fn: Callable = init_to_median):
+    def __init__(
+        self,
+        model: Model,
+        flow: str = "iaf",
+        *,
+        num_flows: int = 2,
+        hidden_dims: Optional[Sequence[int]] = None,
+        init_scale: float = 0.1,
+        init_loc_fn: Callable = init_to_median,
+    ):
         if flow not in FLOW_LAYERS:
             raise ValueError(f"flow: expected one of {sorted(FLOW_LAYERS)}; got {flow!r}")
         if not isinstance(num_flows, int) or num_flows < 1:
@@ -157,4 +169,3 @@ def _empirical_quantiles(guide, probs, args, kwargs, num_samples: int = 4000) ->
             constrained = constrained.reshape((num_samples,) + site["value"].shape)
             values[site["name"]] = torch.quantile(constrained, probs, dim=0)
     return values
-

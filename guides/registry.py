@@ -2,6 +2,7 @@
 
 ``get_guide("fullrank", model)`` returns a fresh guide; a guide object passes through unchanged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,7 @@ def _fullrank(model, init_scale=0.1):
 
 
 def _lowrank(model, rank=None, init_scale=0.1):
-    return autoguide.AutoLowRankMultivariateNormal(model, init_loc_fn=init_to_median,
-                                                   init_scale=init_scale, rank=rank)
+    return autoguide.AutoLowRankMultivariateNormal(model, init_loc_fn=init_to_median, init_scale=init_scale, rank=rank)
 
 
 def _laplace(model):
@@ -60,12 +60,14 @@ def _map(model):
 def _flow(kind):
     def build(model, num_flows=2, hidden_dims=None, init_scale=0.1):
         return AutoFlow(model, kind, num_flows=num_flows, hidden_dims=hidden_dims, init_scale=init_scale)
+
     return build
 
 
 _FLOW_OPTIONS = ("num_flows", "hidden_dims", "init_scale")
 _GUIDES: dict[str, GuideInfo] = {
-    info.name: info for info in [
+    info.name: info
+    for info in [
         GuideInfo("meanfield", _meanfield, "diagonal Gaussian per site (AutoNormal)", ("init_scale",)),
         GuideInfo("fullrank", _fullrank, "full-covariance Gaussian (AutoMultivariateNormal)", ("init_scale",)),
         GuideInfo("lowrank", _lowrank, "low-rank + diagonal Gaussian", ("rank", "init_scale")),

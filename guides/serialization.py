@@ -4,6 +4,7 @@ A saved guide is its parameters plus the registry name and options that rebuild 
 rebuilds the guide for the model, runs it once on the data to create its parameters, and
 copies the saved values in. Files are written atomically.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,12 @@ def save_guide(guide: Guide, path: str | os.PathLike, *, name: str, options: Opt
     state = {k: v.detach().clone().contiguous() for k, v in guide.state_dict().items()}
     if not state:
         raise ValueError("guide: has no parameters yet; fit it (or call it once) before saving")
-    metadata = {"format": _FORMAT, "name": name, "options": json.dumps(options or {}),
-                "kind": "laplace-gaussian" if _is_laplace_gaussian(guide) else "registry"}
+    metadata = {
+        "format": _FORMAT,
+        "name": name,
+        "options": json.dumps(options or {}),
+        "kind": "laplace-gaussian" if _is_laplace_gaussian(guide) else "registry",
+    }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
 
@@ -79,7 +84,9 @@ def load_guide(path: str | os.PathLike, model: Model, *args: Any, **kwargs: Any)
             metadata = handle.metadata() or {}
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"path: {os.fspath(path)!r} is not a readable guide file (truncated or corrupted): {error}") from error
+        raise ValueError(
+            f"path: {os.fspath(path)!r} is not a readable guide file (truncated or corrupted): {error}"
+        ) from error
     if metadata.get("format") != _FORMAT:
         raise ValueError(f"path: expected a {_FORMAT} file; got format {metadata.get('format')!r}")
     if metadata.get("kind") == "laplace-gaussian":

@@ -1,4 +1,5 @@
 """Generative models: Pyro model functions, each registered by name with default data."""
+
 from vilab.models import conjugate, eight_schools, funnel, logistic, mixture  # noqa: F401
 from vilab.models.posteriordb import mixture as _mixture  # noqa: F401
 from vilab.models.posteriordb import regression as _regression  # noqa: F401
@@ -19,10 +20,29 @@ from vilab.models.vae.hyperspherical import HypersphericalELBOLoss, build_hypers
 from vilab.models.vae.multimodal import MultimodalVAE, build_multimodal_vae
 
 __all__ = [
-    "ModelSpec", "get_model", "list_models", "register_model",
-    "normal_normal", "beta_bernoulli", "linear_regression",
-    "eight_schools_centered", "eight_schools_noncentered", "neals_funnel",
-    "logistic_regression", "gaussian_mixture", "VAE", "VAEConfig", "VAEModel", "build_vae",
-    "build_autoregressive_vae", "DMM", "DeepMarkovModel", "HypersphericalELBOLoss", "build_hyperspherical_vae",
-    "MultimodalVAE", "build_multimodal_vae", "HierarchicalPrior", "embed_one_level",
+    "ModelSpec",
+    "get_model",
+    "list_models",
+    "register_model",
+    "normal_normal",
+    "beta_bernoulli",
+    "linear_regression",
+    "eight_schools_centered",
+    "eight_schools_noncentered",
+    "neals_funnel",
+    "logistic_regression",
+    "gaussian_mixture",
+    "VAE",
+    "VAEConfig",
+    "VAEModel",
+    "build_vae",
+    "build_autoregressive_vae",
+    "DMM",
+    "DeepMarkovModel",
+    "HypersphericalELBOLoss",
+    "build_hyperspherical_vae",
+    "MultimodalVAE",
+    "build_multimodal_vae",
+    "HierarchicalPrior",
+    "embed_one_level",
 ]

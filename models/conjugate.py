@@ -3,6 +3,7 @@ r"""Conjugate models whose posterior and log evidence are known in closed form.
 These are the yardsticks of the test suite: a guide's moments and ELBO are compared with the
 exact posterior and :math:`\log p(x)`, never with the values that generated the data.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -14,10 +15,18 @@ import torch
 from vilab.models.registry import ModelSpec, register_model
 
 __all__ = [
-    "normal_normal", "normal_normal_posterior", "normal_normal_log_evidence",
-    "beta_bernoulli", "beta_bernoulli_posterior", "beta_bernoulli_log_evidence",
-    "linear_regression", "linear_regression_posterior", "linear_regression_log_evidence",
-    "default_normal_data", "default_bernoulli_data", "default_regression_data",
+    "normal_normal",
+    "normal_normal_posterior",
+    "normal_normal_log_evidence",
+    "beta_bernoulli",
+    "beta_bernoulli_posterior",
+    "beta_bernoulli_log_evidence",
+    "linear_regression",
+    "linear_regression_posterior",
+    "linear_regression_log_evidence",
+    "default_normal_data",
+    "default_bernoulli_data",
+    "default_regression_data",
 ]
 
 
@@ -29,8 +38,12 @@ def _as_tensor(value, name: str) -> torch.Tensor:
 
 
 def normal_normal(
-    num_obs: int, x: Optional[torch.Tensor] = None, *, prior_loc: float = 0.0,
-    prior_scale: float = 1.0, obs_scale: float = 1.0,
+    num_obs: int,
+    x: Optional[torch.Tensor] = None,
+    *,
+    prior_loc: float = 0.0,
+    prior_scale: float = 1.0,
+    obs_scale: float = 1.0,
 ) -> None:
     r"""Normal mean with known observation scale.
 
@@ -59,21 +72,24 @@ def normal_normal_posterior(x, *, prior_loc=0.0, prior_scale=1.0, obs_scale=1.0)
     r""":math:`p(\mu \mid x) = \mathcal N(m_N, s_N^2)` with
     :math:`s_N^{-2} = s_0^{-2} + N\sigma^{-2}` and :math:`m_N = s_N^2 (m_0/s_0^2 + \sum x_i/\sigma^2)`."""
     x = _as_tensor(x, "x")
-    precision = prior_scale ** -2 + x.numel() / obs_scale ** 2
-    loc = (prior_loc / prior_scale ** 2 + x.sum() / obs_scale ** 2) / precision
-    return {"loc": dist.Normal(loc, precision ** -0.5)}
+    precision = prior_scale**-2 + x.numel() / obs_scale**2
+    loc = (prior_loc / prior_scale**2 + x.sum() / obs_scale**2) / precision
+    return {"loc": dist.Normal(loc, precision**-0.5)}
 
 
 def normal_normal_log_evidence(x, *, prior_loc=0.0, prior_scale=1.0, obs_scale=1.0) -> float:
     r""":math:`\log p(x)` with :math:`x \sim \mathcal N(m_0 \mathbf 1, \sigma^2 I + s_0^2 \mathbf 1 \mathbf 1^\top)`."""
     x = _as_tensor(x, "x")
     n = x.numel()
-    cov = obs_scale ** 2 * torch.eye(n) + prior_scale ** 2 * torch.ones(n, n)
+    cov = obs_scale**2 * torch.eye(n) + prior_scale**2 * torch.ones(n, n)
     return float(dist.MultivariateNormal(torch.full((n,), float(prior_loc)), cov).log_prob(x))
 
 
 def beta_bernoulli(
-    num_obs: int, x: Optional[torch.Tensor] = None, *, concentration1: float = 1.0,
+    num_obs: int,
+    x: Optional[torch.Tensor] = None,
+    *,
+    concentration1: float = 1.0,
     concentration0: float = 1.0,
 ) -> None:
     r"""Bernoulli probability with a Beta prior.
@@ -109,7 +125,10 @@ def beta_bernoulli_log_evidence(x, *, concentration1=1.0, concentration0=1.0) ->
 
 
 def linear_regression(
-    features: torch.Tensor, y: Optional[torch.Tensor] = None, *, prior_scale: float = 1.0,
+    features: torch.Tensor,
+    y: Optional[torch.Tensor] = None,
+    *,
+    prior_scale: float = 1.0,
     obs_scale: float = 1.0,
 ) -> None:
     r"""Bayesian linear regression with known noise.
@@ -129,8 +148,7 @@ def linear_regression(
     num_obs, num_features = features.shape
     if y is not None and tuple(y.shape) != (num_obs,):
         raise ValueError(f"y: expected shape ({num_obs},); got {tuple(y.shape)}")
-    beta = pyro.sample(
-        "beta", dist.Normal(torch.zeros(num_features), prior_scale).to_event(1))
+    beta = pyro.sample("beta", dist.Normal(torch.zeros(num_features), prior_scale).to_event(1))
     with pyro.plate("data", num_obs):
         pyro.sample("y", dist.Normal((features * beta).sum(-1), obs_scale), obs=y)
 
@@ -138,16 +156,16 @@ def linear_regression(
 def linear_regression_posterior(features, y, *, prior_scale=1.0, obs_scale=1.0) -> dict:
     r""":math:`\Sigma_N = (I/s^2 + X^\top X/\sigma^2)^{-1}`, :math:`m_N = \Sigma_N X^\top y / \sigma^2`."""
     features, y = _as_tensor(features, "features"), _as_tensor(y, "y")
-    precision = torch.eye(features.shape[1]) / prior_scale ** 2 + features.T @ features / obs_scale ** 2
+    precision = torch.eye(features.shape[1]) / prior_scale**2 + features.T @ features / obs_scale**2
     cov = torch.linalg.inv(precision)
-    loc = cov @ features.T @ y / obs_scale ** 2
+    loc = cov @ features.T @ y / obs_scale**2
     return {"beta": dist.MultivariateNormal(loc, covariance_matrix=(cov + cov.T) / 2)}
 
 
 def linear_regression_log_evidence(features, y, *, prior_scale=1.0, obs_scale=1.0) -> float:
     r""":math:`y \sim \mathcal N(0, \sigma^2 I + s^2 X X^\top)`."""
     features, y = _as_tensor(features, "features"), _as_tensor(y, "y")
-    cov = obs_scale ** 2 * torch.eye(len(y)) + prior_scale ** 2 * features @ features.T
+    cov = obs_scale**2 * torch.eye(len(y)) + prior_scale**2 * features @ features.T
     return float(dist.MultivariateNormal(torch.zeros(len(y)), cov).log_prob(y))
 
 
@@ -177,27 +195,36 @@ def default_regression_data(num_obs: int = 50, num_features: int = 3, seed: int 
 
 
 def _register() -> None:
-    register_model(ModelSpec(
-        "normal_normal",
-        lambda: (normal_normal, (20, default_normal_data()), {}),
-        "Normal mean, known variance (closed-form posterior)",
-        exact_posterior=lambda: normal_normal_posterior(default_normal_data()),
-        log_evidence=lambda: normal_normal_log_evidence(default_normal_data()),
-        tags=("conjugate",)))
-    register_model(ModelSpec(
-        "beta_bernoulli",
-        lambda: (beta_bernoulli, (30, default_bernoulli_data()), {}),
-        "Bernoulli probability, Beta prior (closed-form posterior)",
-        exact_posterior=lambda: beta_bernoulli_posterior(default_bernoulli_data()),
-        log_evidence=lambda: beta_bernoulli_log_evidence(default_bernoulli_data()),
-        tags=("conjugate",)))
-    register_model(ModelSpec(
-        "linear_regression",
-        lambda: (linear_regression, default_regression_data(), {}),
-        "Bayesian linear regression, known noise (closed-form posterior)",
-        exact_posterior=lambda: linear_regression_posterior(*default_regression_data()),
-        log_evidence=lambda: linear_regression_log_evidence(*default_regression_data()),
-        tags=("conjugate",)))
+    register_model(
+        ModelSpec(
+            "normal_normal",
+            lambda: (normal_normal, (20, default_normal_data()), {}),
+            "Normal mean, known variance (closed-form posterior)",
+            exact_posterior=lambda: normal_normal_posterior(default_normal_data()),
+            log_evidence=lambda: normal_normal_log_evidence(default_normal_data()),
+            tags=("conjugate",),
+        )
+    )
+    register_model(
+        ModelSpec(
+            "beta_bernoulli",
+            lambda: (beta_bernoulli, (30, default_bernoulli_data()), {}),
+            "Bernoulli probability, Beta prior (closed-form posterior)",
+            exact_posterior=lambda: beta_bernoulli_posterior(default_bernoulli_data()),
+            log_evidence=lambda: beta_bernoulli_log_evidence(default_bernoulli_data()),
+            tags=("conjugate",),
+        )
+    )
+    register_model(
+        ModelSpec(
+            "linear_regression",
+            lambda: (linear_regression, default_regression_data(), {}),
+            "Bayesian linear regression, known noise (closed-form posterior)",
+            exact_posterior=lambda: linear_regression_posterior(*default_regression_data()),
+            log_evidence=lambda: linear_regression_log_evidence(*default_regression_data()),
+            tags=("conjugate",),
+        )
+    )
 
 
 _register()

@@ -4,6 +4,7 @@ References:
     Rubin, D. B. "Estimation in parallel randomized experiments", 1981.
     Gelman et al. "Bayesian Data Analysis", 3rd ed., 2013, section 5.5.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -75,10 +76,23 @@ def _loader(model):
     def load():
         data = eight_schools_data()
         return model, (data["J"], data["sigma"]), {"y": data["y"]}
+
     return load
 
 
-register_model(ModelSpec("eight_schools", _loader(eight_schools_noncentered),
-                         "Eight schools, non-centred (hierarchical)", tags=("hierarchical",)))
-register_model(ModelSpec("eight_schools_centered", _loader(eight_schools_centered),
-                         "Eight schools, centred (funnel geometry)", tags=("hierarchical",)))
+register_model(
+    ModelSpec(
+        "eight_schools",
+        _loader(eight_schools_noncentered),
+        "Eight schools, non-centred (hierarchical)",
+        tags=("hierarchical",),
+    )
+)
+register_model(
+    ModelSpec(
+        "eight_schools_centered",
+        _loader(eight_schools_centered),
+        "Eight schools, centred (funnel geometry)",
+        tags=("hierarchical",),
+    )
+)

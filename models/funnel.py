@@ -3,6 +3,7 @@ r"""Neal's funnel: a scale parameter that sets the width of everything else.
 References:
     Neal, R. M. "Slice sampling", Annals of Statistics, 2003.
 """
+
 from __future__ import annotations
 
 import pyro
@@ -37,7 +38,12 @@ def funnel_noncentered(dim: int = 9) -> None:
         pyro.deterministic("x", torch.exp(v / 2) * z)
 
 
-register_model(ModelSpec("funnel", lambda: (funnel, (9,), {}), "Neal's funnel (d = 9)",
-                         tags=("pathological",)))
-register_model(ModelSpec("funnel_noncentered", lambda: (funnel_noncentered, (9,), {}),
-                         "Neal's funnel, non-centred", tags=("pathological",)))
+register_model(ModelSpec("funnel", lambda: (funnel, (9,), {}), "Neal's funnel (d = 9)", tags=("pathological",)))
+register_model(
+    ModelSpec(
+        "funnel_noncentered",
+        lambda: (funnel_noncentered, (9,), {}),
+        "Neal's funnel, non-centred",
+        tags=("pathological",),
+    )
+)

@@ -1,4 +1,5 @@
 r"""Bayesian logistic regression on scikit-learn's breast-cancer data (standardised)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -12,9 +13,7 @@ from vilab.models.registry import ModelSpec, register_model
 __all__ = ["logistic_regression", "breast_cancer_data"]
 
 
-def logistic_regression(
-    features: torch.Tensor, y: Optional[torch.Tensor] = None, *, prior_scale: float = 1.0
-) -> None:
+def logistic_regression(features: torch.Tensor, y: Optional[torch.Tensor] = None, *, prior_scale: float = 1.0) -> None:
     r""".. math:: \alpha \sim \mathcal N(0, 5^2),\ \beta \sim \mathcal N(0, s^2 I_D),\
         y_n \sim \mathrm{Bernoulli}(\mathrm{logit}^{-1}(\alpha + x_n^\top \beta)).
 
@@ -49,6 +48,11 @@ def breast_cancer_data() -> tuple[torch.Tensor, torch.Tensor]:
     return features, torch.as_tensor(data.target, dtype=dtype)
 
 
-register_model(ModelSpec("logistic_regression", lambda: (logistic_regression, breast_cancer_data(), {}),
-                         "Bayesian logistic regression, breast cancer (569 x 30)",
-                         tags=("regression",)))
+register_model(
+    ModelSpec(
+        "logistic_regression",
+        lambda: (logistic_regression, breast_cancer_data(), {}),
+        "Bayesian logistic regression, breast cancer (569 x 30)",
+        tags=("regression",),
+    )
+)

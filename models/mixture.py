@@ -1,4 +1,5 @@
 r"""A two-component Gaussian mixture with the assignments marginalised out."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -46,5 +47,11 @@ def gaussian_mixture_data(num_obs: int = 200, seed: int = 0) -> torch.Tensor:
     return x.to(torch.get_default_dtype())
 
 
-register_model(ModelSpec("gaussian_mixture", lambda: (gaussian_mixture, (200, gaussian_mixture_data()), {}),
-                         "Two-component Gaussian mixture (marginalised)", tags=("mixture",)))
+register_model(
+    ModelSpec(
+        "gaussian_mixture",
+        lambda: (gaussian_mixture, (200, gaussian_mixture_data()), {}),
+        "Two-component Gaussian mixture (marginalised)",
+        tags=("mixture",),
+    )
+)

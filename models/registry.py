@@ -3,6 +3,7 @@
 ``get_model(name).load()`` returns ``(model, args, kwargs)`` ready for ``fit_svi``,
 ``run_nuts`` or ``compare``; the CLI and the benchmarks look models up here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

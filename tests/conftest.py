@@ -3,6 +3,7 @@
 Statistical tests run in float64 so Monte Carlo error, not round-off, sets their tolerances.
 Mark a module ``pytestmark = pytest.mark.float32`` for network code that should run in float32.
 """
+
 import os
 
 # Spinning OpenMP threads make small networks up to 25x slower on a busy 2-core machine; this must be

@@ -1,4 +1,5 @@
 """The runnable examples in the public docstrings run and print what they show."""
+
 import doctest
 import importlib
 

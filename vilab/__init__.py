@@ -4,6 +4,7 @@ The small public API::
 
     from vilab import fit_svi, run_nuts, compare, get_guide, get_model, sweep
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,9 +13,13 @@ __version__ = "0.1.0"
 __all__ = ["fit_svi", "run_nuts", "compare", "get_guide", "list_guides", "get_model", "list_models", "sweep"]
 
 _EXPORTS = {
-    "fit_svi": "vilab.inference", "run_nuts": "vilab.inference", "compare": "vilab.inference",
-    "get_guide": "vilab.guides", "list_guides": "vilab.guides",
-    "get_model": "vilab.models", "list_models": "vilab.models",
+    "fit_svi": "vilab.inference",
+    "run_nuts": "vilab.inference",
+    "compare": "vilab.inference",
+    "get_guide": "vilab.guides",
+    "list_guides": "vilab.guides",
+    "get_model": "vilab.models",
+    "list_models": "vilab.models",
     "sweep": "vilab.inference.sweep",
 }
 

@@ -12,6 +12,7 @@ of shape ``(N, C, H, W)``:
 
 The validation split is carved from the training set with a seeded permutation.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -87,15 +88,24 @@ class ImageData:
         """``"bernoulli"`` for binary data, ``"categorical"`` for multi-level data."""
         return "bernoulli" if self.num_levels == 2 else "categorical"
 
-    def subset(self, *, num_train: Optional[int] = None, num_validation: Optional[int] = None,
-               num_test: Optional[int] = None) -> "ImageData":
+    def subset(
+        self, *, num_train: Optional[int] = None, num_validation: Optional[int] = None, num_test: Optional[int] = None
+    ) -> "ImageData":
         """The first ``num_*`` examples of each split (for quick runs and tests)."""
+
         def cut(x, n):
             return x if n is None else x[:n]
-        return ImageData(self.name, cut(self.train, num_train), cut(self.train_labels, num_train),
-                         cut(self.validation, num_validation),
-                         cut(self.validation_labels, num_validation), cut(self.test, num_test),
-                         cut(self.test_labels, num_test), self.num_levels)
+
+        return ImageData(
+            self.name,
+            cut(self.train, num_train),
+            cut(self.train_labels, num_train),
+            cut(self.validation, num_validation),
+            cut(self.validation_labels, num_validation),
+            cut(self.test, num_test),
+            cut(self.test_labels, num_test),
+            self.num_levels,
+        )
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -110,13 +120,15 @@ def read_idx(path: str) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"path: expected an IDX file (magic 0x0000TTDD); got {path!r}")
     ndim = data[3]
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     count = int(np.prod(shape))
-    payload = data[4 + 4 * ndim:]
+    payload = data[4 + 4 * ndim :]
     if len(payload) != count * dtype.itemsize:
-        raise ValueError(f"path: IDX file {path!r} holds {len(payload)} bytes of data; "
-                         f"expected {count * dtype.itemsize} for shape {shape} (truncated?)")
+        raise ValueError(
+            f"path: IDX file {path!r} holds {len(payload)} bytes of data; "
+            f"expected {count * dtype.itemsize} for shape {shape} (truncated?)"
+        )
     return np.frombuffer(payload, dtype=dtype).reshape(shape)
 
 
@@ -137,8 +149,7 @@ def binarize(images: torch.Tensor, *, seed: int) -> torch.Tensor:
 
 def _check_validation_size(validation_size: int, available: int, note: str = "") -> None:
     if not 0 < validation_size < available:
-        raise ValueError(f"validation_size: expected 0 < validation_size < {available}{note}; "
-                         f"got {validation_size}")
+        raise ValueError(f"validation_size: expected 0 < validation_size < {available}{note}; got {validation_size}")
 
 
 def _split(images, labels, *, validation_size, seed):
@@ -148,8 +159,7 @@ def _split(images, labels, *, validation_size, seed):
     return images[train], labels[train], images[val], labels[val]
 
 
-def load_idx_directory(directory: str, *, name: str = "idx", validation_size: int = 10000,
-                       seed: int = 0) -> ImageData:
+def load_idx_directory(directory: str, *, name: str = "idx", validation_size: int = 10000, seed: int = 0) -> ImageData:
     """Load a directory of MNIST-format IDX files (MNIST, Fashion-MNIST, KMNIST...).
 
     The directory must hold ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -165,9 +175,11 @@ def load_idx_directory(directory: str, *, name: str = "idx", validation_size: in
         FileNotFoundError: if a file is missing; the message says how to install the data.
     """
     try:
-        paths = {(split, kind): _find_idx(directory, split, kind)
-                 for split in ("train", "t10k") for kind in ("images-idx3-ubyte",
-                                                             "labels-idx1-ubyte")}
+        paths = {
+            (split, kind): _find_idx(directory, split, kind)
+            for split in ("train", "t10k")
+            for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
+        }
     except FileNotFoundError as error:
         hint = _INSTALL_HINT.get(name, _INSTALL_HINT["idx"])
         raise FileNotFoundError(f"data set {name!r}: {error}; {hint}") from None
@@ -177,10 +189,17 @@ def load_idx_directory(directory: str, *, name: str = "idx", validation_size: in
     train_labels = torch.from_numpy(arrays["train", "labels-idx1-ubyte"].astype(np.int64))
     test_labels = torch.from_numpy(arrays["t10k", "labels-idx1-ubyte"].astype(np.int64))
     train, test = train.unsqueeze(1), test.unsqueeze(1)
-    train, train_labels, val, val_labels = _split(train, train_labels,
-                                                  validation_size=validation_size, seed=seed)
-    return ImageData(name, train, train_labels, binarize(val, seed=seed + 1), val_labels,
-                     binarize(test, seed=seed + 2), test_labels, num_levels=2)
+    train, train_labels, val, val_labels = _split(train, train_labels, validation_size=validation_size, seed=seed)
+    return ImageData(
+        name,
+        train,
+        train_labels,
+        binarize(val, seed=seed + 1),
+        val_labels,
+        binarize(test, seed=seed + 2),
+        test_labels,
+        num_levels=2,
+    )
 
 
 def load_digits(*, validation_size: int = 200, test_size: int = 297, seed: int = 0) -> ImageData:
@@ -195,15 +214,16 @@ def load_digits(*, validation_size: int = 200, test_size: int = 297, seed: int =
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     test, rest = order[:test_size], order[test_size:]
-    _check_validation_size(validation_size, len(rest),
-                           f" (the digits left after the {test_size} test images)")
+    _check_validation_size(validation_size, len(rest), f" (the digits left after the {test_size} test images)")
     val, train = rest[:validation_size], rest[validation_size:]
-    return ImageData("digits", images[train], labels[train], images[val], labels[val],
-                     images[test], labels[test], num_levels=17)
+    return ImageData(
+        "digits", images[train], labels[train], images[val], labels[val], images[test], labels[test], num_levels=17
+    )
 
 
-def load_dataset(name: str, *, data_dir: Optional[str] = None, validation_size: Optional[int] = None,
-                 seed: int = 0) -> ImageData:
+def load_dataset(
+    name: str, *, data_dir: Optional[str] = None, validation_size: Optional[int] = None, seed: int = 0
+) -> ImageData:
     """Load a data set by name.
 
     Args:
@@ -226,12 +246,10 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, validation_size: 
         return load_digits(seed=seed, **split)
     if data_dir is None:
         if name != "fashion-mnist":
-            raise ValueError(f"data_dir: data set {name!r} needs a directory; "
-                             f"{_INSTALL_HINT[name]}")
+            raise ValueError(f"data_dir: data set {name!r} needs a directory; {_INSTALL_HINT[name]}")
         data_dir = FASHION_MNIST_DIR
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"data set {name!r}: directory {data_dir!r} does not exist; "
-                                f"{_INSTALL_HINT[name]}")
+        raise FileNotFoundError(f"data set {name!r}: directory {data_dir!r} does not exist; {_INSTALL_HINT[name]}")
     return load_idx_directory(data_dir, name=name, seed=seed, **split)
 
 
@@ -248,9 +266,14 @@ class DynamicBinarization:
         return [torch.bernoulli(images), *rest]
 
 
-def make_loader(images: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                batch_size: int = 128, shuffle: bool = False,
-                dynamic_binarization: bool = False) -> DataLoader:
+def make_loader(
+    images: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    batch_size: int = 128,
+    shuffle: bool = False,
+    dynamic_binarization: bool = False,
+) -> DataLoader:
     """A ``DataLoader`` over ``(images, labels)`` yielding ``[x, y]`` lists.
 
     Args:
@@ -263,5 +286,4 @@ def make_loader(images: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
     if labels is None:
         labels = torch.zeros(len(images), dtype=torch.long)
     collate = DynamicBinarization() if dynamic_binarization else None
-    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=shuffle,
-                      collate_fn=collate)
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=shuffle, collate_fn=collate)

@@ -13,6 +13,7 @@ Example:
     >>> isinstance(error, VilabError), isinstance(error, FloatingPointError), error.step
     (True, True, 3)
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -47,8 +48,9 @@ class NonFiniteLossError(VilabError, FloatingPointError, RuntimeError):
         result: The partial result up to the last finite step, where the caller has one.
     """
 
-    def __init__(self, message: str, step: Optional[int] = None, site: Optional[str] = None,
-                 result: Any = None) -> None:
+    def __init__(
+        self, message: str, step: Optional[int] = None, site: Optional[str] = None, result: Any = None
+    ) -> None:
         super().__init__(message)
         self.step, self.site, self.result = step, site, result
 

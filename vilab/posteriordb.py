@@ -11,6 +11,7 @@ data dict's fields as keyword arguments::
     problem = load_posteriordb(default_posteriordb_path(), "kidiq-kidscore_momiq")
     nuts = run_nuts(problem.model, *problem.args, **problem.kwargs)
 """
+
 from __future__ import annotations
 
 import gzip
@@ -110,7 +111,9 @@ def default_posteriordb_path() -> Path:
     if os.environ.get(ENV_VAR):
         path = Path(os.environ[ENV_VAR]).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"{ENV_VAR}: expected a posteriordb folder; got {str(path)!r}, which does not exist")
+            raise FileNotFoundError(
+                f"{ENV_VAR}: expected a posteriordb folder; got {str(path)!r}, which does not exist"
+            )
         return path
     repository = Path(__file__).resolve().parents[1]
     candidates = [repository.parent / "shared" / "posteriordb", Path.cwd().parent / "shared" / "posteriordb"]
@@ -146,9 +149,15 @@ def load_posteriordb(path: Union[str, Path], name: str) -> PosteriorDBProblem:
     chains = _read_json(folder / "reference_draws.json")
     draws = {key: np.stack([np.asarray(chain[key], dtype=np.float64) for chain in chains]) for key in chains[0]}
     info = _read_json(folder / "posteriordb_info.json") if _json_file(folder / "posteriordb_info.json") else {}
-    return PosteriorDBProblem(name=name, model=model, args=(), kwargs=kwargs, reference_draws=draws,
-                              reference_summary=_read_json(folder / "reference_summary.json"),
-                              description=_describe(info))
+    return PosteriorDBProblem(
+        name=name,
+        model=model,
+        args=(),
+        kwargs=kwargs,
+        reference_draws=draws,
+        reference_summary=_read_json(folder / "reference_summary.json"),
+        description=_describe(info),
+    )
 
 
 def model_kwargs(model: Model, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,7 +173,9 @@ def model_kwargs(model: Model, data: Mapping[str, Any]) -> dict[str, Any]:
     for parameter in inspect.signature(model).parameters.values():
         if parameter.name in data:
             value = data[parameter.name]
-            kwargs[parameter.name] = torch.tensor(value, dtype=torch.get_default_dtype()) if isinstance(value, list) else value
+            kwargs[parameter.name] = (
+                torch.tensor(value, dtype=torch.get_default_dtype()) if isinstance(value, list) else value
+            )
         elif parameter.default is inspect.Parameter.empty:
             missing.append(parameter.name)
     if missing:
@@ -191,7 +202,9 @@ def unflatten_samples(flat: Mapping[str, Any], num_batch_dims: int) -> dict[str,
         shape = tuple(max(index[d] for index in entries) + 1 for d in range(len(next(iter(entries)))))
         batch = next(iter(entries.values())).shape
         if len(batch) != num_batch_dims:
-            raise ValueError(f"num_batch_dims: expected {len(batch)} for {site!r} (draws of shape {tuple(batch)}); got {num_batch_dims}")
+            raise ValueError(
+                f"num_batch_dims: expected {len(batch)} for {site!r} (draws of shape {tuple(batch)}); got {num_batch_dims}"
+            )
         value = torch.empty(tuple(batch) + shape)
         for index, entry in entries.items():
             value[(Ellipsis,) + index] = entry
@@ -220,7 +233,7 @@ def _read_json(path: Path) -> Any:
     found = _json_file(path)
     if found is None:
         raise FileNotFoundError(f"posteriordb: missing file {str(path)!r} (nor {path.name}.gz)")
-    with (gzip.open(found, "rt") if found.suffix == ".gz" else open(found)) as handle:
+    with gzip.open(found, "rt") if found.suffix == ".gz" else open(found) as handle:
         return json.load(handle)
 
 

@@ -7,6 +7,7 @@ the folder, naming each differing setting as ``old -> new``. A folder that is wr
 go (a comparison report) is built in a temporary sibling and swapped into place by
 :func:`atomic_directory`, so a crash leaves the old folder or the new one, never half of one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,9 @@ def _same(old: Any, new: Any) -> bool:
 _MISSING = "(not set)"
 
 
-def settings_differences(old: Mapping[str, Any], new: Mapping[str, Any], *,
-                         ignore: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
+def settings_differences(
+    old: Mapping[str, Any], new: Mapping[str, Any], *, ignore: Iterable[str] = ()
+) -> dict[str, tuple[Any, Any]]:
     """The settings that differ between ``old`` and ``new`` (nested dicts compared key by key).
 
     Args:
@@ -85,8 +87,7 @@ def settings_differences(old: Mapping[str, Any], new: Mapping[str, Any], *,
     return differences
 
 
-def format_differences(differences: Mapping[str, tuple[Any, Any]],
-                       names: Mapping[str, str] | None = None) -> str:
+def format_differences(differences: Mapping[str, tuple[Any, Any]], names: Mapping[str, str] | None = None) -> str:
     """``"latent_dim 32 -> 16, learning_rate 0.001 -> 0.01"``; ``names`` renames keys (to CLI flags)."""
     names = names or {}
     return ", ".join(f"{names.get(key, key)} {old!r} -> {new!r}" for key, (old, new) in differences.items())

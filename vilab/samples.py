@@ -3,6 +3,7 @@
 Site ``"beta"`` of shape ``(2,)`` flattens to ``"beta[1]"`` and ``"beta[2]"`` (1-based, as Stan
 and posteriordb name them); a matrix site ``"L"`` of shape ``(2, 2)`` to ``"L[1,1]"``, ...
 """
+
 from __future__ import annotations
 
 import itertools
@@ -66,9 +67,7 @@ def unflatten_name(flat_name: str) -> tuple[str, tuple[int, ...]]:
     return match.group("site"), tuple(int(i) - 1 for i in index.split(","))
 
 
-def match_reference(
-    flat_samples: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
-) -> list[str]:
+def match_reference(flat_samples: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> list[str]:
     """Names present in both ``flat_samples`` and ``reference``, in the reference's order.
 
     Raises:
@@ -79,8 +78,7 @@ def match_reference(
         ours = ", ".join(list(flat_samples)[:8])
         theirs = ", ".join(list(reference)[:8])
         raise ValueError(
-            f"reference: no parameter name matches the model's sites; model has [{ours}], "
-            f"reference has [{theirs}]"
+            f"reference: no parameter name matches the model's sites; model has [{ours}], reference has [{theirs}]"
         )
     return shared
 
@@ -97,10 +95,10 @@ def masked_out_names(trace) -> set[str]:
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or not name.endswith("_unobserved"):
             continue
-        if f"{name[:-len('_unobserved')]}_observed" not in trace.nodes or not isinstance(site["mask"], torch.Tensor):
+        if f"{name[: -len('_unobserved')]}_observed" not in trace.nodes or not isinstance(site["mask"], torch.Tensor):
             continue
         value = torch.as_tensor(site["value"])
-        batch_shape = value.shape[:value.dim() - site["fn"].event_dim]
+        batch_shape = value.shape[: value.dim() - site["fn"].event_dim]
         seen = site["mask"].expand(batch_shape).reshape(batch_shape + (1,) * site["fn"].event_dim).expand(value.shape)
         for index in itertools.product(*(range(n) for n in value.shape)):
             if not bool(seen[index]):

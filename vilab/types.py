@@ -3,6 +3,7 @@
 A *model* is a Pyro model function (or ``PyroModule``); a *guide* is a callable with the
 model's signature; *samples* map site names to tensors with leading sample dimensions.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union

@@ -14,6 +14,7 @@ References:
     Structured Inference Networks for Nonlinear State Space Models, Krishnan, Shalit &
     Sontag, 2017, arXiv:1609.09869.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,8 +42,7 @@ class Combiner(nn.Module):
         self.loc = nn.Linear(rnn_dim, latent_dim)
         self.scale = nn.Linear(rnn_dim, latent_dim)
 
-    def forward(self, z_previous: torch.Tensor, h_rnn: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z_previous: torch.Tensor, h_rnn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``z_previous`` ``(..., N, D)`` and ``h_rnn`` ``(N, H)`` -> two ``(..., N, D)``."""
         h = 0.5 * (torch.tanh(self.lift(z_previous)) + h_rnn)
         return self.loc(h), F.softplus(self.scale(h)) + 1e-4
@@ -69,8 +69,7 @@ class DMMGuide(nn.Module):
     def rnn_states(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, T, F) -> (N, T, H)``: state at ``t`` has read ``x_T ... x_t``."""
         if x.dim() != 3 or x.shape[-1] != self.input_dim:
-            raise ValueError(f"x: expected sequences of shape (N, T, {self.input_dim}); got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(f"x: expected sequences of shape (N, T, {self.input_dim}); got {tuple(x.shape)}")
         states, _ = self.rnn(x.flip(1))
         return states.flip(1)
 

@@ -8,6 +8,7 @@ parameters of a diagonal Gaussian :math:`q_\phi(z \mid x) = \mathcal{N}(\mu_\phi
 References:
     Auto-Encoding Variational Bayes, Kingma & Welling, 2013, arXiv:1312.6114.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -18,8 +19,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["GatedDense", "HIDDEN_LAYERS", "hidden_stack", "MLPEncoder", "ConvEncoder",
-           "AmortizedNormalGuide", "build_encoder"]
+__all__ = [
+    "GatedDense",
+    "HIDDEN_LAYERS",
+    "hidden_stack",
+    "MLPEncoder",
+    "ConvEncoder",
+    "AmortizedNormalGuide",
+    "build_encoder",
+]
 
 _MIN_SCALE = 1e-4
 HIDDEN_LAYERS = ("elu", "gated")
@@ -67,22 +75,22 @@ def _check_images(x: torch.Tensor, image_shape: Sequence[int], who: str) -> None
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a tensor of images; got {type(x).__name__}")
     if x.dim() < 4 or tuple(x.shape[-3:]) != tuple(image_shape):
-        raise ValueError(f"x: {who} expects images of shape (batch, {', '.join(map(str, image_shape))}); "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(
+            f"x: {who} expects images of shape (batch, {', '.join(map(str, image_shape))}); got {tuple(x.shape)}"
+        )
 
 
 def _check_levels(quantiles: Sequence[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``quantiles`` as a 1-D tensor of levels in (0, 1) with ``like``'s dtype and device."""
     levels = torch.as_tensor(quantiles, dtype=like.dtype, device=like.device).reshape(-1)
     if levels.numel() == 0 or not ((levels > 0) & (levels < 1)).all():
-        raise ValueError(f"quantiles: expected levels strictly between 0 and 1; got "
-                         f"{levels.tolist()}")
+        raise ValueError(f"quantiles: expected levels strictly between 0 and 1; got {levels.tolist()}")
     return levels
 
 
-def _empirical_quantiles(distribution: dist.TorchDistribution,
-                         quantiles: Sequence[float] | torch.Tensor, num_samples: int
-                         ) -> dict[str, torch.Tensor]:
+def _empirical_quantiles(
+    distribution: dist.TorchDistribution, quantiles: Sequence[float] | torch.Tensor, num_samples: int
+) -> dict[str, torch.Tensor]:
     """``{"z": (Q, batch, D)}``: quantiles of ``num_samples`` draws, for guides whose marginals
     have no closed form (the CDF at each estimate is within about sqrt(p(1-p)/n) of p)."""
     if num_samples < 1:
@@ -114,9 +122,15 @@ class MLPEncoder(nn.Module):
         hidden_layer: ``"elu"`` (``Linear`` + ELU) or ``"gated"`` (:class:`GatedDense`).
     """
 
-    def __init__(self, image_shape: Sequence[int], latent_dim: int, *,
-                 hidden_dims: Sequence[int] = (512, 256), input_scale: float = 1.0,
-                 hidden_layer: str = "elu"):
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        latent_dim: int,
+        *,
+        hidden_dims: Sequence[int] = (512, 256),
+        input_scale: float = 1.0,
+        hidden_layer: str = "elu",
+    ):
         super().__init__()
         if latent_dim < 1:
             raise ValueError(f"latent_dim: expected a positive integer; got {latent_dim}")
@@ -149,21 +163,33 @@ class ConvEncoder(nn.Module):
         input_scale: Inputs are divided by this.
     """
 
-    def __init__(self, image_shape: Sequence[int], latent_dim: int, *,
-                 channels: Sequence[int] = (32, 64), hidden_dim: int = 256,
-                 input_scale: float = 1.0):
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        latent_dim: int,
+        *,
+        channels: Sequence[int] = (32, 64),
+        hidden_dim: int = 256,
+        input_scale: float = 1.0,
+    ):
         super().__init__()
         c, h, w = image_shape
         if h % 4 or w % 4:
-            raise ValueError(f"image_shape: the convolutional encoder needs H and W divisible "
-                             f"by 4; got {tuple(image_shape)}")
+            raise ValueError(
+                f"image_shape: the convolutional encoder needs H and W divisible by 4; got {tuple(image_shape)}"
+            )
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
         self.input_scale = float(input_scale)
         self.body = nn.Sequential(
-            nn.Conv2d(c, channels[0], 4, stride=2, padding=1), nn.ELU(),
-            nn.Conv2d(channels[0], channels[1], 4, stride=2, padding=1), nn.ELU(),
-            nn.Flatten(-3), nn.Linear(channels[1] * (h // 4) * (w // 4), hidden_dim), nn.ELU())
+            nn.Conv2d(c, channels[0], 4, stride=2, padding=1),
+            nn.ELU(),
+            nn.Conv2d(channels[0], channels[1], 4, stride=2, padding=1),
+            nn.ELU(),
+            nn.Flatten(-3),
+            nn.Linear(channels[1] * (h // 4) * (w // 4), hidden_dim),
+            nn.ELU(),
+        )
         self.feature_dim = hidden_dim
         self.head = _GaussianHead(hidden_dim, latent_dim)
 
@@ -179,19 +205,25 @@ class ConvEncoder(nn.Module):
         return self.head(self.features(x))
 
 
-def build_encoder(kind: str, image_shape: Sequence[int], latent_dim: int, *,
-                  hidden_dims: Sequence[int] = (512, 256), input_scale: float = 1.0,
-                  hidden_layer: str = "elu") -> nn.Module:
+def build_encoder(
+    kind: str,
+    image_shape: Sequence[int],
+    latent_dim: int,
+    *,
+    hidden_dims: Sequence[int] = (512, 256),
+    input_scale: float = 1.0,
+    hidden_layer: str = "elu",
+) -> nn.Module:
     """An ``"mlp"`` or ``"conv"`` encoder (``hidden_dims[-1]`` is the conv dense width;
     ``hidden_layer``, see :data:`HIDDEN_LAYERS`, applies to the MLP)."""
     if kind == "mlp":
-        return MLPEncoder(image_shape, latent_dim, hidden_dims=hidden_dims,
-                          input_scale=input_scale, hidden_layer=hidden_layer)
+        return MLPEncoder(
+            image_shape, latent_dim, hidden_dims=hidden_dims, input_scale=input_scale, hidden_layer=hidden_layer
+        )
     if kind == "conv":
         if hidden_layer != "elu":
             raise ValueError(f"hidden_layer: the conv encoder has ELU layers only; got {hidden_layer!r}")
-        return ConvEncoder(image_shape, latent_dim, hidden_dim=hidden_dims[-1],
-                           input_scale=input_scale)
+        return ConvEncoder(image_shape, latent_dim, hidden_dim=hidden_dims[-1], input_scale=input_scale)
     raise ValueError(f"encoder: expected 'mlp' or 'conv'; got {kind!r}")
 
 
@@ -235,8 +267,7 @@ class AmortizedNormalGuide(nn.Module):
         """Posterior median of each site, Pyro autoguide style: ``{"z": (batch, D)}``."""
         return {"z": self.mean(x)}
 
-    def quantiles(self, quantiles: Sequence[float] | torch.Tensor, x: torch.Tensor
-                  ) -> dict[str, torch.Tensor]:
+    def quantiles(self, quantiles: Sequence[float] | torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         r"""Per-datapoint marginal quantiles :math:`\mu_d(x) + \sigma_d(x)\,\Phi^{-1}(p)`.
 
         Pyro autoguide style (``quantiles`` first, then the model's arguments).

@@ -21,6 +21,7 @@ Flows (all Pyro ``conditional_*`` transforms except Sylvester, which Pyro has on
 * ``"spline"``: Durkan et al., Neural Spline Flows, 2019, arXiv:1906.04032 (autoregressive
   linear rational-quadratic splines; Dolatabadi et al. 2020, arXiv:2001.05168).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -29,8 +30,12 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
-from pyro.distributions.transforms import (ConditionalAffineAutoregressive, ConditionalPlanar,
-                                           ConditionalRadial, ConditionalSplineAutoregressive)
+from pyro.distributions.transforms import (
+    ConditionalAffineAutoregressive,
+    ConditionalPlanar,
+    ConditionalRadial,
+    ConditionalSplineAutoregressive,
+)
 from pyro.nn import ConditionalAutoRegressiveNN, DenseNN
 from torch import nn
 from torch.distributions import constraints
@@ -61,14 +66,14 @@ class _ConditionedSylvester(dist.transforms.Transform):
         hidden = torch.tanh(preactivation)
         a_matrix = self.q_matrix @ self.r_matrix
         y = x + (a_matrix @ hidden.unsqueeze(-1)).squeeze(-1)
-        diagonal = torch.diagonal(self.r_matrix, dim1=-2, dim2=-1) * torch.diagonal(
-            self.r_tilde, dim1=-2, dim2=-1)
+        diagonal = torch.diagonal(self.r_matrix, dim1=-2, dim2=-1) * torch.diagonal(self.r_tilde, dim1=-2, dim2=-1)
         self._cached_log_det = torch.log1p((1 - hidden.pow(2)) * diagonal).sum(-1)
         return y
 
     def _inverse(self, y):
-        raise NotImplementedError("the Sylvester flow has no analytic inverse; only its own "
-                                  "samples (cached) can be scored")
+        raise NotImplementedError(
+            "the Sylvester flow has no analytic inverse; only its own samples (cached) can be scored"
+        )
 
     def log_abs_det_jacobian(self, x, y):
         x_old, y_old = self._cached_x_y
@@ -104,13 +109,11 @@ class ConditionalSylvester(ConditionalTransformModule):
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, input_dim: int, context_dim: int, hidden_dims: Sequence[int], *,
-                 num_householder: int = 8):
+    def __init__(self, input_dim: int, context_dim: int, hidden_dims: Sequence[int], *, num_householder: int = 8):
         super().__init__()
         self.input_dim, self.num_householder = input_dim, num_householder
         d = input_dim
-        self.nn = DenseNN(context_dim, list(hidden_dims),
-                          param_dims=[d * d, d * d, d, d, d, num_householder * d])
+        self.nn = DenseNN(context_dim, list(hidden_dims), param_dims=[d * d, d * d, d, d, d, num_householder * d])
         self.register_buffer("upper", torch.triu(torch.ones(d, d), diagonal=1))
 
     def _householder_product(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -127,16 +130,22 @@ class ConditionalSylvester(ConditionalTransformModule):
     def condition(self, context: torch.Tensor) -> _ConditionedSylvester:
         d = self.input_dim
         r_dense, s_dense, r_diag, s_diag, bias, vectors = self.nn(context)
-        r_matrix = r_dense.reshape(*r_dense.shape[:-1], d, d) * self.upper + torch.diag_embed(
-            torch.tanh(r_diag))
-        r_tilde = s_dense.reshape(*s_dense.shape[:-1], d, d) * self.upper + torch.diag_embed(
-            torch.tanh(s_diag))
+        r_matrix = r_dense.reshape(*r_dense.shape[:-1], d, d) * self.upper + torch.diag_embed(torch.tanh(r_diag))
+        r_tilde = s_dense.reshape(*s_dense.shape[:-1], d, d) * self.upper + torch.diag_embed(torch.tanh(s_diag))
         return _ConditionedSylvester(self._householder_product(vectors), r_matrix, r_tilde, bias)
 
 
-def build_conditional_flow(flow: str, latent_dim: int, context_dim: int, num_flows: int, *,
-                           hidden_dims: Optional[Sequence[int]] = None, count_bins: int = 8,
-                           bound: float = 3.0, num_householder: int = 8) -> nn.ModuleList:
+def build_conditional_flow(
+    flow: str,
+    latent_dim: int,
+    context_dim: int,
+    num_flows: int,
+    *,
+    hidden_dims: Optional[Sequence[int]] = None,
+    count_bins: int = 8,
+    bound: float = 3.0,
+    num_householder: int = 8,
+) -> nn.ModuleList:
     """``num_flows`` conditional transforms of one kind (see the module docstring).
 
     Raises:
@@ -159,17 +168,19 @@ def build_conditional_flow(flow: str, latent_dim: int, context_dim: int, num_flo
         elif flow == "radial":
             steps.append(ConditionalRadial(DenseNN(context_dim, hidden, param_dims=[d, 1, 1])))
         elif flow == "sylvester":
-            steps.append(ConditionalSylvester(d, context_dim, hidden,
-                                              num_householder=num_householder))
+            steps.append(ConditionalSylvester(d, context_dim, hidden, num_householder=num_householder))
         elif flow == "iaf":
             arn = ConditionalAutoRegressiveNN(d, context_dim, hidden, permutation=order)
             steps.append(ConditionalAffineAutoregressive(arn, stable=True))
         else:
             arn = ConditionalAutoRegressiveNN(
-                d, context_dim, hidden, permutation=order,
-                param_dims=[count_bins, count_bins, count_bins - 1, count_bins])
-            steps.append(ConditionalSplineAutoregressive(d, arn, count_bins=count_bins,
-                                                         bound=bound, order="linear"))
+                d,
+                context_dim,
+                hidden,
+                permutation=order,
+                param_dims=[count_bins, count_bins, count_bins - 1, count_bins],
+            )
+            steps.append(ConditionalSplineAutoregressive(d, arn, count_bins=count_bins, bound=bound, order="linear"))
     return nn.ModuleList(steps)
 
 
@@ -193,20 +204,37 @@ class AmortizedFlowGuide(nn.Module):
         register: Register parameters in Pyro's param store (for ``pyro.infer.SVI``).
     """
 
-    def __init__(self, encoder: nn.Module, flow: str = "iaf", num_flows: int = 4, *,
-                 hidden_dims: Optional[Sequence[int]] = None, count_bins: int = 8,
-                 bound: float = 3.0, num_householder: int = 8, name: str = "vae_guide",
-                 register: bool = False):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        flow: str = "iaf",
+        num_flows: int = 4,
+        *,
+        hidden_dims: Optional[Sequence[int]] = None,
+        count_bins: int = 8,
+        bound: float = 3.0,
+        num_householder: int = 8,
+        name: str = "vae_guide",
+        register: bool = False,
+    ):
         super().__init__()
         for attribute in ("features", "head", "feature_dim", "latent_dim"):
             if not hasattr(encoder, attribute):
-                raise TypeError(f"encoder: expected a module with `{attribute}` (like "
-                                f"MLPEncoder); got {type(encoder).__name__}")
+                raise TypeError(
+                    f"encoder: expected a module with `{attribute}` (like MLPEncoder); got {type(encoder).__name__}"
+                )
         self.encoder, self.flow, self.num_flows = encoder, flow, num_flows
         self.latent_dim = encoder.latent_dim
         self.transforms = build_conditional_flow(
-            flow, encoder.latent_dim, encoder.feature_dim, num_flows, hidden_dims=hidden_dims,
-            count_bins=count_bins, bound=bound, num_householder=num_householder)
+            flow,
+            encoder.latent_dim,
+            encoder.feature_dim,
+            num_flows,
+            hidden_dims=hidden_dims,
+            count_bins=count_bins,
+            bound=bound,
+            num_householder=num_householder,
+        )
         self.name, self.register = name, register
 
     @property
@@ -233,8 +261,9 @@ class AmortizedFlowGuide(nn.Module):
         return self.distribution(x).sample((num_samples,)).mean(0)
 
     @torch.no_grad()
-    def quantiles(self, quantiles: Sequence[float] | torch.Tensor, x: torch.Tensor, *,
-                  num_samples: int = 1000) -> dict[str, torch.Tensor]:
+    def quantiles(
+        self, quantiles: Sequence[float] | torch.Tensor, x: torch.Tensor, *, num_samples: int = 1000
+    ) -> dict[str, torch.Tensor]:
         r"""Per-datapoint marginal quantiles of each coordinate of :math:`q(z \mid x)`.
 
         The flow has no closed-form marginals, so these are empirical quantiles of
@@ -263,6 +292,8 @@ class AmortizedFlowGuide(nn.Module):
                 closed form; their own samples are still scored exactly through the cache.
         """
         if not self.has_inverse:
-            raise NotImplementedError(f"log_density: the {self.flow} flow has no analytic "
-                                      f"inverse, so q(z|x) can be scored only at its own samples")
+            raise NotImplementedError(
+                f"log_density: the {self.flow} flow has no analytic "
+                f"inverse, so q(z|x) can be scored only at its own samples"
+            )
         return self.distribution(x).log_prob(z)

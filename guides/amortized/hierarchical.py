@@ -17,6 +17,7 @@ the guide.
 References:
     VAE with a VampPrior, Tomczak & Welling, 2018, arXiv:1705.07120 (the two-level HVAE).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,11 +58,11 @@ class TwoLevelLatent(TorchDistribution):
     arg_constraints: dict = {}
     support = constraints.real_vector
 
-    def __init__(self, top: TorchDistribution, conditional: Conditional, lower_dim: int,
-                 validate_args: Optional[bool] = None):
+    def __init__(
+        self, top: TorchDistribution, conditional: Conditional, lower_dim: int, validate_args: Optional[bool] = None
+    ):
         if top.event_shape.numel() < 1 or len(top.event_shape) != 1:
-            raise ValueError(f"top: expected a distribution with event shape (D2,); got "
-                             f"{tuple(top.event_shape)}")
+            raise ValueError(f"top: expected a distribution with event shape (D2,); got {tuple(top.event_shape)}")
         self.top, self.conditional, self.lower_dim = top, conditional, int(lower_dim)
         self._cache: Optional[tuple] = None
         event = (self.lower_dim + top.event_shape[0],)
@@ -75,13 +76,12 @@ class TwoLevelLatent(TorchDistribution):
         new = self._get_checked_instance(TwoLevelLatent, _instance)
         new.top = self.top.expand(batch_shape)
         new.conditional, new.lower_dim, new._cache = self.conditional, self.lower_dim, None
-        super(TwoLevelLatent, new).__init__(new.top.batch_shape, self.event_shape,
-                                            validate_args=False)
+        super(TwoLevelLatent, new).__init__(new.top.batch_shape, self.event_shape, validate_args=False)
         return new
 
     def split(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[z_1, z_2]`` -> ``(z_1, z_2)``."""
-        return value[..., : self.lower_dim], value[..., self.lower_dim:]
+        return value[..., : self.lower_dim], value[..., self.lower_dim :]
 
     def _draw(self, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         loc, scale = self.conditional(z2)
@@ -126,14 +126,23 @@ class ConditionalGaussian(nn.Module):
         hidden_layer: ``"elu"`` or ``"gated"`` (see :func:`~vilab.guides.amortized.encoders.hidden_stack`).
     """
 
-    def __init__(self, input_dim: int, output_dim: int, *, hidden_dims: Sequence[int] = (300, 300),
-                 context_dim: int = 0, hidden_layer: str = "gated"):
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        *,
+        hidden_dims: Sequence[int] = (300, 300),
+        context_dim: int = 0,
+        hidden_layer: str = "gated",
+    ):
         super().__init__()
         if not hidden_dims:
             raise ValueError("hidden_dims: expected at least one hidden width; got none")
         if min(input_dim, output_dim) < 1 or context_dim < 0:
-            raise ValueError(f"input_dim, output_dim, context_dim: expected positive sizes (context "
-                             f"may be 0); got {input_dim}, {output_dim}, {context_dim}")
+            raise ValueError(
+                f"input_dim, output_dim, context_dim: expected positive sizes (context "
+                f"may be 0); got {input_dim}, {output_dim}, {context_dim}"
+            )
         first = int(hidden_dims[0])
         self.gated = hidden_layer == "gated"
         width = 2 * first if self.gated else first
@@ -150,8 +159,9 @@ class ConditionalGaussian(nn.Module):
             raise ValueError("context: this conditional was built with context_dim=0")
         return self.context_layer(context)
 
-    def forward(self, z: torch.Tensor, projected_context: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, z: torch.Tensor, projected_context: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)``, each ``(..., output_dim)``; ``projected_context`` broadcasts."""
         pre = self.input_layer(z)
         if projected_context is not None:
@@ -192,14 +202,17 @@ class HierarchicalNormalGuide(nn.Module):
         register: Register parameters in Pyro's param store (for ``pyro.infer.SVI``).
     """
 
-    def __init__(self, encoder: nn.Module, lower: ConditionalGaussian, *,
-                 name: str = "vae_guide", register: bool = False):
+    def __init__(
+        self, encoder: nn.Module, lower: ConditionalGaussian, *, name: str = "vae_guide", register: bool = False
+    ):
         super().__init__()
         pixels = math.prod(encoder.image_shape)
         if lower.input_dim != encoder.latent_dim or lower.context_dim != pixels:
-            raise ValueError(f"lower: expected input_dim={encoder.latent_dim} (the encoder's "
-                             f"latent) and context_dim={pixels} (pixels); got "
-                             f"{lower.input_dim} and {lower.context_dim}")
+            raise ValueError(
+                f"lower: expected input_dim={encoder.latent_dim} (the encoder's "
+                f"latent) and context_dim={pixels} (pixels); got "
+                f"{lower.input_dim} and {lower.context_dim}"
+            )
         self.encoder, self.lower = encoder, lower
         self.lower_dim, self.top_dim = lower.output_dim, encoder.latent_dim
         self.latent_dim = self.lower_dim + self.top_dim
@@ -211,8 +224,7 @@ class HierarchicalNormalGuide(nn.Module):
         loc, scale = self.encoder(x)
         pixels = x.flatten(-3) / getattr(self.encoder, "input_scale", 1.0)
         context = self.lower.project_context(pixels)
-        return TwoLevelLatent(dist.Normal(loc, scale).to_event(1),
-                              lambda z2: self.lower(z2, context), self.lower_dim)
+        return TwoLevelLatent(dist.Normal(loc, scale).to_event(1), lambda z2: self.lower(z2, context), self.lower_dim)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Sample :math:`[z_1, z_2] \\sim q(\\cdot \\mid x)` at site ``"z"``; extra arguments are ignored."""
@@ -231,8 +243,9 @@ class HierarchicalNormalGuide(nn.Module):
         return torch.cat([loc.mean(0), q.top.base_dist.loc], -1)
 
     @torch.no_grad()
-    def quantiles(self, quantiles: Sequence[float] | torch.Tensor, x: torch.Tensor, *,
-                  num_samples: int = 1000) -> dict[str, torch.Tensor]:
+    def quantiles(
+        self, quantiles: Sequence[float] | torch.Tensor, x: torch.Tensor, *, num_samples: int = 1000
+    ) -> dict[str, torch.Tensor]:
         r"""Per-datapoint marginal quantiles of each coordinate, ``{"z": (Q, batch, D_1 + D_2)}``.
 
         :math:`z_1`'s marginal is a continuous mixture, so these are empirical quantiles of

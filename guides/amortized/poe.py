@@ -17,6 +17,7 @@ References:
     Multimodal Generative Models for Scalable Weakly-Supervised Learning, Wu & Goodman, 2018,
     arXiv:1802.05335.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -30,8 +31,9 @@ from torch.nn import functional as F
 __all__ = ["product_of_experts", "LabelEncoder", "PoEGuide"]
 
 
-def product_of_experts(locs: list[torch.Tensor], scales: list[torch.Tensor], *,
-                       prior_expert: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def product_of_experts(
+    locs: list[torch.Tensor], scales: list[torch.Tensor], *, prior_expert: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Normalised product of diagonal Gaussian experts (and the :math:`\mathcal{N}(0, I)` prior).
 
     Args:
@@ -46,16 +48,16 @@ def product_of_experts(locs: list[torch.Tensor], scales: list[torch.Tensor], *,
         ValueError: with no expert at all, or mismatched list lengths.
     """
     if len(locs) != len(scales):
-        raise ValueError(f"locs, scales: expected lists of equal length; got {len(locs)} and "
-                         f"{len(scales)}")
+        raise ValueError(f"locs, scales: expected lists of equal length; got {len(locs)} and {len(scales)}")
     if not locs and not prior_expert:
         raise ValueError("locs: expected at least one expert when prior_expert=False; got none")
     precisions = [s.pow(-2) for s in scales]
     if prior_expert:
         like = locs[0] if locs else None
         if like is None:
-            raise ValueError("locs: the prior expert alone has no shape; pass at least one "
-                             "expert or build N(0, I) directly")
+            raise ValueError(
+                "locs: the prior expert alone has no shape; pass at least one expert or build N(0, I) directly"
+            )
         precisions.append(torch.ones_like(like))
         locs = list(locs) + [torch.zeros_like(like)]
     precision = torch.stack(precisions).sum(0)
@@ -75,14 +77,20 @@ class LabelEncoder(nn.Module):
     def __init__(self, num_classes: int, latent_dim: int, hidden_dim: int = 64):
         super().__init__()
         self.num_classes, self.latent_dim = num_classes, latent_dim
-        self.net = nn.Sequential(nn.Embedding(num_classes, hidden_dim), nn.ELU(),
-                                 nn.Linear(hidden_dim, hidden_dim), nn.ELU(),
-                                 nn.Linear(hidden_dim, 2 * latent_dim))
+        self.net = nn.Sequential(
+            nn.Embedding(num_classes, hidden_dim),
+            nn.ELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ELU(),
+            nn.Linear(hidden_dim, 2 * latent_dim),
+        )
 
     def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if y.dtype != torch.long or y.min() < 0 or y.max() >= self.num_classes:
-            raise ValueError(f"y: expected long labels in 0..{self.num_classes - 1}; got dtype "
-                             f"{y.dtype} with values in [{y.min().item()}, {y.max().item()}]")
+            raise ValueError(
+                f"y: expected long labels in 0..{self.num_classes - 1}; got dtype "
+                f"{y.dtype} with values in [{y.min().item()}, {y.max().item()}]"
+            )
         loc, raw = self.net(y).chunk(2, -1)
         return loc, F.softplus(raw) + 1e-4
 
@@ -102,8 +110,9 @@ class PoEGuide(nn.Module):
         self.image_encoder, self.label_encoder = image_encoder, label_encoder
         self.latent_dim = label_encoder.latent_dim
 
-    def distribution(self, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None
-                     ) -> dist.TorchDistribution:
+    def distribution(
+        self, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None
+    ) -> dist.TorchDistribution:
         """The PoE posterior for the modalities given (at least one)."""
         experts = []
         if x is not None:
@@ -115,8 +124,9 @@ class PoEGuide(nn.Module):
         loc, scale = product_of_experts([e[0] for e in experts], [e[1] for e in experts])
         return dist.Normal(loc, scale).to_event(1)
 
-    def forward(self, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
-                *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         q = self.distribution(x, y)
         with pyro.plate("data", q.batch_shape[0], dim=-1):
             return pyro.sample("z", q)

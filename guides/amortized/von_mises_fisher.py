@@ -39,6 +39,7 @@ References:
     Simulation of the von Mises Fisher distribution, Wood, 1994, Communications in Statistics.
     Implicit Reparameterization Gradients, Figurnov, Mohamed & Mnih, 2018, arXiv:1805.08498.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,7 @@ from scipy import special
 from torch.distributions import constraints
 from torch.distributions.kl import register_kl
 
-__all__ = ["VonMisesFisher", "HypersphericalUniform", "log_bessel_iv", "bessel_ratio",
-           "sphere_log_area"]
+__all__ = ["VonMisesFisher", "HypersphericalUniform", "log_bessel_iv", "bessel_ratio", "sphere_log_area"]
 
 
 def _log_iv_numpy(order: float, x: np.ndarray) -> np.ndarray:
@@ -114,8 +114,9 @@ class HypersphericalUniform(dist.TorchDistribution):
     support = constraints.real_vector  # the unit sphere; torch has no sphere constraint
     has_rsample = True
 
-    def __init__(self, dim: int, batch_shape: torch.Size = torch.Size(), *,
-                 validate_args=None, dtype=None, device=None):
+    def __init__(
+        self, dim: int, batch_shape: torch.Size = torch.Size(), *, validate_args=None, dtype=None, device=None
+    ):
         if dim < 2:
             raise ValueError(f"dim: expected an ambient dimension >= 2; got {dim}")
         self.dim = dim
@@ -124,8 +125,7 @@ class HypersphericalUniform(dist.TorchDistribution):
         super().__init__(torch.Size(batch_shape), torch.Size([dim]), validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
-        return HypersphericalUniform(self.dim, torch.Size(batch_shape), dtype=self._dtype,
-                                     device=self._device)
+        return HypersphericalUniform(self.dim, torch.Size(batch_shape), dtype=self._dtype, device=self._device)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
@@ -134,12 +134,10 @@ class HypersphericalUniform(dist.TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
-        return torch.full(shape, -sphere_log_area(self.dim), dtype=value.dtype,
-                          device=value.device)
+        return torch.full(shape, -sphere_log_area(self.dim), dtype=value.dtype, device=value.device)
 
     def entropy(self) -> torch.Tensor:
-        return torch.full(self.batch_shape, sphere_log_area(self.dim), dtype=self._dtype,
-                          device=self._device)
+        return torch.full(self.batch_shape, sphere_log_area(self.dim), dtype=self._dtype, device=self._device)
 
 
 class VonMisesFisher(dist.TorchDistribution):
@@ -163,8 +161,7 @@ class VonMisesFisher(dist.TorchDistribution):
         if loc.dim() < 1 or loc.shape[-1] < 2:
             raise ValueError(f"loc: expected shape (..., p) with p >= 2; got {tuple(loc.shape)}")
         concentration = torch.as_tensor(concentration, dtype=loc.dtype, device=loc.device)
-        if concentration.dim() >= 1 and concentration.shape[-1] == 1 and \
-                concentration.dim() == loc.dim():
+        if concentration.dim() >= 1 and concentration.shape[-1] == 1 and concentration.dim() == loc.dim():
             concentration = concentration.squeeze(-1)
         batch_shape = torch.broadcast_shapes(loc.shape[:-1], concentration.shape)
         self.loc = loc.expand(*batch_shape, loc.shape[-1])
@@ -173,15 +170,16 @@ class VonMisesFisher(dist.TorchDistribution):
         if validate_args:
             norms = self.loc.norm(dim=-1)
             if not torch.allclose(norms, torch.ones_like(norms), atol=1e-5):
-                raise ValueError("loc: expected unit vectors (normalise with "
-                                 f"loc / loc.norm(dim=-1, keepdim=True)); got norms in "
-                                 f"[{norms.min().item():.4g}, {norms.max().item():.4g}]")
+                raise ValueError(
+                    "loc: expected unit vectors (normalise with "
+                    f"loc / loc.norm(dim=-1, keepdim=True)); got norms in "
+                    f"[{norms.min().item():.4g}, {norms.max().item():.4g}]"
+                )
         super().__init__(batch_shape, torch.Size([self.dim]), validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
-        return VonMisesFisher(self.loc.expand(*batch_shape, self.dim),
-                              self.concentration.expand(batch_shape))
+        return VonMisesFisher(self.loc.expand(*batch_shape, self.dim), self.concentration.expand(batch_shape))
 
     @property
     def mean(self) -> torch.Tensor:
@@ -191,8 +189,7 @@ class VonMisesFisher(dist.TorchDistribution):
         r""":math:`\log C_p(\kappa)`, shape ``batch_shape``."""
         order = self.dim / 2 - 1
         kappa = self.concentration
-        return (order * torch.log(kappa) - self.dim / 2 * math.log(2 * math.pi)
-                - log_bessel_iv(order, kappa))
+        return order * torch.log(kappa) - self.dim / 2 * math.log(2 * math.pi) - log_bessel_iv(order, kappa)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args and value.shape[-1] != self.dim:
@@ -239,8 +236,7 @@ class VonMisesFisher(dist.TorchDistribution):
         direction = e1 - self.loc
         norm = direction.norm(dim=-1, keepdim=True)
         # loc == e1 needs no reflection; a zero direction keeps the draw as it is.
-        unit = torch.where(norm > 1e-12, direction / norm.clamp_min(1e-12),
-                           torch.zeros_like(direction))
+        unit = torch.where(norm > 1e-12, direction / norm.clamp_min(1e-12), torch.zeros_like(direction))
         return around_e1 - 2 * (around_e1 * unit).sum(-1, keepdim=True) * unit
 
 
@@ -252,10 +248,10 @@ _TAIL_SPAN = 40.0
 def _wood_rejection(dim: int, kappa: torch.Tensor, max_rounds: int) -> torch.Tensor:
     r"""Wood's (1994) rejection sampler for :math:`w = \mu^\top z`, any ``dim`` >= 2."""
     m1 = dim - 1.0
-    root = torch.sqrt(4 * kappa ** 2 + m1 ** 2)
+    root = torch.sqrt(4 * kappa**2 + m1**2)
     b = m1 / (2 * kappa + root)  # = (-2k + root) / (p - 1), without cancellation
     x0 = (1 - b) / (1 + b)
-    c = kappa * x0 + m1 * torch.log(1 - x0 ** 2)
+    c = kappa * x0 + m1 * torch.log(1 - x0**2)
     half = torch.tensor(m1 / 2, dtype=kappa.dtype, device=kappa.device)
     beta = torch.distributions.Beta(half, half)
     w = torch.zeros_like(kappa)
@@ -289,8 +285,7 @@ def _implicit_w_gradient(dim: int, kappa: torch.Tensor, w: torch.Tensor) -> torc
     half = ((theta_high - theta_low) / 2).unsqueeze(-1)
     theta = theta_low.unsqueeze(-1) + half * (nodes + 1)
     cos_theta = torch.cos(theta)
-    integrand = torch.exp(kappa.unsqueeze(-1) * (cos_theta - w.unsqueeze(-1))) * \
-        torch.sin(theta) ** (dim - 2)
+    integrand = torch.exp(kappa.unsqueeze(-1) * (cos_theta - w.unsqueeze(-1))) * torch.sin(theta) ** (dim - 2)
     mean_length = bessel_ratio(dim / 2 - 1, kappa).unsqueeze(-1)
     d_cdf = (half * weights * (cos_theta - mean_length) * integrand).sum(-1)
     density_at_w = (1 - w * w) ** ((dim - 3) / 2)

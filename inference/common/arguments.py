@@ -1,4 +1,5 @@
 """Checks of a model that every algorithm runs before any fit."""
+
 from __future__ import annotations
 
 __all__ = ["check_no_learned_params"]
@@ -21,4 +22,5 @@ def check_no_learned_params(trace, caller: str) -> None:
             f"{caller}: the model has learned parameter(s) {shown} (pyro.param / pyro.module); expected a "
             "model whose unknowns are all sample sites. NUTS would condition on whatever value Pyro's "
             "param store holds while each guide learns its own. Make each a sample site with a prior "
-            "(pyro.sample(name, prior)), or pass a fixed value as data (a model argument).")
+            "(pyro.sample(name, prior)), or pass a fixed value as data (a model argument)."
+        )

@@ -4,6 +4,7 @@ VI draws enter as a single chain, so every ArviZ function that expects ``(chain,
 on them; ``posterior.attrs["inference"]`` says which method made the draws. Array dimensions
 that a site got from a ``pyro.plate`` are named after the plate, as ArviZ's ``from_pyro`` does.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Optional
@@ -70,8 +71,7 @@ def to_inference_data(
         "log_likelihood": {k: to_numpy(v) for k, v in (log_likelihood or {}).items()} or None,
     }
     used = {k: v for k, v in dims.items() if k in samples or k in observed or k in (log_likelihood or {})}
-    idata = az.from_dict(**{k: v for k, v in groups.items() if v is not None},
-                         dims=used, coords=coords or None)
+    idata = az.from_dict(**{k: v for k, v in groups.items() if v is not None}, dims=used, coords=coords or None)
     if sample_stats:
         # Built apart: ArviZ applies ``dims`` by variable name across groups, and a statistic
         # may share its name with a model site (a regression may observe "log_weight").

@@ -11,6 +11,7 @@ References:
     Vehtari et al., "Rank-normalization, folding, and localization: an improved R-hat", 2021,
     arXiv:1903.08008.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -58,7 +59,7 @@ def psis(log_weights: np.ndarray) -> PSISResult:
         warnings.simplefilter("ignore")  # ArviZ warns on k > 0.7; the verdict says it in words
         smoothed, k_hat = az.psislw(log_weights.copy())
     weights = np.exp(smoothed - np.logaddexp.reduce(smoothed))
-    return PSISResult(float(k_hat), smoothed, float(1.0 / np.sum(weights ** 2)))
+    return PSISResult(float(k_hat), smoothed, float(1.0 / np.sum(weights**2)))
 
 
 def k_hat_verdict(k_hat: float) -> str:

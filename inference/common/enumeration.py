@@ -15,6 +15,7 @@ References:
     Obermeyer et al., "Tensor Variable Elimination for Plated Factor Graphs", 2019,
     arXiv:1902.03210.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -27,8 +28,13 @@ from pyro.poutine.util import site_is_subsample
 
 from vilab.types import Model
 
-__all__ = ["enumerated_sites", "hide_enumerated", "discrete_posterior_draws", "marginal_log_joint",
-           "enumerated_objective"]
+__all__ = [
+    "enumerated_sites",
+    "hide_enumerated",
+    "discrete_posterior_draws",
+    "marginal_log_joint",
+    "enumerated_objective",
+]
 
 _DRAW_PLATE = "_vilab_discrete_draws"
 
@@ -36,9 +42,15 @@ _DRAW_PLATE = "_vilab_discrete_draws"
 def enumerated_sites(trace) -> list[str]:
     """Latent discrete sites of a model trace marked ``infer={"enumerate": "parallel"}``
     (``pyro.infer.config_enumerate``)."""
-    return [name for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-            and site["fn"].has_enumerate_support and site["infer"].get("enumerate") == "parallel"]
+    return [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)
+        and site["fn"].has_enumerate_support
+        and site["infer"].get("enumerate") == "parallel"
+    ]
 
 
 def hide_enumerated(model: Model, trace) -> Model:
@@ -59,20 +71,30 @@ def enumerated_objective(trace, guide, elbo: str, backend: str) -> tuple[str, st
     if not names:
         return elbo, backend
     if guide == "laplace":
-        raise ValueError(f"guide: 'laplace' takes its Hessian with the enumerated site(s) {names} drawn from "
-                         "their prior, not summed out; expected another guide (e.g. 'fullrank')")
+        raise ValueError(
+            f"guide: 'laplace' takes its Hessian with the enumerated site(s) {names} drawn from "
+            "their prior, not summed out; expected another guide (e.g. 'fullrank')"
+        )
     if elbo != "trace":
-        raise ValueError(f"elbo: {elbo!r} cannot sum out the enumerated site(s) {names}; expected 'trace', "
-                         "which runs as TraceEnum_ELBO")
+        raise ValueError(
+            f"elbo: {elbo!r} cannot sum out the enumerated site(s) {names}; expected 'trace', "
+            "which runs as TraceEnum_ELBO"
+        )
     if backend == "compiled":
-        raise ValueError(f"backend: 'compiled' cannot sum out the enumerated site(s) {names}; expected "
-                         "'auto' or 'pyro'")
+        raise ValueError(
+            f"backend: 'compiled' cannot sum out the enumerated site(s) {names}; expected 'auto' or 'pyro'"
+        )
     return "enum", "pyro"
 
 
 def _plate_nesting(trace) -> int:
-    dims = [-frame.dim for site in trace.nodes.values() if site["type"] == "sample"
-            for frame in site["cond_indep_stack"] if frame.vectorized and frame.dim is not None]
+    dims = [
+        -frame.dim
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.dim is not None
+    ]
     return max(dims, default=0)
 
 
@@ -97,13 +119,16 @@ def _batched_posterior_draws(model, args, kwargs, draws, names, template, nestin
 
     sampler = infer_discrete(batched, first_available_dim=-(nesting + 2), temperature=temperature)
     trace = poutine.trace(sampler).get_trace(*args, **kwargs)
-    return {name: trace.nodes[name]["value"].detach().reshape((num_draws,) + template.nodes[name]["value"].shape)
-            for name in names}
+    return {
+        name: trace.nodes[name]["value"].detach().reshape((num_draws,) + template.nodes[name]["value"].shape)
+        for name in names
+    }
 
 
 @torch.no_grad()
-def discrete_posterior_draws(model: Model, args: tuple, kwargs: dict, draws: Mapping[str, torch.Tensor],
-                             template) -> dict[str, torch.Tensor]:
+def discrete_posterior_draws(
+    model: Model, args: tuple, kwargs: dict, draws: Mapping[str, torch.Tensor], template
+) -> dict[str, torch.Tensor]:
     r"""One draw of every enumerated site from :math:`p(z \mid x, \theta_s)` per continuous draw.
 
     Args:
@@ -123,21 +148,25 @@ def discrete_posterior_draws(model: Model, args: tuple, kwargs: dict, draws: Map
     try:
         modes = _batched_posterior_draws(model, args, kwargs, draws, names, template, nesting, temperature=0)
         for i in {0, num_draws - 1}:
-            single = _one_posterior_draw(model, args, kwargs, {k: v[i] for k, v in draws.items()}, names,
-                                         nesting, temperature=0)
+            single = _one_posterior_draw(
+                model, args, kwargs, {k: v[i] for k, v in draws.items()}, names, nesting, temperature=0
+            )
             if any(not torch.equal(modes[n][i], single[n]) for n in names):
                 raise ValueError("batched and single modes differ")
         return _batched_posterior_draws(model, args, kwargs, draws, names, template, nesting)
     except (RuntimeError, ValueError, IndexError, NotImplementedError):
         # Models that do not broadcast over an outer plate (e.g. ``locs[assignment]``).
-        per = [_one_posterior_draw(model, args, kwargs, {k: v[i] for k, v in draws.items()}, names, nesting)
-               for i in range(num_draws)]
+        per = [
+            _one_posterior_draw(model, args, kwargs, {k: v[i] for k, v in draws.items()}, names, nesting)
+            for i in range(num_draws)
+        ]
         return {name: torch.stack([p[name] for p in per]) for name in names}
 
 
 @torch.no_grad()
-def marginal_log_joint(model: Model, args: tuple, kwargs: dict, draws: Mapping[str, torch.Tensor],
-                       template) -> torch.Tensor:
+def marginal_log_joint(
+    model: Model, args: tuple, kwargs: dict, draws: Mapping[str, torch.Tensor], template
+) -> torch.Tensor:
     r""":math:`\log p(x, \theta_s)` with every enumerated site summed out, per draw: ``(S,)``."""
     elbo = TraceEnum_ELBO(max_plate_nesting=_plate_nesting(template))
 

@@ -20,6 +20,7 @@ without bound (PSIS weights then carry their :math:`\log q`). This handler gives
 own density :math:`d`, whose integral is one, so the posterior of every quantity the model uses
 is unchanged while those elements become proper.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -81,9 +82,12 @@ class _ProperUnobserved(Messenger):
             return
         name = msg["name"]
         if name.endswith("_observed") and msg["is_observed"]:
-            self._observed.add(name[:-len("_observed")])
-        elif name.endswith("_unobserved") and name[:-len("_unobserved")] in self._observed \
-                and isinstance(msg["mask"], torch.Tensor):
+            self._observed.add(name[: -len("_observed")])
+        elif (
+            name.endswith("_unobserved")
+            and name[: -len("_unobserved")] in self._observed
+            and isinstance(msg["mask"], torch.Tensor)
+        ):
             msg["mask"] = None
 
 
@@ -123,15 +127,21 @@ def proper_unobserved(fn: Callable) -> Callable:
 
 def has_subsampling(trace) -> bool:
     """Whether a model trace holds a subsampled plate (fewer indices than its size)."""
-    return any(site["type"] == "sample" and isinstance(site["fn"], _Subsample)
-               and len(site["value"]) < site["fn"].size for site in trace.nodes.values())
+    return any(
+        site["type"] == "sample" and isinstance(site["fn"], _Subsample) and len(site["value"]) < site["fn"].size
+        for site in trace.nodes.values()
+    )
 
 
 def _has_masked_unobserved(trace) -> bool:
     names = {name for name, site in trace.nodes.items() if site["type"] == "sample"}
-    return any(name.endswith("_unobserved") and f"{name[:-len('_unobserved')]}_observed" in names
-               and isinstance(site["mask"], torch.Tensor) for name, site in trace.nodes.items()
-               if site["type"] == "sample")
+    return any(
+        name.endswith("_unobserved")
+        and f"{name[: -len('_unobserved')]}_observed" in names
+        and isinstance(site["mask"], torch.Tensor)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+    )
 
 
 def for_inference(model: Callable, trace, *, full_data: bool = False) -> Callable:
@@ -147,7 +157,9 @@ def for_inference(model: Callable, trace, *, full_data: bool = False) -> Callabl
         model = full_plates(model)
     if _has_masked_unobserved(trace):
         model = proper_unobserved(model)
-    if any(site["type"] == "sample" and not site["is_observed"] and is_improper(site["fn"])
-           for site in trace.nodes.values()):
+    if any(
+        site["type"] == "sample" and not site["is_observed"] and is_improper(site["fn"])
+        for site in trace.nodes.values()
+    ):
         model = improper_init(model)
     return model

@@ -5,6 +5,7 @@ log) every redraw stays, tens of kilobytes per epoch. :func:`progress_bar` gives
 when the stream is a terminal, and otherwise a :class:`StatusLine`: one short line every
 ``interval`` seconds and one when the work ends.
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,9 +49,16 @@ class StatusLine:
     Supports the tqdm calls vilab makes: iteration, ``update``, ``set_postfix``, ``close``.
     """
 
-    def __init__(self, iterable: Optional[Iterable] = None, *, total: Optional[int] = None,
-                 desc: str = "", interval: float = STATUS_INTERVAL, stream: Optional[TextIO] = None,
-                 enabled: bool = True):
+    def __init__(
+        self,
+        iterable: Optional[Iterable] = None,
+        *,
+        total: Optional[int] = None,
+        desc: str = "",
+        interval: float = STATUS_INTERVAL,
+        stream: Optional[TextIO] = None,
+        enabled: bool = True,
+    ):
         self.iterable = iterable
         self.total = total if total is not None or iterable is None else _length(iterable)
         self.desc, self.interval, self.enabled = desc, interval, enabled
@@ -100,8 +108,15 @@ def _length(iterable: Iterable) -> Optional[int]:
         return None
 
 
-def progress_bar(iterable: Optional[Iterable] = None, *, total: Optional[int] = None, desc: str = "",
-                 enabled: bool = True, interval: float = STATUS_INTERVAL, leave: bool = False):
+def progress_bar(
+    iterable: Optional[Iterable] = None,
+    *,
+    total: Optional[int] = None,
+    desc: str = "",
+    enabled: bool = True,
+    interval: float = STATUS_INTERVAL,
+    leave: bool = False,
+):
     """A tqdm bar when stderr is a terminal (or in a notebook), else a :class:`StatusLine`;
     silent unless ``enabled``.
 

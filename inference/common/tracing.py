@@ -11,6 +11,7 @@ model that broadcasts wrongly over the draw plate (its tensors growing as the sq
 number of draws, e.g. a scalar latent written ``alpha.unsqueeze(-1)`` next to
 ``beta[..., g, :]``) is caught at a few kilobytes and evaluated one draw at a time instead.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -25,8 +26,16 @@ from vilab.inference.common.enumeration import discrete_posterior_draws, enumera
 from vilab.inference.common.model_handlers import improper_init
 from vilab.types import Model
 
-__all__ = ["max_plate_nesting", "trace_model", "evaluate_draws", "DrawEvaluation", "is_data_site",
-           "is_posterior_site", "MAX_ELEMENTS_PER_CHUNK", "draws_per_chunk"]
+__all__ = [
+    "max_plate_nesting",
+    "trace_model",
+    "evaluate_draws",
+    "DrawEvaluation",
+    "is_data_site",
+    "is_posterior_site",
+    "MAX_ELEMENTS_PER_CHUNK",
+    "draws_per_chunk",
+]
 
 _DRAW_PLATE = "_vilab_draws"
 # Numbers per site tensor in one vectorised chunk: 2**22 float64 values are 32 MiB.
@@ -89,14 +98,14 @@ def _single(model, args, kwargs, draw: Mapping[str, torch.Tensor], observed: boo
         values[name] = site["value"].detach()
         if is_data_site(site) and name not in draw and observed:
             loglik[name] = site["log_prob"].detach()
-    log_joint = sum(s["log_prob_sum"] for s in trace.nodes.values()
-                    if s["type"] == "sample" and not site_is_subsample(s))
+    log_joint = sum(
+        s["log_prob_sum"] for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)
+    )
     return values, loglik, torch.as_tensor(log_joint).detach()
 
 
 def _loop(model, args, kwargs, draws: Mapping[str, torch.Tensor], num_draws: int):
-    per = [_single(model, args, kwargs, {k: v[i] for k, v in draws.items()}, True)
-           for i in range(num_draws)]
+    per = [_single(model, args, kwargs, {k: v[i] for k, v in draws.items()}, True) for i in range(num_draws)]
     values = {k: torch.stack([p[0][k] for p in per]) for k in per[0][0]}
     loglik = {k: torch.stack([p[1][k] for p in per]) for k in per[0][1]}
     return values, loglik, torch.stack([p[2] for p in per])
@@ -125,8 +134,10 @@ def _vectorized(model, args, kwargs, draws, num_draws, template):
         single = template.nodes[name]
         log_prob = site["log_prob"].detach()
         if log_prob.numel() > num_draws * max(torch.as_tensor(single["log_prob"]).numel(), 1):
-            raise _BroadcastError(f"site {name!r}: log density of shape {tuple(log_prob.shape)} for "
-                                  f"{num_draws} draws of shape {tuple(single['log_prob'].shape)}")
+            raise _BroadcastError(
+                f"site {name!r}: log density of shape {tuple(log_prob.shape)} for "
+                f"{num_draws} draws of shape {tuple(single['log_prob'].shape)}"
+            )
         log_joint = log_joint + log_prob.reshape(num_draws, -1).sum(-1)
         if is_data_site(site) and name not in draws:
             values[name] = site["value"].detach().expand((num_draws,) + tuple(single["value"].shape))
@@ -155,7 +166,7 @@ def _vmapped(model, args, kwargs, draws, num_draws, chunk):
     pieces = []
     with pyro.validation_enabled(False):  # value checks would read batched tensors
         for start in range(0, num_draws, chunk):
-            pieces.append(torch.func.vmap(one)({k: v[start:start + chunk] for k, v in draws.items()}))
+            pieces.append(torch.func.vmap(one)({k: v[start : start + chunk] for k, v in draws.items()}))
     values = {k: torch.cat([p[0][k] for p in pieces]) for k in pieces[0][0]}
     loglik = {k: torch.cat([p[1][k] for p in pieces]) for k in pieces[0][1]}
     return values, loglik, torch.cat([p[2] for p in pieces])
@@ -210,8 +221,9 @@ def evaluate_draws(
         if vectorize and num_draws > 1:
             result, reason = _chunked(model, args, kwargs, draws, template, draws_per_chunk(template, max_elements))
             if result is None:  # a model written for one draw (no plate broadcasting) still runs under vmap
-                result, reason = _vmapped_checked(model, args, kwargs, draws, num_draws, reason,
-                                                  draws_per_chunk(template, max_elements))
+                result, reason = _vmapped_checked(
+                    model, args, kwargs, draws, num_draws, reason, draws_per_chunk(template, max_elements)
+                )
             if result is None:
                 (warn_fn or _warn)(f"model is not vectorisable over draws ({reason}); evaluating draws one by one")
         values, loglik, log_joint = result or _loop(model, args, kwargs, draws, num_draws)
@@ -221,20 +233,29 @@ def evaluate_draws(
 def _discrete_draws(model, args, kwargs, draws, template, max_elements) -> dict[str, torch.Tensor]:
     """Posterior draws of the enumerated sites, chunk by chunk: enumeration multiplies a
     chunk's tensors by the number of values a site takes."""
-    values = max(int(template.nodes[name]["fn"].enumerate_support(expand=False).numel())
-                 for name in enumerated_sites(template))
+    values = max(
+        int(template.nodes[name]["fn"].enumerate_support(expand=False).numel()) for name in enumerated_sites(template)
+    )
     chunk = draws_per_chunk(template, max(1, max_elements // values))
     num_draws = next(iter(draws.values())).shape[0]
-    parts = [discrete_posterior_draws(model, args, kwargs, {k: v[start:start + chunk] for k, v in draws.items()},
-                                      template) for start in range(0, num_draws, chunk)]
+    parts = [
+        discrete_posterior_draws(model, args, kwargs, {k: v[start : start + chunk] for k, v in draws.items()}, template)
+        for start in range(0, num_draws, chunk)
+    ]
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
 def draws_per_chunk(template, max_elements: int = MAX_ELEMENTS_PER_CHUNK) -> int:
     """How many draws one batched trace may hold: ``max_elements`` over the largest site
     tensor (value or log density) of one draw's ``template`` trace; at least one."""
-    per_draw = max((max(torch.as_tensor(site["value"]).numel(), torch.as_tensor(site.get("log_prob", 0.0)).numel())
-                    for site in template.nodes.values() if site["type"] == "sample"), default=1)
+    per_draw = max(
+        (
+            max(torch.as_tensor(site["value"]).numel(), torch.as_tensor(site.get("log_prob", 0.0)).numel())
+            for site in template.nodes.values()
+            if site["type"] == "sample"
+        ),
+        default=1,
+    )
     return max(1, max_elements // max(per_draw, 1))
 
 
@@ -264,7 +285,8 @@ def _agrees(model, args, kwargs, draws, result, indices) -> bool:
     values, loglik, log_joint = result
     for i in indices:
         single_values, single_loglik, single_joint = _single(
-            model, args, kwargs, {k: v[i] for k, v in draws.items()}, True)
+            model, args, kwargs, {k: v[i] for k, v in draws.items()}, True
+        )
         if not torch.allclose(log_joint[i], single_joint, rtol=1e-5, atol=1e-6):
             return False
         for name, value in single_values.items():
@@ -282,8 +304,12 @@ def is_data_site(site) -> bool:
     if site["type"] != "sample":
         return False
     infer = site["infer"]
-    return (site["is_observed"] and not site_is_subsample(site)
-            and not infer.get("is_auxiliary", False) and not infer.get("_deterministic", False))
+    return (
+        site["is_observed"]
+        and not site_is_subsample(site)
+        and not infer.get("is_auxiliary", False)
+        and not infer.get("_deterministic", False)
+    )
 
 
 def is_posterior_site(site) -> bool:

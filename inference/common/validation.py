@@ -1,4 +1,5 @@
 """Checks at the public boundary: data, configuration and what a model asks of a guide."""
+
 from __future__ import annotations
 
 import difflib
@@ -13,8 +14,18 @@ from pyro.poutine.util import site_is_subsample
 from vilab.inference.common.tracing import trace_model
 from vilab.types import Model
 
-__all__ = ["check_finite_data", "check_init_values", "check_model", "check_positive_int", "check_probability",
-           "check_seed", "check_options", "check_model_kwargs", "did_you_mean", "keyword_options"]
+__all__ = [
+    "check_finite_data",
+    "check_init_values",
+    "check_model",
+    "check_positive_int",
+    "check_probability",
+    "check_seed",
+    "check_options",
+    "check_model_kwargs",
+    "did_you_mean",
+    "keyword_options",
+]
 
 # numpy's legacy seeding (which ``pyro.set_rng_seed`` calls) takes 0 <= seed < 2**32.
 _MAX_SEED = 2**32 - 1
@@ -46,8 +57,10 @@ def check_seed(value: Any, name: str = "seed", *, allow_none: bool = False) -> O
         return None
     expected = f"an int in [0, {_MAX_SEED}]" + (" or None" if allow_none else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected {expected}; got {type(value).__name__} {value!r}"
-                        + (" (pass seed=0, or any other int)" if value is None else ""))
+        raise TypeError(
+            f"{name}: expected {expected}; got {type(value).__name__} {value!r}"
+            + (" (pass seed=0, or any other int)" if value is None else "")
+        )
     if not 0 <= value <= _MAX_SEED:
         raise ValueError(f"{name}: expected {expected}; got {value}")
     return int(value)
@@ -55,8 +68,11 @@ def check_seed(value: Any, name: str = "seed", *, allow_none: bool = False) -> O
 
 def keyword_options(function) -> tuple[str, ...]:
     """The keyword-only options of ``function`` (``run_nuts``'s ``num_samples``, ...)."""
-    return tuple(name for name, parameter in inspect.signature(function).parameters.items()
-                 if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
+    return tuple(
+        name
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    )
 
 
 def check_options(options: Optional[Mapping], name: str, allowed: Collection[str], what: str = "option") -> dict:
@@ -72,8 +88,9 @@ def check_options(options: Optional[Mapping], name: str, allowed: Collection[str
         raise TypeError(f"{name}: expected a dict of option name -> value; got {type(options).__name__}")
     for key in options:
         if key not in allowed:
-            raise ValueError(f"{name}: unknown {what} {key!r}{did_you_mean(key, allowed)}; "
-                             f"expected some of {sorted(allowed)}")
+            raise ValueError(
+                f"{name}: unknown {what} {key!r}{did_you_mean(key, allowed)}; expected some of {sorted(allowed)}"
+            )
     return dict(options)
 
 
@@ -93,14 +110,19 @@ def check_model_kwargs(model: Model, kwargs: Mapping, caller: str, options: Coll
         return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
-    accepted = [n for n, p in parameters.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                               inspect.Parameter.KEYWORD_ONLY)]
+    accepted = [
+        n
+        for n, p in parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
     for key in kwargs:
         if key not in accepted:
             close = _closest(key, options)
             hint = f"; did you mean {caller}'s option {close!r}?" if close else ""
-            raise TypeError(f"{caller}: keyword {key!r} is neither an option of {caller} nor a parameter of "
-                            f"the model (expected one of {accepted}; got {key!r}){hint}")
+            raise TypeError(
+                f"{caller}: keyword {key!r} is neither an option of {caller} nor a parameter of "
+                f"the model (expected one of {accepted}; got {key!r}){hint}"
+            )
 
 
 def check_probability(value: Any, name: str) -> float:
@@ -130,7 +152,8 @@ def check_finite_data(args: tuple, kwargs: dict) -> None:
             count = int(bad.sum())
             raise ValueError(
                 f"{name}: expected finite data; got {count} NaN/inf value(s) of {value.size if isinstance(value, np.ndarray) else value.numel()} "
-                "(drop or impute them before fitting)")
+                "(drop or impute them before fitting)"
+            )
 
 
 def _describe(args: tuple, kwargs: dict) -> str:
@@ -159,7 +182,8 @@ def check_model(model: Model, args: tuple, kwargs: dict, *, allow_enumerated: bo
     except (ValueError, RuntimeError, IndexError, TypeError) as error:
         raise ValueError(
             f"model: failed when run with the given data ({type(error).__name__}: {error}). "
-            f"Data passed: {_describe(args, kwargs)}") from error
+            f"Data passed: {_describe(args, kwargs)}"
+        ) from error
     latent = []
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
@@ -172,12 +196,14 @@ def check_model(model: Model, args: tuple, kwargs: dict, *, allow_enumerated: bo
                 raise ValueError(
                     f"model: site {name!r} is a discrete latent variable marked for enumeration, which "
                     "this method cannot sum out; use run_nuts, or fit_svi/compare with a registry guide "
-                    "(TraceEnum_ELBO sums it out), or marginalise it (e.g. MixtureSameFamily)")
+                    "(TraceEnum_ELBO sums it out), or marginalise it (e.g. MixtureSameFamily)"
+                )
             raise ValueError(
                 f"model: site {name!r} is a discrete latent variable ({type(site['fn']).__name__}); "
                 "vilab's guides are continuous. Marginalise it out (e.g. MixtureSameFamily, "
                 "DiscreteHMM), or enumerate it: decorate the model with "
-                "pyro.infer.config_enumerate and use run_nuts, which sums enumerated sites out")
+                "pyro.infer.config_enumerate and use run_nuts, which sums enumerated sites out"
+            )
     if not latent:
         raise ValueError("model: has no latent sample site (every site is observed); nothing to infer")
     return trace
@@ -204,24 +230,31 @@ def check_init_values(init_values: Optional[dict], trace, num_chains: int) -> Op
         return None
     if not isinstance(init_values, dict):
         raise TypeError(f"init_values: expected a dict of site name -> value; got {type(init_values).__name__}")
-    latent = {name: site for name, site in trace.nodes.items()
-              if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)}
+    latent = {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    }
     checked = {}
     for name, value in init_values.items():
         if name not in latent:
-            raise ValueError(f"init_values: {name!r} is not a latent site of the model; "
-                             f"expected some of {sorted(latent)}")
+            raise ValueError(
+                f"init_values: {name!r} is not a latent site of the model; expected some of {sorted(latent)}"
+            )
         site = latent[name]
         shape = tuple(site["value"].shape)
         value = torch.as_tensor(value, dtype=torch.get_default_dtype())
         if tuple(value.shape) == shape:
             value = value.expand(num_chains, *shape)
         elif tuple(value.shape) != (num_chains, *shape):
-            raise ValueError(f"init_values[{name!r}]: expected shape {shape} or {(num_chains, *shape)} "
-                             f"(one per chain); got {tuple(value.shape)}")
+            raise ValueError(
+                f"init_values[{name!r}]: expected shape {shape} or {(num_chains, *shape)} "
+                f"(one per chain); got {tuple(value.shape)}"
+            )
         inside = site["fn"].support.check(value)
         if not bool(torch.as_tensor(inside).all()):
-            raise ValueError(f"init_values[{name!r}]: outside the support of {type(site['fn']).__name__} "
-                             f"({site['fn'].support})")
+            raise ValueError(
+                f"init_values[{name!r}]: outside the support of {type(site['fn']).__name__} ({site['fn'].support})"
+            )
         checked[name] = value.clone()
     return checked

@@ -1,4 +1,5 @@
 """``compare``: several guides and NUTS on one model, scored against a reference."""
+
 from vilab.inference.comparison.api import (  # noqa: F401 -- the package's public names
     MethodResult,
     ComparisonReport,

@@ -8,6 +8,7 @@ PSIS :math:`\hat k`, the ELBO and whether the fit passed its convergence test fo
 R-hat and divergences for NUTS, and for every method ``gradient_evaluations``: the log-density
 gradients it spent (``result.config["gradient_evaluations"]``).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -78,7 +79,7 @@ def reference_from_draws(model: Model, args: tuple, kwargs: dict, draws: Mapping
         array = to_numpy(value)
         node = trace.nodes.get(name)
         site_shape = tuple(np.shape(to_numpy(node["value"]))) if node is not None else ()
-        if site_shape and array.shape[-len(site_shape):] == site_shape:
+        if site_shape and array.shape[-len(site_shape) :] == site_shape:
             batch = array.ndim - len(site_shape)
             flat.update({k: v.reshape(-1) for k, v in flatten_samples({name: array}, batch).items()})
         else:
@@ -100,17 +101,29 @@ def _moments(values: np.ndarray) -> tuple[float, float]:
 
 def _rows(method: MethodResult, reference: dict[str, np.ndarray]) -> list[dict]:
     names = [name for name in match_reference(method.draws, reference) if _is_parameter(reference[name])]
-    reweighted = weighted_moments({n: method.draws[n] for n in names}, method.log_weights) \
-        if method.log_weights is not None and np.isfinite(method.metrics.get("k_hat", np.nan)) else {}
+    reweighted = (
+        weighted_moments({n: method.draws[n] for n in names}, method.log_weights)
+        if method.log_weights is not None and np.isfinite(method.metrics.get("k_hat", np.nan))
+        else {}
+    )
     lrvb_sd = (getattr(method.result, "config", None) or {}).get("lrvb_sd") or {}
     rows = []
     for name in names:
         mean, sd = _moments(method.draws[name])
         ref_mean, ref_sd = _moments(reference[name])
         w1 = wasserstein_distance(method.draws[name], reference[name])
-        row = {"method": method.name, "parameter": name, "mean": mean, "sd": sd, "ref_mean": ref_mean,
-               "ref_sd": ref_sd, "mean_error_sd": (mean - ref_mean) / ref_sd, "sd_ratio": sd / ref_sd,
-               "wasserstein": w1, "wasserstein_sd": w1 / ref_sd}
+        row = {
+            "method": method.name,
+            "parameter": name,
+            "mean": mean,
+            "sd": sd,
+            "ref_mean": ref_mean,
+            "ref_sd": ref_sd,
+            "mean_error_sd": (mean - ref_mean) / ref_sd,
+            "sd_ratio": sd / ref_sd,
+            "wasserstein": w1,
+            "wasserstein_sd": w1 / ref_sd,
+        }
         if name in reweighted:
             row["psis_mean_error_sd"] = (reweighted[name][0] - ref_mean) / ref_sd
             row["psis_sd_ratio"] = reweighted[name][1] / ref_sd
@@ -120,26 +133,40 @@ def _rows(method: MethodResult, reference: dict[str, np.ndarray]) -> list[dict]:
     return rows
 
 
-def _fit_guide(model, args, kwargs, guide, name, seed, num_draws, svi_options, guide_options,
-               progress) -> MethodResult:
+def _fit_guide(model, args, kwargs, guide, name, seed, num_draws, svi_options, guide_options, progress) -> MethodResult:
     from vilab.inference.svi.methods import is_method
 
     # svi_options are SVI's (steps, lr, ...); a method that is not SVI on a guide takes its own
     # options from guide_options, and fit_svi refuses SVI options given to it.
     options = {} if is_method(guide) else dict(svi_options or {})
-    result = fit_svi(model, guide, *args, seed=seed, progress=progress,
-                     guide_options=(guide_options or {}).get(guide_name(guide)), **options, **kwargs)
+    result = fit_svi(
+        model,
+        guide,
+        *args,
+        seed=seed,
+        progress=progress,
+        guide_options=(guide_options or {}).get(guide_name(guide)),
+        **options,
+        **kwargs,
+    )
     draws = result.draws(num_draws, seed=seed)
     samples, log_weights = draws.samples, to_numpy(draws.log_weights)
     smoothed = psis(log_weights)
     idata = result.inference_data(draws=draws)
-    metrics = {"kind": "vi", "k_hat": smoothed.k_hat, "k_hat_verdict": k_hat_verdict(smoothed.k_hat),
-               "psis_ess": smoothed.ess, "elbo": float(np.mean(log_weights)),
-               "elbo_se": float(np.std(log_weights) / np.sqrt(len(log_weights))),
-               "final_loss": float(np.mean(result.losses[-50:])), "num_steps": result.num_steps,
-               "converged": result.converged, "wall_time": result.wall_time,
-               "gradient_evaluations": result.config.get("gradient_evaluations"),
-               "convergence": result.config.get("convergence", {}).get("reason", "")}
+    metrics = {
+        "kind": "vi",
+        "k_hat": smoothed.k_hat,
+        "k_hat_verdict": k_hat_verdict(smoothed.k_hat),
+        "psis_ess": smoothed.ess,
+        "elbo": float(np.mean(log_weights)),
+        "elbo_se": float(np.std(log_weights) / np.sqrt(len(log_weights))),
+        "final_loss": float(np.mean(result.losses[-50:])),
+        "num_steps": result.num_steps,
+        "converged": result.converged,
+        "wall_time": result.wall_time,
+        "gradient_evaluations": result.config.get("gradient_evaluations"),
+        "convergence": result.config.get("convergence", {}).get("reason", ""),
+    }
     flat = {k: v.reshape(-1) for k, v in flatten_samples(samples, 1).items()}
     return MethodResult(name, "vi", flat, result, idata, metrics, smoothed.log_weights)
 
@@ -147,9 +174,13 @@ def _fit_guide(model, args, kwargs, guide, name, seed, num_draws, svi_options, g
 def _nuts_method(nuts: NUTSResult) -> MethodResult:
     flat = {k: v.reshape(-1) for k, v in flatten_samples(nuts.samples, 2).items()}
     diagnostics = nuts_diagnostics(nuts.inference_data)
-    metrics = {"kind": "nuts", "wall_time": nuts.wall_time, **diagnostics,
-               "gradient_evaluations": nuts.config.get("gradient_evaluations"),
-               "ess_per_second": diagnostics["ess_bulk_min"] / max(nuts.wall_time, 1e-9)}
+    metrics = {
+        "kind": "nuts",
+        "wall_time": nuts.wall_time,
+        **diagnostics,
+        "gradient_evaluations": nuts.config.get("gradient_evaluations"),
+        "ess_per_second": diagnostics["ess_bulk_min"] / max(nuts.wall_time, 1e-9),
+    }
     return MethodResult("nuts", "nuts", flat, nuts, nuts.inference_data, metrics)
 
 
@@ -218,36 +249,51 @@ def compare(
         ['nuts', 'meanfield']
     """
     check_positive_int(num_draws, "num_draws", minimum=10)
-    check_compare_arguments(model, kwargs, guides=guides, seed=seed, svi_options=svi_options,
-                            nuts_options=nuts_options, guide_options=guide_options,
-                            compare_options=keyword_options(compare))
+    check_compare_arguments(
+        model,
+        kwargs,
+        guides=guides,
+        seed=seed,
+        svi_options=svi_options,
+        nuts_options=nuts_options,
+        guide_options=guide_options,
+        compare_options=keyword_options(compare),
+    )
     trace = check_model(model, args, kwargs, allow_enumerated=True)
     check_no_learned_params(trace, "compare")
     names = method_names(guides)
     methods: dict[str, MethodResult] = {}
     if reference is None or isinstance(reference, NUTSResult):
-        nuts = reference if reference is not None else run_nuts(
-            model, *args, seed=seed, progress=progress, **(nuts_options or {}), **kwargs)
+        nuts = (
+            reference
+            if reference is not None
+            else run_nuts(model, *args, seed=seed, progress=progress, **(nuts_options or {}), **kwargs)
+        )
         methods["nuts"] = _nuts_method(nuts)
         reference_draws, reference_name = methods["nuts"].draws, reference_name or "nuts"
     elif isinstance(reference, Mapping):
         reference_draws = reference_from_draws(model, args, kwargs, reference)
         reference_name = reference_name or "reference draws"
         if include_nuts:
-            methods["nuts"] = _nuts_method(run_nuts(model, *args, seed=seed, progress=progress,
-                                                    **(nuts_options or {}), **kwargs))
+            methods["nuts"] = _nuts_method(
+                run_nuts(model, *args, seed=seed, progress=progress, **(nuts_options or {}), **kwargs)
+            )
     else:
         raise TypeError(f"reference: expected None, a NUTSResult or a dict of draws; got {type(reference).__name__}")
     failures: dict[str, str] = {}
     for guide, name in zip(guides, names):
         try:
-            methods[name] = _fit_guide(model, args, kwargs, guide, name, seed, num_draws, svi_options,
-                                       guide_options, progress)
+            methods[name] = _fit_guide(
+                model, args, kwargs, guide, name, seed, num_draws, svi_options, guide_options, progress
+            )
         except Exception as error:  # noqa: BLE001 -- KeyboardInterrupt and SystemExit still end the run
             # One guide that cannot be fitted must not cost the user the others' results (NUTS's
             # above all); the reason stays in the report.
-            reason = str(error) if isinstance(error, (NonFiniteLossError, LaplaceError)) \
+            reason = (
+                str(error)
+                if isinstance(error, (NonFiniteLossError, LaplaceError))
                 else f"{type(error).__name__}: {error}"
+            )
             failures[name] = reason
             warnings.warn(f"compare: guide {name!r} failed and is left out: {reason}", RuntimeWarning, stacklevel=2)
     ignored = masked_out_names(trace)
@@ -267,10 +313,12 @@ def _build_report(methods, reference_draws, reference_name, failures=None) -> Co
         part = table[table["method"] == name] if len(table) else table
         entry = {"method": name, **method.metrics}
         if len(part):
-            entry.update(mean_abs_error_sd=float(part["mean_error_sd"].abs().mean()),
-                         max_abs_error_sd=float(part["mean_error_sd"].abs().max()),
-                         mean_abs_log_sd_ratio=float(np.log(part["sd_ratio"]).abs().mean()),
-                         mean_wasserstein_sd=float(part["wasserstein_sd"].mean()))
+            entry.update(
+                mean_abs_error_sd=float(part["mean_error_sd"].abs().mean()),
+                max_abs_error_sd=float(part["mean_error_sd"].abs().max()),
+                mean_abs_log_sd_ratio=float(np.log(part["sd_ratio"]).abs().mean()),
+                mean_wasserstein_sd=float(part["wasserstein_sd"].mean()),
+            )
             if "lrvb_sd_ratio" in part and part["lrvb_sd_ratio"].notna().any():
                 entry["mean_abs_log_lrvb_sd_ratio"] = float(np.log(part["lrvb_sd_ratio"]).abs().mean())
         summary.append(entry)
@@ -278,5 +326,6 @@ def _build_report(methods, reference_draws, reference_name, failures=None) -> Co
         warnings.simplefilter("ignore", FutureWarning)
         # Every method may have failed: the report still says why (``failures``).
         summary_frame = pd.DataFrame(summary, columns=None if summary else ["method"]).set_index("method")
-    return ComparisonReport(table, summary_frame, methods, reference_draws, reference_name,
-                            failures=dict(failures or {}))
+    return ComparisonReport(
+        table, summary_frame, methods, reference_draws, reference_name, failures=dict(failures or {})
+    )

@@ -4,6 +4,7 @@ A misspelled guide name or option must fail in the first second, not after NUTS 
 an hour; each message names the argument, what was expected, what was received and the closest
 valid name.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -39,14 +40,25 @@ def method_names(guides: Sequence[Any]) -> list[str]:
     return names
 
 
-def check_compare_arguments(model: Model, kwargs: Mapping, *, guides: Any, seed: Any, svi_options: Any,
-                            nuts_options: Any, guide_options: Any, compare_options: Sequence[str] = ()) -> None:
+def check_compare_arguments(
+    model: Model,
+    kwargs: Mapping,
+    *,
+    guides: Any,
+    seed: Any,
+    svi_options: Any,
+    nuts_options: Any,
+    guide_options: Any,
+    compare_options: Sequence[str] = (),
+) -> None:
     """Everything ``compare`` can check without running the model: guides, option dicts (keys
     and values), the seed and the model's keyword data (``compare_options``: compare's own
     keyword options, which a model keyword must not shadow)."""
     if isinstance(guides, str) or not isinstance(guides, Sequence):
-        raise TypeError(f"guides: expected a sequence of guide names or objects; got {guides!r}"
-                        + (f" (write guides=({guides!r},))" if isinstance(guides, str) else ""))
+        raise TypeError(
+            f"guides: expected a sequence of guide names or objects; got {guides!r}"
+            + (f" (write guides=({guides!r},))" if isinstance(guides, str) else "")
+        )
     check_seed(seed)
     svi_allowed = [o for o in keyword_options(fit_svi) if o not in SVI_OPTIONS_SET_BY_COMPARE]
     nuts_allowed = [o for o in keyword_options(run_nuts) if o not in NUTS_OPTIONS_SET_BY_COMPARE]
@@ -58,6 +70,7 @@ def check_compare_arguments(model: Model, kwargs: Mapping, *, guides: Any, seed:
         check_guide(guide, options.get(guide) if isinstance(guide, str) else None, f"guides[{i}]")
     for key, value in options.items():
         if not isinstance(value, Mapping):
-            raise TypeError(f"guide_options[{key!r}]: expected a dict of option name -> value; "
-                            f"got {type(value).__name__}")
+            raise TypeError(
+                f"guide_options[{key!r}]: expected a dict of option name -> value; got {type(value).__name__}"
+            )
     check_model_kwargs(model, kwargs, "compare", [*compare_options, *svi_allowed, *nuts_allowed])

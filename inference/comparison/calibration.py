@@ -33,6 +33,7 @@ References:
     Validating Bayesian inference algorithms with simulation-based calibration, Talts,
     Betancourt, Simpson, Vehtari and Gelman, 2018, arXiv:1804.06788.
 """
+
 from __future__ import annotations
 
 import json
@@ -99,17 +100,26 @@ class CalibrationResult:
 
         os.makedirs(directory, exist_ok=True)
         self.table.to_csv(os.path.join(directory, "calibration.csv"), index=False)
-        record = {"method": self.method, "test": self.test, "alpha": self.alpha,
-                  "num_simulations": self.num_simulations, "failures": {str(k): v for k, v in self.failures.items()},
-                  "wall_time": self.wall_time, "unconverged": self.unconverged, "parameters": self.table.to_dict(orient="records"),
-                  "statistics": {k: v.tolist() for k, v in self.statistics.items()}}
+        record = {
+            "method": self.method,
+            "test": self.test,
+            "alpha": self.alpha,
+            "num_simulations": self.num_simulations,
+            "failures": {str(k): v for k, v in self.failures.items()},
+            "wall_time": self.wall_time,
+            "unconverged": self.unconverged,
+            "parameters": self.table.to_dict(orient="records"),
+            "statistics": {k: v.tolist() for k, v in self.statistics.items()},
+        }
         with open(os.path.join(directory, "calibration.json"), "w") as handle:
             json.dump(record, handle, indent=1, default=float)
         plot_calibration(self, os.path.join(directory, "calibration.png"))
         return directory
 
 
-def simulate(model: Model, args: tuple, kwargs: dict, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def simulate(
+    model: Model, args: tuple, kwargs: dict, seed: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One draw of the latent sites from the prior and of the observed sites given them.
 
     Returns:
@@ -121,9 +131,15 @@ def simulate(model: Model, args: tuple, kwargs: dict, seed: int) -> tuple[dict[s
     with torch.random.fork_rng():
         pyro.set_rng_seed(seed)
         simulated = poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
-    latents = {n: s["value"].detach() for n, s in simulated.nodes.items()
-               if s["type"] == "sample" and n in trace.nodes and not trace.nodes[n]["is_observed"]
-               and not site_is_subsample(s) and not s["infer"].get("_deterministic", False)}
+    latents = {
+        n: s["value"].detach()
+        for n, s in simulated.nodes.items()
+        if s["type"] == "sample"
+        and n in trace.nodes
+        and not trace.nodes[n]["is_observed"]
+        and not site_is_subsample(s)
+        and not s["infer"].get("_deterministic", False)
+    }
     return latents, {n: simulated.nodes[n]["value"].detach() for n in observed}
 
 
@@ -148,8 +164,10 @@ def _fit_quantiles(model, args, kwargs, method, truth, num_draws, seed, options)
     draws = flatten_samples({k: v for k, v in result.sample(num_draws, seed=seed).items() if k in truth}, 1)
     flat_truth = flatten_samples({k: v.unsqueeze(0) for k, v in truth.items()}, 1)
     # Ties (a truth equal to draws, e.g. at a boundary) count half, so p stays symmetric.
-    quantiles = {name: float(np.mean(draws[name] < flat_truth[name][0]) + 0.5 * np.mean(draws[name] == flat_truth[name][0]))
-                 for name in flat_truth}
+    quantiles = {
+        name: float(np.mean(draws[name] < flat_truth[name][0]) + 0.5 * np.mean(draws[name] == flat_truth[name][0]))
+        for name in flat_truth
+    }
     return quantiles, bool(result.converged)
 
 
@@ -157,7 +175,9 @@ def _nuts_ranks(model, args, kwargs, truth, num_ranks, seed, options) -> dict[st
     from vilab.inference.nuts.api import run_nuts
 
     result = run_nuts(model, *args, seed=seed, progress=False, **options, **kwargs)
-    flat = {k: v.reshape(-1) for k, v in flatten_samples({k: v for k, v in result.samples.items() if k in truth}, 2).items()}
+    flat = {
+        k: v.reshape(-1) for k, v in flatten_samples({k: v for k, v in result.samples.items() if k in truth}, 2).items()
+    }
     flat_truth = flatten_samples({k: v.unsqueeze(0) for k, v in truth.items()}, 1)
     keep = np.linspace(0, len(next(iter(flat.values()))) - 1, num_ranks - 1).round().astype(int)
     ranks = {name: float(np.sum(flat[name][keep] < flat_truth[name][0])) for name in flat_truth}
@@ -175,9 +195,20 @@ def _check_options(method, num_simulations, num_draws, alpha, num_bins, num_rank
         raise ValueError(f"num_ranks: expected a multiple of num_bins ({num_bins}); got {num_ranks!r}")
 
 
-def calibrate(model: Model, *args: Any, method: str = "meanfield", num_simulations: int = 100, num_draws: int = 1000,
-              seed: int = 0, alpha: float = 0.05, method_options: Optional[dict] = None, num_bins: int = 10,
-              num_ranks: int = 100, progress: bool = True, **kwargs: Any) -> CalibrationResult:
+def calibrate(
+    model: Model,
+    *args: Any,
+    method: str = "meanfield",
+    num_simulations: int = 100,
+    num_draws: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    method_options: Optional[dict] = None,
+    num_bins: int = 10,
+    num_ranks: int = 100,
+    progress: bool = True,
+    **kwargs: Any,
+) -> CalibrationResult:
     r"""VSBC of a VI method (or SBC of ``method="nuts"``) on ``model(*args, **kwargs)``.
 
     Args:
@@ -209,9 +240,11 @@ def calibrate(model: Model, *args: Any, method: str = "meanfield", num_simulatio
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # per-fit warnings would flood; failures are kept
-                values, converged = _nuts_ranks(conditioned, args, kwargs, truth, num_ranks, seed + m, options) \
-                    if method == "nuts" else _fit_quantiles(conditioned, args, kwargs, method, truth, num_draws,
-                                                            seed + m, options)
+                values, converged = (
+                    _nuts_ranks(conditioned, args, kwargs, truth, num_ranks, seed + m, options)
+                    if method == "nuts"
+                    else _fit_quantiles(conditioned, args, kwargs, method, truth, num_draws, seed + m, options)
+                )
         except (ValueError, RuntimeError, FloatingPointError) as error:
             failures[m] = f"{type(error).__name__}: {error}"
             continue
@@ -223,9 +256,18 @@ def calibrate(model: Model, *args: Any, method: str = "meanfield", num_simulatio
         raise RuntimeError(f"calibrate: every fit failed; first: {next(iter(failures.values()))}")
     statistics = {name: np.asarray(values) for name, values in collected.items()}
     table = _table(statistics, method, alpha, num_bins, num_ranks)
-    return CalibrationResult(method, "SBC" if method == "nuts" else "VSBC", statistics, table, alpha,
-                             num_simulations - len(failures), failures, time.perf_counter() - start,
-                             num_ranks if method == "nuts" else None, unconverged)
+    return CalibrationResult(
+        method,
+        "SBC" if method == "nuts" else "VSBC",
+        statistics,
+        table,
+        alpha,
+        num_simulations - len(failures),
+        failures,
+        time.perf_counter() - start,
+        num_ranks if method == "nuts" else None,
+        unconverged,
+    )
 
 
 def _table(statistics, method, alpha, num_bins, num_ranks) -> pd.DataFrame:
@@ -241,16 +283,28 @@ def _table(statistics, method, alpha, num_bins, num_ranks) -> pd.DataFrame:
             mean_quantile = float(values.mean())
             uniformity = float(stats.kstest(values, "uniform").pvalue)
         flagged = p_value < threshold
-        rows.append({"parameter": name, "statistic": statistic, "p_value": p_value, "threshold": threshold,
-                     "flagged": flagged, "mean_quantile": mean_quantile, "uniformity_p_value": uniformity,
-                     "verdict": _verdict(flagged, mean_quantile, method, uniformity < threshold)})
+        rows.append(
+            {
+                "parameter": name,
+                "statistic": statistic,
+                "p_value": p_value,
+                "threshold": threshold,
+                "flagged": flagged,
+                "mean_quantile": mean_quantile,
+                "uniformity_p_value": uniformity,
+                "verdict": _verdict(flagged, mean_quantile, method, uniformity < threshold),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _verdict(flagged: bool, mean_quantile: float, method: str, not_uniform: bool = False) -> str:
     if not flagged:
-        return "passed (symmetric, but not calibrated: quantiles not uniform)" if not_uniform and method != "nuts" \
+        return (
+            "passed (symmetric, but not calibrated: quantiles not uniform)"
+            if not_uniform and method != "nuts"
             else "passed"
+        )
     if method == "nuts":
         return "flagged: ranks not uniform (the sampler's posterior is miscalibrated)"
     side = "under" if mean_quantile > 0.5 else "over"

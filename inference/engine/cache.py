@@ -8,6 +8,7 @@ create first and fill. So every cache vilab reads lives in one per-user director
 directory must be owned by this user and writable by no one else; otherwise nothing is loaded
 from it (kernels are compiled again or the run stays unfused) and :func:`cache_problem` says why.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ def private_directory(path: Path) -> Path:
     if info.st_uid != os.getuid():
         raise PermissionError(f"{path}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()})")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PermissionError(f"{path}: writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
-                              f"run `chmod go-w {path}`")
+        raise PermissionError(
+            f"{path}: writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); run `chmod go-w {path}`"
+        )
     return path
 
 

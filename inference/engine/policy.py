@@ -6,6 +6,7 @@ when its remaining calls will pay for the compilation; where a second core is fr
 compilation runs in the background (:mod:`~vilab.inference.engine.processes.server`). Both NUTS
 (:mod:`~vilab.inference.nuts.sampler`) and SVI (``fit_svi``) consult one policy per run.
 """
+
 from __future__ import annotations
 
 import time
@@ -54,8 +55,9 @@ class FusePolicy:
     check_after = 0.5
     check_after_background = 0.2
 
-    def __init__(self, compiler: str, total_iterations: int, background: Optional[bool] = None,
-                 early: bool = False) -> None:
+    def __init__(
+        self, compiler: str, total_iterations: int, background: Optional[bool] = None, early: bool = False
+    ) -> None:
         if compiler not in fast_inductor.COMPILERS:
             raise ValueError(f"compiler: expected one of {fast_inductor.COMPILERS}; got {compiler!r}")
         self.compiler, self.total = compiler, total_iterations
@@ -98,8 +100,10 @@ class FusePolicy:
         return not unavailable
 
     def _early(self, steps: Sequence[tuple[object, int]]) -> list:
-        self.reason = "; ".join(f"{step.name} fused in the background (sent when traced: a run of "
-                                f"{self.total} iterations)" for step, _ in steps)
+        self.reason = "; ".join(
+            f"{step.name} fused in the background (sent when traced: a run of {self.total} iterations)"
+            for step, _ in steps
+        )
         return [step for step, _ in steps]
 
     def _profitable(self, done: int, steps: Sequence[tuple[object, int]], elapsed: float) -> list:
@@ -114,7 +118,11 @@ class FusePolicy:
             if getattr(step, "backend", "") == "vm":
                 speedup = fast_inductor.VM_SPEEDUP
             else:
-                speedup = fast_inductor.RECYCLED_SPEEDUP if getattr(step, "recycle", False) else fast_inductor.EXPECTED_SPEEDUP
+                speedup = (
+                    fast_inductor.RECYCLED_SPEEDUP
+                    if getattr(step, "recycle", False)
+                    else fast_inductor.EXPECTED_SPEEDUP
+                )
             per_call = step.call_time() * (1.0 - 1.0 / speedup)
             compile_seconds = step.compile_seconds()
             if self.background:
@@ -133,7 +141,8 @@ class FusePolicy:
                 chosen.append(step)
                 setup, ready_after = 0.0, ready_after + cost
             how = "fused in the background" if self.background else "fused"
-            notes.append(f"{step.name} {how if fuse else 'not fused'} "
-                         f"(saves ~{saving:.1f} s, compiles in ~{cost:.1f} s)")
+            notes.append(
+                f"{step.name} {how if fuse else 'not fused'} (saves ~{saving:.1f} s, compiles in ~{cost:.1f} s)"
+            )
         self.reason = "; ".join(notes)
         return chosen

@@ -22,6 +22,7 @@ latent values) is refused. The verified function is then traced once with
 the graph is simplified (:func:`~vilab.inference.engine.graph.simplify.simplify`) and itself checked
 against the untraced potential.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,9 +101,7 @@ def _latent_sites(trace: poutine.Trace) -> list[LatentSite]:
 
 def _deterministic_shapes(trace: poutine.Trace) -> dict[str, torch.Size]:
     return {
-        name: site["value"].shape
-        for name, site in _sample_sites(trace)
-        if site["infer"].get("_deterministic", False)
+        name: site["value"].shape for name, site in _sample_sites(trace) if site["infer"].get("_deterministic", False)
     }
 
 
@@ -125,9 +124,18 @@ class BatchedPotential:
             disagrees with one-chain evaluation.
     """
 
-    def __init__(self, model: Callable, model_args: tuple = (), model_kwargs: dict | None = None, *,
-                 num_chains: int = 4, num_checks: int = 3, rtol: float = 1e-6, compile: bool = True,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: Callable,
+        model_args: tuple = (),
+        model_kwargs: dict | None = None,
+        *,
+        num_chains: int = 4,
+        num_checks: int = 3,
+        rtol: float = 1e-6,
+        compile: bool = True,
+        seed: int = 0,
+    ) -> None:
         self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
         self.dtype = torch.get_default_dtype()
         with torch.random.fork_rng(), pyro.validation_enabled(False):
@@ -162,7 +170,7 @@ class BatchedPotential:
         log absolute Jacobian determinant of that map, shape ``(B,)``."""
         values, log_det = {}, torch.zeros(z.shape[0], dtype=z.dtype)
         for site in self.sites:
-            block = z[:, site.offset:site.offset + site.size].reshape(z.shape[0], *site.unconstrained_shape)
+            block = z[:, site.offset : site.offset + site.size].reshape(z.shape[0], *site.unconstrained_shape)
             value = site.transform(block)
             jac = site.transform.log_abs_det_jacobian(block, value)
             log_det = log_det + jac.reshape(z.shape[0], -1).sum(-1)
@@ -171,8 +179,7 @@ class BatchedPotential:
 
     def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`constrain`: site values ``(B, *shape)`` to ``z`` of shape ``(B, D)``."""
-        blocks = [site.transform.inv(values[site.name]).reshape(values[site.name].shape[0], -1)
-                  for site in self.sites]
+        blocks = [site.transform.inv(values[site.name]).reshape(values[site.name].shape[0], -1) for site in self.sites]
         return torch.cat(blocks, dim=-1)
 
     def _batched_value(self, site: LatentSite, value: torch.Tensor) -> torch.Tensor:
@@ -235,8 +242,9 @@ class BatchedPotential:
         if self.mode == "vmap":
             names = list(self.deterministic_shapes)
             with torch.no_grad(), pyro.validation_enabled(False):
-                values = torch.func.vmap(lambda point: tuple(self._single_trace(point).nodes[n]["value"]
-                                                             for n in names))(z)
+                values = torch.func.vmap(
+                    lambda point: tuple(self._single_trace(point).nodes[n]["value"] for n in names)
+                )(z)
             return dict(zip(names, values))
         with torch.no_grad():
             trace, _ = self.run_model(z)
@@ -274,8 +282,9 @@ class BatchedPotential:
     def eager_value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "vmap":
             with pyro.validation_enabled(False):
-                grad, potential = torch.func.vmap(torch.func.grad_and_value(
-                    lambda point: -self._single_log_density(point)))(z)
+                grad, potential = torch.func.vmap(
+                    torch.func.grad_and_value(lambda point: -self._single_log_density(point))
+                )(z)
             return potential.detach(), grad.detach()
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
@@ -324,10 +333,13 @@ class BatchedPotential:
 
     def _verify_deterministic(self, z: torch.Tensor, batched: dict[str, torch.Tensor], rtol: float) -> None:
         for chain in range(z.shape[0]):
-            values, _ = self.constrain(z[chain:chain + 1])
+            values, _ = self.constrain(z[chain : chain + 1])
             with pyro.validation_enabled(False), torch.no_grad():
-                trace = _trace(poutine.condition(self.model, data={k: v[0] for k, v in values.items()}),
-                               self.model_args, self.model_kwargs)
+                trace = _trace(
+                    poutine.condition(self.model, data={k: v[0] for k, v in values.items()}),
+                    self.model_args,
+                    self.model_kwargs,
+                )
             for name in batched:
                 self._compare(f"deterministic site {name!r}", batched[name][chain], trace.nodes[name]["value"], rtol)
 

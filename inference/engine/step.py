@@ -11,6 +11,7 @@ by PyTorch's Static Runtime (TorchScript's interpreter where that is unavailable
 costs one call instead of a few hundred Python-dispatched operations. The same machinery
 (:class:`CompiledStep`) runs the merge of a sub-trajectory into its tree.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,9 +32,24 @@ __all__ = ["LEAF_FIELDS", "leaf_step", "CompiledStep", "make_leaf_stepper", "che
 # Stan's threshold on the energy error that marks a divergent trajectory.
 MAX_DELTA_ENERGY = 1000.0
 
-LEAF_FIELDS = ("z_edge", "r_edge", "grad_edge", "z_proposal", "potential_proposal", "grad_proposal",
-               "energy_proposal", "log_weight", "r_sum", "sum_accept", "num_steps", "diverging",
-               "turning", "running", "r_checkpoints", "r_sum_checkpoints")
+LEAF_FIELDS = (
+    "z_edge",
+    "r_edge",
+    "grad_edge",
+    "z_proposal",
+    "potential_proposal",
+    "grad_proposal",
+    "energy_proposal",
+    "log_weight",
+    "r_sum",
+    "sum_accept",
+    "num_steps",
+    "diverging",
+    "turning",
+    "running",
+    "r_checkpoints",
+    "r_sum_checkpoints",
+)
 
 
 # A fused kernel replaces the traced step only if it is at least this much faster per call.
@@ -81,10 +97,31 @@ def _select(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.T
     return torch.where(mask.view(mask.shape + (1,) * (new.dim() - mask.dim())), new, old)
 
 
-def leaf_step(potential_fn: Callable, z_edge, r_edge, grad_edge, z_proposal, potential_proposal,
-              grad_proposal, energy_proposal, log_weight, r_sum, sum_accept, num_steps, diverging,
-              turning, running, r_checkpoints, r_sum_checkpoints, step, energy_initial, inverse_mass,
-              write_mask, check_mask, log_uniform):
+def leaf_step(
+    potential_fn: Callable,
+    z_edge,
+    r_edge,
+    grad_edge,
+    z_proposal,
+    potential_proposal,
+    grad_proposal,
+    energy_proposal,
+    log_weight,
+    r_sum,
+    sum_accept,
+    num_steps,
+    diverging,
+    turning,
+    running,
+    r_checkpoints,
+    r_sum_checkpoints,
+    step,
+    energy_initial,
+    inverse_mass,
+    write_mask,
+    check_mask,
+    log_uniform,
+):
     """Advance every running chain's sub-trajectory by one leaf; see :data:`LEAF_FIELDS` for the
     state, all with leading dimension ``C`` except the checkpoints ``(T, C, D)``.
 
@@ -114,12 +151,23 @@ def leaf_step(potential_fn: Callable, z_edge, r_edge, grad_edge, z_proposal, pot
     turning = torch.where(running, turned, turning)
     going_on = running & ~turning & ~diverging
     return (
-        _select(running, z_new, z_edge), _select(running, r_new, r_edge), _select(running, grad_new, grad_edge),
-        _select(take, z_new, z_proposal), torch.where(take, potential, potential_proposal),
-        _select(take, grad_new, grad_proposal), torch.where(take, energy, energy_proposal),
-        torch.where(running, new_log_weight, log_weight), r_sum,
-        sum_accept + accept * running, num_steps + running.to(num_steps.dtype),
-        diverging, turning, going_on, r_checkpoints, r_sum_checkpoints, going_on.any(),
+        _select(running, z_new, z_edge),
+        _select(running, r_new, r_edge),
+        _select(running, grad_new, grad_edge),
+        _select(take, z_new, z_proposal),
+        torch.where(take, potential, potential_proposal),
+        _select(take, grad_new, grad_proposal),
+        torch.where(take, energy, energy_proposal),
+        torch.where(running, new_log_weight, log_weight),
+        r_sum,
+        sum_accept + accept * running,
+        num_steps + running.to(num_steps.dtype),
+        diverging,
+        turning,
+        going_on,
+        r_checkpoints,
+        r_sum_checkpoints,
+        going_on.any(),
     )
 
 
@@ -137,7 +185,7 @@ def checkpoint_masks(leaf: int, max_tree_depth: int) -> tuple[torch.Tensor, torc
     check = torch.zeros(max_tree_depth, 1, dtype=torch.bool)
     if leaf % 2 == 0:
         write[idx_max] = True
-    check[max(idx_min, 0):idx_max + 1] = True
+    check[max(idx_min, 0) : idx_max + 1] = True
     return write, check
 
 
@@ -263,9 +311,16 @@ class CompiledStep(Fusable):
             with a call's outputs when the call after next starts.
     """
 
-    def __init__(self, eager_fn: Callable, example: tuple, compile: bool = True,
-                 trace_fn: Callable | None = None, num_state: int = 0, name: str = "step",
-                 recycle: bool = False) -> None:
+    def __init__(
+        self,
+        eager_fn: Callable,
+        example: tuple,
+        compile: bool = True,
+        trace_fn: Callable | None = None,
+        num_state: int = 0,
+        name: str = "step",
+        recycle: bool = False,
+    ) -> None:
         self.name, self.recycle = name, recycle
         self._eager, self._trace_fn = eager_fn, trace_fn or eager_fn
         self._fn, self.compiled, self._num_state = eager_fn, False, num_state
@@ -346,7 +401,7 @@ class CompiledStep(Fusable):
                 traced = torch.jit.freeze(torch.jit.trace(graph, example, check_trace=False).eval())
             # Check on a second input whose state tensors are distinct and non-trivial; the
             # profiling executor specialises on its first calls, so compare the third.
-            following = (*self._eager(*example)[:self._num_state], *example[self._num_state:])
+            following = (*self._eager(*example)[: self._num_state], *example[self._num_state :])
             for _ in range(3):
                 got = traced(*following)
             expected = self._eager(*following)
@@ -363,8 +418,9 @@ class CompiledStep(Fusable):
         self._check = (graph, example, following, expected)
 
 
-def make_leaf_stepper(eager_potential_fn: Callable, example: tuple, compile: bool = True,
-                trace_potential_fn: Callable | None = None) -> CompiledStep:
+def make_leaf_stepper(
+    eager_potential_fn: Callable, example: tuple, compile: bool = True, trace_potential_fn: Callable | None = None
+) -> CompiledStep:
     """:func:`leaf_step` for a fixed batch shape as a :class:`CompiledStep`.
 
     Args:
@@ -378,12 +434,20 @@ def make_leaf_stepper(eager_potential_fn: Callable, example: tuple, compile: boo
     trace_fn = None if trace_potential_fn is None else (lambda *args: leaf_step(trace_potential_fn, *args))
     # The sampler's leaf loop feeds each leaf's outputs to the next leaf, and the last leaf's to
     # the merge, before the call after next: the fused leaf can reuse its buffers.
-    return CompiledStep(lambda *args: leaf_step(eager_potential_fn, *args), example, compile=compile,
-                        trace_fn=trace_fn, num_state=len(LEAF_FIELDS), name="leaf", recycle=True)
+    return CompiledStep(
+        lambda *args: leaf_step(eager_potential_fn, *args),
+        example,
+        compile=compile,
+        trace_fn=trace_fn,
+        num_state=len(LEAF_FIELDS),
+        name="leaf",
+        recycle=True,
+    )
 
 
-def fuse_checked(graph, example: tuple, checks: list[tuple[tuple, tuple]],
-                 current: Callable, recycle: bool = False) -> tuple[Callable | None, str]:
+def fuse_checked(
+    graph, example: tuple, checks: list[tuple[tuple, tuple]], current: Callable, recycle: bool = False
+) -> tuple[Callable | None, str]:
     """``graph`` compiled by :func:`~vilab.inference.engine.backends.inductor.compile_fused` (with
     ``recycle``), kept only if it reproduces every ``(inputs, expected)`` of ``checks``, its
     outputs survive the next call (callers keep them), and it is at least
@@ -396,8 +460,9 @@ def fuse_checked(graph, example: tuple, checks: list[tuple[tuple, tuple]],
     return check_fused(fused, example, checks, current)
 
 
-def check_fused(fused: Callable, example: tuple, checks: list[tuple[tuple, tuple]],
-                current: Callable, require_faster: bool = True) -> tuple[Callable | None, str]:
+def check_fused(
+    fused: Callable, example: tuple, checks: list[tuple[tuple, tuple]], current: Callable, require_faster: bool = True
+) -> tuple[Callable | None, str]:
     """The checks of :func:`fuse_checked` on an already compiled ``fused`` (the speed check
     only with ``require_faster``)."""
     try:
@@ -418,8 +483,9 @@ def check_fused(fused: Callable, example: tuple, checks: list[tuple[tuple, tuple
     timing_inputs = checks[-1][0]
     fused_time, traced_time = _call_time(fused, timing_inputs), _call_time(current, timing_inputs)
     if fused_time > FUSED_MAX_TIME_RATIO * traced_time:
-        return None, (f"the fused kernel is slower ({fused_time * 1e6:.0f} µs per call against "
-                      f"{traced_time * 1e6:.0f} µs traced)")
+        return None, (
+            f"the fused kernel is slower ({fused_time * 1e6:.0f} µs per call against {traced_time * 1e6:.0f} µs traced)"
+        )
     return fused, ""
 
 

@@ -27,6 +27,7 @@ Like any tracer (Pyro's ``JitTrace_ELBO`` included), it assumes the model and gu
 of their arguments and parameters: Python state that changes between calls (a call counter)
 is baked into the graph at its traced value.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,7 @@ def _per_particle(value: torch.Tensor, num_particles: int, inner_dims: int) -> t
     if value.numel() == 1:
         return value.expand(num_particles)
     if value.numel() != num_particles:
-        raise CompiledSVIError(f"a site's log density has {value.numel()} particle entries; "
-                               f"expected {num_particles}")
+        raise CompiledSVIError(f"a site's log density has {value.numel()} particle entries; expected {num_particles}")
     return value
 
 
@@ -77,16 +77,20 @@ def _analytic_kl(guide_site: dict, model_site: dict):
     return scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
 
 
-def _particle_elbos(model, guide, args, kwargs, objective: str, num_particles: int,
-                    max_plate_nesting: int) -> torch.Tensor:
+def _particle_elbos(
+    model, guide, args, kwargs, objective: str, num_particles: int, max_plate_nesting: int
+) -> torch.Tensor:
     r"""``(P,)`` single-sample ELBOs :math:`\log p(x, z_p) - \log q(z_p)` of vectorised particles.
 
     One particle runs without the particle plate, as Pyro's ``Trace_ELBO`` does: a model that
     indexes a latent by group (``a[county]``, as Pyro's and Stan's varying-intercept models do)
     reads its first dimension, which the particle plate would occupy.
     """
-    particles = pyro.plate("num_particles_vectorized", num_particles, dim=-(max_plate_nesting + 1)) \
-        if num_particles > 1 else contextlib.nullcontext()
+    particles = (
+        pyro.plate("num_particles_vectorized", num_particles, dim=-(max_plate_nesting + 1))
+        if num_particles > 1
+        else contextlib.nullcontext()
+    )
     with particles:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
@@ -109,8 +113,7 @@ def _particle_elbos(model, guide, args, kwargs, objective: str, num_particles: i
     return elbo
 
 
-def elbo_loss(model, guide, args, kwargs, objective: str, num_particles: int,
-              max_plate_nesting: int) -> torch.Tensor:
+def elbo_loss(model, guide, args, kwargs, objective: str, num_particles: int, max_plate_nesting: int) -> torch.Tensor:
     r"""The negative ELBO estimate as a differentiable scalar (reparameterised guides only).
 
     ``"trace"`` and ``"meanfield"`` average :math:`P` single-sample ELBOs (``"meanfield"`` uses
@@ -215,9 +218,20 @@ class CompiledSVIStep(Fusable):
     # (:mod:`~vilab.inference.engine.backends.recycle`); a rejected step's state is copied out of them.
     recycle = True
 
-    def __init__(self, model, guide, args: tuple, kwargs: dict, *, objective: str = "trace",
-                 num_particles: int = 1, lr: float = 0.01, lr_decay_per_step: float = 1.0,
-                 clip: float = 10.0, step_scales: dict | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        guide,
+        args: tuple,
+        kwargs: dict,
+        *,
+        objective: str = "trace",
+        num_particles: int = 1,
+        lr: float = 0.01,
+        lr_decay_per_step: float = 1.0,
+        clip: float = 10.0,
+        step_scales: dict | None = None,
+    ) -> None:
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.objective, self.num_particles, self.clip = objective, num_particles, clip
         self.lr, self.lrd, self.t = lr, lr_decay_per_step, 0
@@ -230,9 +244,14 @@ class CompiledSVIStep(Fusable):
         self.state = (flat, torch.zeros_like(flat), torch.zeros_like(flat))
         self.step_scale = _flat_scale(self.params.unique, step_scales or {}, flat)
         # Natural units for the convergence test: NaN where the parameter has no step scale.
-        self.natural_units = torch.cat([
-            (step_scales or {})[id(p)].detach().reshape(-1).to(flat.dtype) if id(p) in (step_scales or {})
-            else torch.full((p.numel(),), math.nan, dtype=flat.dtype) for p in self.params.unique])
+        self.natural_units = torch.cat(
+            [
+                (step_scales or {})[id(p)].detach().reshape(-1).to(flat.dtype)
+                if id(p) in (step_scales or {})
+                else torch.full((p.numel(),), math.nan, dtype=flat.dtype)
+                for p in self.params.unique
+            ]
+        )
         self._fn, self._noise = self._compile()
         data = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
         # Sizes that decide whether intra-op threads pay (see ``threads_for``).
@@ -248,15 +267,23 @@ class CompiledSVIStep(Fusable):
         out, offset = [], 0
         for shape in self.shapes:
             size = math.prod(shape)
-            out.append(flat[offset:offset + size].view(shape))
+            out.append(flat[offset : offset + size].view(shape))
             offset += size
         return out
 
     def _loss(self, flat: torch.Tensor) -> torch.Tensor:
         def run():
             with pyro.validation_enabled(False):
-                return elbo_loss(self.model, self.guide, self.args, self.kwargs, self.objective,
-                                 self.num_particles, self.max_plate_nesting)
+                return elbo_loss(
+                    self.model,
+                    self.guide,
+                    self.args,
+                    self.kwargs,
+                    self.objective,
+                    self.num_particles,
+                    self.max_plate_nesting,
+                )
+
         return self.params.call(self._unflatten(flat), run)
 
     def _step(self, params, m, v, step_size, *noise):
@@ -280,7 +307,7 @@ class CompiledSVIStep(Fusable):
         return torch.stack([loss, loss + params.sum()]), params, m, v
 
     def _step_size(self, t: int) -> float:
-        lr = self.lr * self.lrd ** t
+        lr = self.lr * self.lrd**t
         return lr * math.sqrt(1 - BETAS[1] ** t) / (1 - BETAS[0] ** t)
 
     # -- compilation ---------------------------------------------------------------------------
@@ -294,13 +321,16 @@ class CompiledSVIStep(Fusable):
                 warnings.simplefilter("ignore")
                 graph = make_fx(self._step)(*example)
         except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError, IndexError) as error:
-            raise CompiledSVIError(f"the step cannot be traced ({type(error).__name__}: "
-                                   f"{str(error).splitlines()[0][:200]})") from error
+            raise CompiledSVIError(
+                f"the step cannot be traced ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            ) from error
         mask_assignments_as_selects(graph)  # y[mask] = x[mask] as where(mask, x, y)
         dynamic = data_dependent_shapes(graph.graph)
         if dynamic:
-            raise CompiledSVIError(f"the step has value-dependent shapes ({', '.join(dynamic[:3])}: "
-                                   "boolean-mask indexing), which a traced graph cannot follow")
+            raise CompiledSVIError(
+                f"the step has value-dependent shapes ({', '.join(dynamic[:3])}: "
+                "boolean-mask indexing), which a traced graph cannot follow"
+            )
         noise = _noise_to_input(graph)
         graph = simplify(graph)
         checks = []
@@ -314,8 +344,9 @@ class CompiledSVIStep(Fusable):
                 except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError, IndexError) as error:
                     # Module-local parameters are the one thing the eager step adds to Pyro's own
                     # path; a guide that cannot run that way keeps Pyro's SVI.
-                    raise CompiledSVIError(f"the guide cannot run on substituted parameters "
-                                           f"({type(error).__name__}: {str(error)[:200]})") from error
+                    raise CompiledSVIError(
+                        f"the guide cannot run on substituted parameters ({type(error).__name__}: {str(error)[:200]})"
+                    ) from error
             checks.append((inputs, expected))
             state = (*expected[1:], torch.tensor(self._step_size(2), dtype=dtype))
         with warnings.catch_warnings():
@@ -328,8 +359,9 @@ class CompiledSVIStep(Fusable):
             for _ in range(3):  # the profiling executor specialises on its first calls
                 got = traced(*inputs)
             if not _all_close(got, expected):
-                raise CompiledSVIError("the traced step disagrees with the eager step "
-                                       "(data-dependent control flow in the model or guide?)")
+                raise CompiledSVIError(
+                    "the traced step disagrees with the eager step (data-dependent control flow in the model or guide?)"
+                )
         (first_in, first_out), (second_in, _) = checks
         fn = _static_runtime(traced, second_in, first_in, first_out) or traced
         self._graph, self._checks = graph, checks
@@ -416,15 +448,19 @@ def _flat_scale(params, step_scales: dict, flat: torch.Tensor) -> torch.Tensor |
     """The step scales of ``params`` as one flat vector like ``flat`` (``None``: all ones)."""
     if not any(id(p) in step_scales for p in params):
         return None
-    pieces = [step_scales[id(p)].detach().reshape(-1) if id(p) in step_scales else torch.ones(p.numel())
-              for p in params]
+    pieces = [
+        step_scales[id(p)].detach().reshape(-1) if id(p) in step_scales else torch.ones(p.numel()) for p in params
+    ]
     return torch.cat(pieces).to(flat.dtype)
 
 
 def _is_random(node: fx.Node) -> bool:
     target = node.target
-    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
-            and torch.Tag.nondeterministic_seeded in target.tags)
+    return (
+        node.op == "call_function"
+        and isinstance(target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in target.tags
+    )
 
 
 def _noise_to_input(gm: fx.GraphModule) -> list[tuple[torch.Size, torch.dtype]]:
@@ -438,8 +474,10 @@ def _noise_to_input(gm: fx.GraphModule) -> list[tuple[torch.Size, torch.dtype]]:
             continue
         standard = node.target is aten.normal_.default and len(node.args) == 1 and not node.kwargs
         if not standard:
-            raise CompiledSVIError(f"the step draws random numbers with {node.target} "
-                                   "(only standard-normal reparameterised noise is supported)")
+            raise CompiledSVIError(
+                f"the step draws random numbers with {node.target} "
+                "(only standard-normal reparameterised noise is supported)"
+            )
         value = node.meta["val"]
         with graph.inserting_after(placeholders[-1] if not draws else draws[-1][0]):
             placeholder = graph.placeholder(f"noise_{len(draws)}")

@@ -8,6 +8,7 @@ References:
     Hoffman and Gelman, 2014, arXiv:1111.4246 (dual averaging, Algorithm 5).
     Stan Reference Manual, "HMC algorithm parameters" (windowed mass-matrix adaptation).
 """
+
 from __future__ import annotations
 
 import math

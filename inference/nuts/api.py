@@ -9,6 +9,7 @@ References:
     Hoffman & Gelman, "The No-U-Turn Sampler", 2014, arXiv:1111.4246.
     Betancourt, "A Conceptual Introduction to Hamiltonian Monte Carlo", 2017, arXiv:1701.02434.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,8 +32,15 @@ from vilab.inference.common.model_handlers import for_inference
 from vilab.inference.engine.potential import VectorizationError
 from vilab.inference.nuts.pyro_backend import RecordingNUTS, stats_dtype
 from vilab.inference.common.tracing import evaluate_draws, is_posterior_site
-from vilab.inference.common.validation import (check_init_values, check_model, check_model_kwargs, check_positive_int,
-                                       check_probability, check_seed, keyword_options)
+from vilab.inference.common.validation import (
+    check_init_values,
+    check_model,
+    check_model_kwargs,
+    check_positive_int,
+    check_probability,
+    check_seed,
+    keyword_options,
+)
 from vilab.types import Model, Samples
 
 __all__ = ["NUTSResult", "run_nuts", "check_nuts_options"]
@@ -69,10 +77,15 @@ def _chain_worker(model, args, kwargs, config, chain, report):
     """One chain in this process: returns (latent draws as numpy, stats)."""
     pyro.set_rng_seed(config["seed"] + chain)
     init = config.get("init_values") or {}
-    kernel = RecordingNUTS(model, target_accept_prob=config["target_accept"], full_mass=config["dense_mass"],
-                           max_tree_depth=config["max_tree_depth"], jit_compile=config["jit"],
-                           ignore_jit_warnings=True,
-                           init_strategy=init_to_value(values={name: value[chain] for name, value in init.items()}))
+    kernel = RecordingNUTS(
+        model,
+        target_accept_prob=config["target_accept"],
+        full_mass=config["dense_mass"],
+        max_tree_depth=config["max_tree_depth"],
+        jit_compile=config["jit"],
+        ignore_jit_warnings=True,
+        init_strategy=init_to_value(values={name: value[chain] for name, value in init.items()}),
+    )
     stats = {k: [] for k in ("energy", "lp", "n_steps", "tree_depth", "step_size", "acceptance_rate", "diverging")}
     warmup_steps = [0]
 
@@ -84,8 +97,14 @@ def _chain_worker(model, args, kwargs, config, chain, report):
             for key, value in kernel.last_stats.items():
                 stats[key].append(value)
 
-    mcmc = MCMC(kernel, num_samples=config["num_samples"], warmup_steps=config["num_warmup"],
-                num_chains=1, hook_fn=hook, disable_progbar=True)
+    mcmc = MCMC(
+        kernel,
+        num_samples=config["num_samples"],
+        warmup_steps=config["num_warmup"],
+        num_chains=1,
+        hook_fn=hook,
+        disable_progbar=True,
+    )
     mcmc.run(*args, **kwargs)
     draws = {k: v.detach().cpu().numpy() for k, v in mcmc.get_samples().items()}
     return draws, {k: np.asarray(v, dtype=stats_dtype(k)) for k, v in stats.items()}, warmup_steps[0]
@@ -178,9 +197,17 @@ def run_nuts(
     from vilab.inference.common.arguments import check_no_learned_params
 
     check_model_kwargs(model, kwargs, "run_nuts", keyword_options(run_nuts))
-    config = check_nuts_options(num_samples=num_samples, num_warmup=num_warmup, num_chains=num_chains, seed=seed,
-                                target_accept=target_accept, max_tree_depth=max_tree_depth,
-                                chain_method=chain_method, backend=backend, compiler=compiler)
+    config = check_nuts_options(
+        num_samples=num_samples,
+        num_warmup=num_warmup,
+        num_chains=num_chains,
+        seed=seed,
+        target_accept=target_accept,
+        max_tree_depth=max_tree_depth,
+        chain_method=chain_method,
+        backend=backend,
+        compiler=compiler,
+    )
     config.update(dense_mass=bool(dense_mass), jit=bool(jit))
     trace = check_model(model, args, kwargs, allow_enumerated=True)
     # NUTS needs the full data's density (a subsampled plate's would change at every step),
@@ -204,17 +231,30 @@ def run_nuts(
                 "the model through Pyro's tracing in Python). Pyro's jit_compile is not used: a traced "
                 "potential would freeze one branch of Python control flow on latent values, the usual "
                 "reason for this fallback. Write the branch with torch.where to get the fast path.",
-                RuntimeWarning, stacklevel=2)
+                RuntimeWarning,
+                stacklevel=2,
+            )
     config["backend"] = "pyro"
     if config.pop("init_inverse_mass", None) is not None:
-        warnings.warn("run_nuts: the pyro backend starts from Pathfinder's draws but adapts its metric from the "
-                      "identity", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "run_nuts: the pyro backend starts from Pathfinder's draws but adapts its metric from the identity",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     start = time.perf_counter()
     parallel = config["chain_method"] == "parallel" or (
-        config["chain_method"] == "auto" and num_chains > 1 and available_workers(num_chains) > 1)
+        config["chain_method"] == "auto" and num_chains > 1 and available_workers(num_chains) > 1
+    )
     total = num_chains * (num_samples + num_warmup)
-    results = run_chains(_chain_worker, (model, args, kwargs, config), num_chains, parallel=parallel,
-                         total=total, progress=progress, desc="NUTS")
+    results = run_chains(
+        _chain_worker,
+        (model, args, kwargs, config),
+        num_chains,
+        parallel=parallel,
+        total=total,
+        progress=progress,
+        desc="NUTS",
+    )
     wall_time = time.perf_counter() - start
     latent = {k: torch.as_tensor(np.stack([r[0][k] for r in results])) for k in results[0][0]}
     stats = {k: np.stack([r[1][k] for r in results]) for k in results[0][1]}
@@ -226,19 +266,36 @@ def _run_vectorized(model, args, kwargs, config, trace, progress) -> NUTSResult:
     start = time.perf_counter()
     workers = 1 if config["chain_method"] == "sequential" else available_workers(config["num_chains"])
     result = sample_vectorized_nuts(
-        model, args, kwargs, num_samples=config["num_samples"], num_warmup=config["num_warmup"],
-        num_chains=config["num_chains"], target_accept=config["target_accept"],
-        dense_mass=config["dense_mass"], max_tree_depth=config["max_tree_depth"], seed=config["seed"],
-        progress=progress, compiler=config["compiler"], init_values=config["init_values"],
-        workers=workers, init_inverse_mass=config.get("init_inverse_mass"))
+        model,
+        args,
+        kwargs,
+        num_samples=config["num_samples"],
+        num_warmup=config["num_warmup"],
+        num_chains=config["num_chains"],
+        target_accept=config["target_accept"],
+        dense_mass=config["dense_mass"],
+        max_tree_depth=config["max_tree_depth"],
+        seed=config["seed"],
+        progress=progress,
+        compiler=config["compiler"],
+        init_values=config["init_values"],
+        workers=workers,
+        init_inverse_mass=config.get("init_inverse_mass"),
+    )
     wall_time = time.perf_counter() - start
-    latent = {k: v for k, v in result.samples.items()
-              if k in trace.nodes and not trace.nodes[k]["is_observed"]}
-    stats = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-             for k, v in result.sample_stats.items()}
-    config.update(backend="vectorized", leaf_backend=result.backend, fuse_decision=result.fuse_decision,
-                  workers=workers, batching=result.batching,
-                  warmup_leapfrog_steps=result.warmup_leapfrog_steps)
+    latent = {k: v for k, v in result.samples.items() if k in trace.nodes and not trace.nodes[k]["is_observed"]}
+    stats = {
+        k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        for k, v in result.sample_stats.items()
+    }
+    config.update(
+        backend="vectorized",
+        leaf_backend=result.backend,
+        fuse_decision=result.fuse_decision,
+        workers=workers,
+        batching=result.batching,
+        warmup_leapfrog_steps=result.warmup_leapfrog_steps,
+    )
     return _assemble(model, args, kwargs, latent, stats, wall_time, config, trace)
 
 
@@ -253,15 +310,27 @@ def _pathfinder_start(model, args, kwargs, config, init, init_values, trace):
         raise ValueError("init: 'pathfinder' chooses the starting values; pass init_values or init, not both")
     from vilab.inference.vi.nuts_init import pathfinder_init
 
-    start = pathfinder_init(model, args, kwargs, num_chains=config["num_chains"], dense_mass=config["dense_mass"],
-                            seed=config["seed"])
+    start = pathfinder_init(
+        model, args, kwargs, num_chains=config["num_chains"], dense_mass=config["dense_mass"], seed=config["seed"]
+    )
     config["init_values"] = check_init_values(start.init_values, trace, config["num_chains"])
     config["pathfinder"] = start.info
     return start.inverse_mass
 
 
-def check_nuts_options(*, num_samples=1000, num_warmup=1000, num_chains=4, seed=0, target_accept=0.8,
-                       max_tree_depth=10, chain_method="auto", backend="auto", compiler="auto", **_) -> dict:
+def check_nuts_options(
+    *,
+    num_samples=1000,
+    num_warmup=1000,
+    num_chains=4,
+    seed=0,
+    target_accept=0.8,
+    max_tree_depth=10,
+    chain_method="auto",
+    backend="auto",
+    compiler="auto",
+    **_,
+) -> dict:
     """Check :func:`run_nuts`'s option values (defaults for those not given); returns the
     sampler's configuration."""
     config = _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method)
@@ -280,8 +349,14 @@ def _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth
     check_probability(target_accept, "target_accept")
     if chain_method not in ("auto", "parallel", "sequential"):
         raise ValueError(f"chain_method: expected 'auto', 'parallel' or 'sequential'; got {chain_method!r}")
-    return dict(num_samples=num_samples, num_warmup=num_warmup, num_chains=num_chains,
-                target_accept=target_accept, max_tree_depth=max_tree_depth, chain_method=chain_method)
+    return dict(
+        num_samples=num_samples,
+        num_warmup=num_warmup,
+        num_chains=num_chains,
+        target_accept=target_accept,
+        max_tree_depth=max_tree_depth,
+        chain_method=chain_method,
+    )
 
 
 def _assemble(model, args, kwargs, latent, stats, wall_time, config, trace) -> NUTSResult:
@@ -290,8 +365,9 @@ def _assemble(model, args, kwargs, latent, stats, wall_time, config, trace) -> N
     ``trace`` is the model's validation trace from :func:`run_nuts` (site kinds and shapes).
     """
     num_chains, num_draws = next(iter(latent.values())).shape[:2]
-    flat = {k: v.reshape((num_chains * num_draws,) + v.shape[2:]).to(torch.get_default_dtype())
-            for k, v in latent.items()}
+    flat = {
+        k: v.reshape((num_chains * num_draws,) + v.shape[2:]).to(torch.get_default_dtype()) for k, v in latent.items()
+    }
     # Enumerated sites get posterior draws; their marginal log joint is not needed here.
     evaluation = evaluate_draws(model, args, kwargs, flat, marginalize=False)
     keep = {n for n, s in trace.nodes.items() if is_posterior_site(s)}
@@ -301,15 +377,18 @@ def _assemble(model, args, kwargs, latent, stats, wall_time, config, trace) -> N
 
     samples = {k: unflatten(v) for k, v in evaluation["values"].items() if k in keep}
     log_likelihood = {k: unflatten(v) for k, v in evaluation["log_likelihood"].items()}
-    idata = to_inference_data(model, args, kwargs, samples, sample_stats=stats,
-                              log_likelihood=log_likelihood, inference="nuts")
+    idata = to_inference_data(
+        model, args, kwargs, samples, sample_stats=stats, log_likelihood=log_likelihood, inference="nuts"
+    )
     num_divergences = int(stats["diverging"].sum())
     if num_divergences:
         warnings.warn(
             f"run_nuts: {num_divergences} divergent transitions after warmup "
             f"({num_divergences / stats['diverging'].size:.1%} of draws); the posterior has regions "
             "NUTS cannot explore. Raise target_accept or reparameterise (e.g. non-centred).",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning,
+            stacklevel=3,
+        )
     # The result's config stays plain data: it names the initialised sites.
     config = {**config, "init_values": sorted(config.get("init_values") or {})}
     # Potential gradients: one per leapfrog step, warmup and sampling, all chains.

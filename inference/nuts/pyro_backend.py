@@ -7,6 +7,7 @@ transitions. ``energy`` is the Hamiltonian at the start of each transition, afte
 refresh; NUTS conserves it along the trajectory up to integration error, so it plays the part
 of Stan's ``energy__`` in the E-BFMI.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,5 +64,3 @@ class RecordingNUTS(NUTS):
 def stats_dtype(name: str):
     """numpy dtype of a recorded statistic."""
     return {"diverging": bool, "n_steps": int, "tree_depth": int}.get(name, float)
-
-

@@ -15,6 +15,7 @@ References:
     Hoffman and Gelman, 2014, arXiv:1111.4246.
     A Conceptual Introduction to Hamiltonian Monte Carlo, Betancourt, 2017, arXiv:1701.02434.
 """
+
 from __future__ import annotations
 
 import time
@@ -34,8 +35,17 @@ from vilab.inference.engine.step import threads_for
 from vilab.inference.nuts.tree import TREE_FIELDS, TreeBuilder, TreeState, find_reasonable_step_size, merge_fields
 from vilab.inference.engine.potential import BatchedPotential, VectorizationError
 
-__all__ = ["VectorizedNutsResult", "VectorizationError", "sample_vectorized_nuts", "TreeState",
-           "TREE_FIELDS", "TreeBuilder", "merge_fields", "find_reasonable_step_size", "NUTS_COMPILERS"]
+__all__ = [
+    "VectorizedNutsResult",
+    "VectorizationError",
+    "sample_vectorized_nuts",
+    "TreeState",
+    "TREE_FIELDS",
+    "TreeBuilder",
+    "merge_fields",
+    "find_reasonable_step_size",
+    "NUTS_COMPILERS",
+]
 
 # The sampler's ``compiler`` choices: the fused-kernel policy's, and the virtual machine alone.
 NUTS_COMPILERS = (*COMPILERS, "vm")
@@ -80,8 +90,13 @@ class VectorizedNutsResult(NamedTuple):
     warmup_leapfrog_steps: int = 0
 
 
-def _initial_states(potential: BatchedPotential, num_chains: int, generator: torch.Generator,
-                    init_values: Optional[dict] = None, max_tries: int = 100):
+def _initial_states(
+    potential: BatchedPotential,
+    num_chains: int,
+    generator: torch.Generator,
+    init_values: Optional[dict] = None,
+    max_tries: int = 100,
+):
     """Stan's initialisation: uniform on (-2, 2) in unconstrained space, redrawn per chain until
     the potential and its gradient are finite; the sites in ``init_values`` (constrained,
     ``(num_chains, *site_shape)``) start at their given values instead."""
@@ -91,11 +106,13 @@ def _initial_states(potential: BatchedPotential, num_chains: int, generator: tor
     for site in potential.sites:
         if site.name in (init_values or {}):
             value = init_values[site.name].to(dtype)
-            fixed[:, site.offset:site.offset + site.size] = site.transform.inv(value).reshape(num_chains, -1)
-            given[site.offset:site.offset + site.size] = True
+            fixed[:, site.offset : site.offset + site.size] = site.transform.inv(value).reshape(num_chains, -1)
+            given[site.offset : site.offset + site.size] = True
 
     def draw():
-        return torch.where(given, fixed, 4.0 * torch.rand(num_chains, potential.dim, generator=generator, dtype=dtype) - 2.0)
+        return torch.where(
+            given, fixed, 4.0 * torch.rand(num_chains, potential.dim, generator=generator, dtype=dtype) - 2.0
+        )
 
     z = draw()
     for _ in range(max_tries):
@@ -104,8 +121,10 @@ def _initial_states(potential: BatchedPotential, num_chains: int, generator: tor
         if not bool(bad.any()):
             return z, value, grad
         if bool(given.all()):  # nothing left to redraw
-            raise ValueError(f"init_values: the log density or its gradient is not finite at the given "
-                             f"values (chains {bad.nonzero().flatten().tolist()})")
+            raise ValueError(
+                f"init_values: the log density or its gradient is not finite at the given "
+                f"values (chains {bad.nonzero().flatten().tolist()})"
+            )
         z = torch.where(bad.unsqueeze(-1), draw(), z)
     where = " around the given init_values" if bool(given.any()) else ""
     raise ValueError(f"model: no finite log density found in {max_tries} uniform(-2, 2) initialisations{where}")
@@ -132,8 +151,9 @@ class _Warmup:
 
     def restart_step_size(self, state, potential, generator):
         z, value, grad, step_size = state
-        step_size = find_reasonable_step_size(z, value, grad, potential_fn=potential, metric=self.metric,
-                                              step_size=step_size, generator=generator)
+        step_size = find_reasonable_step_size(
+            z, value, grad, potential_fn=potential, metric=self.metric, step_size=step_size, generator=generator
+        )
         self.averaging = DualAveraging(step_size, self.target_accept)
         return step_size
 
@@ -167,18 +187,30 @@ def _draws_to_samples(potential: BatchedPotential, draws: torch.Tensor, chunk: i
     num_chains, num_draws, dim = draws.shape
     flat = draws.reshape(-1, dim)
     values, _ = potential.constrain(flat)
-    pieces = [potential.deterministic(flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)]
+    pieces = [potential.deterministic(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)]
     for name in potential.deterministic_shapes:
         values[name] = torch.cat([piece[name] for piece in pieces])
     return {name: value.reshape(num_chains, num_draws, *value.shape[1:]).detach() for name, value in values.items()}
 
 
-def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, *, num_samples: int,
-                           num_warmup: int, num_chains: int, target_accept: float = 0.8,
-                           dense_mass: bool = False, max_tree_depth: int = 10, seed: int = 0,
-                           progress: bool = True, compiler: str = "auto",
-                           init_values: Optional[dict] = None, workers: Optional[int] = None,
-                           init_inverse_mass: Optional[torch.Tensor] = None) -> VectorizedNutsResult:
+def sample_vectorized_nuts(
+    model: Model,
+    model_args: tuple,
+    model_kwargs: dict,
+    *,
+    num_samples: int,
+    num_warmup: int,
+    num_chains: int,
+    target_accept: float = 0.8,
+    dense_mass: bool = False,
+    max_tree_depth: int = 10,
+    seed: int = 0,
+    progress: bool = True,
+    compiler: str = "auto",
+    init_values: Optional[dict] = None,
+    workers: Optional[int] = None,
+    init_inverse_mass: Optional[torch.Tensor] = None,
+) -> VectorizedNutsResult:
     r"""Sample a Pyro model with NUTS, all chains advancing together.
 
     Warmup follows Stan: a 75-iteration step-size buffer, doubling metric windows (diagonal or
@@ -243,11 +275,23 @@ def sample_vectorized_nuts(model: Model, model_args: tuple, model_kwargs: dict, 
         raise ValueError(f"compiler: expected one of {NUTS_COMPILERS}; got {compiler!r}")
     workers = fast_workers.resolve_workers(workers, num_chains)
     with fast_workers.frozen_heap():
-        return _sample_batches(workers, progress=progress, num_chains=num_chains, seed=seed, model=model,
-                               model_args=model_args, model_kwargs=model_kwargs, num_samples=num_samples,
-                               num_warmup=num_warmup, target_accept=target_accept, dense_mass=dense_mass,
-                               max_tree_depth=max_tree_depth, compiler=compiler, init_values=init_values,
-                               init_inverse_mass=init_inverse_mass)
+        return _sample_batches(
+            workers,
+            progress=progress,
+            num_chains=num_chains,
+            seed=seed,
+            model=model,
+            model_args=model_args,
+            model_kwargs=model_kwargs,
+            num_samples=num_samples,
+            num_warmup=num_warmup,
+            target_accept=target_accept,
+            dense_mass=dense_mass,
+            max_tree_depth=max_tree_depth,
+            compiler=compiler,
+            init_values=init_values,
+            init_inverse_mass=init_inverse_mass,
+        )
 
 
 def _sample_batches(workers, *, progress, num_chains, seed, **options) -> VectorizedNutsResult:
@@ -261,13 +305,15 @@ def _sample_batches(workers, *, progress, num_chains, seed, **options) -> Vector
             bar.close()
     start = time.perf_counter()
     sizes = fast_workers.batch_sizes(num_chains, workers)
-    results = fast_workers.run_batches(_batch_worker, sizes, seed, options, progress=progress,
-                                       total=workers * (num_warmup + num_samples))
+    results = fast_workers.run_batches(
+        _batch_worker, sizes, seed, options, progress=progress, total=workers * (num_warmup + num_samples)
+    )
     return _merge_batches(results, sizes, time.perf_counter() - start)
 
 
-def _sample_batch(*, model, model_args, model_kwargs, num_chains, seed, compiler, num_samples, num_warmup,
-                  report, split, **options) -> VectorizedNutsResult:
+def _sample_batch(
+    *, model, model_args, model_kwargs, num_chains, seed, compiler, num_samples, num_warmup, report, split, **options
+) -> VectorizedNutsResult:
     """One batch of chains in this process, or one of several (``split``) in a forked one;
     ``report.update(1)`` after each iteration."""
     start = time.perf_counter()
@@ -277,9 +323,19 @@ def _sample_batch(*, model, model_args, model_kwargs, num_chains, seed, compiler
     with threads_for(0):  # tracing and checking work on a few chains' values
         potential = BatchedPotential(model, model_args, model_kwargs, num_chains=num_chains, seed=seed)
     with threads_for(num_chains * potential.site_numel):
-        return _sample(potential, start, num_samples=num_samples, num_warmup=num_warmup, num_chains=num_chains,
-                       seed=seed, compiler=compiler, report=report, background=background, split=split,
-                       **options)
+        return _sample(
+            potential,
+            start,
+            num_samples=num_samples,
+            num_warmup=num_warmup,
+            num_chains=num_chains,
+            seed=seed,
+            compiler=compiler,
+            report=report,
+            background=background,
+            split=split,
+            **options,
+        )
 
 
 def _batch_worker(*, report, **options) -> VectorizedNutsResult:
@@ -292,6 +348,7 @@ def _batch_worker(*, report, **options) -> VectorizedNutsResult:
 
 def _merge_batches(results: list, sizes: list[int], wall: float) -> VectorizedNutsResult:
     """One result of the batches' results, chains in batch order."""
+
     def cat(key):
         return {name: torch.cat([getattr(r, key)[name] for r in results]) for name in getattr(results[0], key)}
 
@@ -303,51 +360,84 @@ def _merge_batches(results: list, sizes: list[int], wall: float) -> VectorizedNu
         decision = "; ".join(note for note in (split, decisions[0]) if note)
     else:
         decision = "; ".join([split, *(f"batch {index}: {note}" for index, note in enumerate(decisions))])
-    return VectorizedNutsResult(cat("samples"), cat("sample_stats"), wall - sampling, sampling,
-                                torch.cat([r.inverse_mass_matrix for r in results]),
-                                all(r.compiled for r in results), ", ".join(backends), decision, results[0].batching,
-                                sum(r.warmup_leapfrog_steps for r in results))
+    return VectorizedNutsResult(
+        cat("samples"),
+        cat("sample_stats"),
+        wall - sampling,
+        sampling,
+        torch.cat([r.inverse_mass_matrix for r in results]),
+        all(r.compiled for r in results),
+        ", ".join(backends),
+        decision,
+        results[0].batching,
+        sum(r.warmup_leapfrog_steps for r in results),
+    )
 
 
-def _sample(potential, start, *, num_samples, num_warmup, num_chains, target_accept, dense_mass,
-            max_tree_depth, seed, compiler, init_values, report, background, split,
-            init_inverse_mass=None) -> VectorizedNutsResult:
+def _sample(
+    potential,
+    start,
+    *,
+    num_samples,
+    num_warmup,
+    num_chains,
+    target_accept,
+    dense_mass,
+    max_tree_depth,
+    seed,
+    compiler,
+    init_values,
+    report,
+    background,
+    split,
+    init_inverse_mass=None,
+) -> VectorizedNutsResult:
     generator = torch.Generator().manual_seed(seed)
     z, value, grad = _initial_states(potential, num_chains, generator, init_values)
     dtype = z.dtype
     warmup = _Warmup(num_warmup, num_chains, potential.dim, dense_mass, target_accept, dtype, init_inverse_mass)
     step_size = warmup.restart_step_size((z, value, grad, torch.ones(num_chains, dtype=dtype)), potential, generator)
     # An explicit "vm" runs there even where it is slower (to compare it, or to test it).
-    builder = TreeBuilder(potential, num_chains, max_tree_depth, generator,
-                          vm={"auto": "faster", "vm": "always"}.get(compiler))
+    builder = TreeBuilder(
+        potential, num_chains, max_tree_depth, generator, vm={"auto": "faster", "vm": "always"}.get(compiler)
+    )
     total = num_warmup + num_samples
     # Split batches leave no core for a compile, and a blocking one paid in no run measured:
     # its saving, extrapolated from the deep trees of early warmup, was far too high (a regression in
     # float32: 7.8 s predicted, 3.6 s for the whole run on the VM).
     fuses = potential.compiled and compiler != "vm" and not (split and compiler == "auto")
-    policy = FusePolicy(compiler if fuses else "torchscript", total, background=background,
-                        early=total >= PREPARE_ITERATIONS)
+    policy = FusePolicy(
+        compiler if fuses else "torchscript", total, background=background, early=total >= PREPARE_ITERATIONS
+    )
     if compiler == "vm":
         policy.reason = "compiler='vm'"
     elif split and compiler == "auto":
         policy.reason = "not fused: the batches use every core (compiler='inductor' fuses at once)"
     try:
-        draws, stats, sampling_start, warmup_steps = _iterate(potential, builder, policy, warmup, report, z, value, grad,
-                                                step_size, num_warmup, num_samples, generator)
+        draws, stats, sampling_start, warmup_steps = _iterate(
+            potential, builder, policy, warmup, report, z, value, grad, step_size, num_warmup, num_samples, generator
+        )
     finally:
         builder.close()
     end = time.perf_counter()
     samples = _draws_to_samples(potential, torch.stack(draws, dim=1))
     sample_stats = {key: torch.stack([row[key] for row in stats], dim=1) for key in stats[0]}
     decision = "; ".join(note for note in [policy.reason, *builder.vm_notes, *builder.fused_at] if note)
-    return VectorizedNutsResult(samples, sample_stats, sampling_start - start, end - sampling_start,
-                                warmup.metric.inverse_mass, builder.compiled, builder.backend,
-                                decision + (f" ({builder.fuse_failure})" if builder.fuse_failure else ""),
-                                potential.mode, warmup_steps)
+    return VectorizedNutsResult(
+        samples,
+        sample_stats,
+        sampling_start - start,
+        end - sampling_start,
+        warmup.metric.inverse_mass,
+        builder.compiled,
+        builder.backend,
+        decision + (f" ({builder.fuse_failure})" if builder.fuse_failure else ""),
+        potential.mode,
+        warmup_steps,
+    )
 
 
-def _iterate(potential, builder, policy, warmup, report, z, value, grad, step_size, num_warmup, num_samples,
-             generator):
+def _iterate(potential, builder, policy, warmup, report, z, value, grad, step_size, num_warmup, num_samples, generator):
     """The warmup and sampling iterations; returns the draws, their statistics, when sampling
     started and the warmup's leapfrog steps (all chains)."""
     draws, stats, sampling_start, warmup_steps = [], [], time.perf_counter(), 0
@@ -376,8 +466,12 @@ def _iterate(potential, builder, policy, warmup, report, z, value, grad, step_si
 
 
 def _check_arguments(num_samples, num_warmup, num_chains, target_accept, max_tree_depth) -> None:
-    for name, number, low in (("num_samples", num_samples, 1), ("num_warmup", num_warmup, 0),
-                              ("num_chains", num_chains, 1), ("max_tree_depth", max_tree_depth, 1)):
+    for name, number, low in (
+        ("num_samples", num_samples, 1),
+        ("num_warmup", num_warmup, 0),
+        ("num_chains", num_chains, 1),
+        ("max_tree_depth", max_tree_depth, 1),
+    ):
         if not isinstance(number, int) or number < low:
             raise ValueError(f"{name}: expected an integer >= {low}; got {number!r}")
     if not 0.0 < target_accept < 1.0:

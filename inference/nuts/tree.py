@@ -13,6 +13,7 @@ References:
     Hoffman and Gelman, 2014, arXiv:1111.4246.
     A Conceptual Introduction to Hamiltonian Monte Carlo, Betancourt, 2017, arXiv:1701.02434.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,14 @@ import torch
 
 from vilab.inference.nuts.adaptation import Metric
 from vilab.inference.engine.processes.server import BackgroundCompiles
-from vilab.inference.engine.step import (LEAF_FIELDS, CompiledStep, _select, checkpoint_masks, is_turning, make_leaf_stepper)
+from vilab.inference.engine.step import (
+    LEAF_FIELDS,
+    CompiledStep,
+    _select,
+    checkpoint_masks,
+    is_turning,
+    make_leaf_stepper,
+)
 from vilab.inference.engine.potential import BatchedPotential
 
 __all__ = ["TreeState", "TREE_FIELDS", "TreeBuilder", "merge_fields", "find_reasonable_step_size"]
@@ -88,8 +96,15 @@ class TreeBuilder:
             faster than the traced graph, ``"always"`` wherever it translates, ``None`` never.
     """
 
-    def __init__(self, potential: BatchedPotential, num_chains: int, max_tree_depth: int,
-                 generator: torch.Generator, compile: bool = True, vm: str | None = None) -> None:
+    def __init__(
+        self,
+        potential: BatchedPotential,
+        num_chains: int,
+        max_tree_depth: int,
+        generator: torch.Generator,
+        compile: bool = True,
+        vm: str | None = None,
+    ) -> None:
         self.potential, self.num_chains = potential, num_chains
         self.max_tree_depth, self.generator, self.compile, self.vm = max_tree_depth, generator, compile, vm
         self.vm_notes: list[str] = []  # which steps run on the virtual machine, or why not
@@ -115,8 +130,10 @@ class TreeBuilder:
 
     def step_calls(self) -> list[tuple[CompiledStep, int]]:
         """Each traced step with its calls so far (leaves, then merges)."""
-        return [*((step, self.leaf_calls) for step in self._steppers.values() if step.compiled),
-                *((step, self.merge_calls) for step in self._mergers.values() if step.compiled)]
+        return [
+            *((step, self.leaf_calls) for step in self._steppers.values() if step.compiled),
+            *((step, self.merge_calls) for step in self._mergers.values() if step.compiled),
+        ]
 
     def fuse(self, steps: list[CompiledStep] | None = None) -> None:
         """Run ``steps`` (default: every leaf and merge, now and from now on) as fused kernels
@@ -163,8 +180,11 @@ class TreeBuilder:
             if outcome is None:
                 return
             step = self._queue.pop(0)
-            self.fused_at.append(f"{step.name} fused at iteration {iteration}" if outcome else
-                                 f"{step.name} not fused: {step.fuse_failure}")
+            self.fused_at.append(
+                f"{step.name} fused at iteration {iteration}"
+                if outcome
+                else f"{step.name} not fused: {step.fuse_failure}"
+            )
 
     def close(self) -> None:
         """Stop background compilations still running (the run is over)."""
@@ -174,24 +194,37 @@ class TreeBuilder:
 
     def _to_vm(self, step: CompiledStep) -> None:
         if self.vm and step.compiled:
-            self.vm_notes.append(f"{step.name} on the virtual machine" if step.run_on_vm(self.vm == "faster") else
-                                 f"{step.name} not on the virtual machine ({step.vm_failure})")
+            self.vm_notes.append(
+                f"{step.name} on the virtual machine"
+                if step.run_on_vm(self.vm == "faster")
+                else f"{step.name} not on the virtual machine ({step.vm_failure})"
+            )
 
     def _fuse_step(self, step: CompiledStep) -> None:
         if step.compiled and not step.fuse() and not self.fuse_failure:
             self.fuse_failure = step.fuse_failure
-            warnings.warn(f"NUTS: no fused kernel ({step.fuse_failure}); the traced step keeps running",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"NUTS: no fused kernel ({step.fuse_failure}); the traced step keeps running",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _stepper(self, dense: bool, example: tuple) -> CompiledStep:
         if dense not in self._steppers:
             compile = self.compile and self.potential.compiled
-            stepper = make_leaf_stepper(self.potential.eager_value_and_grad, example, compile=compile,
-                                        trace_potential_fn=self.potential.graph_module)
+            stepper = make_leaf_stepper(
+                self.potential.eager_value_and_grad,
+                example,
+                compile=compile,
+                trace_potential_fn=self.potential.graph_module,
+            )
             if compile and not stepper.compiled:
-                warnings.warn(f"NUTS: the leapfrog leaf could not be compiled ({stepper.failure}); "
-                              "it runs eagerly, correct but several times slower", RuntimeWarning,
-                              stacklevel=4)
+                warnings.warn(
+                    f"NUTS: the leapfrog leaf could not be compiled ({stepper.failure}); "
+                    "it runs eagerly, correct but several times slower",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
             self._steppers[dense] = stepper
             self._to_vm(stepper)
             if self._fuse:
@@ -203,8 +236,9 @@ class TreeBuilder:
             # A merge's outputs are read by the next merge and the sub-tree between, and by the
             # sampler before the next transition's second merge (it copies what it keeps): a
             # fused merge may reuse its buffers.
-            self._mergers[dense] = CompiledStep(merge_fields, example, compile=self.compile,
-                                                num_state=len(TREE_FIELDS), name="merge", recycle=True)
+            self._mergers[dense] = CompiledStep(
+                merge_fields, example, compile=self.compile, num_state=len(TREE_FIELDS), name="merge", recycle=True
+            )
             self._to_vm(self._mergers[dense])
             if self._fuse:
                 self._fuse_step(self._mergers[dense])
@@ -216,8 +250,24 @@ class TreeBuilder:
         divergence."""
         z, r, grad, step = start
         no_weight, zero_sum, zero, no_steps, flags, checkpoints = self._fresh(z, energy, potential_proposal)
-        state = (z, r, grad, z, potential_proposal, grad, energy, no_weight, zero_sum, zero, no_steps,
-                 flags, flags, active, checkpoints, checkpoints)
+        state = (
+            z,
+            r,
+            grad,
+            z,
+            potential_proposal,
+            grad,
+            energy,
+            no_weight,
+            zero_sum,
+            zero,
+            no_steps,
+            flags,
+            flags,
+            active,
+            checkpoints,
+            checkpoints,
+        )
         log_uniforms = self._log_uniforms(depth, z.dtype)
         stepper, inverse_mass = None, metric.inverse_mass
         for leaf, log_uniform in enumerate(log_uniforms):
@@ -238,9 +288,10 @@ class TreeBuilder:
         if self._uniform_rows is None or self._uniform_rows[0].dtype != dtype:
             buffer = torch.empty(2 ** (self.max_tree_depth - 1), self.num_chains, dtype=dtype)
             self._uniform_buffer, self._uniform_rows = buffer, buffer.unbind(0)
-        count = 2 ** depth
-        torch.rand(count, self.num_chains, generator=self.generator, dtype=dtype,
-                   out=self._uniform_buffer[:count]).log_()
+        count = 2**depth
+        torch.rand(
+            count, self.num_chains, generator=self.generator, dtype=dtype, out=self._uniform_buffer[:count]
+        ).log_()
         return self._uniform_rows[:count]
 
     def _fresh(self, z, energy, potential) -> tuple:
@@ -249,9 +300,14 @@ class TreeBuilder:
         key = (z.shape, z.dtype)
         if self._fresh_key != key:
             self._fresh_key = key
-            self._fresh_state = (torch.full_like(energy, -math.inf), torch.zeros_like(z), torch.zeros_like(energy),
-                                 torch.zeros(z.shape[0], dtype=torch.long), torch.zeros(z.shape[0], dtype=torch.bool),
-                                 z.new_zeros(self.max_tree_depth, *z.shape))
+            self._fresh_state = (
+                torch.full_like(energy, -math.inf),
+                torch.zeros_like(z),
+                torch.zeros_like(energy),
+                torch.zeros(z.shape[0], dtype=torch.long),
+                torch.zeros(z.shape[0], dtype=torch.bool),
+                z.new_zeros(self.max_tree_depth, *z.shape),
+            )
         return self._fresh_state
 
     def transition(self, z, potential, grad, metric: Metric, step_size) -> TreeState:
@@ -262,8 +318,9 @@ class TreeBuilder:
         zero = torch.zeros_like(potential)
         flags = torch.zeros(z.shape[0], dtype=torch.bool)
         counts = torch.zeros(z.shape[0], dtype=torch.long)
-        tree = TreeState(z, r, grad, z, r, grad, z, potential, grad, energy, zero, r, flags, flags,
-                         zero, counts, counts)
+        tree = TreeState(
+            z, r, grad, z, r, grad, z, potential, grad, energy, zero, r, flags, flags, zero, counts, counts
+        )
         going_right = torch.rand(z.shape[0], generator=self.generator) < 0.5
         start = (z, r, grad, torch.where(going_right, step_size, -step_size).unsqueeze(-1))
         active = ~flags
@@ -272,10 +329,18 @@ class TreeBuilder:
             # The merge also picks the next sub-tree's direction and edge: fewer small ops per
             # doubling, and inside the (possibly fused) merge graph.
             uniforms = torch.rand(2, z.shape[0], generator=self.generator, dtype=z.dtype)
-            inputs = (*[getattr(tree, name) for name in TREE_FIELDS], *sub[:_MERGED_LEAF_FIELDS],
-                      active, going_right, metric.inverse_mass, uniforms, step_size)
-            *merged, z_edge, r_edge, grad_edge, step, active, going_right, any_active = \
-                self._merger(metric.dense, inputs)(*inputs)
+            inputs = (
+                *[getattr(tree, name) for name in TREE_FIELDS],
+                *sub[:_MERGED_LEAF_FIELDS],
+                active,
+                going_right,
+                metric.inverse_mass,
+                uniforms,
+                step_size,
+            )
+            *merged, z_edge, r_edge, grad_edge, step, active, going_right, any_active = self._merger(
+                metric.dense, inputs
+            )(*inputs)
             tree = TreeState(*merged)
             self.merge_calls += 1
             if not bool(any_active):
@@ -293,20 +358,31 @@ def merge_fields(*args):
     its direction, and whether any chain goes on."""
     num_tree = len(TREE_FIELDS)
     tree = TreeState(*args[:num_tree])
-    sub = dict(zip(LEAF_FIELDS, args[num_tree:num_tree + _MERGED_LEAF_FIELDS]))
-    active, going_right, inverse_mass, uniforms, step_size = args[num_tree + _MERGED_LEAF_FIELDS:]
+    sub = dict(zip(LEAF_FIELDS, args[num_tree : num_tree + _MERGED_LEAF_FIELDS]))
+    active, going_right, inverse_mass, uniforms, step_size = args[num_tree + _MERGED_LEAF_FIELDS :]
     merged = _merge(tree, sub, active, going_right, inverse_mass, uniforms[0])
     next_right = uniforms[1] < 0.5
     next_active = ~merged.turning & ~merged.diverging
-    return (*(getattr(merged, name) for name in TREE_FIELDS),
-            _select(next_right, merged.z_right, merged.z_left), _select(next_right, merged.r_right, merged.r_left),
-            _select(next_right, merged.grad_right, merged.grad_left),
-            torch.where(next_right, step_size, -step_size).unsqueeze(-1), next_active, next_right,
-            next_active.any())
+    return (
+        *(getattr(merged, name) for name in TREE_FIELDS),
+        _select(next_right, merged.z_right, merged.z_left),
+        _select(next_right, merged.r_right, merged.r_left),
+        _select(next_right, merged.grad_right, merged.grad_left),
+        torch.where(next_right, step_size, -step_size).unsqueeze(-1),
+        next_active,
+        next_right,
+        next_active.any(),
+    )
 
 
-def _merge(tree: TreeState, sub: dict, active: torch.Tensor, going_right: torch.Tensor,
-           inverse_mass: torch.Tensor, uniform: torch.Tensor) -> TreeState:
+def _merge(
+    tree: TreeState,
+    sub: dict,
+    active: torch.Tensor,
+    going_right: torch.Tensor,
+    inverse_mass: torch.Tensor,
+    uniform: torch.Tensor,
+) -> TreeState:
     """Append a sub-trajectory to the tree; the proposal moves to it with probability
     ``min(1, w_sub / w_tree)`` (biased progressive sampling), never from a stopped sub-tree."""
     z_edge, r_edge, grad_edge = sub["z_edge"], sub["r_edge"], sub["grad_edge"]
@@ -321,7 +397,12 @@ def _merge(tree: TreeState, sub: dict, active: torch.Tensor, going_right: torch.
     take = active & ~stopped & (uniform < accept_prob)
     turning = sub["turning"] | is_turning(inverse_mass, r_left, r_right, r_sum)
     return TreeState(
-        z_left, r_left, grad_left, z_right, r_right, grad_right,
+        z_left,
+        r_left,
+        grad_left,
+        z_right,
+        r_right,
+        grad_right,
         _select(take, sub["z_proposal"], tree.z_proposal),
         torch.where(take, sub["potential_proposal"], tree.potential_proposal),
         _select(take, sub["grad_proposal"], tree.grad_proposal),
@@ -336,9 +417,17 @@ def _merge(tree: TreeState, sub: dict, active: torch.Tensor, going_right: torch.
     )
 
 
-def find_reasonable_step_size(z: torch.Tensor, potential: torch.Tensor, grad: torch.Tensor, *,
-                              potential_fn, metric: Metric, step_size: torch.Tensor,
-                              generator: torch.Generator, max_iterations: int = 100) -> torch.Tensor:
+def find_reasonable_step_size(
+    z: torch.Tensor,
+    potential: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    potential_fn,
+    metric: Metric,
+    step_size: torch.Tensor,
+    generator: torch.Generator,
+    max_iterations: int = 100,
+) -> torch.Tensor:
     """Hoffman and Gelman's heuristic (Algorithm 4), per chain: double or halve the step size
     until the one-step acceptance probability crosses 0.8."""
     leapfrog = _Leapfrog(potential_fn, metric)
@@ -357,6 +446,6 @@ def find_reasonable_step_size(z: torch.Tensor, potential: torch.Tensor, grad: to
         done = done | (step_direction != direction)
         if bool(done.all()):
             break
-        step_size = torch.where(done, step_size, step_size * 2.0 ** direction)
-        step_size = step_size.clamp(min=finfo.tiny ** 0.5, max=1e7)
+        step_size = torch.where(done, step_size, step_size * 2.0**direction)
+        step_size = step_size.clamp(min=finfo.tiny**0.5, max=1e7)
     return step_size

@@ -1,4 +1,5 @@
 """A comparison's report: tables, the HTML page, figures and the warnings in words."""
+
 from vilab.inference.report.save import (  # noqa: F401 -- the package's public names
     REPORT_FILES,
     check_report_folder,

@@ -16,6 +16,7 @@ References:
     Vehtari et al., "Rank-normalization, folding, and localization: an improved R-hat", 2021,
     arXiv:1903.08008.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,8 +31,14 @@ import numpy as np
 
 from vilab.inference.report.verdicts import warnings_for
 
-__all__ = ["FigureLike", "encode_figure", "render_comparison_html", "render_vae_html",
-           "vae_warnings", "write_vae_report"]
+__all__ = [
+    "FigureLike",
+    "encode_figure",
+    "render_comparison_html",
+    "render_vae_html",
+    "vae_warnings",
+    "write_vae_report",
+]
 
 FigureLike = Union[bytes, str, "os.PathLike[str]", Any]
 """PNG bytes, a path to a PNG file, or a matplotlib ``Figure``."""
@@ -64,25 +71,25 @@ dl.metrics dt{color:#5a6570;font-size:12px}dl.metrics dd{margin:2px 0 0;font-siz
 
 _COMPARISON_CAPTIONS = {
     "marginals": "Marginal densities: the reference in black, each method overlaid. A good guide sits on the black curve; "
-                 "a narrower curve is an under-dispersed guide (typical of mean-field VI).",
+    "a narrower curve is an under-dispersed guide (typical of mean-field VI).",
     "pairs": "Pairwise draws: the reference in grey, methods in colour. Correlations and funnels the guide misses show "
-             "here first.",
+    "here first.",
     "forest": "Mean and 90% interval of each parameter, standardised by the reference (0 = reference mean, 1 = one "
-              "reference sd).",
+    "reference sd).",
     "elbo": "ELBO per optimisation step (smoothed). A curve still rising at the end has not converged.",
     "nuts_trace": "NUTS traces: chains should look like overlapping, stationary noise.",
     "nuts_rank": "Rank plots: roughly uniform bars in every chain mean the chains agree (Vehtari et al. 2021).",
     "energy": "Energy plot: the marginal energy and the energy transitions should overlap; a narrow transition "
-              "distribution (low E-BFMI) means the sampler explores the tails poorly.",
+    "distribution (low E-BFMI) means the sampler explores the tails poorly.",
 }
 _VAE_CAPTIONS = {
     "elbo_curves": "Training and validation ELBO per epoch (nats per image). Training well above validation is "
-                   "overfitting.",
+    "overfitting.",
     "loss_curves": "Training and validation objective per epoch.",
     "reconstructions": "Test images (top) and decoder means at a draw from q(z|x) (bottom).",
     "prior_samples": "Decoder means at draws from the prior p(z): what the model generates.",
     "latent_scatter": "Posterior means E[z|x] of test images coloured by class (first two principal components when "
-                      "the latent space has more than two dimensions).",
+    "the latent space has more than two dimensions).",
     "latent_traversals": "One latent coordinate varied at a time: a row that does not change is a collapsed unit.",
 }
 
@@ -130,11 +137,14 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, (float, np.floating)) and not math.isfinite(float(value)))
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[tuple[str, str]]], *, text_columns: int = 1,
-           table_id: str = "") -> str:
+def _table(
+    header: Sequence[str], rows: Iterable[Sequence[tuple[str, str]]], *, text_columns: int = 1, table_id: str = ""
+) -> str:
     """``rows`` of ``(cell html, css class)``; the first ``text_columns`` are left aligned."""
-    head = "".join(f'<th class="text">{_escape(h)}</th>' if i < text_columns else f"<th>{_escape(h)}</th>"
-                   for i, h in enumerate(header))
+    head = "".join(
+        f'<th class="text">{_escape(h)}</th>' if i < text_columns else f"<th>{_escape(h)}</th>"
+        for i, h in enumerate(header)
+    )
     body = []
     for row in rows:
         cells = []
@@ -143,12 +153,16 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[tuple[str, str]]], *, 
             cells.append(f'<td class="{classes}">{content}</td>' if classes else f"<td>{content}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     ident = f' id="{table_id}"' if table_id else ""
-    return f'<div class="scroll"><table{ident}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    return (
+        f'<div class="scroll"><table{ident}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    )
 
 
 def _warnings_block(notes: Sequence[str]) -> str:
     if not notes:
-        return '<div class="warnings none" id="warnings"><p>No warnings: every diagnostic is within its limit.</p></div>'
+        return (
+            '<div class="warnings none" id="warnings"><p>No warnings: every diagnostic is within its limit.</p></div>'
+        )
     items = "".join(f"<li>{_escape(n)}</li>" for n in notes)
     return f'<div class="warnings" id="warnings"><ul>{items}</ul></div>'
 
@@ -157,8 +171,10 @@ def _figures_block(figures: Mapping[str, FigureLike], captions: Mapping[str, str
     parts = []
     for name, figure in figures.items():
         caption = captions.get(name, name.replace("_", " "))
-        parts.append(f'<figure id="figure-{_escape(name)}"><img src="{encode_figure(figure)}" alt="{_escape(name)}">'
-                     f"<figcaption><b>{_escape(name.replace('_', ' '))}.</b> {_escape(caption)}</figcaption></figure>")
+        parts.append(
+            f'<figure id="figure-{_escape(name)}"><img src="{encode_figure(figure)}" alt="{_escape(name)}">'
+            f"<figcaption><b>{_escape(name.replace('_', ' '))}.</b> {_escape(caption)}</figcaption></figure>"
+        )
     return "".join(parts) or "<p>No figures.</p>"
 
 
@@ -166,11 +182,13 @@ def _page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) -
     """``sections`` of ``(anchor, heading, body html)``."""
     nav = "".join(f'<a href="#{a}">{_escape(h)}</a>' for a, h, _ in sections)
     body = "".join(f'<section id="section-{a}"><h2 id="{a}">{_escape(h)}</h2>{b}</section>' for a, h, b in sections)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_escape(title)}</title><style>{_CSS}</style></head><body><main>"
-            f"<h1>{_escape(title)}</h1><p class=\"sub\">{subtitle}</p><nav>{nav}</nav>{body}"
-            f"</main></body></html>\n")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_escape(title)}</title><style>{_CSS}</style></head><body><main>"
+        f'<h1>{_escape(title)}</h1><p class="sub">{subtitle}</p><nav>{nav}</nav>{body}'
+        f"</main></body></html>\n"
+    )
 
 
 # ----------------------------------------------------------------------------- comparison page
@@ -181,13 +199,21 @@ def _k_hat_class(k_hat: Any) -> str:
 
 
 _SUMMARY_COLUMNS = (  # (column, header, digits)
-    ("mean_abs_error_sd", "mean |error|", 3), ("max_abs_error_sd", "max |error|", 3),
-    ("mean_abs_log_sd_ratio", "mean |log sd ratio|", 3), ("mean_wasserstein_sd", "mean W1", 3),
+    ("mean_abs_error_sd", "mean |error|", 3),
+    ("max_abs_error_sd", "max |error|", 3),
+    ("mean_abs_log_sd_ratio", "mean |log sd ratio|", 3),
+    ("mean_wasserstein_sd", "mean W1", 3),
     ("mean_abs_log_lrvb_sd_ratio", "mean |log LRVB sd ratio|", 3),
-    ("k_hat", "k-hat", 3), ("k_hat_verdict", "verdict", 0), ("elbo", "ELBO", 5),
-    ("converged", "converged", 0), ("gradient_evaluations", "gradient evals", 0),
-    ("wall_time", "wall time (s)", 3), ("ess_bulk_min", "min bulk ESS", 4), ("ess_per_second", "ESS/s", 3),
-    ("r_hat_max", "max R-hat", 4), ("num_divergences", "divergences", 0),
+    ("k_hat", "k-hat", 3),
+    ("k_hat_verdict", "verdict", 0),
+    ("elbo", "ELBO", 5),
+    ("converged", "converged", 0),
+    ("gradient_evaluations", "gradient evals", 0),
+    ("wall_time", "wall time (s)", 3),
+    ("ess_bulk_min", "min bulk ESS", 4),
+    ("ess_per_second", "ESS/s", 3),
+    ("r_hat_max", "max R-hat", 4),
+    ("num_divergences", "divergences", 0),
 )
 
 
@@ -223,17 +249,27 @@ def _summary_table(report) -> str:
             row.append((content, css.strip()))
         rows.append(row)
     header = ["method", "kind"] + [h for _, h, _ in columns]
-    legend = ("<p class=\"legend\">Errors and W1 (1-Wasserstein distance) are in units of the reference posterior sd, "
-              "averaged over parameters; a log sd ratio of 0 is a perfect spread. k-hat (Pareto smoothed importance sampling): &lt; 0.5 good, 0.5&ndash;0.7 usable after PSIS "
-              "reweighting, &gt; 0.7 unreliable. R-hat should be at most 1.01; divergences should be 0.</p>")
+    legend = (
+        '<p class="legend">Errors and W1 (1-Wasserstein distance) are in units of the reference posterior sd, '
+        "averaged over parameters; a log sd ratio of 0 is a perfect spread. k-hat (Pareto smoothed importance sampling): &lt; 0.5 good, 0.5&ndash;0.7 usable after PSIS "
+        "reweighting, &gt; 0.7 unreliable. R-hat should be at most 1.01; divergences should be 0.</p>"
+    )
     return _table(header, rows, text_columns=2, table_id="summary-table") + legend
 
 
-_PARAMETER_COLUMNS = (("mean", "mean"), ("sd", "sd"), ("ref_mean", "ref mean"), ("ref_sd", "ref sd"),
-                      ("mean_error_sd", "error (ref sd)"), ("sd_ratio", "sd ratio"),
-                      ("lrvb_sd", "LRVB sd"), ("lrvb_sd_ratio", "LRVB sd ratio"),
-                      ("wasserstein_sd", "W1 (ref sd)"), ("psis_mean_error_sd", "PSIS error (ref sd)"),
-                      ("psis_sd_ratio", "PSIS sd ratio"))
+_PARAMETER_COLUMNS = (
+    ("mean", "mean"),
+    ("sd", "sd"),
+    ("ref_mean", "ref mean"),
+    ("ref_sd", "ref sd"),
+    ("mean_error_sd", "error (ref sd)"),
+    ("sd_ratio", "sd ratio"),
+    ("lrvb_sd", "LRVB sd"),
+    ("lrvb_sd_ratio", "LRVB sd ratio"),
+    ("wasserstein_sd", "W1 (ref sd)"),
+    ("psis_mean_error_sd", "PSIS error (ref sd)"),
+    ("psis_sd_ratio", "PSIS sd ratio"),
+)
 
 
 def _parameter_css(column: str, value: float) -> str:
@@ -251,19 +287,24 @@ def _parameter_table(report) -> str:
     if not len(table):
         return "<p>No method is scored against a separate reference.</p>"
     columns = [c for c in _PARAMETER_COLUMNS if c[0] in table.columns]
-    rows = [[(_escape(r["method"]), ""), (_escape(r["parameter"]), "")]
-            + [(_number(r[c]) if not _is_missing(r[c]) else "&ndash;", _parameter_css(c, r[c])) for c, _ in columns]
-            for _, r in table.iterrows()]
-    legend = (f"<p class=\"legend\">Tinted: |error| or W1 above {_ERROR_CUE} reference sd, or an sd ratio outside "
-              f"[{_SD_RATIO_CUE[0]}, {_SD_RATIO_CUE[1]}]. PSIS columns are the guide's estimates after Pareto-smoothed "
-              "importance reweighting. LRVB columns (DADVI) are the linear-response sd, a covariance correction of the mean-field "
-              "fit.</p>")
-    return _table(["method", "parameter"] + [h for _, h in columns], rows, text_columns=2,
-                  table_id="parameter-table") + legend
+    rows = [
+        [(_escape(r["method"]), ""), (_escape(r["parameter"]), "")]
+        + [(_number(r[c]) if not _is_missing(r[c]) else "&ndash;", _parameter_css(c, r[c])) for c, _ in columns]
+        for _, r in table.iterrows()
+    ]
+    legend = (
+        f'<p class="legend">Tinted: |error| or W1 above {_ERROR_CUE} reference sd, or an sd ratio outside '
+        f"[{_SD_RATIO_CUE[0]}, {_SD_RATIO_CUE[1]}]. PSIS columns are the guide's estimates after Pareto-smoothed "
+        "importance reweighting. LRVB columns (DADVI) are the linear-response sd, a covariance correction of the mean-field "
+        "fit.</p>"
+    )
+    return (
+        _table(["method", "parameter"] + [h for _, h in columns], rows, text_columns=2, table_id="parameter-table")
+        + legend
+    )
 
 
-def render_comparison_html(report, figures: Mapping[str, FigureLike], *,
-                           notes: Optional[Sequence[str]] = None) -> str:
+def render_comparison_html(report, figures: Mapping[str, FigureLike], *, notes: Optional[Sequence[str]] = None) -> str:
     """The page of a :class:`~vilab.inference.comparison.api.ComparisonReport`.
 
     Args:
@@ -279,14 +320,20 @@ def render_comparison_html(report, figures: Mapping[str, FigureLike], *,
         raise TypeError(f"figures: expected a mapping of name -> figure; got {type(figures).__name__}")
     notes = warnings_for(report) if notes is None else list(notes)
     methods = ", ".join(report.methods)
-    subtitle = (f"Reference posterior: <b>{_escape(report.reference_name)}</b>. Methods: {_escape(methods)}. "
-                f"{len(report.reference)} scalar parameters.")
-    return _page(report.title, subtitle, [
-        ("warnings", f"Warnings ({len(notes)})", _warnings_block(notes)),
-        ("summary", "Methods", _summary_table(report)),
-        ("parameters", "Parameters", _parameter_table(report)),
-        ("figures", "Figures", _figures_block(figures, _COMPARISON_CAPTIONS)),
-    ])
+    subtitle = (
+        f"Reference posterior: <b>{_escape(report.reference_name)}</b>. Methods: {_escape(methods)}. "
+        f"{len(report.reference)} scalar parameters."
+    )
+    return _page(
+        report.title,
+        subtitle,
+        [
+            ("warnings", f"Warnings ({len(notes)})", _warnings_block(notes)),
+            ("summary", "Methods", _summary_table(report)),
+            ("parameters", "Parameters", _parameter_table(report)),
+            ("figures", "Figures", _figures_block(figures, _COMPARISON_CAPTIONS)),
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------- VAE page
@@ -298,23 +345,31 @@ def vae_warnings(metrics: Mapping[str, Any]) -> list[str]:
     notes = []
     dim, active = metrics.get("latent_dim"), metrics.get("active_units")
     if dim is not None and active is not None and active < dim:
-        notes.append(f"{dim - active} of {dim} latent units are inactive (Cov_x E[z_d|x] <= 0.01): the encoder ignores "
-                     "the input along them (posterior collapse). Try KL warm-up (--kl-warmup), free bits (--free-bits) "
-                     "or a smaller latent space.")
+        notes.append(
+            f"{dim - active} of {dim} latent units are inactive (Cov_x E[z_d|x] <= 0.01): the encoder ignores "
+            "the input along them (posterior collapse). Try KL warm-up (--kl-warmup), free bits (--free-bits) "
+            "or a smaller latent space."
+        )
     kl_per_dim = metrics.get("kl_per_dim")
     if kl_per_dim:
         collapsed = int(np.sum(np.asarray(kl_per_dim, dtype=float) < _COLLAPSED_KL))
         if collapsed:
-            notes.append(f"{collapsed} of {len(kl_per_dim)} latent dimensions carry less than {_COLLAPSED_KL} nats of "
-                         "KL: their q(z_d|x) equals the prior, so they encode nothing.")
+            notes.append(
+                f"{collapsed} of {len(kl_per_dim)} latent dimensions carry less than {_COLLAPSED_KL} nats of "
+                "KL: their q(z_d|x) equals the prior, so they encode nothing."
+            )
     kl = metrics.get("kl")
     if kl is not None and math.isfinite(kl) and kl < 0.1:
-        notes.append(f"The total KL is {kl:.3g} nats: the whole posterior has collapsed onto the prior and the decoder "
-                     "models the data on its own.")
+        notes.append(
+            f"The total KL is {kl:.3g} nats: the whole posterior has collapsed onto the prior and the decoder "
+            "models the data on its own."
+        )
     mc, se = metrics.get("log_likelihood_mc_stderr"), metrics.get("log_likelihood_stderr")
     if mc is not None and se is not None and math.isfinite(mc) and math.isfinite(se) and mc > se:
-        notes.append(f"The importance-sampled log p(x) has Monte Carlo error {mc:.3g} above its test-set error {se:.3g}: "
-                     "raise --iw-samples.")
+        notes.append(
+            f"The importance-sampled log p(x) has Monte Carlo error {mc:.3g} above its test-set error {se:.3g}: "
+            "raise --iw-samples."
+        )
     if metrics.get("note"):
         notes.append(f"Note: {metrics['note']}.")
     return notes
@@ -327,17 +382,22 @@ def _vae_cards(metrics: Mapping[str, Any]) -> str:
             return "n/a"
         return f"{value:.2f}" + (f" &plusmn; {metrics[err]:.2f}" if not _is_missing(metrics.get(err)) else "")
 
-    cards = [("test ELBO (nats)", pm("elbo", "elbo_stderr")),
-             ("log p(x), importance sampled", pm("log_likelihood", "log_likelihood_stderr")),
-             ("reconstruction E_q[log p(x|z)]", _number(metrics.get("reconstruction"), 5)),
-             ("KL(q(z|x) || p(z))", _number(metrics.get("kl"), 4)),
-             ("active units", f"{_number(metrics.get('active_units'))} / {_number(metrics.get('latent_dim'))}"),
-             ("mutual information I(x; z)", _number(metrics.get("mutual_information"), 3)),
-             ("importance samples K", _number(metrics.get("iw_samples"))),
-             ("test images", _number(metrics.get("num_examples")))]
+    cards = [
+        ("test ELBO (nats)", pm("elbo", "elbo_stderr")),
+        ("log p(x), importance sampled", pm("log_likelihood", "log_likelihood_stderr")),
+        ("reconstruction E_q[log p(x|z)]", _number(metrics.get("reconstruction"), 5)),
+        ("KL(q(z|x) || p(z))", _number(metrics.get("kl"), 4)),
+        ("active units", f"{_number(metrics.get('active_units'))} / {_number(metrics.get('latent_dim'))}"),
+        ("mutual information I(x; z)", _number(metrics.get("mutual_information"), 3)),
+        ("importance samples K", _number(metrics.get("iw_samples"))),
+        ("test images", _number(metrics.get("num_examples"))),
+    ]
     extra = [(k, _number(metrics[k])) for k in ("data", "guide", "split") if k in metrics]
-    return '<dl class="metrics" id="metrics-cards">' + "".join(
-        f"<div><dt>{_escape(k)}</dt><dd>{v}</dd></div>" for k, v in cards + extra) + "</dl>"
+    return (
+        '<dl class="metrics" id="metrics-cards">'
+        + "".join(f"<div><dt>{_escape(k)}</dt><dd>{v}</dd></div>" for k, v in cards + extra)
+        + "</dl>"
+    )
 
 
 def _collapse_table(metrics: Mapping[str, Any]) -> str:
@@ -351,17 +411,25 @@ def _collapse_table(metrics: Mapping[str, Any]) -> str:
         kl = None if kl_per_dim is None else kl_per_dim[d]
         width = int(round(120 * variance / top))
         status = ("active", "good") if variance > 0.01 else ("inactive", "bad")
-        rows.append([(f"z{d}", ""), (_number(variance), ""), (f'<span class="bar" style="width:{width}px"></span>', "text"),
-                     ("&ndash;" if kl is None else _number(kl), "" if kl is None or kl >= _COLLAPSED_KL else "bad"),
-                     status])
-    legend = ("<p class=\"legend\">A unit is active when Cov_x(E_q[z_d|x]) &gt; 0.01 (Burda et al. 2016, "
-              "arXiv:1509.00519). KL per dimension is shown when q(z|x) and p(z) are diagonal Gaussians.</p>")
-    return _table(["unit", "Cov_x E[z_d|x]", "", "KL (nats)", "status"], rows,
-                  table_id="collapse-table") + legend
+        rows.append(
+            [
+                (f"z{d}", ""),
+                (_number(variance), ""),
+                (f'<span class="bar" style="width:{width}px"></span>', "text"),
+                ("&ndash;" if kl is None else _number(kl), "" if kl is None or kl >= _COLLAPSED_KL else "bad"),
+                status,
+            ]
+        )
+    legend = (
+        '<p class="legend">A unit is active when Cov_x(E_q[z_d|x]) &gt; 0.01 (Burda et al. 2016, '
+        "arXiv:1509.00519). KL per dimension is shown when q(z|x) and p(z) are diagonal Gaussians.</p>"
+    )
+    return _table(["unit", "Cov_x E[z_d|x]", "", "KL (nats)", "status"], rows, table_id="collapse-table") + legend
 
 
-def render_vae_html(metrics: Mapping[str, Any], figures: Mapping[str, FigureLike], *,
-                    title: str = "vilab VAE run") -> str:
+def render_vae_html(
+    metrics: Mapping[str, Any], figures: Mapping[str, FigureLike], *, title: str = "vilab VAE run"
+) -> str:
     """The page of a VAE evaluation.
 
     Args:
@@ -379,20 +447,29 @@ def render_vae_html(metrics: Mapping[str, Any], figures: Mapping[str, FigureLike
     if not isinstance(figures, Mapping):
         raise TypeError(f"figures: expected a mapping of name -> figure; got {type(figures).__name__}")
     notes = vae_warnings(metrics)
-    gap = None if _is_missing(metrics.get("log_likelihood")) or _is_missing(metrics.get("elbo")) else \
-        metrics["log_likelihood"] - metrics["elbo"]
+    gap = (
+        None
+        if _is_missing(metrics.get("log_likelihood")) or _is_missing(metrics.get("elbo"))
+        else metrics["log_likelihood"] - metrics["elbo"]
+    )
     subtitle = "ELBO = reconstruction &minus; KL; log p(x) &minus; ELBO estimates KL(q(z|x) || p(z|x))" + (
-        f" = {gap:.2f} nats here." if gap is not None else ".")
-    return _page(title, subtitle, [
-        ("warnings", f"Warnings ({len(notes)})", _warnings_block(notes)),
-        ("metrics", "Test metrics", _vae_cards(metrics)),
-        ("collapse", "Posterior collapse, per latent unit", _collapse_table(metrics)),
-        ("figures", "Figures", _figures_block(figures, _VAE_CAPTIONS)),
-    ])
+        f" = {gap:.2f} nats here." if gap is not None else "."
+    )
+    return _page(
+        title,
+        subtitle,
+        [
+            ("warnings", f"Warnings ({len(notes)})", _warnings_block(notes)),
+            ("metrics", "Test metrics", _vae_cards(metrics)),
+            ("collapse", "Posterior collapse, per latent unit", _collapse_table(metrics)),
+            ("figures", "Figures", _figures_block(figures, _VAE_CAPTIONS)),
+        ],
+    )
 
 
-def write_vae_report(run_dir: str | os.PathLike, metrics: Mapping[str, Any],
-                     figures: Optional[Mapping[str, FigureLike]] = None) -> Path:
+def write_vae_report(
+    run_dir: str | os.PathLike, metrics: Mapping[str, Any], figures: Optional[Mapping[str, FigureLike]] = None
+) -> Path:
     """Write ``run_dir/report.html`` for a VAE evaluation (the hook for ``vilab vae evaluate``)."""
     from vilab.fileio import write_text
 

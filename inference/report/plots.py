@@ -3,6 +3,7 @@
 Each function takes a :class:`~vilab.inference.comparison.api.ComparisonReport` and returns a
 matplotlib ``Figure``; nothing is shown or saved here.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -15,8 +16,16 @@ import arviz as az  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_marginals", "plot_pairs", "plot_forest", "plot_elbo", "plot_nuts_trace",
-           "plot_nuts_rank", "plot_energy", "comparison_figures"]
+__all__ = [
+    "plot_marginals",
+    "plot_pairs",
+    "plot_forest",
+    "plot_elbo",
+    "plot_nuts_trace",
+    "plot_nuts_rank",
+    "plot_energy",
+    "comparison_figures",
+]
 
 _REFERENCE_STYLE = dict(color="black", lw=2.0, label="reference")
 
@@ -51,7 +60,7 @@ def plot_marginals(report, max_parameters: int = 12):
                 _density(ax, method.draws[name], lw=1.2, label=method.name)
         ax.set_title(name, fontsize=9)
         ax.set_yticks([])
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
@@ -74,8 +83,11 @@ def plot_pairs(report, parameters: Optional[Sequence[str]] = None, max_points: i
                 ax.axis("off")
                 continue
             sets = [("reference", report.reference, dict(color="0.6", s=3, alpha=0.4))]
-            sets += [(m.name, m.draws, dict(s=3, alpha=0.4)) for m in report.methods.values()
-                     if not (m.kind == "nuts" and report.reference_name == "nuts")]
+            sets += [
+                (m.name, m.draws, dict(s=3, alpha=0.4))
+                for m in report.methods.values()
+                if not (m.kind == "nuts" and report.reference_name == "nuts")
+            ]
             for label, draws, style in sets:
                 if xname in draws and yname in draws:
                     idx = rng.choice(len(draws[xname]), min(max_points, len(draws[xname])), replace=False)
@@ -96,8 +108,8 @@ def plot_forest(report, max_parameters: int = 20):
     """Mean and 90% interval of each parameter for the reference and every method."""
     names = _parameters(report, max_parameters)
     sources = [("reference", report.reference)] + [
-        (m.name, m.draws) for m in report.methods.values()
-        if not (m.kind == "nuts" and report.reference_name == "nuts")]
+        (m.name, m.draws) for m in report.methods.values() if not (m.kind == "nuts" and report.reference_name == "nuts")
+    ]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) * len(sources) ** 0.5 + 1.5))
     offsets = np.linspace(-0.3, 0.3, len(sources))
     for (label, draws), offset in zip(sources, offsets):
@@ -112,8 +124,16 @@ def plot_forest(report, max_parameters: int = 20):
                 lo, hi = np.quantile(values, [0.05, 0.95])
                 los.append(max(values.mean() - lo, 0.0))  # a point mass rounds to tiny negatives
                 his.append(max(hi - values.mean(), 0.0))
-        ax.errorbar(means, ys, xerr=[los, his], fmt="o", ms=3, lw=1, label=label,
-                    color="black" if label == "reference" else None)
+        ax.errorbar(
+            means,
+            ys,
+            xerr=[los, his],
+            fmt="o",
+            ms=3,
+            lw=1,
+            label=label,
+            color="black" if label == "reference" else None,
+        )
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="0.7", lw=0.8)
@@ -188,8 +208,15 @@ def plot_energy(report):
 
 def comparison_figures(report) -> dict:
     """name -> Figure for every figure that applies to ``report``."""
-    makers = {"marginals": plot_marginals, "pairs": plot_pairs, "forest": plot_forest, "elbo": plot_elbo,
-              "nuts_trace": plot_nuts_trace, "nuts_rank": plot_nuts_rank, "energy": plot_energy}
+    makers = {
+        "marginals": plot_marginals,
+        "pairs": plot_pairs,
+        "forest": plot_forest,
+        "elbo": plot_elbo,
+        "nuts_trace": plot_nuts_trace,
+        "nuts_rank": plot_nuts_rank,
+        "energy": plot_energy,
+    }
     figures = {}
     for name, make in makers.items():
         if name == "elbo" and not any(m.kind == "vi" for m in report.methods.values()):

@@ -5,6 +5,7 @@ A report folder is written whole: built in a temporary sibling and swapped into 
 crash leaves the previous report or the new one. ``run.json`` records the report's title and
 the settings that produced it, so a later run can tell whether a folder holds its own report.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -23,12 +24,10 @@ from vilab.inference.report.html import render_comparison_html
 from vilab.run_folders import RunFolderError, atomic_directory, settings_differences
 from vilab.inference.report.verdicts import warnings_for
 
-__all__ = ["REPORT_FILES", "check_report_folder", "previous_report", "save_report", "warnings_for",
-           "markdown_report"]
+__all__ = ["REPORT_FILES", "check_report_folder", "previous_report", "save_report", "warnings_for", "markdown_report"]
 
 # The names save_report writes: a folder holding only these holds a report (and may be replaced).
-REPORT_FILES = ("run.json", "metrics.json", "summary.csv", "table.csv", "report.md", "report.html",
-                "*.nc", "*.png")
+REPORT_FILES = ("run.json", "metrics.json", "summary.csv", "table.csv", "report.md", "report.html", "*.nc", "*.png")
 
 
 def _fmt(value) -> str:
@@ -47,14 +46,38 @@ def _markdown_table(frame) -> str:
 
 def markdown_report(report, figures: dict[str, str]) -> str:
     """The report as Markdown (summary, warnings, per-parameter table, figures)."""
-    summary_columns = [c for c in ("kind", "mean_abs_error_sd", "max_abs_error_sd", "mean_abs_log_sd_ratio",
-                                   "mean_abs_log_lrvb_sd_ratio",
-                                   "mean_wasserstein_sd", "k_hat", "k_hat_verdict", "elbo", "converged",
-                                   "gradient_evaluations", "wall_time",
-                                   "ess_bulk_min", "ess_per_second", "r_hat_max", "num_divergences")
-                       if c in report.summary.columns]
-    parts = [f"# {report.title}", "", f"Reference: {report.reference_name}.", "", "## Methods", "",
-             _markdown_table(report.summary[summary_columns]), ""]
+    summary_columns = [
+        c
+        for c in (
+            "kind",
+            "mean_abs_error_sd",
+            "max_abs_error_sd",
+            "mean_abs_log_sd_ratio",
+            "mean_abs_log_lrvb_sd_ratio",
+            "mean_wasserstein_sd",
+            "k_hat",
+            "k_hat_verdict",
+            "elbo",
+            "converged",
+            "gradient_evaluations",
+            "wall_time",
+            "ess_bulk_min",
+            "ess_per_second",
+            "r_hat_max",
+            "num_divergences",
+        )
+        if c in report.summary.columns
+    ]
+    parts = [
+        f"# {report.title}",
+        "",
+        f"Reference: {report.reference_name}.",
+        "",
+        "## Methods",
+        "",
+        _markdown_table(report.summary[summary_columns]),
+        "",
+    ]
     notes = warnings_for(report)
     parts += ["## Warnings", ""] + ([f"- {n}" for n in notes] or ["- none"]) + [""]
     if len(report.table):
@@ -74,13 +97,15 @@ def check_report_folder(directory: str | os.PathLike) -> None:
         return
     if not path.is_dir():
         raise RunFolderError(f"out: {str(path)!r} is a file; expected a folder for the report")
-    foreign = sorted(name for name in os.listdir(path)
-                     if not any(fnmatch.fnmatch(name, pattern) for pattern in REPORT_FILES))
+    foreign = sorted(
+        name for name in os.listdir(path) if not any(fnmatch.fnmatch(name, pattern) for pattern in REPORT_FILES)
+    )
     if foreign:
         raise RunFolderError(
             f"out: {str(path)!r} holds files that are not a comparison report ({', '.join(foreign[:5])}"
             f"{', ...' if len(foreign) > 5 else ''}); expected a new or empty folder or an earlier "
-            "report, which is replaced whole; choose another folder")
+            "report, which is replaced whole; choose another folder"
+        )
 
 
 def previous_report(directory: str | os.PathLike, settings: Mapping[str, Any]) -> Optional[dict]:
@@ -122,12 +147,15 @@ def save_report(report, directory) -> Path:
 
 def _write_report(report, out: Path) -> None:
     write_json(out / "run.json", {"title": report.title, "settings": getattr(report, "settings", {})})
-    write_json(out / "metrics.json", {
-        "reference": report.reference_name,
-        "summary": report.summary.reset_index().to_dict(orient="records"),
-        "table": report.table.to_dict(orient="records"),
-        "warnings": warnings_for(report),
-    })
+    write_json(
+        out / "metrics.json",
+        {
+            "reference": report.reference_name,
+            "summary": report.summary.reset_index().to_dict(orient="records"),
+            "table": report.table.to_dict(orient="records"),
+            "warnings": warnings_for(report),
+        },
+    )
     write_text(out / "summary.csv", report.summary.to_csv())
     write_text(out / "table.csv", report.table.to_csv(index=False))
     for name, method in report.methods.items():

@@ -5,6 +5,7 @@ divergences, R-hat and ESS; each guide's PSIS :math:`\hat k`, errors in referenc
 failures) and returns the sentences that the Markdown and HTML reports and the command line
 print first.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,13 +15,17 @@ __all__ = ["warnings_for"]
 
 def warnings_for(report) -> list[str]:
     """What a careful statistician would say about ``report``, in words."""
-    notes = [f"{name}: could not be fitted and is not in the tables ({reason})"
-             for name, reason in getattr(report, "failures", {}).items()]
+    notes = [
+        f"{name}: could not be fitted and is not in the tables ({reason})"
+        for name, reason in getattr(report, "failures", {}).items()
+    ]
     for name, m in report.methods.items():
         x = m.metrics
         if m.kind == "nuts":
             if x.get("num_divergences", 0):
-                notes.append(f"{name}: {x['num_divergences']} divergent transitions; the sampler missed part of the posterior (reparameterise or raise target_accept).")
+                notes.append(
+                    f"{name}: {x['num_divergences']} divergent transitions; the sampler missed part of the posterior (reparameterise or raise target_accept)."
+                )
             if x.get("r_hat_max", 1.0) > 1.01:
                 notes.append(f"{name}: R-hat up to {x['r_hat_max']:.3f} (> 1.01); chains disagree, run longer.")
             low_ess = x.get("ess_bulk_min", np.inf) < 100 * m.result.config.get("num_chains", 1)
@@ -35,9 +40,11 @@ def warnings_for(report) -> list[str]:
                 notes.append(f"{name}: Pareto k-hat {k:.2f} > 0.7: this guide's estimates are unreliable.")
             if not x.get("converged", True):
                 why = f" ({x['convergence']})" if x.get("convergence") else ""
-                notes.append(f"{name}: NOT CONVERGED: the optimisation stopped at its budget of "
-                             f"{x.get('num_steps')} steps before its convergence test passed{why}; its "
-                             "numbers are those of an unfinished fit (raise num_steps).")
+                notes.append(
+                    f"{name}: NOT CONVERGED: the optimisation stopped at its budget of "
+                    f"{x.get('num_steps')} steps before its convergence test passed{why}; its "
+                    "numbers are those of an unfinished fit (raise num_steps)."
+                )
     return notes
 
 
@@ -55,6 +62,8 @@ def _dense_mass_advice(name: str, result, poor_mixing: bool) -> list[str]:
     steps = float(np.mean(np.asarray(stats["n_steps"])))
     if steps < _LONG_TRAJECTORY:
         return []
-    return [f"{name}: {steps:.0f} leapfrog steps per draw on average under a diagonal metric, "
-            "the sign of strongly correlated parameters; a dense metric usually mixes far better: "
-            "nuts_options={'dense_mass': True} (CLI: --dense-mass)."]
+    return [
+        f"{name}: {steps:.0f} leapfrog steps per draw on average under a diagonal metric, "
+        "the sign of strongly correlated parameters; a dense metric usually mixes far better: "
+        "nuts_options={'dense_mass': True} (CLI: --dense-mass)."
+    ]

@@ -1,4 +1,5 @@
 """Stochastic variational inference: ``fit_svi``, its convergence check and guide draws."""
+
 from vilab.inference.svi.api import (  # noqa: F401 -- the package's public names
     SVIResult,
     GuideSample,

@@ -7,6 +7,7 @@ The objective is the evidence lower bound
 estimated with ``Trace_ELBO`` (score/reparameterised), ``TraceMeanField_ELBO`` (analytic KL
 where Pyro knows it) or the importance-weighted bound of Burda et al. (``RenyiELBO(alpha=0)``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,13 @@ from vilab.inference.svi.init import LaplaceStart, prepare_guide, window_size
 from vilab.inference.svi.steppers import BACKENDS, ELBOS, make_stepper, non_finite_site
 from vilab.inference.common.model_handlers import for_inference, full_plates, has_subsampling
 from vilab.inference.common.tracing import evaluate_draws, is_posterior_site
-from vilab.inference.common.validation import check_model, check_model_kwargs, check_positive_int, check_seed, keyword_options
+from vilab.inference.common.validation import (
+    check_model,
+    check_model_kwargs,
+    check_positive_int,
+    check_seed,
+    keyword_options,
+)
 from vilab.types import Guide, Model, Samples
 from vilab.errors import LaplaceError, NonFiniteLossError
 
@@ -127,8 +134,9 @@ class SVIResult:
         log_weights = self.draws(num_samples, seed=seed).log_weights.double()
         return float(log_weights.mean()), float(log_weights.std() / np.sqrt(num_samples))
 
-    def inference_data(self, num_samples: int = 1000, *, seed: Optional[int] = None,
-                       draws: Optional["GuideSample"] = None):
+    def inference_data(
+        self, num_samples: int = 1000, *, seed: Optional[int] = None, draws: Optional["GuideSample"] = None
+    ):
         """The guide's draws as ``arviz.InferenceData`` (one chain of ``num_samples`` draws),
         with ``log_likelihood``, ``observed_data`` and each draw's log weight in ``sample_stats``.
         Pass ``draws`` (from :meth:`draws`) to convert those instead of drawing anew."""
@@ -136,9 +144,14 @@ class SVIResult:
 
         draws = draws if draws is not None else self.draws(num_samples, seed=seed)
         return to_inference_data(
-            self._full_data()[0], self.args, self.kwargs, {k: v.unsqueeze(0) for k, v in draws.samples.items()},
+            self._full_data()[0],
+            self.args,
+            self.kwargs,
+            {k: v.unsqueeze(0) for k, v in draws.samples.items()},
             log_likelihood={k: v.unsqueeze(0) for k, v in draws.log_likelihood.items()},
-            sample_stats={"log_weight": draws.log_weights.unsqueeze(0)}, inference=f"vi:{self.name}")
+            sample_stats={"log_weight": draws.log_weights.unsqueeze(0)},
+            inference=f"vi:{self.name}",
+        )
 
 
 def fit_svi(
@@ -244,17 +257,36 @@ def fit_svi(
     from vilab.inference.svi.methods import get_method, is_method
 
     check_model_kwargs(model, kwargs, "fit_svi", keyword_options(fit_svi))
-    check_svi_options(num_steps=num_steps, num_particles=1 if num_particles is None else num_particles, lr=lr,
-                      lr_decay=lr_decay, compiler=compiler, min_steps=min_steps, seed=seed, elbo=elbo,
-                      backend=backend)
+    check_svi_options(
+        num_steps=num_steps,
+        num_particles=1 if num_particles is None else num_particles,
+        lr=lr,
+        lr_decay=lr_decay,
+        compiler=compiler,
+        min_steps=min_steps,
+        seed=seed,
+        elbo=elbo,
+        backend=backend,
+    )
     if init not in INITS:
         raise ValueError(f"init: expected one of {INITS}; got {init!r}")
     check_guide(guide, guide_options)
     if is_method(guide):
-        _refuse_svi_options(guide, num_steps=num_steps, lr=lr, lr_decay=lr_decay, elbo=elbo,
-                            num_particles=num_particles, vectorize_particles=vectorize_particles, init=init,
-                            early_stop=early_stop, min_steps=min_steps, window=window, backend=backend,
-                            compiler=compiler)
+        _refuse_svi_options(
+            guide,
+            num_steps=num_steps,
+            lr=lr,
+            lr_decay=lr_decay,
+            elbo=elbo,
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles,
+            init=init,
+            early_stop=early_stop,
+            min_steps=min_steps,
+            window=window,
+            backend=backend,
+            compiler=compiler,
+        )
     window = window_size(num_steps, window)
     min_steps = window if min_steps is None else min_steps
     if seed is not None:
@@ -269,21 +301,54 @@ def fit_svi(
     name = guide_name(guide)
     # Enumerated discrete sites are summed out by TraceEnum_ELBO; a named guide covers the rest.
     elbo, backend = enumerated_objective(trace, guide, elbo, backend)
-    guide = get_guide(guide, hide_enumerated(model, trace) if isinstance(guide, str) else model,
-                      **(guide_options or {}))
+    guide = get_guide(
+        guide, hide_enumerated(model, trace) if isinstance(guide, str) else model, **(guide_options or {})
+    )
     start = time.perf_counter()
     guide, laplace, step_scales, init_note = prepare_guide(guide, name, init, model, args, kwargs)
     if num_particles is None:
         num_particles = LAPLACE_PARTICLES if laplace is not None and laplace.ok else 1
-    config = {"lr": lr, "lr_decay": lr_decay, "num_particles": num_particles, "num_steps": num_steps,
-              "init": init_note, "window": window}
+    config = {
+        "lr": lr,
+        "lr_decay": lr_decay,
+        "num_particles": num_particles,
+        "num_steps": num_steps,
+        "init": init_note,
+        "window": window,
+    }
     if isinstance(guide, AutoLaplaceApproximation) and laplace is not None and laplace.ok:
         return _laplace_result(model, guide, args, kwargs, name, elbo, laplace, start, config)
-    stepper = make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vectorize_particles,
-                            lr, lr_decay ** (1.0 / num_steps), step_scales)
+    stepper = make_stepper(
+        backend,
+        model,
+        guide,
+        args,
+        kwargs,
+        elbo,
+        num_particles,
+        vectorize_particles,
+        lr,
+        lr_decay ** (1.0 / num_steps),
+        step_scales,
+    )
     setup_seconds = time.perf_counter() - start
-    losses, check, average = _optimise(stepper, model, guide, args, kwargs, name, elbo, start, num_steps,
-                                       window, min_steps, early_stop, progress, compiler, config)
+    losses, check, average = _optimise(
+        stepper,
+        model,
+        guide,
+        args,
+        kwargs,
+        name,
+        elbo,
+        start,
+        num_steps,
+        window,
+        min_steps,
+        early_stop,
+        progress,
+        compiler,
+        config,
+    )
     converged = check is not None and check.converged
     if converged:  # Polyak-Ruppert: the mean of the stationary window's iterates
         stepper.set_flat(average)
@@ -304,14 +369,31 @@ def _refuse_svi_options(method: str, **given: Any) -> None:
     defaults = {name: parameter.default for name, parameter in inspect.signature(fit_svi).parameters.items()}
     changed = sorted(name for name, value in given.items() if value != defaults[name])
     if changed:
-        raise TypeError(f"fit_svi: {', '.join(changed)}: options of SVI on a guide, which method {method!r} "
-                        f"does not run; expected them at their defaults; got "
-                        f"{', '.join(f'{n}={given[n]!r}' for n in changed)}. Pass {method!r}'s own options "
-                        "in guide_options.")
+        raise TypeError(
+            f"fit_svi: {', '.join(changed)}: options of SVI on a guide, which method {method!r} "
+            f"does not run; expected them at their defaults; got "
+            f"{', '.join(f'{n}={given[n]!r}' for n in changed)}. Pass {method!r}'s own options "
+            "in guide_options."
+        )
 
 
-def _optimise(stepper, model, guide, args, kwargs, name, elbo, start, num_steps, window, min_steps,
-              early_stop, progress, compiler, config):
+def _optimise(
+    stepper,
+    model,
+    guide,
+    args,
+    kwargs,
+    name,
+    elbo,
+    start,
+    num_steps,
+    window,
+    min_steps,
+    early_stop,
+    progress,
+    compiler,
+    config,
+):
     """The SVI loop; returns ``(losses, last ConvergenceCheck or None, averaged parameters)``."""
     losses: list[float] = []
     check, average, monitor = None, None, None
@@ -342,31 +424,57 @@ def _optimise(stepper, model, guide, args, kwargs, name, elbo, start, num_steps,
     bar.close()
     if check is None or check.step != len(losses):
         check, average = (monitor.check(losses), monitor.average()) if monitor and monitor.ready else (check, average)
-    config.update(fused=bool(getattr(stepper, "fused", False)), fuse_decision=policy.reason + fused_at,
-                  fuse_seconds=fuse_seconds)
+    config.update(
+        fused=bool(getattr(stepper, "fused", False)), fuse_decision=policy.reason + fused_at, fuse_seconds=fuse_seconds
+    )
     return losses, check, average
 
 
-def _warn_not_converged(name: str, num_steps: int, check: Optional[ConvergenceCheck], window: int,
-                        init_note: str) -> None:
-    why = check.reason if check is not None else f"the run ({num_steps} steps) is shorter than one test window ({window})"
-    warnings.warn(f"fit_svi: guide {name!r} did not converge in {num_steps} steps: {why}. The fit is its last "
-                  f"iterate, not a converged optimum; raise num_steps, or check that the posterior is proper "
-                  f"(start: {init_note}).", RuntimeWarning, stacklevel=3)
+def _warn_not_converged(
+    name: str, num_steps: int, check: Optional[ConvergenceCheck], window: int, init_note: str
+) -> None:
+    why = (
+        check.reason if check is not None else f"the run ({num_steps} steps) is shorter than one test window ({window})"
+    )
+    warnings.warn(
+        f"fit_svi: guide {name!r} did not converge in {num_steps} steps: {why}. The fit is its last "
+        f"iterate, not a converged optimum; raise num_steps, or check that the posterior is proper "
+        f"(start: {init_note}).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _laplace_result(model, guide, args, kwargs, name, elbo, laplace: LaplaceStart, start, config) -> SVIResult:
     """``guide="laplace"`` with a mode from L-BFGS: no SVI steps; converged when L-BFGS and the
     Newton polish converged and the Hessian is positive definite (both checked)."""
     guide = _laplace(guide, args, kwargs)
-    config.update(backend="lbfgs", setup_seconds=0.0, fused=False, fuse_decision="",
-                  gradient_evaluations=laplace.num_gradient_evaluations, convergence={})
-    return SVIResult(model, guide, args, kwargs, [-laplace.log_density], time.perf_counter() - start, True, name,
-                     elbo, config)
+    config.update(
+        backend="lbfgs",
+        setup_seconds=0.0,
+        fused=False,
+        fuse_decision="",
+        gradient_evaluations=laplace.num_gradient_evaluations,
+        convergence={},
+    )
+    return SVIResult(
+        model, guide, args, kwargs, [-laplace.log_density], time.perf_counter() - start, True, name, elbo, config
+    )
 
 
-def check_svi_options(*, num_steps=2000, num_particles=1, lr=0.01, lr_decay=0.1, compiler="auto", min_steps=None,
-                      seed=0, elbo="trace", backend="auto", **_) -> None:
+def check_svi_options(
+    *,
+    num_steps=2000,
+    num_particles=1,
+    lr=0.01,
+    lr_decay=0.1,
+    compiler="auto",
+    min_steps=None,
+    seed=0,
+    elbo="trace",
+    backend="auto",
+    **_,
+) -> None:
     """Check :func:`fit_svi`'s option values (defaults for those not given), before any fit."""
     check_positive_int(num_steps, "num_steps")
     check_positive_int(num_particles, "num_particles")
@@ -397,8 +505,11 @@ def _maybe_fuse(policy: FusePolicy, stepper, step: int) -> float:
         return 0.0
     start = time.perf_counter()
     if not stepper.fuse():
-        warnings.warn(f"fit_svi: no fused kernel ({stepper.fuse_failure}); the traced step keeps running",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"fit_svi: no fused kernel ({stepper.fuse_failure}); the traced step keeps running",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return time.perf_counter() - start
 
 
@@ -430,15 +541,22 @@ def _laplace(guide: AutoLaplaceApproximation, args, kwargs):
             f"estimate, and the fitted mode has none ({str(error).split('(')[-1].rstrip(').')}). The "
             "mode is degenerate or not a maximum: e.g. a centred hierarchical model whose density "
             "grows without bound as a scale goes to 0. Reparameterise (non-centred) or use another "
-            "guide.") from error
+            "guide."
+        ) from error
 
 
 def _raise_non_finite(model, guide, args, kwargs, step, losses, start, name, elbo, stepper):
-    site = stepper.failing_site(lambda: non_finite_site(model, guide, args, kwargs, getattr(stepper, "num_particles", 1),
-                                                         getattr(stepper, "max_plate_nesting", 0)))
+    site = stepper.failing_site(
+        lambda: non_finite_site(
+            model, guide, args, kwargs, getattr(stepper, "num_particles", 1), getattr(stepper, "max_plate_nesting", 0)
+        )
+    )
     where = f" (site {site!r} has a non-finite value or log density)" if site else ""
     result = SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start, False, name, elbo)
     raise NonFiniteLossError(
         f"fit_svi: the loss became non-finite at step {step}{where}; the guide keeps its parameters "
         f"from step {step - 1}. Try a smaller lr, a tighter init_scale, or check the model's priors.",
-        step, site, result)
+        step,
+        site,
+        result,
+    )

@@ -1,6 +1,7 @@
 """Checks of a guide argument (a registry name, a VI method's name or a guide object) and of
 its options, run before any fit: a misspelled name fails in the first second, with the closest
 valid name."""
+
 from __future__ import annotations
 
 import inspect
@@ -36,13 +37,16 @@ def check_guide(guide: Any, options: Optional[Mapping] = None, argument: str = "
         families = {info.name: info.options for info in list_guides()}
         known = [*families, *METHODS]
         if guide not in known:
-            raise ValueError(f"{argument}: unknown guide {guide!r}{did_you_mean(guide, known)}; "
-                             f"known guides: {', '.join(known)}")
+            raise ValueError(
+                f"{argument}: unknown guide {guide!r}{did_you_mean(guide, known)}; known guides: {', '.join(known)}"
+            )
         allowed = families[guide] if guide in families else _method_options(guide)
         if options is not None and allowed is not None:
             check_options(options, f"guide_options[{guide!r}]", allowed)
     elif not callable(guide):
         raise TypeError(f"{argument}: expected a guide name or a callable guide; got {type(guide).__name__} {guide!r}")
     elif options:
-        raise ValueError(f"guide_options: {sorted(options)} given for the guide object {guide_name(guide)}; "
-                         "options apply to guides given by name (build the object with them instead)")
+        raise ValueError(
+            f"guide_options: {sorted(options)} given for the guide object {guide_name(guide)}; "
+            "options apply to guides given by name (build the object with them instead)"
+        )

@@ -37,6 +37,7 @@ References:
     arXiv:2203.15945.
     Polyak & Juditsky, "Acceleration of Stochastic Approximation by Averaging", 1992.
 """
+
 from __future__ import annotations
 
 import collections
@@ -93,7 +94,7 @@ def loss_trend(losses: Sequence[float]) -> tuple[float, float]:
     slope = float(t @ (y - y.mean()) / sxx)
     residuals = y - y.mean() - slope * t
     size = len(y) // NUM_TREND_BATCHES
-    batch_means = residuals[:size * NUM_TREND_BATCHES].reshape(NUM_TREND_BATCHES, size).mean(axis=1)
+    batch_means = residuals[: size * NUM_TREND_BATCHES].reshape(NUM_TREND_BATCHES, size).mean(axis=1)
     # Var of a residual's contribution with autocorrelation: batch size x var(batch means).
     variance = max(size * batch_means.var(ddof=1), residuals.var(ddof=2))
     return slope, float(np.sqrt(variance / sxx))
@@ -114,16 +115,31 @@ class IterateMonitor:
         drift_tolerance: a drift per window below this many units counts as settled.
     """
 
-    def __init__(self, num_params: int, window: int, *, num_splits: int = 4, max_monitored: int = 2000,
-                 elbo_tolerance: float = 0.05, rhat_threshold: float = RHAT_THRESHOLD,
-                 units: torch.Tensor | None = None, drift_tolerance: float = 0.1, seed: int = 0):
+    def __init__(
+        self,
+        num_params: int,
+        window: int,
+        *,
+        num_splits: int = 4,
+        max_monitored: int = 2000,
+        elbo_tolerance: float = 0.05,
+        rhat_threshold: float = RHAT_THRESHOLD,
+        units: torch.Tensor | None = None,
+        drift_tolerance: float = 0.1,
+        seed: int = 0,
+    ):
         if window < 2 * num_splits or window % num_splits:
-            raise ValueError(f"window: expected a multiple of num_splits={num_splits} >= {2 * num_splits}; got {window}")
+            raise ValueError(
+                f"window: expected a multiple of num_splits={num_splits} >= {2 * num_splits}; got {window}"
+            )
         self.window, self.num_splits, self.block = window, num_splits, window // num_splits
         self.elbo_tolerance, self.rhat_threshold = elbo_tolerance, rhat_threshold
         generator = np.random.default_rng(seed)
-        self.index = None if num_params <= max_monitored else \
-            torch.as_tensor(np.sort(generator.choice(num_params, max_monitored, replace=False)))
+        self.index = (
+            None
+            if num_params <= max_monitored
+            else torch.as_tensor(np.sort(generator.choice(num_params, max_monitored, replace=False)))
+        )
         self.monitored: collections.deque = collections.deque(maxlen=window)
         self.block_sums: collections.deque = collections.deque(maxlen=num_splits)
         self.current, self.count, self.num_recorded = None, 0, 0
@@ -165,15 +181,23 @@ class IterateMonitor:
             moving &= np.isfinite(self.units)
         considered = np.isfinite(self.units) if np.isfinite(self.units).any() else np.ones_like(moving)
         rhat = float(np.max(rhats[moving if moving.any() else considered], initial=1.0))
-        slope, slope_se = loss_trend(losses[-self.window:])
+        slope, slope_se = loss_trend(losses[-self.window :])
         gain, gain_se = -slope * self.window, slope_se * self.window
         reasons = []
         if moving.any():
             known = drifts[moving][np.isfinite(drifts[moving])]
-            drift = (f", drift up to {float(known.max()):.3g} of its unit per {self.window} steps >= "
-                     f"{self.drift_tolerance}") if known.size else ""
-            reasons.append(f"{int(moving.sum())} parameter(s) still moving (split R-hat up to {rhat:.3g} >= "
-                           f"{self.rhat_threshold}{drift})")
+            drift = (
+                (
+                    f", drift up to {float(known.max()):.3g} of its unit per {self.window} steps >= "
+                    f"{self.drift_tolerance}"
+                )
+                if known.size
+                else ""
+            )
+            reasons.append(
+                f"{int(moving.sum())} parameter(s) still moving (split R-hat up to {rhat:.3g} >= "
+                f"{self.rhat_threshold}{drift})"
+            )
         if gain > max(TREND_Z * gain_se, self.elbo_tolerance):
             reasons.append(f"the ELBO is still rising ({gain:.3g} +- {gain_se:.2g} nats per {self.window} steps)")
         return ConvergenceCheck(not reasons, len(losses), self.window, rhat, gain, gain_se, "; ".join(reasons))
@@ -193,7 +217,7 @@ def has_converged(losses: Sequence[float], window: int = 100, rtol: float = 1e-4
     if len(losses) < 2 * window:
         return False
     last = np.asarray(losses[-window:], dtype=float)
-    previous = np.asarray(losses[-2 * window:-window], dtype=float)
+    previous = np.asarray(losses[-2 * window : -window], dtype=float)
     improvement = previous.mean() - last.mean()
     noise = np.sqrt((last.var() + previous.var()) / window)
     scale = max(abs(last.mean()), 1.0)

@@ -4,6 +4,7 @@ Vectorised draws come in chunks of at most :data:`~vilab.inference.common.tracin
 numbers (counting every latent site of one draw, as a joint guide's latent vector does), so the
 guide's own per-draw tensors stay bounded whatever ``num_samples`` is.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -45,8 +46,10 @@ def _vectorized(guide, args, kwargs, num_samples, model_trace, latent):
 
     trace = poutine.trace(batched).get_trace()
     trace.compute_log_prob()
-    samples = {name: trace.nodes[name]["value"].reshape((num_samples,) + model_trace.nodes[name]["value"].shape)
-               for name in latent}
+    samples = {
+        name: trace.nodes[name]["value"].reshape((num_samples,) + model_trace.nodes[name]["value"].shape)
+        for name in latent
+    }
     return GuideDraws(samples, _log_q(trace, num_samples).expand(num_samples).clone())
 
 
@@ -64,15 +67,25 @@ def _looped(guide, args, kwargs, num_samples, latent):
 def _chunked(guide, args, kwargs, num_samples, model_trace, latent, max_elements) -> GuideDraws:
     per_draw = sum(model_trace.nodes[name]["value"].numel() for name in latent)
     chunk = max(1, max_elements // max(per_draw, 1))
-    parts = [_vectorized(guide, args, kwargs, min(chunk, num_samples - start), model_trace, latent)
-             for start in range(0, num_samples, chunk)]
-    return GuideDraws({k: torch.cat([p.samples[k] for p in parts]) for k in latent},
-                      torch.cat([p.log_q for p in parts]))
+    parts = [
+        _vectorized(guide, args, kwargs, min(chunk, num_samples - start), model_trace, latent)
+        for start in range(0, num_samples, chunk)
+    ]
+    return GuideDraws(
+        {k: torch.cat([p.samples[k] for p in parts]) for k in latent}, torch.cat([p.log_q for p in parts])
+    )
 
 
 @torch.no_grad()
-def draw_from_guide(guide: Guide, args: tuple, kwargs: dict, num_samples: int, model_trace, *,
-                    max_elements: int = MAX_ELEMENTS_PER_CHUNK) -> GuideDraws:
+def draw_from_guide(
+    guide: Guide,
+    args: tuple,
+    kwargs: dict,
+    num_samples: int,
+    model_trace,
+    *,
+    max_elements: int = MAX_ELEMENTS_PER_CHUNK,
+) -> GuideDraws:
     """Draw ``num_samples`` latent values from ``guide`` and their :math:`\\log q(z)`.
 
     Args:
@@ -84,8 +97,9 @@ def draw_from_guide(guide: Guide, args: tuple, kwargs: dict, num_samples: int, m
     """
     # Enumerated sites are summed out by the objective, not drawn by the guide.
     enumerated = set(enumerated_sites(model_trace))
-    latent = [n for n, s in model_trace.nodes.items()
-              if is_posterior_site(s) and not s["is_observed"] and n not in enumerated]
+    latent = [
+        n for n, s in model_trace.nodes.items() if is_posterior_site(s) and not s["is_observed"] and n not in enumerated
+    ]
     try:
         draws = _chunked(guide, args, kwargs, num_samples, model_trace, latent, max_elements)
     except (RuntimeError, ValueError, KeyError, NotImplementedError, IndexError):

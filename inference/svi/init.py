@@ -19,6 +19,7 @@ barely moves. Scaling each location's step (and its gradient clip) by its Laplac
 positive scale's step so that it moves :math:`\log \sigma` by about ``lr``, makes the optimiser's
 path the same in every parametrisation that differs by a per-coordinate affine map.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,12 +37,26 @@ from vilab.errors import LaplaceError
 from vilab.guides.flows import AutoFlow, ElementwiseAffine
 from vilab.inference.common.validation import check_positive_int
 
-__all__ = ["LaplaceStart", "LaplaceError", "find_laplace_start", "start_guide", "prepare_guide", "window_size",
-           "LAPLACE_FAMILIES", "LAPLACE_GUIDES", "MAX_LAPLACE_DIM"]
+__all__ = [
+    "LaplaceStart",
+    "LaplaceError",
+    "find_laplace_start",
+    "start_guide",
+    "prepare_guide",
+    "window_size",
+    "LAPLACE_FAMILIES",
+    "LAPLACE_GUIDES",
+    "MAX_LAPLACE_DIM",
+]
 
 #: Guide classes that :func:`start_guide` knows how to start at the Laplace approximation.
-LAPLACE_FAMILIES = (autoguide.AutoNormal, autoguide.AutoMultivariateNormal,
-                    autoguide.AutoLowRankMultivariateNormal, autoguide.AutoLaplaceApproximation, AutoFlow)
+LAPLACE_FAMILIES = (
+    autoguide.AutoNormal,
+    autoguide.AutoMultivariateNormal,
+    autoguide.AutoLowRankMultivariateNormal,
+    autoguide.AutoLaplaceApproximation,
+    AutoFlow,
+)
 #: Registry guides that start at the Laplace approximation under ``init="auto"``.
 LAPLACE_GUIDES = ("meanfield", "fullrank", "lowrank", "laplace", "iaf", "nsf", "planar", "radial", "sylvester")
 #: Above this many latent dimensions the dense Hessian (D backward passes, D^2 memory) is not
@@ -85,13 +100,14 @@ def _log_density_fn(model, args, kwargs, sites) -> Callable[[torch.Tensor], torc
         values, jacobian, offset = {}, flat.new_zeros(()), 0
         for name, shape, transform in sites:
             size = math.prod(shape)
-            unconstrained = flat[offset:offset + size].reshape(shape)
+            unconstrained = flat[offset : offset + size].reshape(shape)
             offset += size
             values[name] = transform(unconstrained)
             jacobian = jacobian + transform.log_abs_det_jacobian(unconstrained, values[name]).sum()
         with pyro.validation_enabled(False):
             trace = poutine.trace(poutine.condition(model, values)).get_trace(*args, **kwargs)
         return trace.log_prob_sum() + jacobian
+
     return log_density
 
 
@@ -109,8 +125,9 @@ def find_laplace_start(model, guide, args: tuple, kwargs: dict, *, max_iteration
     if dim > MAX_LAPLACE_DIM:
         return LaplaceStart(None, None, math.nan, 0, f"{dim} latent dimensions > {MAX_LAPLACE_DIM}")
     log_density = _log_density_fn(model, args, kwargs, sites)
-    start = torch.cat([transform.inv(guide.prototype_trace.nodes[name]["value"].detach()).reshape(-1)
-                       for name, _, transform in sites]).double()
+    start = torch.cat(
+        [transform.inv(guide.prototype_trace.nodes[name]["value"].detach()).reshape(-1) for name, _, transform in sites]
+    ).double()
     counter = [0]
 
     def negative(x: np.ndarray):
@@ -124,11 +141,17 @@ def find_laplace_start(model, guide, args: tuple, kwargs: dict, *, max_iteration
         return value, grad
 
     with torch.random.fork_rng():
-        result = minimize(negative, start.numpy(), jac=True, method="L-BFGS-B",
-                          options={"maxiter": max_iterations, "maxfun": 2 * max_iterations})
+        result = minimize(
+            negative,
+            start.numpy(),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": max_iterations, "maxfun": 2 * max_iterations},
+        )
     if not result.success or not math.isfinite(result.fun):
-        return LaplaceStart(None, None, math.nan, counter[0],
-                            f"L-BFGS found no mode ({result.message}; log density {-result.fun:.4g})")
+        return LaplaceStart(
+            None, None, math.nan, counter[0], f"L-BFGS found no mode ({result.message}; log density {-result.fun:.4g})"
+        )
     return _polish(log_density, torch.as_tensor(result.x, dtype=torch.float64), counter[0], dim)
 
 
@@ -141,8 +164,7 @@ def _polish(log_density, loc: torch.Tensor, evaluations: int, dim: int) -> Lapla
         evaluations += dim + 1
         cholesky, info = torch.linalg.cholesky_ex(0.5 * (hessian + hessian.T))
         if int(info) != 0 or not torch.isfinite(hessian).all():
-            return LaplaceStart(None, None, math.nan, evaluations,
-                                "the Hessian at the mode is not positive definite")
+            return LaplaceStart(None, None, math.nan, evaluations, "the Hessian at the mode is not positive definite")
         step = torch.cholesky_solve(grad.unsqueeze(-1), cholesky).squeeze(-1)
         # Newton decrement: the predicted gain in log density, in nats.
         if float(grad @ step) < 1e-10:
@@ -267,11 +289,15 @@ def prepare_guide(guide, name: str, init: str, model, args, kwargs):
     """Set ``guide`` up and start it at the Laplace approximation where ``init`` asks for it.
 
     Returns ``(guide, LaplaceStart or None, step scales, a note for config["init"])``."""
-    if init == "guide" or not isinstance(guide, LAPLACE_FAMILIES) or (
-            not isinstance(name, str) or name not in LAPLACE_GUIDES):
+    if (
+        init == "guide"
+        or not isinstance(guide, LAPLACE_FAMILIES)
+        or (not isinstance(name, str) or name not in LAPLACE_GUIDES)
+    ):
         if init == "laplace":
-            raise LaplaceError(f"fit_svi: init='laplace' needs a registry guide of {sorted(LAPLACE_GUIDES)}; "
-                               f"got {name!r}")
+            raise LaplaceError(
+                f"fit_svi: init='laplace' needs a registry guide of {sorted(LAPLACE_GUIDES)}; got {name!r}"
+            )
         return guide, None, {}, "the guide's own initialisation"
     with torch.random.fork_rng(), pyro.validation_enabled(False):
         guide(*args, **kwargs)  # sets the guide up: its prototype trace and parameters

@@ -6,6 +6,7 @@ that returns an :class:`~vilab.inference.svi.api.SVIResult` whose ``guide`` is a
 and ``compare(..., guides=("name",))`` run it like any guide family. Methods are registered
 here by name as ``"module:function"`` and imported only when used.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -10,6 +10,7 @@ With :math:`c` the posterior sd of a location (:mod:`~vilab.inference.svi.init`)
 the gradient clip are in sd units, whatever the parameter's scale. :class:`CompiledSVIStep
 <vilab.inference.engine.svi_step.CompiledSVIStep>` applies the same update inside its traced graph.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,10 @@ class ScaledClippedAdam(ClippedAdam):
         return loss
 
 
-def scaled_clipped_adam(lr: float, lrd: float, clip_norm: float,
-                        step_scales: Optional[dict[int, torch.Tensor]] = None) -> PyroOptim:
+def scaled_clipped_adam(
+    lr: float, lrd: float, clip_norm: float, step_scales: Optional[dict[int, torch.Tensor]] = None
+) -> PyroOptim:
     """A Pyro optimiser (one :class:`ScaledClippedAdam` per parameter, as Pyro's own)."""
-    return PyroOptim(ScaledClippedAdam, {"lr": lr, "lrd": lrd, "clip_norm": clip_norm,
-                                         "step_scales": step_scales or {}})
+    return PyroOptim(
+        ScaledClippedAdam, {"lr": lr, "lrd": lrd, "clip_norm": clip_norm, "step_scales": step_scales or {}}
+    )

@@ -1,6 +1,7 @@
 """How one SVI step is taken: Pyro's ``SVI`` with a (preconditioned) ``ClippedAdam`` where the
 compiled step (:mod:`~vilab.inference.engine.svi_step`) cannot run the model and guide, the
 choice between the two, and where a non-finite loss came from."""
+
 from __future__ import annotations
 
 import contextlib
@@ -78,15 +79,19 @@ class _PyroStepper:
     def units(self) -> torch.Tensor:
         """The step scale of every parameter in the store's order (NaN where none is set)."""
         scales = self.svi.optim.pt_optim_args["step_scales"]
-        return torch.cat([scales[id(p)].reshape(-1) if id(p) in scales else torch.full((p.numel(),), math.nan)
-                          for _, p in pyro.get_param_store().named_parameters()])
+        return torch.cat(
+            [
+                scales[id(p)].reshape(-1) if id(p) in scales else torch.full((p.numel(),), math.nan)
+                for _, p in pyro.get_param_store().named_parameters()
+            ]
+        )
 
     @staticmethod
     def set_flat(flat: torch.Tensor) -> None:
         offset = 0
         with torch.no_grad():
             for _, p in pyro.get_param_store().named_parameters():
-                p.copy_(flat[offset:offset + p.numel()].reshape(p.shape))
+                p.copy_(flat[offset : offset + p.numel()].reshape(p.shape))
                 offset += p.numel()
 
 
@@ -98,20 +103,36 @@ def make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vecto
         try:
             if num_particles > 1 and not vectorize:
                 raise CompiledSVIError("vectorize_particles=False asks for one particle at a time")
-            return CompiledSVIStep(model, guide, args, kwargs, objective=elbo, num_particles=num_particles,
-                                   lr=lr, lr_decay_per_step=lrd, clip=CLIP, step_scales=step_scales)
+            return CompiledSVIStep(
+                model,
+                guide,
+                args,
+                kwargs,
+                objective=elbo,
+                num_particles=num_particles,
+                lr=lr,
+                lr_decay_per_step=lrd,
+                clip=CLIP,
+                step_scales=step_scales,
+            )
         except CompiledSVIError as error:
             if backend == "compiled":
                 raise
             how = "Pyro's SVI"
-            if num_particles > 1 and vectorize and not _particles_vectorise(model, guide, args, kwargs, elbo,
-                                                                            num_particles):
+            if (
+                num_particles > 1
+                and vectorize
+                and not _particles_vectorise(model, guide, args, kwargs, elbo, num_particles)
+            ):
                 # The model indexes a latent's leading dim (``a[county]``) or does matrix algebra on
                 # it (``cholesky(K) @ f``), where a particle plate sits: Pyro's vectorised particles
                 # fail the same way, one at a time do not.
                 vectorize, how = False, "Pyro's SVI with one particle at a time (vectorize_particles=False)"
-            warnings.warn(f"fit_svi: the compiled SVI step cannot run this model and guide ({error}); "
-                          f"falling back to {how}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"fit_svi: the compiled SVI step cannot run this model and guide ({error}); falling back to {how}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return _PyroStepper(model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd, step_scales)
 
 
@@ -146,8 +167,11 @@ def non_finite_site(model, guide, args, kwargs, num_particles: int = 1, plate_ne
 
     # The compiled step draws its particles in this plate: replaying it (same RNG state) gives
     # the failing step's own draws.
-    particles = pyro.plate("num_particles_vectorized", num_particles, dim=-(plate_nesting + 1)) \
-        if num_particles > 1 else contextlib.nullcontext()
+    particles = (
+        pyro.plate("num_particles_vectorized", num_particles, dim=-(plate_nesting + 1))
+        if num_particles > 1
+        else contextlib.nullcontext()
+    )
     try:
         with pyro.validation_enabled(False), particles:
             return _first_non_finite_site(poutine, model, guide, args, kwargs)
@@ -162,7 +186,9 @@ def _first_non_finite_site(poutine, model, guide, args, kwargs) -> Optional[str]
         for name, site in trace.nodes.items():
             if site["type"] == "sample":
                 value = site["value"]
-                if not torch.isfinite(torch.as_tensor(value, dtype=torch.get_default_dtype())).all() or \
-                        not torch.isfinite(site["fn"].log_prob(value)).all():
+                if (
+                    not torch.isfinite(torch.as_tensor(value, dtype=torch.get_default_dtype())).all()
+                    or not torch.isfinite(site["fn"].log_prob(value)).all()
+                ):
                     return name
     return None

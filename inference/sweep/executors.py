@@ -4,6 +4,7 @@ An executor takes ``submit(key, function, args, name)`` and hands back finished 
 ``wait()`` as ``(key, value, error)``: ``error`` is ``None`` or the exception's text once the
 retries (Ray: of a task whose worker or node died) are spent.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,9 +64,13 @@ class RayExecutor:
         if self._owns:
             # Workers import user models (module:attr) the way the driver does, from its path.
             path = os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)
-            context = ray.init(address=address, num_cpus=num_cpus if address is None and not os.environ.get("RAY_ADDRESS") else None,
-                     runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}},
-                     logging_level="WARNING", configure_logging=True)
+            context = ray.init(
+                address=address,
+                num_cpus=num_cpus if address is None and not os.environ.get("RAY_ADDRESS") else None,
+                runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}},
+                logging_level="WARNING",
+                configure_logging=True,
+            )
             self._dashboard = getattr(context, "dashboard_url", None) or None  # none without ray[default]
 
     @property

@@ -23,6 +23,7 @@ Each task's id is a hash of everything that decides its numbers (model, method, 
 options that reach it), so a rerun of the same sweep finds the tasks it already finished, and
 a change of options makes new tasks instead of silently mixing results.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
-__all__ = ["DEFAULT_NUTS", "DEFAULT_REFERENCE", "DEFAULT_SVI", "NUTS", "SweepSpec", "Task", "expand_tasks",
-           "load_spec", "task_id", "validate_methods", "validate_options"]
+__all__ = [
+    "DEFAULT_NUTS",
+    "DEFAULT_REFERENCE",
+    "DEFAULT_SVI",
+    "NUTS",
+    "SweepSpec",
+    "Task",
+    "expand_tasks",
+    "load_spec",
+    "task_id",
+    "validate_methods",
+    "validate_options",
+]
 
 NUTS = "nuts"
 
@@ -42,8 +54,13 @@ NUTS = "nuts"
 # differ between two runs; one batch of chains (chain_method="sequential") keeps NUTS's draws
 # independent of how many cores a node has.
 DEFAULT_SVI: dict[str, Any] = {"num_steps": 2000, "lr": 0.02, "compiler": "torchscript"}
-DEFAULT_NUTS: dict[str, Any] = {"num_samples": 1000, "num_warmup": 1000, "num_chains": 4, "compiler": "vm",
-                                "chain_method": "sequential"}
+DEFAULT_NUTS: dict[str, Any] = {
+    "num_samples": 1000,
+    "num_warmup": 1000,
+    "num_chains": 4,
+    "compiler": "vm",
+    "chain_method": "sequential",
+}
 DEFAULT_REFERENCE: dict[str, Any] = {**DEFAULT_NUTS, "num_samples": 2000, "seed": 1_000_003}
 
 
@@ -64,8 +81,12 @@ class Task(NamedTuple):
 
 def task_id(model: str, method: str, seed: int, options: Mapping[str, Any]) -> str:
     """A stable 20-hex-digit id: SHA-256 of the task's canonical JSON (sorted keys)."""
-    text = json.dumps({"model": model, "method": method, "seed": seed, "options": options},
-                      sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps(
+        {"model": model, "method": method, "seed": seed, "options": options},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -112,7 +133,11 @@ class SweepSpec:
         if any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds):
             raise TypeError(f"seeds: expected a list of ints; got {self.seeds!r}")
         for name in ("num_draws", "num_cpus"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if (
+                isinstance(getattr(self, name), bool)
+                or not isinstance(getattr(self, name), int)
+                or getattr(self, name) < 1
+            ):
                 raise ValueError(f"{name}: expected an int >= 1; got {getattr(self, name)!r}")
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ValueError(f"max_retries: expected an int >= 0; got {self.max_retries!r}")
@@ -124,8 +149,12 @@ class SweepSpec:
             raise ValueError(f"method_options: expected options of methods in the sweep {self.methods}; got {unknown}")
 
 
-_TOML_SECTIONS = {"svi": "svi_options", "nuts": "nuts_options", "reference": "reference_options",
-                  "method_options": "method_options"}
+_TOML_SECTIONS = {
+    "svi": "svi_options",
+    "nuts": "nuts_options",
+    "reference": "reference_options",
+    "method_options": "method_options",
+}
 
 
 def load_spec(path: Union[str, Path], **overrides: Any) -> SweepSpec:
@@ -142,14 +171,16 @@ def load_spec(path: Union[str, Path], **overrides: Any) -> SweepSpec:
     known = {f.name for f in fields(SweepSpec)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known | {'num_seeds'})} "
-                         "(sections [svi], [nuts], [reference], [method_options.NAME])")
+        raise ValueError(
+            f"{path}: unknown key(s) {unknown}; expected some of {sorted(known | {'num_seeds'})} "
+            "(sections [svi], [nuts], [reference], [method_options.NAME])"
+        )
     for key, value in overrides.items():  # options given as dicts add to the file's
         if value is not None:
             data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     missing = [name for name in ("models", "methods") if name not in data]
     if missing:
-        raise ValueError(f"{path}: expected keys {missing}; got none (e.g. methods = [\"meanfield\", \"nuts\"])")
+        raise ValueError(f'{path}: expected keys {missing}; got none (e.g. methods = ["meanfield", "nuts"])')
     return SweepSpec(**data)
 
 
@@ -161,8 +192,10 @@ def validate_methods(methods: Sequence[str]) -> None:
     known = [NUTS, *(g.name for g in list_guides()), *sorted(METHODS)]
     bad = [m for m in methods if m not in known]
     if bad:
-        raise ValueError(f"methods: expected names from {known}; got {bad} (methods that are not yet "
-                         "registered in vilab.inference.vi.METHODS cannot run)")
+        raise ValueError(
+            f"methods: expected names from {known}; got {bad} (methods that are not yet "
+            "registered in vilab.inference.vi.METHODS cannot run)"
+        )
 
 
 def validate_options(spec: SweepSpec) -> None:
@@ -177,11 +210,20 @@ def validate_options(spec: SweepSpec) -> None:
     def check(options: Mapping[str, Any], function, where: str, allowed: Sequence[str] = ()) -> None:
         parameters = inspect.signature(function).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()) and function not in (
-                fit_svi, run_nuts):  # their **kwargs are the model's data, not options
+            fit_svi,
+            run_nuts,
+        ):  # their **kwargs are the model's data, not options
             return
-        known = sorted({name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-                        or (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not p.empty)}
-                       - {"seed", "progress"} | set(allowed))  # the task sets these itself
+        known = sorted(
+            {
+                name
+                for name, p in parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY
+                or (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not p.empty)
+            }
+            - {"seed", "progress"}
+            | set(allowed)
+        )  # the task sets these itself
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise ValueError(f"{where}: expected options among {known}; got {unknown}")
@@ -194,8 +236,9 @@ def validate_options(spec: SweepSpec) -> None:
         if method in families:
             unknown = sorted(set(options) - set(families[method].options))
             if unknown:
-                raise ValueError(f"method_options.{method}: expected options among "
-                                 f"{list(families[method].options)}; got {unknown}")
+                raise ValueError(
+                    f"method_options.{method}: expected options among {list(families[method].options)}; got {unknown}"
+                )
         elif is_method(method):
             check(options, get_method(method), f"method_options.{method}")
         elif options:

@@ -7,6 +7,7 @@ error, the mean :math:`|\log(\hat s_j/s_j)|`, PSIS :math:`\hat k`, gradient eval
 seconds. Plots put accuracy against cost (error vs gradient evaluations, error vs seconds),
 one point per seed and a bar over the seeds' range per method.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,9 +67,17 @@ def _cost_figure(model: str, ok: pd.DataFrame):
             marker = "s" if method == "nuts" else "o"
             axis.scatter(pairs[cost], pairs[ERROR], s=14, alpha=0.45, color=colours(index % 10), marker=marker)
             x, y = pairs[cost].median(), pairs[ERROR].median()
-            axis.errorbar([x], [y], xerr=[[x - pairs[cost].min()], [pairs[cost].max() - x]],
-                          yerr=[[y - pairs[ERROR].min()], [pairs[ERROR].max() - y]], fmt=marker, ms=7, capsize=3,
-                          color=colours(index % 10), label=method)
+            axis.errorbar(
+                [x],
+                [y],
+                xerr=[[x - pairs[cost].min()], [pairs[cost].max() - x]],
+                yerr=[[y - pairs[ERROR].min()], [pairs[ERROR].max() - y]],
+                fmt=marker,
+                ms=7,
+                capsize=3,
+                color=colours(index % 10),
+                label=method,
+            )
     for axis, label in zip(axes, ("gradient evaluations", "seconds")):
         axis.set(xscale="log", yscale="log", xlabel=label, ylabel="mean |error| / reference sd")
         axis.grid(True, which="both", alpha=0.25)
@@ -88,8 +97,11 @@ def _model_table(table: pd.DataFrame) -> str:
         error = _number(row[ERROR])
         if not _is_nan(row[f"{ERROR}_sd"]):
             error += f" ± {_number(row[f'{ERROR}_sd'], 2)}"
-        cells = [(_escape(row["method"]), ""), (f"{row['num_ok']} / {row['num_tasks']}",
-                                                "" if row["num_ok"] == row["num_tasks"] else "bad"), (error, "")]
+        cells = [
+            (_escape(row["method"]), ""),
+            (f"{row['num_ok']} / {row['num_tasks']}", "" if row["num_ok"] == row["num_tasks"] else "bad"),
+            (error, ""),
+        ]
         cells += [(_number(row[c]), "") for c in list(LEADERBOARD_COLUMNS)[1:]]
         rows.append(cells)
     return _table(header, rows)
@@ -102,23 +114,49 @@ def _is_nan(value) -> bool:
 def _overall_table(table: pd.DataFrame) -> str:
     """Per method over models: models where every seed finished, mean error over models."""
     rows = []
-    summary = table.groupby("method").agg(models=("model", "nunique"), complete=("num_ok", "size"),
-                                          error=(ERROR, "mean"), gradients=("num_gradient_evaluations", "median"),
-                                          seconds=("wall_time", "median"))
+    summary = table.groupby("method").agg(
+        models=("model", "nunique"),
+        complete=("num_ok", "size"),
+        error=(ERROR, "mean"),
+        gradients=("num_gradient_evaluations", "median"),
+        seconds=("wall_time", "median"),
+    )
     complete = table[table["num_ok"] == table["num_tasks"]].groupby("method").size()
     for method, row in summary.sort_values("error", na_position="last").iterrows():
-        rows.append([(_escape(method), ""), (f"{int(complete.get(method, 0))} / {int(row['models'])}", ""),
-                     (_number(row["error"]), ""), (_number(row["gradients"]), ""), (_number(row["seconds"]), "")])
-    return _table(["method", "models with every seed ok", "mean |error| / ref sd (mean over models)",
-                   "gradient evaluations (median)", "seconds (median)"], rows)
+        rows.append(
+            [
+                (_escape(method), ""),
+                (f"{int(complete.get(method, 0))} / {int(row['models'])}", ""),
+                (_number(row["error"]), ""),
+                (_number(row["gradients"]), ""),
+                (_number(row["seconds"]), ""),
+            ]
+        )
+    return _table(
+        [
+            "method",
+            "models with every seed ok",
+            "mean |error| / ref sd (mean over models)",
+            "gradient evaluations (median)",
+            "seconds (median)",
+        ],
+        rows,
+    )
 
 
 def _failures_table(results: pd.DataFrame) -> str:
     failed = results[results["status"] != "ok"]
     if not len(failed):
         return "<p>No task failed.</p>"
-    rows = [[(_escape(r["model"]), ""), (_escape(r["method"]), ""), (str(r["seed"]), ""),
-             (_escape(str(r["error"])[:600]), "wrap")] for _, r in failed.iterrows()]
+    rows = [
+        [
+            (_escape(r["model"]), ""),
+            (_escape(r["method"]), ""),
+            (str(r["seed"]), ""),
+            (_escape(str(r["error"])[:600]), "wrap"),
+        ]
+        for _, r in failed.iterrows()
+    ]
     return _table(["model", "method", "seed", "error"], rows, text_columns=4)
 
 
@@ -128,25 +166,33 @@ def _notes(results: pd.DataFrame, references: pd.DataFrame) -> list[str]:
     if failed:
         notes.append(f"{failed} of {len(results)} tasks failed; their errors are listed under Failed tasks.")
     if "gradient_evaluations_scope" in results and (results["gradient_evaluations_scope"] == GRADIENT_SCOPE_NUTS).any():
-        notes.append("NUTS gradient evaluations count the leapfrog steps of the kept draws only (the sampler does "
-                     "not record its warmup trees): they are a lower bound of NUTS's cost (square markers).")
+        notes.append(
+            "NUTS gradient evaluations count the leapfrog steps of the kept draws only (the sampler does "
+            "not record its warmup trees): they are a lower bound of NUTS's cost (square markers)."
+        )
     ok = results[results["status"] == "ok"]
     if "converged" in ok:
         stuck = ok[ok["converged"].notna() & ~ok["converged"].fillna(1).astype(bool)]
         if len(stuck):
             cells = ", ".join(f"{m} {k} ({n})" for (m, k), n in stuck.groupby(["model", "method"]).size().items())
-            notes.append(f"{len(stuck)} VI fits stopped before their loss converged (model method (seeds)): {cells}. "
-                         "Their errors include optimisation error: give them more steps.")
+            notes.append(
+                f"{len(stuck)} VI fits stopped before their loss converged (model method (seeds)): {cells}. "
+                "Their errors include optimisation error: give them more steps."
+            )
     if "k_hat" in ok:
         poor = ok[pd.to_numeric(ok["k_hat"], errors="coerce") > 0.7]
         if len(poor):
             pairs = ", ".join(f"{m} {k}" for m, k in sorted(set(zip(poor["model"], poor["method"]))))
-            notes.append(f"PSIS k-hat above 0.7 in {len(poor)} tasks ({pairs}): those guides miss mass the "
-                         "posterior has, and importance weighting cannot repair them.")
+            notes.append(
+                f"PSIS k-hat above 0.7 in {len(poor)} tasks ({pairs}): those guides miss mass the "
+                "posterior has, and importance weighting cannot repair them."
+            )
     for _, ref in references.iterrows():
         if ref.get("num_divergences", 0) or not ref.get("r_hat_max", 1.0) <= 1.01:
-            notes.append(f"The NUTS reference of {ref['model']} has R-hat {_number(ref.get('r_hat_max'))} and "
-                         f"{ref.get('num_divergences')} divergences: its errors are measured against a doubtful reference.")
+            notes.append(
+                f"The NUTS reference of {ref['model']} has R-hat {_number(ref.get('r_hat_max'))} and "
+                f"{ref.get('num_divergences')} divergences: its errors are measured against a doubtful reference."
+            )
     return notes
 
 
@@ -154,21 +200,27 @@ def render_leaderboard_html(results: pd.DataFrame, references: pd.DataFrame, tit
     """The leaderboard page for a store's ``results`` and ``references`` tables."""
     table = leaderboard_table(results)
     ok = results[results["status"] == "ok"]
-    sections = [("notes", "Notes", _warnings_block(_notes(results, references))),
-                ("overall", "Methods over all models", _overall_table(table) if len(table) else "<p>No results.</p>")]
+    sections = [
+        ("notes", "Notes", _warnings_block(_notes(results, references))),
+        ("overall", "Methods over all models", _overall_table(table) if len(table) else "<p>No results.</p>"),
+    ]
     for model, part in table.groupby("model", sort=True):
         body = _model_table(part)
         rows = ok[ok["model"] == model]
         if len(rows):
             figure = _cost_figure(model, rows)
-            body += (f'<figure><img src="{encode_figure(figure)}" alt="accuracy against cost, {_escape(model)}">'
-                     "<figcaption>Accuracy against cost: one small point per seed, a large marker at the median "
-                     "with bars over the seeds' range; lower left is better.</figcaption></figure>")
+            body += (
+                f'<figure><img src="{encode_figure(figure)}" alt="accuracy against cost, {_escape(model)}">'
+                "<figcaption>Accuracy against cost: one small point per seed, a large marker at the median "
+                "with bars over the seeds' range; lower left is better.</figcaption></figure>"
+            )
         sections.append((f"model-{_anchor(model)}", model, body))
     sections.append(("failed", "Failed tasks", _failures_table(results)))
-    subtitle = (f"{results['model'].nunique()} models, {results['method'].nunique()} methods, "
-                f"{results['seed'].nunique()} seeds: {int((results['status'] == 'ok').sum())} of {len(results)} tasks ok. "
-                "Errors are in units of the reference posterior sd.")
+    subtitle = (
+        f"{results['model'].nunique()} models, {results['method'].nunique()} methods, "
+        f"{results['seed'].nunique()} seeds: {int((results['status'] == 'ok').sum())} of {len(results)} tasks ok. "
+        "Errors are in units of the reference posterior sd."
+    )
     return _page(title, _escape(subtitle), sections)
 
 

@@ -11,6 +11,7 @@ A name is one of
 Names are resolved on the driver before any task starts (:func:`resolve_models`) and loaded again
 in each task (:func:`load_problem`), so every node needs the module or the posteriordb folder.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -73,7 +74,7 @@ def _check_name(name: str, posteriordb: Optional[str]) -> None:
         from vilab.posteriordb import list_posteriordb
 
         available = list_posteriordb(_posteriordb_path(posteriordb))
-        if name[len(POSTERIORDB_PREFIX):] not in available:
+        if name[len(POSTERIORDB_PREFIX) :] not in available:
             raise ValueError(f"models: expected posteriordb/NAME with NAME in {available}; got {name!r}")
     elif ":" in name:
         _user_attribute(name)
@@ -102,7 +103,7 @@ def load_problem(name: str, posteriordb: Optional[str]) -> Problem:
     if name.startswith(POSTERIORDB_PREFIX):
         from vilab.posteriordb import load_posteriordb
 
-        problem = load_posteriordb(_posteriordb_path(posteriordb), name[len(POSTERIORDB_PREFIX):])
+        problem = load_posteriordb(_posteriordb_path(posteriordb), name[len(POSTERIORDB_PREFIX) :])
         return Problem(problem.model, problem.args, problem.kwargs, problem.reference_draws)
     if ":" in name:
         target = _user_attribute(name)

@@ -6,6 +6,7 @@ or a NUTS run submitted as its own task), submits a model's tasks once its refer
 and writes each task's row the moment ``ray.wait`` hands it back. A crash or kill of the driver
 loses only the tasks that were running; the same call again runs just those and the rest.
 """
+
 from __future__ import annotations
 
 import time
@@ -17,8 +18,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vilab.inference.sweep.executors import RayExecutor, SerialExecutor
-from vilab.inference.sweep.grid import (SweepSpec, Task, expand_tasks, load_spec, task_id, validate_methods,
-                                        validate_options)
+from vilab.inference.sweep.grid import (
+    SweepSpec,
+    Task,
+    expand_tasks,
+    load_spec,
+    task_id,
+    validate_methods,
+    validate_options,
+)
 from vilab.inference.sweep.problems import POSTERIORDB_PREFIX, load_problem, resolve_models
 from vilab.inference.sweep.store import SweepStore
 from vilab.inference.sweep.tasks import run_reference, run_task
@@ -51,10 +59,19 @@ class SweepResult:
     wall_time: float
 
 
-def sweep(models: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
-          seeds: Optional[Sequence[int]] = None, *, config: Union[str, Path, None] = None,
-          out: Union[str, Path] = "runs/sweep", address: Optional[str] = None, serial: bool = False,
-          progress: bool = True, leaderboard: bool = True, **options: Any) -> SweepResult:
+def sweep(
+    models: Optional[Sequence[str]] = None,
+    methods: Optional[Sequence[str]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    *,
+    config: Union[str, Path, None] = None,
+    out: Union[str, Path] = "runs/sweep",
+    address: Optional[str] = None,
+    serial: bool = False,
+    progress: bool = True,
+    leaderboard: bool = True,
+    **options: Any,
+) -> SweepResult:
     r"""Run every method on every model with every seed, on Ray, into ``out/results.sqlite``.
 
     Args:
@@ -79,8 +96,10 @@ def sweep(models: Optional[Sequence[str]] = None, methods: Optional[Sequence[str
         spec = load_spec(config, models=models, methods=methods, seeds=seeds, **options)
     else:
         if models is None or methods is None:
-            raise ValueError("sweep: expected models and methods (or config=a TOML file); got "
-                             f"models={models!r}, methods={methods!r}")
+            raise ValueError(
+                "sweep: expected models and methods (or config=a TOML file); got "
+                f"models={models!r}, methods={methods!r}"
+            )
         spec = SweepSpec(models, methods, seeds if seeds is not None else (0,), **options)
     validate_methods(spec.methods)
     validate_options(spec)
@@ -97,14 +116,15 @@ def sweep(models: Optional[Sequence[str]] = None, methods: Optional[Sequence[str
             from vilab.inference.sweep.leaderboard import write_leaderboard
 
             page = write_leaderboard(store, out)
-    return SweepResult(out / STORE_NAME, page, len(tasks), len(done_before), counts[0], counts[1],
-                       time.perf_counter() - start)
+    return SweepResult(
+        out / STORE_NAME, page, len(tasks), len(done_before), counts[0], counts[1], time.perf_counter() - start
+    )
 
 
 def _reference_descriptor(name: str, spec: SweepSpec) -> dict:
     """What a model's tasks are scored against (part of their ids)."""
     if name.startswith(POSTERIORDB_PREFIX):
-        return {"kind": "posteriordb", "name": name[len(POSTERIORDB_PREFIX):]}
+        return {"kind": "posteriordb", "name": name[len(POSTERIORDB_PREFIX) :]}
     return {"kind": "nuts", **spec.reference_options}
 
 
@@ -156,9 +176,13 @@ def _prepare_reference(model, descriptor, spec, store, executor) -> Any:
     stored = store.reference(reference_id)
     if stored is not None:
         return executor.put(stored[0])
-    executor.submit(_ReferenceKey(model, reference_id), run_reference,
-                    (model, spec.posteriordb, spec.reference_options, spec.num_cpus),
-                    name=f"sweep reference {model}", num_cpus=spec.num_cpus)
+    executor.submit(
+        _ReferenceKey(model, reference_id),
+        run_reference,
+        (model, spec.posteriordb, spec.reference_options, spec.num_cpus),
+        name=f"sweep reference {model}",
+        num_cpus=spec.num_cpus,
+    )
     return None
 
 
@@ -167,8 +191,9 @@ def _reference_done(key, value, error, spec, store, executor, waiting, state) ->
     tasks = waiting.pop(model, [])
     if error is not None:
         for task in tasks:  # every task of the model needs the reference: record why none ran
-            state.record(store.write(task, {"status": "failed", "error": f"NUTS reference failed: {error}"})
-                         and "failed")
+            state.record(
+                store.write(task, {"status": "failed", "error": f"NUTS reference failed: {error}"}) and "failed"
+            )
         return
     draws, info = value
     store.write_reference(reference_id, model, spec.reference_options, draws, info)
@@ -177,8 +202,13 @@ def _reference_done(key, value, error, spec, store, executor, waiting, state) ->
 
 def _submit(executor, tasks: Sequence[Task], reference: Any, spec: SweepSpec) -> None:
     for task in tasks:
-        executor.submit(task, run_task, (task, spec.posteriordb, reference, spec.num_cpus),
-                        name=f"sweep {task.model} {task.method} seed={task.seed}", num_cpus=spec.num_cpus)
+        executor.submit(
+            task,
+            run_task,
+            (task, spec.posteriordb, reference, spec.num_cpus),
+            name=f"sweep {task.model} {task.method} seed={task.seed}",
+            num_cpus=spec.num_cpus,
+        )
 
 
 class _Progress:
@@ -187,8 +217,9 @@ class _Progress:
 
     def __init__(self, total: int, skipped: int, enabled: bool, dashboard: Optional[str]) -> None:
         self.done = self.failed = 0
-        self.bar = tqdm(total=total, initial=skipped, desc="sweep", unit="task", disable=not enabled,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=skipped, desc="sweep", unit="task", disable=not enabled, dynamic_ncols=True
+        )
         if enabled and dashboard:
             self.bar.write(f"sweep: Ray dashboard at http://{dashboard} (tasks are named 'sweep MODEL METHOD seed=S')")
 

@@ -13,6 +13,7 @@ The file is in WAL mode: any number of readers (``sqlite3``, pandas, DuckDB) can
 the driver writes; each row is committed alone, so a killed driver loses at most the tasks
 that were running.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,10 +31,14 @@ from vilab.inference.sweep.grid import Task
 
 __all__ = ["SweepStore", "read_results"]
 
-_CORE = ("task_id TEXT PRIMARY KEY, model TEXT NOT NULL, method TEXT NOT NULL, seed INTEGER NOT NULL, "
-         "status TEXT NOT NULL, error TEXT, options TEXT NOT NULL, finished_at TEXT NOT NULL")
-_REFERENCES = ("reference_id TEXT PRIMARY KEY, model TEXT NOT NULL, options TEXT NOT NULL, draws BLOB NOT NULL, "
-               "info TEXT NOT NULL, finished_at TEXT NOT NULL")
+_CORE = (
+    "task_id TEXT PRIMARY KEY, model TEXT NOT NULL, method TEXT NOT NULL, seed INTEGER NOT NULL, "
+    "status TEXT NOT NULL, error TEXT, options TEXT NOT NULL, finished_at TEXT NOT NULL"
+)
+_REFERENCES = (
+    "reference_id TEXT PRIMARY KEY, model TEXT NOT NULL, options TEXT NOT NULL, draws BLOB NOT NULL, "
+    "info TEXT NOT NULL, finished_at TEXT NOT NULL"
+)
 _COLUMN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -83,9 +88,15 @@ class SweepStore:
             ``False`` (and writes nothing) if the task already has an ``"ok"`` row: a task is
             counted once however often it ran.
         """
-        values = {"task_id": task.id, "model": task.model, "method": task.method, "seed": task.seed,
-                  "options": json.dumps(task.options, sort_keys=True, default=str), "finished_at": _now(),
-                  **{k: v for k, v in row.items() if k not in ("task_id", "model", "method", "seed", "options")}}
+        values = {
+            "task_id": task.id,
+            "model": task.model,
+            "method": task.method,
+            "seed": task.seed,
+            "options": json.dumps(task.options, sort_keys=True, default=str),
+            "finished_at": _now(),
+            **{k: v for k, v in row.items() if k not in ("task_id", "model", "method", "seed", "options")},
+        }
         bad = [name for name in values if not _COLUMN_NAME.match(name)]
         if bad:
             raise ValueError(f"row: expected column names of letters, digits and _; got {bad}")
@@ -99,28 +110,39 @@ class SweepStore:
                 if name not in existing:
                     self._connection.execute(f'ALTER TABLE results ADD COLUMN "{name}"')
             names = ", ".join(f'"{n}"' for n in values)
-            self._connection.execute(f"INSERT OR REPLACE INTO results ({names}) VALUES ({', '.join('?' * len(values))})",
-                                     list(values.values()))
+            self._connection.execute(
+                f"INSERT OR REPLACE INTO results ({names}) VALUES ({', '.join('?' * len(values))})",
+                list(values.values()),
+            )
         return True
 
     def reference(self, reference_id: str) -> Optional[tuple[dict[str, np.ndarray], dict]]:
         """``(draws, info)`` of a stored NUTS reference, or ``None``."""
-        found = self._connection.execute("SELECT draws, info FROM references_ WHERE reference_id = ?",
-                                         (reference_id,)).fetchone()
+        found = self._connection.execute(
+            "SELECT draws, info FROM references_ WHERE reference_id = ?", (reference_id,)
+        ).fetchone()
         if found is None:
             return None
         with np.load(io.BytesIO(found[0])) as archive:
             draws = {name: archive[name] for name in archive.files}
         return draws, json.loads(found[1])
 
-    def write_reference(self, reference_id: str, model: str, options: Mapping, draws: Mapping[str, np.ndarray],
-                        info: Mapping[str, Any]) -> None:
+    def write_reference(
+        self, reference_id: str, model: str, options: Mapping, draws: Mapping[str, np.ndarray], info: Mapping[str, Any]
+    ) -> None:
         buffer = io.BytesIO()
         np.savez(buffer, **draws)
         self._connection.execute(
             "INSERT OR REPLACE INTO references_ VALUES (?, ?, ?, ?, ?, ?)",
-            (reference_id, model, json.dumps(dict(options), sort_keys=True), buffer.getvalue(),
-             json.dumps(dict(info), default=str), _now()))
+            (
+                reference_id,
+                model,
+                json.dumps(dict(options), sort_keys=True),
+                buffer.getvalue(),
+                json.dumps(dict(info), default=str),
+                _now(),
+            ),
+        )
 
     def references(self) -> pd.DataFrame:
         """One row per stored reference: model, its diagnostics (no draws)."""

@@ -4,6 +4,7 @@ Both functions are plain Python (the runner wraps them in ``ray.remote``) and de
 the task: they set the default dtype (float64) and the torch threads (the task's CPUs) on entry,
 and every random draw comes from the task's seed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,13 +58,21 @@ def environment() -> dict[str, Any]:
         node_ip = ray.util.get_node_ip_address() if on_ray else None
     except ImportError:
         ray_version, node, node_ip = None, None, None
-    return {"vilab_version": vilab.__version__, "torch_version": torch.__version__, "pyro_version": pyro.__version__,
-            "ray_version": ray_version, "python_version": platform.python_version(), "host": socket.gethostname(),
-            "node_id": node, "node_ip": node_ip}
+    return {
+        "vilab_version": vilab.__version__,
+        "torch_version": torch.__version__,
+        "pyro_version": pyro.__version__,
+        "ray_version": ray_version,
+        "python_version": platform.python_version(),
+        "host": socket.gethostname(),
+        "node_id": node,
+        "node_ip": node_ip,
+    }
 
 
-def run_reference(model_name: str, posteriordb: Optional[str], options: Mapping[str, Any],
-                  num_cpus: int = 1) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def run_reference(
+    model_name: str, posteriordb: Optional[str], options: Mapping[str, Any], num_cpus: int = 1
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """NUTS reference draws of a model without posteriordb draws.
 
     Returns:
@@ -87,8 +96,9 @@ def run_reference(model_name: str, posteriordb: Optional[str], options: Mapping[
     return draws, info
 
 
-def run_task(task: Task, posteriordb: Optional[str], reference: Mapping[str, np.ndarray],
-             num_cpus: int = 1) -> dict[str, Any]:
+def run_task(
+    task: Task, posteriordb: Optional[str], reference: Mapping[str, np.ndarray], num_cpus: int = 1
+) -> dict[str, Any]:
     """Run ``task`` and return its store row (status ``"ok"`` or ``"failed"`` with the error
     for a method that ``compare`` reports as failed); any other error propagates."""
     from vilab.inference.comparison.api import compare
@@ -99,15 +109,35 @@ def run_task(task: Task, posteriordb: Optional[str], reference: Mapping[str, np.
         warnings.simplefilter("always")
         problem = load_problem(task.model, posteriordb)
         if task.method == NUTS:
-            report = compare(problem.model, *problem.args, guides=(), reference=dict(reference), include_nuts=True,
-                             seed=task.seed, nuts_options=options["nuts_options"], progress=False, **problem.kwargs)
+            report = compare(
+                problem.model,
+                *problem.args,
+                guides=(),
+                reference=dict(reference),
+                include_nuts=True,
+                seed=task.seed,
+                nuts_options=options["nuts_options"],
+                progress=False,
+                **problem.kwargs,
+            )
         else:
-            report = compare(problem.model, *problem.args, guides=(task.method,), reference=dict(reference),
-                             seed=task.seed, num_draws=options["num_draws"], svi_options=options.get("svi_options"),
-                             guide_options={task.method: options["guide_options"]}, progress=False,
-                             **problem.kwargs)
-    row: dict[str, Any] = {"task_seconds": time.perf_counter() - start, **environment(),
-                           "warnings": _warning_text(caught)}
+            report = compare(
+                problem.model,
+                *problem.args,
+                guides=(task.method,),
+                reference=dict(reference),
+                seed=task.seed,
+                num_draws=options["num_draws"],
+                svi_options=options.get("svi_options"),
+                guide_options={task.method: options["guide_options"]},
+                progress=False,
+                **problem.kwargs,
+            )
+    row: dict[str, Any] = {
+        "task_seconds": time.perf_counter() - start,
+        **environment(),
+        "warnings": _warning_text(caught),
+    }
     if task.method in report.failures:
         return {**row, "status": "failed", "error": report.failures[task.method]}
     method = report.methods[task.method]
@@ -121,15 +151,19 @@ def _gradient_evaluations(method) -> dict[str, Any]:
     leapfrog steps for NUTS (the NUTS sampler does not record its warmup trees)."""
     config = getattr(method.result, "config", {}) or {}
     if "num_gradient_evaluations" in config:
-        return {"num_gradient_evaluations": int(config["num_gradient_evaluations"]),
-                "gradient_evaluations_scope": config.get("gradient_evaluations_scope", "reported by the method")}
+        return {
+            "num_gradient_evaluations": int(config["num_gradient_evaluations"]),
+            "gradient_evaluations_scope": config.get("gradient_evaluations_scope", "reported by the method"),
+        }
     if method.kind == "nuts":
         steps = method.result.sample_stats.get("n_steps")
         count = int(np.sum(steps)) if steps is not None else None
         return {"num_gradient_evaluations": count, "gradient_evaluations_scope": GRADIENT_SCOPE_NUTS}
     if "num_particles" in config:
-        return {"num_gradient_evaluations": int(method.result.num_steps * config["num_particles"]),
-                "gradient_evaluations_scope": GRADIENT_SCOPE_SVI}
+        return {
+            "num_gradient_evaluations": int(method.result.num_steps * config["num_particles"]),
+            "gradient_evaluations_scope": GRADIENT_SCOPE_SVI,
+        }
     return {"num_gradient_evaluations": None, "gradient_evaluations_scope": "not reported by the method"}
 
 

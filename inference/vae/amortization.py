@@ -27,6 +27,7 @@ References:
     Semi-Amortized Variational Autoencoders, Kim, Wiseman, Miller, Sontag & Rush, 2018,
     arXiv:1802.02550.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,15 @@ from torch.nn import functional as F
 
 from vilab.inference.vae.objectives import elbo_terms, log_importance_weights
 
-__all__ = ["LocalGuide", "RefinementResult", "GapReport", "refine_locally", "gap_decomposition",
-           "monte_carlo_elbo", "importance_log_likelihood"]
+__all__ = [
+    "LocalGuide",
+    "RefinementResult",
+    "GapReport",
+    "refine_locally",
+    "gap_decomposition",
+    "monte_carlo_elbo",
+    "importance_log_likelihood",
+]
 
 
 def _inverse_softplus(value: torch.Tensor) -> torch.Tensor:
@@ -63,12 +71,18 @@ class LocalGuide(nn.Module):
         transforms: Conditional transforms (``.condition(h)``), kept fixed, or ``None``.
     """
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor,
-                 context: Optional[torch.Tensor] = None, transforms: Optional[nn.ModuleList] = None):
+    def __init__(
+        self,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        context: Optional[torch.Tensor] = None,
+        transforms: Optional[nn.ModuleList] = None,
+    ):
         super().__init__()
         if loc.shape != scale.shape or loc.dim() != 2:
-            raise ValueError(f"loc, scale: expected equal shapes (N, D); got {tuple(loc.shape)} "
-                             f"and {tuple(scale.shape)}")
+            raise ValueError(
+                f"loc, scale: expected equal shapes (N, D); got {tuple(loc.shape)} and {tuple(scale.shape)}"
+            )
         if (context is None) != (transforms is None):
             raise ValueError("context, transforms: expected both or neither")
         self.loc = nn.Parameter(loc.detach().clone())
@@ -86,13 +100,11 @@ class LocalGuide(nn.Module):
         base = dist.Normal(self.loc, F.softplus(self.raw_scale) + 1e-5).to_event(1)
         if self._transforms is None:
             return base
-        return dist.TransformedDistribution(base, [t.condition(self.context)
-                                                   for t in self._transforms])
+        return dist.TransformedDistribution(base, [t.condition(self.context) for t in self._transforms])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if x.shape[0] != self.num_points:
-            raise ValueError(f"x: this local guide holds {self.num_points} points; got a batch "
-                             f"of {x.shape[0]}")
+            raise ValueError(f"x: this local guide holds {self.num_points} points; got a batch of {x.shape[0]}")
         with pyro.plate("data", self.num_points, dim=-1):
             return pyro.sample("z", self.distribution(x))
 
@@ -100,13 +112,17 @@ class LocalGuide(nn.Module):
 def _initial_local(guide: nn.Module, x: torch.Tensor, init: str) -> LocalGuide:
     encoder = getattr(guide, "encoder", None)
     if encoder is None:
-        raise TypeError(f"guide: expected an amortized guide with an `encoder` (AmortizedNormalGuide"
-                        f" or AmortizedFlowGuide); got {type(guide).__name__}")
+        raise TypeError(
+            f"guide: expected an amortized guide with an `encoder` (AmortizedNormalGuide"
+            f" or AmortizedFlowGuide); got {type(guide).__name__}"
+        )
     if getattr(guide, "latent_dim", encoder.latent_dim) != encoder.latent_dim:
         # A two-level guide's encoder gives only q(z2 | x); its z1 has no local parameters here.
-        raise TypeError(f"guide: local refinement needs a one-level guide whose encoder gives all "
-                        f"of z; got {type(guide).__name__} with {guide.latent_dim} latent numbers "
-                        f"and an encoder of {encoder.latent_dim}")
+        raise TypeError(
+            f"guide: local refinement needs a one-level guide whose encoder gives all "
+            f"of z; got {type(guide).__name__} with {guide.latent_dim} latent numbers "
+            f"and an encoder of {encoder.latent_dim}"
+        )
     transforms = getattr(guide, "transforms", None)
     with torch.no_grad():
         h = encoder.features(x)
@@ -125,9 +141,16 @@ class RefinementResult(NamedTuple):
     elbo_trace: list[float]
 
 
-def refine_locally(model: nn.Module, guide: nn.Module, x: torch.Tensor, *, num_steps: int = 100,
-                   learning_rate: float = 1e-2, num_particles: int = 1, init: str = "encoder"
-                   ) -> RefinementResult:
+def refine_locally(
+    model: nn.Module,
+    guide: nn.Module,
+    x: torch.Tensor,
+    *,
+    num_steps: int = 100,
+    learning_rate: float = 1e-2,
+    num_particles: int = 1,
+    init: str = "encoder",
+) -> RefinementResult:
     r"""Optimise per-datapoint variational parameters for the batch ``x`` (model kept fixed).
 
     ``init="encoder"`` and a small ``num_steps`` is semi-amortized inference (SA-VAE's
@@ -144,8 +167,7 @@ def refine_locally(model: nn.Module, guide: nn.Module, x: torch.Tensor, *, num_s
         init: ``"encoder"`` or ``"prior"`` (``N(0, I)`` base, encoder context for flows).
     """
     if num_steps < 0 or num_particles < 1:
-        raise ValueError(f"num_steps, num_particles: expected >= 0 and >= 1; got {num_steps}, "
-                         f"{num_particles}")
+        raise ValueError(f"num_steps, num_particles: expected >= 0 and >= 1; got {num_steps}, {num_particles}")
     local = _initial_local(guide, x, init)
     optimizer = torch.optim.Adam(local.parameters(), lr=learning_rate)
     frozen = [p for p in list(model.parameters()) + list(guide.parameters()) if p.requires_grad]
@@ -167,15 +189,15 @@ def refine_locally(model: nn.Module, guide: nn.Module, x: torch.Tensor, *, num_s
 
 
 @torch.no_grad()
-def monte_carlo_elbo(model: nn.Module, guide: Any, x: torch.Tensor, *, num_samples: int = 100
-                     ) -> torch.Tensor:
+def monte_carlo_elbo(model: nn.Module, guide: Any, x: torch.Tensor, *, num_samples: int = 100) -> torch.Tensor:
     """Per-datapoint ELBO averaged over ``num_samples`` draws, ``(N,)`` (analytic KL if Gaussian)."""
     return torch.stack([elbo_terms(model, guide, x).elbo for _ in range(num_samples)]).mean(0)
 
 
 @torch.no_grad()
-def importance_log_likelihood(model: nn.Module, guide: Any, x: torch.Tensor, *,
-                              num_samples: int = 1000, chunk_size: int = 250) -> torch.Tensor:
+def importance_log_likelihood(
+    model: nn.Module, guide: Any, x: torch.Tensor, *, num_samples: int = 1000, chunk_size: int = 250
+) -> torch.Tensor:
     r""":math:`\log \frac1K \sum_k p(x, z_k)/q(z_k)` per datapoint, ``(N,)``, in chunks."""
     log_sum, done = x.new_full((x.shape[0],), -math.inf), 0
     while done < num_samples:
@@ -208,17 +230,25 @@ class GapReport(NamedTuple):
     per_example: dict
 
 
-def gap_decomposition(model: nn.Module, guide: nn.Module, x: torch.Tensor, *,
-                      refine_steps: int = 500, learning_rate: float = 1e-2,
-                      num_particles: int = 1, elbo_samples: int = 100, iw_samples: int = 1000
-                      ) -> GapReport:
+def gap_decomposition(
+    model: nn.Module,
+    guide: nn.Module,
+    x: torch.Tensor,
+    *,
+    refine_steps: int = 500,
+    learning_rate: float = 1e-2,
+    num_particles: int = 1,
+    elbo_samples: int = 100,
+    iw_samples: int = 1000,
+) -> GapReport:
     """Amortization and approximation gaps of ``guide`` on the batch ``x`` (Cremer et al.).
 
     The local optimum is approximated by ``refine_steps`` Adam steps from the encoder's
     output; ``log p(x)`` by importance sampling with the refined guide as proposal.
     """
-    local = refine_locally(model, guide, x, num_steps=refine_steps, learning_rate=learning_rate,
-                           num_particles=num_particles).guide
+    local = refine_locally(
+        model, guide, x, num_steps=refine_steps, learning_rate=learning_rate, num_particles=num_particles
+    ).guide
     values = {
         "elbo_amortized": monte_carlo_elbo(model, guide, x, num_samples=elbo_samples),
         "elbo_local": monte_carlo_elbo(model, local, x, num_samples=elbo_samples),

@@ -14,6 +14,7 @@ over the target, so a killed process leaves either the old file or the new one, 
 file. A truncated, tampered or foreign file raises :class:`CheckpointError` naming the path.
 :class:`AtomicCheckpointIO` plugs the torch format into Lightning's ``Trainer``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -106,20 +107,21 @@ def load_checkpoint(path: str, *, map_location: Any = "cpu") -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises RuntimeError/UnpicklingError/EOFError/...
-        raise CheckpointError(f"checkpoint {path!r} cannot be read safely (truncated, corrupted "
-                              f"or holding non-tensor objects): {error}") from error
+        raise CheckpointError(
+            f"checkpoint {path!r} cannot be read safely (truncated, corrupted or holding non-tensor objects): {error}"
+        ) from error
     if not isinstance(payload, dict) or _CHECKSUM_KEY not in payload:
-        raise CheckpointError(f"checkpoint {path!r} has no {_CHECKSUM_KEY!r}; it was not written "
-                              "by vilab.inference.vae.checkpoints.save_checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path!r} has no {_CHECKSUM_KEY!r}; it was not written "
+            "by vilab.inference.vae.checkpoints.save_checkpoint"
+        )
     expected = payload.pop(_CHECKSUM_KEY)
     if content_digest(payload) != expected:
-        raise CheckpointError(f"checkpoint {path!r} fails its checksum: its content was modified "
-                              "after it was saved")
+        raise CheckpointError(f"checkpoint {path!r} fails its checksum: its content was modified after it was saved")
     return payload
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str, *,
-                     metadata: Optional[dict[str, str]] = None) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str, *, metadata: Optional[dict[str, str]] = None) -> None:
     """Atomically save tensors as safetensors with a SHA-256 of the tensors in the metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = dict(metadata or {})
@@ -141,14 +143,17 @@ def load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     try:
         tensors = safetensors_load(data)
         header_size = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8:8 + header_size]).get("__metadata__", {})
+        metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
     except (SafetensorError, ValueError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"weights file {path!r} is not a readable safetensors file "
-                              f"(truncated or corrupted?): {error}") from error
+        raise CheckpointError(
+            f"weights file {path!r} is not a readable safetensors file (truncated or corrupted?): {error}"
+        ) from error
     expected = metadata.pop(_CHECKSUM_KEY, None)
     if expected is None or content_digest(tensors) != expected:
-        raise CheckpointError(f"weights file {path!r} fails its checksum: its content was "
-                              "modified after it was saved (or it was not written by vilab)")
+        raise CheckpointError(
+            f"weights file {path!r} fails its checksum: its content was "
+            "modified after it was saved (or it was not written by vilab)"
+        )
     return tensors, metadata
 
 

@@ -14,6 +14,7 @@ All functions take ``(model, guide, loader)`` (Pyro callables with a ``"data"`` 
   \mid x) - \log q(z)]` with the aggregate posterior :math:`q(z)` approximated by the batch's
   mixture (Hoffman & Johnson 2016; He et al. 2019, arXiv:1901.05534); at most ``log(batch)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -106,9 +107,9 @@ def _device(module: Any) -> Optional[torch.device]:
 
 
 @torch.no_grad()
-def importance_sampled_log_likelihood(model: Any, guide: Any = None, loader: Any = None, *,
-                                      num_samples: int = 5000, chunk_size: int = 500
-                                      ) -> LogLikelihoodEstimate:
+def importance_sampled_log_likelihood(
+    model: Any, guide: Any = None, loader: Any = None, *, num_samples: int = 5000, chunk_size: int = 500
+) -> LogLikelihoodEstimate:
     r"""Estimate :math:`\log p(x)` with the guide as proposal, ``num_samples`` per example.
 
     The ``K`` samples are drawn ``chunk_size`` at a time and combined with a running
@@ -122,8 +123,7 @@ def importance_sampled_log_likelihood(model: Any, guide: Any = None, loader: Any
     """
     model, guide, loader = _unpack(model, guide, loader)
     if num_samples < 1 or chunk_size < 1:
-        raise ValueError(f"num_samples, chunk_size: expected positive integers; got "
-                         f"{num_samples}, {chunk_size}")
+        raise ValueError(f"num_samples, chunk_size: expected positive integers; got {num_samples}, {chunk_size}")
     device = _device(model)
     estimates, mc_variances = [], []
     for x in _batches(loader, device):
@@ -145,13 +145,13 @@ def importance_sampled_log_likelihood(model: Any, guide: Any = None, loader: Any
     n = per_example.numel()
     stderr = per_example.std().item() / math.sqrt(n) if n > 1 else float("nan")
     mc_stderr = math.sqrt(torch.cat(mc_variances).sum().item()) / n
-    return LogLikelihoodEstimate(per_example.mean().item(), stderr, mc_stderr, per_example,
-                                 num_samples)
+    return LogLikelihoodEstimate(per_example.mean().item(), stderr, mc_stderr, per_example, num_samples)
 
 
 @torch.no_grad()
-def elbo_split(model: Any, guide: Any = None, loader: Any = None, *, num_samples: int = 1,
-               analytic_kl: bool = True) -> ELBOSplit:
+def elbo_split(
+    model: Any, guide: Any = None, loader: Any = None, *, num_samples: int = 1, analytic_kl: bool = True
+) -> ELBOSplit:
     """Test ELBO split into reconstruction and KL, averaged over ``num_samples`` draws."""
     model, guide, loader = _unpack(model, guide, loader)
     device = _device(model)
@@ -164,8 +164,7 @@ def elbo_split(model: Any, guide: Any = None, loader: Any = None, *, num_samples
     elbo = reconstruction - kl_all
     n = elbo.numel()
     stderr = elbo.std().item() / math.sqrt(n) if n > 1 else float("nan")
-    return ELBOSplit(elbo.mean().item(), reconstruction.mean().item(), kl_all.mean().item(),
-                     stderr, elbo)
+    return ELBOSplit(elbo.mean().item(), reconstruction.mean().item(), kl_all.mean().item(), stderr, elbo)
 
 
 def _posterior_mean(guide: Any, x: torch.Tensor, num_samples: int):
@@ -179,8 +178,9 @@ def _posterior_mean(guide: Any, x: torch.Tensor, num_samples: int):
 
 
 @torch.no_grad()
-def active_units(model: Any, guide: Any = None, loader: Any = None, *, threshold: float = 0.01,
-                 num_samples: int = 200) -> tuple[int, torch.Tensor]:
+def active_units(
+    model: Any, guide: Any = None, loader: Any = None, *, threshold: float = 0.01, num_samples: int = 200
+) -> tuple[int, torch.Tensor]:
     r"""Active units (Burda et al. 2016): :math:`\operatorname{Cov}_x(\mathbb{E}_q[z_d]) > 0.01`.
 
     For flow guides :math:`\mathbb{E}_q[z]` is a ``num_samples`` Monte Carlo mean; its
@@ -244,25 +244,27 @@ def mutual_information(model: Any, guide: Any = None, loader: Any = None) -> Opt
     return total / count
 
 
-def collapse_diagnostics(model: Any, guide: Any = None, loader: Any = None, *,
-                         threshold: float = 0.01, num_samples: int = 200) -> CollapseReport:
+def collapse_diagnostics(
+    model: Any, guide: Any = None, loader: Any = None, *, threshold: float = 0.01, num_samples: int = 200
+) -> CollapseReport:
     """Active units, KL per dimension and mutual information in one record."""
     model, guide, loader = _unpack(model, guide, loader)
-    count, variances = active_units(model, guide, loader, threshold=threshold,
-                                    num_samples=num_samples)
+    count, variances = active_units(model, guide, loader, threshold=threshold, num_samples=num_samples)
     per_dim = kl_per_dimension(model, guide, loader)
     information = mutual_information(model, guide, loader)
     notes = []
     if per_dim is None:
         notes.append("KL per dimension is undefined: q(z|x) or p(z) is not a diagonal Normal")
     if information is None:
-        notes.append("mutual information needs log q(z|x) at arbitrary z, which this flow "
-                     "(no analytic inverse) cannot give")
+        notes.append(
+            "mutual information needs log q(z|x) at arbitrary z, which this flow (no analytic inverse) cannot give"
+        )
     return CollapseReport(count, variances, per_dim, information, "; ".join(notes))
 
 
-def evaluate_vae(vae: Any, loader: Iterable, *, iw_samples: int = 5000, chunk_size: int = 500,
-                 elbo_samples: int = 1) -> dict[str, Any]:
+def evaluate_vae(
+    vae: Any, loader: Iterable, *, iw_samples: int = 5000, chunk_size: int = 500, elbo_samples: int = 1
+) -> dict[str, Any]:
     """Every metric of this module for one VAE and one loader, as a JSON-ready dict.
 
     Keys: ``elbo``, ``reconstruction``, ``kl``, ``elbo_stderr``, ``log_likelihood``,
@@ -271,18 +273,22 @@ def evaluate_vae(vae: Any, loader: Iterable, *, iw_samples: int = 5000, chunk_si
     ``num_examples`` (all in nats per example).
     """
     split = elbo_split(vae, loader, num_samples=elbo_samples)
-    estimate = importance_sampled_log_likelihood(vae, loader, num_samples=iw_samples,
-                                                 chunk_size=chunk_size)
+    estimate = importance_sampled_log_likelihood(vae, loader, num_samples=iw_samples, chunk_size=chunk_size)
     report = collapse_diagnostics(vae, loader)
     return {
         "num_examples": int(split.per_example.numel()),
-        "elbo": split.elbo, "reconstruction": split.reconstruction, "kl": split.kl,
+        "elbo": split.elbo,
+        "reconstruction": split.reconstruction,
+        "kl": split.kl,
         "elbo_stderr": split.elbo_stderr,
-        "log_likelihood": estimate.mean, "log_likelihood_stderr": estimate.stderr,
-        "log_likelihood_mc_stderr": estimate.monte_carlo_stderr, "iw_samples": iw_samples,
+        "log_likelihood": estimate.mean,
+        "log_likelihood_stderr": estimate.stderr,
+        "log_likelihood_mc_stderr": estimate.monte_carlo_stderr,
+        "iw_samples": iw_samples,
         "active_units": report.active_units,
         "latent_dim": int(report.unit_variances.numel()),
         "unit_variances": report.unit_variances.tolist(),
         "kl_per_dim": None if report.kl_per_dim is None else report.kl_per_dim.tolist(),
-        "mutual_information": report.mutual_information, "note": report.note,
+        "mutual_information": report.mutual_information,
+        "note": report.note,
     }

@@ -4,6 +4,7 @@ The Lightning trainer in :mod:`vilab.inference.vae.training` feeds ``batch[0]`` 
 the sequential and multimodal models here need whole batches, so :func:`fit_minibatch` calls
 ``loss_fn(batch, step) -> (loss, metrics)`` and returns a plain record.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,16 @@ class MinibatchResult(NamedTuple):
     wall_time: float
 
 
-def fit_minibatch(module: nn.Module, loss_fn: Callable[[Any, int], tuple[torch.Tensor, dict]],
-                  loader: Iterable, *, num_epochs: int = 1, learning_rate: float = 1e-3,
-                  max_seconds: float = math.inf, gradient_clip: float = 10.0) -> MinibatchResult:
+def fit_minibatch(
+    module: nn.Module,
+    loss_fn: Callable[[Any, int], tuple[torch.Tensor, dict]],
+    loader: Iterable,
+    *,
+    num_epochs: int = 1,
+    learning_rate: float = 1e-3,
+    max_seconds: float = math.inf,
+    gradient_clip: float = 10.0,
+) -> MinibatchResult:
     """Minimise ``loss_fn(batch, step)`` over ``module.parameters()`` with Adam.
 
     Args:

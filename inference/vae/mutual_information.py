@@ -25,6 +25,7 @@ References:
     ELBO surgery, Hoffman & Johnson, 2016 (NIPS workshop on approximate inference).
     A Kernel Two-Sample Test, Gretton et al., 2012, JMLR 13.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,27 +38,35 @@ from pyro.poutine.util import site_is_subsample
 from vilab.inference.vae.objectives import LossOutput
 from vilab.types import Guide, Model
 
-__all__ = ["KERNELS", "kernel_matrix", "maximum_mean_discrepancy", "minibatch_mutual_information",
-           "LatentTerms", "latent_terms", "InfoVAELoss", "MutualInformationLoss"]
+__all__ = [
+    "KERNELS",
+    "kernel_matrix",
+    "maximum_mean_discrepancy",
+    "minibatch_mutual_information",
+    "LatentTerms",
+    "latent_terms",
+    "InfoVAELoss",
+    "MutualInformationLoss",
+]
 
 KERNELS = ("rbf", "imq")
 
 
-def kernel_matrix(a: torch.Tensor, b: torch.Tensor, *, kernel: str = "imq",
-                  bandwidth: float = 1.0) -> torch.Tensor:
+def kernel_matrix(a: torch.Tensor, b: torch.Tensor, *, kernel: str = "imq", bandwidth: float = 1.0) -> torch.Tensor:
     r""":math:`k(a_i, b_j)`, ``(N, M)``: RBF :math:`e^{-\|a-b\|^2/2h^2}` or inverse multiquadric
     :math:`C/(C + \|a-b\|^2)` with :math:`C = 2 D h^2` (Tolstikhin et al.'s choice)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {', '.join(KERNELS)}; got {kernel!r}")
     squared = torch.cdist(a, b).pow(2)
     if kernel == "rbf":
-        return torch.exp(-squared / (2 * bandwidth ** 2))
-    scale = 2 * a.shape[-1] * bandwidth ** 2
+        return torch.exp(-squared / (2 * bandwidth**2))
+    scale = 2 * a.shape[-1] * bandwidth**2
     return scale / (scale + squared)
 
 
-def maximum_mean_discrepancy(samples_q: torch.Tensor, samples_p: torch.Tensor, *,
-                             kernel: str = "imq", bandwidth: float = 1.0) -> torch.Tensor:
+def maximum_mean_discrepancy(
+    samples_q: torch.Tensor, samples_p: torch.Tensor, *, kernel: str = "imq", bandwidth: float = 1.0
+) -> torch.Tensor:
     r"""Unbiased :math:`\widehat{\mathrm{MMD}}^2` between ``(N, D)`` and ``(M, D)`` samples.
 
     .. math:: \frac{1}{N(N-1)}\sum_{i \ne j} k(q_i, q_j) + \frac{1}{M(M-1)}\sum_{i \ne j}
@@ -74,8 +83,7 @@ def maximum_mean_discrepancy(samples_q: torch.Tensor, samples_p: torch.Tensor, *
     return within_q + within_p - 2 * kqp.mean()
 
 
-def minibatch_mutual_information(posterior: torch.distributions.Distribution,
-                                 z: torch.Tensor) -> torch.Tensor:
+def minibatch_mutual_information(posterior: torch.distributions.Distribution, z: torch.Tensor) -> torch.Tensor:
     r"""Differentiable :math:`\hat I_q(x; z) = \frac1M \sum_i [\log q(z_i \mid x_i)
     - \log \frac1M \sum_j q(z_i \mid x_j)]` from a batch ``posterior`` (batch shape ``(M,)``)
     and its draws ``z`` ``(M, D)``; between 0 and :math:`\log M`."""
@@ -103,8 +111,10 @@ def latent_terms(model: Model, guide: Guide, x: torch.Tensor) -> LatentTerms:
     """
     guide_trace = poutine.trace(guide).get_trace(x)
     if "z" not in guide_trace.nodes:
-        raise ValueError("guide: expected a latent site named 'z'; got sites "
-                         f"{[n for n in guide_trace.nodes if n not in ('_INPUT', '_RETURN')]}")
+        raise ValueError(
+            "guide: expected a latent site named 'z'; got sites "
+            f"{[n for n in guide_trace.nodes if n not in ('_INPUT', '_RETURN')]}"
+        )
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
     reconstruction = x.new_zeros(x.shape[0])
     for site in model_trace.nodes.values():
@@ -129,28 +139,32 @@ class InfoVAELoss:
         num_prior_samples: Prior draws for the MMD per step (default: batch size).
     """
 
-    def __init__(self, *, alpha: float = 1.0, lambda_: float = 100.0, kernel: str = "imq",
-                 bandwidth: float = 1.0, num_prior_samples: int | None = None):
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.0,
+        lambda_: float = 100.0,
+        kernel: str = "imq",
+        bandwidth: float = 1.0,
+        num_prior_samples: int | None = None,
+    ):
         if kernel not in KERNELS:
             raise ValueError(f"kernel: expected one of {', '.join(KERNELS)}; got {kernel!r}")
         if alpha + lambda_ - 1 < 0:
-            raise ValueError(f"alpha, lambda_: expected alpha + lambda_ >= 1 so the divergence "
-                             f"term is not rewarded; got {alpha} + {lambda_}")
+            raise ValueError(
+                f"alpha, lambda_: expected alpha + lambda_ >= 1 so the divergence "
+                f"term is not rewarded; got {alpha} + {lambda_}"
+            )
         self.alpha, self.lambda_, self.kernel, self.bandwidth = alpha, lambda_, kernel, bandwidth
         self.num_prior_samples = num_prior_samples
 
-    def __call__(self, model: Model, guide: Guide, x: torch.Tensor, *, step: int = 0
-                 ) -> LossOutput:
+    def __call__(self, model: Model, guide: Guide, x: torch.Tensor, *, step: int = 0) -> LossOutput:
         terms = latent_terms(model, guide, x)
         prior_draws = self._prior_draws(terms.prior, terms.z.shape[-1])
-        mmd = maximum_mean_discrepancy(terms.z, prior_draws, kernel=self.kernel,
-                                       bandwidth=self.bandwidth)
-        loss = (-terms.reconstruction + (1 - self.alpha) * terms.kl).mean() + \
-            (self.alpha + self.lambda_ - 1) * mmd
+        mmd = maximum_mean_discrepancy(terms.z, prior_draws, kernel=self.kernel, bandwidth=self.bandwidth)
+        loss = (-terms.reconstruction + (1 - self.alpha) * terms.kl).mean() + (self.alpha + self.lambda_ - 1) * mmd
         elbo = terms.reconstruction - terms.kl
-        return LossOutput(loss, {"elbo": elbo.mean().detach(), "kl": terms.kl.mean().detach(),
-                                 "mmd": mmd.detach()})
-
+        return LossOutput(loss, {"elbo": elbo.mean().detach(), "kl": terms.kl.mean().detach(), "mmd": mmd.detach()})
 
     def _prior_draws(self, prior: torch.distributions.Distribution, dim: int) -> torch.Tensor:
         # The prior at site "z" is batched over the data plate: one call gives N draws.
@@ -171,11 +185,12 @@ class MutualInformationLoss:
             raise ValueError(f"mi_weight: expected a non-negative weight; got {mi_weight}")
         self.mi_weight = mi_weight
 
-    def __call__(self, model: Model, guide: Guide, x: torch.Tensor, *, step: int = 0
-                 ) -> LossOutput:
+    def __call__(self, model: Model, guide: Guide, x: torch.Tensor, *, step: int = 0) -> LossOutput:
         terms = latent_terms(model, guide, x)
         information = minibatch_mutual_information(terms.posterior, terms.z)
         elbo = terms.reconstruction - terms.kl
         loss = -elbo.mean() - self.mi_weight * information
-        return LossOutput(loss, {"elbo": elbo.mean().detach(), "kl": terms.kl.mean().detach(),
-                                 "mutual_information": information.detach()})
+        return LossOutput(
+            loss,
+            {"elbo": elbo.mean().detach(), "kl": terms.kl.mean().detach(), "mutual_information": information.detach()},
+        )

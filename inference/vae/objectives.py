@@ -28,6 +28,7 @@ References:
     Improved Variational Inference with Inverse Autoregressive Flow (free bits), Kingma et al.,
     2016, arXiv:1606.04934.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,8 +80,10 @@ class KLAnnealing:
 
     def __post_init__(self):
         if self.warmup_steps < 0 or self.num_cycles < 1:
-            raise ValueError(f"KLAnnealing: expected warmup_steps >= 0 and num_cycles >= 1; got "
-                             f"{self.warmup_steps} and {self.num_cycles}")
+            raise ValueError(
+                f"KLAnnealing: expected warmup_steps >= 0 and num_cycles >= 1; got "
+                f"{self.warmup_steps} and {self.num_cycles}"
+            )
 
     def __call__(self, step: int) -> float:
         if self.warmup_steps == 0 or step >= self.warmup_steps * self.num_cycles:
@@ -94,8 +97,7 @@ class KLAnnealing:
 def _per_datapoint(log_prob: torch.Tensor, batch_size: int) -> torch.Tensor:
     # Global sites (outside the data plate) have no batch dim: spread them evenly.
     if log_prob.dim() == 0 or log_prob.shape[-1] != batch_size:
-        return log_prob.sum() / batch_size * torch.ones(batch_size, dtype=log_prob.dtype,
-                                                         device=log_prob.device)
+        return log_prob.sum() / batch_size * torch.ones(batch_size, dtype=log_prob.dtype, device=log_prob.device)
     return log_prob.reshape(-1, batch_size).sum(0)
 
 
@@ -107,8 +109,7 @@ def _diagonal_normal(fn) -> Optional[Normal]:
     return fn if isinstance(fn, Normal) else None
 
 
-def elbo_terms(model: Model, guide: Guide, x: torch.Tensor, *args, analytic_kl: bool = True,
-               **kwargs) -> ELBOTerms:
+def elbo_terms(model: Model, guide: Guide, x: torch.Tensor, *args, analytic_kl: bool = True, **kwargs) -> ELBOTerms:
     r"""Single-sample reconstruction and KL per datapoint.
 
     The KL of a latent site is analytic when ``analytic_kl`` and both ``q`` and ``p`` are
@@ -125,8 +126,7 @@ def elbo_terms(model: Model, guide: Guide, x: torch.Tensor, *args, analytic_kl: 
     """
     batch = x.shape[0]
     guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-        x, *args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args, **kwargs)
     reconstruction = x.new_zeros(batch)
     kl = x.new_zeros(batch)
     kl_per_dim, all_analytic = [], True
@@ -134,8 +134,7 @@ def elbo_terms(model: Model, guide: Guide, x: torch.Tensor, *args, analytic_kl: 
         if site["type"] != "sample" or site_is_subsample(site):
             continue
         if site["is_observed"]:
-            reconstruction = reconstruction + _per_datapoint(site["fn"].log_prob(site["value"]),
-                                                             batch)
+            reconstruction = reconstruction + _per_datapoint(site["fn"].log_prob(site["value"]), batch)
             continue
         q_fn, value = guide_trace.nodes[name]["fn"], site["value"]
         q_normal, p_normal = _diagonal_normal(q_fn), _diagonal_normal(site["fn"])
@@ -171,11 +170,13 @@ def _vectorized(fn: Callable, num_samples: int, dim: int) -> Callable:
     def wrapped(*args, **kwargs):
         with pyro.plate("importance_samples", num_samples, dim=dim):
             return fn(*args, **kwargs)
+
     return wrapped
 
 
-def log_importance_weights(model: Model, guide: Guide, x: torch.Tensor, *args,
-                           num_samples: int, **kwargs) -> torch.Tensor:
+def log_importance_weights(
+    model: Model, guide: Guide, x: torch.Tensor, *args, num_samples: int, **kwargs
+) -> torch.Tensor:
     r""":math:`\log p(x, z_i) - \log q(z_i \mid x)` for ``num_samples`` draws per datapoint.
 
     Vectorized with a ``pyro.plate`` at dim ``-2``, so the model's data plate must be at
@@ -188,21 +189,18 @@ def log_importance_weights(model: Model, guide: Guide, x: torch.Tensor, *args,
     vec_guide = _vectorized(guide, num_samples, -2)
     vec_model = _vectorized(model, num_samples, -2)
     guide_trace = poutine.trace(vec_guide).get_trace(x, *args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(vec_model, trace=guide_trace)).get_trace(
-        x, *args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(vec_model, trace=guide_trace)).get_trace(x, *args, **kwargs)
     log_w = x.new_zeros(num_samples, batch)
     for name, site in model_trace.nodes.items():
         if site["type"] == "sample" and not site_is_subsample(site):
             log_w = log_w + site["fn"].log_prob(site["value"]).expand(num_samples, batch)
             if not site["is_observed"]:
                 guide_site = guide_trace.nodes[name]
-                log_w = log_w - guide_site["fn"].log_prob(guide_site["value"]).expand(
-                    num_samples, batch)
+                log_w = log_w - guide_site["fn"].log_prob(guide_site["value"]).expand(num_samples, batch)
     return log_w
 
 
-def iwae_bound(model: Model, guide: Guide, x: torch.Tensor, *args, num_samples: int,
-               **kwargs) -> torch.Tensor:
+def iwae_bound(model: Model, guide: Guide, x: torch.Tensor, *args, num_samples: int, **kwargs) -> torch.Tensor:
     r"""The importance-weighted bound :math:`\mathcal{L}_k(x)` per datapoint, ``(batch,)``."""
     log_w = log_importance_weights(model, guide, x, *args, num_samples=num_samples, **kwargs)
     return torch.logsumexp(log_w, 0) - math.log(num_samples)
@@ -220,19 +218,22 @@ class ELBOLoss:
         free_bits: :math:`\lambda` of :func:`free_bits_kl` (0 disables).
     """
 
-    def __init__(self, *, analytic_kl: bool = True,
-                 beta: Union[float, Callable[[int], float]] = 1.0, free_bits: float = 0.0):
+    def __init__(
+        self, *, analytic_kl: bool = True, beta: Union[float, Callable[[int], float]] = 1.0, free_bits: float = 0.0
+    ):
         self.analytic_kl, self.beta, self.free_bits = analytic_kl, beta, free_bits
 
-    def __call__(self, model: Model, guide: Guide, x: torch.Tensor, *, step: int = 0
-                 ) -> LossOutput:
+    def __call__(self, model: Model, guide: Guide, x: torch.Tensor, *, step: int = 0) -> LossOutput:
         terms = elbo_terms(model, guide, x, analytic_kl=self.analytic_kl)
         beta = self.beta(step) if callable(self.beta) else float(self.beta)
         batch = x.shape[0]
         loss = (-terms.reconstruction.sum() + beta * free_bits_kl(terms, self.free_bits)) / batch
-        metrics = {"elbo": terms.elbo.mean().detach(), "kl": terms.kl.mean().detach(),
-                   "reconstruction": terms.reconstruction.mean().detach(),
-                   "beta": torch.tensor(beta)}
+        metrics = {
+            "elbo": terms.elbo.mean().detach(),
+            "kl": terms.kl.mean().detach(),
+            "reconstruction": terms.reconstruction.mean().detach(),
+            "beta": torch.tensor(beta),
+        }
         return LossOutput(loss, metrics)
 
 
@@ -244,8 +245,7 @@ class IWAELoss:
             raise ValueError(f"num_samples: expected a positive integer; got {num_samples}")
         self.num_samples = num_samples
 
-    def __call__(self, model: Model, guide: Guide, x: torch.Tensor, *, step: int = 0
-                 ) -> LossOutput:
+    def __call__(self, model: Model, guide: Guide, x: torch.Tensor, *, step: int = 0) -> LossOutput:
         bound = iwae_bound(model, guide, x, num_samples=self.num_samples)
         return LossOutput(-bound.mean(), {"iwae": bound.mean().detach()})
 
@@ -256,8 +256,7 @@ class PyroELBOLoss:
     def __init__(self, elbo: pyro.infer.ELBO):
         self.elbo = elbo
 
-    def __call__(self, model: Model, guide: Guide, x: torch.Tensor, *, step: int = 0
-                 ) -> LossOutput:
+    def __call__(self, model: Model, guide: Guide, x: torch.Tensor, *, step: int = 0) -> LossOutput:
         loss = self.elbo.differentiable_loss(model, guide, x) / x.shape[0]
         return LossOutput(loss, {"elbo": -loss.detach()})
 
@@ -274,5 +273,4 @@ def as_loss(loss) -> Callable[..., LossOutput]:
         return IWAELoss()
     if callable(loss):
         return loss
-    raise ValueError(f"loss: expected a callable, a pyro.infer.ELBO or one of 'elbo', 'trace', "
-                     f"'iwae'; got {loss!r}")
+    raise ValueError(f"loss: expected a callable, a pyro.infer.ELBO or one of 'elbo', 'trace', 'iwae'; got {loss!r}")

@@ -1,5 +1,6 @@
 """PNG figures for a trained VAE: reconstructions, prior samples, latent scatter, traversals,
 ELBO curves (matplotlib, Agg backend; every function writes one file and returns its path)."""
+
 from __future__ import annotations
 
 import os
@@ -21,12 +22,12 @@ __all__ = [
 ]
 
 
-def _grid(images: torch.Tensor, rows: int, columns: int, path: str, *, title: str,
-          row_labels: Optional[Sequence[str]] = None) -> str:
+def _grid(
+    images: torch.Tensor, rows: int, columns: int, path: str, *, title: str, row_labels: Optional[Sequence[str]] = None
+) -> str:
     """Draw ``rows x columns`` images (``(rows*columns, C, H, W)``, values in [0, 1])."""
     images = images.detach().cpu().float()
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 0.9, rows * 0.9 + 0.4),
-                                squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 0.9, rows * 0.9 + 0.4), squeeze=False)
     for index, axis in enumerate(axes.flat):
         axis.axis("off")
         if index < len(images):
@@ -50,16 +51,20 @@ def plot_reconstructions(vae, x: torch.Tensor, path: str, *, num_images: int = 1
     """Top row: data ``x[:num_images]``; bottom row: decoder means at ``z ~ q(z|x)``."""
     x = x[:num_images]
     reconstruction = vae.reconstruct(x)
-    return _grid(torch.cat([_to_unit(vae, x), _to_unit(vae, reconstruction)]), 2, len(x), path,
-                 title="data (top) and reconstructions (bottom)")
+    return _grid(
+        torch.cat([_to_unit(vae, x), _to_unit(vae, reconstruction)]),
+        2,
+        len(x),
+        path,
+        title="data (top) and reconstructions (bottom)",
+    )
 
 
 def plot_prior_samples(vae, path: str, *, num_images: int = 64) -> str:
     """Decoder means at ``num_images`` draws from the prior."""
     columns = 8
     samples = _to_unit(vae, vae.sample_prior(num_images))
-    return _grid(samples, (num_images + columns - 1) // columns, columns, path,
-                 title="decoder means at prior samples")
+    return _grid(samples, (num_images + columns - 1) // columns, columns, path, title="decoder means at prior samples")
 
 
 @torch.no_grad()
@@ -87,8 +92,15 @@ def plot_latent_scatter(vae, x: torch.Tensor, labels: torch.Tensor, path: str) -
 
 
 @torch.no_grad()
-def plot_latent_traversals(vae, x: torch.Tensor, path: str, *, dimensions: Optional[Sequence[int]] = None,
-                           num_steps: int = 9, span: float = 3.0) -> str:
+def plot_latent_traversals(
+    vae,
+    x: torch.Tensor,
+    path: str,
+    *,
+    dimensions: Optional[Sequence[int]] = None,
+    num_steps: int = 9,
+    span: float = 3.0,
+) -> str:
     """Vary one latent coordinate at a time over ``[-span, span]`` around ``E[z | x[0]]``.
 
     ``dimensions`` defaults to the (up to 8) dimensions whose posterior means vary most over
@@ -103,15 +115,24 @@ def plot_latent_traversals(vae, x: torch.Tensor, path: str, *, dimensions: Optio
     for row, dimension in enumerate(dimensions):
         grid[row, :, dimension] = values
     images = _to_unit(vae, vae.decode_mean(grid.reshape(-1, anchor.shape[-1])))
-    return _grid(images, len(dimensions), num_steps, path, title=f"traversals over [-{span}, {span}]",
-                 row_labels=[f"z{d}" for d in dimensions])
+    return _grid(
+        images,
+        len(dimensions),
+        num_steps,
+        path,
+        title=f"traversals over [-{span}, {span}]",
+        row_labels=[f"z{d}" for d in dimensions],
+    )
 
 
 def plot_elbo_curves(rows: Sequence[dict], path: str) -> str:
     """Training and validation ELBO per epoch from :func:`~vilab.inference.vae.training.read_metrics`."""
     figure, axis = plt.subplots(figsize=(6, 4))
-    for key, label in (("train/elbo", "train ELBO"), ("val/elbo", "validation ELBO"),
-                       ("train/iwae", "train IWAE bound")):
+    for key, label in (
+        ("train/elbo", "train ELBO"),
+        ("val/elbo", "validation ELBO"),
+        ("train/iwae", "train IWAE bound"),
+    ):
         points = [(row["epoch"], row[key]) for row in rows if key in row]
         if points:
             epochs, values = zip(*points)
@@ -126,8 +147,9 @@ def plot_elbo_curves(rows: Sequence[dict], path: str) -> str:
     return path
 
 
-def save_all_figures(vae, x: torch.Tensor, labels: torch.Tensor, out_dir: str, *,
-                     metrics_rows: Sequence[dict] = ()) -> dict[str, str]:
+def save_all_figures(
+    vae, x: torch.Tensor, labels: torch.Tensor, out_dir: str, *, metrics_rows: Sequence[dict] = ()
+) -> dict[str, str]:
     """Write every figure into ``out_dir``; return ``{name: path}``."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {

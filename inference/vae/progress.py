@@ -4,6 +4,7 @@ Lightning's bar, written to a file, leaves every redraw behind (about 87 kB per 
 Fashion-MNIST). :class:`EpochStatus` prints ``epoch 3/10: 469/469 (100%), 41 s, train/loss=...,
 val/elbo=...`` once per epoch, and a line every ``interval`` seconds within a long epoch.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, TextIO
@@ -29,9 +30,12 @@ class EpochStatus(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = trainer.num_training_batches
         self.status = StatusLine(
-            total=int(total) if total != float("inf") else None, interval=self.interval,
-            desc=f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", stream=self.stream,
-            enabled=trainer.is_global_zero)
+            total=int(total) if total != float("inf") else None,
+            interval=self.interval,
+            desc=f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}",
+            stream=self.stream,
+            enabled=trainer.is_global_zero,
+        )
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if self.status is not None:
@@ -42,7 +46,8 @@ class EpochStatus(Callback):
         if self.status is None:
             return
         metrics = trainer.callback_metrics
-        self.status.set_postfix(**{name.replace("_epoch", ""): f"{float(metrics[name]):.4g}"
-                                   for name in _SHOWN if name in metrics})
+        self.status.set_postfix(
+            **{name.replace("_epoch", ""): f"{float(metrics[name]):.4g}" for name in _SHOWN if name in metrics}
+        )
         self.status.close()
         self.status = None

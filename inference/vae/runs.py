@@ -7,6 +7,7 @@ optimisation settings is refused (naming each one), so ``config.json`` always de
 weights beside it; :func:`set_aside_run` moves an old run away for a fresh start; and
 :func:`trim_metrics` drops the log rows a killed run wrote after its last checkpoint.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,14 +20,30 @@ from vilab.inference.vae.checkpoints import load_checkpoint, load_module, save_m
 from vilab.models.vae.vae import VAE, VAEConfig, build_vae
 from vilab.run_folders import RunFolderError, format_differences, settings_differences
 
-__all__ = ["RESUMABLE_SETTINGS", "check_run_folder", "finish_run", "load_run", "read_metrics",
-           "save_weights", "set_aside_run", "trim_metrics", "write_json"]
+__all__ = [
+    "RESUMABLE_SETTINGS",
+    "check_run_folder",
+    "finish_run",
+    "load_run",
+    "read_metrics",
+    "save_weights",
+    "set_aside_run",
+    "trim_metrics",
+    "write_json",
+]
 
 # Settings of config.json that may change when a run is resumed: they change how long or where
 # it trains, not the model, the data or the optimisation that produced its checkpoints.
-RESUMABLE_SETTINGS = ("training.max_epochs", "training.patience", "training.progress",
-                      "training.max_time", "training.accelerator", "training.strategy",
-                      "training.validate_distributions", "data_dir")
+RESUMABLE_SETTINGS = (
+    "training.max_epochs",
+    "training.patience",
+    "training.progress",
+    "training.max_time",
+    "training.accelerator",
+    "training.strategy",
+    "training.validate_distributions",
+    "data_dir",
+)
 # Keys of config.json that are records, not settings.
 _RECORDS = ("resumes",)
 
@@ -80,8 +97,10 @@ def check_run_folder(out_dir: str, config: dict) -> dict:
     config_path = os.path.join(out_dir, "config.json")
     if not os.path.isfile(config_path):
         if os.path.isdir(out_dir) and os.listdir(out_dir):
-            raise RunFolderError(f"out_dir: {out_dir!r} holds files but no VAE run (config.json); "
-                                 "expected an empty folder or a run folder; choose another one")
+            raise RunFolderError(
+                f"out_dir: {out_dir!r} holds files but no VAE run (config.json); "
+                "expected an empty folder or a run folder; choose another one"
+            )
         return config
     old = _read_config(out_dir)
     settings = {k: v for k, v in old.items() if k not in _RECORDS}
@@ -90,7 +109,8 @@ def check_run_folder(out_dir: str, config: dict) -> dict:
         error = RunFolderError(
             f"out_dir: {out_dir!r} holds a run with other settings: {format_differences(differences)}; "
             "resume it with its own settings, or start over with resume=False (the old run is "
-            "moved aside, not deleted)")
+            "moved aside, not deleted)"
+        )
         error.differences = differences
         raise error
     changed = settings_differences(settings, config)
@@ -168,8 +188,9 @@ def _log_versions(out_dir: str) -> list[str]:
     log_dir = os.path.join(out_dir, "logs")
     if not os.path.isdir(log_dir):
         return []
-    return sorted((d for d in os.listdir(log_dir) if d.startswith("csv-") and d[4:].isdigit()),
-                  key=lambda d: int(d[4:]))
+    return sorted(
+        (d for d in os.listdir(log_dir) if d.startswith("csv-") and d[4:].isdigit()), key=lambda d: int(d[4:])
+    )
 
 
 def finish_run(out_dir: str) -> str:
@@ -189,8 +210,10 @@ def finish_run(out_dir: str) -> str:
     source = next((path for path in sources if os.path.isfile(path)), None)
     vae = build_vae(VAEConfig.from_dict(_read_config(out_dir)["vae"]))
     if source is None:
-        raise FileNotFoundError(f"out_dir: {out_dir!r} has no checkpoint (checkpoints/best.ckpt or "
-                                "last.ckpt); it stopped before its first epoch ended")
+        raise FileNotFoundError(
+            f"out_dir: {out_dir!r} has no checkpoint (checkpoints/best.ckpt or "
+            "last.ckpt); it stopped before its first epoch ended"
+        )
     return save_weights(vae, out_dir, source)
 
 
@@ -214,8 +237,9 @@ def load_run(out_dir: str) -> tuple[VAE, dict]:
 def _read_config(out_dir: str) -> dict:
     config_path = os.path.join(out_dir, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"out_dir: {out_dir!r} is not a vilab VAE run (no config.json); "
-                                "create one with `vilab vae train --out DIR`")
+        raise FileNotFoundError(
+            f"out_dir: {out_dir!r} is not a vilab VAE run (no config.json); create one with `vilab vae train --out DIR`"
+        )
     with open(config_path) as file:
         return json.load(file)
 
@@ -230,6 +254,5 @@ def read_metrics(out_dir: str) -> list[dict[str, float]]:
         path = os.path.join(out_dir, "logs", version, "metrics.csv")
         if os.path.isfile(path):
             with open(path) as file:
-                rows += [{k: float(v) for k, v in row.items() if v not in ("", None)}
-                         for row in csv.DictReader(file)]
+                rows += [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(file)]
     return rows

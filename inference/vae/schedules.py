@@ -1,4 +1,5 @@
 """A learning-rate schedule for Lightning training that survives a resume exactly."""
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -30,8 +31,13 @@ class PlateauSchedule(Callback):
         # threshold, on a bound near -226 nats, would take a value up to 0.02 *worse* than the
         # best for progress and never decay on a noisy plateau.
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            trainer.optimizers[0], mode="max", factor=self.factor, patience=self.patience,
-            threshold=0.0, threshold_mode="abs")
+            trainer.optimizers[0],
+            mode="max",
+            factor=self.factor,
+            patience=self.patience,
+            threshold=0.0,
+            threshold_mode="abs",
+        )
         if self._restored:
             self.scheduler.load_state_dict(self._restored)
 

@@ -15,6 +15,7 @@ and rerunning the same command resumes from it exactly.
 ``checkpoints/{last,best}.ckpt`` and ``logs/``; :mod:`vilab.inference.vae.runs` reads it back
 without executing code.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,14 +40,30 @@ from torch.utils.data import DataLoader
 from vilab.datasets import ImageData, make_loader
 from vilab.errors import NonFiniteLossError, TrainingInterrupted
 from vilab.inference.vae.checkpoints import AtomicCheckpointIO
-from vilab.inference.vae.objectives import (ELBOLoss, IWAELoss, KLAnnealing, PyroELBOLoss, as_loss, elbo_terms,
-                                        iwae_bound)
+from vilab.inference.vae.objectives import (
+    ELBOLoss,
+    IWAELoss,
+    KLAnnealing,
+    PyroELBOLoss,
+    as_loss,
+    elbo_terms,
+    iwae_bound,
+)
 from vilab.inference.common.progress import is_interactive
 from vilab.inference.vae.schedules import PlateauSchedule
+
 # Re-exported: the run-directory helpers were first importable from here.
 from vilab.inference.vae.progress import EpochStatus
-from vilab.inference.vae.runs import (check_run_folder, finish_run, load_run, read_metrics, save_weights,
-                                      set_aside_run, trim_metrics, write_json)
+from vilab.inference.vae.runs import (
+    check_run_folder,
+    finish_run,
+    load_run,
+    read_metrics,
+    save_weights,
+    set_aside_run,
+    trim_metrics,
+    write_json,
+)
 from vilab.models.vae.vae import VAE
 
 __all__ = [
@@ -73,14 +90,22 @@ def _rng_state(state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     load with ``weights_only=True``."""
     state = pyro.util.get_rng_state() if state is None else state
     numpy_state = state["numpy"]
-    return {"torch": state["torch"], "random": state["random"],
-            "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:])}
+    return {
+        "torch": state["torch"],
+        "random": state["random"],
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]),
+    }
 
 
 def _set_rng_state(saved: dict[str, Any]) -> None:
     numpy_state = saved["numpy"]
-    pyro.util.set_rng_state({"torch": saved["torch"], "random": saved["random"],
-                             "numpy": (numpy_state[0], numpy_state[1].numpy(), *numpy_state[2:])})
+    pyro.util.set_rng_state(
+        {
+            "torch": saved["torch"],
+            "random": saved["random"],
+            "numpy": (numpy_state[0], numpy_state[1].numpy(), *numpy_state[2:]),
+        }
+    )
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -102,13 +127,21 @@ class VAELightningModule(pl.LightningModule):
             Validation steps always keep them.
     """
 
-    def __init__(self, model: nn.Module, guide: nn.Module, loss: Any = "elbo", *,
-                 learning_rate: float = 1e-3, validate_distributions: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        guide: nn.Module,
+        loss: Any = "elbo",
+        *,
+        learning_rate: float = 1e-3,
+        validate_distributions: bool = False,
+    ):
         super().__init__()
         for name, module in (("model", model), ("guide", guide)):
             if not isinstance(module, nn.Module):
-                raise TypeError(f"{name}: expected an nn.Module so Lightning can train its "
-                                f"parameters; got {type(module).__name__}")
+                raise TypeError(
+                    f"{name}: expected an nn.Module so Lightning can train its parameters; got {type(module).__name__}"
+                )
         self.model, self.guide = model, guide
         self.loss_fn = as_loss(loss)
         self.learning_rate = learning_rate
@@ -126,13 +159,14 @@ class VAELightningModule(pl.LightningModule):
             raise NonFiniteLossError(
                 f"training loss is {output.loss.item()} at epoch {self.current_epoch}, batch "
                 f"{batch_idx} (global step {self.global_step}); training stopped before the "
-                "update, so the last saved checkpoint is the last good state")
+                "update, so the last saved checkpoint is the last good state"
+            )
         # sync_dist averages the epoch aggregates over DDP processes (a no-op in one process).
-        self.log("train/loss", output.loss, prog_bar=True, on_step=True, on_epoch=True,
-                 batch_size=x.shape[0], sync_dist=True)
+        self.log(
+            "train/loss", output.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0], sync_dist=True
+        )
         for key, value in output.metrics.items():
-            self.log(f"train/{key}", value, on_step=False, on_epoch=True, batch_size=x.shape[0],
-                     sync_dist=True)
+            self.log(f"train/{key}", value, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         return output.loss
 
     @property
@@ -148,8 +182,7 @@ class VAELightningModule(pl.LightningModule):
         terms = elbo_terms(self.model, self.guide, x)
         size = x.shape[0]
         self.log("val/elbo", terms.elbo.mean(), prog_bar=True, sync_dist=True, batch_size=size)
-        self.log("val/reconstruction", terms.reconstruction.mean(), sync_dist=True,
-                 batch_size=size)
+        self.log("val/reconstruction", terms.reconstruction.mean(), sync_dist=True, batch_size=size)
         self.log("val/kl", terms.kl.mean(), sync_dist=True, batch_size=size)
         if self.monitor == "val/iwae":
             bound = iwae_bound(self.model, self.guide, x, num_samples=self.loss_fn.num_samples)
@@ -247,8 +280,7 @@ class TrainingConfig:
     def make_loss(self):
         """The loss callable these settings describe."""
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}; "
-                             f"got {self.objective!r}")
+            raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
         if self.objective == "iwae":
             return IWAELoss(self.iwae_samples)
         if self.objective == "trace":
@@ -323,7 +355,9 @@ def _stop_on_signals(trainer: pl.Trainer) -> Iterator[None]:
                 os.kill(process.pid, signal.SIGKILL)
         raise TrainingInterrupted(
             f"training stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}"
-            f", global step {trainer.global_step}", signum)
+            f", global step {trainer.global_step}",
+            signum,
+        )
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -361,10 +395,18 @@ def fix_cublas_workspace() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: DataLoader,
-                  val_loader: Optional[DataLoader], out_dir: str, *,
-                  config: Optional[TrainingConfig] = None, resume: bool = True,
-                  callbacks: Sequence[Callback] = ()) -> TrainingResult:
+def fit_lightning(
+    model: nn.Module,
+    guide: nn.Module,
+    loss: Any,
+    train_loader: DataLoader,
+    val_loader: Optional[DataLoader],
+    out_dir: str,
+    *,
+    config: Optional[TrainingConfig] = None,
+    resume: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> TrainingResult:
     """Train ``(model, guide, loss)`` with Lightning into ``out_dir``.
 
     Checkpoints go to ``out_dir/checkpoints`` (``last.ckpt`` every epoch, ``best.ckpt`` on
@@ -386,24 +428,23 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
     pl.seed_everything(config.seed, workers=True, verbose=False)
     config.check_schedule()
     if config.lr_decay is not None and val_loader is None:
-        raise ValueError("lr_decay: the plateau schedule watches the validation metric; got no "
-                         "validation data")
-    module = VAELightningModule(model, guide, loss, learning_rate=config.learning_rate,
-                                validate_distributions=config.validate_distributions)
+        raise ValueError("lr_decay: the plateau schedule watches the validation metric; got no validation data")
+    module = VAELightningModule(
+        model, guide, loss, learning_rate=config.learning_rate, validate_distributions=config.validate_distributions
+    )
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     _remove_stale_temporaries(ckpt_dir)
     # Two checkpoints: Lightning's save_last only writes when the monitored one improves, so
     # "last" is its own unmonitored checkpoint, overwritten every epoch (what a resume needs).
-    all_callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, filename="best",
-                                           monitor=module.monitor if val_loader else None,
-                                           mode="max"),
-                           ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
-                                           every_n_epochs=1, enable_version_counter=False),
-                           _WorkerGuard(os.getpid(), forked=strategy in ("ddp_fork",
-                                                                          "ddp_notebook"))]
+    all_callbacks: list = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=module.monitor if val_loader else None, mode="max"),
+        ModelCheckpoint(
+            dirpath=ckpt_dir, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
+        ),
+        _WorkerGuard(os.getpid(), forked=strategy in ("ddp_fork", "ddp_notebook")),
+    ]
     if config.patience is not None and val_loader is not None:
-        all_callbacks.append(EarlyStopping(monitor=module.monitor, mode="max",
-                                           patience=config.patience))
+        all_callbacks.append(EarlyStopping(monitor=module.monitor, mode="max", patience=config.patience))
     # On a terminal Lightning's bar; in a log, one line per epoch (a bar there is ~87 kB an epoch).
     bar = config.progress and is_interactive()
     if config.progress and not bar:
@@ -411,23 +452,37 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
     all_callbacks += list(callbacks)
     if config.lr_decay is not None:
         # After the caller's callbacks: it acts on the metric they leave.
-        all_callbacks += [PlateauSchedule(module.monitor, config.lr_decay, config.lr_patience),
-                          LearningRateMonitor(logging_interval="epoch")]
+        all_callbacks += [
+            PlateauSchedule(module.monitor, config.lr_decay, config.lr_patience),
+            LearningRateMonitor(logging_interval="epoch"),
+        ]
     # A resumed run logs to a new CSV file; read_metrics concatenates them in order.
-    previous = [d for d in os.listdir(os.path.join(out_dir, "logs"))
-                if d.startswith("csv")] if os.path.isdir(os.path.join(out_dir, "logs")) else []
+    previous = (
+        [d for d in os.listdir(os.path.join(out_dir, "logs")) if d.startswith("csv")]
+        if os.path.isdir(os.path.join(out_dir, "logs"))
+        else []
+    )
     version = f"csv-{len(previous)}"
     all_callbacks.append(_TrimResumedLogs(out_dir, version))
     loggers: list = [CSVLogger(out_dir, name="logs", version=version)]
     if _TENSORBOARD_AVAILABLE:
         loggers.append(TensorBoardLogger(out_dir, name="logs", version="tensorboard"))
     trainer = pl.Trainer(
-        max_epochs=config.max_epochs, accelerator=config.accelerator, devices=config.devices,
-        strategy=strategy, callbacks=all_callbacks, logger=loggers,
-        plugins=[AtomicCheckpointIO()], enable_progress_bar=bar,
-        enable_model_summary=False, num_sanity_val_steps=0,
-        gradient_clip_val=config.gradient_clip, log_every_n_steps=10, deterministic=True,
-        max_time=config.max_time)
+        max_epochs=config.max_epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        strategy=strategy,
+        callbacks=all_callbacks,
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=config.gradient_clip,
+        log_every_n_steps=10,
+        deterministic=True,
+        max_time=config.max_time,
+    )
     last = os.path.join(ckpt_dir, "last.ckpt")
     ckpt_path = last if resume and os.path.exists(last) else None
     start = time.perf_counter()
@@ -437,9 +492,16 @@ def fit_lightning(model: nn.Module, guide: nn.Module, loss: Any, train_loader: D
     return TrainingResult(module, trainer, last, best, time.perf_counter() - start)
 
 
-def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
-              config: Optional[TrainingConfig] = None, resume: bool = True,
-              extra: Optional[dict] = None, callbacks: Sequence[Callback] = ()) -> TrainingResult:
+def train_vae(
+    vae: VAE,
+    data: ImageData,
+    out_dir: str,
+    *,
+    config: Optional[TrainingConfig] = None,
+    resume: bool = True,
+    extra: Optional[dict] = None,
+    callbacks: Sequence[Callback] = (),
+) -> TrainingResult:
     """Train a :class:`~vilab.models.vae.vae.VAE` on ``data`` and save the run to ``out_dir``.
 
     Training batches of binary data are binarized afresh every time (dynamic binarization);
@@ -462,30 +524,45 @@ def train_vae(vae: VAE, data: ImageData, out_dir: str, *,
     if vae.config is None:
         raise ValueError("vae: expected a VAE built by build_vae (it needs .config to be saved)")
     if tuple(vae.config.image_shape) != data.image_shape or vae.config.num_levels != data.num_levels:
-        raise ValueError(f"vae: the model expects images {vae.config.image_shape} with "
-                         f"{vae.config.num_levels} levels; data {data.name!r} has "
-                         f"{data.image_shape} with {data.num_levels} levels")
+        raise ValueError(
+            f"vae: the model expects images {vae.config.image_shape} with "
+            f"{vae.config.num_levels} levels; data {data.name!r} has "
+            f"{data.image_shape} with {data.num_levels} levels"
+        )
     # Lightning keeps each submodule's mode, and a run read back by load_run is in eval mode.
     vae.train()
     config.check_schedule()  # bad settings fail here, before a run is moved or config.json written
     config.make_loss()
     resolve_strategy(config.devices, config.strategy, config.accelerator)
-    run_config = {"vae": vae.config.to_dict(), "training": asdict(config), "data": data.name,
-                  **(extra or {})}
+    run_config = {"vae": vae.config.to_dict(), "training": asdict(config), "data": data.name, **(extra or {})}
     if not resume:
         moved = set_aside_run(out_dir)
         if moved is not None:
-            warnings.warn(f"train_vae: resume=False: the run in {out_dir!r} was moved to {moved!r}",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                f"train_vae: resume=False: the run in {out_dir!r} was moved to {moved!r}", UserWarning, stacklevel=2
+            )
     run_config = check_run_folder(out_dir, run_config)
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "config.json"), run_config)
-    train_loader = make_loader(data.train, data.train_labels, batch_size=config.batch_size,
-                               shuffle=True, dynamic_binarization=data.num_levels == 2)
-    val_loader = make_loader(data.validation, data.validation_labels,
-                             batch_size=max(config.batch_size, 256))
-    result = fit_lightning(vae.model, vae.guide, config.make_loss(), train_loader, val_loader,
-                           out_dir, config=config, resume=resume, callbacks=callbacks)
+    train_loader = make_loader(
+        data.train,
+        data.train_labels,
+        batch_size=config.batch_size,
+        shuffle=True,
+        dynamic_binarization=data.num_levels == 2,
+    )
+    val_loader = make_loader(data.validation, data.validation_labels, batch_size=max(config.batch_size, 256))
+    result = fit_lightning(
+        vae.model,
+        vae.guide,
+        config.make_loss(),
+        train_loader,
+        val_loader,
+        out_dir,
+        config=config,
+        resume=resume,
+        callbacks=callbacks,
+    )
     if result.trainer.is_global_zero:
         save_weights(vae, out_dir, result.best_checkpoint or result.last_checkpoint)
     return result

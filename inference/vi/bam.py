@@ -43,6 +43,7 @@ References:
     Modi, Pillaud-Vivien, Margossian, Gower, Blei and Saul, ICML 2024, arXiv:2402.14758
     (Algorithm 1). The update follows the authors' ``gsmvi/bam.py`` (github.com/modichirag/GSM-VI).
 """
+
 from __future__ import annotations
 
 import time
@@ -67,8 +68,9 @@ INITS = ("lbfgs", "uniform")
 LOCATION_TOLERANCE = 0.1
 
 
-def bam_update(loc: torch.Tensor, covariance: torch.Tensor, draws: torch.Tensor, scores: torch.Tensor,
-               learning_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+def bam_update(
+    loc: torch.Tensor, covariance: torch.Tensor, draws: torch.Tensor, scores: torch.Tensor, learning_rate: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One BaM step from :math:`(\mu_t, \Sigma_t)` (``(D,)``, ``(D, D)``) with the batch's
     ``draws`` and ``scores`` (``(B, D)`` each) and :math:`\lambda_t`; returns
     :math:`(\mu_{t+1}, \Sigma_{t+1})`."""
@@ -102,8 +104,9 @@ def _start(density: LogDensity, generator: torch.Generator, init: str) -> tuple[
     eye = torch.eye(density.dim, dtype=start.dtype)
     if init == "uniform":
         return start, eye
-    path = lbfgs_path(density, start, history_size=6, max_iterations=1000, relative_tolerance=1e-10,
-                      gradient_tolerance=1e-8)
+    path = lbfgs_path(
+        density, start, history_size=6, max_iterations=1000, relative_tolerance=1e-10, gradient_tolerance=1e-8
+    )
     estimates = inverse_hessian_estimates(path, 6)
     last = estimates[-1] if estimates else None
     if last is None or int(torch.linalg.cholesky_ex(last).info) != 0:
@@ -114,9 +117,9 @@ def _start(density: LogDensity, generator: torch.Generator, init: str) -> tuple[
 def _location_settled(locs: list[torch.Tensor], covariance: torch.Tensor, window: int) -> bool:
     if len(locs) < 2 * window:
         return False
-    shift = torch.stack(locs[-window:]).mean(0) - torch.stack(locs[-2 * window:-window]).mean(0)
+    shift = torch.stack(locs[-window:]).mean(0) - torch.stack(locs[-2 * window : -window]).mean(0)
     squared = float(shift @ torch.linalg.solve(covariance, shift)) / shift.shape[0]
-    return squared ** 0.5 < LOCATION_TOLERANCE
+    return squared**0.5 < LOCATION_TOLERANCE
 
 
 def _check(batch_size, max_iterations, min_iterations, window, learning_rate, init):
@@ -130,19 +133,24 @@ def _check(batch_size, max_iterations, min_iterations, window, learning_rate, in
         raise ValueError(f"learning_rate: expected a number > 0 or None (the paper's B*D/(t+1)); got {learning_rate!r}")
 
 
-def gsm_update(loc: torch.Tensor, covariance: torch.Tensor, draws: torch.Tensor, scores: torch.Tensor,
-               learning_rate: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gsm_update(
+    loc: torch.Tensor,
+    covariance: torch.Tensor,
+    draws: torch.Tensor,
+    scores: torch.Tensor,
+    learning_rate: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One GSM step: for each draw :math:`z` with score :math:`g`, the smallest change (in KL)
-    of :math:`(\mu, \Sigma)` after which :math:`
-abla \log q(z) = g`, averaged over the batch
-    (Modi et al. 2023, Algorithm 1); ``learning_rate`` is unused (GSM has none)."""
+        of :math:`(\mu, \Sigma)` after which :math:`
+    abla \log q(z) = g`, averaged over the batch
+        (Modi et al. 2023, Algorithm 1); ``learning_rate`` is unused (GSM has none)."""
     eye = torch.eye(loc.shape[0], dtype=loc.dtype)
     loc_steps, covariance_steps = [], []
     for z, g in zip(draws, scores):
         sigma_g = covariance @ g
         offset = loc - z
         offset_g = offset @ g
-        rho = 0.5 * torch.sqrt(1 + 4 * (g @ sigma_g + offset_g ** 2)) - 0.5
+        rho = 0.5 * torch.sqrt(1 + 4 * (g @ sigma_g + offset_g**2)) - 0.5
         step = (eye - torch.outer(offset, g) / (1 + rho + offset_g)) @ (sigma_g - offset) / (1 + rho)
         moved = loc + step - z
         loc_steps.append(step)
@@ -151,9 +159,19 @@ abla \log q(z) = g`, averaged over the batch
     return loc + torch.stack(loc_steps).mean(0), (new_covariance + new_covariance.T) / 2
 
 
-def fit_bam(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = False, batch_size: int = 16,
-            max_iterations: int = 500, min_iterations: int = 50, window: int = 25,
-            learning_rate: Optional[float] = None, init: str = "lbfgs", **kwargs: Any) -> SVIResult:
+def fit_bam(
+    model: Model,
+    *args: Any,
+    seed: Optional[int] = 0,
+    progress: bool = False,
+    batch_size: int = 16,
+    max_iterations: int = 500,
+    min_iterations: int = 50,
+    window: int = 25,
+    learning_rate: Optional[float] = None,
+    init: str = "lbfgs",
+    **kwargs: Any,
+) -> SVIResult:
     r"""Batch-and-match VI on ``model(*args, **kwargs)``; ``fit_svi(model, "bam")`` calls it.
 
     Args:
@@ -178,14 +196,35 @@ def fit_bam(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = 
     def rate(t: int, dim: int) -> float:
         return learning_rate if learning_rate is not None else batch_size * dim / (t + 1)
 
-    return _fit(model, args, kwargs, "bam", bam_update, rate, seed=seed, batch_size=batch_size,
-                max_iterations=max_iterations, min_iterations=min_iterations, window=window, init=init,
-                config={"learning_rate": learning_rate})
+    return _fit(
+        model,
+        args,
+        kwargs,
+        "bam",
+        bam_update,
+        rate,
+        seed=seed,
+        batch_size=batch_size,
+        max_iterations=max_iterations,
+        min_iterations=min_iterations,
+        window=window,
+        init=init,
+        config={"learning_rate": learning_rate},
+    )
 
 
-def fit_gsm(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = False, batch_size: int = 2,
-            max_iterations: int = 1000, min_iterations: int = 50, window: int = 25, init: str = "lbfgs",
-            **kwargs: Any) -> SVIResult:
+def fit_gsm(
+    model: Model,
+    *args: Any,
+    seed: Optional[int] = 0,
+    progress: bool = False,
+    batch_size: int = 2,
+    max_iterations: int = 1000,
+    min_iterations: int = 50,
+    window: int = 25,
+    init: str = "lbfgs",
+    **kwargs: Any,
+) -> SVIResult:
     r"""Gaussian score matching VI on ``model(*args, **kwargs)``; ``fit_svi(model, "gsm")`` calls it.
 
     Each iteration moves :math:`(\mu, \Sigma)` by the batch average of the per-draw closed-form
@@ -199,12 +238,26 @@ def fit_gsm(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = 
         authors' ``gsmvi/gsm.py``).
     """
     _check(batch_size, max_iterations, min_iterations, window, None, init)
-    return _fit(model, args, kwargs, "gsm", gsm_update, lambda t, dim: None, seed=seed, batch_size=batch_size,
-                max_iterations=max_iterations, min_iterations=min_iterations, window=window, init=init, config={})
+    return _fit(
+        model,
+        args,
+        kwargs,
+        "gsm",
+        gsm_update,
+        lambda t, dim: None,
+        seed=seed,
+        batch_size=batch_size,
+        max_iterations=max_iterations,
+        min_iterations=min_iterations,
+        window=window,
+        init=init,
+        config={},
+    )
 
 
-def _fit(model, args, kwargs, name, update, rate, *, seed, batch_size, max_iterations, min_iterations, window,
-         init, config) -> SVIResult:
+def _fit(
+    model, args, kwargs, name, update, rate, *, seed, batch_size, max_iterations, min_iterations, window, init, config
+) -> SVIResult:
     """The loop BaM and GSM share: draw a batch from q_t, take its scores, update."""
     start_time = time.perf_counter()
     if seed is not None:
@@ -222,8 +275,10 @@ def _fit(model, args, kwargs, name, update, rate, *, seed, batch_size, max_itera
         finite = torch.isfinite(scores).all(-1)
         dropped += int((~finite).sum())
         if int(finite.sum()) < min(2, batch_size):
-            raise RuntimeError(f"{name}: the score is not finite at {int((~finite).sum())} of {batch_size} draws of "
-                               f"iteration {t}; the model's density is not differentiable where q puts its mass")
+            raise RuntimeError(
+                f"{name}: the score is not finite at {int((~finite).sum())} of {batch_size} draws of "
+                f"iteration {t}; the model's density is not differentiable where q puts its mass"
+            )
         draws, scores = draws[finite], scores[finite]
         losses.append(_score_divergence(loc, covariance, draws, scores))
         new_loc, new_covariance = update(loc, covariance, draws, scores, rate(t, dim))
@@ -232,14 +287,36 @@ def _fit(model, args, kwargs, name, update, rate, *, seed, batch_size, max_itera
         else:  # round-off broke positive definiteness: keep q_t, as the authors' code does
             rejected += 1
         locs.append(loc)
-        if t + 1 >= min_iterations and (t + 1) % window == 0 and has_converged(losses, window=window, rtol=1e-3) \
-                and _location_settled(locs, covariance, window):
+        if (
+            t + 1 >= min_iterations
+            and (t + 1) % window == 0
+            and has_converged(losses, window=window, rtol=1e-3)
+            and _location_settled(locs, covariance, window)
+        ):
             converged = True
             break
     guide = gaussian_guide(model, args, kwargs, loc, torch.linalg.cholesky(covariance), sites=density.potential.sites)
-    config = {"batch_size": batch_size, "max_iterations": max_iterations, **config, "iterations": len(losses),
-              "gradient_evaluations": density.gradient_evaluations,
-              "density_evaluations": density.density_evaluations, "dropped_draws": dropped,
-              "rejected_updates": rejected, "init": init, "batched_density": density.batched}
-    return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start_time, converged, name,
-                     "score divergence", config)
+    config = {
+        "batch_size": batch_size,
+        "max_iterations": max_iterations,
+        **config,
+        "iterations": len(losses),
+        "gradient_evaluations": density.gradient_evaluations,
+        "density_evaluations": density.density_evaluations,
+        "dropped_draws": dropped,
+        "rejected_updates": rejected,
+        "init": init,
+        "batched_density": density.batched,
+    }
+    return SVIResult(
+        model,
+        guide,
+        args,
+        kwargs,
+        losses,
+        time.perf_counter() - start_time,
+        converged,
+        name,
+        "score divergence",
+        config,
+    )

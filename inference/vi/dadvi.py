@@ -46,6 +46,7 @@ References:
     Giordano, Broderick & Jordan, "Covariances, Robustness, and Variational Bayes", JMLR 2018,
     arXiv:1709.02536.
 """
+
 from __future__ import annotations
 
 import math
@@ -94,7 +95,7 @@ class DADVIObjective:
         if self._cached is None or self._cached[0] != key:
             eta = torch.tensor(x, dtype=self.draws.dtype, requires_grad=True)
             with torch.enable_grad():
-                loc, log_scale = eta[:self.dim], eta[self.dim:]
+                loc, log_scale = eta[: self.dim], eta[self.dim :]
                 points = loc + log_scale.exp() * self.draws
                 value = -self.log_density(points).mean() - log_scale.sum() - self.constant
                 (grad,) = torch.autograd.grad(value, eta, create_graph=True)
@@ -126,10 +127,21 @@ class DADVIObjective:
         return 0.5 * (hessian + hessian.T)
 
 
-def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True, num_draws: int = 30,
-              antithetic: bool = True, draws: Optional[torch.Tensor] = None, optimizer: str = "trust-ncg",
-              gtol: float = 1e-8, tolerance: float = 1e-5, max_iterations: int = 1000,
-              num_lrvb_samples: int = 4000, **kwargs: Any) -> SVIResult:
+def fit_dadvi(
+    model,
+    *args: Any,
+    seed: Optional[int] = 0,
+    progress: bool = True,
+    num_draws: int = 30,
+    antithetic: bool = True,
+    draws: Optional[torch.Tensor] = None,
+    optimizer: str = "trust-ncg",
+    gtol: float = 1e-8,
+    tolerance: float = 1e-5,
+    max_iterations: int = 1000,
+    num_lrvb_samples: int = 4000,
+    **kwargs: Any,
+) -> SVIResult:
     r"""Fit a mean-field Gaussian to ``model(*args, **kwargs)`` by DADVI, with its LRVB covariance.
 
     Args:
@@ -166,17 +178,21 @@ def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True,
     Raises:
         ValueError: bad options or draws (before any work), or a model with discrete latents.
     """
-    _check_options(num_draws, antithetic and draws is None, optimizer, gtol, tolerance, max_iterations,
-                   num_lrvb_samples)
+    _check_options(
+        num_draws, antithetic and draws is None, optimizer, gtol, tolerance, max_iterations, num_lrvb_samples
+    )
     if seed is not None:
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
     if torch.get_default_dtype() != torch.float64:
         # Rounding in float32 leaves a Newton decrement near 1e-3: the test of 1e-5 then fails.
-        warnings.warn("fit_dadvi: the default dtype is not float64, so the objective's rounding may stop the "
-                      "Newton decrement above `tolerance` (converged=False although the answer is close); "
-                      "call torch.set_default_dtype(torch.float64) before building the data",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "fit_dadvi: the default dtype is not float64, so the objective's rounding may stop the "
+            "Newton decrement above `tolerance` (converged=False although the answer is close); "
+            "call torch.set_default_dtype(torch.float64) before building the data",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     start = time.perf_counter()
     potential = _potential(model, args, kwargs, num_draws if draws is None else len(draws), seed)
     draws = _draws(draws, num_draws, antithetic, potential.dim, seed)
@@ -185,15 +201,25 @@ def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True,
     solution = _minimize(objective, np.zeros(2 * potential.dim), optimizer, gtol, max_iterations, losses, progress)
     x, hessian, decrement, newton_steps = _newton_polish(objective, solution.x, tolerance, losses)
     lrvb_covariance, lrvb_error = _lrvb(hessian, potential.dim)
-    loc = torch.as_tensor(x[:potential.dim], dtype=draws.dtype)
-    scale = torch.as_tensor(x[potential.dim:], dtype=draws.dtype).exp()
-    config = {"method": "dadvi", "num_draws": len(draws), "antithetic": bool(antithetic), "optimizer": optimizer,
-              "iterations": int(solution.nit), "optimizer_message": str(solution.message),
-              "newton_steps": newton_steps, "newton_decrement": decrement, "tolerance": tolerance,
-              "gradient_norm": float(np.linalg.norm(objective.value_and_grad(x)[1])),
-              "vectorized": not isinstance(potential, LoopedPotential),
-              "gradient_evaluations": objective.gradient_evaluations,
-              "lrvb_covariance": None, "lrvb_sd": None, "lrvb_error": lrvb_error}
+    loc = torch.as_tensor(x[: potential.dim], dtype=draws.dtype)
+    scale = torch.as_tensor(x[potential.dim :], dtype=draws.dtype).exp()
+    config = {
+        "method": "dadvi",
+        "num_draws": len(draws),
+        "antithetic": bool(antithetic),
+        "optimizer": optimizer,
+        "iterations": int(solution.nit),
+        "optimizer_message": str(solution.message),
+        "newton_steps": newton_steps,
+        "newton_decrement": decrement,
+        "tolerance": tolerance,
+        "gradient_norm": float(np.linalg.norm(objective.value_and_grad(x)[1])),
+        "vectorized": not isinstance(potential, LoopedPotential),
+        "gradient_evaluations": objective.gradient_evaluations,
+        "lrvb_covariance": None,
+        "lrvb_sd": None,
+        "lrvb_error": lrvb_error,
+    }
     if lrvb_covariance is not None:
         config["lrvb_covariance"] = lrvb_covariance.tolist()
         config["lrvb_sd"] = _constrained_sd(potential, loc, lrvb_covariance, num_lrvb_samples, seed)
@@ -201,8 +227,18 @@ def fit_dadvi(model, *args: Any, seed: Optional[int] = 0, progress: bool = True,
         warnings.warn(f"fit_dadvi: no LRVB covariance ({lrvb_error})", RuntimeWarning, stacklevel=2)
     converged = decrement < tolerance and lrvb_error is None
     guide = gaussian_guide(model, args, kwargs, loc, scale, sites=potential.sites)
-    return SVIResult(model, guide, args, kwargs, losses or [float(solution.fun)], time.perf_counter() - start,
-                     converged, "dadvi", "dadvi", config)
+    return SVIResult(
+        model,
+        guide,
+        args,
+        kwargs,
+        losses or [float(solution.fun)],
+        time.perf_counter() - start,
+        converged,
+        "dadvi",
+        "dadvi",
+        config,
+    )
 
 
 def _check_options(num_draws, antithetic, optimizer, gtol, tolerance, max_iterations, num_lrvb_samples) -> None:
@@ -236,8 +272,9 @@ def _draws(draws, num_draws: int, antithetic: bool, dim: int, seed: Optional[int
         return torch.cat([half, -half])
     draws = torch.as_tensor(draws, dtype=dtype)
     if draws.dim() != 2 or draws.shape[1] != dim or draws.shape[0] < 1:
-        raise ValueError(f"draws: expected shape (M, {dim}) (the model has {dim} unconstrained dimensions); "
-                         f"got {tuple(draws.shape)}")
+        raise ValueError(
+            f"draws: expected shape (M, {dim}) (the model has {dim} unconstrained dimensions); got {tuple(draws.shape)}"
+        )
     if not bool(torch.isfinite(draws).all()):
         raise ValueError("draws: expected finite values; got NaN or inf")
     return draws
@@ -254,9 +291,16 @@ def _minimize(objective: DADVIObjective, x0, optimizer, gtol, max_iterations, lo
     hess = _finite_hessian(objective) if optimizer == "trust-exact" else None
     hessp = None if hess is not None else objective.hessp
     try:
-        return scipy.optimize.minimize(objective.value_and_grad, x0, jac=True, hess=hess, hessp=hessp,
-                                       method=optimizer, callback=callback,
-                                       options={"gtol": gtol, "maxiter": max_iterations})
+        return scipy.optimize.minimize(
+            objective.value_and_grad,
+            x0,
+            jac=True,
+            hess=hess,
+            hessp=hessp,
+            method=optimizer,
+            callback=callback,
+            options={"gtol": gtol, "maxiter": max_iterations},
+        )
     finally:
         bar.close()
 
@@ -273,8 +317,9 @@ def _finite_hessian(objective: DADVIObjective):
     return hessian
 
 
-def _newton_polish(objective: DADVIObjective, x: np.ndarray, tolerance: float, losses: list[float],
-                   max_steps: int = 20) -> tuple[np.ndarray, np.ndarray, float, int]:
+def _newton_polish(
+    objective: DADVIObjective, x: np.ndarray, tolerance: float, losses: list[float], max_steps: int = 20
+) -> tuple[np.ndarray, np.ndarray, float, int]:
     """Newton steps with the full Hessian (a direct solve, so ill-conditioning that stalls
     conjugate gradients does no harm) from ``x`` until the Newton decrement is below
     ``tolerance``; returns the point, its Hessian, its decrement and the number of steps."""
@@ -294,14 +339,15 @@ def _newton_polish(objective: DADVIObjective, x: np.ndarray, tolerance: float, l
     raise AssertionError("unreachable")
 
 
-def _backtrack(objective: DADVIObjective, x: np.ndarray, direction: np.ndarray, value: float,
-               decrement: float) -> np.ndarray:
+def _backtrack(
+    objective: DADVIObjective, x: np.ndarray, direction: np.ndarray, value: float, decrement: float
+) -> np.ndarray:
     r"""The first of the steps :math:`x - 2^{-k} d` whose objective is not above ``value`` plus
     rounding (near the optimum the predicted decrease :math:`\delta^2/2` is below it)."""
     slack = 1e-12 * max(abs(value), 1.0)
     for halving in range(30):
-        candidate = x - 0.5 ** halving * direction
-        if objective.value_and_grad(candidate)[0] <= value - 0.25 * 0.5 ** halving * decrement ** 2 + slack:
+        candidate = x - 0.5**halving * direction
+        if objective.value_and_grad(candidate)[0] <= value - 0.25 * 0.5**halving * decrement**2 + slack:
             return candidate
     return x
 
@@ -315,8 +361,10 @@ def _lrvb(hessian: np.ndarray, dim: int) -> tuple[Optional[np.ndarray], Optional
         cholesky = np.linalg.cholesky(hessian)
     except np.linalg.LinAlgError:
         smallest = float(np.linalg.eigvalsh(hessian)[0])
-        return None, (f"the Hessian of the objective at the optimum is not positive definite (smallest "
-                      f"eigenvalue {smallest:.3g}): the optimiser stopped at no strict minimum")
+        return None, (
+            f"the Hessian of the objective at the optimum is not positive definite (smallest "
+            f"eigenvalue {smallest:.3g}): the optimiser stopped at no strict minimum"
+        )
     inverse = np.linalg.solve(cholesky.T, np.linalg.solve(cholesky, np.eye(len(hessian))))
     covariance = inverse[:dim, :dim]
     return 0.5 * (covariance + covariance.T), None

@@ -8,6 +8,7 @@ flow or matrix algebra on latent values), the points are evaluated one at a time
 layout, so the answer is the same and only slower. Every evaluation is counted, so the methods
 can report how many log-density gradients they used.
 """
+
 from __future__ import annotations
 
 import torch

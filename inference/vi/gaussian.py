@@ -8,6 +8,7 @@ vector :math:`z \in \mathbb R^D` (DADVI, Pathfinder, batch-and-match) return it 
 site's unconstrained block flattened); :func:`gaussian_guide` checks that the guide's
 layout agrees.
 """
+
 from __future__ import annotations
 
 import pyro
@@ -17,8 +18,9 @@ from pyro.infer.autoguide import AutoMultivariateNormal
 __all__ = ["gaussian_guide"]
 
 
-def gaussian_guide(model, args: tuple, kwargs: dict, loc: torch.Tensor, scale_tril: torch.Tensor,
-                   sites=None) -> AutoMultivariateNormal:
+def gaussian_guide(
+    model, args: tuple, kwargs: dict, loc: torch.Tensor, scale_tril: torch.Tensor, sites=None
+) -> AutoMultivariateNormal:
     r"""An ``AutoMultivariateNormal`` guide fixed at :math:`\mathcal N(\mu, L L^\top)`.
 
     Args:
@@ -40,14 +42,17 @@ def gaussian_guide(model, args: tuple, kwargs: dict, loc: torch.Tensor, scale_tr
     with pyro.poutine.block():
         guide(*args, **kwargs)  # sets up the prototype trace and the parameters
     if guide.latent_dim != loc.shape[-1] or scale_tril.shape != (loc.shape[-1], loc.shape[-1]):
-        raise ValueError(f"loc/scale_tril: expected shapes ({guide.latent_dim},) and "
-                         f"({guide.latent_dim}, {guide.latent_dim}); got {tuple(loc.shape)} and "
-                         f"{tuple(scale_tril.shape)}")
+        raise ValueError(
+            f"loc/scale_tril: expected shapes ({guide.latent_dim},) and "
+            f"({guide.latent_dim}, {guide.latent_dim}); got {tuple(loc.shape)} and "
+            f"{tuple(scale_tril.shape)}"
+        )
     if sites is not None:
         layout = [(name, site["fn"].support) for name, site in guide.prototype_trace.iter_stochastic_nodes()]
         if [name for name, _ in layout] != [site.name for site in sites]:
-            raise ValueError(f"sites: the guide's latent order {[n for n, _ in layout]} differs from "
-                             f"{[site.name for site in sites]}")
+            raise ValueError(
+                f"sites: the guide's latent order {[n for n, _ in layout]} differs from {[site.name for site in sites]}"
+            )
     diagonal = scale_tril.diagonal()
     if not bool((diagonal > 0).all()):
         raise ValueError("scale_tril: expected a positive diagonal")

@@ -25,6 +25,7 @@ References:
     Nocedal and Schnabel, 1994, Mathematical Programming 63.
     The recursion and the compact form follow BlackJAX's ``blackjax/optimizers/lbfgs.py``.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -60,8 +61,15 @@ class LBFGSPath(NamedTuple):
     message: str
 
 
-def lbfgs_path(density: LogDensity, start: torch.Tensor, *, history_size: int, max_iterations: int,
-               relative_tolerance: float, gradient_tolerance: float) -> LBFGSPath:
+def lbfgs_path(
+    density: LogDensity,
+    start: torch.Tensor,
+    *,
+    history_size: int,
+    max_iterations: int,
+    relative_tolerance: float,
+    gradient_tolerance: float,
+) -> LBFGSPath:
     r"""Run L-BFGS on :math:`-\log p` from ``start`` ``(D,)`` and record its accepted iterates.
 
     ``relative_tolerance`` is scipy's ``ftol`` (stop when the relative decrease of
@@ -85,9 +93,19 @@ def lbfgs_path(density: LogDensity, start: torch.Tensor, *, history_size: int, m
     def record(x: np.ndarray) -> None:
         positions.append(np.array(x, copy=True))
 
-    result = minimize(objective, positions[0], jac=True, method="L-BFGS-B", callback=record,
-                      options={"maxcor": history_size, "maxiter": max_iterations, "ftol": relative_tolerance,
-                               "gtol": gradient_tolerance})
+    result = minimize(
+        objective,
+        positions[0],
+        jac=True,
+        method="L-BFGS-B",
+        callback=record,
+        options={
+            "maxcor": history_size,
+            "maxiter": max_iterations,
+            "ftol": relative_tolerance,
+            "gtol": gradient_tolerance,
+        },
+    )
     values, scores = [-first[0]], [-first[1]]
     for x in positions[1:]:
         value, score = evaluated.get(x.tobytes()) or _evaluate(objective, x)
@@ -95,8 +113,9 @@ def lbfgs_path(density: LogDensity, start: torch.Tensor, *, history_size: int, m
         scores.append(score)
     as_tensor = lambda a: torch.as_tensor(np.stack(a), dtype=dtype)  # noqa: E731
     converged = bool(result.success) and result.nit < max_iterations
-    return LBFGSPath(as_tensor(positions), as_tensor(scores), torch.as_tensor(values, dtype=dtype), converged,
-                     str(result.message))
+    return LBFGSPath(
+        as_tensor(positions), as_tensor(scores), torch.as_tensor(values, dtype=dtype), converged, str(result.message)
+    )
 
 
 def _evaluate(objective, x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -108,7 +127,7 @@ def _diagonal_update(alpha: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> t
     a = (y * alpha * y).sum()
     b = (y * s).sum()
     c = (s / alpha * s).sum()
-    inverse = a / (b * alpha) + y ** 2 / b - a * s ** 2 / (b * c * alpha ** 2)
+    inverse = a / (b * alpha) + y**2 / b - a * s**2 / (b * c * alpha**2)
     return 1.0 / inverse
 
 
@@ -125,8 +144,9 @@ def _compact_inverse_hessian(alpha: torch.Tensor, s: torch.Tensor, y: torch.Tens
     alpha_y = alpha[:, None] * Y
     upper_left = R_inv.T @ (E + Y.T @ alpha_y) @ R_inv
     W = torch.cat([S, alpha_y], dim=1)
-    G = torch.cat([torch.cat([upper_left, -R_inv.T], dim=1),
-                   torch.cat([-R_inv, torch.zeros_like(R_inv)], dim=1)], dim=0)
+    G = torch.cat(
+        [torch.cat([upper_left, -R_inv.T], dim=1), torch.cat([-R_inv, torch.zeros_like(R_inv)], dim=1)], dim=0
+    )
     H = torch.diag(alpha) + W @ G @ W.T
     return (H + H.T) / 2
 

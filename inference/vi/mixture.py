@@ -9,6 +9,7 @@ a proper density, so the ratio :math:`p(x, z)/q(z)` of a mixture draw is an impo
 method's :math:`\hat k`, and resampling the draws by their smoothed weights gives multi-path
 Pathfinder's draws (:func:`~vilab.inference.vi.pathfinder.resample_draws`).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,11 +40,16 @@ class GaussianMixtureGuide(AutoContinuous):
         with pyro.poutine.block():
             self._setup_prototype(*args, **kwargs)
         dtype = torch.get_default_dtype()
-        locs, scale_trils = torch.as_tensor(locs, dtype=dtype).detach(), torch.as_tensor(scale_trils, dtype=dtype).detach()
+        locs, scale_trils = (
+            torch.as_tensor(locs, dtype=dtype).detach(),
+            torch.as_tensor(scale_trils, dtype=dtype).detach(),
+        )
         expected = (locs.shape[0], self.latent_dim)
         if locs.dim() != 2 or tuple(locs.shape) != expected or tuple(scale_trils.shape) != (*expected, self.latent_dim):
-            raise ValueError(f"locs/scale_trils: expected shapes (P, {self.latent_dim}) and (P, {self.latent_dim}, "
-                             f"{self.latent_dim}); got {tuple(locs.shape)} and {tuple(scale_trils.shape)}")
+            raise ValueError(
+                f"locs/scale_trils: expected shapes (P, {self.latent_dim}) and (P, {self.latent_dim}, "
+                f"{self.latent_dim}); got {tuple(locs.shape)} and {tuple(scale_trils.shape)}"
+            )
         if not bool((scale_trils.diagonal(dim1=-2, dim2=-1) > 0).all()):
             raise ValueError("scale_trils: expected positive diagonals")
         self.register_buffer("locs", locs)
@@ -57,6 +63,6 @@ class GaussianMixtureGuide(AutoContinuous):
     def _loc_scale(self, *args, **kwargs):
         mean = self.locs.mean(0)
         # Law of total variance: within-component variance plus the spread of the means.
-        within = (self.scale_trils ** 2).sum(-1).mean(0)
+        within = (self.scale_trils**2).sum(-1).mean(0)
         between = ((self.locs - mean) ** 2).mean(0)
         return mean, (within + between).sqrt()

@@ -10,6 +10,7 @@ References:
     Pathfinder: Parallel quasi-Newton variational inference, Zhang, Carpenter, Gelman and
     Vehtari, 2022, arXiv:2108.03782 (Section 5: Pathfinder draws as MCMC initialisation).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -32,8 +33,16 @@ class PathfinderInit(NamedTuple):
 
 
 @torch.no_grad()
-def pathfinder_init(model, args: tuple, kwargs: dict, *, num_chains: int, dense_mass: bool, seed: int = 0,
-                    options: Optional[dict] = None) -> PathfinderInit:
+def pathfinder_init(
+    model,
+    args: tuple,
+    kwargs: dict,
+    *,
+    num_chains: int,
+    dense_mass: bool,
+    seed: int = 0,
+    options: Optional[dict] = None,
+) -> PathfinderInit:
     """Initial values and metric for ``num_chains`` NUTS chains from multi-path Pathfinder."""
     from vilab.inference.vi.pathfinder import fit_multipathfinder
 
@@ -52,9 +61,13 @@ def pathfinder_init(model, args: tuple, kwargs: dict, *, num_chains: int, dense_
     index = generator.choice(num_proposals, size=num_chains, replace=False, p=probabilities)
     values, _ = density.potential.constrain(z[torch.as_tensor(index)])
     mean = guide.locs.mean(0)
-    covariance = (guide.scale_trils @ guide.scale_trils.transpose(-1, -2)).mean(0) + \
-        ((guide.locs - mean).T @ (guide.locs - mean)) / guide.locs.shape[0]
+    covariance = (guide.scale_trils @ guide.scale_trils.transpose(-1, -2)).mean(0) + (
+        (guide.locs - mean).T @ (guide.locs - mean)
+    ) / guide.locs.shape[0]
     inverse_mass = covariance if dense_mass else covariance.diagonal().clone()
-    info = {"gradient_evaluations": result.config["gradient_evaluations"], "k_hat": result.config["k_hat"],
-            "paths_converged": result.config["paths_converged"]}
+    info = {
+        "gradient_evaluations": result.config["gradient_evaluations"],
+        "k_hat": result.config["k_hat"],
+        "paths_converged": result.config["paths_converged"],
+    }
     return PathfinderInit({name: value.detach() for name, value in values.items()}, inverse_mass, info)

@@ -22,6 +22,7 @@ References:
     Pathfinder: Parallel quasi-Newton variational inference, Zhang, Carpenter, Gelman and
     Vehtari, 2022, JMLR 23(306), arXiv:2108.03782.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,16 +75,30 @@ def _gaussian_elbo(density: LogDensity, loc, scale_tril, num_draws: int, generat
     return elbo if math.isfinite(elbo) else -math.inf
 
 
-def pathfinder_path(density: LogDensity, start: torch.Tensor, generator: torch.Generator, *, history_size: int = 6,
-                    max_iterations: int = 1000, num_elbo_draws: int = 25, relative_tolerance: float = 1e-10,
-                    gradient_tolerance: float = 1e-8) -> PathGaussian:
+def pathfinder_path(
+    density: LogDensity,
+    start: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    history_size: int = 6,
+    max_iterations: int = 1000,
+    num_elbo_draws: int = 25,
+    relative_tolerance: float = 1e-10,
+    gradient_tolerance: float = 1e-8,
+) -> PathGaussian:
     """One Pathfinder path from ``start`` ``(D,)``: the Gaussian with the best ELBO.
 
     Raises:
         RuntimeError: no iterate gave a positive-definite estimate with a finite ELBO.
     """
-    path = lbfgs_path(density, start, history_size=history_size, max_iterations=max_iterations,
-                      relative_tolerance=relative_tolerance, gradient_tolerance=gradient_tolerance)
+    path = lbfgs_path(
+        density,
+        start,
+        history_size=history_size,
+        max_iterations=max_iterations,
+        relative_tolerance=relative_tolerance,
+        gradient_tolerance=gradient_tolerance,
+    )
     best, elbos = None, []
     for index, H in enumerate(inverse_hessian_estimates(path, history_size), start=1):
         scale_tril, info = torch.linalg.cholesky_ex(H) if H is not None else (None, 1)
@@ -97,12 +112,13 @@ def pathfinder_path(density: LogDensity, start: torch.Tensor, generator: torch.G
             best = (loc, scale_tril, elbo, index)
     num_iterations = path.positions.shape[0] - 1
     if best is None:
-        raise RuntimeError(f"pathfinder: none of the {num_iterations} L-BFGS iterates gave a Gaussian with a finite "
-                           f"ELBO (L-BFGS: {path.message}); the log density may be improper or non-finite nearly "
-                           "everywhere")
+        raise RuntimeError(
+            f"pathfinder: none of the {num_iterations} L-BFGS iterates gave a Gaussian with a finite "
+            f"ELBO (L-BFGS: {path.message}); the log density may be improper or non-finite nearly "
+            "everywhere"
+        )
     loc, scale_tril, elbo, index = best
-    return PathGaussian(loc, scale_tril, elbo, torch.tensor(elbos), index, num_iterations, path.converged,
-                        path.message)
+    return PathGaussian(loc, scale_tril, elbo, torch.tensor(elbos), index, num_iterations, path.converged, path.message)
 
 
 def _options(history_size, max_iterations, num_elbo_draws, relative_tolerance, gradient_tolerance) -> dict:
@@ -112,8 +128,13 @@ def _options(history_size, max_iterations, num_elbo_draws, relative_tolerance, g
     for name, value in (("relative_tolerance", relative_tolerance), ("gradient_tolerance", gradient_tolerance)):
         if not (isinstance(value, (int, float)) and value >= 0):
             raise ValueError(f"{name}: expected a number >= 0; got {value!r}")
-    return dict(history_size=history_size, max_iterations=max_iterations, num_elbo_draws=num_elbo_draws,
-                relative_tolerance=float(relative_tolerance), gradient_tolerance=float(gradient_tolerance))
+    return dict(
+        history_size=history_size,
+        max_iterations=max_iterations,
+        num_elbo_draws=num_elbo_draws,
+        relative_tolerance=float(relative_tolerance),
+        gradient_tolerance=float(gradient_tolerance),
+    )
 
 
 def _setup(model, args, kwargs, seed):
@@ -124,9 +145,19 @@ def _setup(model, args, kwargs, seed):
     return LogDensity(model, args, kwargs, seed=0 if seed is None else seed), generator
 
 
-def fit_pathfinder(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = False, history_size: int = 6,
-                   max_iterations: int = 1000, num_elbo_draws: int = 25, relative_tolerance: float = 1e-10,
-                   gradient_tolerance: float = 1e-8, init: Optional[torch.Tensor] = None, **kwargs: Any) -> SVIResult:
+def fit_pathfinder(
+    model: Model,
+    *args: Any,
+    seed: Optional[int] = 0,
+    progress: bool = False,
+    history_size: int = 6,
+    max_iterations: int = 1000,
+    num_elbo_draws: int = 25,
+    relative_tolerance: float = 1e-10,
+    gradient_tolerance: float = 1e-8,
+    init: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> SVIResult:
     r"""Single-path Pathfinder on ``model(*args, **kwargs)``; ``fit_svi(model, "pathfinder")`` calls it.
 
     Args:
@@ -148,24 +179,54 @@ def fit_pathfinder(model: Model, *args: Any, seed: Optional[int] = 0, progress: 
     options = _options(history_size, max_iterations, num_elbo_draws, relative_tolerance, gradient_tolerance)
     start_time = time.perf_counter()
     density, generator = _setup(model, args, kwargs, seed)
-    start = density.initial_points(1, generator)[0] if init is None else torch.as_tensor(init, dtype=torch.get_default_dtype())
+    start = (
+        density.initial_points(1, generator)[0]
+        if init is None
+        else torch.as_tensor(init, dtype=torch.get_default_dtype())
+    )
     if start.shape != (density.dim,):
         raise ValueError(f"init: expected shape ({density.dim},); got {tuple(start.shape)}")
     best = pathfinder_path(density, start, generator, **options)
     guide = gaussian_guide(model, args, kwargs, best.loc, best.scale_tril, sites=density.potential.sites)
-    config = {**options, "gradient_evaluations": density.gradient_evaluations,
-              "density_evaluations": density.density_evaluations, "elbo": best.elbo,
-              "best_iteration": best.best_iteration, "lbfgs_iterations": best.num_iterations,
-              "lbfgs_message": best.message, "batched_density": density.batched}
+    config = {
+        **options,
+        "gradient_evaluations": density.gradient_evaluations,
+        "density_evaluations": density.density_evaluations,
+        "elbo": best.elbo,
+        "best_iteration": best.best_iteration,
+        "lbfgs_iterations": best.num_iterations,
+        "lbfgs_message": best.message,
+        "batched_density": density.batched,
+    }
     losses = [-e for e in best.elbos.tolist() if math.isfinite(e)]
-    return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start_time, best.converged,
-                     "pathfinder", "pathfinder", config)
+    return SVIResult(
+        model,
+        guide,
+        args,
+        kwargs,
+        losses,
+        time.perf_counter() - start_time,
+        best.converged,
+        "pathfinder",
+        "pathfinder",
+        config,
+    )
 
 
-def fit_multipathfinder(model: Model, *args: Any, seed: Optional[int] = 0, progress: bool = False, num_paths: int = 4,
-                        num_psis_draws: int = 1000, history_size: int = 6, max_iterations: int = 1000,
-                        num_elbo_draws: int = 25, relative_tolerance: float = 1e-10,
-                        gradient_tolerance: float = 1e-8, **kwargs: Any) -> SVIResult:
+def fit_multipathfinder(
+    model: Model,
+    *args: Any,
+    seed: Optional[int] = 0,
+    progress: bool = False,
+    num_paths: int = 4,
+    num_psis_draws: int = 1000,
+    history_size: int = 6,
+    max_iterations: int = 1000,
+    num_elbo_draws: int = 25,
+    relative_tolerance: float = 1e-10,
+    gradient_tolerance: float = 1e-8,
+    **kwargs: Any,
+) -> SVIResult:
     r"""Multi-path Pathfinder: ``num_paths`` paths from independent starts, their Gaussians'
     mixture as the guide; ``fit_svi(model, "multipathfinder")`` calls it.
 
@@ -197,14 +258,31 @@ def fit_multipathfinder(model: Model, *args: Any, seed: Optional[int] = 0, progr
     locs = torch.stack([p.loc for p in paths])
     guide = GaussianMixtureGuide(model, args, kwargs, locs, torch.stack([p.scale_tril for p in paths]))
     k_hat = _mixture_k_hat(guide, density, num_paths * num_psis_draws)
-    config = {**options, "num_paths": num_paths, "gradient_evaluations": density.gradient_evaluations,
-              "density_evaluations": density.density_evaluations, "k_hat": k_hat,
-              "path_elbos": [p.elbo for p in paths], "paths_converged": [p.converged for p in paths],
-              "failed_paths": failures, "batched_density": density.batched}
+    config = {
+        **options,
+        "num_paths": num_paths,
+        "gradient_evaluations": density.gradient_evaluations,
+        "density_evaluations": density.density_evaluations,
+        "k_hat": k_hat,
+        "path_elbos": [p.elbo for p in paths],
+        "paths_converged": [p.converged for p in paths],
+        "failed_paths": failures,
+        "batched_density": density.batched,
+    }
     losses = [-p.elbo for p in paths]
     converged = not failures and all(p.converged for p in paths)
-    return SVIResult(model, guide, args, kwargs, losses, time.perf_counter() - start_time, converged,
-                     "multipathfinder", "pathfinder", config)
+    return SVIResult(
+        model,
+        guide,
+        args,
+        kwargs,
+        losses,
+        time.perf_counter() - start_time,
+        converged,
+        "multipathfinder",
+        "pathfinder",
+        config,
+    )
 
 
 @torch.no_grad()
@@ -215,8 +293,9 @@ def _mixture_k_hat(guide: GaussianMixtureGuide, density: LogDensity, num_draws: 
     return psis(log_weights.numpy()).k_hat
 
 
-def resample_draws(result: SVIResult, num_samples: int = 1000, *, num_proposals: Optional[int] = None,
-                   seed: Optional[int] = None) -> Samples:
+def resample_draws(
+    result: SVIResult, num_samples: int = 1000, *, num_proposals: Optional[int] = None, seed: Optional[int] = None
+) -> Samples:
     r"""Multi-path Pathfinder's draws: ``num_proposals`` guide draws (default
     ``4 * num_samples``) resampled with replacement by their Pareto-smoothed importance
     weights :math:`p(x, z)/q(z)` (the paper's Algorithm 2). Works for any fitted guide.

@@ -7,6 +7,7 @@ an outer plate gets :class:`~vilab.inference.engine.potential.BatchedPotential` 
 batch, checked against one-point runs); any other model with continuous latents gets
 :class:`LoopedPotential`, which runs the model once per point and gives the same numbers.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -18,8 +19,14 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
 from vilab.inference.common.tracing import max_plate_nesting
-from vilab.inference.engine.potential import (BatchedPotential, VectorizationError, _deterministic_shapes,
-                                        _latent_sites, _sample_sites, _trace)
+from vilab.inference.engine.potential import (
+    BatchedPotential,
+    VectorizationError,
+    _deterministic_shapes,
+    _latent_sites,
+    _sample_sites,
+    _trace,
+)
 
 __all__ = ["LoopedPotential", "unconstrained_potential"]
 
@@ -35,8 +42,9 @@ class LoopedPotential(BatchedPotential):
         VectorizationError: the model has a discrete latent site or no continuous one.
     """
 
-    def __init__(self, model: Callable, model_args: tuple = (), model_kwargs: dict | None = None, *,
-                 seed: int = 0) -> None:  # noqa: D107 -- no batched check, unlike the parent
+    def __init__(
+        self, model: Callable, model_args: tuple = (), model_kwargs: dict | None = None, *, seed: int = 0
+    ) -> None:  # noqa: D107 -- no batched check, unlike the parent
         self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
         self.dtype = torch.get_default_dtype()
         with torch.random.fork_rng(), pyro.validation_enabled(False):
@@ -53,7 +61,7 @@ class LoopedPotential(BatchedPotential):
 
     def log_density(self, z: torch.Tensor) -> torch.Tensor:
         r"""Log joint density in unconstrained space, shape ``(B,)``, differentiable in ``z``."""
-        return torch.stack([self._one(z[b:b + 1]) for b in range(z.shape[0])])
+        return torch.stack([self._one(z[b : b + 1]) for b in range(z.shape[0])])
 
     def deterministic(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Values of the ``pyro.deterministic`` sites, each ``(B, *site_shape)``, one model run
@@ -83,8 +91,9 @@ class LoopedPotential(BatchedPotential):
         return total
 
 
-def unconstrained_potential(model: Callable, args: tuple, kwargs: dict, *, batch_size: int,
-                            seed: int = 0) -> BatchedPotential:
+def unconstrained_potential(
+    model: Callable, args: tuple, kwargs: dict, *, batch_size: int, seed: int = 0
+) -> BatchedPotential:
     """A batched potential when the model broadcasts over a batch of ``batch_size`` points,
     else (with a ``RuntimeWarning`` naming the reason) a :class:`LoopedPotential`; both give
     the same log density."""
@@ -92,6 +101,10 @@ def unconstrained_potential(model: Callable, args: tuple, kwargs: dict, *, batch
         return BatchedPotential(model, args, kwargs, num_chains=batch_size, compile=False, seed=seed)
     except VectorizationError as error:
         looped = LoopedPotential(model, args, kwargs, seed=seed)  # re-raises for discrete latents
-        warnings.warn(f"the model does not broadcast over a batch of points ({error}); its log density is "
-                      "evaluated one point at a time (same values, slower)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"the model does not broadcast over a batch of points ({error}); its log density is "
+            "evaluated one point at a time (same values, slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return looped

@@ -11,6 +11,7 @@ References:
     posteriordb: a set of posteriors for Bayesian inference and probabilistic programming.
     Magnusson, Torgander, Bürkner, Zhang, Carpenter, Vehtari, 2023. arXiv:2407.04967.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -151,8 +152,14 @@ def _register() -> None:
         ("low_dim_gauss_mix-low_dim_gauss_mix", "posteriordb: two-component normal mixture, ordered means"),
         ("hmm_example-hmm_example", "posteriordb: two-state Gaussian HMM, states summed out"),
     ]:
-        register_model(ModelSpec(name=f"posteriordb/{folder}", loader=posteriordb_loader(folder),
-                                 description=description, tags=("posteriordb",)))
+        register_model(
+            ModelSpec(
+                name=f"posteriordb/{folder}",
+                loader=posteriordb_loader(folder),
+                description=description,
+                tags=("posteriordb",),
+            )
+        )
 
 
 _register()

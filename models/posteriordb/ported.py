@@ -16,6 +16,7 @@ References:
     (Stan programs and data BSD 3-Clause, copyright the Stan Developers.)
     Gelman & Hill, "Data Analysis Using Regression and Multilevel/Hierarchical Models", 2006.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -27,13 +28,25 @@ from torch.distributions import constraints
 
 from vilab.models.posteriordb.regression import flat, linear_predictor
 
-__all__ = ["kidscore_momhsiq", "kidscore_interaction", "kidscore_interaction_z", "earn_height",
-           "logearn_logheight_male", "logearn_interaction_z", "mesquite", "logmesquite_logvash",
-           "kilpisjarvi", "diamonds", "gp_pois_regr", "eight_schools_noncentered"]
+__all__ = [
+    "kidscore_momhsiq",
+    "kidscore_interaction",
+    "kidscore_interaction_z",
+    "earn_height",
+    "logearn_logheight_male",
+    "logearn_interaction_z",
+    "mesquite",
+    "logmesquite_logvash",
+    "kilpisjarvi",
+    "diamonds",
+    "gp_pois_regr",
+    "eight_schools_noncentered",
+]
 
 
-def _regression(columns: list[torch.Tensor], y: Optional[torch.Tensor], name: str,
-                sigma_prior: Optional[dist.Distribution] = None) -> torch.Tensor:
+def _regression(
+    columns: list[torch.Tensor], y: Optional[torch.Tensor], name: str, sigma_prior: Optional[dist.Distribution] = None
+) -> torch.Tensor:
     r"""``vector[K] beta`` (flat), ``real<lower=0> sigma`` (flat unless ``sigma_prior``),
     ``y ~ normal(sum_k beta[k] columns[k], sigma)`` in plate ``"data"``."""
     beta = pyro.sample("beta", flat(constraints.real, (len(columns),)))
@@ -47,8 +60,9 @@ def _standardize(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return (x - x.mean()) / (scale * x.std())
 
 
-def kidscore_momhsiq(mom_hs: torch.Tensor, mom_iq: torch.Tensor,
-                     kid_score: Optional[torch.Tensor] = None) -> torch.Tensor:
+def kidscore_momhsiq(
+    mom_hs: torch.Tensor, mom_iq: torch.Tensor, kid_score: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     r"""posteriordb ``kidiq-kidscore_momhsiq``: :math:`\beta` flat,
     :math:`\sigma \sim \text{HalfCauchy}(2.5)`,
     :math:`\text{kid\_score} \sim \mathcal N(\beta_1 + \beta_2\,\text{mom\_hs} + \beta_3\,\text{mom\_iq}, \sigma)`.
@@ -58,8 +72,9 @@ def kidscore_momhsiq(mom_hs: torch.Tensor, mom_iq: torch.Tensor,
     return _regression([torch.ones_like(mom_iq), mom_hs, mom_iq], kid_score, "kid_score", dist.HalfCauchy(2.5))
 
 
-def kidscore_interaction(mom_hs: torch.Tensor, mom_iq: torch.Tensor,
-                         kid_score: Optional[torch.Tensor] = None) -> torch.Tensor:
+def kidscore_interaction(
+    mom_hs: torch.Tensor, mom_iq: torch.Tensor, kid_score: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     r"""posteriordb ``kidiq-kidscore_interaction``: as :func:`kidscore_momhsiq` plus
     :math:`\beta_4\,\text{mom\_hs}\cdot\text{mom\_iq}` (uncentred, so the four coefficients are
     strongly correlated). Sites: ``beta`` ``(4,)``, ``sigma``."""
@@ -67,8 +82,9 @@ def kidscore_interaction(mom_hs: torch.Tensor, mom_iq: torch.Tensor,
     return _regression(columns, kid_score, "kid_score", dist.HalfCauchy(2.5))
 
 
-def kidscore_interaction_z(mom_hs: torch.Tensor, mom_iq: torch.Tensor,
-                           kid_score: Optional[torch.Tensor] = None) -> torch.Tensor:
+def kidscore_interaction_z(
+    mom_hs: torch.Tensor, mom_iq: torch.Tensor, kid_score: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     r"""posteriordb ``kidiq_with_mom_work-kidscore_interaction_z``: predictors standardised by
     two sds, :math:`z_{hs} = (\text{mom\_hs} - \bar{\cdot}) / (2\,\text{sd})`, likewise
     :math:`z_{iq}`; :math:`\beta` and :math:`\sigma` flat;
@@ -85,8 +101,9 @@ def earn_height(height: torch.Tensor, earn: Optional[torch.Tensor] = None) -> to
     return _regression([torch.ones_like(height), height], earn, "earn")
 
 
-def logearn_logheight_male(height: torch.Tensor, male: torch.Tensor,
-                           earn: Optional[torch.Tensor] = None) -> torch.Tensor:
+def logearn_logheight_male(
+    height: torch.Tensor, male: torch.Tensor, earn: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     r"""posteriordb ``earnings-logearn_logheight_male``: flat priors;
     :math:`\log \text{earn} \sim \mathcal N(\beta_1 + \beta_2 \log \text{height} + \beta_3\,\text{male}, \sigma)`.
     The observed site is ``log_earn``."""
@@ -94,8 +111,9 @@ def logearn_logheight_male(height: torch.Tensor, male: torch.Tensor,
     return _regression([torch.ones_like(height), torch.log(height), male], log_earn, "log_earn")
 
 
-def logearn_interaction_z(height: torch.Tensor, male: torch.Tensor,
-                          earn: Optional[torch.Tensor] = None) -> torch.Tensor:
+def logearn_interaction_z(
+    height: torch.Tensor, male: torch.Tensor, earn: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     r"""posteriordb ``earnings-logearn_interaction_z``:
     :math:`z = (\text{height} - \bar{\cdot}) / \text{sd}`; flat priors;
     :math:`\log \text{earn} \sim \mathcal N(\beta_1 + \beta_2 z + \beta_3\,\text{male}
@@ -105,8 +123,15 @@ def logearn_interaction_z(height: torch.Tensor, male: torch.Tensor,
     return _regression([torch.ones_like(z_height), z_height, male, z_height * male], log_earn, "log_earn")
 
 
-def mesquite(diam1: torch.Tensor, diam2: torch.Tensor, canopy_height: torch.Tensor, total_height: torch.Tensor,
-             density: torch.Tensor, group: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def mesquite(
+    diam1: torch.Tensor,
+    diam2: torch.Tensor,
+    canopy_height: torch.Tensor,
+    total_height: torch.Tensor,
+    density: torch.Tensor,
+    group: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     r"""posteriordb ``mesquite-mesquite``: untransformed linear regression of bush weight on
     seven columns (intercept, two diameters, canopy and total height, density, group); flat
     priors. Sites: ``beta`` ``(7,)``, ``sigma``."""
@@ -114,19 +139,31 @@ def mesquite(diam1: torch.Tensor, diam2: torch.Tensor, canopy_height: torch.Tens
     return _regression(columns, weight, "weight")
 
 
-def logmesquite_logvash(diam1: torch.Tensor, diam2: torch.Tensor, canopy_height: torch.Tensor,
-                        total_height: torch.Tensor, group: torch.Tensor,
-                        weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def logmesquite_logvash(
+    diam1: torch.Tensor,
+    diam2: torch.Tensor,
+    canopy_height: torch.Tensor,
+    total_height: torch.Tensor,
+    group: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     r"""posteriordb ``mesquite-logmesquite_logvash``: log weight on log canopy volume
     :math:`\log(d_1 d_2 c)`, area :math:`\log(d_1 d_2)`, shape :math:`\log(d_1/d_2)`, log total
     height and group; flat priors. Sites: ``beta`` ``(6,)``, ``sigma``."""
-    columns = [torch.ones_like(group), torch.log(diam1 * diam2 * canopy_height), torch.log(diam1 * diam2),
-               torch.log(diam1 / diam2), torch.log(total_height), group]
+    columns = [
+        torch.ones_like(group),
+        torch.log(diam1 * diam2 * canopy_height),
+        torch.log(diam1 * diam2),
+        torch.log(diam1 / diam2),
+        torch.log(total_height),
+        group,
+    ]
     return _regression(columns, None if weight is None else torch.log(weight), "log_weight")
 
 
-def kilpisjarvi(x: torch.Tensor, pmualpha: float, psalpha: float, pmubeta: float, psbeta: float,
-                y: Optional[torch.Tensor] = None) -> torch.Tensor:
+def kilpisjarvi(
+    x: torch.Tensor, pmualpha: float, psalpha: float, pmubeta: float, psbeta: float, y: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     r"""posteriordb ``kilpisjarvi_mod-kilpisjarvi``: summer temperature on the year, unscaled
     (years near 2000, so :math:`\alpha` and :math:`\beta` are almost perfectly correlated).
 
@@ -180,7 +217,7 @@ def gp_pois_regr(x: torch.Tensor, k: Optional[torch.Tensor] = None) -> torch.Ten
     alpha = pyro.sample("alpha", dist.HalfNormal(2.0))
     f_tilde = pyro.sample("f_tilde", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
     distance = x.unsqueeze(-1) - x.unsqueeze(-2)
-    cov = alpha ** 2 * torch.exp(-0.5 * distance ** 2 / rho ** 2) + 1e-10 * torch.eye(x.shape[-1])
+    cov = alpha**2 * torch.exp(-0.5 * distance**2 / rho**2) + 1e-10 * torch.eye(x.shape[-1])
     f = pyro.deterministic("f", torch.linalg.cholesky(cov) @ f_tilde)
     return pyro.sample("k", dist.Poisson(f.exp()).to_event(1), obs=k)
 

@@ -16,6 +16,7 @@ References:
     posteriordb: a set of posteriors for Bayesian inference and probabilistic programming.
     Magnusson, Torgander, Bürkner, Zhang, Carpenter, Vehtari, 2023. arXiv:2407.04967.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -212,8 +213,14 @@ def _register() -> None:
         ("nes2000-nes", "posteriordb: party identification regression, NES 2000 (flat priors)"),
         ("sblrc-blr", "posteriordb: linear regression on correlated predictors (very tight)"),
     ]:
-        register_model(ModelSpec(name=f"posteriordb/{folder}", loader=posteriordb_loader(folder),
-                                 description=description, tags=("posteriordb",)))
+        register_model(
+            ModelSpec(
+                name=f"posteriordb/{folder}",
+                loader=posteriordb_loader(folder),
+                description=description,
+                tags=("posteriordb",),
+            )
+        )
 
 
 _register()

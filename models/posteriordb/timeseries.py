@@ -12,6 +12,7 @@ References:
     posteriordb: a set of posteriors for Bayesian inference and probabilistic programming.
     Magnusson, Torgander, Bürkner, Zhang, Carpenter, Vehtari, 2023. arXiv:2407.04967.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -53,7 +54,7 @@ def first_order_recursion(drive: torch.Tensor, rate: torch.Tensor) -> torch.Tens
     solution, power, shift = drive, rate, 1
     while shift < length:
         # Zeros shifted in from the left: terms before x_1 do not exist.
-        earlier = torch.nn.functional.pad(solution[..., :length - shift], (shift, 0))
+        earlier = torch.nn.functional.pad(solution[..., : length - shift], (shift, 0))
         solution = solution + power * earlier
         shift *= 2
         if shift < length:
@@ -104,7 +105,7 @@ def ar_k(K: int, y: Optional[torch.Tensor] = None, T: Optional[int] = None) -> t
         if y is None:
             innovation = pyro.sample("innovation", dist.Normal(0.0, sigma))
             return _simulate_ar(alpha, beta, innovation, K)
-        lags = [y[K - k:length - k] for k in range(1, K + 1)]
+        lags = [y[K - k : length - k] for k in range(1, K + 1)]
         loc = alpha + linear_predictor(beta, lags)
         pyro.sample("y", dist.Normal(loc, sigma), obs=y[K:])
     return y
@@ -214,7 +215,7 @@ def garch11(
             innovation = pyro.sample("innovation", dist.Normal(0.0, 1.0))
             return _simulate_garch(mu, alpha0, alpha1, beta1, sigma1, innovation)
         shock = alpha0 + alpha1 * (y[..., :-1] - mu) ** 2
-        start = (sigma1 ** 2).expand(shock[..., :1].shape)
+        start = (sigma1**2).expand(shock[..., :1].shape)
         variance = first_order_recursion(torch.cat([start, shock], -1), beta1)
         pyro.sample("y", dist.Normal(mu, variance.sqrt()), obs=y)
     return y
@@ -222,7 +223,7 @@ def garch11(
 
 def _simulate_garch(mu, alpha0, alpha1, beta1, sigma1, innovation) -> torch.Tensor:
     shocks = innovation.unbind(-1)
-    variance = sigma1 ** 2
+    variance = sigma1**2
     series = [mu + sigma1 * shocks[0]]
     for shock in shocks[1:]:  # sequential by nature
         variance = alpha0 + alpha1 * (series[-1] - mu) ** 2 + beta1 * variance
@@ -240,8 +241,14 @@ def _register() -> None:
         ("arma-arma11", "posteriordb: ARMA(1,1) time series"),
         ("garch-garch11", "posteriordb: GARCH(1,1) volatility (flat priors, dependent bound)"),
     ]:
-        register_model(ModelSpec(name=f"posteriordb/{folder}", loader=posteriordb_loader(folder),
-                                 description=description, tags=("posteriordb",)))
+        register_model(
+            ModelSpec(
+                name=f"posteriordb/{folder}",
+                loader=posteriordb_loader(folder),
+                description=description,
+                tags=("posteriordb",),
+            )
+        )
 
 
 _register()

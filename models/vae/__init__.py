@@ -1,4 +1,5 @@
 """Variational autoencoders: the VAE, its priors, hierarchical, autoregressive, sequential (DMM), multimodal and hyperspherical variants."""
+
 from vilab.models.vae.vae import (  # noqa: F401 -- the package's public names
     MLPDecoder,
     ConvDecoder,

@@ -16,6 +16,7 @@ References:
     Generating Sentences from a Continuous Space, Bowman et al., 2016, arXiv:1511.06349.
     Variational Lossy Autoencoder, Chen et al., 2017, arXiv:1611.02731.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -87,19 +88,23 @@ class AutoregressiveVAEModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"x: expected images of shape (N, {', '.join(map(str, self.image_shape))})"
-                             f"; got {tuple(x.shape)}")
+            raise ValueError(
+                f"x: expected images of shape (N, {', '.join(map(str, self.image_shape))}); got {tuple(x.shape)}"
+            )
         with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample("z", self.prior())
             logits = self.decoder(z, x)
             return pyro.sample("x", dist.Bernoulli(logits=logits).to_event(3), obs=x)
 
 
-def build_autoregressive_vae(image_shape: Sequence[int], latent_dim: int = 16, *,
-                             encoder_hidden: Sequence[int] = (300, 300),
-                             decoder_hidden: int = 256) -> VAE:
+def build_autoregressive_vae(
+    image_shape: Sequence[int],
+    latent_dim: int = 16,
+    *,
+    encoder_hidden: Sequence[int] = (300, 300),
+    decoder_hidden: int = 256,
+) -> VAE:
     """MLP Gaussian encoder + row-GRU decoder, bundled as a :class:`~vilab.models.vae.vae.VAE`."""
     encoder = MLPEncoder(image_shape, latent_dim, hidden_dims=encoder_hidden)
-    model = AutoregressiveVAEModel(RowAutoregressiveDecoder(latent_dim, image_shape,
-                                                            decoder_hidden))
+    model = AutoregressiveVAEModel(RowAutoregressiveDecoder(latent_dim, image_shape, decoder_hidden))
     return VAE(model, AmortizedNormalGuide(encoder))

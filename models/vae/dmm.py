@@ -20,6 +20,7 @@ References:
     Structured Inference Networks for Nonlinear State Space Models, Krishnan, Shalit &
     Sontag, 2017, arXiv:1609.09869.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -42,10 +43,10 @@ class GatedTransition(nn.Module):
 
     def __init__(self, latent_dim: int, hidden_dim: int):
         super().__init__()
-        self.gate = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(),
-                                  nn.Linear(hidden_dim, latent_dim), nn.Sigmoid())
-        self.proposal = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(),
-                                      nn.Linear(hidden_dim, latent_dim))
+        self.gate = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, latent_dim), nn.Sigmoid()
+        )
+        self.proposal = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, latent_dim))
         self.linear = nn.Linear(latent_dim, latent_dim)
         nn.init.eye_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
@@ -62,9 +63,13 @@ class Emitter(nn.Module):
 
     def __init__(self, latent_dim: int, output_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(),
-                                 nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-                                 nn.Linear(hidden_dim, output_dim))
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, output_dim),
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -81,12 +86,18 @@ class DeepMarkovModel(nn.Module):
         emission_dim: Hidden width of the emitter.
     """
 
-    def __init__(self, input_dim: int, latent_dim: int, *, likelihood: str = "bernoulli",
-                 transition_dim: int = 64, emission_dim: int = 64):
+    def __init__(
+        self,
+        input_dim: int,
+        latent_dim: int,
+        *,
+        likelihood: str = "bernoulli",
+        transition_dim: int = 64,
+        emission_dim: int = 64,
+    ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood: expected one of {', '.join(LIKELIHOODS)}; got "
-                             f"{likelihood!r}")
+            raise ValueError(f"likelihood: expected one of {', '.join(LIKELIHOODS)}; got {likelihood!r}")
         self.input_dim, self.latent_dim, self.likelihood = input_dim, latent_dim, likelihood
         self.transition = GatedTransition(latent_dim, transition_dim)
         self.emitter = Emitter(latent_dim, input_dim, emission_dim)
@@ -104,14 +115,14 @@ class DeepMarkovModel(nn.Module):
         out = self.emitter(z)
         return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
 
-    def forward(self, x: Optional[torch.Tensor] = None, *, batch_size: Optional[int] = None,
-                num_steps: Optional[int] = None) -> torch.Tensor:
+    def forward(
+        self, x: Optional[torch.Tensor] = None, *, batch_size: Optional[int] = None, num_steps: Optional[int] = None
+    ) -> torch.Tensor:
         """Score ``x`` ``(N, T, F)``, or with ``x=None`` draw ``batch_size`` sequences of
         ``num_steps``; returns the latent path ``(..., N, T, D)``."""
         if x is not None:
             if x.dim() != 3 or x.shape[-1] != self.input_dim:
-                raise ValueError(f"x: expected sequences of shape (N, T, {self.input_dim}); "
-                                 f"got {tuple(x.shape)}")
+                raise ValueError(f"x: expected sequences of shape (N, T, {self.input_dim}); got {tuple(x.shape)}")
             batch_size, num_steps = x.shape[0], x.shape[1]
         elif batch_size is None or num_steps is None:
             raise ValueError("batch_size, num_steps: expected integers when x is None")
@@ -121,8 +132,7 @@ class DeepMarkovModel(nn.Module):
             for t in pyro.markov(range(num_steps)):
                 loc, scale = self.transition(z)
                 z = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1))
-                pyro.sample(f"x_{t + 1}", self.emission(z),
-                            obs=None if x is None else x[:, t])
+                pyro.sample(f"x_{t + 1}", self.emission(z), obs=None if x is None else x[:, t])
                 path.append(z)
         return torch.stack(path, -2)
 
@@ -136,11 +146,20 @@ class DMM(nn.Module):
         rnn_dim: GRU size of :class:`~vilab.guides.amortized.dmm.DMMGuide`.
     """
 
-    def __init__(self, input_dim: int, latent_dim: int, *, likelihood: str = "bernoulli",
-                 transition_dim: int = 64, emission_dim: int = 64, rnn_dim: int = 128):
+    def __init__(
+        self,
+        input_dim: int,
+        latent_dim: int,
+        *,
+        likelihood: str = "bernoulli",
+        transition_dim: int = 64,
+        emission_dim: int = 64,
+        rnn_dim: int = 128,
+    ):
         super().__init__()
-        self.model = DeepMarkovModel(input_dim, latent_dim, likelihood=likelihood,
-                                     transition_dim=transition_dim, emission_dim=emission_dim)
+        self.model = DeepMarkovModel(
+            input_dim, latent_dim, likelihood=likelihood, transition_dim=transition_dim, emission_dim=emission_dim
+        )
         self.guide = DMMGuide(input_dim, latent_dim, rnn_dim)
 
     @torch.no_grad()
@@ -149,14 +168,12 @@ class DMM(nn.Module):
         return self.model.emission_mean(self.guide(x))
 
     @torch.no_grad()
-    def forecast(self, x_context: torch.Tensor, num_ahead: int, *, num_samples: int = 1
-                 ) -> torch.Tensor:
+    def forecast(self, x_context: torch.Tensor, num_ahead: int, *, num_samples: int = 1) -> torch.Tensor:
         r"""Infer :math:`z_{1:T_0}` from ``x_context`` ``(N, T_0, F)``, roll the transition
         ``num_ahead`` steps on, and return emission means ``(num_samples, N, num_ahead, F)``."""
         if num_ahead < 1:
             raise ValueError(f"num_ahead: expected a positive integer; got {num_ahead}")
-        z = self.guide(x_context.expand(num_samples, *x_context.shape)
-                       .reshape(-1, *x_context.shape[1:]))[..., -1, :]
+        z = self.guide(x_context.expand(num_samples, *x_context.shape).reshape(-1, *x_context.shape[1:]))[..., -1, :]
         means = []
         for _ in range(num_ahead):
             loc, scale = self.model.transition(z)

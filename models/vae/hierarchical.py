@@ -16,6 +16,7 @@ where :math:`p(z_2)` is :math:`\mathcal N(0, I)` or a VampPrior over the guide's
 References:
     VAE with a VampPrior, Tomczak & Welling, 2018, arXiv:1705.07120.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -41,9 +42,11 @@ class HierarchicalPrior(nn.Module):
     def __init__(self, top: nn.Module, conditional: ConditionalGaussian):
         super().__init__()
         if conditional.input_dim != top.latent_dim or conditional.context_dim:
-            raise ValueError(f"conditional: expected input_dim={top.latent_dim} (the top prior's "
-                             f"size) and no context; got input_dim={conditional.input_dim}, "
-                             f"context_dim={conditional.context_dim}")
+            raise ValueError(
+                f"conditional: expected input_dim={top.latent_dim} (the top prior's "
+                f"size) and no context; got input_dim={conditional.input_dim}, "
+                f"context_dim={conditional.context_dim}"
+            )
         self.top, self.conditional = top, conditional
         self.lower_dim, self.top_dim = conditional.output_dim, top.latent_dim
         self.latent_dim = self.lower_dim + self.top_dim
@@ -66,11 +69,18 @@ def _fitted(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], 
                 continue
             raise ValueError(f"state: {key!r} has no counterpart in the two-level model")
         mine = own[target]
-        widened = (key.startswith("model.decoder.") and value.dim() == 2 and mine.dim() == 2
-                   and mine.shape[0] == value.shape[0] and mine.shape[1] == value.shape[1] + lower)
+        widened = (
+            key.startswith("model.decoder.")
+            and value.dim() == 2
+            and mine.dim() == 2
+            and mine.shape[0] == value.shape[0]
+            and mine.shape[1] == value.shape[1] + lower
+        )
         if mine.shape != value.shape and not widened:
-            raise ValueError(f"state: {key!r} has shape {tuple(value.shape)}; the two-level "
-                             f"model's {target!r} has {tuple(mine.shape)}")
+            raise ValueError(
+                f"state: {key!r} has shape {tuple(value.shape)}; the two-level "
+                f"model's {target!r} has {tuple(mine.shape)}"
+            )
         yield target, value
 
 
@@ -99,8 +109,10 @@ def embed_one_level(vae: nn.Module, state: Mapping[str, torch.Tensor]) -> list[s
     """
     guide, prior = vae.guide, vae.model.prior
     if not isinstance(guide, HierarchicalNormalGuide) or not isinstance(prior, HierarchicalPrior):
-        raise ValueError("vae: expected a two-level VAE (VAEConfig(latent_levels=2)); got "
-                         f"guide {type(guide).__name__} and prior {type(prior).__name__}")
+        raise ValueError(
+            "vae: expected a two-level VAE (VAEConfig(latent_levels=2)); got "
+            f"guide {type(guide).__name__} and prior {type(prior).__name__}"
+        )
     own = vae.state_dict()
     lower = prior.lower_dim
     # Every tensor is checked before any is copied, so a state that does not fit leaves the

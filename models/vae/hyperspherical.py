@@ -14,6 +14,7 @@ References:
     Hyperspherical Variational Auto-Encoders, Davidson, Falorsi, De Cao, Kipf & Tomczak, 2018,
     arXiv:1804.00891.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -29,8 +30,13 @@ from vilab.guides.amortized.von_mises_fisher import HypersphericalUniform, VonMi
 from vilab.models.vae.vae import VAE, MLPDecoder, VAEModel
 from vilab.types import ELBOTerms, LossOutput
 
-__all__ = ["HypersphericalPrior", "VMFGuide", "build_hyperspherical_vae",
-           "hyperspherical_elbo_terms", "HypersphericalELBOLoss"]
+__all__ = [
+    "HypersphericalPrior",
+    "VMFGuide",
+    "build_hyperspherical_vae",
+    "hyperspherical_elbo_terms",
+    "HypersphericalELBOLoss",
+]
 
 
 class HypersphericalPrior(nn.Module):
@@ -86,8 +92,9 @@ class VMFGuide(nn.Module):
         return self.distribution(x).log_prob(z)
 
 
-def build_hyperspherical_vae(image_shape: Sequence[int], latent_dim: int, *,
-                             hidden_dims: Sequence[int] = (300, 300)) -> VAE:
+def build_hyperspherical_vae(
+    image_shape: Sequence[int], latent_dim: int, *, hidden_dims: Sequence[int] = (300, 300)
+) -> VAE:
     """An MLP S-VAE for binary images (``VAE`` bundle; ``config`` is ``None``)."""
     # The Gaussian head of MLPEncoder is not used: only its hidden layers.
     encoder = MLPEncoder(image_shape, latent_dim, hidden_dims=hidden_dims)
@@ -107,8 +114,6 @@ def hyperspherical_elbo_terms(vae: VAE, x: torch.Tensor) -> ELBOTerms:
 class HypersphericalELBOLoss:
     """Negative ELBO per datapoint with the analytic vMF KL (a :mod:`objectives`-style loss)."""
 
-    def __call__(self, model: VAEModel, guide: VMFGuide, x: torch.Tensor, *, step: int = 0
-                 ) -> LossOutput:
+    def __call__(self, model: VAEModel, guide: VMFGuide, x: torch.Tensor, *, step: int = 0) -> LossOutput:
         terms = hyperspherical_elbo_terms(VAE(model, guide), x)
-        return LossOutput(-terms.elbo.mean(), {"elbo": terms.elbo.mean().detach(),
-                                               "kl": terms.kl.mean().detach()})
+        return LossOutput(-terms.elbo.mean(), {"elbo": terms.elbo.mean().detach(), "kl": terms.kl.mean().detach()})

@@ -26,6 +26,7 @@ References:
     Multimodal Generative Models for Scalable Weakly-Supervised Learning, Wu & Goodman, 2018,
     arXiv:1802.05335.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,12 +54,12 @@ class MultimodalModel(nn.Module):
         hidden_dim: Width of the label decoder.
     """
 
-    def __init__(self, image_decoder: nn.Module, num_classes: int, latent_dim: int,
-                 hidden_dim: int = 64):
+    def __init__(self, image_decoder: nn.Module, num_classes: int, latent_dim: int, hidden_dim: int = 64):
         super().__init__()
         self.image_decoder, self.num_classes, self.latent_dim = image_decoder, num_classes, latent_dim
-        self.label_decoder = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ELU(),
-                                           nn.Linear(hidden_dim, num_classes))
+        self.label_decoder = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim), nn.ELU(), nn.Linear(hidden_dim, num_classes)
+        )
 
     def image_likelihood(self, z: torch.Tensor) -> dist.TorchDistribution:
         return dist.Bernoulli(logits=self.image_decoder(z)).to_event(3)
@@ -66,8 +67,9 @@ class MultimodalModel(nn.Module):
     def label_likelihood(self, z: torch.Tensor) -> dist.TorchDistribution:
         return dist.Categorical(logits=self.label_decoder(z))
 
-    def forward(self, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, *,
-                batch_size: Optional[int] = None) -> torch.Tensor:
+    def forward(
+        self, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, *, batch_size: Optional[int] = None
+    ) -> torch.Tensor:
         observed = x if x is not None else y
         if observed is None and batch_size is None:
             raise ValueError("batch_size: expected an integer when x and y are both None")
@@ -98,14 +100,12 @@ class MultimodalVAE(nn.Module):
     def _elbo(self, x, y, label_weight):
         q = self.guide.distribution(x, y)
         z = q.rsample()
-        kl = torch.distributions.kl_divergence(
-            q, dist.Normal(torch.zeros_like(z), 1.0).to_event(1))
+        kl = torch.distributions.kl_divergence(q, dist.Normal(torch.zeros_like(z), 1.0).to_event(1))
         reconstruction = 0.0
         if x is not None:
             reconstruction = reconstruction + self.model.image_likelihood(z).log_prob(x)
         if y is not None:
-            reconstruction = reconstruction + label_weight * self.model.label_likelihood(
-                z).log_prob(y)
+            reconstruction = reconstruction + label_weight * self.model.label_likelihood(z).log_prob(y)
         return reconstruction - kl
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -129,24 +129,28 @@ class MultimodalVAE(nn.Module):
         """:math:`\\log p(y \\mid x)` for every class by self-normalised IS: ``(N, K)``."""
         log_w, z = self._log_weights(x, None, x, None, num_samples)
         log_probs = torch.log_softmax(self.model.label_decoder(z), -1)  # (S, N, K)
-        return torch.logsumexp(log_w.unsqueeze(-1) + log_probs, 0) - torch.logsumexp(log_w, 0
-                                                                                     ).unsqueeze(-1)
+        return torch.logsumexp(log_w.unsqueeze(-1) + log_probs, 0) - torch.logsumexp(log_w, 0).unsqueeze(-1)
 
     @torch.no_grad()
-    def log_likelihoods(self, x: torch.Tensor, y: torch.Tensor, *, num_samples: int = 500
-                        ) -> dict[str, torch.Tensor]:
+    def log_likelihoods(self, x: torch.Tensor, y: torch.Tensor, *, num_samples: int = 500) -> dict[str, torch.Tensor]:
         """Per-pair ``joint``, ``image``, ``label``, ``label_given_image``,
         ``image_given_label`` log-likelihoods and ``correct`` (argmax p(y|x) == y), each ``(N,)``."""
+
         def estimate(log_w):
             return torch.logsumexp(log_w, 0) - math.log(num_samples)
+
         joint = estimate(self._log_weights(x, y, x, y, num_samples)[0])
         image = estimate(self._log_weights(x, None, x, None, num_samples)[0])
         label = estimate(self._log_weights(None, y, None, y, num_samples)[0])
         posterior = self.label_posterior(x, num_samples=num_samples)
-        return {"joint": joint, "image": image, "label": label,
-                "label_given_image": posterior.gather(-1, y.unsqueeze(-1)).squeeze(-1),
-                "image_given_label": joint - label,
-                "correct": (posterior.argmax(-1) == y).to(joint.dtype)}
+        return {
+            "joint": joint,
+            "image": image,
+            "label": label,
+            "label_given_image": posterior.gather(-1, y.unsqueeze(-1)).squeeze(-1),
+            "image_given_label": joint - label,
+            "correct": (posterior.argmax(-1) == y).to(joint.dtype),
+        }
 
     @torch.no_grad()
     def sample_images(self, y: torch.Tensor) -> torch.Tensor:
@@ -155,9 +159,14 @@ class MultimodalVAE(nn.Module):
         return torch.sigmoid(self.model.image_decoder(z))
 
 
-def build_multimodal_vae(image_shape: Sequence[int], num_classes: int = 10, latent_dim: int = 16,
-                         *, hidden_dims: Sequence[int] = (300, 300),
-                         label_weight: float = 50.0) -> MultimodalVAE:
+def build_multimodal_vae(
+    image_shape: Sequence[int],
+    num_classes: int = 10,
+    latent_dim: int = 16,
+    *,
+    hidden_dims: Sequence[int] = (300, 300),
+    label_weight: float = 50.0,
+) -> MultimodalVAE:
     """MLP image encoder/decoder, label encoder/decoder and the PoE guide."""
     encoder = MLPEncoder(image_shape, latent_dim, hidden_dims=hidden_dims)
     decoder = MLPDecoder(latent_dim, image_shape, hidden_dims=tuple(reversed(hidden_dims)))

@@ -3,6 +3,7 @@ r"""Priors :math:`p(z)` for VAEs: standard normal, a learned Gaussian mixture an
 Each prior is an ``nn.Module`` whose ``forward()`` returns a distribution with empty batch
 shape and event shape ``(D,)``; the VAE model broadcasts it over ``pyro.plate("data")``.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,10 +36,10 @@ class DiagonalGaussianMixture(dist.MixtureSameFamily):
         locs, scales: ``(K, D)`` component means and standard deviations.
     """
 
-    def __init__(self, logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor,
-                 validate_args=None):
-        super().__init__(dist.Categorical(logits=logits), dist.Normal(locs, scales).to_event(1),
-                         validate_args=validate_args)
+    def __init__(self, logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor, validate_args=None):
+        super().__init__(
+            dist.Categorical(logits=logits), dist.Normal(locs, scales).to_event(1), validate_args=validate_args
+        )
         self._logits, self._locs, self._scales = logits, locs, scales
 
     def expand(self, batch_shape, _instance=None):
@@ -119,8 +120,7 @@ class VampPrior(nn.Module):
         VAE with a VampPrior, Tomczak & Welling, 2018, arXiv:1705.07120.
     """
 
-    def __init__(self, encoder: nn.Module, num_components: int = 500, *,
-                 input_scale: float = 1.0):
+    def __init__(self, encoder: nn.Module, num_components: int = 500, *, input_scale: float = 1.0):
         super().__init__()
         if num_components < 1:
             raise ValueError(f"num_components: expected a positive integer; got {num_components}")
@@ -129,8 +129,7 @@ class VampPrior(nn.Module):
         self.input_scale = float(input_scale)
         # Small noise around grey 0.5, as in the paper's initialisation N(0, 0.01) of the
         # pseudo-input layer.
-        self.raw_pseudo_inputs = nn.Parameter(
-            0.1 * torch.randn(num_components, *encoder.image_shape))
+        self.raw_pseudo_inputs = nn.Parameter(0.1 * torch.randn(num_components, *encoder.image_shape))
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, *, margin: float = 0.05) -> None:
@@ -148,11 +147,11 @@ class VampPrior(nn.Module):
         shape = tuple(self.raw_pseudo_inputs.shape[1:])
         if not isinstance(images, torch.Tensor) or tuple(images.shape[1:]) != shape:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images: expected a tensor of shape (N, {', '.join(map(str, shape))}); "
-                             f"got {got}")
+            raise ValueError(f"images: expected a tensor of shape (N, {', '.join(map(str, shape))}); got {got}")
         if images.shape[0] < self.num_components:
-            raise ValueError(f"images: expected at least {self.num_components} images (one per "
-                             f"pseudo-input); got {images.shape[0]}")
+            raise ValueError(
+                f"images: expected at least {self.num_components} images (one per pseudo-input); got {images.shape[0]}"
+            )
         if not 0.0 < margin < 0.5:
             raise ValueError(f"margin: expected a number in (0, 0.5); got {margin}")
         grey = (images[: self.num_components] / self.input_scale).clamp(margin, 1.0 - margin)
@@ -165,6 +164,5 @@ class VampPrior(nn.Module):
 
     def forward(self) -> dist.TorchDistribution:
         loc, scale = self._encoder(self.pseudo_inputs)
-        logits = torch.full((self.num_components,), -math.log(self.num_components),
-                            dtype=loc.dtype, device=loc.device)
+        logits = torch.full((self.num_components,), -math.log(self.num_components), dtype=loc.dtype, device=loc.device)
         return DiagonalGaussianMixture(logits, loc, scale)

@@ -20,6 +20,7 @@ References:
     Stochastic Backpropagation and Approximate Inference in Deep Generative Models,
     Rezende, Mohamed & Wierstra, 2014, arXiv:1401.4082.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,15 @@ class MLPDecoder(nn.Module):
             (:class:`~vilab.guides.amortized.encoders.GatedDense`).
     """
 
-    def __init__(self, latent_dim: int, image_shape: Sequence[int], *, num_levels: int = 2,
-                 hidden_dims: Sequence[int] = (256, 512), hidden_layer: str = "elu"):
+    def __init__(
+        self,
+        latent_dim: int,
+        image_shape: Sequence[int],
+        *,
+        num_levels: int = 2,
+        hidden_dims: Sequence[int] = (256, 512),
+        hidden_layer: str = "elu",
+    ):
         super().__init__()
         self.latent_dim, self.image_shape, self.num_levels = latent_dim, tuple(image_shape), num_levels
         self._out_shape = self.image_shape + ((num_levels,) if num_levels > 2 else ())
@@ -77,20 +85,24 @@ class ConvDecoder(nn.Module):
         channels: Channels of the ``H/4`` and ``H/2`` feature maps.
     """
 
-    def __init__(self, latent_dim: int, image_shape: Sequence[int], *, num_levels: int = 2,
-                 channels: Sequence[int] = (64, 32)):
+    def __init__(
+        self, latent_dim: int, image_shape: Sequence[int], *, num_levels: int = 2, channels: Sequence[int] = (64, 32)
+    ):
         super().__init__()
         c, h, w = image_shape
         if h % 4 or w % 4:
-            raise ValueError(f"image_shape: the convolutional decoder needs H and W divisible "
-                             f"by 4; got {tuple(image_shape)}")
+            raise ValueError(
+                f"image_shape: the convolutional decoder needs H and W divisible by 4; got {tuple(image_shape)}"
+            )
         self.latent_dim, self.image_shape, self.num_levels = latent_dim, tuple(image_shape), num_levels
         self._levels = num_levels if num_levels > 2 else 1
         self._map_shape = (channels[0], h // 4, w // 4)
         self.dense = nn.Sequential(nn.Linear(latent_dim, math.prod(self._map_shape)), nn.ELU())
         self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(channels[0], channels[1], 4, stride=2, padding=1), nn.ELU(),
-            nn.ConvTranspose2d(channels[1], c * self._levels, 4, stride=2, padding=1))
+            nn.ConvTranspose2d(channels[0], channels[1], 4, stride=2, padding=1),
+            nn.ELU(),
+            nn.ConvTranspose2d(channels[1], c * self._levels, 4, stride=2, padding=1),
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         batch_shape = z.shape[:-1]
@@ -135,9 +147,17 @@ class VAEModel(nn.Module):
         register: Register parameters in Pyro's param store (for ``pyro.infer.SVI``).
     """
 
-    def __init__(self, decoder: nn.Module, prior: nn.Module, image_shape: Sequence[int], *,
-                 num_levels: int = 2, validate_data: bool = True, name: str = "vae_model",
-                 register: bool = False):
+    def __init__(
+        self,
+        decoder: nn.Module,
+        prior: nn.Module,
+        image_shape: Sequence[int],
+        *,
+        num_levels: int = 2,
+        validate_data: bool = True,
+        name: str = "vae_model",
+        register: bool = False,
+    ):
         super().__init__()
         if num_levels < 2:
             raise ValueError(f"num_levels: expected an integer >= 2; got {num_levels}")
@@ -151,17 +171,23 @@ class VAEModel(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a tensor of images; got {type(x).__name__}")
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"x: the model expects images of shape (batch, "
-                             f"{', '.join(map(str, self.image_shape))}); got {tuple(x.shape)}")
+            raise ValueError(
+                f"x: the model expects images of shape (batch, "
+                f"{', '.join(map(str, self.image_shape))}); got {tuple(x.shape)}"
+            )
         if self.num_levels == 2:
             if not _is_binary(x):
-                raise ValueError("x: the Bernoulli decoder needs binary pixels (0 or 1); got "
-                                 f"values in [{x.min().item():.3g}, {x.max().item():.3g}] - "
-                                 "binarize the data first (see vilab.datasets.binarize)")
+                raise ValueError(
+                    "x: the Bernoulli decoder needs binary pixels (0 or 1); got "
+                    f"values in [{x.min().item():.3g}, {x.max().item():.3g}] - "
+                    "binarize the data first (see vilab.datasets.binarize)"
+                )
         elif (x != x.round()).any() or x.min() < 0 or x.max() > self.num_levels - 1:
-            raise ValueError(f"x: the categorical decoder needs integer pixels in "
-                             f"0..{self.num_levels - 1}; got values in "
-                             f"[{x.min().item():.3g}, {x.max().item():.3g}]")
+            raise ValueError(
+                f"x: the categorical decoder needs integer pixels in "
+                f"0..{self.num_levels - 1}; got values in "
+                f"[{x.min().item():.3g}, {x.max().item():.3g}]"
+            )
 
     def likelihood(self, logits: torch.Tensor) -> dist.TorchDistribution:
         r""":math:`p(x \mid z)` from decoder logits; event shape ``(C, H, W)``."""
@@ -169,8 +195,7 @@ class VAEModel(nn.Module):
             return dist.Bernoulli(logits=logits).to_event(3)
         return dist.Categorical(logits=logits).to_event(3)
 
-    def forward(self, x: Optional[torch.Tensor] = None, *, batch_size: Optional[int] = None
-                ) -> torch.Tensor:
+    def forward(self, x: Optional[torch.Tensor] = None, *, batch_size: Optional[int] = None) -> torch.Tensor:
         """Run the model; ``x=None`` draws ``batch_size`` images from the prior predictive."""
         if self.register:
             pyro.module(self.name, self)
@@ -288,23 +313,36 @@ def build_vae(config: VAEConfig) -> VAE:
         raise ValueError(f"architecture: expected 'mlp' or 'conv'; got {config.architecture!r}")
     allowed = HIDDEN_LAYERS if config.architecture == "mlp" else ("elu",)
     if config.hidden_layer not in allowed:
-        raise ValueError(f"hidden_layer: expected one of {', '.join(HIDDEN_LAYERS)} (mlp) or 'elu' "
-                         f"(conv); got {config.hidden_layer!r} with architecture {config.architecture!r}")
+        raise ValueError(
+            f"hidden_layer: expected one of {', '.join(HIDDEN_LAYERS)} (mlp) or 'elu' "
+            f"(conv); got {config.hidden_layer!r} with architecture {config.architecture!r}"
+        )
     if config.latent_levels not in (1, 2):
         raise ValueError(f"latent_levels: expected 1 or 2; got {config.latent_levels!r}")
     if config.latent_levels == 2 and config.guide != "meanfield":
-        raise ValueError(f"guide: the two-level VAE (latent_levels=2) has a mean-field guide "
-                         f"only; got {config.guide!r}")
+        raise ValueError(
+            f"guide: the two-level VAE (latent_levels=2) has a mean-field guide only; got {config.guide!r}"
+        )
     if config.latent_levels == 2 and config.prior == "mixture":
         raise ValueError("prior: the two-level VAE's top prior is 'standard' or 'vamp'; got 'mixture'")
     input_scale = float(config.num_levels - 1)
-    encoder = build_encoder(config.architecture, config.image_shape, config.latent_dim,
-                            hidden_dims=config.encoder_hidden, input_scale=input_scale,
-                            hidden_layer=config.hidden_layer)
+    encoder = build_encoder(
+        config.architecture,
+        config.image_shape,
+        config.latent_dim,
+        hidden_dims=config.encoder_hidden,
+        input_scale=input_scale,
+        hidden_layer=config.hidden_layer,
+    )
     decoded = config.latent_dim * config.latent_levels
     if config.architecture == "mlp":
-        decoder = MLPDecoder(decoded, config.image_shape, num_levels=config.num_levels,
-                             hidden_dims=config.decoder_hidden, hidden_layer=config.hidden_layer)
+        decoder = MLPDecoder(
+            decoded,
+            config.image_shape,
+            num_levels=config.num_levels,
+            hidden_dims=config.decoder_hidden,
+            hidden_layer=config.hidden_layer,
+        )
     else:
         decoder = ConvDecoder(decoded, config.image_shape, num_levels=config.num_levels)
     if config.prior == "standard":
@@ -318,8 +356,7 @@ def build_vae(config: VAEConfig) -> VAE:
     if config.guide == "meanfield":
         guide = AmortizedNormalGuide(encoder)
     else:
-        guide = AmortizedFlowGuide(encoder, config.guide, config.num_flows,
-                                   hidden_dims=config.flow_hidden)
+        guide = AmortizedFlowGuide(encoder, config.guide, config.num_flows, hidden_dims=config.flow_hidden)
     model = VAEModel(decoder, prior, config.image_shape, num_levels=config.num_levels)
     return VAE(model, guide, config)
 
@@ -329,10 +366,12 @@ def _two_level(config: VAEConfig, encoder: nn.Module, decoder: nn.Module, top: n
     decoder's widths and :math:`q(z_1 \mid x, z_2)` the encoder's."""
     hidden = "elu" if config.architecture == "conv" else config.hidden_layer
     size = config.latent_dim
-    prior = HierarchicalPrior(top, ConditionalGaussian(size, size, hidden_dims=config.decoder_hidden,
-                                                       hidden_layer=hidden))
-    lower = ConditionalGaussian(size, size, hidden_dims=config.encoder_hidden,
-                                context_dim=math.prod(config.image_shape), hidden_layer=hidden)
+    prior = HierarchicalPrior(
+        top, ConditionalGaussian(size, size, hidden_dims=config.decoder_hidden, hidden_layer=hidden)
+    )
+    lower = ConditionalGaussian(
+        size, size, hidden_dims=config.encoder_hidden, context_dim=math.prod(config.image_shape), hidden_layer=hidden
+    )
     guide = HierarchicalNormalGuide(encoder, lower)
     model = VAEModel(decoder, prior, config.image_shape, num_levels=config.num_levels)
     return VAE(model, guide, config)

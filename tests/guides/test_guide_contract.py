@@ -1,4 +1,5 @@
 """Contract tests run over every guide in the registry: shapes, gradients, summaries, save/load."""
+
 import pytest
 import torch
 from pyro import poutine
@@ -28,6 +29,7 @@ def fitted(problem):
         if name not in cache:
             cache[name] = fit_svi(model, name, *args, num_steps=20, progress=False, **kwargs)
         return cache[name]
+
     return get
 
 

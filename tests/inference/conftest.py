@@ -1,4 +1,5 @@
 """Shared pieces of the fused-kernel tests."""
+
 import math
 
 import pytest

@@ -3,6 +3,7 @@ r"""The small models: closed forms checked by the product rule, shapes, batching
 For any parameter value :math:`\theta`, :math:`\log p(x) = \log p(x \mid \theta) + \log p(\theta)
 - \log p(\theta \mid x)`; the closed-form evidence and posterior must satisfy it exactly.
 """
+
 import warnings
 
 import pytest
@@ -41,7 +42,9 @@ def test_linear_regression_closed_forms_satisfy_the_product_rule():
     features, y = conjugate.default_regression_data()
     posterior = conjugate.linear_regression_posterior(features, y)["beta"]
     for value in (torch.zeros(3), torch.tensor([0.5, -1.0, 2.0])):
-        identity = _log_joint(conjugate.linear_regression, (features, y), {"beta": value}) - float(posterior.log_prob(value))
+        identity = _log_joint(conjugate.linear_regression, (features, y), {"beta": value}) - float(
+            posterior.log_prob(value)
+        )
         assert identity == pytest.approx(conjugate.linear_regression_log_evidence(features, y), abs=1e-7)
 
 
@@ -49,8 +52,11 @@ def test_linear_regression_closed_forms_satisfy_the_product_rule():
 def test_every_small_model_batches_over_draws_without_falling_back(name):
     model, args, kwargs = get_model(name).load()
     trace = poutine.trace(model).get_trace(*args, **kwargs)
-    latent = {n: s["value"] for n, s in trace.nodes.items()
-              if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
+    latent = {
+        n: s["value"]
+        for n, s in trace.nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    }
     # a second draw inside the support: scaled towards zero (positive and ordered values stay so)
     draws = {n: torch.stack([v, v * 0.9]) for n, v in latent.items()}
     with warnings.catch_warnings():

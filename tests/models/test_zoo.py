@@ -8,6 +8,7 @@ the checked statistics, and where PSIS k-hat < 0.5 vouches for the guide its rew
 must match the reference within their Monte Carlo error. ``compare`` must score every reference
 parameter. Cases broken by known vilab bugs are strict xfails naming the bug (see docs/zoo.md).
 """
+
 import math
 import os
 import sys
@@ -49,7 +50,9 @@ def _cases(check, entries=ZOO, extra=()):
             strict = (entry.name, check) not in TIMING_DEPENDENT
             marks = [pytest.mark.xfail(strict=strict, reason=reason)] if reason else []
             params = (entry,) if value is None else (entry, value)
-            cases.append(pytest.param(*params, marks=marks, id=entry.name if value is None else f"{entry.name}-{value}"))
+            cases.append(
+                pytest.param(*params, marks=marks, id=entry.name if value is None else f"{entry.name}-{value}")
+            )
     return cases
 
 
@@ -60,7 +63,8 @@ def _assert_nuts_matches(entry, result):
     worst = max(scores, key=lambda k: abs(scores[k]))
     assert abs(scores[worst]) < limit, (
         f"{entry.name}: NUTS mean of {worst} is {scores[worst]:.1f} Monte Carlo errors from the "
-        f"{reference['kind']} reference (limit {limit:.1f}); path {result.config.get('backend')}")
+        f"{reference['kind']} reference (limit {limit:.1f}); path {result.config.get('backend')}"
+    )
 
 
 def _assert_svi_reports(entry, result):
@@ -80,7 +84,8 @@ def _assert_svi_reports(entry, result):
         limit = z_threshold(len(scores))
         assert abs(scores[worst]) < limit, (
             f"{entry.name}: k-hat {smoothed.k_hat:.2f} vouches for the guide, yet its reweighted mean of "
-            f"{worst} is {scores[worst]:.1f} Monte Carlo errors from the reference (limit {limit:.1f})")
+            f"{worst} is {scores[worst]:.1f} Monte Carlo errors from the reference (limit {limit:.1f})"
+        )
 
 
 def _check_run_nuts(entry, options):
@@ -120,8 +125,16 @@ def test_compare_scores_every_reference_parameter(entry):
         with pytest.raises(ValueError, match=entry.options["svi_refusal"]):
             vilab.compare(model, *args, guides=("meanfield",), reference=reference["draws"], progress=False, **kwargs)
         return
-    report = vilab.compare(model, *args, guides=("meanfield",), reference=reference["draws"],
-                           svi_options=dict(num_steps=1000), num_draws=1000, progress=False, **kwargs)
+    report = vilab.compare(
+        model,
+        *args,
+        guides=("meanfield",),
+        reference=reference["draws"],
+        svi_options=dict(num_steps=1000),
+        num_draws=1000,
+        progress=False,
+        **kwargs,
+    )
     rows = report.table[report.table["method"] == "meanfield"]
     expected = set(tensor_draws_names(reference["draws"]))
     assert expected <= set(rows["parameter"]), f"{entry.name}: compare left out {expected - set(rows['parameter'])}"

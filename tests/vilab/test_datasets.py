@@ -1,4 +1,5 @@
 """Data sets: IDX reading, splits, fixed and dynamic binarization, helpful errors."""
+
 import gzip
 import math
 import os
@@ -8,14 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from vilab.datasets import (FASHION_MNIST_DIR, DynamicBinarization, binarize, load_dataset,
-                            load_digits, load_idx_directory, make_loader, read_idx)
+from vilab.datasets import (
+    FASHION_MNIST_DIR,
+    DynamicBinarization,
+    binarize,
+    load_dataset,
+    load_digits,
+    load_idx_directory,
+    make_loader,
+    read_idx,
+)
 
 
 def _write_idx(path, array):
     codes = {np.uint8: 0x08}
-    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + struct.pack(
-        ">" + "I" * array.ndim, *array.shape)
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
     with gzip.open(path, "wb") as handle:
         handle.write(header + array.tobytes())
 
@@ -24,10 +32,8 @@ def _write_idx(path, array):
 def idx_dir(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 60), ("t10k", 20)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz",
-                   rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz",
-                   rng.integers(0, 10, (n,), dtype=np.uint8))
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,), dtype=np.uint8))
     return str(tmp_path)
 
 
@@ -68,11 +74,12 @@ def test_a_smaller_validation_split_keeps_its_first_images(idx_dir):
 
 @pytest.mark.parametrize("size", [0, -1, "all"])
 def test_a_validation_size_that_leaves_no_images_is_refused(idx_dir, size):
-    for load, available in ((lambda n: load_idx_directory(idx_dir, validation_size=n), 60),
-                            (lambda n: load_dataset("digits", validation_size=n), 1500)):
+    for load, available in (
+        (lambda n: load_idx_directory(idx_dir, validation_size=n), 60),
+        (lambda n: load_dataset("digits", validation_size=n), 1500),
+    ):
         n = available if size == "all" else size
-        with pytest.raises(ValueError, match=f"validation_size: expected 0 < validation_size < "
-                                             f"{available}.*got {n}"):
+        with pytest.raises(ValueError, match=f"validation_size: expected 0 < validation_size < {available}.*got {n}"):
             load(n)
 
 

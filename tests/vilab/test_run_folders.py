@@ -1,5 +1,6 @@
 """Property tests of the run-folder logic: settings differences, the refusal of a run with
 other settings, folders swapped whole, log rows trimmed on resume, and flags in CLI errors."""
+
 import csv
 import json
 import os
@@ -16,8 +17,14 @@ from vilab.inference.vae.runs import RESUMABLE_SETTINGS, check_run_folder, trim_
 from vilab.run_folders import RunFolderError, atomic_directory, flatten_settings, settings_differences
 
 keys = st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True)
-leaves = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.text(max_size=5),
-                   st.floats(allow_nan=False, allow_infinity=False), st.lists(st.integers(0, 9), max_size=3))
+leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.text(max_size=5),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.lists(st.integers(0, 9), max_size=3),
+)
 nested = st.recursive(leaves, lambda children: st.dictionaries(keys, children, max_size=3), max_leaves=6)
 configs = st.dictionaries(keys, nested, min_size=1, max_size=4)
 few = settings(max_examples=40, deadline=None)
@@ -46,8 +53,9 @@ def test_differences_are_symmetric_and_name_every_changed_leaf(old, new):
     assert all(backward[key] == (after, before) for key, (before, after) in forward.items())
     flat_old, flat_new = flatten_settings(old), flatten_settings(new)
     for key in set(flat_old) | set(flat_new):
-        assert (key in forward) == (key not in flat_old or key not in flat_new
-                                    or _canonical(flat_old[key]) != _canonical(flat_new[key]))
+        assert (key in forward) == (
+            key not in flat_old or key not in flat_new or _canonical(flat_old[key]) != _canonical(flat_new[key])
+        )
 
 
 @given(old=configs, new=configs)
@@ -55,14 +63,16 @@ def test_differences_are_symmetric_and_name_every_changed_leaf(old, new):
 def test_ignored_settings_never_count_as_differences(old, new):
     differences = settings_differences(old, new)
     ignored = set(list(differences)[::2])
-    assert settings_differences(old, new, ignore=ignored) == {k: v for k, v in differences.items()
-                                                              if k not in ignored}
+    assert settings_differences(old, new, ignore=ignored) == {k: v for k, v in differences.items() if k not in ignored}
 
 
 def _run_config(latent, lr, epochs):
-    return {"vae": {"latent_dim": latent, "encoder_hidden": [16]}, "data": "digits",
-            "training": {"learning_rate": lr, "max_epochs": epochs, "patience": None, "seed": 0},
-            "data_dir": None}
+    return {
+        "vae": {"latent_dim": latent, "encoder_hidden": [16]},
+        "data": "digits",
+        "training": {"learning_rate": lr, "max_epochs": epochs, "patience": None, "seed": 0},
+        "data_dir": None,
+    }
 
 
 values = st.tuples(st.integers(1, 64), st.floats(1e-5, 1.0), st.integers(1, 100))
@@ -89,8 +99,7 @@ def test_a_run_folder_takes_only_the_same_model_and_optimisation_and_records_the
         assert json.loads(Path(folder, "config.json").read_text()) == recorded  # nothing written
 
 
-files = st.dictionaries(st.from_regex(r"[a-z]{1,6}\.(txt|nc)", fullmatch=True), st.binary(max_size=20),
-                        max_size=4)
+files = st.dictionaries(st.from_regex(r"[a-z]{1,6}\.(txt|nc)", fullmatch=True), st.binary(max_size=20), max_size=4)
 
 
 def _contents(path):
@@ -119,8 +128,10 @@ def test_a_folder_is_replaced_whole_or_left_whole(old, new, crash):
         assert os.listdir(root) == (["report"] if path.exists() else [])  # nothing left beside it
 
 
-@given(steps=st.lists(st.lists(st.integers(0, 60), max_size=8).map(sorted), min_size=1, max_size=3),
-       resume_at=st.integers(0, 60))
+@given(
+    steps=st.lists(st.lists(st.integers(0, 60), max_size=8).map(sorted), min_size=1, max_size=3),
+    resume_at=st.integers(0, 60),
+)
 @few
 def test_trimming_keeps_exactly_the_rows_before_the_checkpoint(steps, resume_at):
     with tempfile.TemporaryDirectory() as out:
@@ -136,8 +147,9 @@ def test_trimming_keeps_exactly_the_rows_before_the_checkpoint(steps, resume_at)
         for version, version_steps in enumerate(steps):
             with open(os.path.join(out, "logs", f"csv-{version}", "metrics.csv")) as file:
                 kept = [int(row["step"]) for row in csv.DictReader(file)]
-            assert kept == (version_steps if f"csv-{version}" == keep else
-                            [step for step in version_steps if step < resume_at])
+            assert kept == (
+                version_steps if f"csv-{version}" == keep else [step for step in version_steps if step < resume_at]
+            )
         assert trim_metrics(out, resume_at, keep=keep) == 0  # trimming twice changes nothing
 
 

@@ -1,4 +1,5 @@
 """The ``vilab`` command line."""
+
 from vilab.cli.main import (  # noqa: F401 -- the package's public names
     main,
     build_parser,

@@ -1,4 +1,5 @@
 """The command line, run with ``python -m`` on this package."""
+
 from vilab.cli.main import main
 
 __all__: list[str] = []

@@ -9,6 +9,7 @@ Examples::
     vilab gaps runs/iaf --num-test 200 --refine-steps 300
     vilab dmm --data pendulum --epochs 20 --out runs/dmm-pendulum.safetensors
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,14 @@ def gaps_command(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, KeyError) as error:
         return _fail("gaps", str(error))
     pyro.set_rng_seed(args.seed)
-    report = gap_decomposition(vae.model, vae.guide, data.test, refine_steps=args.refine_steps,
-                               learning_rate=args.lr, iw_samples=args.iw_samples)
+    report = gap_decomposition(
+        vae.model,
+        vae.guide,
+        data.test,
+        refine_steps=args.refine_steps,
+        learning_rate=args.lr,
+        iw_samples=args.iw_samples,
+    )
     summary = {k: v for k, v in report._asdict().items() if k != "per_example"}
     print(json.dumps({"run_dir": args.run_dir, "num_test": args.num_test, **summary}, indent=2))
     return 0
@@ -105,16 +112,24 @@ def dmm_command(args: argparse.Namespace) -> int:
 
     batches = list(torch.split(data.train, 100))
     fit = fit_minibatch(dmm, loss, batches, num_epochs=args.epochs, learning_rate=args.lr)
-    test = data.test[:args.num_test]
+    test = data.test[: args.num_test]
     elbo = monte_carlo_elbo(dmm.model, dmm.guide, test, num_samples=10)
-    log_likelihood = importance_log_likelihood(dmm.model, dmm.guide, test,
-                                               num_samples=args.iw_samples, chunk_size=100)
+    log_likelihood = importance_log_likelihood(dmm.model, dmm.guide, test, num_samples=args.iw_samples, chunk_size=100)
     if args.out:
         from vilab.inference.vae.checkpoints import save_module
 
         save_module(dmm, args.out, metadata={"data": args.data})
-    print(json.dumps({"data": data.name, "epochs": args.epochs, "train_seconds": fit.wall_time,
-                      "test_elbo": float(elbo.mean()),
-                      "test_log_likelihood": float(log_likelihood.mean()),
-                      "iw_samples": args.iw_samples}, indent=2))
+    print(
+        json.dumps(
+            {
+                "data": data.name,
+                "epochs": args.epochs,
+                "train_seconds": fit.wall_time,
+                "test_elbo": float(elbo.mean()),
+                "test_log_likelihood": float(log_likelihood.mean()),
+                "iw_samples": args.iw_samples,
+            },
+            indent=2,
+        )
+    )
     return 0

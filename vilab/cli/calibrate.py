@@ -8,6 +8,7 @@ passes, 1 when one is flagged, 2 on bad input::
 
     vilab calibrate eight_schools_centered --method meanfield --simulations 100 --out runs/vsbc
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ def add_calibrate_command(subparsers: Any) -> None:
     """Add ``calibrate`` to ``subparsers``."""
     parser = subparsers.add_parser("calibrate", help="VSBC of a VI method (SBC of nuts) on a registered model")
     parser.add_argument("model", help="registered model name (see `vilab list`)")
-    parser.add_argument("--method", default="meanfield",
-                        help="guide or method name (meanfield, fullrank, pathfinder, bam, ...) or nuts")
+    parser.add_argument(
+        "--method", default="meanfield", help="guide or method name (meanfield, fullrank, pathfinder, bam, ...) or nuts"
+    )
     parser.add_argument("--simulations", type=int, default=100, help="prior simulations, one fit each")
     parser.add_argument("--draws", type=int, default=1000, help="guide draws per fit (VSBC)")
     parser.add_argument("--steps", type=int, default=None, help="SVI steps per fit (SVI guides only)")
@@ -48,19 +50,36 @@ def calibrate_command(args: argparse.Namespace) -> int:
         return 2
     options = {"num_steps": args.steps} if args.steps is not None else {}
     try:
-        result = calibrate(model, *model_args, method=args.method, num_simulations=args.simulations,
-                           num_draws=args.draws, seed=args.seed, alpha=args.alpha, method_options=options,
-                           progress=not args.quiet, **model_kwargs)
+        result = calibrate(
+            model,
+            *model_args,
+            method=args.method,
+            num_simulations=args.simulations,
+            num_draws=args.draws,
+            seed=args.seed,
+            alpha=args.alpha,
+            method_options=options,
+            progress=not args.quiet,
+            **model_kwargs,
+        )
     except (ValueError, TypeError) as error:
         print(f"vilab calibrate: {error}", file=sys.stderr)
         return 2
-    print(f"{result.test} of {result.method} on {args.model}: {result.num_simulations} simulations, "
-          f"failure budget alpha={result.alpha} (Bonferroni over {len(result.table)} parameters)")
-    print(result.table[["parameter", "statistic", "p_value", "mean_quantile", "verdict"]].to_string(
-        index=False, float_format=lambda v: f"{v:.3g}"))
+    print(
+        f"{result.test} of {result.method} on {args.model}: {result.num_simulations} simulations, "
+        f"failure budget alpha={result.alpha} (Bonferroni over {len(result.table)} parameters)"
+    )
+    print(
+        result.table[["parameter", "statistic", "p_value", "mean_quantile", "verdict"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3g}"
+        )
+    )
     if result.unconverged:
-        print(f"warning: {len(result.unconverged)} of {result.num_simulations} fits did not converge; a flag may "
-              "mean 'cannot fit what the prior generates' rather than 'biased' (raise --steps)", file=sys.stderr)
+        print(
+            f"warning: {len(result.unconverged)} of {result.num_simulations} fits did not converge; a flag may "
+            "mean 'cannot fit what the prior generates' rather than 'biased' (raise --steps)",
+            file=sys.stderr,
+        )
     if result.failures:
         print(f"warning: {len(result.failures)} fits failed and were left out", file=sys.stderr)
     out = result.save(args.out)

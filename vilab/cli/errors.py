@@ -6,6 +6,7 @@ meet to its flag, :func:`to_flags` rewrites a message with it, and :func:`run_co
 the user errors a handler raises (``ValueError``, ``TypeError``, ``FileNotFoundError``) into
 that line and exit status 2, while ``vilab --debug ...`` keeps the traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,26 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
 # Python argument names (of compare, run_nuts, fit_svi, VAEConfig, TrainingConfig...) -> the
 # argparse ``dest`` of the flag that sets them, where the two differ.
 PYTHON_NAMES = {
-    "num_chains": "chains", "num_samples": "samples", "num_warmup": "warmup", "num_steps": "steps",
-    "num_draws": "draws", "num_flows": "flows", "learning_rate": "lr", "latent_dim": "latent",
-    "max_epochs": "epochs", "iwae_samples": "iw_train_samples", "kl_warmup_steps": "kl_warmup",
-    "encoder_hidden": "hidden", "decoder_hidden": "hidden", "num_components": "components",
-    "out_dir": "out", "directory": "out", "guide_names": "guides", "num_test": "num_test",
-    "refine_steps": "refine_steps", "chunk_size": "chunk_size",
+    "num_chains": "chains",
+    "num_samples": "samples",
+    "num_warmup": "warmup",
+    "num_steps": "steps",
+    "num_draws": "draws",
+    "num_flows": "flows",
+    "learning_rate": "lr",
+    "latent_dim": "latent",
+    "max_epochs": "epochs",
+    "iwae_samples": "iw_train_samples",
+    "kl_warmup_steps": "kl_warmup",
+    "encoder_hidden": "hidden",
+    "decoder_hidden": "hidden",
+    "num_components": "components",
+    "out_dir": "out",
+    "directory": "out",
+    "guide_names": "guides",
+    "num_test": "num_test",
+    "refine_steps": "refine_steps",
+    "chunk_size": "chunk_size",
 }
 
 

@@ -11,6 +11,7 @@ end, so an interrupted run leaves the previous report whole. User errors print o
 ``vilab: error: ...`` line in the CLI's flags and exit with status 2 (``vilab --debug ...``
 shows the traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,13 +68,28 @@ def _check_guides(guides: list[str]) -> None:
     known = [info.name for info in list_guides()] + sorted(METHODS)
     unknown = [name for name in guides if name not in known]
     if not guides or unknown:
-        raise ValueError(f"guides: expected comma-separated names among {', '.join(known)}; "
-                         f"got {', '.join(map(repr, unknown)) or 'none'} (see `vilab list`)")
+        raise ValueError(
+            f"guides: expected comma-separated names among {', '.join(known)}; "
+            f"got {', '.join(map(repr, unknown)) or 'none'} (see `vilab list`)"
+        )
 
 
 # Options that describe the comparison a report holds (--out, --quiet, --force do not).
-_SETTINGS = ("posteriordb", "guides", "steps", "lr", "flows", "draws", "samples", "warmup", "chains",
-             "target_accept", "dense_mass", "no_nuts", "seed")
+_SETTINGS = (
+    "posteriordb",
+    "guides",
+    "steps",
+    "lr",
+    "flows",
+    "draws",
+    "samples",
+    "warmup",
+    "chains",
+    "target_accept",
+    "dense_mass",
+    "no_nuts",
+    "seed",
+)
 
 
 def _check_out(args: argparse.Namespace, settings: dict) -> None:
@@ -84,16 +100,22 @@ def _check_out(args: argparse.Namespace, settings: dict) -> None:
     if differences is None:
         return
     if not differences:
-        print(f"vilab compare: {args.out} holds the report of this same comparison; it is "
-              "replaced when this one is done", file=sys.stderr)
+        print(
+            f"vilab compare: {args.out} holds the report of this same comparison; it is replaced when this one is done",
+            file=sys.stderr,
+        )
         return
     names = {key: key if key == "model" else args.cli_flags.get(key, key) for key in differences}
     described = ", ".join(f"{names[key]} {old!r} -> {new!r}" for key, (old, new) in differences.items())
     if not args.force:
-        raise ValueError(f"out: {args.out!r} holds the report of another comparison ({described}); "
-                         "choose another --out, or add --force to replace it")
-    print(f"vilab compare: --force: replacing the report in {args.out} ({described}) when this "
-          "one is done", file=sys.stderr)
+        raise ValueError(
+            f"out: {args.out!r} holds the report of another comparison ({described}); "
+            "choose another --out, or add --force to replace it"
+        )
+    print(
+        f"vilab compare: --force: replacing the report in {args.out} ({described}) when this one is done",
+        file=sys.stderr,
+    )
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -110,18 +132,42 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     _check_out(args, settings)
     flows = {"num_flows": args.flows}
     report = compare(
-        model, *model_args, guides=guides, reference=reference, include_nuts=reference is not None and not args.no_nuts,
-        seed=args.seed, num_draws=args.draws,
+        model,
+        *model_args,
+        guides=guides,
+        reference=reference,
+        include_nuts=reference is not None and not args.no_nuts,
+        seed=args.seed,
+        num_draws=args.draws,
         svi_options={"num_steps": args.steps, "lr": args.lr},
-        nuts_options={"num_samples": args.samples, "num_warmup": args.warmup, "num_chains": args.chains,
-                      "target_accept": args.target_accept, "dense_mass": args.dense_mass},
+        nuts_options={
+            "num_samples": args.samples,
+            "num_warmup": args.warmup,
+            "num_chains": args.chains,
+            "target_accept": args.target_accept,
+            "dense_mass": args.dense_mass,
+        },
         guide_options={g: flows for g in guides if g in ("iaf", "nsf", "planar", "radial", "sylvester")},
-        progress=not args.quiet, **model_kwargs)
+        progress=not args.quiet,
+        **model_kwargs,
+    )
     report.title = f"vilab compare: {title}"
     report.settings = settings
     out = report.save(args.out)
-    columns = [c for c in ("mean_abs_error_sd", "max_abs_error_sd", "mean_abs_log_sd_ratio", "k_hat", "elbo",
-                           "wall_time", "ess_per_second", "num_divergences") if c in report.summary.columns]
+    columns = [
+        c
+        for c in (
+            "mean_abs_error_sd",
+            "max_abs_error_sd",
+            "mean_abs_log_sd_ratio",
+            "k_hat",
+            "elbo",
+            "wall_time",
+            "ess_per_second",
+            "num_divergences",
+        )
+        if c in report.summary.columns
+    ]
     print(report.summary[columns].to_string(float_format=lambda v: f"{v:.3g}"))
     for note in warnings_for(report):
         print(f"warning: {note}")
@@ -132,8 +178,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``vilab`` command."""
     parser = argparse.ArgumentParser(prog="vilab", description="Variational inference vs NUTS on Pyro models.")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the Python traceback of an error (before the command: vilab --debug ...)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of an error (before the command: vilab --debug ...)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list models, posteriordb problems and guides").set_defaults(func=_cmd_list)
     cmp = sub.add_parser("compare", help="fit guides and NUTS on a model and compare them")
@@ -150,12 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--chains", type=int, default=4, help="NUTS chains")
     cmp.add_argument("--target-accept", type=float, default=0.8)
     cmp.add_argument("--dense-mass", action="store_true", help="adapt a dense mass matrix")
-    cmp.add_argument("--no-nuts", action="store_true",
-                     help="with --posteriordb, score only the guides against the reference draws")
+    cmp.add_argument(
+        "--no-nuts", action="store_true", help="with --posteriordb, score only the guides against the reference draws"
+    )
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--quiet", action="store_true", help="no progress output")
-    cmp.add_argument("--force", action="store_true",
-                     help="replace the report of another comparison in --out")
+    cmp.add_argument("--force", action="store_true", help="replace the report of another comparison in --out")
     cmp.set_defaults(func=_cmd_compare)
     try:
         from vilab.cli.vae import add_vae_commands
@@ -185,4 +234,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
-

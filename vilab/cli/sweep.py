@@ -9,6 +9,7 @@ Examples::
 
 Rerunning the same command into the same ``--out`` skips the finished tasks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,19 @@ def _seeds(args: argparse.Namespace) -> Optional[list[int]]:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """Spec fields given on the command line (those left out keep the TOML's or the defaults)."""
     svi = {key: value for key, value in (("num_steps", args.steps), ("lr", args.lr)) if value is not None}
-    nuts = {key: value for key, value in (("num_samples", args.samples), ("num_warmup", args.warmup),
-                                          ("num_chains", args.chains)) if value is not None}
-    options = {"svi_options": svi or None, "nuts_options": nuts or None, "num_draws": args.draws,
-               "num_cpus": args.num_cpus, "max_retries": args.max_retries, "posteriordb": args.posteriordb}
+    nuts = {
+        key: value
+        for key, value in (("num_samples", args.samples), ("num_warmup", args.warmup), ("num_chains", args.chains))
+        if value is not None
+    }
+    options = {
+        "svi_options": svi or None,
+        "nuts_options": nuts or None,
+        "num_draws": args.draws,
+        "num_cpus": args.num_cpus,
+        "max_retries": args.max_retries,
+        "posteriordb": args.posteriordb,
+    }
     return {key: value for key, value in options.items() if value is not None}
 
 
@@ -61,30 +71,50 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print("vilab sweep: expected --models and --methods, or --config FILE.toml", file=sys.stderr)
         return 2
     try:
-        result = sweep(_names(args.models), _names(args.methods), _seeds(args), config=args.config, out=args.out,
-                       address=args.address, serial=args.serial, progress=not args.quiet, **_options(args))
+        result = sweep(
+            _names(args.models),
+            _names(args.methods),
+            _seeds(args),
+            config=args.config,
+            out=args.out,
+            address=args.address,
+            serial=args.serial,
+            progress=not args.quiet,
+            **_options(args),
+        )
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"vilab sweep: {error}", file=sys.stderr)
         return 2
-    print(f"sweep: {result.num_tasks} tasks: {result.num_skipped} found finished, {result.num_done} done now, "
-          f"{result.num_failed} failed, in {result.wall_time:.1f} s")
+    print(
+        f"sweep: {result.num_tasks} tasks: {result.num_skipped} found finished, {result.num_done} done now, "
+        f"{result.num_failed} failed, in {result.wall_time:.1f} s"
+    )
     print(f"store {result.store}" + (f"; leaderboard {result.leaderboard}" if result.leaderboard else ""))
     return 1 if result.num_failed else 0
 
 
 def add_sweep_command(sub: argparse._SubParsersAction) -> None:
     """Add ``vilab sweep`` to the ``vilab`` command's subparsers."""
-    cmd = sub.add_parser("sweep", help="run models x methods x seeds on Ray into one store, with a leaderboard",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd = sub.add_parser(
+        "sweep",
+        help="run models x methods x seeds on Ray into one store, with a leaderboard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cmd.add_argument("--config", metavar="FILE.toml", help="the grid and options as TOML (docs/sweeps.md)")
     cmd.add_argument("--models", help="comma-separated: registry names, posteriordb/NAME, 'posteriordb/*', module:attr")
     cmd.add_argument("--methods", help="comma-separated guide or VI method names, and nuts")
     cmd.add_argument("--seeds", help="comma-separated seeds (default 0)")
     cmd.add_argument("--num-seeds", type=int, help="seeds 0..N-1 (instead of --seeds)")
-    cmd.add_argument("--posteriordb", metavar="PATH", help="posteriordb folder (default $VILAB_POSTERIORDB or ../shared/posteriordb)")
+    cmd.add_argument(
+        "--posteriordb", metavar="PATH", help="posteriordb folder (default $VILAB_POSTERIORDB or ../shared/posteriordb)"
+    )
     cmd.add_argument("--out", default="runs/sweep", help="store and leaderboard folder; a rerun into it resumes")
-    cmd.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                     help="Ray cluster to join (default $RAY_ADDRESS; none: start a local cluster)")
+    cmd.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (default $RAY_ADDRESS; none: start a local cluster)",
+    )
     cmd.add_argument("--serial", action="store_true", help="run the tasks one after another in this process (no Ray)")
     cmd.add_argument("--num-cpus", type=int, help="CPUs each task declares (and its torch threads; default 1)")
     cmd.add_argument("--max-retries", type=int, help="reruns of a task whose worker or node died (default 2)")

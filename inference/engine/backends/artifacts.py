@@ -7,6 +7,7 @@ and runs it with a namespace of the few names Inductor's CPU wrappers use (buffe
 views from ``torch._C``, the compiled kernels, ``aten`` ops and matrix products); a wrapper needing
 anything else is reported as a failure, and the caller keeps its traced step.
 """
+
 from __future__ import annotations
 
 import ast
@@ -71,11 +72,20 @@ def _generated_call(module: ast.Module) -> ast.FunctionDef:
 
 def _namespace(function: ast.FunctionDef, kernels: dict) -> dict:
     guards = torch._C._dynamo.guards
-    namespace = {"torch": torch, "aten": torch.ops.aten, "math": math, "inf": math.inf, "nan": math.nan,
-                 "device": torch.device, "empty_strided": torch.empty_strided,
-                 "empty_strided_cpu": guards._empty_strided_cpu, "reinterpret_tensor": guards._reinterpret_tensor,
-                 "assert_size_stride": guards.assert_size_stride, "assert_alignment": guards.assert_alignment,
-                 "extern_kernels": types.SimpleNamespace(**{name: getattr(torch, name) for name in _EXTERN})}
+    namespace = {
+        "torch": torch,
+        "aten": torch.ops.aten,
+        "math": math,
+        "inf": math.inf,
+        "nan": math.nan,
+        "device": torch.device,
+        "empty_strided": torch.empty_strided,
+        "empty_strided_cpu": guards._empty_strided_cpu,
+        "reinterpret_tensor": guards._reinterpret_tensor,
+        "assert_size_stride": guards.assert_size_stride,
+        "assert_alignment": guards.assert_alignment,
+        "extern_kernels": types.SimpleNamespace(**{name: getattr(torch, name) for name in _EXTERN}),
+    }
     free = _free_names(function) - set(namespace) - set(dir(builtins))
     missing = free - set(kernels)
     if missing:
@@ -83,14 +93,20 @@ def _namespace(function: ast.FunctionDef, kernels: dict) -> dict:
     for name in free:
         namespace[name] = _load_kernel(kernels[name])
     for node in ast.walk(function):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "extern_kernels" \
-                and node.attr not in _EXTERN:
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "extern_kernels"
+            and node.attr not in _EXTERN
+        ):
             raise RuntimeError(f"the generated call needs extern_kernels.{node.attr}")
     return namespace
 
 
 def _free_names(function: ast.FunctionDef) -> set[str]:
-    stored = {node.id for node in ast.walk(function) if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load)}
+    stored = {
+        node.id for node in ast.walk(function) if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load)
+    }
     stored.update(argument.arg for argument in function.args.args)
     loaded = {node.id for node in ast.walk(function) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
     return loaded - stored
@@ -101,7 +117,8 @@ def _load_kernel(path: str) -> Callable:
     # The binding reads tensors' data pointers through a function whose address it is given
     # in this variable, as Inductor's own loader does.
     os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(
-        torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr)
+        torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr
+    )
     # The module's last name must be ``kernel``: the extension's init function is PyInit_kernel.
     name = f"vilab_fused_{hashlib.sha256(path.encode()).hexdigest()[:16]}.kernel"
     module = sys.modules.get(name)

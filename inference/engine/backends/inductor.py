@@ -27,6 +27,7 @@ points (``compile_fx`` with an ``inner_compile`` hook, the compiled graph's ``cu
 of the pinned PyTorch 2.13; a change there shows as a fallback, not as wrong results, because
 every fused step is checked against its eager reference before use.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,16 @@ from vilab.inference.engine.backends import artifacts as fast_artifacts
 from vilab.inference.engine.cache import cache_problem, inductor_cache_dir
 from vilab.inference.engine.backends.recycle import recycled_call
 
-__all__ = ["compile_fused", "compile_artifact", "graph_key", "is_cached", "load_cached",
-           "predicted_compile_seconds", "fusion_unavailable", "COMPILERS"]
+__all__ = [
+    "compile_fused",
+    "compile_artifact",
+    "graph_key",
+    "is_cached",
+    "load_cached",
+    "predicted_compile_seconds",
+    "fusion_unavailable",
+    "COMPILERS",
+]
 
 COMPILERS = ("auto", "inductor", "torchscript")
 
@@ -111,8 +120,7 @@ def fusion_unavailable() -> str:
     return ""
 
 
-def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
-                  recycle: bool = False) -> Callable:
+def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor], recycle: bool = False) -> Callable:
     """``graph`` (ATen ops, fixed shapes) compiled by Inductor into one C++ function.
 
     Returns a callable of the same inputs returning a tuple of fresh tensors or, with
@@ -132,8 +140,7 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
     return lambda *args: call([*constants, *args])
 
 
-def compile_artifact(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
-                     key: Optional[str] = None) -> dict:
+def compile_artifact(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor], key: Optional[str] = None) -> dict:
     """Compile ``graph`` as :func:`compile_fused` does and describe the result so that another
     process can run it without Inductor: ``{"source": the generated wrapper's path, "kernels":
     {name: path of the compiled extension}, "constants": the lifted constants}``
@@ -158,12 +165,16 @@ def _artifact(call: Callable, constants: list) -> dict:
         path = getattr(module, "__file__", None) or ""
         if callable(value) and path.endswith(".so") and getattr(value, "__name__", "") == "kernel":
             kernels[name] = path
-    return {"source": inspect.getsourcefile(call), "kernels": kernels,
-            "constants": [tensor.detach().clone() for tensor in constants]}
+    return {
+        "source": inspect.getsourcefile(call),
+        "kernels": kernels,
+        "constants": [tensor.detach().clone() for tensor in constants],
+    }
 
 
-def load_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
-                recycle: bool = False) -> Optional[Callable]:
+def load_cached(
+    graph: torch.fx.GraphModule, example: Sequence[torch.Tensor], recycle: bool = False
+) -> Optional[Callable]:
     """The kernel an earlier compilation of ``graph`` left in the current Inductor cache
     directory (in this process or another), loaded without Inductor and without compiling
     (:func:`~vilab.inference.engine.backends.artifacts.load_artifact`), or ``None``. The caller checks it
@@ -173,13 +184,21 @@ def load_cached(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
     try:
         artifact = torch.load(_marker_path(graph_key(graph, example)), weights_only=True)
         return fast_artifacts.load_artifact(artifact, example, recycle=recycle)
-    except (OSError, EOFError, RuntimeError, ImportError, SyntaxError, TypeError, ValueError, KeyError,
-            pickle.UnpicklingError):
+    except (
+        OSError,
+        EOFError,
+        RuntimeError,
+        ImportError,
+        SyntaxError,
+        TypeError,
+        ValueError,
+        KeyError,
+        pickle.UnpicklingError,
+    ):
         return None
 
 
-def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor],
-                      key: Optional[str] = None) -> tuple:
+def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor], key: Optional[str] = None) -> tuple:
     """Inductor's compiled function for ``graph`` and its generated code as a direct call
     (:func:`_direct_call`; ``None`` where the wrappers do more than call it), recorded in the
     cache under ``key`` (default: :func:`graph_key`)."""
@@ -205,9 +224,11 @@ def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tenso
     # but only inside a tracing context with a shape environment (Dynamo's, normally).
     # One compile thread: a pool of compile workers costs a torch import each, on a core the
     # caller may be using.
-    with config.patch({"size_asserts": False, "cpp.vec_isa_ok": VECTORIZE, "compile_threads": 1, **REALIZE}), \
-            functorch_config.patch(enable_autograd_cache=False), \
-            tracing(TracingContext(FakeTensorMode(shape_env=_shape_env()))):
+    with (
+        config.patch({"size_asserts": False, "cpp.vec_isa_ok": VECTORIZE, "compile_threads": 1, **REALIZE}),
+        functorch_config.patch(enable_autograd_cache=False),
+        tracing(TracingContext(FakeTensorMode(shape_env=_shape_env()))),
+    ):
         with warnings.catch_warnings():  # Inductor's own deprecation warnings are not the user's
             warnings.simplefilter("ignore", FutureWarning)
             wrapped = compile_fx(graph, list(example), inner_compile=capture, decompositions=_decompositions())
@@ -238,8 +259,9 @@ def predicted_compile_seconds(graph: torch.fx.GraphModule, example: Sequence[tor
 def graph_key(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor]) -> str:
     """What identifies a compiled kernel: the graph's code and constants, the inputs' shapes,
     strides and dtypes, the settings and the PyTorch version."""
-    digest = hashlib.sha256(f"{torch.__version__}|{VECTORIZE}|{REALIZE}|{SMALL_MATMUL}|{SMALL_SCAN}|"
-                            f"{torch.get_num_threads()}".encode())
+    digest = hashlib.sha256(
+        f"{torch.__version__}|{VECTORIZE}|{REALIZE}|{SMALL_MATMUL}|{SMALL_SCAN}|{torch.get_num_threads()}".encode()
+    )
     digest.update(graph.code.encode())
     for node in graph.graph.nodes:
         value = getattr(graph, node.target, None) if node.op == "get_attr" else None
@@ -287,6 +309,7 @@ def _decompositions() -> dict:
                 return NotImplemented
             prefixes = [reduce(tensor.narrow(dim, 0, end), dim, keepdim=True) for end in range(1, size + 1)]
             return torch.cat(prefixes, dim)
+
         return decomposed
 
     table[aten.bmm.default], table[aten.mm.default] = bmm, mm
@@ -338,8 +361,8 @@ def _direct_call(wrapped: Callable, inner: list, example: Sequence[torch.Tensor]
     if len(seen) != 1:
         return None
     full = seen[0]
-    constants = full[:len(full) - len(example)]
-    if any(got is not want for got, want in zip(full[len(constants):], example)):
+    constants = full[: len(full) - len(example)]
+    if any(got is not want for got, want in zip(full[len(constants) :], example)):
         return None
     if any(any(const is tensor for tensor in example) for const in constants):
         return None
@@ -348,13 +371,16 @@ def _direct_call(wrapped: Callable, inner: list, example: Sequence[torch.Tensor]
         return call([*constants, *args])
 
     got = run(*example)
-    if not isinstance(got, tuple) or len(got) != len(reference) or not all(
+    if (
+        not isinstance(got, tuple)
+        or len(got) != len(reference)
+        or not all(
             torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True))
-            for a, b in zip(got, reference)):
+            for a, b in zip(got, reference)
+        )
+    ):
         return None
     return call, constants
-
-
 
 
 def _shape_env():

@@ -15,6 +15,7 @@ in place, and gives up (returns ``None``) on anything unexpected: a name assigne
 reference to the runner object, a source it cannot read. Its outputs are checked against the
 ordinary call's before it is used, and the caller checks the step against its eager reference.
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,8 +35,9 @@ _ALLOCATORS = {"empty_strided_cpu"}
 _VIEWS = {"reinterpret_tensor"}
 
 
-def recycled_call(call: Callable, constants: Sequence[torch.Tensor],
-                  example: Sequence[torch.Tensor], source: Optional[str] = None) -> Optional[Callable]:
+def recycled_call(
+    call: Callable, constants: Sequence[torch.Tensor], example: Sequence[torch.Tensor], source: Optional[str] = None
+) -> Optional[Callable]:
     """``call`` (Inductor's generated ``call(args)``, bound or not) as ``run(*inputs)`` whose
     buffers are allocated once per set of :data:`RECYCLE_DEPTH`; ``None`` where the source
     cannot be rewritten or the rewrite disagrees with ``call`` on ``example``.
@@ -81,8 +83,12 @@ def _agrees(run: Callable, reference: Callable, example: Sequence[torch.Tensor])
         if not isinstance(got, tuple) or len(got) != len(expected):
             return False
         for a, b in zip(got, expected):
-            if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a.isnan(), b.isnan()) \
-                    or not torch.equal(a.nan_to_num(), b.nan_to_num()):
+            if (
+                a.shape != b.shape
+                or a.dtype != b.dtype
+                or not torch.equal(a.isnan(), b.isnan())
+                or not torch.equal(a.nan_to_num(), b.nan_to_num())
+            ):
                 return False
     return True
 
@@ -121,16 +127,17 @@ def _plan(function: ast.FunctionDef) -> Optional[tuple[ast.Module, ast.Module]]:
         return None
     names = ast.Tuple([ast.Name(name, ast.Load()) for name in pooled], ast.Load())
     setup = _function("_vilab_setup", [args_name], [*prefix, ast.Return(names)])
-    bind = ast.Assign([ast.Tuple([ast.Name(name, ast.Store()) for name in pooled], ast.Store())],
-                      ast.Name("pool", ast.Load()))
+    bind = ast.Assign(
+        [ast.Tuple([ast.Name(name, ast.Store()) for name in pooled], ast.Store())], ast.Name("pool", ast.Load())
+    )
     body = _function("_vilab_call", [args_name, "pool"], [bind, *kept])
-    return (ast.fix_missing_locations(ast.Module([setup], [])),
-            ast.fix_missing_locations(ast.Module([body], [])))
+    return (ast.fix_missing_locations(ast.Module([setup], [])), ast.fix_missing_locations(ast.Module([body], [])))
 
 
 def _function(name: str, arguments: list[str], body: list) -> ast.FunctionDef:
-    signature = ast.arguments(posonlyargs=[], args=[ast.arg(arg=arg) for arg in arguments], kwonlyargs=[],
-                              kw_defaults=[], defaults=[])
+    signature = ast.arguments(
+        posonlyargs=[], args=[ast.arg(arg=arg) for arg in arguments], kwonlyargs=[], kw_defaults=[], defaults=[]
+    )
     return ast.FunctionDef(name=name, args=signature, body=body, decorator_list=[])
 
 
@@ -147,9 +154,14 @@ def _targets(statement) -> list[str]:
 
 
 def _is_clear(statement, args_name: str) -> bool:
-    return (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call)
-            and isinstance(statement.value.func, ast.Attribute) and statement.value.func.attr == "clear"
-            and isinstance(statement.value.func.value, ast.Name) and statement.value.func.value.id == args_name)
+    return (
+        isinstance(statement, ast.Expr)
+        and isinstance(statement.value, ast.Call)
+        and isinstance(statement.value.func, ast.Attribute)
+        and statement.value.func.attr == "clear"
+        and isinstance(statement.value.func.value, ast.Name)
+        and statement.value.func.value.id == args_name
+    )
 
 
 def _is_prefix(value, args_name: str, prefix_names: set) -> bool:
@@ -179,5 +191,9 @@ def _is_pooled(value, pooled: set, sizes: set) -> bool:
 
 def _only_reads(call: ast.Call, known: set) -> bool:
     """Whether the call's arguments use nothing but constants, ``torch`` and ``known``."""
-    return all(node.id in known or node.id == "torch" for argument in [*call.args, *call.keywords]
-               for node in ast.walk(argument) if isinstance(node, ast.Name))
+    return all(
+        node.id in known or node.id == "torch"
+        for argument in [*call.args, *call.keywords]
+        for node in ast.walk(argument)
+        if isinstance(node, ast.Name)
+    )

@@ -17,6 +17,7 @@ double and rounds at the end. A graph with an op the translator does not know, o
 dimensions, raises :class:`Unsupported`; the caller keeps its traced step. As for any fused
 step, the caller checks the program against its eager reference before using it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -144,6 +145,7 @@ def vm_unavailable(wait: bool = False) -> str:
 try:  # Inductor's wrappers allocate with it: 0.5 µs against torch.empty's 1.6
     from torch._C._dynamo.guards import _empty_strided_cpu as _empty
 except ImportError:  # pragma: no cover -- another PyTorch
+
     def _empty(shape: tuple, strides: tuple, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty_strided(shape, strides, dtype=dtype)
 
@@ -154,8 +156,9 @@ class VMStep:
     ``recycle``, into two sets of buffers used in turn: a call's outputs are overwritten by the
     call after next)."""
 
-    def __init__(self, program: Program, inputs: Sequence[torch.Tensor], outputs: Sequence[tuple],
-                 recycle: bool) -> None:
+    def __init__(
+        self, program: Program, inputs: Sequence[torch.Tensor], outputs: Sequence[tuple], recycle: bool
+    ) -> None:
         if vm_unavailable():
             raise Unsupported(f"the virtual machine is unavailable: {vm_unavailable()}")
         count = len(program.instructions)
@@ -163,7 +166,7 @@ class VMStep:
         self._count = count
         self._arena = torch.zeros(max(program.size, 1), dtype=torch.float64)
         for offset, values in program.initial:
-            self._arena[offset:offset + values.numel()] = values
+            self._arena[offset : offset + values.numel()] = values
         self._inputs = [(tuple(t.shape), t.stride()) for t in inputs]
         self._outputs = [(shape, _contiguous_strides(shape), dtype) for shape, dtype in outputs]
         self._checked_calls = 0
@@ -179,7 +182,7 @@ class VMStep:
     def _table(self, outputs: Sequence[torch.Tensor]):
         table = (ctypes.c_void_p * (self._base + len(self._outputs)))()
         if outputs:
-            table[self._base:] = [tensor.data_ptr() for tensor in outputs]
+            table[self._base :] = [tensor.data_ptr() for tensor in outputs]
         return table
 
     def unrecycled(self) -> "VMStep":
@@ -202,8 +205,10 @@ class VMStep:
             raise ValueError(f"inputs: expected {len(self._inputs)} tensors; got {len(inputs)}")
         for index, (tensor, (shape, stride)) in enumerate(zip(inputs, self._inputs)):
             if tensor.stride() != stride or tensor.shape != shape:
-                raise ValueError(f"input {index}: expected shape {shape} and strides {stride}; "
-                                 f"got {tuple(tensor.shape)} and {tensor.stride()}")
+                raise ValueError(
+                    f"input {index}: expected shape {shape} and strides {stride}; "
+                    f"got {tuple(tensor.shape)} and {tensor.stride()}"
+                )
 
     def __call__(self, *inputs: torch.Tensor) -> tuple:
         # The caller's layouts are fixed by construction (as for Inductor's kernels, whose size
@@ -212,10 +217,10 @@ class VMStep:
             self._check_inputs(inputs)
             self._checked_calls += 1
         table = self._tables[self._turn]
-        table[:self._base] = [tensor.data_ptr() for tensor in inputs]
+        table[: self._base] = [tensor.data_ptr() for tensor in inputs]
         if self._sets is None:
             outputs = self._new_outputs()
-            table[self._base:] = [tensor.data_ptr() for tensor in outputs]
+            table[self._base :] = [tensor.data_ptr() for tensor in outputs]
         else:
             outputs, self._turn = self._sets[self._turn], 1 - self._turn
         self._run(self._addresses[0], self._count, self._addresses[1], table)

@@ -6,6 +6,7 @@ a fill and an accumulation into an output whose strides are 0 along the reduced 
 concatenation, padding and the backward of slicing write into views of a filled output. Each
 node's shape and dtype are checked against the graph run on the example inputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,25 +20,61 @@ from vilab.inference.engine.backends.vm_program import _DTYPE, Program, Unsuppor
 __all__ = ["translate"]
 
 aten = torch.ops.aten
-_UNARY = {aten.neg.default: "NEG", aten.exp.default: "EXP", aten.log.default: "LOG", aten.log1p.default: "LOG1P",
-          aten.sqrt.default: "SQRT", aten.sigmoid.default: "SIGMOID", aten.abs.default: "ABS",
-          aten.tanh.default: "TANH", aten.expm1.default: "EXPM1", aten.reciprocal.default: "RECIPROCAL",
-          aten.sign.default: "SIGN", aten.isnan.default: "ISNAN", aten.isinf.default: "ISINF",
-          aten.bitwise_not.default: "NOT", aten.logical_not.default: "NOT", aten.erf.default: "ERF",
-          aten.erfc.default: "ERFC", aten.lgamma.default: "LGAMMA", aten.digamma.default: "DIGAMMA",
-          aten.atan.default: "ATAN", aten.sin.default: "SIN", aten.cos.default: "COS"}
-_BINARY = {aten.mul.Tensor: "MUL", aten.mul.Scalar: "MUL", aten.div.Tensor: "DIV", aten.div.Scalar: "DIV",
-           aten.fmin.default: "FMIN", aten.fmax.default: "FMAX", aten.maximum.default: "MAXIMUM",
-           aten.minimum.default: "MINIMUM", aten.logaddexp.default: "LOGADDEXP", aten.xlogy.Tensor: "XLOGY",
-           aten.sigmoid_backward.default: "SIGMOID_BACKWARD",
-           aten.log_sigmoid_backward.default: "LOG_SIGMOID_BACKWARD"}
+_UNARY = {
+    aten.neg.default: "NEG",
+    aten.exp.default: "EXP",
+    aten.log.default: "LOG",
+    aten.log1p.default: "LOG1P",
+    aten.sqrt.default: "SQRT",
+    aten.sigmoid.default: "SIGMOID",
+    aten.abs.default: "ABS",
+    aten.tanh.default: "TANH",
+    aten.expm1.default: "EXPM1",
+    aten.reciprocal.default: "RECIPROCAL",
+    aten.sign.default: "SIGN",
+    aten.isnan.default: "ISNAN",
+    aten.isinf.default: "ISINF",
+    aten.bitwise_not.default: "NOT",
+    aten.logical_not.default: "NOT",
+    aten.erf.default: "ERF",
+    aten.erfc.default: "ERFC",
+    aten.lgamma.default: "LGAMMA",
+    aten.digamma.default: "DIGAMMA",
+    aten.atan.default: "ATAN",
+    aten.sin.default: "SIN",
+    aten.cos.default: "COS",
+}
+_BINARY = {
+    aten.mul.Tensor: "MUL",
+    aten.mul.Scalar: "MUL",
+    aten.div.Tensor: "DIV",
+    aten.div.Scalar: "DIV",
+    aten.fmin.default: "FMIN",
+    aten.fmax.default: "FMAX",
+    aten.maximum.default: "MAXIMUM",
+    aten.minimum.default: "MINIMUM",
+    aten.logaddexp.default: "LOGADDEXP",
+    aten.xlogy.Tensor: "XLOGY",
+    aten.sigmoid_backward.default: "SIGMOID_BACKWARD",
+    aten.log_sigmoid_backward.default: "LOG_SIGMOID_BACKWARD",
+}
 for _name, _code in (("lt", "LT"), ("le", "LE"), ("gt", "GT"), ("ge", "GE"), ("eq", "EQ"), ("ne", "NE")):
     _BINARY[getattr(aten, _name).Tensor] = _BINARY[getattr(aten, _name).Scalar] = _code
-_LOGICAL = {aten.bitwise_and.Tensor: "AND", aten.bitwise_or.Tensor: "OR", aten.bitwise_xor.Tensor: "LOGICAL_XOR",
-            aten.logical_and.default: "AND", aten.logical_or.default: "OR", aten.logical_xor.default: "LOGICAL_XOR"}
-_INPLACE = {aten.clamp_.default: aten.clamp.default, aten.masked_fill_.Scalar: aten.masked_fill.Scalar,
-            aten.logical_and_.default: aten.logical_and.default, aten.mul_.Tensor: aten.mul.Tensor,
-            aten.add_.Tensor: aten.add.Tensor}
+_LOGICAL = {
+    aten.bitwise_and.Tensor: "AND",
+    aten.bitwise_or.Tensor: "OR",
+    aten.bitwise_xor.Tensor: "LOGICAL_XOR",
+    aten.logical_and.default: "AND",
+    aten.logical_or.default: "OR",
+    aten.logical_xor.default: "LOGICAL_XOR",
+}
+_INPLACE = {
+    aten.clamp_.default: aten.clamp.default,
+    aten.masked_fill_.Scalar: aten.masked_fill.Scalar,
+    aten.logical_and_.default: aten.logical_and.default,
+    aten.mul_.Tensor: aten.mul.Tensor,
+    aten.add_.Tensor: aten.add.Tensor,
+}
 _NOOP_VIEWS = {aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default}
 
 
@@ -95,8 +132,9 @@ def _check(node: torch.fx.Node, value, expected) -> None:
     for got, want in pairs:
         if isinstance(want, torch.Tensor):
             if not isinstance(got, _View) or tuple(got.shape) != tuple(want.shape):
-                raise Unsupported(f"{node.target}: translated shape {getattr(got, 'shape', None)}, "
-                                  f"expected {tuple(want.shape)}")
+                raise Unsupported(
+                    f"{node.target}: translated shape {getattr(got, 'shape', None)}, expected {tuple(want.shape)}"
+                )
             if want.dtype not in _DTYPE:
                 raise Unsupported(f"{node.target}: dtype {want.dtype}")
             got.dtype = want.dtype
@@ -203,8 +241,11 @@ def _log_sigmoid_backward(program, expected, grad, a, buffer):
 
 def _nan_to_num(program, expected, a, nan=None, posinf=None, neginf=None):
     info = torch.finfo(expected.dtype)
-    params = (0.0 if nan is None else nan, info.max if posinf is None else posinf,
-              info.min if neginf is None else neginf)
+    params = (
+        0.0 if nan is None else nan,
+        info.max if posinf is None else posinf,
+        info.min if neginf is None else neginf,
+    )
     return _elementwise(program, expected, "NAN_TO_NUM", a, params=params)
 
 
@@ -212,8 +253,15 @@ def _to_copy(program, expected, a, dtype=None, **options):
     if options.get("device") not in (None, torch.device("cpu"), "cpu"):
         raise Unsupported(f"_to_copy to {options['device']}")
     target = expected.dtype
-    op = ("CAST_BOOL" if target == torch.bool else "CAST_INT" if not target.is_floating_point
-          else "CAST_F32" if target == torch.float32 and a.dtype != torch.float32 else "COPY")
+    op = (
+        "CAST_BOOL"
+        if target == torch.bool
+        else "CAST_INT"
+        if not target.is_floating_point
+        else "CAST_F32"
+        if target == torch.float32 and a.dtype != torch.float32
+        else "COPY"
+    )
     return _elementwise(program, expected, op, a)
 
 
@@ -252,18 +300,19 @@ def _scalar_tensor(program, expected, value, **kwargs):
 
 # -- views -------------------------------------------------------------------------------------
 
+
 def _select(program, expected, a, dim, index):
     dim = _dim(dim, len(a.shape))
     index = index + a.shape[dim] if index < 0 else index
-    return _View(a.off + index * a.st[dim], a.shape[:dim] + a.shape[dim + 1:], a.st[:dim] + a.st[dim + 1:], a.dtype)
+    return _View(a.off + index * a.st[dim], a.shape[:dim] + a.shape[dim + 1 :], a.st[:dim] + a.st[dim + 1 :], a.dtype)
 
 
 def _slice(program, expected, a, dim=0, start=None, end=None, step=1):
     dim = _dim(dim, len(a.shape))
     start, end, _ = slice(start, end, step).indices(a.shape[dim])
     size = max(0, -(-(end - start) // step))
-    shape = a.shape[:dim] + (size,) + a.shape[dim + 1:]
-    st = a.st[:dim] + (a.st[dim] * step,) + a.st[dim + 1:]
+    shape = a.shape[:dim] + (size,) + a.shape[dim + 1 :]
+    st = a.st[:dim] + (a.st[dim] * step,) + a.st[dim + 1 :]
     return _View(a.off + start * a.st[dim], shape, st, a.dtype)
 
 
@@ -289,8 +338,11 @@ def _unsqueeze(program, expected, a, dim):
 
 
 def _squeeze(program, expected, a, dim=None):
-    dims = range(len(a.shape)) if dim is None else [_dim(d, len(a.shape)) for d in
-                                                      (dim if isinstance(dim, (list, tuple)) else [dim])]
+    dims = (
+        range(len(a.shape))
+        if dim is None
+        else [_dim(d, len(a.shape)) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
+    )
     keep = [d for d in range(len(a.shape)) if not (d in dims and a.shape[d] == 1)]
     return _View(a.off, [a.shape[d] for d in keep], [a.st[d] for d in keep], a.dtype)
 
@@ -330,6 +382,7 @@ def _noop(program, expected, a, *args, **kwargs):
 
 
 # -- copies into views of a new value ----------------------------------------------------------
+
 
 def _cat(program, expected, tensors, dim=0):
     out = _out(program, expected)
@@ -378,6 +431,7 @@ def _select_backward(program, expected, grad, input_sizes, dim, index):
 
 
 # -- reductions, scans and products ------------------------------------------------------------
+
 
 def _reduced(program, expected, a, dims, keepdim, op: str, identity: float, dtype=None) -> _View:
     """Fill the output with ``identity`` and accumulate ``a`` into it with ``op``."""
@@ -435,8 +489,9 @@ def _max_dim(program, expected, a, dim, keepdim=False):
     dim = _dim(dim, len(a.shape))
     values = _amax(program, expected[0], a, [dim], keepdim)
     indices = _filled(program, expected[1], -1.0)
-    program.emit("ARGMAX", _keepdim_view(indices, a, [dim]), a, _keepdim_view(values, a, [dim]),
-                 shape=a.shape, params=(dim,))
+    program.emit(
+        "ARGMAX", _keepdim_view(indices, a, [dim]), a, _keepdim_view(values, a, [dim]), shape=a.shape, params=(dim,)
+    )
     return values, indices
 
 
@@ -445,6 +500,7 @@ def _scan(op: str) -> Callable:
         out = _out(program, expected)
         program.emit(op, out, a, params=(_dim(dim, len(a.shape)),))
         return out
+
     return scan
 
 
@@ -462,29 +518,69 @@ def _bmm(program, expected, left, right):
 
 
 _HANDLERS: dict = {
-    aten.add.Tensor: _add, aten.add.Scalar: _add, aten.sub.Tensor: _sub, aten.sub.Scalar: _sub,
-    aten.rsub.Scalar: _rsub, aten.rsub.Tensor: _rsub, aten.pow.Tensor_Scalar: _pow,
-    aten.clamp.default: _clamp, aten.clamp_min.default: lambda p, e, a, m: _clamp(p, e, a, min=m),
+    aten.add.Tensor: _add,
+    aten.add.Scalar: _add,
+    aten.sub.Tensor: _sub,
+    aten.sub.Scalar: _sub,
+    aten.rsub.Scalar: _rsub,
+    aten.rsub.Tensor: _rsub,
+    aten.pow.Tensor_Scalar: _pow,
+    aten.clamp.default: _clamp,
+    aten.clamp_min.default: lambda p, e, a, m: _clamp(p, e, a, min=m),
     aten.clamp_max.default: lambda p, e, a, m: _clamp(p, e, a, max=m),
-    aten.where.self: _where, aten.masked_fill.Scalar: _masked_fill, aten.masked_fill.Tensor: _masked_fill,
-    aten.softplus.default: _softplus, aten.softplus_backward.default: _softplus_backward,
+    aten.where.self: _where,
+    aten.masked_fill.Scalar: _masked_fill,
+    aten.masked_fill.Tensor: _masked_fill,
+    aten.softplus.default: _softplus,
+    aten.softplus_backward.default: _softplus_backward,
     aten.log_sigmoid_forward.default: _log_sigmoid_forward,
-    aten.log_sigmoid_backward.default: _log_sigmoid_backward, aten.nan_to_num.default: _nan_to_num,
-    aten._to_copy.default: _to_copy, aten.clone.default: _clone, aten.new_ones.default: _new_ones,
-    aten.new_zeros.default: _new_zeros, aten.full.default: _full, aten.scalar_tensor.default: _scalar_tensor,
-    aten.ones_like.default: _new_ones, aten.zeros_like.default: _new_zeros,
-    aten.full_like.default: lambda p, e, a, value, **k: _filled(p, e, value), aten.mean.dim: _mean,
-    aten.select.int: _select, aten.slice.Tensor: _slice, aten.transpose.int: _transpose,
-    aten.permute.default: _permute, aten.t.default: _t, aten.unsqueeze.default: _unsqueeze,
-    aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze, aten.squeeze.default: _squeeze,
-    aten.expand.default: _expand, aten.view.default: _reshape, aten._unsafe_view.default: _reshape,
-    aten.reshape.default: _reshape, aten.unbind.int: _unbind, aten.flip.default: _flip,
-    aten.cat.default: _cat, aten.stack.default: _stack, aten.constant_pad_nd.default: _constant_pad_nd,
-    aten.slice_backward.default: _slice_backward, aten.select_backward.default: _select_backward,
-    aten.sum.dim_IntList: _sum, aten.sum.default: _sum, aten.prod.dim_int: _prod, aten.prod.default: _prod,
-    aten.any.default: _any, aten.any.dim: _any, aten.any.dims: _any, aten.amax.default: _amax,
-    aten.amin.default: _amin, aten.max.default: _max_all, aten.min.default: _min_all, aten.max.dim: _max_dim,
-    aten.cumsum.default: _scan("CUMSUM"), aten.cumprod.default: _scan("CUMPROD"),
-    aten.bmm.default: _bmm, aten.mm.default: _bmm,
+    aten.log_sigmoid_backward.default: _log_sigmoid_backward,
+    aten.nan_to_num.default: _nan_to_num,
+    aten._to_copy.default: _to_copy,
+    aten.clone.default: _clone,
+    aten.new_ones.default: _new_ones,
+    aten.new_zeros.default: _new_zeros,
+    aten.full.default: _full,
+    aten.scalar_tensor.default: _scalar_tensor,
+    aten.ones_like.default: _new_ones,
+    aten.zeros_like.default: _new_zeros,
+    aten.full_like.default: lambda p, e, a, value, **k: _filled(p, e, value),
+    aten.mean.dim: _mean,
+    aten.select.int: _select,
+    aten.slice.Tensor: _slice,
+    aten.transpose.int: _transpose,
+    aten.permute.default: _permute,
+    aten.t.default: _t,
+    aten.unsqueeze.default: _unsqueeze,
+    aten.squeeze.dim: _squeeze,
+    aten.squeeze.dims: _squeeze,
+    aten.squeeze.default: _squeeze,
+    aten.expand.default: _expand,
+    aten.view.default: _reshape,
+    aten._unsafe_view.default: _reshape,
+    aten.reshape.default: _reshape,
+    aten.unbind.int: _unbind,
+    aten.flip.default: _flip,
+    aten.cat.default: _cat,
+    aten.stack.default: _stack,
+    aten.constant_pad_nd.default: _constant_pad_nd,
+    aten.slice_backward.default: _slice_backward,
+    aten.select_backward.default: _select_backward,
+    aten.sum.dim_IntList: _sum,
+    aten.sum.default: _sum,
+    aten.prod.dim_int: _prod,
+    aten.prod.default: _prod,
+    aten.any.default: _any,
+    aten.any.dim: _any,
+    aten.any.dims: _any,
+    aten.amax.default: _amax,
+    aten.amin.default: _amin,
+    aten.max.default: _max_all,
+    aten.min.default: _min_all,
+    aten.max.dim: _max_dim,
+    aten.cumsum.default: _scan("CUMSUM"),
+    aten.cumprod.default: _scan("CUMPROD"),
+    aten.bmm.default: _bmm,
+    aten.mm.default: _bmm,
     **{view: _noop for view in _NOOP_VIEWS},
 }

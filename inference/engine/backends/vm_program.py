@@ -7,6 +7,7 @@ broadcast to the loop's shape and the loop's dimensions coalesced where the stri
 The translator (:mod:`~vilab.inference.engine.backends.vm_ops`) fills a program node by node and
 :mod:`~vilab.inference.engine.backends.vm` runs it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -18,11 +19,13 @@ import torch
 __all__ = ["MAXD", "OP", "Unsupported", "Program"]
 
 MAXD = 6
-_OPS = ("ADD SUB MUL DIV NEG EXP LOG LOG1P SQRT SIGMOID SOFTPLUS LOGADDEXP FMIN FMAX POW CLAMP WHERE "
-        "LT LE GT GE EQ NE AND OR NOT XLOGY NAN_TO_NUM SIGMOID_BACKWARD SOFTPLUS_BACKWARD LOG_SIGMOID "
-        "LOG_SIGMOID_BACKWARD COPY FILL SUM_ACC MAX_ACC OR_ACC ARGMAX CUMSUM CUMPROD CAST_F32 CAST_INT "
-        "CAST_BOOL LOAD STORE ABS TANH EXPM1 RECIPROCAL PROD_ACC MIN_ACC LOG_SIGMOID_BUFFER LOGICAL_XOR "
-        "ISNAN ISINF SIGN MUL_ACC MAXIMUM MINIMUM ERF ERFC LGAMMA DIGAMMA ATAN SIN COS").split()
+_OPS = (
+    "ADD SUB MUL DIV NEG EXP LOG LOG1P SQRT SIGMOID SOFTPLUS LOGADDEXP FMIN FMAX POW CLAMP WHERE "
+    "LT LE GT GE EQ NE AND OR NOT XLOGY NAN_TO_NUM SIGMOID_BACKWARD SOFTPLUS_BACKWARD LOG_SIGMOID "
+    "LOG_SIGMOID_BACKWARD COPY FILL SUM_ACC MAX_ACC OR_ACC ARGMAX CUMSUM CUMPROD CAST_F32 CAST_INT "
+    "CAST_BOOL LOAD STORE ABS TANH EXPM1 RECIPROCAL PROD_ACC MIN_ACC LOG_SIGMOID_BUFFER LOGICAL_XOR "
+    "ISNAN ISINF SIGN MUL_ACC MAXIMUM MINIMUM ERF ERFC LGAMMA DIGAMMA ATAN SIN COS"
+).split()
 OP = {name: code for code, name in enumerate(_OPS, start=1)}
 _DTYPE = {torch.float64: 0, torch.float32: 1, torch.int64: 2, torch.int32: 3, torch.bool: 4}
 
@@ -32,9 +35,16 @@ class Unsupported(Exception):
 
 
 class _Ins(ctypes.Structure):
-    _fields_ = [("op", ctypes.c_int32), ("nd", ctypes.c_int32), ("io", ctypes.c_int32), ("dtype", ctypes.c_int32),
-                ("shape", ctypes.c_int64 * MAXD), ("off", ctypes.c_int64 * 4),
-                ("st", (ctypes.c_int64 * MAXD) * 4), ("p", ctypes.c_double * 4)]
+    _fields_ = [
+        ("op", ctypes.c_int32),
+        ("nd", ctypes.c_int32),
+        ("io", ctypes.c_int32),
+        ("dtype", ctypes.c_int32),
+        ("shape", ctypes.c_int64 * MAXD),
+        ("off", ctypes.c_int64 * 4),
+        ("st", (ctypes.c_int64 * MAXD) * 4),
+        ("p", ctypes.c_double * 4),
+    ]
 
 
 class _View:
@@ -102,8 +112,16 @@ class Program:
             return self._numbers[key]
         raise Unsupported(f"operand of type {type(value).__name__}")
 
-    def emit(self, op: str, out: _View, *inputs: _View, shape: Optional[Sequence[int]] = None,
-             params: Sequence[float] = (), io: int = 0, dtype: int = 0) -> None:
+    def emit(
+        self,
+        op: str,
+        out: _View,
+        *inputs: _View,
+        shape: Optional[Sequence[int]] = None,
+        params: Sequence[float] = (),
+        io: int = 0,
+        dtype: int = 0,
+    ) -> None:
         """One instruction looping over ``shape`` (default: the output's); every operand is
         broadcast to it from the right (missing and size-1 dimensions get stride 0)."""
         shape = tuple(out.shape if shape is None else shape)

@@ -14,6 +14,7 @@ the same numbers, element by element. A rewritten node's users see a stride-0 vi
 user must be an op that takes any strides (elementwise, broadcasting, ``select``,
 ``unsqueeze``, reductions); a ``view``, an in-place write or a graph output keeps the original.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,27 +29,68 @@ __all__ = ["ops_before_expands", "BROADCASTING", "ONE_TENSOR_ELEMENTWISE"]
 aten = torch.ops.aten
 
 # Elementwise ops that broadcast their tensor arguments.
-BROADCASTING = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.rsub.Tensor,
-                aten.pow.Tensor_Tensor, aten.where.self, aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor,
-                aten.ge.Tensor, aten.eq.Tensor, aten.maximum.default, aten.minimum.default,
-                aten.logaddexp.default, aten.xlogy.Tensor, aten.logical_and.default,
-                aten.logical_or.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor}
+BROADCASTING = {
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.mul.Tensor,
+    aten.div.Tensor,
+    aten.rsub.Tensor,
+    aten.pow.Tensor_Tensor,
+    aten.where.self,
+    aten.lt.Tensor,
+    aten.le.Tensor,
+    aten.gt.Tensor,
+    aten.ge.Tensor,
+    aten.eq.Tensor,
+    aten.maximum.default,
+    aten.minimum.default,
+    aten.logaddexp.default,
+    aten.xlogy.Tensor,
+    aten.logical_and.default,
+    aten.logical_or.default,
+    aten.bitwise_and.Tensor,
+    aten.bitwise_or.Tensor,
+}
 # Elementwise ops of one tensor argument (any others Python numbers).
 ONE_TENSOR_ELEMENTWISE = {
-    aten.log.default, aten.exp.default, aten.neg.default, aten.sqrt.default, aten.rsqrt.default,
-    aten.log1p.default, aten.expm1.default, aten.reciprocal.default, aten.sigmoid.default,
-    aten.tanh.default, aten.abs.default, aten.pow.Tensor_Scalar, aten.mul.Scalar, aten.add.Scalar,
-    aten.sub.Scalar, aten.div.Scalar, aten.rsub.Scalar, aten.lt.Scalar, aten.le.Scalar,
-    aten.gt.Scalar, aten.ge.Scalar}
+    aten.log.default,
+    aten.exp.default,
+    aten.neg.default,
+    aten.sqrt.default,
+    aten.rsqrt.default,
+    aten.log1p.default,
+    aten.expm1.default,
+    aten.reciprocal.default,
+    aten.sigmoid.default,
+    aten.tanh.default,
+    aten.abs.default,
+    aten.pow.Tensor_Scalar,
+    aten.mul.Scalar,
+    aten.add.Scalar,
+    aten.sub.Scalar,
+    aten.div.Scalar,
+    aten.rsub.Scalar,
+    aten.lt.Scalar,
+    aten.le.Scalar,
+    aten.gt.Scalar,
+    aten.ge.Scalar,
+}
 _VIEWS = {aten.select.int, aten.unsqueeze.default}
 # Users that take a stride-0 input as readily as a dense one.
-_STRIDE_SAFE = BROADCASTING | ONE_TENSOR_ELEMENTWISE | _VIEWS | {
-    aten.sum.dim_IntList, aten.expand.default, aten.clone.default, aten.cat.default, aten.stack.default}
+_STRIDE_SAFE = (
+    BROADCASTING
+    | ONE_TENSOR_ELEMENTWISE
+    | _VIEWS
+    | {aten.sum.dim_IntList, aten.expand.default, aten.clone.default, aten.cat.default, aten.stack.default}
+)
 
 
 def _meta(value):
-    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta") \
-        if isinstance(value, torch.Tensor) else value
+    return (
+        torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        if isinstance(value, torch.Tensor)
+        else value
+    )
 
 
 def _value(node):
@@ -68,8 +110,12 @@ def _value(node):
 
 
 def _is_expand(node, mutated: set) -> bool:
-    return isinstance(node, fx.Node) and node.target is aten.expand.default and node not in mutated \
+    return (
+        isinstance(node, fx.Node)
+        and node.target is aten.expand.default
+        and node not in mutated
         and _value(node.args[0]) is not None
+    )
 
 
 def _small_elementwise(node: fx.Node, mutated: set):
@@ -102,8 +148,13 @@ def _small_view(node: fx.Node, mutated: set):
 def ops_before_expands(graph: fx.Graph, mutated: set) -> None:
     """Move elementwise ops, selects and unsqueezes in front of expands (see the module)."""
     for node in list(graph.nodes):  # topological: a chain of ops moves up one op at a time
-        if node.op != "call_function" or node.kwargs or node in mutated or _value(node) is None \
-                or not all(user.target in _STRIDE_SAFE for user in node.users):
+        if (
+            node.op != "call_function"
+            or node.kwargs
+            or node in mutated
+            or _value(node) is None
+            or not all(user.target in _STRIDE_SAFE for user in node.users)
+        ):
             continue
         found = _small_elementwise(node, mutated) or _small_view(node, mutated)
         if found is None:

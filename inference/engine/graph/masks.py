@@ -8,6 +8,7 @@ autograd's backward of it. Those have a fixed-shape equivalent, ``where(mask, x,
 :func:`mask_assignments_as_selects` substitutes; :func:`data_dependent_shapes` then reports
 whatever value-dependent op is left.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,10 +18,14 @@ __all__ = ["data_dependent_shapes", "mask_assignments_as_selects"]
 
 aten = torch.ops.aten
 
-_MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
-                  aten._index_put_impl_.default}
-_DATA_SHAPED = {aten.nonzero.default, aten.masked_select.default, aten.unique_dim.default,
-                aten._unique2.default, aten.unique_consecutive.default}
+_MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+_DATA_SHAPED = {
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.unique_dim.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+}
 _ZEROS = {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}
 
 
@@ -63,8 +68,11 @@ def _full_mask(node: fx.Node, target: fx.Node) -> fx.Node | None:
 
 def _gathered_from(node, mask: fx.Node) -> fx.Node | None:
     """``src`` when ``node`` is ``src[mask]`` (an ``index`` with the same full-shape mask)."""
-    if isinstance(node, fx.Node) and node.target is aten.index.Tensor \
-            and _same_value(_full_mask(node, node.args[0]), mask):
+    if (
+        isinstance(node, fx.Node)
+        and node.target is aten.index.Tensor
+        and _same_value(_full_mask(node, node.args[0]), mask)
+    ):
         return node.args[0]
     return None
 
@@ -77,10 +85,14 @@ def _same_value(a, b) -> bool:
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a.op != "call_function":
         return False
     schema = getattr(a.target, "_schema", None)
-    return (a.target == b.target and schema is not None and not schema.is_mutable
-            and a.kwargs == b.kwargs and len(a.args) == len(b.args)
-            and all(_same_value(x, y) if isinstance(x, fx.Node) else x == y
-                    for x, y in zip(a.args, b.args)))
+    return (
+        a.target == b.target
+        and schema is not None
+        and not schema.is_mutable
+        and a.kwargs == b.kwargs
+        and len(a.args) == len(b.args)
+        and all(_same_value(x, y) if isinstance(x, fx.Node) else x == y for x, y in zip(a.args, b.args))
+    )
 
 
 def _is_zeros(node) -> bool:
@@ -139,8 +151,9 @@ def _aliased(node: fx.Node, after: int, order: dict) -> bool:
 
 def _is_view(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
-    return schema is not None and any(arg.alias_info is not None and not arg.alias_info.is_write
-                                      for arg in schema.arguments)
+    return schema is not None and any(
+        arg.alias_info is not None and not arg.alias_info.is_write for arg in schema.arguments
+    )
 
 
 def _constant(graph: fx.Graph, value, dtype: torch.dtype):
@@ -165,11 +178,11 @@ def mask_assignments_as_selects(gm: fx.GraphModule) -> int:
         if found is None:
             continue
         mask, new, old = found
-        if node.target is aten.index_put_.default and (not isinstance(old, fx.Node)
-                                                      or _aliased(old, order[node], order)):
+        if node.target is aten.index_put_.default and (
+            not isinstance(old, fx.Node) or _aliased(old, order[node], order)
+        ):
             continue
-        if any(isinstance(value, fx.Node) and _val(value).dtype != _val(node).dtype
-               for value in (new, old)):
+        if any(isinstance(value, fx.Node) and _val(value).dtype != _val(node).dtype for value in (new, old)):
             continue  # a where over mixed dtypes would promote; the assignment keeps the dtype
         with graph.inserting_before(node):
             dtype = _val(node).dtype

@@ -7,6 +7,7 @@ functions send the nodes themselves (operation, name, target, arguments) and the
 graph's attributes, so that the receiver rebuilds the same graph. Node metadata (fake values,
 stack traces) stays behind: the compiler traces the graph again on its example inputs.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -74,8 +75,9 @@ def _target(target: Any) -> tuple[str, ...]:
     for module in (operator, builtins):
         if getattr(module, getattr(target, "__name__", ""), None) is target:
             return ("function", module.__name__, target.__name__)
-    raise TypeError(f"graph_module: expected ATen operators and operator/builtins functions as "
-                    f"node targets; got {target!r}")
+    raise TypeError(
+        f"graph_module: expected ATen operators and operator/builtins functions as node targets; got {target!r}"
+    )
 
 
 def _resolve(target: tuple[str, ...]) -> Any:

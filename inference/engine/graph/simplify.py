@@ -11,6 +11,7 @@ on the parameter rather than its expanded copy (:mod:`~vilab.inference.engine.gr
 rewrite keeps values equal up to rounding, and the caller still compares the simplified graph
 with the eager computation before using it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,9 +27,17 @@ aten = torch.ops.aten
 # Reductions over at most this many entries are unrolled into elementwise ops.
 _MAX_UNROLL = 4
 
-_SHAPE_ONLY = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-               aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
-               aten.clone.default, aten._to_copy.default}
+_SHAPE_ONLY = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.expand.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.lift_fresh_copy.default,
+    aten.clone.default,
+    aten._to_copy.default,
+}
 _COPIES = {aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default}
 _LIKE = {aten.ones_like.default, aten.zeros_like.default, aten.full_like.default}
 
@@ -49,8 +58,9 @@ def _mutated(graph: fx.Graph) -> set:
 
 def _same_meta(a, b) -> bool:
     va, vb = _val(a), _val(b)
-    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
-            and va.shape == vb.shape and va.dtype == vb.dtype)
+    return (
+        isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape and va.dtype == vb.dtype
+    )
 
 
 def _same_dtype(a, b) -> bool:
@@ -122,25 +132,43 @@ def _remove_no_ops(graph: fx.Graph, mutated: set) -> None:
             _replace(node, source)
         elif target is aten.expand.default and source.target is aten.expand.default:
             node.args = (source.args[0], *node.args[1:])
-        elif target in (aten.mean.default, aten.sum.default) and len(node.args) == 1 and not node.kwargs \
-                and isinstance(_val(source), torch.Tensor) and _val(source).numel() == 1 \
-                and _val(source).dtype.is_floating_point and _same_dtype(node, source):
+        elif (
+            target in (aten.mean.default, aten.sum.default)
+            and len(node.args) == 1
+            and not node.kwargs
+            and isinstance(_val(source), torch.Tensor)
+            and _val(source).numel() == 1
+            and _val(source).dtype.is_floating_point
+            and _same_dtype(node, source)
+        ):
             # The mean or sum of one number is that number (a single particle's ELBO).
             with graph.inserting_before(node):
                 new = graph.call_function(aten.view.default, (source, []))
             new.meta.update(node.meta)
             _replace(node, new)
-        elif target is aten.permute.default and list(node.args[1]) == list(range(len(node.args[1]))) \
-                and _same_meta(node, source):
+        elif (
+            target is aten.permute.default
+            and list(node.args[1]) == list(range(len(node.args[1])))
+            and _same_meta(node, source)
+        ):
             _replace(node, source)
         elif target is aten.pow.Tensor_Scalar and node.args[1] == 1 and _same_meta(node, source):
             _replace(node, source)
-        elif target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) \
-                and not isinstance(node.args[1], fx.Node) and node.args[1] == 1 and _same_meta(node, source):
+        elif (
+            target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+            and not isinstance(node.args[1], fx.Node)
+            and node.args[1] == 1
+            and _same_meta(node, source)
+        ):
             _replace(node, source)
-        elif target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar) \
-                and len(node.args) == 2 and not node.kwargs and not isinstance(node.args[1], fx.Node) \
-                and node.args[1] == 0 and _same_meta(node, source):
+        elif (
+            target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar)
+            and len(node.args) == 2
+            and not node.kwargs
+            and not isinstance(node.args[1], fx.Node)
+            and node.args[1] == 0
+            and _same_meta(node, source)
+        ):
             _replace(node, source)
 
 
@@ -154,8 +182,11 @@ def _drop_broadcast_expands(graph: fx.Graph, mutated: set) -> None:
         for user in list(node.users):
             if user.target not in BROADCASTING or not isinstance(_val(user), torch.Tensor):
                 continue
-            shapes = [(_val(source) if arg is node else _val(arg)).shape for arg in user.args
-                      if isinstance(_val(arg), torch.Tensor)]
+            shapes = [
+                (_val(source) if arg is node else _val(arg)).shape
+                for arg in user.args
+                if isinstance(_val(arg), torch.Tensor)
+            ]
             shapes += [() for arg in user.args if not isinstance(arg, fx.Node)]
             if torch.broadcast_shapes(*shapes) == _val(user).shape:
                 user.replace_input_with(node, source)
@@ -223,8 +254,9 @@ def _unroll_small_reductions(graph: fx.Graph) -> None:
             with graph.inserting_before(node):
                 total = _unrolled(graph, grad, dim, aten.add.Tensor, True)
                 weight = graph.call_function(aten.exp.default, (output,))
-                new = graph.call_function(aten.sub.Tensor,
-                                          (grad, graph.call_function(aten.mul.Tensor, (weight, total))))
+                new = graph.call_function(
+                    aten.sub.Tensor, (grad, graph.call_function(aten.mul.Tensor, (weight, total)))
+                )
         else:
             continue
         _replace(node, new)
@@ -236,8 +268,12 @@ def _slice_pieces(node: fx.Node, root: bool = True) -> list | None:
         return None
     if node.target is aten.slice_backward.default and len(node.args) == 6 and node.args[5] == 1:
         return [node]
-    if node.target is aten.add.Tensor and len(node.args) == 2 and not node.kwargs \
-            and all(isinstance(arg, fx.Node) for arg in node.args):
+    if (
+        node.target is aten.add.Tensor
+        and len(node.args) == 2
+        and not node.kwargs
+        and all(isinstance(arg, fx.Node) for arg in node.args)
+    ):
         left, right = (_slice_pieces(arg, root=False) for arg in node.args)
         return None if left is None or right is None else left + right
     return None
@@ -279,8 +315,11 @@ def _key(value):
     """A hashable stand-in for an op argument (nodes by identity); ``None`` if there is none."""
     if isinstance(value, (list, tuple)):
         items = tuple(_key(item) for item in value)
-        return None if any(item is None and orig is not None for item, orig in zip(items, value)) \
+        return (
+            None
+            if any(item is None and orig is not None for item, orig in zip(items, value))
             else (type(value).__name__, items)
+        )
     if isinstance(value, float):
         # NaN never equals itself (never merge on it); str() tells 0.0 from -0.0.
         return None if value != value else ("float", str(value))
@@ -300,9 +339,13 @@ def _eliminate_common_subexpressions(graph: fx.Graph, mutated: set) -> None:
             key = ("get_attr", node.target)
         elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             # An input written in place between two identical ops gives them different values.
-            if node in mutated or _is_mutating(node) or "empty" in str(node.target) \
-                    or torch.Tag.nondeterministic_seeded in node.target.tags \
-                    or any(arg in mutated for arg in node.all_input_nodes):
+            if (
+                node in mutated
+                or _is_mutating(node)
+                or "empty" in str(node.target)
+                or torch.Tag.nondeterministic_seeded in node.target.tags
+                or any(arg in mutated for arg in node.all_input_nodes)
+            ):
                 continue
             key = (node.target, _key(node.args), _key(node.kwargs))
             if key[1] is None or key[2] is None:
@@ -345,8 +388,12 @@ def _drop_identity_constants(gm: fx.GraphModule, mutated: set) -> None:
         else:
             continue
         for kept, other in pairs:
-            if isinstance(kept, fx.Node) and kept not in mutated and _is_filled(gm, other, fill) \
-                    and _same_meta(node, kept):
+            if (
+                isinstance(kept, fx.Node)
+                and kept not in mutated
+                and _is_filled(gm, other, fill)
+                and _same_meta(node, kept)
+            ):
                 _replace(node, kept)
                 break
 
@@ -357,9 +404,13 @@ def _negations_into_subtractions(gm: fx.GraphModule, mutated: set) -> None:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node in mutated:
             continue
-        if node.target is aten.neg.default and isinstance(node.args[0], fx.Node) \
-                and node.args[0].target is aten.neg.default and node.args[0].args[0] not in mutated \
-                and _same_meta(node, node.args[0].args[0]):
+        if (
+            node.target is aten.neg.default
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0].target is aten.neg.default
+            and node.args[0].args[0] not in mutated
+            and _same_meta(node, node.args[0].args[0])
+        ):
             _replace(node, node.args[0].args[0])
             continue
         if node.target is not aten.add.Tensor or node.kwargs or len(node.args) != 2:
@@ -369,14 +420,17 @@ def _negations_into_subtractions(gm: fx.GraphModule, mutated: set) -> None:
                 continue
             if negated.target is aten.neg.default:
                 inner = negated.args[0]
-            elif negated.target in (aten.mul.Tensor, aten.mul.Scalar) and not negated.kwargs \
-                    and isinstance(negated.args[1], (int, float)) and negated.args[1] == -1:
+            elif (
+                negated.target in (aten.mul.Tensor, aten.mul.Scalar)
+                and not negated.kwargs
+                and isinstance(negated.args[1], (int, float))
+                and negated.args[1] == -1
+            ):
                 inner = negated.args[0]
             else:
                 continue
             # The subtraction reads its inputs later than the negation did: not if written between.
-            if not isinstance(inner, fx.Node) or inner in mutated or kept in mutated \
-                    or not _same_meta(negated, inner):
+            if not isinstance(inner, fx.Node) or inner in mutated or kept in mutated or not _same_meta(negated, inner):
                 continue
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(aten.sub.Tensor, (kept, inner))
@@ -431,4 +485,3 @@ def simplify(gm: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
-

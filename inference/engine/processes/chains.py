@@ -1,4 +1,5 @@
 """Run independent chains in forked processes (or in turn), with one progress bar."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -24,8 +25,16 @@ def _child(worker, worker_args, chain, messages):
         messages.put(("error", chain, traceback.format_exc()))
 
 
-def run_chains(worker: Callable, worker_args: Sequence[Any], num_chains: int, *, parallel: bool,
-               total: int, progress: bool, desc: str) -> list:
+def run_chains(
+    worker: Callable,
+    worker_args: Sequence[Any],
+    num_chains: int,
+    *,
+    parallel: bool,
+    total: int,
+    progress: bool,
+    desc: str,
+) -> list:
     """Call ``worker(*worker_args, chain, report)`` for each chain and return results in order.
 
     ``report(n)`` advances the shared progress bar by ``n`` iterations.
@@ -42,8 +51,9 @@ def run_chains(worker: Callable, worker_args: Sequence[Any], num_chains: int, *,
 def _run_forked(worker, worker_args, num_chains, bar) -> list:
     context = mp.get_context("fork")
     messages = context.Queue()
-    processes = [context.Process(target=_child, args=(worker, worker_args, c, messages), daemon=True)
-                 for c in range(num_chains)]
+    processes = [
+        context.Process(target=_child, args=(worker, worker_args, c, messages), daemon=True) for c in range(num_chains)
+    ]
     for process in processes:
         process.start()
     results: dict[int, Any] = {}
@@ -68,5 +78,3 @@ def _run_forked(worker, worker_args, num_chains, bar) -> list:
                 process.terminate()
             process.join(timeout=1.0)
     return [results[c] for c in range(num_chains)]
-
-

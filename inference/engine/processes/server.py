@@ -16,6 +16,7 @@ Inductor's CPU wrappers use (buffer allocation and views from ``torch._C``, the 
 ``aten`` ops and matrix products); a wrapper needing anything else is reported as a failure and the
 traced step stays.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,8 +34,16 @@ from vilab.inference.engine.processes import workers as fast_workers
 from vilab.inference.engine.graph.serialize import dumps_graph, loads_graph
 from vilab.inference.engine.backends.artifacts import load_artifact
 
-__all__ = ["BackgroundCompile", "BackgroundCompiles", "BackgroundTicket", "background_available", "load_artifact",
-           "prepare", "server_ready", "shutdown"]
+__all__ = [
+    "BackgroundCompile",
+    "BackgroundCompiles",
+    "BackgroundTicket",
+    "background_available",
+    "load_artifact",
+    "prepare",
+    "server_ready",
+    "shutdown",
+]
 
 # Inductor's import in a fresh server, on the 2-core CPU machine (about 2-2.8 s).
 IMPORT_SECONDS = 2.5
@@ -272,5 +281,3 @@ def _serve(conn) -> None:
                 message = (index, "error", f"{type(error).__name__}: {str(error).strip()[:200]}")
             # Plain pickle: multiprocessing's would pass tensors through shared memory.
             conn.send_bytes(pickle.dumps(message))
-
-

@@ -8,6 +8,7 @@ once. Each batch is an ordinary vectorized run (its own trace, warmup and seed) 
 forked from the caller, so a model defined in a notebook needs no pickling; the children report
 progress to one bar and send their results back pickled.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,17 @@ import torch
 from vilab.inference.engine.processes.chains import run_chains
 from vilab.errors import VectorizationError
 
-__all__ = ["available_workers", "batch_sizes", "batch_seed", "cannot_fork", "cores", "frozen_heap",
-           "resolve_workers", "run_batches", "ThrottledReport"]
+__all__ = [
+    "available_workers",
+    "batch_sizes",
+    "batch_seed",
+    "cannot_fork",
+    "cores",
+    "frozen_heap",
+    "resolve_workers",
+    "run_batches",
+    "ThrottledReport",
+]
 
 
 def cores() -> int:
@@ -120,10 +130,14 @@ def _batch(worker: Callable, sizes: Sequence[int], seed: int, options: dict, ind
     first = sum(sizes[:index])
     init = options.get("init_values")
     if init:
-        init = {name: value[first:first + sizes[index]] for name, value in init.items()}
+        init = {name: value[first : first + sizes[index]] for name, value in init.items()}
     try:
-        result = worker(**{**options, "init_values": init}, num_chains=sizes[index],
-                        seed=batch_seed(seed, index), report=ThrottledReport(report))
+        result = worker(
+            **{**options, "init_values": init},
+            num_chains=sizes[index],
+            seed=batch_seed(seed, index),
+            report=ThrottledReport(report),
+        )
     except (ValueError, VectorizationError) as error:
         result = _Raised(type(error), str(error))
     # Pickled here, by value: the queue's pickler would send a tensor's storage as a file
@@ -170,8 +184,9 @@ def _preload() -> None:
     vm_unavailable(wait=False)
 
 
-def run_batches(worker: Callable, sizes: Sequence[int], seed: int, options: dict, *, total: int,
-                progress: bool) -> list:
+def run_batches(
+    worker: Callable, sizes: Sequence[int], seed: int, options: dict, *, total: int, progress: bool
+) -> list:
     """``worker(**options, num_chains=size, seed=batch_seed(seed, index), report=...)`` for each
     batch in its own forked process (one intra-op thread each); the results in batch order.
 
@@ -184,8 +199,15 @@ def run_batches(worker: Callable, sizes: Sequence[int], seed: int, options: dict
     """
     _preload()
     with frozen_heap():  # and so for the children, whose collections then leave its pages shared
-        results = run_chains(_batch, (worker, sizes, seed, options), len(sizes), parallel=True, total=total,
-                             progress=progress, desc="vectorized NUTS")
+        results = run_chains(
+            _batch,
+            (worker, sizes, seed, options),
+            len(sizes),
+            parallel=True,
+            total=total,
+            progress=progress,
+            desc="vectorized NUTS",
+        )
     results = [pickle.loads(blob) for blob in results]
     for result in results:
         if isinstance(result, _Raised):

@@ -1,5 +1,6 @@
 """Encoders and the flow-guide contract, run over every guide: shapes, exact log-density
 against an autograd Jacobian, gradients to every parameter, save/load round trip."""
+
 import pyro
 import pytest
 import torch
@@ -11,7 +12,6 @@ from vilab.inference.vae.checkpoints import load_module, save_module
 
 LATENT = 3
 IMAGE = (1, 8, 8)
-
 
 
 def make_guide(kind):

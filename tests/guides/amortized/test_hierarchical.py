@@ -1,5 +1,6 @@
 """The two-level latent and its amortized guide: the joint density, shapes under a particle
 plate, gradients to every parameter, save/load, and the scoring the diagnostics rely on."""
+
 import math
 
 import pyro
@@ -18,8 +19,7 @@ TOP, LOWER = 3, 2
 
 def make_guide(hidden_layer="gated"):
     encoder = MLPEncoder(IMAGE, TOP, hidden_dims=(16,), hidden_layer=hidden_layer)
-    lower = ConditionalGaussian(TOP, LOWER, hidden_dims=(16, 16), context_dim=36,
-                                hidden_layer=hidden_layer)
+    lower = ConditionalGaussian(TOP, LOWER, hidden_dims=(16, 16), context_dim=36, hidden_layer=hidden_layer)
     return HierarchicalNormalGuide(encoder, lower)
 
 
@@ -53,8 +53,7 @@ def test_joint_density_integrates_to_one():
 
 def test_draws_follow_the_conditional():
     conditional = ConditionalGaussian(TOP, LOWER, hidden_dims=(8,))
-    joint = TwoLevelLatent(dist.Normal(torch.zeros(TOP), torch.ones(TOP)).to_event(1),
-                           conditional, LOWER)
+    joint = TwoLevelLatent(dist.Normal(torch.zeros(TOP), torch.ones(TOP)).to_event(1), conditional, LOWER)
     n = 20000
     draws = joint.sample((n,))
     loc, scale = conditional(draws[:, LOWER:])
@@ -103,8 +102,8 @@ def test_pairwise_scoring_matches_one_pair_at_a_time(x):
     pairwise = guide.log_density(x, z.unsqueeze(1).expand(4, 4, LOWER + TOP))
     for i in range(4):
         for j in range(4):
-            expected = guide.log_density(x[j:j + 1], z[i:i + 1])
-            torch.testing.assert_close(pairwise[i, j:j + 1], expected)
+            expected = guide.log_density(x[j : j + 1], z[i : i + 1])
+            torch.testing.assert_close(pairwise[i, j : j + 1], expected)
 
 
 def test_quantiles_of_the_top_level_are_the_encoders_normal(x):

@@ -3,6 +3,7 @@
 Monte Carlo checks use tolerance z * sd / sqrt(n) with z = 4.5 (a two-sided failure chance
 of about 7e-6 per check).
 """
+
 import math
 
 import numpy as np
@@ -11,8 +12,13 @@ import pytest
 import torch
 from scipy import integrate, special
 
-from vilab.guides.amortized.von_mises_fisher import (HypersphericalUniform, VonMisesFisher, bessel_ratio,
-                                           log_bessel_iv, sphere_log_area)
+from vilab.guides.amortized.von_mises_fisher import (
+    HypersphericalUniform,
+    VonMisesFisher,
+    bessel_ratio,
+    log_bessel_iv,
+    sphere_log_area,
+)
 
 Z = 4.5
 DIMS = (2, 3, 5, 10)
@@ -27,8 +33,7 @@ def _unit(dim, index=1):
 
 def _marginal_log_normalizer(dim, kappa):
     """log of integral over the sphere of exp(k mu.z): |S^{p-2}| * int e^{kt}(1-t^2)^{(p-3)/2}."""
-    value, _ = integrate.quad(lambda t: math.exp(kappa * (t - 1)) * (1 - t * t) ** ((dim - 3) / 2),
-                              -1, 1, limit=200)
+    value, _ = integrate.quad(lambda t: math.exp(kappa * (t - 1)) * (1 - t * t) ** ((dim - 3) / 2), -1, 1, limit=200)
     return math.log(value) + kappa + sphere_log_area(dim - 1)
 
 
@@ -43,8 +48,7 @@ def test_density_on_the_two_sphere_integrates_to_one_in_spherical_coordinates():
     distribution = VonMisesFisher(torch.tensor([0.6, 0.0, 0.8]), torch.tensor(7.0))
 
     def density(phi, theta):
-        z = torch.tensor([math.sin(theta) * math.cos(phi), math.sin(theta) * math.sin(phi),
-                          math.cos(theta)])
+        z = torch.tensor([math.sin(theta) * math.cos(phi), math.sin(theta) * math.sin(phi), math.cos(theta)])
         return math.exp(float(distribution.log_prob(z))) * math.sin(theta)
 
     total, _ = integrate.dblquad(density, 0, math.pi, 0, 2 * math.pi, epsabs=1e-10)
@@ -59,8 +63,9 @@ def test_log_bessel_matches_scipy_and_its_derivative(order):
     np.testing.assert_allclose(values.detach().numpy(), expected, rtol=1e-10)
     assert torch.autograd.gradcheck(lambda t: log_bessel_iv(order, t), (x,))
     ratio = bessel_ratio(order, x.detach())
-    np.testing.assert_allclose(ratio.numpy(), special.ive(order + 1, x.detach().numpy())
-                               / special.ive(order, x.detach().numpy()), rtol=1e-10)
+    np.testing.assert_allclose(
+        ratio.numpy(), special.ive(order + 1, x.detach().numpy()) / special.ive(order, x.detach().numpy()), rtol=1e-10
+    )
 
 
 def test_log_bessel_uses_the_series_where_scaled_bessel_underflows():
@@ -128,8 +133,12 @@ def test_kl_to_uniform_matches_monte_carlo_and_quadrature(dim, kappa):
     assert kl == pytest.approx(float(log_ratio.mean()), abs=tolerance)
     # Quadrature: KL = log area + log C + k E[w], with E[w] from the marginal of w.
     log_z = _marginal_log_normalizer(dim, kappa)
-    mean_w, _ = integrate.quad(lambda t: t * math.exp(kappa * t - log_z + sphere_log_area(dim - 1))
-                               * (1 - t * t) ** ((dim - 3) / 2), -1, 1, limit=200)
+    mean_w, _ = integrate.quad(
+        lambda t: t * math.exp(kappa * t - log_z + sphere_log_area(dim - 1)) * (1 - t * t) ** ((dim - 3) / 2),
+        -1,
+        1,
+        limit=200,
+    )
     assert kl == pytest.approx(sphere_log_area(dim) - log_z + kappa * mean_w, rel=1e-6)
 
 

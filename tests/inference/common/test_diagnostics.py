@@ -1,4 +1,5 @@
 """PSIS k-hat at its edges: equal weights, round-off, heavy tails."""
+
 import numpy as np
 
 from vilab.inference.common.diagnostics import k_hat_verdict, psis

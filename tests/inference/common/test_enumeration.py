@@ -1,5 +1,6 @@
 """Enumerated discrete sites: posterior draws given each continuous draw, the marginal density,
 and run_nuts / fit_svi / compare on Pyro's Gaussian-mixture tutorial model."""
+
 import math
 
 import pyro
@@ -44,8 +45,9 @@ def _theta_draws(num_draws: int) -> dict:
 
 def _conditional(theta: dict) -> torch.Tensor:
     r""":math:`p(z_i = k \mid y_i, \theta_s)`, shape ``(S, N, K)``."""
-    log_p = (theta["weights"].log().unsqueeze(1)
-             + dist.Normal(theta["locs"].unsqueeze(1), theta["scale"][:, None, None]).log_prob(DATA[:, None]))
+    log_p = theta["weights"].log().unsqueeze(1) + dist.Normal(
+        theta["locs"].unsqueeze(1), theta["scale"][:, None, None]
+    ).log_prob(DATA[:, None])
     return (log_p - log_p.logsumexp(-1, keepdim=True)).exp()
 
 
@@ -76,11 +78,14 @@ def test_log_joint_of_enumerated_model_is_the_marginal():
     theta = _theta_draws(5)
     template = trace_model(gmm, (DATA,), {}, {k: v[0] for k, v in theta.items()})
     got = marginal_log_joint(gmm, (DATA,), {}, theta, template)
-    prior = (dist.Dirichlet(0.5 * torch.ones(K)).log_prob(theta["weights"])
-             + dist.LogNormal(0.0, 2.0).log_prob(theta["scale"])
-             + dist.Normal(0.0, 10.0).log_prob(theta["locs"]).sum(-1))
-    log_p = (theta["weights"].log().unsqueeze(1)
-             + dist.Normal(theta["locs"].unsqueeze(1), theta["scale"][:, None, None]).log_prob(DATA[:, None]))
+    prior = (
+        dist.Dirichlet(0.5 * torch.ones(K)).log_prob(theta["weights"])
+        + dist.LogNormal(0.0, 2.0).log_prob(theta["scale"])
+        + dist.Normal(0.0, 10.0).log_prob(theta["locs"]).sum(-1)
+    )
+    log_p = theta["weights"].log().unsqueeze(1) + dist.Normal(
+        theta["locs"].unsqueeze(1), theta["scale"][:, None, None]
+    ).log_prob(DATA[:, None])
     assert torch.allclose(got, prior + log_p.logsumexp(-1).sum(-1))
     assert torch.allclose(evaluate_draws(gmm, (DATA,), {}, theta)["log_joint"], got)
 
@@ -96,8 +101,15 @@ def test_run_nuts_draws_assignments_from_their_posterior():
 
 def test_compare_fits_guides_on_the_continuous_sites_of_an_enumerated_model():
     reference = _theta_draws(200)
-    report = compare(gmm, DATA, guides=("meanfield",), reference=reference, num_draws=60, progress=False,
-                     svi_options={"num_steps": 60, "early_stop": False})
+    report = compare(
+        gmm,
+        DATA,
+        guides=("meanfield",),
+        reference=reference,
+        num_draws=60,
+        progress=False,
+        svi_options={"num_steps": 60, "early_stop": False},
+    )
     assert not report.failures
     method = report.methods["meanfield"]
     assert method.result.elbo == "enum"

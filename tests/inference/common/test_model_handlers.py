@@ -1,5 +1,6 @@
 """Subsampled plates evaluated on the full data, obs_mask sites made proper, ImproperUniform
 sites placed rather than sampled: through fit_svi and run_nuts."""
+
 import math
 
 import numpy as np
@@ -75,7 +76,9 @@ def test_proper_unobserved_gives_the_unused_elements_a_density():
 
     y = torch.tensor([0.5, 0.0, -0.5])
     plain = trace_model(model, (y, mask), {})
-    proper = trace_model(proper_unobserved(model), (y, mask), {}, condition={"obs_unobserved": plain.nodes["obs_unobserved"]["value"]})
+    proper = trace_model(
+        proper_unobserved(model), (y, mask), {}, condition={"obs_unobserved": plain.nodes["obs_unobserved"]["value"]}
+    )
     assert torch.equal(plain.nodes["obs_unobserved"]["mask"], ~mask)
     assert proper.nodes["obs_unobserved"]["mask"] is None
     assert torch.equal(proper.nodes["obs"]["value"], plain.nodes["obs"]["value"])
@@ -98,8 +101,15 @@ IMPROPER_SD = torch.tensor([0.75, 1.0, 0.75]).sqrt()
 
 @pytest.mark.parametrize("backend", ["vectorized", pytest.param("pyro", marks=pytest.mark.slow)])
 def test_run_nuts_samples_an_improper_uniform_site(backend):
-    result = run_nuts(improper_chain, torch.tensor(1.0), num_samples=500, num_warmup=300, num_chains=2,
-                      backend=backend, progress=False)
+    result = run_nuts(
+        improper_chain,
+        torch.tensor(1.0),
+        num_samples=500,
+        num_warmup=300,
+        num_chains=2,
+        backend=backend,
+        progress=False,
+    )
     draws = result.samples["xyz"].reshape(-1, 3)
     ess = torch.as_tensor(result.summary(var_names=["xyz"])["ess_bulk"].values)
     assert ((draws.mean(0) - IMPROPER_MEAN).abs() < Z * IMPROPER_SD / ess.sqrt()).all()

@@ -1,4 +1,5 @@
 """Progress output: a bar on a terminal only; in a log, a few short status lines."""
+
 import io
 import os
 
@@ -53,8 +54,31 @@ def test_fit_svi_writes_one_status_line_to_a_log(capfd):
 @pytest.mark.float32
 def test_vae_training_into_a_log_writes_a_line_per_epoch_not_a_bar(tmp_path, capfd):
     out = str(tmp_path / "run")
-    assert main(["vae", "train", "--data", "digits", "--latent", "2", "--hidden", "8", "--epochs", "2",
-                 "--max-train", "128", "--validation-size", "32", "--batch-size", "16", "--out", out]) == 0
+    assert (
+        main(
+            [
+                "vae",
+                "train",
+                "--data",
+                "digits",
+                "--latent",
+                "2",
+                "--hidden",
+                "8",
+                "--epochs",
+                "2",
+                "--max-train",
+                "128",
+                "--validation-size",
+                "32",
+                "--batch-size",
+                "16",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     captured = capfd.readouterr()
     status = [line for line in captured.err.splitlines() if line.startswith("epoch ")]
     assert [line.split(",")[0] for line in status] == ["epoch 1/2: 8/8 (100%)", "epoch 2/2: 8/8 (100%)"]

@@ -1,4 +1,5 @@
 """evaluate_draws: the batched evaluation is checked against single traces and falls back."""
+
 import warnings
 
 import pyro
@@ -77,9 +78,11 @@ def _hierarchical_logistic(x, group, y=None):
 
 def _logistic_draws(num_draws, num_groups=4, num_features=3):
     generator = torch.Generator().manual_seed(0)
-    return {"alpha": torch.randn(num_draws, generator=generator),
-            "mu": torch.randn(num_draws, num_features, generator=generator),
-            "beta": torch.randn(num_draws, num_groups, num_features, generator=generator)}
+    return {
+        "alpha": torch.randn(num_draws, generator=generator),
+        "mu": torch.randn(num_draws, num_features, generator=generator),
+        "beta": torch.randn(num_draws, num_groups, num_features, generator=generator),
+    }
 
 
 def _logistic_data(num_obs=30, num_groups=4, num_features=3):

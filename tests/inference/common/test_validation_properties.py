@@ -1,5 +1,6 @@
 """Property tests of the public validators: what they accept is returned unchanged, what they
 refuse raises the documented error naming the argument."""
+
 import math
 import numbers
 
@@ -13,7 +14,7 @@ from vilab.inference.common.validation import check_positive_int, check_probabil
 names = st.from_regex(r"[a-z][a-z_]{0,15}", fullmatch=True)
 
 
-@given(value=st.integers(-10**6, 10**6), minimum=st.integers(-100, 100), name=names)
+@given(value=st.integers(-(10**6), 10**6), minimum=st.integers(-100, 100), name=names)
 def test_check_positive_int_accepts_exactly_the_ints_from_minimum(value, minimum, name):
     if value >= minimum:
         assert check_positive_int(value, name, minimum) == value
@@ -29,8 +30,12 @@ def test_check_positive_int_accepts_numpy_integers_as_python_ints(value, width):
     assert type(checked) is int and checked == value
 
 
-@given(value=st.one_of(st.booleans(), st.floats(allow_nan=True), st.text(max_size=3), st.none(),
-                       st.lists(st.integers(), max_size=2)), name=names)
+@given(
+    value=st.one_of(
+        st.booleans(), st.floats(allow_nan=True), st.text(max_size=3), st.none(), st.lists(st.integers(), max_size=2)
+    ),
+    name=names,
+)
 def test_check_positive_int_refuses_what_is_not_an_int_with_a_type_error(value, name):
     with pytest.raises(TypeError, match=rf"^{name}: expected an int >= 1; got {type(value).__name__} "):
         check_positive_int(value, name)
@@ -45,8 +50,11 @@ def test_check_probability_accepts_exactly_the_open_unit_interval(value, name):
             check_probability(value, name)
 
 
-@given(value=st.one_of(st.fractions(), st.integers(-3, 3), st.floats(-2, 2).map(np.float32),
-                       st.floats(-2, 2).map(np.float64)))
+@given(
+    value=st.one_of(
+        st.fractions(), st.integers(-3, 3), st.floats(-2, 2).map(np.float32), st.floats(-2, 2).map(np.float64)
+    )
+)
 def test_check_probability_takes_any_real_number_type_and_returns_a_float(value):
     inside = 0 < value < 1
     if inside:

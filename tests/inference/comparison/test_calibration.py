@@ -4,6 +4,7 @@ Every check's failure budget is stated where it is made. The slow tests reproduc
 verdicts the method exists for: VSBC flags mean-field VI on the centred eight schools (its
 ``tau``) and passes full-rank VI on a linear regression.
 """
+
 import json
 import os
 
@@ -66,8 +67,21 @@ def test_bad_arguments_are_refused_before_any_fit():
 
 
 def test_the_command_writes_the_report(tmp_path, capsys):
-    code = main(["calibrate", "normal_normal", "--method", "pathfinder", "--simulations", "10", "--alpha", "0.001",
-                 "--out", str(tmp_path), "--quiet"])
+    code = main(
+        [
+            "calibrate",
+            "normal_normal",
+            "--method",
+            "pathfinder",
+            "--simulations",
+            "10",
+            "--alpha",
+            "0.001",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert "VSBC of pathfinder" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "calibration.png")
@@ -89,8 +103,15 @@ def test_vsbc_flags_meanfield_on_the_centred_eight_schools_tau():
     histogram was U-shaped (over-confident): the ``uniformity_p_value`` column reports that.
     """
     model, args, kwargs = get_model("eight_schools_centered").load()
-    result = calibrate(model, *args, method="meanfield", num_simulations=40, method_options={"num_steps": 1000},
-                       progress=False, **kwargs)
+    result = calibrate(
+        model,
+        *args,
+        method="meanfield",
+        num_simulations=40,
+        method_options={"num_steps": 1000},
+        progress=False,
+        **kwargs,
+    )
     row = result.table.set_index("parameter").loc["tau"]
     assert row["flagged"] and row["mean_quantile"] > 0.5, result.table
 
@@ -103,8 +124,16 @@ def test_vsbc_passes_fullrank_on_a_linear_regression():
     calibrated method fails with chance at most about 0.01.
     """
     model, args, kwargs = get_model("linear_regression").load()
-    result = calibrate(model, *args, method="fullrank", num_simulations=60, alpha=0.01,
-                       method_options={"num_steps": 1000}, progress=False, **kwargs)
+    result = calibrate(
+        model,
+        *args,
+        method="fullrank",
+        num_simulations=60,
+        alpha=0.01,
+        method_options={"num_steps": 1000},
+        progress=False,
+        **kwargs,
+    )
     assert result.flagged == [], result.table
 
 
@@ -112,7 +141,14 @@ def test_vsbc_passes_fullrank_on_a_linear_regression():
 def test_sbc_passes_nuts_on_the_normal_normal_model():
     """NUTS is calibrated: chi-square of ranks in 10 bins, alpha = 0.01 (one parameter)."""
     x = default_normal_data()
-    result = calibrate(normal_normal, 20, x, method="nuts", num_simulations=50, alpha=0.01,
-                       method_options={"num_warmup": 200, "num_samples": 250, "num_chains": 2,
-                                       "chain_method": "sequential"}, progress=False)
+    result = calibrate(
+        normal_normal,
+        20,
+        x,
+        method="nuts",
+        num_simulations=50,
+        alpha=0.01,
+        method_options={"num_warmup": 200, "num_samples": 250, "num_chains": 2, "chain_method": "sequential"},
+        progress=False,
+    )
     assert result.test == "SBC" and result.flagged == [], result.table

@@ -1,4 +1,5 @@
 """compare(): metrics against reference draws, the report record, and what save() writes."""
+
 import json
 import math
 
@@ -25,10 +26,16 @@ def regression_report():
     exact = conjugate.linear_regression_posterior(features, y)["beta"]
     torch.manual_seed(0)
     reference = {"beta": exact.sample((4000,))}
-    report = compare(conjugate.linear_regression, features, y, guides=("fullrank", "meanfield"),
-                     reference=reference, num_draws=2000,
-                     svi_options={"num_steps": 1500, "lr": 0.05, "lr_decay": 0.01, "early_stop": False},
-                     progress=False)
+    report = compare(
+        conjugate.linear_regression,
+        features,
+        y,
+        guides=("fullrank", "meanfield"),
+        reference=reference,
+        num_draws=2000,
+        svi_options={"num_steps": 1500, "lr": 0.05, "lr_decay": 0.01, "early_stop": False},
+        progress=False,
+    )
     return report, exact
 
 
@@ -73,29 +80,44 @@ def test_save_writes_metrics_netcdf_figures_and_report(regression_report, tmp_pa
 
 def test_flat_reference_names_are_accepted():
     features, y = conjugate.default_regression_data()
-    flat = reference_from_draws(conjugate.linear_regression, (features, y), {},
-                                {"beta[2]": np.zeros((2, 10)), "beta": np.ones((10, 3))})
+    flat = reference_from_draws(
+        conjugate.linear_regression, (features, y), {}, {"beta[2]": np.zeros((2, 10)), "beta": np.ones((10, 3))}
+    )
     assert flat["beta[2]"].shape == (10,) and set(flat) == {"beta[1]", "beta[2]", "beta[3]"}
 
 
 def test_reference_without_shared_names_is_a_clear_error():
     x = conjugate.default_normal_data()
     with pytest.raises(ValueError, match=r"reference: no parameter name matches the model's sites"):
-        compare(conjugate.normal_normal, 20, x, guides=("meanfield",), reference={"mu": np.zeros(100)},
-                svi_options={"num_steps": 10}, num_draws=20, progress=False)
+        compare(
+            conjugate.normal_normal,
+            20,
+            x,
+            guides=("meanfield",),
+            reference={"mu": np.zeros(100)},
+            svi_options={"num_steps": 10},
+            num_draws=20,
+            progress=False,
+        )
 
 
 def test_guides_must_be_a_sequence():
     with pytest.raises(TypeError, match="guides: expected a sequence"):
-        compare(conjugate.normal_normal, 20, conjugate.default_normal_data(), guides="meanfield",
-                reference={"loc": np.zeros(10)}, progress=False)
+        compare(
+            conjugate.normal_normal,
+            20,
+            conjugate.default_normal_data(),
+            guides="meanfield",
+            reference={"loc": np.zeros(10)},
+            progress=False,
+        )
 
 
 def _flat_ridge():
     """log p(a, b) = -(a + b)^2 / 2: the Hessian at any mode is [[1, 1], [1, 1]], singular."""
     a = pyro.sample("a", dist.Normal(torch.tensor(0.0), 1.0))
     b = pyro.sample("b", dist.Normal(torch.tensor(0.0), 1.0))
-    pyro.factor("ridge", 0.5 * (a ** 2 + b ** 2) - 0.5 * (a + b) ** 2)
+    pyro.factor("ridge", 0.5 * (a**2 + b**2) - 0.5 * (a + b) ** 2)
 
 
 def test_a_guide_that_cannot_be_fitted_is_reported_and_the_others_kept():
@@ -105,15 +127,22 @@ def test_a_guide_that_cannot_be_fitted_is_reported_and_the_others_kept():
         fit_svi(_flat_ridge, "laplace", num_steps=50, progress=False)
     reference = {"a": np.random.default_rng(0).normal(size=500), "b": np.random.default_rng(1).normal(size=500)}
     with pytest.warns(RuntimeWarning, match="guide 'laplace' failed and is left out"):
-        report = compare(_flat_ridge, guides=("laplace", "meanfield"), reference=reference,
-                         svi_options={"num_steps": 50}, num_draws=200)
+        report = compare(
+            _flat_ridge,
+            guides=("laplace", "meanfield"),
+            reference=reference,
+            svi_options={"num_steps": 50},
+            num_draws=200,
+        )
     assert list(report.methods) == ["meanfield"]
     assert "positive-definite Hessian" in report.failures["laplace"]
     from vilab.inference.report.save import warnings_for
+
     assert any(note.startswith("laplace: could not be fitted") for note in warnings_for(report))
 
 
 # ---- issue 26: learned params, guide names, per-guide failures, obs_mask -------------------------
+
 
 def _scale_as_param(y):
     """A model that learns its noise scale as a point estimate (``pyro.param``)."""
@@ -140,9 +169,16 @@ def test_two_guides_of_one_class_keep_their_own_names_and_rows():
     exact = conjugate.normal_normal_posterior(x)["loc"]
     reference = {"loc": exact.sample((4000,))}
     model = conjugate.normal_normal
-    report = compare(model, 20, x, guides=(AutoDiagonalNormal(model), AutoDiagonalNormal(model)),
-                     reference=reference, num_draws=500, progress=False,
-                     svi_options={"num_steps": 300, "lr": 0.05, "early_stop": False})
+    report = compare(
+        model,
+        20,
+        x,
+        guides=(AutoDiagonalNormal(model), AutoDiagonalNormal(model)),
+        reference=reference,
+        num_draws=500,
+        progress=False,
+        svi_options={"num_steps": 300, "lr": 0.05, "early_stop": False},
+    )
     names = ["AutoDiagonalNormal", "AutoDiagonalNormal_2"]
     assert list(report.methods) == names and list(report.summary.index) == names
     for name in names:
@@ -177,8 +213,16 @@ def test_a_guide_failing_with_any_error_keeps_the_others():
 
     reference = {"mu_a": np.random.default_rng(0).normal(size=200)}
     with pytest.warns(RuntimeWarning, match="guide 'function' failed and is left out: IndexError"):
-        report = compare(radon, county, log_radon, guides=("meanfield", crashing_guide), reference=reference,
-                         num_draws=50, progress=False, svi_options={"num_steps": 50})
+        report = compare(
+            radon,
+            county,
+            log_radon,
+            guides=("meanfield", crashing_guide),
+            reference=reference,
+            num_draws=50,
+            progress=False,
+            svi_options={"num_steps": 50},
+        )
     assert list(report.methods) == ["meanfield"]
     assert report.failures["function"].startswith("IndexError: index 4")
 
@@ -197,10 +241,18 @@ def test_obs_mask_reference_with_data_entries_gives_a_table():
     constants, with no error in units of their zero sd."""
     y = torch.randn(8, generator=torch.Generator().manual_seed(0))
     precision = 1 / 100 + int(_MASK.sum())
-    mu = (y[_MASK].sum() / precision + torch.randn(2000) / precision**0.5)
+    mu = y[_MASK].sum() / precision + torch.randn(2000) / precision**0.5
     obs = torch.where(_MASK, y, mu.unsqueeze(-1) + torch.randn(2000, 8))
-    report = compare(_masked_normal, y, _MASK, guides=("meanfield",), reference={"mu": mu, "obs": obs},
-                     num_draws=200, progress=False, svi_options={"num_steps": 300, "lr": 0.05, "backend": "pyro"})
+    report = compare(
+        _masked_normal,
+        y,
+        _MASK,
+        guides=("meanfield",),
+        reference={"mu": mu, "obs": obs},
+        num_draws=200,
+        progress=False,
+        svi_options={"num_steps": 300, "lr": 0.05, "backend": "pyro"},
+    )
     rows = report.table[report.table["method"] == "meanfield"]
     assert set(rows["parameter"]) == {"mu", "obs[3]", "obs[6]"}
     assert np.isfinite(rows["mean_error_sd"]).all()
@@ -209,9 +261,16 @@ def test_obs_mask_reference_with_data_entries_gives_a_table():
 @pytest.mark.slow
 def test_obs_mask_model_compares_on_its_posterior_quantities():
     y = torch.randn(8, generator=torch.Generator().manual_seed(0))
-    report = compare(_masked_normal, y, _MASK, guides=("meanfield",), num_draws=200, progress=False,
-                     svi_options={"num_steps": 300, "lr": 0.05},
-                     nuts_options={"num_samples": 300, "num_warmup": 300, "num_chains": 2})
+    report = compare(
+        _masked_normal,
+        y,
+        _MASK,
+        guides=("meanfield",),
+        num_draws=200,
+        progress=False,
+        svi_options={"num_steps": 300, "lr": 0.05},
+        nuts_options={"num_samples": 300, "num_warmup": 300, "num_chains": 2},
+    )
     rows = report.table[report.table["method"] == "meanfield"]
     # Observed entries are data (no error in sd units); the masked-out half of obs_unobserved
     # is no part of the posterior.

@@ -7,6 +7,7 @@ failing or killed server is reported, never waited on forever; a wrapper needing
 loader does not provide is refused. Statistical check (slow): a NUTS run that switches to
 the background kernel mid-run matches the Normal-Normal closed-form posterior.
 """
+
 import time
 
 import pyro
@@ -17,7 +18,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from vilab.inference.engine.processes import server as fast_background
 from vilab.inference.engine.backends import inductor as fast_inductor
-from vilab.inference.engine.processes.server import BackgroundCompile, BackgroundCompiles, background_available, load_artifact
+from vilab.inference.engine.processes.server import (
+    BackgroundCompile,
+    BackgroundCompiles,
+    background_available,
+    load_artifact,
+)
 from vilab.inference.engine.backends.inductor import compile_artifact, fusion_unavailable
 from vilab.inference.engine.policy import FusePolicy
 from vilab.inference.engine.step import CompiledStep
@@ -25,8 +31,10 @@ from vilab.inference.nuts.sampler import sample_vectorized_nuts
 
 Z = 4.5  # two-sided z for a per-test failure budget of about 1e-5
 
-pytestmark = [pytest.mark.skipif(bool(fusion_unavailable()), reason=fusion_unavailable() or "available"),
-              pytest.mark.skipif(not background_available(), reason="needs fork and two cores")]
+pytestmark = [
+    pytest.mark.skipif(bool(fusion_unavailable()), reason=fusion_unavailable() or "available"),
+    pytest.mark.skipif(not background_available(), reason="needs fork and two cores"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -51,8 +59,9 @@ def _wait(compilation: BackgroundCompile, timeout: float = 240.0):
 
 
 def _same(got, expected) -> bool:
-    return all(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
-               for a, b in zip(got, expected))
+    return all(
+        torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(got, expected)
+    )
 
 
 @pytest.mark.parametrize("recycle", [False, True])
@@ -86,8 +95,11 @@ def test_a_kernel_compiled_by_the_server_from_the_sent_graph_matches_sblrc_style
         mean = (x * beta.unsqueeze(-2)).sum(-1)
         return (beta * 2.0, ((y - mean) ** 2).sum(-1), torch.unbind(beta, -1)[0])
 
-    inputs = (torch.randn(4, 5, dtype=torch.float64), torch.randn(100, 5, dtype=torch.float64),
-              torch.randn(100, dtype=torch.float64))
+    inputs = (
+        torch.randn(4, 5, dtype=torch.float64),
+        torch.randn(100, 5, dtype=torch.float64),
+        torch.randn(100, dtype=torch.float64),
+    )
     fused, why = _wait(BackgroundCompile(make_fx(step)(*inputs), inputs, recycle=True))
     assert why == ""
     for got, expected in zip(fused(*inputs), step(*inputs)):
@@ -219,16 +231,16 @@ def _normal_normal(data):
 
 
 @pytest.mark.slow
-def test_nuts_switches_to_the_background_kernel_mid_run_and_matches_the_closed_form(monkeypatch,
-                                                                                    normal_normal_check):
+def test_nuts_switches_to_the_background_kernel_mid_run_and_matches_the_closed_form(monkeypatch, normal_normal_check):
     # Free compilation and a quick decision: the leaf starts compiling after ~0.05 s.
     for name in ("SECONDS_PER_GRAPH", "SECONDS_PER_OP", "SETUP_SECONDS", "CACHED_SECONDS"):
         monkeypatch.setattr(fast_inductor, name, 0.0)
     monkeypatch.setattr(FusePolicy, "check_after_background", 0.05)
     data = torch.tensor([0.3, 1.9, 1.1, 0.4, 2.2, 1.0, 0.7, 1.6], dtype=torch.float64)
     # A cold compile (the fixture empties the cache) takes seconds: the run must outlast it.
-    result = sample_vectorized_nuts(_normal_normal, (data,), {}, num_samples=30000, num_warmup=1000, num_chains=4,
-                                    seed=3, progress=False, workers=1)  # compiles beside this process
+    result = sample_vectorized_nuts(
+        _normal_normal, (data,), {}, num_samples=30000, num_warmup=1000, num_chains=4, seed=3, progress=False, workers=1
+    )  # compiles beside this process
     assert "leaf fused in the background" in result.fuse_decision
     assert "leaf fused at iteration" in result.fuse_decision, result.fuse_decision
     assert result.backend == "inductor"

@@ -1,4 +1,5 @@
 """The kernel cache: loaded only from a private, per-user directory."""
+
 import os
 import stat
 

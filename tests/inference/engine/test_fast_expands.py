@@ -1,5 +1,6 @@
 """Ops move in front of expands (``fast_expands``, run by ``fast_graph.simplify``) with the same
 values, and never where a user could not take the stride-0 result."""
+
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -16,7 +17,7 @@ def test_elementwise_ops_of_a_broadcast_parameter_run_once_per_chain():
     def normal_log_density(scale, data):
         # What Pyro's Normal(loc, scale).log_prob does after broadcasting scale to the data.
         wide = scale.expand(scale.shape[0], data.shape[-1])
-        log_density = -((data / wide) ** 2) / (2 * wide ** 2) - wide.log()
+        log_density = -((data / wide) ** 2) / (2 * wide**2) - wide.log()
         return (log_density.sum(-1), wide.exp().reshape(-1), wide.log())
 
     scale, data = torch.rand(4, 1, dtype=torch.float64) + 0.5, torch.randn(7, dtype=torch.float64)
@@ -36,8 +37,7 @@ def test_mixing_weights_are_normalised_once_per_chain_not_once_per_point():
         wide_logits = logits.unsqueeze(1).expand(-1, data.shape[0], -1)
         log_weights = wide_logits - torch.logsumexp(wide_logits, -1, keepdim=True)
         components = -0.5 * (data.unsqueeze(-1) - locs.unsqueeze(1)) ** 2
-        return (torch.logsumexp(log_weights + components, -1).sum(-1),
-                torch.select(wide_logits, 2, 1) * 3)
+        return (torch.logsumexp(log_weights + components, -1).sum(-1), torch.select(wide_logits, 2, 1) * 3)
 
     logits, locs = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     data = torch.randn(9, dtype=torch.float64)

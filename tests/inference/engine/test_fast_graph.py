@@ -1,4 +1,5 @@
 """``fast_graph.simplify`` removes operations from a traced graph without changing its values."""
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -82,8 +83,11 @@ def test_duplicates_identities_and_negations_are_removed_with_the_same_values():
         c = (x + torch.zeros(3, dtype=x.dtype)) * torch.ones(3, dtype=x.dtype)  # identity constants
         d = a + b * -1.0  # a difference written as a sum
         square = x.unsqueeze(0) * x.unsqueeze(1)
-        return (a + b + c + d + (-(-x)), x.unsqueeze(0) + x.unsqueeze(0),
-                square.permute(0, 1) + square.permute(1, 0))  # identity permute dropped, not the swap
+        return (
+            a + b + c + d + (-(-x)),
+            x.unsqueeze(0) + x.unsqueeze(0),
+            square.permute(0, 1) + square.permute(1, 0),
+        )  # identity permute dropped, not the swap
 
     graph = simplify(make_fx(redundant)(torch.randn(3, dtype=torch.float64)))
     calls = [node.target for node in graph.graph.nodes if node.op == "call_function"]

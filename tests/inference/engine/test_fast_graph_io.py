@@ -4,6 +4,7 @@ Exact checks: the rebuilt graph has the same nodes and code as the original (a p
 ``GraphModule`` does not: it is traced again), keeps its tensor attributes and returns the same
 values; targets it cannot name are refused with a ``TypeError``.
 """
+
 import operator
 
 import pytest
@@ -27,8 +28,9 @@ def test_the_rebuilt_graph_has_the_same_nodes_constants_and_values():
     assert any(node.target is operator.getitem for node in graph.graph.nodes)
     rebuilt = loads_graph(dumps_graph(graph))
     assert rebuilt.code == graph.code
-    assert [(node.op, node.name, node.target) for node in rebuilt.graph.nodes] == \
-        [(node.op, node.name, node.target) for node in graph.graph.nodes]
+    assert [(node.op, node.name, node.target) for node in rebuilt.graph.nodes] == [
+        (node.op, node.name, node.target) for node in graph.graph.nodes
+    ]
     for got, expected in zip(rebuilt(z, x), _step(z, x)):
         assert got.dtype == expected.dtype and torch.equal(got, expected)
 

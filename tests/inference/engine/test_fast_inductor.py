@@ -47,10 +47,13 @@ def _hmm_like(logits, x, weights):
 
 
 def test_small_matrix_products_and_scans_are_fused_and_large_products_call_blas():
-    inputs = (torch.randn(4, 6, 2, 2, dtype=torch.float64), torch.randn(100, 5, dtype=torch.float64),
-              torch.randn(5, 4, dtype=torch.float64))
+    inputs = (
+        torch.randn(4, 6, 2, 2, dtype=torch.float64),
+        torch.randn(100, 5, dtype=torch.float64),
+        torch.randn(5, 4, dtype=torch.float64),
+    )
     source = open(fast_inductor.compile_artifact(make_fx(_hmm_like)(*inputs), inputs)["source"]).read()
-    code = [line for line in source[source.index("def call("):].splitlines() if not line.strip().startswith("#")]
+    code = [line for line in source[source.index("def call(") :].splitlines() if not line.strip().startswith("#")]
     calls = "\n".join(code)
     assert "extern_kernels.bmm" not in calls and "aten.cumprod" not in calls and "aten.cumsum" not in calls
     assert "extern_kernels.mm(" in calls
@@ -63,8 +66,11 @@ def test_fused_compiled_step_feeds_its_state_back_like_the_eager_step():
     def step(total, count, x):
         return total + x.sin(), count + 1, (total * x).sum()
 
-    example = (torch.zeros(3, dtype=torch.float64), torch.zeros((), dtype=torch.long),
-               torch.linspace(0.1, 1.0, 3, dtype=torch.float64))
+    example = (
+        torch.zeros(3, dtype=torch.float64),
+        torch.zeros((), dtype=torch.long),
+        torch.linspace(0.1, 1.0, 3, dtype=torch.float64),
+    )
     compiled = CompiledStep(step, example, num_state=2)
     assert compiled.compiled and compiled.backend in ("static runtime", "torchscript")
     assert compiled.fuse(), compiled.fuse_failure
@@ -92,8 +98,18 @@ def normal_normal(data):
 def test_nuts_with_fused_leaves_matches_the_closed_form_posterior(normal_normal_check):
     torch.set_default_dtype(torch.float64)
     data = torch.tensor([0.3, 1.9, 1.1, 0.4, 2.2, 1.0, 0.7, 1.6])
-    result = sample_vectorized_nuts(normal_normal, (data,), {}, num_samples=400, num_warmup=300, num_chains=4,
-                                    seed=2, progress=False, compiler="inductor", workers=1)
+    result = sample_vectorized_nuts(
+        normal_normal,
+        (data,),
+        {},
+        num_samples=400,
+        num_warmup=300,
+        num_chains=4,
+        seed=2,
+        progress=False,
+        compiler="inductor",
+        workers=1,
+    )
     assert result.backend == "inductor" and result.fuse_decision == "compiler='inductor'"
     normal_normal_check(result.samples["loc"], data, min_ess=300, z=Z)
     assert result.sample_stats["n_steps"].min() >= 1
@@ -121,16 +137,18 @@ def test_a_float32_model_runs_on_fused_kernels():
     generator = torch.Generator().manual_seed(3)
     x = 5.0 + torch.randn(3000, 4, generator=generator)
     y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.3 * torch.randn(3000, generator=generator)
-    result = sample_vectorized_nuts(blr, (x, y), {}, num_samples=50, num_warmup=50, num_chains=2,
-                                    seed=0, progress=False, compiler="inductor")
+    result = sample_vectorized_nuts(
+        blr, (x, y), {}, num_samples=50, num_warmup=50, num_chains=2, seed=0, progress=False, compiler="inductor"
+    )
     assert result.backend == "inductor", result.fuse_decision
     assert result.samples["beta"].dtype == torch.float32
 
 
 def test_short_runs_are_not_fused_under_auto():
     data = torch.tensor([0.3, 1.9, 1.1])
-    result = sample_vectorized_nuts(normal_normal, (data,), {}, num_samples=30, num_warmup=30, num_chains=2,
-                                    seed=0, progress=False)
+    result = sample_vectorized_nuts(
+        normal_normal, (data,), {}, num_samples=30, num_warmup=30, num_chains=2, seed=0, progress=False
+    )
     assert result.backend in ("vm", "static runtime", "torchscript")
     assert "fused at" not in result.fuse_decision and not result.fuse_decision.startswith(";")
 
@@ -304,8 +322,16 @@ def test_explicit_policies_and_bad_compiler(clock):
     with pytest.raises(ValueError, match="compiler"):
         FusePolicy("xla", 10)
     with pytest.raises(ValueError, match="compiler.*'xla'"):
-        sample_vectorized_nuts(normal_normal, (torch.zeros(2),), {}, num_samples=5, num_warmup=5, num_chains=1,
-                               progress=False, compiler="xla")
+        sample_vectorized_nuts(
+            normal_normal,
+            (torch.zeros(2),),
+            {},
+            num_samples=5,
+            num_warmup=5,
+            num_chains=1,
+            progress=False,
+            compiler="xla",
+        )
 
 
 def test_auto_policy_without_a_compiler_says_so(clock, monkeypatch):
@@ -322,15 +348,30 @@ def test_fused_svi_steps_follow_the_traced_steps(guide_name):
     from vilab.models import conjugate
 
     x = conjugate.default_normal_data()
-    runs = {compiler: fit_svi(conjugate.normal_normal, guide_name, 20, x, num_steps=300, lr=0.05,
-                              early_stop=False, progress=False, seed=3, compiler=compiler)
-            for compiler in ("torchscript", "inductor")}
+    runs = {
+        compiler: fit_svi(
+            conjugate.normal_normal,
+            guide_name,
+            20,
+            x,
+            num_steps=300,
+            lr=0.05,
+            early_stop=False,
+            progress=False,
+            seed=3,
+            compiler=compiler,
+        )
+        for compiler in ("torchscript", "inductor")
+    }
     assert runs["inductor"].config["fused"] and not runs["torchscript"].config["fused"]
     # Compiled now, or loaded from an earlier run's cache entry: the same kernel either way.
     assert runs["inductor"].config["fuse_decision"] in (
-        "compiler='inductor'", "compiler='inductor'; loaded from the kernel cache at step 0")
-    torch.testing.assert_close(torch.tensor(runs["inductor"].losses), torch.tensor(runs["torchscript"].losses),
-                               rtol=1e-7, atol=1e-7)
+        "compiler='inductor'",
+        "compiler='inductor'; loaded from the kernel cache at step 0",
+    )
+    torch.testing.assert_close(
+        torch.tensor(runs["inductor"].losses), torch.tensor(runs["torchscript"].losses), rtol=1e-7, atol=1e-7
+    )
 
 
 def test_fit_svi_names_a_bad_compiler():
@@ -338,8 +379,15 @@ def test_fit_svi_names_a_bad_compiler():
     from vilab.models import conjugate
 
     with pytest.raises(ValueError, match="compiler.*'fast'"):
-        fit_svi(conjugate.normal_normal, "meanfield", 20, conjugate.default_normal_data(), num_steps=5,
-                progress=False, compiler="fast")
+        fit_svi(
+            conjugate.normal_normal,
+            "meanfield",
+            20,
+            conjugate.default_normal_data(),
+            num_steps=5,
+            progress=False,
+            compiler="fast",
+        )
 
 
 def test_a_graph_with_an_expanded_constant_has_a_key():

@@ -1,5 +1,6 @@
 """``fast_masks``: boolean-mask assignments become selects with the same values and gradients,
 and whatever value-dependent shape is left is still reported."""
+
 import pyro.distributions.transforms as T
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -14,6 +15,7 @@ def _values_and_gradients(fn, *inputs):
             outputs = fn(*leaves)
             grads = torch.autograd.grad(sum(o.sum() for o in outputs), leaves)
         return (*[o.detach() for o in outputs], *grads)
+
     return traced
 
 
@@ -53,8 +55,9 @@ def test_pyros_spline_traces_for_inputs_inside_and_outside_its_box():
     graph = make_fx(fn)(example)
     mask_assignments_as_selects(graph)
     assert not data_dependent_shapes(graph.graph)
-    x = torch.tensor([[-5.0, 0.1, 2.9], [3.5, -2.0, 0.0], [1.0, 4.0, -3.2], [0.3, 0.2, 0.1],
-                      [9.0, -9.0, 2.5]], dtype=torch.float64)
+    x = torch.tensor(
+        [[-5.0, 0.1, 2.9], [3.5, -2.0, 0.0], [1.0, 4.0, -3.2], [0.3, 0.2, 0.1], [9.0, -9.0, 2.5]], dtype=torch.float64
+    )
     for got, expected in zip(graph(x), fn(x)):
         assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
 

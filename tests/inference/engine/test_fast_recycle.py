@@ -5,6 +5,7 @@ next call and share memory with the call after it (the documented lifetime); a s
 its outputs back, as the NUTS leaf loop does, follows the eager step; sources the rewrite does
 not understand are left alone.
 """
+
 import ast
 import textwrap
 
@@ -40,8 +41,11 @@ def test_a_recycled_step_fed_its_own_outputs_follows_the_eager_step():
     def step(total, count, x):
         return total + x.sin() * total.cos(), count + 1, (total * x).sum()
 
-    example = (torch.linspace(-1.0, 1.0, 5, dtype=torch.float64), torch.zeros((), dtype=torch.long),
-               torch.linspace(0.1, 1.0, 5, dtype=torch.float64))
+    example = (
+        torch.linspace(-1.0, 1.0, 5, dtype=torch.float64),
+        torch.zeros((), dtype=torch.long),
+        torch.linspace(0.1, 1.0, 5, dtype=torch.float64),
+    )
     compiled = CompiledStep(step, example, num_state=2, recycle=True)
     assert compiled.fuse(), compiled.fuse_failure
     assert compiled.backend == "inductor" and compiled.recycled
@@ -83,12 +87,32 @@ def test_the_nuts_leaf_and_merge_run_recycled(monkeypatch, tmp_path):
             pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
 
     data = torch.tensor([0.3, 1.9, 1.1], dtype=torch.float64)
-    result = sample_vectorized_nuts(model, (data,), {}, num_samples=5, num_warmup=5, num_chains=2, seed=0,
-                                    progress=False, compiler="inductor", workers=1)  # `made` counts here
+    result = sample_vectorized_nuts(
+        model,
+        (data,),
+        {},
+        num_samples=5,
+        num_warmup=5,
+        num_chains=2,
+        seed=0,
+        progress=False,
+        compiler="inductor",
+        workers=1,
+    )  # `made` counts here
     assert result.backend == "inductor"
     assert len(made) == 2 and all(call is not None for call in made)  # the leaf and the merge
-    again = sample_vectorized_nuts(model, (data,), {}, num_samples=5, num_warmup=5, num_chains=2, seed=0,
-                                   progress=False, compiler="inductor", workers=1)
+    again = sample_vectorized_nuts(
+        model,
+        (data,),
+        {},
+        num_samples=5,
+        num_warmup=5,
+        num_chains=2,
+        seed=0,
+        progress=False,
+        compiler="inductor",
+        workers=1,
+    )
     assert again.backend == "inductor"
     assert len(made) == 4 and all(call is not None for call in made)  # loaded from the cache: recycled too
 
@@ -167,8 +191,16 @@ def test_a_fused_svi_step_reuses_its_buffers_and_a_nan_keeps_the_last_good_param
         patch.setattr(CompiledSVIStep, "fuse", spy)
         warnings.simplefilter("error", RuntimeWarning)
         with pytest.raises(NonFiniteLossError, match="non-finite at step") as info:
-            fit_svi(model, "meanfield", num_steps=200, lr=0.5, progress=False, backend="compiled",
-                    compiler="inductor", seed=0)
+            fit_svi(
+                model,
+                "meanfield",
+                num_steps=200,
+                lr=0.5,
+                progress=False,
+                backend="compiled",
+                compiler="inductor",
+                seed=0,
+            )
     assert fused == [True]
     assert info.value.site == "explodes" and 0 < info.value.step < 200
     for name, value in pyro.get_param_store().items():

@@ -6,6 +6,7 @@ the compiled step equals the eager one. Statistical checks: both backends reach 
 posterior of the Normal-Normal model (tolerances as in ``test_svi.py``). Contract checks: every
 fallback is announced, and a NaN on the compiled path keeps the last finite parameters.
 """
+
 import math
 import warnings
 
@@ -35,12 +36,15 @@ def _pyro_loss_and_grads(elbo, model, guide, args, kwargs):
     return loss, torch.autograd.grad(loss, params, allow_unused=True)
 
 
-@pytest.mark.parametrize("objective, pyro_elbo, particles", [
-    # max_plate_nesting given: Pyro's guess would run the model once and shift the random stream
-    ("trace", lambda: Trace_ELBO(max_plate_nesting=1), 1),
-    ("trace", lambda: Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1), 3),
-    ("meanfield", lambda: TraceMeanField_ELBO(max_plate_nesting=1), 1),
-])
+@pytest.mark.parametrize(
+    "objective, pyro_elbo, particles",
+    [
+        # max_plate_nesting given: Pyro's guess would run the model once and shift the random stream
+        ("trace", lambda: Trace_ELBO(max_plate_nesting=1), 1),
+        ("trace", lambda: Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1), 3),
+        ("meanfield", lambda: TraceMeanField_ELBO(max_plate_nesting=1), 1),
+    ],
+)
 @pytest.mark.parametrize("guide_name", ["meanfield", "fullrank", "iaf"])
 def test_elbo_loss_and_gradient_equal_pyros(objective, pyro_elbo, particles, guide_name):
     model, args, kwargs = _eight_schools()
@@ -66,15 +70,18 @@ def test_iwae_loss_equals_renyi_alpha_zero():
     guide = get_guide("meanfield", model)
     guide(*args, **kwargs)
     torch.manual_seed(4)
-    expected = RenyiELBO(alpha=0.0, num_particles=5, vectorize_particles=True, max_plate_nesting=1).loss(model, guide, *args, **kwargs)
+    expected = RenyiELBO(alpha=0.0, num_particles=5, vectorize_particles=True, max_plate_nesting=1).loss(
+        model, guide, *args, **kwargs
+    )
     torch.manual_seed(4)
     with pyro.validation_enabled(False):
         got = elbo_loss(model, guide, args, kwargs, "iwae", 5, max_plate_nesting=1)
     assert math.isclose(float(got.detach()), expected, rel_tol=1e-10)
 
 
-@pytest.mark.parametrize("guide_name", ["meanfield", "fullrank", "lowrank", "map", "laplace", "iaf",
-                                        "planar", "radial", "sylvester", "nsf"])
+@pytest.mark.parametrize(
+    "guide_name", ["meanfield", "fullrank", "lowrank", "map", "laplace", "iaf", "planar", "radial", "sylvester", "nsf"]
+)
 def test_compiled_step_equals_pyro_svi_step(guide_name):
     """Same start, same noise: one compiled step and one Pyro ``SVI`` step with ``ClippedAdam``
     give the same loss and the same parameters."""
@@ -118,8 +125,18 @@ def test_compiled_step_equals_pyro_svi_step(guide_name):
 @pytest.mark.parametrize("backend", ["compiled", "pyro"])
 def test_both_backends_reach_normal_normal_posterior(backend):
     x = conjugate.default_normal_data()
-    result = fit_svi(conjugate.normal_normal, "meanfield", 20, x, num_steps=2000, lr=0.05, lr_decay=0.01,
-                     early_stop=False, progress=False, backend=backend)
+    result = fit_svi(
+        conjugate.normal_normal,
+        "meanfield",
+        20,
+        x,
+        num_steps=2000,
+        lr=0.05,
+        lr_decay=0.01,
+        early_stop=False,
+        progress=False,
+        backend=backend,
+    )
     assert result.config["backend"] == backend
     elbo, se = result.elbo_estimate(20000, seed=1)
     log_evidence = conjugate.normal_normal_log_evidence(x)
@@ -132,13 +149,21 @@ def test_small_compiled_fits_run_on_one_thread_and_restore_the_setting(monkeypat
 
     seen = []
     step = fast_svi.CompiledSVIStep.step
-    monkeypatch.setattr(fast_svi.CompiledSVIStep, "step",
-                        lambda self: seen.append(torch.get_num_threads()) or step(self))
+    monkeypatch.setattr(
+        fast_svi.CompiledSVIStep, "step", lambda self: seen.append(torch.get_num_threads()) or step(self)
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        fit_svi(conjugate.normal_normal, "meanfield", 20, conjugate.default_normal_data(), num_steps=5,
-                progress=False, backend="compiled")
+        fit_svi(
+            conjugate.normal_normal,
+            "meanfield",
+            20,
+            conjugate.default_normal_data(),
+            num_steps=5,
+            progress=False,
+            backend="compiled",
+        )
         assert seen == [1] * 5 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -146,8 +171,17 @@ def test_small_compiled_fits_run_on_one_thread_and_restore_the_setting(monkeypat
 
 def test_iwae_objective_compiles_and_trains():
     x = conjugate.default_normal_data()
-    result = fit_svi(conjugate.normal_normal, "meanfield", 20, x, num_steps=300, elbo="iwae", num_particles=4,
-                     progress=False, backend="compiled")
+    result = fit_svi(
+        conjugate.normal_normal,
+        "meanfield",
+        20,
+        x,
+        num_steps=300,
+        elbo="iwae",
+        num_particles=4,
+        progress=False,
+        backend="compiled",
+    )
     assert result.config["backend"] == "compiled"
     assert result.losses[-1] < result.losses[0]
 
@@ -182,7 +216,7 @@ def test_value_dependent_shapes_are_not_compiled():
     def model():
         z = pyro.sample("z", dist.Normal(torch.zeros(4), 1.0).to_event(1))
         positive = z[z > 0]  # how many entries depends on the draw
-        pyro.factor("f", -(positive ** 2).sum())
+        pyro.factor("f", -(positive**2).sum())
 
     with pytest.raises(CompiledSVIError, match="value-dependent shapes"):
         fit_svi(model, "meanfield", num_steps=5, progress=False, backend="compiled")
@@ -220,13 +254,24 @@ def test_a_background_fused_step_takes_over_mid_run_and_reaches_the_posterior(mo
     monkeypatch.setattr(fast_policy.FusePolicy, "check_after_background", 0.05)
     x = conjugate.default_normal_data()
     # A cold compile (an empty cache) takes seconds: the run must outlast it.
-    result = fit_svi(conjugate.normal_normal, "meanfield", 20, x, num_steps=150000, lr=0.05, lr_decay=0.01,
-                     early_stop=False, progress=False, backend="compiled")
+    result = fit_svi(
+        conjugate.normal_normal,
+        "meanfield",
+        20,
+        x,
+        num_steps=150000,
+        lr=0.05,
+        lr_decay=0.01,
+        early_stop=False,
+        progress=False,
+        backend="compiled",
+    )
     assert "fused in the background" in result.config["fuse_decision"]
     assert "fused at step" in result.config["fuse_decision"], result.config["fuse_decision"]
     assert result.config["fused"]
-    again = fit_svi(conjugate.normal_normal, "meanfield", 20, x, num_steps=2000, lr=0.05, progress=False,
-                    backend="compiled")
+    again = fit_svi(
+        conjugate.normal_normal, "meanfield", 20, x, num_steps=2000, lr=0.05, progress=False, backend="compiled"
+    )
     assert "loaded from the kernel cache" in again.config["fuse_decision"] and again.config["fused"]
     elbo, se = result.elbo_estimate(20000, seed=1)
     log_evidence = conjugate.normal_normal_log_evidence(x)
@@ -258,8 +303,9 @@ def test_group_indexed_model_compiles_with_one_particle():
     with pyro.validation_enabled(False):
         got = elbo_loss(_radon, guide, (county, log_radon), {}, "trace", 1, max_plate_nesting=1)
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10)
-    result = fit_svi(_radon, "meanfield", county, log_radon, num_steps=20, num_particles=1,
-                     backend="compiled", progress=False)
+    result = fit_svi(
+        _radon, "meanfield", county, log_radon, num_steps=20, num_particles=1, backend="compiled", progress=False
+    )
     assert result.config["backend"] == "compiled" and all(math.isfinite(loss) for loss in result.losses)
 
 

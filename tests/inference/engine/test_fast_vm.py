@@ -6,6 +6,7 @@ leaf and merge graphs agree with their traced graphs. Contract checks: recycled 
 checks, errors naming what is not supported, a library that cannot be built. Statistical check:
 NUTS on the virtual machine matches the Normal-Normal closed-form posterior.
 """
+
 import math
 
 import pyro
@@ -43,14 +44,55 @@ def _same(function, *inputs):
 
 
 def _elementwise(x, y):
-    return (x + y, x - 2.5 * y, x * y, x / y, -x, x.exp(), x.log(), x.log1p(), x.sqrt(), torch.sigmoid(x),
-            torch.nn.functional.softplus(x), torch.nn.functional.softplus(x, beta=2.0, threshold=3.0),
-            torch.logaddexp(x, y), torch.fmin(x, y), torch.fmax(x, y), torch.maximum(x, y), x ** 2, x ** 0.5,
-            x ** -1.0, x ** 3.0, x.clamp(-0.5, 0.7), x.clamp(min=0.1), torch.where(x > y, x, y), x < y, x <= 0.5,
-            x > y, x >= y, x == y, x != 0.0, torch.xlogy(x, y), torch.nan_to_num(x), x.abs(), x.tanh(),
-            torch.expm1(x), torch.nn.functional.logsigmoid(x), x.isnan(), x.isinf(), x.sign(), 1.0 - x,
-            torch.erf(x), torch.erfc(x), torch.lgamma(x), x.atan(),
-            x.sin(), x.cos(), x.mean(1), x.mean(0, keepdim=True))
+    return (
+        x + y,
+        x - 2.5 * y,
+        x * y,
+        x / y,
+        -x,
+        x.exp(),
+        x.log(),
+        x.log1p(),
+        x.sqrt(),
+        torch.sigmoid(x),
+        torch.nn.functional.softplus(x),
+        torch.nn.functional.softplus(x, beta=2.0, threshold=3.0),
+        torch.logaddexp(x, y),
+        torch.fmin(x, y),
+        torch.fmax(x, y),
+        torch.maximum(x, y),
+        x**2,
+        x**0.5,
+        x**-1.0,
+        x**3.0,
+        x.clamp(-0.5, 0.7),
+        x.clamp(min=0.1),
+        torch.where(x > y, x, y),
+        x < y,
+        x <= 0.5,
+        x > y,
+        x >= y,
+        x == y,
+        x != 0.0,
+        torch.xlogy(x, y),
+        torch.nan_to_num(x),
+        x.abs(),
+        x.tanh(),
+        torch.expm1(x),
+        torch.nn.functional.logsigmoid(x),
+        x.isnan(),
+        x.isinf(),
+        x.sign(),
+        1.0 - x,
+        torch.erf(x),
+        torch.erfc(x),
+        torch.lgamma(x),
+        x.atan(),
+        x.sin(),
+        x.cos(),
+        x.mean(1),
+        x.mean(0, keepdim=True),
+    )
 
 
 def test_elementwise_ops_match_eager_with_nan_inf_and_zero():
@@ -78,10 +120,21 @@ def test_views_and_copies_match_eager():
     def step(x, y):
         sliced = x[:, 1:4:2] * 2.0
         parts = torch.unbind(x, 1)
-        return (sliced, x.t() + 1.0, x.flip(0).flip(1), x.unsqueeze(0).expand(2, 3, 5), x[1],
-                torch.cat([x, y], 1), torch.stack([x, x * 2.0], 1), parts[2] + parts[0],
-                torch.nn.functional.pad(x, (2, 1)), torch.nn.functional.pad(x, (-1, 2, 1, 0), value=3.0),
-                x.transpose(0, 1).reshape(15), x.reshape(5, 3).sum(0), x.permute(1, 0)[2:].contiguous())
+        return (
+            sliced,
+            x.t() + 1.0,
+            x.flip(0).flip(1),
+            x.unsqueeze(0).expand(2, 3, 5),
+            x[1],
+            torch.cat([x, y], 1),
+            torch.stack([x, x * 2.0], 1),
+            parts[2] + parts[0],
+            torch.nn.functional.pad(x, (2, 1)),
+            torch.nn.functional.pad(x, (-1, 2, 1, 0), value=3.0),
+            x.transpose(0, 1).reshape(15),
+            x.reshape(5, 3).sum(0),
+            x.permute(1, 0)[2:].contiguous(),
+        )
 
     _same(step, _values(3, 5), _values(3, 2, seed=1))
 
@@ -89,14 +142,34 @@ def test_views_and_copies_match_eager():
 def test_reductions_scans_and_products_match_eager():
     def step(x, a, b, mask):
         values, indices = x.max(1)
-        return (x.sum(-1), x.sum((0, 1)), x.sum(0, keepdim=True), x.prod(1), x.amax(0), x.amin(1), values,
-                indices, mask.any(), mask.any(1), torch.cumsum(x, 1), torch.cumprod(x, 0), a @ b,
-                torch.bmm(a.expand(2, 4, 3), b.expand(2, 3, 2)), x.max(), x.min())
+        return (
+            x.sum(-1),
+            x.sum((0, 1)),
+            x.sum(0, keepdim=True),
+            x.prod(1),
+            x.amax(0),
+            x.amin(1),
+            values,
+            indices,
+            mask.any(),
+            mask.any(1),
+            torch.cumsum(x, 1),
+            torch.cumprod(x, 0),
+            a @ b,
+            torch.bmm(a.expand(2, 4, 3), b.expand(2, 3, 2)),
+            x.max(),
+            x.min(),
+        )
 
     x = _values(3, 5, special=False)
     x[1, 2] = math.nan  # max, argmax and sum propagate it
-    _same(step, x, _values(4, 3, special=False, seed=1), _values(3, 2, special=False, seed=2),
-          _values(3, 5, seed=3, special=False) > 1.0)
+    _same(
+        step,
+        x,
+        _values(4, 3, special=False, seed=1),
+        _values(3, 2, special=False, seed=2),
+        _values(3, 5, seed=3, special=False) > 1.0,
+    )
 
 
 def test_gradients_of_a_log_density_match_eager():
@@ -107,8 +180,9 @@ def test_gradients_of_a_log_density_match_eager():
             scale = torch.nn.functional.softplus(z[:, 0])
             weight = torch.sigmoid(z[:, 1:3])
             mean = (weight.unsqueeze(1) * data[..., :2]).sum(-1)
-            return (-((data[:, 2] - mean) / scale.unsqueeze(-1)) ** 2 - scale.log().unsqueeze(-1)).sum(-1) \
-                + torch.nn.functional.logsigmoid(z[:, 3])
+            return (-(((data[:, 2] - mean) / scale.unsqueeze(-1)) ** 2) - scale.log().unsqueeze(-1)).sum(
+                -1
+            ) + torch.nn.functional.logsigmoid(z[:, 3])
 
         return torch.func.grad(lambda z: log_density(z).sum())(z), log_density(z)
 
@@ -119,8 +193,13 @@ def test_integer_boolean_and_float32_inputs_and_outputs_round_trip():
     def step(count, flag, x32, x64):
         return count + 1, ~flag, x32 * 2.0, (x64 > 0).to(torch.int64) + count, x32.to(torch.float64), x64.float()
 
-    _same(step, torch.arange(4), torch.tensor([True, False, True, True]),
-          torch.linspace(-1.0, 1.0, 4, dtype=torch.float32), _values(4, special=False))
+    _same(
+        step,
+        torch.arange(4),
+        torch.tensor([True, False, True, True]),
+        torch.linspace(-1.0, 1.0, 4, dtype=torch.float32),
+        _values(4, special=False),
+    )
 
 
 def test_in_place_ops_write_through_to_later_readers():
@@ -174,8 +253,16 @@ def test_merged_and_reordered_loops_match_eager():
     # reduced dimension becomes the innermost loop, broadcasts over middle dimensions.
     def step(a, b, x, row):
         top = x.amax(1, keepdim=True)
-        return (torch.bmm(a, b), (x - top).exp().sum(1).log() + top.squeeze(1), x.sum(1), x.sum((0, 2)), (x * row).exp(),
-                x.amax(1), x.prod(1), torch.einsum("cij,cjk->cik", a, b).sum(0))
+        return (
+            torch.bmm(a, b),
+            (x - top).exp().sum(1).log() + top.squeeze(1),
+            x.sum(1),
+            x.sum((0, 2)),
+            (x * row).exp(),
+            x.amax(1),
+            x.prod(1),
+            torch.einsum("cij,cjk->cik", a, b).sum(0),
+        )
 
     a, b = _values(100, 2, 2, special=False), _values(100, 2, 2, special=False, seed=1)
     x = _values(2, 50, 2, 2, special=False, seed=2)
@@ -220,8 +307,9 @@ def normal_normal(data):
 
 def test_nuts_on_the_virtual_machine_matches_the_closed_form_posterior(normal_normal_check):
     data = torch.tensor([0.3, 1.9, 1.1, 0.4, 2.2, 1.0, 0.7, 1.6])
-    result = sample_vectorized_nuts(normal_normal, (data,), {}, num_samples=400, num_warmup=300, num_chains=4,
-                                    seed=2, progress=False, compiler="vm")
+    result = sample_vectorized_nuts(
+        normal_normal, (data,), {}, num_samples=400, num_warmup=300, num_chains=4, seed=2, progress=False, compiler="vm"
+    )
     assert result.backend == "vm", result.fuse_decision
     assert "leaf on the virtual machine; merge on the virtual machine" in result.fuse_decision
     normal_normal_check(result.samples["loc"], data, min_ess=300, z=4.5)
@@ -231,8 +319,20 @@ def test_the_virtual_machine_repeats_static_runtime_draws_to_rounding():
     # Same seed, same trajectory: the two differ only in rounding, which takes many iterations
     # of step-size adaptation to grow; without adaptation the draws agree.
     data = torch.tensor([0.3, 1.9, 1.1, 0.4, 2.2])
-    runs = [sample_vectorized_nuts(normal_normal, (data,), {}, num_samples=60, num_warmup=0, num_chains=3, seed=4,
-                                   progress=False, compiler=compiler) for compiler in ("vm", "torchscript")]
+    runs = [
+        sample_vectorized_nuts(
+            normal_normal,
+            (data,),
+            {},
+            num_samples=60,
+            num_warmup=0,
+            num_chains=3,
+            seed=4,
+            progress=False,
+            compiler=compiler,
+        )
+        for compiler in ("vm", "torchscript")
+    ]
     assert runs[0].backend == "vm" and runs[1].backend in ("static runtime", "torchscript")
     torch.testing.assert_close(runs[0].samples["loc"], runs[1].samples["loc"], rtol=1e-9, atol=1e-9)
     assert _all_close((runs[0].sample_stats["n_steps"],), (runs[1].sample_stats["n_steps"],))

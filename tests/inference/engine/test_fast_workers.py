@@ -4,6 +4,7 @@ Exact checks: each batch of a split run is the unsplit run of its chains and see
 order; ``init_values`` and seeds reach the right batch; a batch's errors come back as the same
 kind. Statistical check: a split run matches the Normal-Normal closed-form posterior (z = 4.5).
 """
+
 import gc
 import os
 
@@ -15,8 +16,14 @@ import torch
 from vilab.inference.engine.processes import workers as fast_workers
 from vilab.inference.engine.processes.chains import ChainError
 from vilab.inference.nuts.sampler import sample_vectorized_nuts
-from vilab.inference.engine.processes.workers import (ThrottledReport, batch_seed, batch_sizes, frozen_heap, resolve_workers,
-                                          run_batches)
+from vilab.inference.engine.processes.workers import (
+    ThrottledReport,
+    batch_seed,
+    batch_sizes,
+    frozen_heap,
+    resolve_workers,
+    run_batches,
+)
 from vilab.inference.engine.potential import VectorizationError
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -40,14 +47,24 @@ def test_the_first_batch_keeps_the_seed_and_no_batch_repeats_another_runs():
     assert len(seeds) == 200 and all(0 <= seed < 2**63 for seed in seeds)
 
 
-@pytest.mark.parametrize("workers, message", [(0, "positive integer"), (-1, "positive integer"), (1.5, "positive"),
-                                              (True, "positive"), ("2", "positive"), (5, "at most num_chains=4")])
+@pytest.mark.parametrize(
+    "workers, message",
+    [
+        (0, "positive integer"),
+        (-1, "positive integer"),
+        (1.5, "positive"),
+        (True, "positive"),
+        ("2", "positive"),
+        (5, "at most num_chains=4"),
+    ],
+)
 def test_bad_workers_are_refused_naming_the_argument(workers, message):
     with pytest.raises(ValueError, match=f"workers: .*{message}"):
         resolve_workers(workers, 4)
     with pytest.raises(ValueError, match="workers: "):
-        sample_vectorized_nuts(normal_normal, (DATA,), {}, num_samples=5, num_warmup=5, num_chains=4,
-                               progress=False, workers=workers)
+        sample_vectorized_nuts(
+            normal_normal, (DATA,), {}, num_samples=5, num_warmup=5, num_chains=4, progress=False, workers=workers
+        )
 
 
 def test_default_workers_is_one_per_core_at_most_one_per_chain(monkeypatch):
@@ -64,8 +81,9 @@ def test_each_batch_is_the_unsplit_run_of_its_chains_and_seed():
     options = dict(num_samples=40, num_warmup=30, seed=11, progress=False, compiler="vm")
     split = sample_vectorized_nuts(normal_normal, (DATA,), {}, num_chains=3, workers=2, **options)
     first = sample_vectorized_nuts(normal_normal, (DATA,), {}, num_chains=2, workers=1, **options)
-    second = sample_vectorized_nuts(normal_normal, (DATA,), {}, num_chains=1, workers=1,
-                                    **{**options, "seed": batch_seed(11, 1)})
+    second = sample_vectorized_nuts(
+        normal_normal, (DATA,), {}, num_chains=1, workers=1, **{**options, "seed": batch_seed(11, 1)}
+    )
     assert split.samples["loc"].shape == (3, 40)
     for key in ("samples", "sample_stats"):
         for name, value in getattr(split, key).items():
@@ -78,8 +96,9 @@ def test_each_batch_is_the_unsplit_run_of_its_chains_and_seed():
 
 def test_a_split_run_matches_the_closed_form_posterior(normal_normal_check):
     torch.set_default_dtype(torch.float64)
-    result = sample_vectorized_nuts(normal_normal, (DATA,), {}, num_samples=400, num_warmup=300, num_chains=4,
-                                    seed=5, progress=False, workers=2)
+    result = sample_vectorized_nuts(
+        normal_normal, (DATA,), {}, num_samples=400, num_warmup=300, num_chains=4, seed=5, progress=False, workers=2
+    )
     assert "chains split over 2 processes (2 + 2); not fused: the batches use every core" in result.fuse_decision
     normal_normal_check(result.samples["loc"], DATA, min_ess=300)
 
@@ -103,9 +122,14 @@ def test_batches_get_their_chains_seed_and_init_values_in_order():
     assert torch.equal(results[0][2]["loc"], init["loc"][:3]) and torch.equal(results[1][2]["loc"], init["loc"][3:])
 
 
-@pytest.mark.parametrize("fail, kind, message", [("value", ValueError, "init_values: not finite"),
-                                                 ("vectorization", VectorizationError, "matrix product"),
-                                                 ("other", ChainError, "RuntimeError: something else")])
+@pytest.mark.parametrize(
+    "fail, kind, message",
+    [
+        ("value", ValueError, "init_values: not finite"),
+        ("vectorization", VectorizationError, "matrix product"),
+        ("other", ChainError, "RuntimeError: something else"),
+    ],
+)
 def test_a_batch_error_comes_back_as_its_kind(fail, kind, message):
     with pytest.raises(kind, match=message):
         run_batches(_echo, [1, 1], 0, {"init_values": None, "fail": fail}, total=2, progress=False)
@@ -144,8 +168,9 @@ def test_frozen_heap_thaws_on_exit_and_leaves_a_callers_freeze_alone():
 def _run_in_pool(workers):
     """A vectorized run inside a worker of ``multiprocessing.Pool`` (a daemonic process)."""
     try:
-        result = sample_vectorized_nuts(normal_normal, (DATA,), {}, num_samples=10, num_warmup=10, num_chains=2,
-                                        progress=False, workers=workers)
+        result = sample_vectorized_nuts(
+            normal_normal, (DATA,), {}, num_samples=10, num_warmup=10, num_chains=2, progress=False, workers=workers
+        )
     except ValueError as error:
         return str(error)
     return result.samples["loc"].shape

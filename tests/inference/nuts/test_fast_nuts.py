@@ -1,6 +1,7 @@
 """Vectorized multi-chain NUTS: closed-form posteriors, diagnostics, and refusal of models that do
 not broadcast over chains. Tolerances are z * (Monte Carlo standard error) with z = 4.5 for a
 failure budget of about 1e-5 per comparison."""
+
 import arviz as az
 import numpy as np
 import pyro
@@ -50,8 +51,9 @@ def _assert_moments(draws: torch.Tensor, mean: float, sd: float) -> None:
 def normal_run():
     torch.set_default_dtype(torch.float64)
     data = torch.tensor([0.3, 1.9, 1.1, 0.4, 2.2, 1.0, 0.7, 1.6])
-    result = sample_vectorized_nuts(normal_normal, (data,), {}, num_samples=400, num_warmup=300,
-                                    num_chains=4, seed=1, progress=False)
+    result = sample_vectorized_nuts(
+        normal_normal, (data,), {}, num_samples=400, num_warmup=300, num_chains=4, seed=1, progress=False
+    )
     return data, result
 
 
@@ -79,16 +81,19 @@ def test_sample_stats_have_every_key_with_chain_draw_shape(normal_run):
 
 def test_sample_stats_reach_arviz_and_bfmi_is_computed(normal_run):
     _, result = normal_run
-    idata = az.from_dict(posterior={k: v.numpy() for k, v in result.samples.items()},
-                         sample_stats={k: v.numpy() for k, v in result.sample_stats.items()})
+    idata = az.from_dict(
+        posterior={k: v.numpy() for k, v in result.samples.items()},
+        sample_stats={k: v.numpy() for k, v in result.sample_stats.items()},
+    )
     bfmi = az.bfmi(idata)
     assert bfmi.shape == (4,) and np.all(bfmi > 0.3)
 
 
 def test_constrained_site_matches_gamma_poisson_posterior():
     counts = torch.tensor([3.0, 5.0, 2.0, 4.0, 6.0])
-    result = sample_vectorized_nuts(gamma_poisson, (counts,), {}, num_samples=400, num_warmup=300,
-                                    num_chains=4, seed=2, progress=False)
+    result = sample_vectorized_nuts(
+        gamma_poisson, (counts,), {}, num_samples=400, num_warmup=300, num_chains=4, seed=2, progress=False
+    )
     shape, rate = 2.0 + counts.sum().item(), 1.0 + counts.shape[0]
     assert (result.samples["rate"] > 0).all()
     _assert_moments(result.samples["rate"], shape / rate, shape**0.5 / rate)
@@ -96,8 +101,17 @@ def test_constrained_site_matches_gamma_poisson_posterior():
 
 def test_dense_mass_matrix_recovers_correlated_gaussian():
     covariance = torch.tensor([[1.0, 0.95], [0.95, 1.0]])
-    result = sample_vectorized_nuts(correlated_gaussian, (covariance,), {}, num_samples=400,
-                                    num_warmup=300, num_chains=4, dense_mass=True, seed=3, progress=False)
+    result = sample_vectorized_nuts(
+        correlated_gaussian,
+        (covariance,),
+        {},
+        num_samples=400,
+        num_warmup=300,
+        num_chains=4,
+        dense_mass=True,
+        seed=3,
+        progress=False,
+    )
     draws = result.samples["x"]
     assert result.inverse_mass_matrix.shape == (4, 2, 2)
     # The dense leaf's batched matmul over checkpoints needs its contiguous copy kept when the
@@ -197,10 +211,15 @@ def test_discrete_latent_site_is_refused():
         BatchedPotential(discrete, (), {})
 
 
-@pytest.mark.parametrize("argument, value, message", [
-    ("num_samples", 0, "num_samples"), ("num_chains", 0, "num_chains"),
-    ("target_accept", 1.5, "target_accept"), ("max_tree_depth", 0, "max_tree_depth"),
-])
+@pytest.mark.parametrize(
+    "argument, value, message",
+    [
+        ("num_samples", 0, "num_samples"),
+        ("num_chains", 0, "num_chains"),
+        ("target_accept", 1.5, "target_accept"),
+        ("max_tree_depth", 0, "max_tree_depth"),
+    ],
+)
 def test_invalid_arguments_name_the_argument(argument, value, message):
     options = dict(num_samples=10, num_warmup=10, num_chains=2)
     options[argument] = value
@@ -209,8 +228,7 @@ def test_invalid_arguments_name_the_argument(argument, value, message):
 
 
 def test_adaptation_windows_follow_stan_for_1000_iterations():
-    assert adaptation_windows(1000) == [(0, 74), (75, 99), (100, 149), (150, 249), (250, 449),
-                                        (450, 949), (950, 999)]
+    assert adaptation_windows(1000) == [(0, 74), (75, 99), (100, 149), (150, 249), (250, 449), (450, 949), (950, 999)]
 
 
 def test_checkpoint_masks_close_the_balanced_subtrees_at_each_leaf():

@@ -5,6 +5,7 @@ a transition built from traced (and fused, buffer-reusing) leaves and merges rep
 eager transition from the same random stream (states to 1e-9, tree depths and step counts
 exactly).
 """
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -50,9 +51,13 @@ def _random_inputs(generator):
             sub.append(torch.randint(0, 5, (C,), generator=generator))
         else:
             sub.append(real(*shapes.get(name, (C, D))))
-    extra = (flag(), flag(), torch.ones(C, D, dtype=torch.float64),
-             torch.rand(2, C, generator=generator, dtype=torch.float64), torch.rand(C, generator=generator,
-                                                                                  dtype=torch.float64))
+    extra = (
+        flag(),
+        flag(),
+        torch.ones(C, D, dtype=torch.float64),
+        torch.rand(2, C, generator=generator, dtype=torch.float64),
+        torch.rand(C, generator=generator, dtype=torch.float64),
+    )
     return (*tree, *sub, *extra)
 
 
@@ -73,8 +78,7 @@ def test_the_merge_hands_the_next_subtree_the_edge_in_the_drawn_direction():
 def _transitions(compile: bool, fuse: bool, steps: int = 6):
     data = torch.tensor([[0.5, 0.2], [1.5, 1.1], [-0.3, 0.1], [0.9, 1.3]], dtype=torch.float64)
     potential = BatchedPotential(_correlated, (data,), {}, num_chains=C, seed=0)
-    builder = TreeBuilder(potential, C, max_tree_depth=6, generator=torch.Generator().manual_seed(1),
-                          compile=compile)
+    builder = TreeBuilder(potential, C, max_tree_depth=6, generator=torch.Generator().manual_seed(1), compile=compile)
     if fuse:
         builder.fuse()
     metric = Metric(torch.ones(C, D, dtype=torch.float64), dense=False)

@@ -3,6 +3,7 @@ r"""run_nuts against closed-form posteriors, its record's contents, and its erro
 Tolerances are the Monte Carlo error: a posterior mean is within ``Z * sd / sqrt(ESS)`` and a
 posterior sd within ``Z * sd / sqrt(2 ESS)`` (the asymptotic sd of a sample sd), ESS from ArviZ.
 """
+
 import math
 import warnings
 
@@ -30,16 +31,16 @@ def _check_against(idata, name, exact_mean, exact_sd, index=()):
 
 def test_normal_normal_matches_the_exact_posterior():
     x = conjugate.default_normal_data()
-    result = run_nuts(conjugate.normal_normal, 20, x, num_samples=500, num_warmup=300, num_chains=2,
-                      progress=False)
+    result = run_nuts(conjugate.normal_normal, 20, x, num_samples=500, num_warmup=300, num_chains=2, progress=False)
     exact = conjugate.normal_normal_posterior(x)["loc"]
     _check_against(result.inference_data, "loc", float(exact.mean), float(exact.stddev))
 
 
 def test_linear_regression_matches_the_exact_posterior():
     features, y = conjugate.default_regression_data()
-    result = run_nuts(conjugate.linear_regression, features, y, num_samples=500, num_warmup=300,
-                      num_chains=2, progress=False)
+    result = run_nuts(
+        conjugate.linear_regression, features, y, num_samples=500, num_warmup=300, num_chains=2, progress=False
+    )
     exact = conjugate.linear_regression_posterior(features, y)["beta"]
     for j in range(3):
         _check_against(result.inference_data, "beta", float(exact.mean[j]), float(exact.stddev[j]), (j,))
@@ -75,8 +76,17 @@ def test_inference_data_has_every_group_and_named_dims(eight_schools_run):
 
 def test_pyro_backend_runs_chains_in_processes_and_records_stats():
     x = conjugate.default_normal_data()
-    result = run_nuts(conjugate.normal_normal, 20, x, num_samples=200, num_warmup=150, num_chains=2,
-                      backend="pyro", chain_method="parallel", progress=False)
+    result = run_nuts(
+        conjugate.normal_normal,
+        20,
+        x,
+        num_samples=200,
+        num_warmup=150,
+        num_chains=2,
+        backend="pyro",
+        chain_method="parallel",
+        progress=False,
+    )
     assert result.config["backend"] == "pyro"
     assert result.samples["loc"].shape == (2, 200)
     assert result.sample_stats["tree_depth"].min() >= 1
@@ -108,19 +118,21 @@ def test_python_control_flow_on_a_latent_falls_back_loudly_and_samples_correctly
         pyro.sample("y", dist.Normal(loc, scale), obs=y)
 
     with pytest.warns(RuntimeWarning, match="falling back to Pyro's NUTS.*slower.*control flow"):
-        result = run_nuts(model, torch.tensor(1.0), num_samples=400, num_warmup=200, num_chains=2,
-                          progress=False)
+        result = run_nuts(model, torch.tensor(1.0), num_samples=400, num_warmup=200, num_chains=2, progress=False)
     # Normal(0, 1) prior, one observation with sd 0.5: posterior N(0.8, sqrt(0.2)).
-    _check_against(result.inference_data, "loc", 0.8, 0.2 ** 0.5)
+    _check_against(result.inference_data, "loc", 0.8, 0.2**0.5)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(num_chains=0), "num_chains: expected an int >= 1; got 0"),
-    (dict(num_samples=2.5), "num_samples: expected an int"),
-    (dict(target_accept=1.5), r"target_accept: expected a number in \(0, 1\)"),
-    (dict(backend="gpu"), "backend: expected 'auto', 'vectorized' or 'pyro'"),
-    (dict(chain_method="threads"), "chain_method: expected"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(num_chains=0), "num_chains: expected an int >= 1; got 0"),
+        (dict(num_samples=2.5), "num_samples: expected an int"),
+        (dict(target_accept=1.5), r"target_accept: expected a number in \(0, 1\)"),
+        (dict(backend="gpu"), "backend: expected 'auto', 'vectorized' or 'pyro'"),
+        (dict(chain_method="threads"), "chain_method: expected"),
+    ],
+)
 def test_bad_configuration_is_named(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         run_nuts(conjugate.normal_normal, 20, conjugate.default_normal_data(), progress=False, **bad)
@@ -142,8 +154,9 @@ def _two_modes():
 
 @pytest.mark.parametrize("backend", ["vectorized", "pyro"])
 def test_chains_start_where_init_values_put_them(backend):
-    options = dict(num_samples=100, num_warmup=100, num_chains=2, progress=False, backend=backend,
-                   chain_method="sequential")
+    options = dict(
+        num_samples=100, num_warmup=100, num_chains=2, progress=False, backend=backend, chain_method="sequential"
+    )
     result = run_nuts(_two_modes, init_values={"z": torch.tensor([-8.0, 8.0])}, **options)
     means = result.samples["z"].mean(1)
     assert means[0] < -6 and means[1] > 6, means
@@ -152,13 +165,16 @@ def test_chains_start_where_init_values_put_them(backend):
     assert (same.samples["z"].mean(1) > 6).all()
 
 
-@pytest.mark.parametrize("init, match", [
-    ({"w": 1.0}, r"init_values: 'w' is not a latent site.*\['scale', 'z'\]"),
-    ({"z": torch.zeros(3)}, r"init_values\['z'\]: expected shape \(\) or \(2,\) \(one per chain\); got \(3,\)"),
-    ({"scale": -1.0}, r"init_values\['scale'\]: outside the support of HalfNormal"),
-    ([1.0], "init_values: expected a dict"),
-    ({"z": 1e200, "scale": 0.5}, "init_values: the log density or its gradient is not finite at the given values"),
-])
+@pytest.mark.parametrize(
+    "init, match",
+    [
+        ({"w": 1.0}, r"init_values: 'w' is not a latent site.*\['scale', 'z'\]"),
+        ({"z": torch.zeros(3)}, r"init_values\['z'\]: expected shape \(\) or \(2,\) \(one per chain\); got \(3,\)"),
+        ({"scale": -1.0}, r"init_values\['scale'\]: outside the support of HalfNormal"),
+        ([1.0], "init_values: expected a dict"),
+        ({"z": 1e200, "scale": 0.5}, "init_values: the log density or its gradient is not finite at the given values"),
+    ],
+)
 def test_bad_init_values_are_named(init, match):
     with pytest.raises((ValueError, TypeError), match=match):
         run_nuts(_two_modes, num_samples=10, num_warmup=10, num_chains=2, progress=False, init_values=init)

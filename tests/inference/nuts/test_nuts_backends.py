@@ -6,6 +6,7 @@ Tolerances are z times the Monte Carlo standard error from ArviZ's bulk ESS: a m
 ``z * sd * sqrt(1/ESS_1 + 1/ESS_2)`` of each other, an sd within ``z * sd / sqrt(2 ESS)``. Six
 comparisons with z = 4 (two-sided 6e-5 each) keep the module's false-failure rate below 1e-3.
 """
+
 import arviz as az
 import numpy as np
 import pyro

@@ -20,6 +20,7 @@ For every reference parameter:
   is about ``1 / sqrt(2 ESS) <= 3.5%`` for near-normal marginals, so 10% is about a 3-sigma band.
 * ``ESS >= 400`` and split R-hat ``< 1.01``, so that both bands are meaningful.
 """
+
 import arviz as az
 import numpy as np
 import pytest
@@ -40,8 +41,17 @@ SD_TOLERANCE = 0.10
 
 # The nine posteriors of ../shared/posteriordb (the ports in tests/data/posteriordb are not run
 # here).
-NAMES = ["arK-arK", "arma-arma11", "garch-garch11", "hmm_example-hmm_example", "kidiq-kidscore_momiq",
-         "low_dim_gauss_mix-low_dim_gauss_mix", "mesquite-logmesquite", "nes2000-nes", "sblrc-blr"]
+NAMES = [
+    "arK-arK",
+    "arma-arma11",
+    "garch-garch11",
+    "hmm_example-hmm_example",
+    "kidiq-kidscore_momiq",
+    "low_dim_gauss_mix-low_dim_gauss_mix",
+    "mesquite-logmesquite",
+    "nes2000-nes",
+    "sblrc-blr",
+]
 
 # Dense mass for the correlated regressions (kidiq's beta has corr -0.99; sblrc is tight and
 # correlated); a higher target acceptance keeps sblrc's tiny step sizes stable.
@@ -66,8 +76,18 @@ def test_nuts_matches_reference_means_and_sds(posteriordb_path, name, kernel):
     # Each kernel alone for the whole run: `compiler="auto"` starts on the virtual machine and
     # switches to Inductor's kernel when it is ready. The Static Runtime leaf they replace is the
     # same graph, vouched for by the earlier sessions' runs.
-    nuts = run_nuts(problem.model, *problem.args, num_samples=1000, num_warmup=1000, num_chains=4,
-                    seed=0, progress=False, compiler=kernel, **OPTIONS.get(name, {}), **problem.kwargs)
+    nuts = run_nuts(
+        problem.model,
+        *problem.args,
+        num_samples=1000,
+        num_warmup=1000,
+        num_chains=4,
+        seed=0,
+        progress=False,
+        compiler=kernel,
+        **OPTIONS.get(name, {}),
+        **problem.kwargs,
+    )
     assert nuts.config["backend"] == "vectorized"  # the fast path is what this test vouches for
     assert nuts.config["leaf_backend"] == kernel, nuts.config["fuse_decision"]
     draws = flatten_samples(nuts.samples, num_batch_dims=2)
@@ -80,6 +100,8 @@ def test_nuts_matches_reference_means_and_sds(posteriordb_path, name, kernel):
         mean_error = (x.mean() - reference["mean"]) / standard_error
         sd_ratio = x.std(ddof=1) / reference["sd"]
         if ess < MIN_ESS or rhat >= 1.01 or abs(mean_error) >= Z or abs(sd_ratio - 1) >= SD_TOLERANCE:
-            failures.append(f"{parameter}: mean error {mean_error:+.2f} se (|.| < {Z:.2f}), sd ratio "
-                            f"{sd_ratio:.3f}, ESS {ess:.0f} (>= {MIN_ESS}), R-hat {rhat:.3f}")
+            failures.append(
+                f"{parameter}: mean error {mean_error:+.2f} se (|.| < {Z:.2f}), sd ratio "
+                f"{sd_ratio:.3f}, ESS {ess:.0f} (>= {MIN_ESS}), R-hat {rhat:.3f}"
+            )
     assert not failures, f"{name} (backend {nuts.config['backend']}): " + "; ".join(failures)

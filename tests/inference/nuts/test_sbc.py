@@ -7,6 +7,7 @@ when the sampler is right. Ranks are pooled into ``NUM_BINS`` bins and tested wi
 test at level 1e-3 per model and kernel (the virtual machine, what ``compiler="auto"`` starts
 on, and Inductor's fused kernel, what it switches to): failure budget 4e-3 for the module.
 """
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -45,8 +46,9 @@ def _simulate(model, site, seed):
 @pytest.mark.parametrize("model, site", [(normal_replicates, "loc"), (gamma_poisson_replicates, "rate")])
 def test_sbc_rank_statistics_are_uniform(model, site, kernel):
     truth, data = _simulate(model, site, seed=11)
-    result = sample_vectorized_nuts(model, (data,), {}, num_samples=500, num_warmup=500,
-                                    num_chains=4, seed=12, progress=False, compiler=kernel)
+    result = sample_vectorized_nuts(
+        model, (data,), {}, num_samples=500, num_warmup=500, num_chains=4, seed=12, progress=False, compiler=kernel
+    )
     assert result.backend == kernel, result.fuse_decision
     draws = result.samples[site].reshape(-1, NUM_SIMULATIONS)  # (chain * draw, simulation)
     # Thin to nearly independent draws, as SBC's uniformity holds for independent posterior draws.

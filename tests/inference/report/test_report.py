@@ -1,4 +1,5 @@
 """``report.warnings_for``: what the comparison report tells the user, in words."""
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,19 +9,24 @@ from vilab.inference.report.save import warnings_for
 
 
 def _report(n_steps: float, dense: bool, ess: float):
-    result = SimpleNamespace(config={"num_chains": 4, "dense_mass": dense},
-                             sample_stats={"n_steps": np.full((4, 100), n_steps)})
-    nuts = SimpleNamespace(kind="nuts", result=result,
-                           metrics={"ess_bulk_min": ess, "r_hat_max": 1.0, "num_divergences": 0})
+    result = SimpleNamespace(
+        config={"num_chains": 4, "dense_mass": dense}, sample_stats={"n_steps": np.full((4, 100), n_steps)}
+    )
+    nuts = SimpleNamespace(
+        kind="nuts", result=result, metrics={"ess_bulk_min": ess, "r_hat_max": 1.0, "num_divergences": 0}
+    )
     return SimpleNamespace(methods={"nuts": nuts}, failures={})
 
 
-@pytest.mark.parametrize("n_steps, dense, ess, advised", [
-    (127.0, False, 150.0, True),    # long trajectories, poor mixing, diagonal metric
-    (127.0, True, 150.0, False),    # already dense
-    (7.0, False, 150.0, False),     # short trajectories: something else is wrong
-    (127.0, False, 4000.0, False),  # mixes well enough: no advice
-])
+@pytest.mark.parametrize(
+    "n_steps, dense, ess, advised",
+    [
+        (127.0, False, 150.0, True),  # long trajectories, poor mixing, diagonal metric
+        (127.0, True, 150.0, False),  # already dense
+        (7.0, False, 150.0, False),  # short trajectories: something else is wrong
+        (127.0, False, 4000.0, False),  # mixes well enough: no advice
+    ],
+)
 def test_dense_mass_is_advised_only_for_long_trajectories_that_mix_poorly(n_steps, dense, ess, advised):
     notes = warnings_for(_report(n_steps, dense, ess))
     assert any("dense_mass" in note for note in notes) is advised

@@ -1,5 +1,6 @@
 """ComparisonReport.save writes its folder whole: a crash leaves the previous report, a folder
 of other files is refused, and a report replaces the previous one without mixing files."""
+
 import dataclasses
 import os
 import warnings
@@ -17,9 +18,16 @@ def report():
     model, args, kwargs = get_model("normal_normal").load()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a short NUTS run warns about its ESS
-        return compare(model, *args, guides=("meanfield",), svi_options={"num_steps": 20}, num_draws=20,
-                       nuts_options={"num_samples": 20, "num_warmup": 20, "num_chains": 1}, progress=False,
-                       **kwargs)
+        return compare(
+            model,
+            *args,
+            guides=("meanfield",),
+            svi_options={"num_steps": 20},
+            num_draws=20,
+            nuts_options={"num_samples": 20, "num_warmup": 20, "num_chains": 1},
+            progress=False,
+            **kwargs,
+        )
 
 
 def test_a_crash_while_saving_leaves_the_previous_report_whole(report, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ a tiny script into a copy of the page that records, after the ``load`` event, ho
 decoded (``naturalWidth > 0``), how many tables exist and every error event, read that record
 back through ``--dump-dom``, and take a screenshot.
 """
+
 import os
 import re
 import shutil
@@ -19,8 +20,9 @@ from vilab.inference.report.html import encode_figure, render_comparison_html, r
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                    reason="Debian chromium not installed (apt-get install -y chromium)")
+needs_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="Debian chromium not installed (apt-get install -y chromium)"
+)
 
 _CHECK_HEAD = """<script>window.__vilabErrors=[];window.addEventListener('error',function(e){
 window.__vilabErrors.push(String(e.message||(e.target&&(e.target.src||e.target.href))||'error'));},true);</script>"""
@@ -45,9 +47,18 @@ def saved_report(tmp_path_factory):
         reference = {"loc": spec.exact_posterior()["loc"].sample((1000,))}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # short NUTS chains warn about ESS; the page says it instead
-            report = compare(model, *args, guides=("meanfield",), reference=reference, include_nuts=True,
-                             svi_options={"num_steps": 200, "lr": 0.05}, num_draws=200, progress=False,
-                             nuts_options={"num_samples": 50, "num_warmup": 50, "num_chains": 2}, **kwargs)
+            report = compare(
+                model,
+                *args,
+                guides=("meanfield",),
+                reference=reference,
+                include_nuts=True,
+                svi_options={"num_steps": 200, "lr": 0.05},
+                num_draws=200,
+                progress=False,
+                nuts_options={"num_samples": 50, "num_warmup": 50, "num_chains": 2},
+                **kwargs,
+            )
         out = report.save(tmp_path_factory.mktemp("report"))
     finally:
         torch.set_default_dtype(previous)
@@ -68,8 +79,11 @@ def vae_page(tmp_path_factory):
     try:
         torch.manual_seed(0)
         data = load_dataset("digits")
-        vae = build_vae(VAEConfig(data.image_shape, latent_dim=3, num_levels=data.num_levels,
-                                  encoder_hidden=(32,), decoder_hidden=(32,)))
+        vae = build_vae(
+            VAEConfig(
+                data.image_shape, latent_dim=3, num_levels=data.num_levels, encoder_hidden=(32,), decoder_hidden=(32,)
+            )
+        )
         x, labels = data.test[:60].float(), data.test_labels[:60]
         metrics = evaluate_vae(vae, make_loader(x, labels, batch_size=30), iw_samples=20, chunk_size=20)
         metrics.update(data="digits", guide="meanfield", split="test")
@@ -83,16 +97,42 @@ def _open_in_chromium(page_path, tmp_path):
     """(marker attributes, stderr, screenshot path) of ``page_path`` rendered headless."""
     checked = tmp_path / "checked.html"
     text = open(page_path, encoding="utf-8").read()
-    checked.write_text(text.replace("</head>", _CHECK_HEAD + "</head>", 1).replace("</body>", _CHECK_BODY + "</body>", 1),
-                       encoding="utf-8")
+    checked.write_text(
+        text.replace("</head>", _CHECK_HEAD + "</head>", 1).replace("</body>", _CHECK_BODY + "</body>", 1),
+        encoding="utf-8",
+    )
     url = checked.resolve().as_uri()
     profile = ["--user-data-dir=" + str(tmp_path / "profile")]
-    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, "--enable-logging=stderr", "--v=0",
-                          "--virtual-time-budget=10000", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            *profile,
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     shot = tmp_path / "screenshot.png"
-    subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, f"--screenshot={shot}", "--window-size=1280,2000",
-                    "--hide-scrollbars", url], capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            *profile,
+            f"--screenshot={shot}",
+            "--window-size=1280,2000",
+            "--hide-scrollbars",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     match = re.search(r'<div id="vilab-load-check"([^>]*)>', dom.stdout)
     assert match, f"the load check never ran; chromium stderr:\n{dom.stderr[-2000:]}"
     marker = dict(re.findall(r'data-(\w+)="([^"]*)"', match.group(1)))
@@ -127,7 +167,7 @@ def test_saved_report_writes_a_self_contained_page(saved_report):
     assert not re.search(r'(src|href)="(https?:)?//', page), "the page must not reach the network"
     assert 'id="summary-table"' in page and 'id="parameter-table"' in page
     for method in report.methods:
-        assert f"<td class=\"text\">{method}</td>" in page
+        assert f'<td class="text">{method}</td>' in page
     assert (out / "report.md").exists()
 
 
@@ -152,8 +192,14 @@ def test_encode_figure_rejects_what_is_not_a_png(tmp_path):
 
 
 def test_vae_warnings_name_collapsed_units():
-    metrics = {"latent_dim": 4, "active_units": 1, "kl_per_dim": [2.0, 0.001, 0.0, 0.002], "kl": 2.003,
-               "log_likelihood_mc_stderr": 0.5, "log_likelihood_stderr": 0.1}
+    metrics = {
+        "latent_dim": 4,
+        "active_units": 1,
+        "kl_per_dim": [2.0, 0.001, 0.0, 0.002],
+        "kl": 2.003,
+        "log_likelihood_mc_stderr": 0.5,
+        "log_likelihood_stderr": 0.1,
+    }
     notes = " ".join(vae_warnings(metrics))
     assert "3 of 4 latent units are inactive" in notes
     assert "3 of 4 latent dimensions carry less than 0.01 nats" in notes
@@ -178,8 +224,11 @@ def test_comparison_page_renders_in_chromium(saved_report, tmp_path):
 @needs_chromium
 def test_the_load_check_catches_a_broken_figure(tmp_path):
     page = tmp_path / "broken.html"
-    page.write_text("<!DOCTYPE html><html><head></head><body><table></table>"
-                    '<img src="data:image/png;base64,iVBORw0KGgo="></body></html>', encoding="utf-8")
+    page.write_text(
+        "<!DOCTYPE html><html><head></head><body><table></table>"
+        '<img src="data:image/png;base64,iVBORw0KGgo="></body></html>',
+        encoding="utf-8",
+    )
     marker, _, _ = _open_in_chromium(page, tmp_path)
     assert (marker["images"], marker["broken"], marker["tables"]) == ("1", "1", "1")
     assert marker["errors"] != ""

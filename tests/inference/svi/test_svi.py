@@ -5,6 +5,7 @@ Tolerances are derived, not picked: the ELBO of a guide that can represent the p
 within ``Z * SE + OPT_TOL`` where ``OPT_TOL`` (0.02 nats) is the optimisation budget. For a
 Gaussian, KL <= 0.02 bounds the mean error by sqrt(2 KL) = 0.2 posterior sds.
 """
+
 import math
 
 import numpy as np
@@ -28,8 +29,17 @@ def _elbo(result, num_samples=20000):
 
 def test_meanfield_reaches_normal_normal_posterior_and_evidence():
     x = conjugate.default_normal_data()
-    result = fit_svi(conjugate.normal_normal, "meanfield", 20, x, num_steps=2000, lr=0.05, lr_decay=0.01,
-                     early_stop=False, progress=False)
+    result = fit_svi(
+        conjugate.normal_normal,
+        "meanfield",
+        20,
+        x,
+        num_steps=2000,
+        lr=0.05,
+        lr_decay=0.01,
+        early_stop=False,
+        progress=False,
+    )
     exact = conjugate.normal_normal_posterior(x)["loc"]
     log_evidence = conjugate.normal_normal_log_evidence(x)
     elbo, se = _elbo(result)
@@ -41,8 +51,17 @@ def test_meanfield_reaches_normal_normal_posterior_and_evidence():
 
 def test_fullrank_reaches_linear_regression_posterior_and_evidence():
     features, y = conjugate.default_regression_data()
-    result = fit_svi(conjugate.linear_regression, "fullrank", features, y, num_steps=2000, lr=0.05,
-                     lr_decay=0.01, early_stop=False, progress=False)
+    result = fit_svi(
+        conjugate.linear_regression,
+        "fullrank",
+        features,
+        y,
+        num_steps=2000,
+        lr=0.05,
+        lr_decay=0.01,
+        early_stop=False,
+        progress=False,
+    )
     exact = conjugate.linear_regression_posterior(features, y)["beta"]
     log_evidence = conjugate.linear_regression_log_evidence(features, y)
     elbo, se = _elbo(result)
@@ -55,8 +74,17 @@ def test_fullrank_reaches_linear_regression_posterior_and_evidence():
 
 def test_meanfield_on_correlated_regression_pays_a_visible_kl_gap():
     features, y = conjugate.default_regression_data()
-    result = fit_svi(conjugate.linear_regression, "meanfield", features, y, num_steps=2000, lr=0.05,
-                     lr_decay=0.01, early_stop=False, progress=False)
+    result = fit_svi(
+        conjugate.linear_regression,
+        "meanfield",
+        features,
+        y,
+        num_steps=2000,
+        lr=0.05,
+        lr_decay=0.01,
+        early_stop=False,
+        progress=False,
+    )
     log_evidence = conjugate.linear_regression_log_evidence(features, y)
     elbo, se = _elbo(result)
     # The exact KL of the best diagonal Gaussian: 0.5 * log(det diag(Lambda) / det Lambda).
@@ -72,7 +100,9 @@ def test_beta_bernoulli_psis_corrected_mean_is_within_monte_carlo_error():
     result = fit_svi(conjugate.beta_bernoulli, "meanfield", 30, x, num_steps=1500, lr=0.05, progress=False)
     exact = conjugate.beta_bernoulli_posterior(x)["probs"]
     samples, log_weights, _ = result.draws(8000, seed=3)  # a GuideSample unpacks like a tuple
-    assert float(log_weights.mean()) <= conjugate.beta_bernoulli_log_evidence(x) + Z * float(log_weights.std()) / math.sqrt(8000)
+    assert float(log_weights.mean()) <= conjugate.beta_bernoulli_log_evidence(x) + Z * float(
+        log_weights.std()
+    ) / math.sqrt(8000)
     smoothed = psis(log_weights.numpy())
     # No assertion on k-hat: the posterior has exponential tails in logit space, so the weights
     # p/q of any Gaussian guide, the converged one included, have tail index k = 1 (estimates
@@ -85,8 +115,17 @@ def test_beta_bernoulli_psis_corrected_mean_is_within_monte_carlo_error():
 def test_iwae_and_analytic_kl_objectives_run():
     x = conjugate.default_normal_data()
     for elbo, particles in (("iwae", 4), ("meanfield", 2)):
-        result = fit_svi(conjugate.normal_normal, "meanfield", 20, x, num_steps=50, elbo=elbo,
-                         num_particles=particles, progress=False, early_stop=False)
+        result = fit_svi(
+            conjugate.normal_normal,
+            "meanfield",
+            20,
+            x,
+            num_steps=50,
+            elbo=elbo,
+            num_particles=particles,
+            progress=False,
+            early_stop=False,
+        )
         assert len(result.losses) == 50 and np.isfinite(result.losses).all()
 
 
@@ -116,12 +155,15 @@ def test_nan_loss_stops_with_step_and_site_and_keeps_finite_parameters():
         assert torch.isfinite(value).all(), name
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(num_steps=0), "num_steps: expected an int >= 1; got 0"),
-    (dict(lr=-1.0), "lr: expected > 0"),
-    (dict(elbo="nope"), "elbo: expected one of"),
-    (dict(elbo="iwae", num_particles=1), "num_particles: the importance-weighted bound needs >= 2"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(num_steps=0), "num_steps: expected an int >= 1; got 0"),
+        (dict(lr=-1.0), "lr: expected > 0"),
+        (dict(elbo="nope"), "elbo: expected one of"),
+        (dict(elbo="iwae", num_particles=1), "num_particles: the importance-weighted bound needs >= 2"),
+    ],
+)
 def test_bad_configuration_is_named(bad, match):
     x = conjugate.default_normal_data()
     with pytest.raises((ValueError, TypeError), match=match):
@@ -156,6 +198,7 @@ def test_unknown_guide_is_a_clear_error():
 
 def test_inference_data_when_a_site_shares_a_statistic_name():
     """posteriordb's mesquite observes a site called "log_weight", VI's sample statistic too."""
+
     def model(y):
         loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0), 1.0))
         with pyro.plate("data", len(y)):

@@ -1,4 +1,5 @@
 """fit_svi's Laplace start, scale-free steps and convergence test, against closed-form posteriors."""
+
 import math
 import warnings
 
@@ -41,14 +42,28 @@ def _guide_moments(result):
     return loc.detach(), torch.diag(scale.detach() ** 2)
 
 
-@pytest.mark.parametrize("guide, backend", [("meanfield", "auto"), ("fullrank", "auto"), ("lowrank", "auto"),
-                                            ("laplace", "auto"), ("meanfield", "pyro"), ("fullrank", "pyro")])
+@pytest.mark.parametrize(
+    "guide, backend",
+    [
+        ("meanfield", "auto"),
+        ("fullrank", "auto"),
+        ("lowrank", "auto"),
+        ("laplace", "auto"),
+        ("meanfield", "pyro"),
+        ("fullrank", "pyro"),
+    ],
+)
 def test_a_badly_scaled_posterior_converges_for_every_gaussian_family(guide, backend):
     # backend="pyro": Pyro's SVI with ScaledClippedAdam takes the same sd-scaled steps.
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        result = fit_svi(badly_scaled, guide, progress=False, backend=backend,
-                         guide_options={"rank": 1} if guide == "lowrank" else None)
+        result = fit_svi(
+            badly_scaled,
+            guide,
+            progress=False,
+            backend=backend,
+            guide_options={"rank": 1} if guide == "lowrank" else None,
+        )
     assert result.converged
     assert result.config["init"].startswith("Laplace")
     loc, covariance = _guide_moments(result)
@@ -101,13 +116,16 @@ def _quickstart_posterior(y, size=801):
     mu = torch.linspace(mean - 12 * sd / math.sqrt(n), mean + 12 * sd / math.sqrt(n), size)
     sigma = torch.linspace(sd * 0.4, sd * 2.2, size)
     grid_mu, grid_sigma = torch.meshgrid(mu, sigma, indexing="ij")
-    log_density = (dist.Normal(0.0, 10.0).log_prob(grid_mu) + dist.HalfNormal(5.0).log_prob(grid_sigma)
-                   + dist.Normal(grid_mu.unsqueeze(-1), grid_sigma.unsqueeze(-1)).log_prob(y).sum(-1))
+    log_density = (
+        dist.Normal(0.0, 10.0).log_prob(grid_mu)
+        + dist.HalfNormal(5.0).log_prob(grid_sigma)
+        + dist.Normal(grid_mu.unsqueeze(-1), grid_sigma.unsqueeze(-1)).log_prob(y).sum(-1)
+    )
     weights = torch.softmax(log_density.reshape(-1), 0).reshape(log_density.shape)
     moments = {}
     for name, grid in (("mu", grid_mu), ("sigma", grid_sigma)):
         first = float((weights * grid).sum())
-        moments[name] = (first, math.sqrt(float((weights * grid ** 2).sum()) - first ** 2))
+        moments[name] = (first, math.sqrt(float((weights * grid**2).sum()) - first**2))
     return moments
 
 
@@ -137,12 +155,12 @@ def test_the_readme_quickstart_lands_within_a_fifth_of_a_posterior_sd_on_five_se
 
 def test_gradient_evaluations_are_counted_for_svi_and_nuts():
     y = torch.randn(20) + 1.0
-    svi = fit_svi(_normal_model, "meanfield", y, num_steps=200, num_particles=2, progress=False,
-                  early_stop=False)
+    svi = fit_svi(_normal_model, "meanfield", y, num_steps=200, num_particles=2, progress=False, early_stop=False)
     start = svi.config["gradient_evaluations"] - 2 * svi.num_steps
     assert start > 0  # the Laplace start's L-BFGS and Hessian
-    nuts = run_nuts(_normal_model, y, num_samples=30, num_warmup=30, num_chains=2, progress=False,
-                    chain_method="sequential")
+    nuts = run_nuts(
+        _normal_model, y, num_samples=30, num_warmup=30, num_chains=2, progress=False, chain_method="sequential"
+    )
     sampling = int(nuts.sample_stats["n_steps"].sum())
     assert nuts.config["gradient_evaluations"] > sampling >= 60
 

@@ -1,4 +1,5 @@
 """Fixtures of the sweep tests."""
+
 import pytest
 
 from sweep_helpers import TINY

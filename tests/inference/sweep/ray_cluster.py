@@ -8,6 +8,7 @@ by default. The test ends exactly the processes it started, by their ids, and ki
 raylet to make that node die mid-sweep; ``ray stop`` is not used: it stops every Ray process of
 the machine, the test's or not.
 """
+
 import os
 import shutil
 import signal
@@ -43,12 +44,23 @@ class LocalCluster:
         self.logs = []
         common = [f"--num-cpus={cpus_per_node}", "--block", "--disable-usage-stats"]
         try:
-            self._start([RAY, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}",
-                         f"--temp-dir={self.temp_dir}", "--include-dashboard=false", *common])
+            self._start(
+                [
+                    RAY,
+                    "start",
+                    "--head",
+                    f"--node-ip-address={HEAD_IP}",
+                    f"--port={self.port}",
+                    f"--temp-dir={self.temp_dir}",
+                    "--include-dashboard=false",
+                    *common,
+                ]
+            )
             self.wait_for_nodes(1)
             for index in range(1, num_nodes):
-                self._start([RAY, "start", f"--address={self.address}", f"--node-ip-address=127.0.0.{index + 2}",
-                             *common])
+                self._start(
+                    [RAY, "start", f"--address={self.address}", f"--node-ip-address=127.0.0.{index + 2}", *common]
+                )
             self.wait_for_nodes(num_nodes)
         except BaseException:
             self.stop(keep_logs=True)
@@ -57,13 +69,16 @@ class LocalCluster:
     def _start(self, command) -> None:
         log = open(os.path.join(self.temp_dir, f"node{len(self.nodes)}.log"), "w")
         self.logs.append(log)
-        self.nodes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ENV,
-                                           start_new_session=True))
+        self.nodes.append(
+            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+        )
 
     def alive_nodes(self) -> list[str]:
         """Addresses of the nodes the cluster reports alive."""
-        script = (f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "
-                  "print(' '.join(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
+        script = (
+            f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "
+            "print(' '.join(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))"
+        )
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=120)
         lines = done.stdout.strip().splitlines()
         return lines[-1].split() if done.returncode == 0 and lines else []

@@ -4,6 +4,7 @@ store as an uninterrupted run, and a node killed mid-sweep costs no task and cou
 The cluster (``ray start`` head + one node, one CPU each) is shared by the module's tests; the
 node-killing test runs last since it leaves one node.
 """
+
 import os
 import signal
 import sqlite3
@@ -61,8 +62,13 @@ def config(tmp_path_factory):
 
 def _driver(cluster, config, out):
     """``vilab sweep`` joining the cluster, as its own process."""
-    return subprocess.Popen([VILAB, "sweep", "--config", str(config), "--out", str(out), "--address", cluster.address,
-                             "--quiet"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [VILAB, "sweep", "--config", str(config), "--out", str(out), "--address", cluster.address, "--quiet"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _rows(out) -> int:
@@ -91,7 +97,8 @@ def _assert_every_task_once(out):
     rows = read_results(out / "results.sqlite")
     assert len(rows) == len(MODELS) * len(METHODS) * len(SEEDS) and rows["task_id"].is_unique
     assert set(zip(rows["model"], rows["method"], rows["seed"])) == {
-        (m, k, s) for m in MODELS for k in METHODS for s in SEEDS}
+        (m, k, s) for m in MODELS for k in METHODS for s in SEEDS
+    }
     assert set(rows["status"]) == {"ok"}, rows[rows["status"] != "ok"]["error"].tolist()
     return rows
 
@@ -131,4 +138,4 @@ def test_a_node_killed_mid_sweep_costs_no_task_and_counts_none_twice(cluster, co
     # the tasks that ended after the node died (rows in the order written) all ran on the head
     with sqlite3.connect(out / "results.sqlite") as connection:
         order = [ip for (ip,) in connection.execute("SELECT node_ip FROM results ORDER BY rowid")]
-    assert set(order[killed_at + 2:]) == {"127.0.0.2"}
+    assert set(order[killed_at + 2 :]) == {"127.0.0.2"}

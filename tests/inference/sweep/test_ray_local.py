@@ -1,5 +1,6 @@
 """The sweep on Ray's embedded local cluster (``ray.init()`` with no address): the same numbers
 as the same tasks run one after another in this process."""
+
 import pandas as pd
 import pytest
 

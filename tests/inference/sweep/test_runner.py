@@ -1,4 +1,5 @@
 """The driver, run serially (no Ray): one row per task, resume after an interruption, failures kept."""
+
 import pandas as pd
 import pytest
 
@@ -48,8 +49,15 @@ def test_an_interrupted_sweep_resumes_and_ends_equal_to_an_uninterrupted_one(tmp
 def test_a_model_that_fails_is_recorded_with_its_error_and_the_others_finish(tmp_path, tiny, monkeypatch):
     (tmp_path / "broken_models.py").write_text("def problem():\n    raise RuntimeError('the data file is corrupt')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    result = sweep(["broken_models:problem", "normal_normal"], ["meanfield"], [0, 1], out=tmp_path / "out",
-                   serial=True, progress=False, **{**tiny, "reference_options": {"num_samples": 20, "num_warmup": 20}})
+    result = sweep(
+        ["broken_models:problem", "normal_normal"],
+        ["meanfield"],
+        [0, 1],
+        out=tmp_path / "out",
+        serial=True,
+        progress=False,
+        **{**tiny, "reference_options": {"num_samples": 20, "num_warmup": 20}},
+    )
     assert (result.num_done, result.num_failed) == (2, 2)
     rows = read_results(result.store).set_index("model")
     failed = rows.loc["broken_models:problem"]

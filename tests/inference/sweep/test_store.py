@@ -1,4 +1,5 @@
 """The store: one row per task id, a finished task is never counted twice, readers see each row."""
+
 import math
 import sqlite3
 

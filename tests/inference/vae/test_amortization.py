@@ -6,6 +6,7 @@ mean-field Gaussian misses the posterior by exactly
 :math:`\\tfrac12 \\sum_i \\log \\Lambda_{ii} - \\tfrac12 \\log\\det\\Lambda` nats for every ``x``:
 that is the approximation gap the decomposition must find.
 """
+
 import math
 
 import pyro
@@ -16,8 +17,13 @@ from torch import nn
 
 from vilab.guides.amortized.flows import AmortizedFlowGuide
 from vilab.guides.amortized.encoders import AmortizedNormalGuide, MLPEncoder
-from vilab.inference.vae.amortization import (LocalGuide, gap_decomposition, importance_log_likelihood,
-                                          monte_carlo_elbo, refine_locally)
+from vilab.inference.vae.amortization import (
+    LocalGuide,
+    gap_decomposition,
+    importance_log_likelihood,
+    monte_carlo_elbo,
+    refine_locally,
+)
 
 Z = 4.5
 SHAPE = (1, 1, 3)
@@ -36,11 +42,11 @@ class LinearGaussianModel(nn.Module):
             return pyro.sample("x", dist.Normal(mean, self.noise).to_event(3), obs=x)
 
     def log_evidence(self, x):
-        cov = self.weight @ self.weight.T + self.noise ** 2 * torch.eye(3)
+        cov = self.weight @ self.weight.T + self.noise**2 * torch.eye(3)
         return dist.MultivariateNormal(torch.zeros(3), cov).log_prob(x.reshape(-1, 3))
 
     def meanfield_gap(self):
-        precision = torch.eye(2) + self.weight.T @ self.weight / self.noise ** 2
+        precision = torch.eye(2) + self.weight.T @ self.weight / self.noise**2
         return 0.5 * (precision.diagonal().log().sum() - torch.logdet(precision))
 
 
@@ -48,8 +54,11 @@ class LinearGaussianModel(nn.Module):
 def setup():
     weight = torch.tensor([[1.0, 0.8], [0.5, -0.3], [0.2, 1.0]])
     model = LinearGaussianModel(weight, 0.5)
-    x = dist.MultivariateNormal(torch.zeros(3), weight @ weight.T + 0.25 * torch.eye(3)).sample(
-        (16,)).reshape(16, *SHAPE)
+    x = (
+        dist.MultivariateNormal(torch.zeros(3), weight @ weight.T + 0.25 * torch.eye(3))
+        .sample((16,))
+        .reshape(16, *SHAPE)
+    )
     guide = AmortizedNormalGuide(MLPEncoder(SHAPE, 2, hidden_dims=(16,)))
     return model, guide, x
 
@@ -80,8 +89,9 @@ def test_refinement_raises_the_elbo_and_leaves_the_model_unchanged(setup):
 
 def test_gap_decomposition_finds_the_closed_form_meanfield_gap(setup):
     model, guide, x = setup
-    report = gap_decomposition(model, guide, x, refine_steps=400, learning_rate=0.05,
-                               num_particles=4, elbo_samples=400, iw_samples=2000)
+    report = gap_decomposition(
+        model, guide, x, refine_steps=400, learning_rate=0.05, num_particles=4, elbo_samples=400, iw_samples=2000
+    )
     error = report.per_example["log_likelihood"] - model.log_evidence(x).detach()
     # Each estimate is unbiased up to O(Var(w) / K); its spread across points sets the bound.
     assert float(error.mean().abs()) <= Z * float(error.std()) / math.sqrt(len(error))
@@ -102,8 +112,7 @@ def test_flow_encoder_refines_its_context(setup):
     guide = AmortizedFlowGuide(encoder, "iaf", 1, hidden_dims=(8,))
     result = refine_locally(model, guide, x, num_steps=5, learning_rate=0.05)
     assert result.guide.context.shape == (16, encoder.feature_dim)
-    assert {name for name, _ in result.guide.named_parameters()} == {"loc", "raw_scale",
-                                                                        "context"}
+    assert {name for name, _ in result.guide.named_parameters()} == {"loc", "raw_scale", "context"}
     assert importance_log_likelihood(model, result.guide, x, num_samples=10).shape == (16,)
 
 
@@ -120,9 +129,10 @@ def test_invalid_arguments_are_rejected(setup):
 def test_a_two_level_guide_is_refused_with_a_reason():
     from vilab.models.vae.vae import VAEConfig, build_vae
 
-    vae = build_vae(VAEConfig((1, 4, 4), latent_dim=2, encoder_hidden=(8,), decoder_hidden=(8,),
-                              latent_levels=2))
+    vae = build_vae(VAEConfig((1, 4, 4), latent_dim=2, encoder_hidden=(8,), decoder_hidden=(8,), latent_levels=2))
     x = torch.bernoulli(torch.full((3, 1, 4, 4), 0.5))
-    with pytest.raises(TypeError, match="guide: local refinement needs a one-level guide .* "
-                                        "HierarchicalNormalGuide with 4 latent numbers"):
+    with pytest.raises(
+        TypeError,
+        match="guide: local refinement needs a one-level guide .* HierarchicalNormalGuide with 4 latent numbers",
+    ):
         refine_locally(vae.model, vae.guide, x)

@@ -1,4 +1,5 @@
 """MMD, the minibatch MI estimate, the InfoVAE / MI losses and the strong-decoder VAE."""
+
 import math
 
 import pyro
@@ -6,9 +7,14 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from vilab.inference.vae.mutual_information import (InfoVAELoss, MutualInformationLoss, kernel_matrix,
-                                                latent_terms, maximum_mean_discrepancy,
-                                                minibatch_mutual_information)
+from vilab.inference.vae.mutual_information import (
+    InfoVAELoss,
+    MutualInformationLoss,
+    kernel_matrix,
+    latent_terms,
+    maximum_mean_discrepancy,
+    minibatch_mutual_information,
+)
 from vilab.inference.vae.objectives import ELBOLoss, log_importance_weights
 from vilab.models.vae.autoregressive import build_autoregressive_vae
 
@@ -19,17 +25,25 @@ SHAPE = (1, 5, 4)
 def _rbf_expectation(m1, s1, m2, s2, h):
     # E k(a, b), a ~ N(m1, s1^2 I), b ~ N(m2, s2^2 I), RBF bandwidth h (Gaussian convolution).
     d = m1.numel()
-    total = h ** 2 + s1 ** 2 + s2 ** 2
-    return (h ** 2 / total) ** (d / 2) * math.exp(-float((m1 - m2).pow(2).sum()) / (2 * total))
+    total = h**2 + s1**2 + s2**2
+    return (h**2 / total) ** (d / 2) * math.exp(-float((m1 - m2).pow(2).sum()) / (2 * total))
 
 
 def test_unbiased_mmd_matches_the_closed_form_for_gaussians():
     m_q, m_p, s_q, s_p, h = torch.tensor([0.5, -0.3]), torch.zeros(2), 0.8, 1.0, 1.2
-    exact = (_rbf_expectation(m_q, s_q, m_q, s_q, h) + _rbf_expectation(m_p, s_p, m_p, s_p, h)
-             - 2 * _rbf_expectation(m_q, s_q, m_p, s_p, h))
-    estimates = torch.stack([maximum_mean_discrepancy(
-        m_q + s_q * torch.randn(100, 2), m_p + s_p * torch.randn(120, 2), kernel="rbf",
-        bandwidth=h) for _ in range(100)])
+    exact = (
+        _rbf_expectation(m_q, s_q, m_q, s_q, h)
+        + _rbf_expectation(m_p, s_p, m_p, s_p, h)
+        - 2 * _rbf_expectation(m_q, s_q, m_p, s_p, h)
+    )
+    estimates = torch.stack(
+        [
+            maximum_mean_discrepancy(
+                m_q + s_q * torch.randn(100, 2), m_p + s_p * torch.randn(120, 2), kernel="rbf", bandwidth=h
+            )
+            for _ in range(100)
+        ]
+    )
     tolerance = Z * float(estimates.std()) / math.sqrt(len(estimates))
     assert float(estimates.mean()) == pytest.approx(exact, abs=tolerance)
     assert exact > 3 * tolerance  # the two distributions are distinguishable at this size
@@ -48,13 +62,13 @@ def test_kernels_are_one_on_the_diagonal_and_checked():
 def test_minibatch_mutual_information_limits():
     z = torch.randn(64, 2)
     same = Normal(torch.zeros(64, 2), 1.0)
-    assert float(minibatch_mutual_information(torch.distributions.Independent(same, 1), z)) == \
-        pytest.approx(0.0, abs=1e-12)
+    assert float(minibatch_mutual_information(torch.distributions.Independent(same, 1), z)) == pytest.approx(
+        0.0, abs=1e-12
+    )
     # Two well-separated codes, half the batch each: I = log 2 up to the overlap e^-200.
     locs = torch.cat([torch.full((32, 2), -10.0), torch.full((32, 2), 10.0)])
     q = torch.distributions.Independent(Normal(locs, 1.0), 1)
-    assert float(minibatch_mutual_information(q, q.sample())) == pytest.approx(math.log(2),
-                                                                              abs=1e-6)
+    assert float(minibatch_mutual_information(q, q.sample())) == pytest.approx(math.log(2), abs=1e-6)
 
 
 @pytest.fixture
@@ -88,16 +102,14 @@ def test_info_vae_draws_as_many_prior_samples_as_asked(strong_vae, images):
 def test_losses_give_gradients_to_every_parameter(strong_vae, images, loss):
     output = loss(strong_vae.model, strong_vae.guide, images)
     output.loss.backward()
-    assert [n for n, p in strong_vae.named_parameters()
-            if p.grad is None or not p.grad.abs().sum()] == []
+    assert [n for n, p in strong_vae.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
     assert "elbo" in output.metrics
 
 
 def test_strong_decoder_model_shapes_and_vectorized_weights(strong_vae, images):
     terms = latent_terms(strong_vae.model, strong_vae.guide, images)
     assert terms.reconstruction.shape == terms.kl.shape == (6,)
-    assert log_importance_weights(strong_vae.model, strong_vae.guide, images,
-                                  num_samples=4).shape == (4, 6)
+    assert log_importance_weights(strong_vae.model, strong_vae.guide, images, num_samples=4).shape == (4, 6)
     assert strong_vae.model.decoder.sample(torch.randn(2, 3)).shape == (2, *SHAPE)
     with pytest.raises(ValueError, match="x: expected images"):
         strong_vae.model(torch.zeros(2, 1, 4, 4))

@@ -1,16 +1,22 @@
 """Checkpoints: atomic saves, weights-only loads, truncated/tampered files are clear errors."""
+
 import os
 
 import pytest
 import torch
 
-from vilab.inference.vae.checkpoints import (CheckpointError, atomic_write, load_checkpoint,
-                                         load_safetensors, save_checkpoint, save_safetensors)
+from vilab.inference.vae.checkpoints import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    load_safetensors,
+    save_checkpoint,
+    save_safetensors,
+)
 
 
 def _state():
-    return {"state_dict": {"w": torch.arange(300.0)}, "epoch": 3,
-            "loops": {"fit": [1, 2.5, "x", None]}}
+    return {"state_dict": {"w": torch.arange(300.0)}, "epoch": 3, "loops": {"fit": [1, 2.5, "x", None]}}
 
 
 def test_checkpoint_round_trip(tmp_path):

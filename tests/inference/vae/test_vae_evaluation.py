@@ -1,4 +1,5 @@
 """Evaluation on small VAEs: IS >= ELBO, and a collapsed posterior shows in every diagnostic."""
+
 import copy
 import math
 
@@ -7,14 +8,17 @@ import torch
 
 from vilab.datasets import make_loader
 from vilab.inference.vae.objectives import ELBOLoss
-from vilab.inference.vae.evaluation import (collapse_diagnostics, elbo_split,
-                                            evaluate_vae, importance_sampled_log_likelihood,
-                                            mutual_information)
+from vilab.inference.vae.evaluation import (
+    collapse_diagnostics,
+    elbo_split,
+    evaluate_vae,
+    importance_sampled_log_likelihood,
+    mutual_information,
+)
 from vilab.models.vae.vae import VAEConfig, build_vae
 
 pytestmark = pytest.mark.float32
 Z = 4.5
-
 
 
 def _data(n=64):
@@ -27,8 +31,9 @@ def _data(n=64):
 
 
 def _trained(guide="meanfield", steps=60):
-    vae = build_vae(VAEConfig((1, 8, 8), latent_dim=4, guide=guide, num_flows=2,
-                              encoder_hidden=(32,), decoder_hidden=(32,)))
+    vae = build_vae(
+        VAEConfig((1, 8, 8), latent_dim=4, guide=guide, num_flows=2, encoder_hidden=(32,), decoder_hidden=(32,))
+    )
     x, _ = _data()
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
     loss = ELBOLoss()
@@ -97,20 +102,21 @@ def test_a_collapsed_posterior_is_visible_in_every_diagnostic(trained_vae):
 def test_flow_guides_report_what_they_cannot_compute():
     x, y = _data(40)
     loader = make_loader(x, y, batch_size=40)
-    vae = build_vae(VAEConfig((1, 8, 8), latent_dim=3, guide="planar", num_flows=2,
-                              encoder_hidden=(16,), decoder_hidden=(16,)))
+    vae = build_vae(
+        VAEConfig((1, 8, 8), latent_dim=3, guide="planar", num_flows=2, encoder_hidden=(16,), decoder_hidden=(16,))
+    )
     report = collapse_diagnostics(vae, loader, num_samples=50)
     assert report.mutual_information is None and report.kl_per_dim is None
     assert "no analytic inverse" in report.note
-    iaf = build_vae(VAEConfig((1, 8, 8), latent_dim=3, guide="iaf", num_flows=2,
-                              encoder_hidden=(16,), decoder_hidden=(16,)))
+    iaf = build_vae(
+        VAEConfig((1, 8, 8), latent_dim=3, guide="iaf", num_flows=2, encoder_hidden=(16,), decoder_hidden=(16,))
+    )
     assert mutual_information(iaf, loader) is not None
 
 
 def test_evaluate_vae_gives_a_json_ready_record():
     x, y = _data(30)
-    metrics = evaluate_vae(_trained(steps=5), make_loader(x, y, batch_size=30), iw_samples=20,
-                           chunk_size=7)
+    metrics = evaluate_vae(_trained(steps=5), make_loader(x, y, batch_size=30), iw_samples=20, chunk_size=7)
     assert metrics["num_examples"] == 30 and metrics["iw_samples"] == 20
     assert len(metrics["kl_per_dim"]) == metrics["latent_dim"] == 4
     assert isinstance(metrics["log_likelihood"], float)

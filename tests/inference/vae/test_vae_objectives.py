@@ -1,5 +1,6 @@
 """Objectives against closed forms on a linear-Gaussian model where log p(x) is known:
 z ~ N(0, 1), x | z ~ N(z, 1), so p(x) = N(0, 2) and p(z | x) = N(x / 2, 1 / 2)."""
+
 import math
 
 import pyro
@@ -7,13 +8,20 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from vilab.inference.vae.objectives import (ELBOLoss, IWAELoss, KLAnnealing, PyroELBOLoss, as_loss,
-                                        elbo_terms, free_bits_kl, iwae_bound,
-                                        log_importance_weights)
+from vilab.inference.vae.objectives import (
+    ELBOLoss,
+    IWAELoss,
+    KLAnnealing,
+    PyroELBOLoss,
+    as_loss,
+    elbo_terms,
+    free_bits_kl,
+    iwae_bound,
+    log_importance_weights,
+)
 from vilab.inference.vae.evaluation import importance_sampled_log_likelihood
 
 Z = 4.5  # standard errors; a per-assertion failure budget of about 1e-5
-
 
 
 def model(x):
@@ -26,6 +34,7 @@ def make_guide(shift=0.0, scale=math.sqrt(0.5)):
     def guide(x):
         with pyro.plate("data", x.shape[0], dim=-1):
             pyro.sample("z", dist.Normal(x / 2 + shift, scale).to_event(1))
+
     return guide
 
 
@@ -47,7 +56,7 @@ def test_analytic_kl_matches_the_closed_form_and_is_split_per_dimension():
     guide = make_guide(shift=0.4, scale=0.5)
     terms = elbo_terms(model, guide, X)
     loc = X.squeeze(-1) / 2 + 0.4
-    expected = torch.log(torch.tensor(1 / 0.5)) + (0.25 + loc ** 2) / 2 - 0.5
+    expected = torch.log(torch.tensor(1 / 0.5)) + (0.25 + loc**2) / 2 - 0.5
     torch.testing.assert_close(terms.kl, expected)
     assert terms.kl_per_dim.shape == (3, 1)
 
@@ -78,8 +87,7 @@ def test_iwae_bound_tightens_with_more_samples_and_stays_below_the_evidence():
 def test_importance_sampled_log_likelihood_recovers_the_evidence_within_its_error():
     guide = make_guide(shift=0.3, scale=0.9)
     loader = [X, X[:1]]
-    estimate = importance_sampled_log_likelihood(model, guide, loader, num_samples=5000,
-                                                 chunk_size=700)
+    estimate = importance_sampled_log_likelihood(model, guide, loader, num_samples=5000, chunk_size=700)
     expected = torch.cat([LOG_EVIDENCE, LOG_EVIDENCE[:1]])
     assert estimate.per_example.shape == (4,) and estimate.monte_carlo_stderr > 0
     # The estimator's bias is O(1/K), far below its Monte Carlo error at K = 5000.
@@ -113,8 +121,14 @@ def test_free_bits_stop_gradients_of_dimensions_under_the_floor():
 
 def test_losses_share_one_interface():
     guide = make_guide()
-    for loss in (ELBOLoss(beta=KLAnnealing(5)), IWAELoss(4), PyroELBOLoss(pyro.infer.Trace_ELBO()),
-                 as_loss("elbo"), as_loss("trace"), as_loss("iwae")):
+    for loss in (
+        ELBOLoss(beta=KLAnnealing(5)),
+        IWAELoss(4),
+        PyroELBOLoss(pyro.infer.Trace_ELBO()),
+        as_loss("elbo"),
+        as_loss("trace"),
+        as_loss("iwae"),
+    ):
         output = loss(model, guide, X, step=2)
         assert output.loss.dim() == 0 and torch.isfinite(output.loss)
     torch.testing.assert_close(as_loss("trace")(model, guide, X).loss, -LOG_EVIDENCE.mean())

@@ -1,5 +1,6 @@
 """VAE run folders: a run with other settings is refused before anything is written, a fresh
 start moves the old run aside, and a run killed with SIGKILL resumes with no duplicated log rows."""
+
 import json
 import os
 import signal
@@ -29,8 +30,9 @@ def digits():
 
 def _vae(digits, latent=3):
     torch.manual_seed(0)
-    return build_vae(VAEConfig(digits.image_shape, latent_dim=latent, num_levels=17,
-                               encoder_hidden=(16,), decoder_hidden=(16,)))
+    return build_vae(
+        VAEConfig(digits.image_shape, latent_dim=latent, num_levels=17, encoder_hidden=(16,), decoder_hidden=(16,))
+    )
 
 
 def _config(epochs, **options):
@@ -144,8 +146,9 @@ def _assert_resumes_without_duplicates(digits, out):
 def test_a_run_killed_mid_epoch_resumes_without_duplicated_log_rows(digits, tmp_path):
     out = str(tmp_path / "killed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, out], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_RUN, out], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     _assert_resumes_without_duplicates(digits, out)
 
@@ -174,8 +177,25 @@ def test_the_cli_names_differing_settings_by_flag_and_fresh_moves_the_run_aside(
     from vilab.cli import main
 
     out = str(tmp_path / "run")
-    train = ["vae", "train", "--data", "digits", "--hidden", "8", "--epochs", "1", "--max-train", "64",
-             "--validation-size", "32", "--batch-size", "32", "--no-progress", "--out", out]
+    train = [
+        "vae",
+        "train",
+        "--data",
+        "digits",
+        "--hidden",
+        "8",
+        "--epochs",
+        "1",
+        "--max-train",
+        "64",
+        "--validation-size",
+        "32",
+        "--batch-size",
+        "32",
+        "--no-progress",
+        "--out",
+        out,
+    ]
     assert main([*train, "--latent", "2"]) == 0
     before = _snapshot(out)
     assert main([*train, "--latent", "3", "--lr", "0.01"]) == 2

@@ -1,4 +1,5 @@
 """Lightning training: exact resume, NaN guard, DDP with two CPU processes, CLI smoke run."""
+
 import argparse
 import json
 import math
@@ -21,13 +22,18 @@ from vilab.inference.vae.checkpoints import load_checkpoint
 from vilab.inference.vae.objectives import ELBOLoss
 from vilab.inference.vae.evaluation import elbo_split
 from vilab.inference.vae.runs import load_run, read_metrics
-from vilab.inference.vae.training import (NonFiniteLossError, TrainingConfig, TrainingInterrupted,
-                                          fit_lightning, resolve_strategy, train_vae)
+from vilab.inference.vae.training import (
+    NonFiniteLossError,
+    TrainingConfig,
+    TrainingInterrupted,
+    fit_lightning,
+    resolve_strategy,
+    train_vae,
+)
 from vilab.models.vae.vae import VAEConfig, build_vae
 
 pytestmark = pytest.mark.float32
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,17 @@ def digits():
 
 def _vae(digits, guide="meanfield"):
     torch.manual_seed(0)
-    return build_vae(VAEConfig(digits.image_shape, latent_dim=3, num_levels=17, guide=guide,
-                               num_flows=1, encoder_hidden=(16,), decoder_hidden=(16,)))
+    return build_vae(
+        VAEConfig(
+            digits.image_shape,
+            latent_dim=3,
+            num_levels=17,
+            guide=guide,
+            num_flows=1,
+            encoder_hidden=(16,),
+            decoder_hidden=(16,),
+        )
+    )
 
 
 def _config(epochs, **options):
@@ -99,19 +114,16 @@ def _learning_rates(run_dir):
 def test_learning_rate_decays_on_a_plateau_and_a_resume_continues_the_schedule(digits, tmp_path):
     config = dict(learning_rate=1e-3, lr_decay=0.5, lr_patience=0)
     straight = _vae(digits)
-    train_vae(straight, digits, str(tmp_path / "a"), config=_config(3, **config),
-              callbacks=[_WorseEveryEpoch()])
+    train_vae(straight, digits, str(tmp_path / "a"), config=_config(3, **config), callbacks=[_WorseEveryEpoch()])
     # Epoch 0 sets the best; each later epoch is worse, so with patience 0 each one halves
     # the rate of the next. The log holds the rate each epoch ran with.
     assert _learning_rates(str(tmp_path / "a")) == pytest.approx([1e-3, 1e-3, 5e-4])
     last = load_checkpoint(str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
     assert last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)
     interrupted = _vae(digits)
-    train_vae(interrupted, digits, str(tmp_path / "b"), config=_config(2, **config),
-              callbacks=[_WorseEveryEpoch()])
+    train_vae(interrupted, digits, str(tmp_path / "b"), config=_config(2, **config), callbacks=[_WorseEveryEpoch()])
     resumed = _vae(digits)
-    train_vae(resumed, digits, str(tmp_path / "b"), config=_config(3, **config),
-              callbacks=[_WorseEveryEpoch()])
+    train_vae(resumed, digits, str(tmp_path / "b"), config=_config(3, **config), callbacks=[_WorseEveryEpoch()])
     assert _learning_rates(str(tmp_path / "b")) == _learning_rates(str(tmp_path / "a"))
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0)
@@ -125,9 +137,13 @@ class _SlightlyWorseEveryEpoch(pl.Callback):
 
 
 def test_a_slightly_worse_negative_bound_is_no_progress(digits, tmp_path):
-    train_vae(_vae(digits), digits, str(tmp_path),
-              config=_config(3, learning_rate=1e-3, lr_decay=0.5, lr_patience=0),
-              callbacks=[_SlightlyWorseEveryEpoch()])
+    train_vae(
+        _vae(digits),
+        digits,
+        str(tmp_path),
+        config=_config(3, learning_rate=1e-3, lr_decay=0.5, lr_patience=0),
+        callbacks=[_SlightlyWorseEveryEpoch()],
+    )
     assert _learning_rates(str(tmp_path)) == pytest.approx([1e-3, 1e-3, 5e-4])
 
 
@@ -135,14 +151,12 @@ def test_a_bad_learning_rate_schedule_is_a_clear_error(digits, tmp_path):
     with pytest.raises(ValueError, match=r"lr_decay: expected a factor in \(0, 1\); got 1.5"):
         train_vae(_vae(digits), digits, str(tmp_path / "a"), config=_config(1, lr_decay=1.5))
     with pytest.raises(ValueError, match="lr_patience: expected a non-negative integer; got -1"):
-        train_vae(_vae(digits), digits, str(tmp_path / "b"),
-                  config=_config(1, lr_decay=0.5, lr_patience=-1))
+        train_vae(_vae(digits), digits, str(tmp_path / "b"), config=_config(1, lr_decay=0.5, lr_patience=-1))
     vae = _vae(digits)
     loss = ELBOLoss()
     loader = make_loader(digits.train, batch_size=32)
     with pytest.raises(ValueError, match="lr_decay: the plateau schedule watches the validation"):
-        fit_lightning(vae.model, vae.guide, loss, loader, None, str(tmp_path / "c"),
-                      config=_config(1, lr_decay=0.5))
+        fit_lightning(vae.model, vae.guide, loss, loader, None, str(tmp_path / "c"), config=_config(1, lr_decay=0.5))
 
 
 class _ELBOFallsBoundRises(pl.Callback):
@@ -155,8 +169,13 @@ class _ELBOFallsBoundRises(pl.Callback):
 
 def test_iwae_training_keeps_the_best_validation_bound_not_the_best_elbo(digits, tmp_path):
     vae = _vae(digits)
-    train_vae(vae, digits, str(tmp_path), config=_config(3, objective="iwae", iwae_samples=3),
-              callbacks=[_ELBOFallsBoundRises()])
+    train_vae(
+        vae,
+        digits,
+        str(tmp_path),
+        config=_config(3, objective="iwae", iwae_samples=3),
+        callbacks=[_ELBOFallsBoundRises()],
+    )
     assert load_checkpoint(str(tmp_path / "checkpoints" / "best.ckpt"))["epoch"] == 2
     logged = [row for row in read_metrics(str(tmp_path)) if "val/iwae" in row]
     assert len(logged) == 3 and all(math.isfinite(row["val/iwae"]) for row in logged)
@@ -177,8 +196,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_path):
     loader = make_loader(digits.train, batch_size=32)  # 3 batches per epoch
     val = make_loader(digits.validation, batch_size=32)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 1 \(global step 4\)"):
-        fit_lightning(vae.model, vae.guide, _NaNAfter(4), loader, val, str(tmp_path),
-                      config=_config(3))
+        fit_lightning(vae.model, vae.guide, _NaNAfter(4), loader, val, str(tmp_path), config=_config(3))
     checkpoint = load_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"))
     assert checkpoint["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
@@ -246,10 +264,33 @@ def _parser():
 
 def test_cli_trains_evaluates_and_writes_metrics_and_figures(tmp_path, capsys):
     out = str(tmp_path / "run")
-    args = _parser().parse_args(["vae", "train", "--data", "digits", "--latent", "2",
-                                 "--guide", "meanfield", "--hidden-layer", "gated", "--hidden", "24,12", "--epochs", "1",
-                                 "--max-train", "64", "--validation-size", "100", "--batch-size", "32",
-                                 "--out", out, "--no-progress"])
+    args = _parser().parse_args(
+        [
+            "vae",
+            "train",
+            "--data",
+            "digits",
+            "--latent",
+            "2",
+            "--guide",
+            "meanfield",
+            "--hidden-layer",
+            "gated",
+            "--hidden",
+            "24,12",
+            "--epochs",
+            "1",
+            "--max-train",
+            "64",
+            "--validation-size",
+            "100",
+            "--batch-size",
+            "32",
+            "--out",
+            out,
+            "--no-progress",
+        ]
+    )
     assert args.func(args) == 0
     assert json.load(open(os.path.join(out, "config.json")))["validation_size"] == 100
     args = _parser().parse_args(["vae", "evaluate", out, "--iw-samples", "10", "--max-test", "40"])
@@ -257,21 +298,49 @@ def test_cli_trains_evaluates_and_writes_metrics_and_figures(tmp_path, capsys):
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["log_likelihood"] < 0 and metrics["iw_samples"] == 10
     saved = json.load(open(os.path.join(out, "config.json")))["vae"]
-    assert saved["hidden_layer"] == "gated" and saved["encoder_hidden"] == [24, 12] \
-        and saved["decoder_hidden"] == [12, 24]
+    assert (
+        saved["hidden_layer"] == "gated" and saved["encoder_hidden"] == [24, 12] and saved["decoder_hidden"] == [12, 24]
+    )
     assert sorted(os.listdir(os.path.join(out, "figures"))) == [
-        "elbo_curves.png", "latent_scatter.png", "latent_traversals.png", "prior_samples.png",
-        "reconstructions.png"]
+        "elbo_curves.png",
+        "latent_scatter.png",
+        "latent_traversals.png",
+        "prior_samples.png",
+        "reconstructions.png",
+    ]
     report = open(os.path.join(out, "report.html"), encoding="utf-8").read()
     assert report.count("data:image/png;base64,") == 5
 
 
 def test_cli_trains_and_evaluates_a_two_level_vae(tmp_path, capsys):
     out = str(tmp_path / "run")
-    args = _parser().parse_args(["vae", "train", "--data", "digits", "--latent", "2",
-                                 "--latent-levels", "2", "--prior", "vamp", "--components", "4",
-                                 "--hidden", "16", "--epochs", "1", "--max-train", "64",
-                                 "--batch-size", "32", "--out", out, "--no-progress"])
+    args = _parser().parse_args(
+        [
+            "vae",
+            "train",
+            "--data",
+            "digits",
+            "--latent",
+            "2",
+            "--latent-levels",
+            "2",
+            "--prior",
+            "vamp",
+            "--components",
+            "4",
+            "--hidden",
+            "16",
+            "--epochs",
+            "1",
+            "--max-train",
+            "64",
+            "--batch-size",
+            "32",
+            "--out",
+            out,
+            "--no-progress",
+        ]
+    )
     assert args.func(args) == 0
     args = _parser().parse_args(["vae", "evaluate", out, "--iw-samples", "10", "--max-test", "40"])
     assert args.func(args) == 0
@@ -279,11 +348,11 @@ def test_cli_trains_and_evaluates_a_two_level_vae(tmp_path, capsys):
     assert metrics["latent_dim"] == 4 and metrics["kl_per_dim"] is None
     assert metrics["log_likelihood"] >= metrics["elbo"] - 3 * metrics["elbo_stderr"]
     assert len(os.listdir(os.path.join(out, "figures"))) == 5
-    args = _parser().parse_args(["vae", "train", "--data", "digits", "--latent-levels", "2",
-                                 "--guide", "iaf", "--out", str(tmp_path / "bad")])
+    args = _parser().parse_args(
+        ["vae", "train", "--data", "digits", "--latent-levels", "2", "--guide", "iaf", "--out", str(tmp_path / "bad")]
+    )
     assert args.func(args) == 2
-    args = _parser().parse_args(["vae", "train", "--data", "digits", "--lr-decay", "2",
-                                 "--out", str(tmp_path / "bad")])
+    args = _parser().parse_args(["vae", "train", "--data", "digits", "--lr-decay", "2", "--out", str(tmp_path / "bad")])
     assert args.func(args) == 2
     errors = capsys.readouterr().err
     assert "--guide: the two-level VAE (--latent-levels=2) has a mean-field guide only" in errors
@@ -292,18 +361,17 @@ def test_cli_trains_and_evaluates_a_two_level_vae(tmp_path, capsys):
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
-    args = _parser().parse_args(["vae", "train", "--data", "digits", "--guide", "maf",
-                                 "--out", str(tmp_path)])
+    args = _parser().parse_args(["vae", "train", "--data", "digits", "--guide", "maf", "--out", str(tmp_path)])
     assert args.func(args) == 2
     args = _parser().parse_args(["vae", "train", "--data", "cifar", "--out", str(tmp_path)])
     assert args.func(args) == 2
     args = _parser().parse_args(["vae", "evaluate", str(tmp_path / "missing")])
     assert args.func(args) == 2
-    args = _parser().parse_args(["vae", "train", "--data", "digits", "--hidden", "300,x",
-                                 "--out", str(tmp_path)])
+    args = _parser().parse_args(["vae", "train", "--data", "digits", "--hidden", "300,x", "--out", str(tmp_path)])
     assert args.func(args) == 2
-    args = _parser().parse_args(["vae", "train", "--data", "digits", "--validation-size", "0",
-                                 "--out", str(tmp_path / "bad")])
+    args = _parser().parse_args(
+        ["vae", "train", "--data", "digits", "--validation-size", "0", "--out", str(tmp_path / "bad")]
+    )
     assert args.func(args) == 2
     errors = capsys.readouterr().err
     assert "--validation-size: expected 0 < validation_size < 1500" in errors and "got 0" in errors
@@ -315,8 +383,7 @@ def test_cli_reports_bad_input(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a machine without CUDA")
 def test_cli_refuses_a_gpu_it_does_not_have(tmp_path, capsys):
-    args = _parser().parse_args(["vae", "train", "--data", "digits", "--accelerator", "gpu",
-                                 "--out", str(tmp_path)])
+    args = _parser().parse_args(["vae", "train", "--data", "digits", "--accelerator", "gpu", "--out", str(tmp_path)])
     assert args.func(args) == 2
     args = _parser().parse_args(["vae", "evaluate", str(tmp_path), "--device", "cuda"])
     assert args.func(args) == 2
@@ -353,8 +420,9 @@ def ddp_digits():
 
 def _small_vae(data):
     torch.manual_seed(0)  # the same initial weights for every run
-    return build_vae(VAEConfig(data.image_shape, latent_dim=3, num_levels=17,
-                               encoder_hidden=(16,), decoder_hidden=(16,)))
+    return build_vae(
+        VAEConfig(data.image_shape, latent_dim=3, num_levels=17, encoder_hidden=(16,), decoder_hidden=(16,))
+    )
 
 
 def _validation(vae, data):
@@ -364,8 +432,15 @@ def _validation(vae, data):
 
 def _train(data, out, *, devices, seed, strategy="auto"):
     vae = _small_vae(data)
-    config = TrainingConfig(max_epochs=10, batch_size=32 // devices, learning_rate=1e-2,
-                            seed=seed, devices=devices, strategy=strategy, progress=False)
+    config = TrainingConfig(
+        max_epochs=10,
+        batch_size=32 // devices,
+        learning_rate=1e-2,
+        seed=seed,
+        devices=devices,
+        strategy=strategy,
+        progress=False,
+    )
     train_vae(vae, data, out, config=config)
     return vae
 
@@ -380,8 +455,7 @@ def test_a_two_process_run_trains_and_keeps_one_rng_stream_per_process(ddp_digit
     gain = _validation(vae, ddp_digits).per_example - untrained.per_example
     z = stats.norm.isf(DDP_FAILURE_BUDGET / 2)
     assert gain.mean() > z * gain.std() / math.sqrt(len(gain))
-    streams = load_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"))[
-        "vilab_rng_state_per_rank"]
+    streams = load_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"))["vilab_rng_state_per_rank"]
     assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])
     # The weights that came back to this process are the ones rank 0 saved.
     loaded, config = load_run(str(tmp_path))
@@ -402,10 +476,11 @@ def test_ddp_with_two_cpu_processes_trains_like_one(ddp_digits, tmp_path, strate
     must beat the untrained model by more than the paired standard error allows by chance.
     """
     untrained = _validation(_small_vae(ddp_digits), ddp_digits)
-    single = [_validation(_train(ddp_digits, str(tmp_path / f"one-{seed}"), devices=1,
-                                 seed=seed), ddp_digits) for seed in range(1, 1 + SINGLE_PROCESS_RUNS)]
-    ddp = _validation(_train(ddp_digits, str(tmp_path / "two"), devices=2, seed=0,
-                             strategy=strategy), ddp_digits)
+    single = [
+        _validation(_train(ddp_digits, str(tmp_path / f"one-{seed}"), devices=1, seed=seed), ddp_digits)
+        for seed in range(1, 1 + SINGLE_PROCESS_RUNS)
+    ]
+    ddp = _validation(_train(ddp_digits, str(tmp_path / "two"), devices=2, seed=0, strategy=strategy), ddp_digits)
     z = stats.norm.isf(DDP_FAILURE_BUDGET / 2)
     for run in (single[0], ddp):
         gain = run.per_example - untrained.per_example
@@ -433,14 +508,39 @@ def _alive(pid):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_stops_a_ddp_run_at_once_and_the_rerun_resumes_exactly(tmp_path):
     def command(out, epochs):
-        return [sys.executable, "-m", "vilab.cli.main", "vae", "train", "--data", "digits",
-                "--latent", "3", "--guide", "iaf", "--flows", "1", "--epochs", str(epochs),
-                "--max-train", "384", "--batch-size", "16", "--devices", "2",
-                "--strategy", "ddp_fork", "--no-progress", "--out", str(out)]
+        return [
+            sys.executable,
+            "-m",
+            "vilab.cli.main",
+            "vae",
+            "train",
+            "--data",
+            "digits",
+            "--latent",
+            "3",
+            "--guide",
+            "iaf",
+            "--flows",
+            "1",
+            "--epochs",
+            str(epochs),
+            "--max-train",
+            "384",
+            "--batch-size",
+            "16",
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp_fork",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(killed, 200), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command(killed, 200), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     last = killed / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while not last.exists() and time.monotonic() < deadline and process.poll() is None:
@@ -458,8 +558,7 @@ def test_sigterm_stops_a_ddp_run_at_once_and_the_rerun_resumes_exactly(tmp_path)
     # Rerun to stopped_at + 2 epochs, and compare with a run that was never interrupted.
     epochs = stopped_at + 2
     for out in (killed, tmp_path / "straight"):
-        finished = subprocess.run(command(out, epochs), cwd=REPO, capture_output=True, text=True,
-                                  timeout=300)
+        finished = subprocess.run(command(out, epochs), cwd=REPO, capture_output=True, text=True, timeout=300)
         assert finished.returncode == 0, finished.stderr[-3000:]
     resumed, _ = load_run(str(killed))
     straight, _ = load_run(str(tmp_path / "straight"))

@@ -6,6 +6,7 @@ Gaussian is checked against the exact one to round-off, and its draws through ``
 with Monte Carlo tolerances: means within ``Z * sd * sqrt(1/N + 1/N_ref)``, sds within
 ``Z * sd * sqrt(1/(2N) + 1/(2N_ref))``, ``Z = 4.5`` (failure budget below 1e-5 per check).
 """
+
 import math
 
 import pytest
@@ -13,8 +14,14 @@ import torch
 
 from vilab.inference import compare, fit_svi
 from vilab.inference.vi.bam import bam_update, gsm_update
-from vilab.models.conjugate import (default_normal_data, default_regression_data, linear_regression,
-                                    linear_regression_posterior, normal_normal, normal_normal_posterior)
+from vilab.models.conjugate import (
+    default_normal_data,
+    default_regression_data,
+    linear_regression,
+    linear_regression_posterior,
+    normal_normal,
+    normal_normal_posterior,
+)
 
 Z = 4.5
 
@@ -55,8 +62,7 @@ def test_bam_draws_match_the_normal_normal_posterior_through_compare():
     x = default_normal_data()
     num_draws, num_reference = 4000, 10000
     reference = {"loc": normal_normal_posterior(x)["loc"].sample((num_reference,))}
-    report = compare(normal_normal, 20, x, guides=("bam",), reference=reference, num_draws=num_draws,
-                     progress=False)
+    report = compare(normal_normal, 20, x, guides=("bam",), reference=reference, num_draws=num_draws, progress=False)
     row = report.table.iloc[0]
     assert abs(row["mean_error_sd"]) < Z * math.sqrt(1 / num_draws + 1 / num_reference)
     assert abs(row["sd_ratio"] - 1) < Z * math.sqrt(1 / (2 * num_draws) + 1 / (2 * num_reference))

@@ -12,6 +12,7 @@ Tolerances: a converged fit has Newton decrement :math:`\\delta < 10^{-5}`, the 
 optimum in the metric of the Hessian, so each coordinate is within :math:`\\delta` times its
 sd under :math:`H^{-1}` (the LRVB sd for a mean); 1e-4 of a posterior sd leaves a margin of 10.
 """
+
 import math
 import os
 import warnings
@@ -25,8 +26,12 @@ import torch
 from vilab.inference.comparison.api import compare
 from vilab.inference.svi.api import fit_svi
 from vilab.inference.vi.dadvi import DADVIObjective, fit_dadvi
-from vilab.models.conjugate import (linear_regression, linear_regression_posterior, normal_normal,
-                                    normal_normal_posterior)
+from vilab.models.conjugate import (
+    linear_regression,
+    linear_regression_posterior,
+    normal_normal,
+    normal_normal_posterior,
+)
 
 TOLERANCE_SD = 1e-4  # see the module docstring
 
@@ -47,7 +52,7 @@ def test_normal_normal_antithetic_mean_and_lrvb_are_exact():
     assert result.converged and result.name == "dadvi"
     sd = float(posterior.stddev)
     assert abs(float(result.guide.loc.detach()[0]) - float(posterior.mean)) < TOLERANCE_SD * sd
-    assert result.config["lrvb_covariance"][0][0] == pytest.approx(sd ** 2, rel=1e-9)
+    assert result.config["lrvb_covariance"][0][0] == pytest.approx(sd**2, rel=1e-9)
 
 
 def test_normal_normal_iid_draws_match_the_fixed_draw_closed_form():
@@ -91,7 +96,7 @@ def test_gradient_evaluations_count_draws_and_twice_the_draws_per_hessian_vector
 
     def log_density(z):
         calls["points"] += z.shape[0]
-        return -0.5 * (z ** 2).sum(-1)
+        return -0.5 * (z**2).sum(-1)
 
     objective = DADVIObjective(log_density, torch.randn(6, 2))
     x = np.zeros(4)
@@ -103,8 +108,12 @@ def test_gradient_evaluations_count_draws_and_twice_the_draws_per_hessian_vector
     # 2 diag(mean z^2) at sigma = 1, cross block diag(mean z).
     hessian = objective.hessian(x)
     draws = objective.draws
-    expected = np.block([[np.eye(2), np.diag(draws.mean(0).numpy())],
-                         [np.diag(draws.mean(0).numpy()), np.diag(2 * (draws ** 2).mean(0).numpy())]])
+    expected = np.block(
+        [
+            [np.eye(2), np.diag(draws.mean(0).numpy())],
+            [np.diag(draws.mean(0).numpy()), np.diag(2 * (draws**2).mean(0).numpy())],
+        ]
+    )
     np.testing.assert_allclose(hessian, expected, atol=1e-12)
 
 
@@ -162,8 +171,9 @@ def test_compare_reports_the_lrvb_sd_beside_the_mean_field_sd(regression_data):
     features, y = regression_data
     posterior = linear_regression_posterior(features, y)["beta"]
     reference = {"beta": posterior.sample((10000,))}
-    report = compare(linear_regression, features, y, guides=("dadvi",), reference=reference, num_draws=1000,
-                     progress=False)
+    report = compare(
+        linear_regression, features, y, guides=("dadvi",), reference=reference, num_draws=1000, progress=False
+    )
     table = report.table.set_index("parameter")
     # sd ratio error: 10000 reference draws and 4000 LRVB draws, relative sd errors
     # 1/sqrt(2 n) each; z = 4.
@@ -176,12 +186,15 @@ def test_compare_reports_the_lrvb_sd_beside_the_mean_field_sd(regression_data):
     assert "lrvb_sd_ratio" in markdown_report(report, {}) and "LRVB sd ratio" in render_comparison_html(report, {})
 
 
-@pytest.mark.parametrize("options,match", [
-    ({"num_draws": 7}, "num_draws: expected an even number"),
-    ({"optimizer": "adam"}, "optimizer: expected one of"),
-    ({"gtol": 0.0}, "gtol: expected a positive number"),
-    ({"draws": torch.zeros(4, 2)}, r"draws: expected shape \(M, 1\)"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"num_draws": 7}, "num_draws: expected an even number"),
+        ({"optimizer": "adam"}, "optimizer: expected one of"),
+        ({"gtol": 0.0}, "gtol: expected a positive number"),
+        ({"draws": torch.zeros(4, 2)}, r"draws: expected shape \(M, 1\)"),
+    ],
+)
 def test_bad_options_are_refused_before_any_work(options, match):
     with pytest.raises(ValueError, match=match):
         fit_dadvi(normal_normal, 5, torch.zeros(5), progress=False, **options)
@@ -199,10 +212,20 @@ PORTED = os.path.join(os.path.dirname(__file__), "..", "..", "data", "posteriord
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["kidiq-kidscore_interaction", "kidiq-kidscore_momhsiq",
-                                  "kidiq_with_mom_work-kidscore_interaction_z", "earnings-earn_height",
-                                  "earnings-logearn_interaction_z", "earnings-logearn_logheight_male",
-                                  "mesquite-mesquite", "mesquite-logmesquite_logvash", "kilpisjarvi_mod-kilpisjarvi"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "kidiq-kidscore_interaction",
+        "kidiq-kidscore_momhsiq",
+        "kidiq_with_mom_work-kidscore_interaction_z",
+        "earnings-earn_height",
+        "earnings-logearn_interaction_z",
+        "earnings-logearn_logheight_male",
+        "mesquite-mesquite",
+        "mesquite-logmesquite_logvash",
+        "kilpisjarvi_mod-kilpisjarvi",
+    ],
+)
 def test_dadvi_on_ported_regressions_is_within_a_tenth_of_a_reference_sd(name):
     from vilab.inference.common.diagnostics import psis
     from vilab.samples import flatten_samples

@@ -4,6 +4,7 @@ Tolerances: a guide's ``N`` draws and ``N_ref`` exact draws; the difference of t
 ``sd * sqrt(1/N + 1/N_ref)`` in sd, that of their sds about ``sd * sqrt(1/(2N) + 1/(2N_ref))``.
 ``Z = 4.5`` gives a failure budget below 1e-5 per check.
 """
+
 import math
 
 import pyro
@@ -16,9 +17,15 @@ from vilab.inference.vi.density import LogDensity
 from vilab.inference.vi.lbfgs_path import inverse_hessian_estimates, lbfgs_path
 from vilab.inference.vi.mixture import GaussianMixtureGuide
 from vilab.inference.vi.pathfinder import resample_draws
-from vilab.models.conjugate import (default_normal_data, default_regression_data, linear_regression,
-                                    linear_regression_posterior, normal_normal, normal_normal_log_evidence,
-                                    normal_normal_posterior)
+from vilab.models.conjugate import (
+    default_normal_data,
+    default_regression_data,
+    linear_regression,
+    linear_regression_posterior,
+    normal_normal,
+    normal_normal_log_evidence,
+    normal_normal_posterior,
+)
 
 Z = 4.5
 NUM_DRAWS, NUM_REFERENCE = 4000, 10000
@@ -35,8 +42,15 @@ def _assert_matches(report, method):
 def test_pathfinder_and_multipathfinder_match_the_normal_normal_posterior_through_compare():
     x = default_normal_data()
     reference = {"loc": normal_normal_posterior(x)["loc"].sample((NUM_REFERENCE,))}
-    report = compare(normal_normal, 20, x, guides=("pathfinder", "multipathfinder"), reference=reference,
-                     num_draws=NUM_DRAWS, progress=False)
+    report = compare(
+        normal_normal,
+        20,
+        x,
+        guides=("pathfinder", "multipathfinder"),
+        reference=reference,
+        num_draws=NUM_DRAWS,
+        progress=False,
+    )
     for method in ("pathfinder", "multipathfinder"):
         _assert_matches(report, method)
         result = report.methods[method].result
@@ -51,8 +65,9 @@ def test_pathfinder_matches_the_linear_regression_posterior():
     features, y = default_regression_data()
     posterior = linear_regression_posterior(features, y)["beta"]
     reference = {"beta": posterior.sample((NUM_REFERENCE,))}
-    report = compare(linear_regression, features, y, guides=("pathfinder",), reference=reference,
-                     num_draws=NUM_DRAWS, progress=False)
+    report = compare(
+        linear_regression, features, y, guides=("pathfinder",), reference=reference, num_draws=NUM_DRAWS, progress=False
+    )
     _assert_matches(report, "pathfinder")
 
 
@@ -69,8 +84,14 @@ def test_gradient_evaluations_count_every_objective_call():
 def test_the_inverse_hessian_estimate_is_the_exact_inverse_on_a_one_dimensional_quadratic():
     x = default_normal_data()
     density = LogDensity(normal_normal, (20, x), {})
-    path = lbfgs_path(density, torch.tensor([-1.5]), history_size=6, max_iterations=100,
-                      relative_tolerance=1e-12, gradient_tolerance=1e-10)
+    path = lbfgs_path(
+        density,
+        torch.tensor([-1.5]),
+        history_size=6,
+        max_iterations=100,
+        relative_tolerance=1e-12,
+        gradient_tolerance=1e-10,
+    )
     variance = normal_normal_posterior(x)["loc"].variance
     for estimate in inverse_hessian_estimates(path, 6):
         assert estimate.item() == pytest.approx(float(variance), rel=1e-8)
@@ -131,8 +152,17 @@ def test_a_discrete_latent_is_refused():
 @pytest.mark.slow
 def test_nuts_starts_from_pathfinder_and_samples_the_posterior():
     x = default_normal_data()
-    result = run_nuts(normal_normal, 20, x, init="pathfinder", num_warmup=150, num_samples=500, num_chains=2,
-                      chain_method="sequential", progress=False)
+    result = run_nuts(
+        normal_normal,
+        20,
+        x,
+        init="pathfinder",
+        num_warmup=150,
+        num_samples=500,
+        num_chains=2,
+        chain_method="sequential",
+        progress=False,
+    )
     assert result.config["pathfinder"]["gradient_evaluations"] > 0
     exact = normal_normal_posterior(x)["loc"]
     draws = result.samples["loc"].reshape(-1)
@@ -159,6 +189,14 @@ def test_svi_options_a_method_does_not_run_are_refused_not_ignored():
 def test_compare_gives_svi_options_to_the_svi_guides_only():
     x = default_normal_data()
     reference = {"loc": normal_normal_posterior(x)["loc"].sample((2000,))}
-    report = compare(normal_normal, 20, x, guides=("pathfinder", "meanfield"), reference=reference,
-                     svi_options={"num_steps": 300}, num_draws=200, progress=False)
+    report = compare(
+        normal_normal,
+        20,
+        x,
+        guides=("pathfinder", "meanfield"),
+        reference=reference,
+        svi_options={"num_steps": 300},
+        num_draws=200,
+        progress=False,
+    )
     assert not report.failures and report.summary.loc["meanfield", "num_steps"] <= 300

@@ -5,6 +5,7 @@ Log densities are compared up to an additive constant (Stan drops constants; a h
 truncated t differs from the untruncated density by one) at three reference draws: differences
 between draws of the port's log joint must equal those of the numpy target.
 """
+
 import os
 
 import numpy as np
@@ -36,6 +37,7 @@ def _z(x, scale=1.0):
 def _kidiq(columns):
     def target(p, d):
         return stats.halfcauchy.logpdf(p["sigma"], scale=2.5) + _ols(columns(d), d["kid_score"], p)
+
     return target
 
 
@@ -51,8 +53,14 @@ def logearn_interaction_z(p, d):
 
 def logvash(p, d):
     d1, d2 = d["diam1"], d["diam2"]
-    columns = [np.ones_like(d1), np.log(d1 * d2 * d["canopy_height"]), np.log(d1 * d2), np.log(d1 / d2),
-               np.log(d["total_height"]), d["group"]]
+    columns = [
+        np.ones_like(d1),
+        np.log(d1 * d2 * d["canopy_height"]),
+        np.log(d1 * d2),
+        np.log(d1 / d2),
+        np.log(d["total_height"]),
+        d["group"],
+    ]
     return _ols(columns, np.log(d["weight"]), p)
 
 
@@ -82,15 +90,21 @@ def eight_schools(p, d):
 
 TARGETS = {
     "kidiq-kidscore_momhsiq": _kidiq(lambda d: [np.ones_like(d["mom_iq"]), d["mom_hs"], d["mom_iq"]]),
-    "kidiq-kidscore_interaction": _kidiq(lambda d: [np.ones_like(d["mom_iq"]), d["mom_hs"], d["mom_iq"],
-                                                    d["mom_hs"] * d["mom_iq"]]),
+    "kidiq-kidscore_interaction": _kidiq(
+        lambda d: [np.ones_like(d["mom_iq"]), d["mom_hs"], d["mom_iq"], d["mom_hs"] * d["mom_iq"]]
+    ),
     "kidiq_with_mom_work-kidscore_interaction_z": interaction_z,
     "earnings-earn_height": lambda p, d: _ols([np.ones_like(d["height"]), d["height"]], d["earn"], p),
-    "earnings-logearn_logheight_male": lambda p, d: _ols([np.ones_like(d["height"]), np.log(d["height"]),
-                                                          d["male"]], np.log(d["earn"]), p),
+    "earnings-logearn_logheight_male": lambda p, d: _ols(
+        [np.ones_like(d["height"]), np.log(d["height"]), d["male"]], np.log(d["earn"]), p
+    ),
     "earnings-logearn_interaction_z": logearn_interaction_z,
-    "mesquite-mesquite": lambda p, d: _ols([np.ones_like(d["group"])] + [d[k] for k in (
-        "diam1", "diam2", "canopy_height", "total_height", "density", "group")], d["weight"], p),
+    "mesquite-mesquite": lambda p, d: _ols(
+        [np.ones_like(d["group"])]
+        + [d[k] for k in ("diam1", "diam2", "canopy_height", "total_height", "density", "group")],
+        d["weight"],
+        p,
+    ),
     "mesquite-logmesquite_logvash": logvash,
     "kilpisjarvi_mod-kilpisjarvi": kilpisjarvi,
     "diamonds-diamonds": diamonds,
@@ -142,9 +156,13 @@ def test_log_joint_matches_numpy_target_up_to_a_constant(problems, name):
 def test_sites_flatten_to_the_reference_names(problems, name):
     problem = problems[name]
     trace = poutine.trace(problem.model).get_trace(**problem.kwargs)
-    reported = {k: s["value"] for k, s in trace.nodes.items()
-                if s["type"] == "sample" and not site_is_subsample(s)
-                and (not s["is_observed"] or s["infer"].get("_deterministic", False))}
+    reported = {
+        k: s["value"]
+        for k, s in trace.nodes.items()
+        if s["type"] == "sample"
+        and not site_is_subsample(s)
+        and (not s["is_observed"] or s["infer"].get("_deterministic", False))
+    }
     flat = flatten_samples(reported, num_batch_dims=0)
     assert set(problem.reference_draws) <= set(flat)
     assert {k.split("[")[0] for k in set(flat) - set(problem.reference_draws)} <= {"f_tilde", "theta_trans"}

@@ -4,6 +4,7 @@ Densities are compared up to an additive constant: differences between reference
 port's log joint (constrained space) and of its NUTS potential (unconstrained space, with the
 Jacobians written out by hand here) must equal those of the numpy target.
 """
+
 import numpy as np
 import pyro
 import pytest
@@ -29,8 +30,17 @@ from vilab.posteriordb import (
 
 # The nine posteriors in ../shared/posteriordb; the ports of tests/data/posteriordb are tested in
 # test_posteriordb_ported.py.
-NAMES = ["arK-arK", "arma-arma11", "garch-garch11", "hmm_example-hmm_example", "kidiq-kidscore_momiq",
-         "low_dim_gauss_mix-low_dim_gauss_mix", "mesquite-logmesquite", "nes2000-nes", "sblrc-blr"]
+NAMES = [
+    "arK-arK",
+    "arma-arma11",
+    "garch-garch11",
+    "hmm_example-hmm_example",
+    "kidiq-kidscore_momiq",
+    "low_dim_gauss_mix-low_dim_gauss_mix",
+    "mesquite-logmesquite",
+    "nes2000-nes",
+    "sblrc-blr",
+]
 DRAWS = [(0, 0), (3, 500), (9, 999)]  # (chain, draw) of the reference draws to compare at
 
 
@@ -55,8 +65,19 @@ def mesquite_target(p, d):
 
 def nes_target(p, d):
     age = d["age_discrete"]
-    design = np.column_stack([np.ones_like(age), d["real_ideo"], d["race_adj"], age == 2, age == 3, age == 4,
-                              d["educ1"], d["gender"], d["income"]]).astype(float)
+    design = np.column_stack(
+        [
+            np.ones_like(age),
+            d["real_ideo"],
+            d["race_adj"],
+            age == 2,
+            age == 3,
+            age == 4,
+            d["educ1"],
+            d["gender"],
+            d["income"],
+        ]
+    ).astype(float)
     return _regression(design, d["partyid7"], p["beta"], p["sigma"])
 
 
@@ -106,10 +127,15 @@ def hmm_target(p, d):
 
 
 TARGETS = {
-    "arK-arK": ark_target, "arma-arma11": arma_target, "garch-garch11": garch_target,
-    "hmm_example-hmm_example": hmm_target, "kidiq-kidscore_momiq": kidiq_target,
-    "low_dim_gauss_mix-low_dim_gauss_mix": gauss_mix_target, "mesquite-logmesquite": mesquite_target,
-    "nes2000-nes": nes_target, "sblrc-blr": blr_target,
+    "arK-arK": ark_target,
+    "arma-arma11": arma_target,
+    "garch-garch11": garch_target,
+    "hmm_example-hmm_example": hmm_target,
+    "kidiq-kidscore_momiq": kidiq_target,
+    "low_dim_gauss_mix-low_dim_gauss_mix": gauss_mix_target,
+    "mesquite-logmesquite": mesquite_target,
+    "nes2000-nes": nes_target,
+    "sblrc-blr": blr_target,
 }
 
 
@@ -202,8 +228,11 @@ def test_nuts_potential_matches_numpy_target_plus_jacobian(problems, name):
 def test_sites_flatten_to_the_reference_names(problems, name):
     problem = problems[name]
     trace = poutine.trace(problem.model).get_trace(**problem.kwargs)
-    reported = {k: s["value"] for k, s in trace.nodes.items() if k == "beta1" or (
-        s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s))}
+    reported = {
+        k: s["value"]
+        for k, s in trace.nodes.items()
+        if k == "beta1" or (s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s))
+    }
     flat = flatten_samples(reported, num_batch_dims=0)
     assert set(problem.reference_draws) <= set(flat)
     helpers = set(flat) - set(problem.reference_draws)
@@ -212,10 +241,16 @@ def test_sites_flatten_to_the_reference_names(problems, name):
         assert values.shape == (10, 1000)
 
 
-@pytest.mark.parametrize("name,length_field,expected", [
-    ("arK-arK", "T", 8 - 5), ("arma-arma11", "T", 8), ("sblrc-blr", None, 100),
-    ("low_dim_gauss_mix-low_dim_gauss_mix", "N", 8), ("hmm_example-hmm_example", "N", 8),
-])
+@pytest.mark.parametrize(
+    "name,length_field,expected",
+    [
+        ("arK-arK", "T", 8 - 5),
+        ("arma-arma11", "T", 8),
+        ("sblrc-blr", None, 100),
+        ("low_dim_gauss_mix-low_dim_gauss_mix", "N", 8),
+        ("hmm_example-hmm_example", "N", 8),
+    ],
+)
 def test_prior_predictive_draws_observations_of_the_data_shape(problems, name, length_field, expected):
     problem = problems[name]
     kwargs = dict(problem.kwargs, y=None)
@@ -226,10 +261,15 @@ def test_prior_predictive_draws_observations_of_the_data_shape(problems, name, l
     assert torch.isfinite(draws["y"]).all()
 
 
-@pytest.mark.parametrize("name,observed", [
-    ("kidiq-kidscore_momiq", "kid_score"), ("mesquite-logmesquite", "log_weight"),
-    ("nes2000-nes", "partyid7"), ("garch-garch11", "y"),
-])
+@pytest.mark.parametrize(
+    "name,observed",
+    [
+        ("kidiq-kidscore_momiq", "kid_score"),
+        ("mesquite-logmesquite", "log_weight"),
+        ("nes2000-nes", "partyid7"),
+        ("garch-garch11", "y"),
+    ],
+)
 def test_posterior_predictive_of_flat_prior_ports(problems, name, observed):
     problem = problems[name]
     field = {"log_weight": "weight"}.get(observed, observed)
@@ -248,8 +288,9 @@ def _batched_latents(problem):
 
 
 def test_restricted_normal_draws_are_ordered_with_the_mean_of_the_smaller_of_two():
-    draws = RestrictedDistribution(pyro.distributions.Normal(0.0, 2.0).expand([2]).to_event(1),
-                                   pyro.distributions.constraints.ordered_vector).sample((4000,))
+    draws = RestrictedDistribution(
+        pyro.distributions.Normal(0.0, 2.0).expand([2]).to_event(1), pyro.distributions.constraints.ordered_vector
+    ).sample((4000,))
     assert (draws[:, 0] < draws[:, 1]).all()
     # E min(X1, X2) = -s / sqrt(pi) for X ~ N(0, s^2) iid; sd of the min = s sqrt(1 - 1/pi); z = 4.
     standard_error = 2.0 * np.sqrt(1 - 1 / np.pi) / np.sqrt(4000)
@@ -315,5 +356,7 @@ def test_first_order_recursion_broadcasts_a_scalar_rate_and_a_batched_one():
     drive = torch.randn(5, dtype=torch.float64)
     rates = torch.tensor([[0.5], [-0.5]], dtype=torch.float64)
     assert first_order_recursion(drive, rates).shape == (2, 5)
-    torch.testing.assert_close(first_order_recursion(drive, torch.tensor(0.5, dtype=torch.float64)),
-                               _recursion_by_loop(drive, torch.tensor([0.5], dtype=torch.float64)))
+    torch.testing.assert_close(
+        first_order_recursion(drive, torch.tensor(0.5, dtype=torch.float64)),
+        _recursion_by_loop(drive, torch.tensor([0.5], dtype=torch.float64)),
+    )

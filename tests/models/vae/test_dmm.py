@@ -1,4 +1,5 @@
 """Deep Markov model, its structured guide and the sequence data sets."""
+
 import math
 
 import pyro
@@ -24,10 +25,8 @@ def binary_batch():
 def test_model_and_guide_sites_and_shapes(binary_batch):
     dmm = DMM(4, 3, rnn_dim=8, transition_dim=8, emission_dim=8)
     guide_trace = poutine.trace(dmm.guide).get_trace(binary_batch)
-    model_trace = poutine.trace(poutine.replay(dmm.model, trace=guide_trace)).get_trace(
-        binary_batch)
-    latent = [n for n, s in guide_trace.nodes.items()
-              if s["type"] == "sample" and not site_is_subsample(s)]
+    model_trace = poutine.trace(poutine.replay(dmm.model, trace=guide_trace)).get_trace(binary_batch)
+    latent = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)]
     assert latent == [f"z_{t}" for t in range(1, 7)]
     assert model_trace.nodes["z_3"]["value"].shape == (5, 3)
     assert model_trace.nodes["x_6"]["value"].shape == (5, 4)
@@ -46,24 +45,20 @@ def test_vectorized_importance_weights_match_single_draws(binary_batch):
     vectorized = log_importance_weights(dmm.model, dmm.guide, binary_batch, num_samples=1)[0]
     pyro.set_rng_seed(1)
     guide_trace = poutine.trace(dmm.guide).get_trace(binary_batch)
-    model_trace = poutine.trace(poutine.replay(dmm.model, trace=guide_trace)).get_trace(
-        binary_batch)
+    model_trace = poutine.trace(poutine.replay(dmm.model, trace=guide_trace)).get_trace(binary_batch)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
-    single = sum(s["log_prob"] for s in model_trace.nodes.values()
-                 if s["type"] == "sample" and not site_is_subsample(s)) - \
-        sum(s["log_prob"] for s in guide_trace.nodes.values()
-            if s["type"] == "sample" and not site_is_subsample(s))
+    single = sum(
+        s["log_prob"] for s in model_trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)
+    ) - sum(s["log_prob"] for s in guide_trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s))
     torch.testing.assert_close(vectorized, single)
 
 
 def test_analytic_kl_elbo_agrees_with_the_sampled_elbo_in_expectation(binary_batch):
     dmm = DMM(4, 3, rnn_dim=8, transition_dim=8, emission_dim=8)
     with torch.no_grad():
-        analytic = torch.stack([elbo_terms(dmm.model, dmm.guide, binary_batch).elbo.sum()
-                                for _ in range(40)])
-        sampled = log_importance_weights(dmm.model, dmm.guide, binary_batch,
-                                         num_samples=2000).sum(-1)
+        analytic = torch.stack([elbo_terms(dmm.model, dmm.guide, binary_batch).elbo.sum() for _ in range(40)])
+        sampled = log_importance_weights(dmm.model, dmm.guide, binary_batch, num_samples=2000).sum(-1)
     spread = math.sqrt(float(analytic.var()) / 40 + float(sampled.var()) / 2000)
     assert float(analytic.mean()) == pytest.approx(float(sampled.mean()), abs=Z * spread)
 
@@ -72,8 +67,9 @@ def test_gradients_reach_every_parameter(binary_batch):
     dmm = DMM(4, 3, rnn_dim=8, transition_dim=8, emission_dim=8)
     (-iwae_bound(dmm.model, dmm.guide, binary_batch, num_samples=2).sum()).backward()
     # The observation scale is used only by the Normal likelihood.
-    missing = [n for n, p in dmm.named_parameters()
-               if (p.grad is None or not p.grad.abs().sum()) and "raw_obs_scale" not in n]
+    missing = [
+        n for n, p in dmm.named_parameters() if (p.grad is None or not p.grad.abs().sum()) and "raw_obs_scale" not in n
+    ]
     assert missing == []
 
 
@@ -87,7 +83,7 @@ def test_training_on_the_pendulum_raises_the_elbo():
     def loss(batch, step):
         return -elbo_terms(dmm.model, dmm.guide, batch).elbo.mean(), {}
 
-    batches = [data.train[i:i + 10] for i in range(0, 40, 10)]
+    batches = [data.train[i : i + 10] for i in range(0, 40, 10)]
     fit_minibatch(dmm, loss, batches, num_epochs=15, learning_rate=1e-2)
     after = float(elbo_terms(dmm.model, dmm.guide, data.test).elbo.mean())
     assert after > before + 5

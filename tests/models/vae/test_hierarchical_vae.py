@@ -1,5 +1,6 @@
 """The two-level VAE: sites and shapes, rebuild from config, the function-preserving warm
 start from a one-level VAE, and the errors of its options."""
+
 import pyro
 import pytest
 import torch
@@ -16,8 +17,7 @@ SMALL = dict(encoder_hidden=(16,), decoder_hidden=(16,), num_components=3, hidde
 
 
 def two_level(prior="vamp", **options):
-    return build_vae(VAEConfig((1, 8, 8), latent_dim=3, prior=prior, latent_levels=2,
-                               **{**SMALL, **options}))
+    return build_vae(VAEConfig((1, 8, 8), latent_dim=3, prior=prior, latent_levels=2, **{**SMALL, **options}))
 
 
 @pytest.mark.parametrize("prior", ["standard", "vamp"])
@@ -36,8 +36,7 @@ def test_two_level_elbo_reaches_every_parameter():
     vae = two_level()
     x = torch.bernoulli(torch.full((4, 1, 8, 8), 0.5))
     pyro.infer.Trace_ELBO().differentiable_loss(vae.model, vae.guide, x).backward()
-    missing = [name for name, p in vae.named_parameters()
-               if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [name for name, p in vae.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
 
 
@@ -87,11 +86,14 @@ def test_warm_start_errors_name_the_problem():
         embed_one_level(two_level(), {"extra": torch.zeros(1)})
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(latent_levels=3), "latent_levels: expected 1 or 2; got 3"),
-    (dict(latent_levels=2, guide="iaf"), "guide: the two-level VAE .* mean-field guide only"),
-    (dict(latent_levels=2, prior="mixture"), "prior: the two-level VAE's top prior"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(latent_levels=3), "latent_levels: expected 1 or 2; got 3"),
+        (dict(latent_levels=2, guide="iaf"), "guide: the two-level VAE .* mean-field guide only"),
+        (dict(latent_levels=2, prior="mixture"), "prior: the two-level VAE's top prior"),
+    ],
+)
 def test_unsupported_two_level_options_are_rejected(options, message):
     with pytest.raises(ValueError, match=message):
         build_vae(VAEConfig((1, 8, 8), latent_dim=3, **{**SMALL, **options}))

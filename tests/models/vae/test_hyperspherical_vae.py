@@ -1,4 +1,5 @@
 """Hyperspherical VAE: vMF guide on a uniform prior, analytic vs sampled KL, gradients."""
+
 import math
 
 import pytest
@@ -6,8 +7,12 @@ import torch
 
 from vilab.inference.vae.objectives import elbo_terms, log_importance_weights
 from vilab.inference.vae.evaluation import active_units, importance_sampled_log_likelihood
-from vilab.models.vae.hyperspherical import (HypersphericalELBOLoss, HypersphericalPrior,
-                                             build_hyperspherical_vae, hyperspherical_elbo_terms)
+from vilab.models.vae.hyperspherical import (
+    HypersphericalELBOLoss,
+    HypersphericalPrior,
+    build_hyperspherical_vae,
+    hyperspherical_elbo_terms,
+)
 
 Z = 4.5
 SHAPE = (1, 4, 4)
@@ -32,10 +37,8 @@ def test_samples_are_unit_vectors_and_scores_are_shaped(images, latent_dim):
 def test_analytic_kl_elbo_matches_the_sampled_elbo_in_expectation(images):
     vae = build_hyperspherical_vae(SHAPE, 5, hidden_dims=(16,))
     with torch.no_grad():
-        analytic = torch.stack([hyperspherical_elbo_terms(vae, images).elbo.sum()
-                                for _ in range(100)])
-        sampled = torch.stack([elbo_terms(vae.model, vae.guide, images).elbo.sum()
-                               for _ in range(100)])
+        analytic = torch.stack([hyperspherical_elbo_terms(vae, images).elbo.sum() for _ in range(100)])
+        sampled = torch.stack([elbo_terms(vae.model, vae.guide, images).elbo.sum() for _ in range(100)])
     spread = math.sqrt(float(analytic.var() + sampled.var()) / 100)
     assert float(analytic.mean()) == pytest.approx(float(sampled.mean()), abs=Z * spread)
 

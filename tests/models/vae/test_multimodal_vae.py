@@ -1,4 +1,5 @@
 """Multimodal VAE with a product-of-experts guide: PoE algebra, sites, estimators."""
+
 import math
 
 import numpy as np
@@ -40,8 +41,7 @@ def test_product_of_experts_is_the_normalised_product_of_densities():
 def test_model_sites_follow_the_observed_modalities(pairs):
     x, y = pairs
     vae = build_multimodal_vae(SHAPE, 3, 2, hidden_dims=(8,))
-    for args, sites in (((x, y), {"z", "x", "y"}), ((x, None), {"z", "x"}),
-                        ((None, y), {"z", "y"})):
+    for args, sites in (((x, y), {"z", "x", "y"}), ((x, None), {"z", "x"}), ((None, y), {"z", "y"})):
         guide_trace = poutine.trace(vae.guide).get_trace(*args)
         trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(*args)
         names = {n for n, s in trace.nodes.items() if s["type"] == "sample" and n != "data"}
@@ -68,8 +68,7 @@ def test_label_posterior_is_normalised_and_scores_are_shaped(pairs):
     posterior = vae.label_posterior(x, num_samples=50)
     torch.testing.assert_close(torch.logsumexp(posterior, -1), torch.zeros(6))
     scores = vae.log_likelihoods(x, y, num_samples=50)
-    assert set(scores) == {"joint", "image", "label", "label_given_image", "image_given_label",
-                           "correct"}
+    assert set(scores) == {"joint", "image", "label", "label_given_image", "image_given_label", "correct"}
     assert all(v.shape == (6,) for v in scores.values())
     assert vae.sample_images(y).shape == (6, *SHAPE)
 

@@ -1,4 +1,5 @@
 """VAE model: sites and shapes, decoders, priors, input validation, rebuild from config."""
+
 import pyro
 import pytest
 import torch
@@ -14,12 +15,10 @@ pytestmark = pytest.mark.float32
 SMALL = dict(encoder_hidden=(16,), decoder_hidden=(16,), num_components=3, num_flows=2)
 
 
-
 @pytest.mark.parametrize("architecture", ["mlp", "conv"])
 @pytest.mark.parametrize("levels", [2, 17])
 def test_model_sites_have_the_documented_shapes(architecture, levels):
-    vae = build_vae(VAEConfig((1, 8, 8), latent_dim=3, num_levels=levels,
-                              architecture=architecture, **SMALL))
+    vae = build_vae(VAEConfig((1, 8, 8), latent_dim=3, num_levels=levels, architecture=architecture, **SMALL))
     trace = poutine.trace(vae.model).get_trace(None, batch_size=5)
     assert trace.nodes["z"]["value"].shape == (5, 3)
     x = trace.nodes["x"]["value"]
@@ -44,9 +43,20 @@ def test_wrong_image_size_is_a_clear_error():
         vae.guide(torch.zeros(4, 1, 8, 8))
 
 
-@pytest.mark.parametrize("value, binary", [
-    (0.0, True), (1.0, True), (0.5, False), (1e-30, False), (1.0 - 2.0 ** -24, False),
-    (2.0, False), (-0.5, False), (float("nan"), False), (float("inf"), False)])
+@pytest.mark.parametrize(
+    "value, binary",
+    [
+        (0.0, True),
+        (1.0, True),
+        (0.5, False),
+        (1e-30, False),
+        (1.0 - 2.0**-24, False),
+        (2.0, False),
+        (-0.5, False),
+        (float("nan"), False),
+        (float("inf"), False),
+    ],
+)
 def test_binary_check_is_exact(value, binary):
     from vilab.models.vae.vae import _is_binary
 
@@ -70,8 +80,9 @@ def test_out_of_range_levels_for_a_categorical_decoder_are_a_clear_error():
         vae.model(torch.full((2, 1, 8, 8), 17.0))
 
 
-@pytest.mark.parametrize("field,value", [("guide", "maf"), ("prior", "gamma"), ("architecture", "rnn"),
-                                         ("hidden_layer", "relu")])
+@pytest.mark.parametrize(
+    "field,value", [("guide", "maf"), ("prior", "gamma"), ("architecture", "rnn"), ("hidden_layer", "relu")]
+)
 def test_unknown_options_are_rejected(field, value):
     with pytest.raises(ValueError, match=f"{field}: expected"):
         build_vae(VAEConfig((1, 8, 8), **{field: value}))
@@ -151,11 +162,14 @@ def test_matrix_product_mixture_density_equals_the_broadcast_one_with_gradients(
     fast = DiagonalGaussianMixture(logits, locs, scales).log_prob(z)
     reference = torch.distributions.MixtureSameFamily(
         torch.distributions.Categorical(logits=logits),
-        torch.distributions.Independent(torch.distributions.Normal(locs, scales), 1)).log_prob(z)
+        torch.distributions.Independent(torch.distributions.Normal(locs, scales), 1),
+    ).log_prob(z)
     assert fast.shape == (4, 3)
     torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-9)
-    for a, b in zip(torch.autograd.grad(fast.sum(), (logits, locs, scales)),
-                    torch.autograd.grad(reference.sum(), (logits, locs, scales))):
+    for a, b in zip(
+        torch.autograd.grad(fast.sum(), (logits, locs, scales)),
+        torch.autograd.grad(reference.sum(), (logits, locs, scales)),
+    ):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
 
 

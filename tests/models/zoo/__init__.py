@@ -5,6 +5,7 @@ the statistics it checks (``statistics``: draws -> statistic -> 1-D array, label
 mixtures and networks) and its reference: ``closed_form`` moments, or long NUTS draws of the
 NumPyro twin in ``tests/data/zoo/<name>.json.gz`` (written by ``benchmarks/zoo_references.py``).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -103,5 +104,3 @@ ZOO = [ZooEntry(**entry) for entry in ENTRIES]
 
 def by_name(name: str) -> ZooEntry:
     return next(entry for entry in ZOO if entry.name == name)
-
-

@@ -1,5 +1,6 @@
 """Checks shared by the zoo's tests and its table script: statistics of vilab's draws and their
 distance from the reference in Monte Carlo standard errors."""
+
 from __future__ import annotations
 
 import arviz as az
@@ -52,6 +53,6 @@ def weighted_z_scores(entry, draws: dict, log_weights: np.ndarray, psis_ess: flo
         values = np.asarray(statistics[name], dtype=float)
         mean = float(np.sum(weights * values))
         sd = float(np.sqrt(max(np.sum(weights * (values - mean) ** 2), 0.0)))
-        error = np.sqrt(sd ** 2 / max(psis_ess, 1.0) + ref["sd"] ** 2 / ref["ess"])
+        error = np.sqrt(sd**2 / max(psis_ess, 1.0) + ref["sd"] ** 2 / ref["ess"])
         scores[name] = float((mean - ref["mean"]) / max(error, 1e-300))
     return scores

@@ -3,14 +3,29 @@
 Each ``*_moments`` returns statistic -> (mean, sd); each ``*_draws`` returns site -> array of
 ``num_draws`` exact posterior draws with the site's shape.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from scipy import special
 
-__all__ = ["beta_moments", "coin_moments", "coin_draws", "scale_moments", "scale_draws", "poll_moments",
-           "poll_draws", "fully_pooled_moments", "fully_pooled_draws", "not_pooled_moments", "not_pooled_draws",
-           "coal_moments", "coal_draws", "missing_moments", "missing_draws"]
+__all__ = [
+    "beta_moments",
+    "coin_moments",
+    "coin_draws",
+    "scale_moments",
+    "scale_draws",
+    "poll_moments",
+    "poll_draws",
+    "fully_pooled_moments",
+    "fully_pooled_draws",
+    "not_pooled_moments",
+    "not_pooled_draws",
+    "coal_moments",
+    "coal_draws",
+    "missing_moments",
+    "missing_draws",
+]
 
 
 def beta_moments(a, b):
@@ -30,8 +45,8 @@ def coin_draws(data, num_draws, rng):
 
 def _scale_posterior():
     # prior N(8.5, 1), one measurement 9.5 with sd 0.75
-    precision = 1.0 + 1.0 / 0.75 ** 2
-    return (8.5 + 9.5 / 0.75 ** 2) / precision, 1.0 / np.sqrt(precision)
+    precision = 1.0 + 1.0 / 0.75**2
+    return (8.5 + 9.5 / 0.75**2) / precision, 1.0 / np.sqrt(precision)
 
 
 def scale_moments(data):
@@ -85,8 +100,14 @@ def _coal_mixture(data):
     shape_e, rate_e = 1.0 + before, r_e + n_before
     shape_l, rate_l = 1.0 + D.sum() - before, r_l + T - n_before
     # log of the Gamma-Poisson marginal of each block (the 1/prod(D!) factor is common to all s)
-    log_weight = (np.log(r_e) + special.gammaln(shape_e) - shape_e * np.log(rate_e)
-                  + np.log(r_l) + special.gammaln(shape_l) - shape_l * np.log(rate_l))
+    log_weight = (
+        np.log(r_e)
+        + special.gammaln(shape_e)
+        - shape_e * np.log(rate_e)
+        + np.log(r_l)
+        + special.gammaln(shape_l)
+        - shape_l * np.log(rate_l)
+    )
     weights = np.exp(log_weight - special.logsumexp(log_weight))
     return weights, shape_e, rate_e, shape_l, rate_l
 
@@ -96,8 +117,8 @@ def coal_moments(data):
     result = {}
     for name, shape, rate in (("e", shape_e, rate_e), ("l", shape_l, rate_l)):
         mean = np.sum(weights * shape / rate)
-        second = np.sum(weights * shape * (shape + 1) / rate ** 2)
-        result[name] = (float(mean), float(np.sqrt(second - mean ** 2)))
+        second = np.sum(weights * shape * (shape + 1) / rate**2)
+        result[name] = (float(mean), float(np.sqrt(second - mean**2)))
     return result
 
 
@@ -122,8 +143,10 @@ def missing_moments(data):
     ybar, n, dof, tau2 = _missing_posterior(data)
     var_sigma2 = dof * tau2 / (dof - 2)  # E[sigma^2]
     mean_sigma = np.sqrt(tau2 * dof / 2) * np.exp(special.gammaln((dof - 1) / 2) - special.gammaln(dof / 2))
-    result = {"mu": (float(ybar), float(np.sqrt(var_sigma2 / n))),
-              "sigma": (float(mean_sigma), float(np.sqrt(var_sigma2 - mean_sigma ** 2)))}
+    result = {
+        "mu": (float(ybar), float(np.sqrt(var_sigma2 / n))),
+        "sigma": (float(mean_sigma), float(np.sqrt(var_sigma2 - mean_sigma**2))),
+    }
     for index in np.flatnonzero(~data["mask"]):
         result[f"y_missing[{index + 1}]"] = (float(ybar), float(np.sqrt(var_sigma2 * (1 + 1 / n))))
     return result
@@ -134,5 +157,3 @@ def missing_draws(data, num_draws, rng):
     sigma2 = dof * tau2 / rng.chisquare(dof, num_draws)
     mu = rng.normal(ybar, np.sqrt(sigma2 / n))
     return {"mu": mu, "sigma": np.sqrt(sigma2)}
-
-

@@ -5,14 +5,36 @@ Every function returns a dict of NumPy arrays (float64 or int64) so that the Pyr
 the same numbers. Where a source downloads a data set we cannot ship, we simulate data of the
 same shape and say so in the entry's ``data_note``.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 __all__ = [
-    "coin_flips", "rugged", "logistic_docstring", "kline", "robust", "ordinal", "horseshoe", "poll",
-    "eight_schools", "baseball", "ucbadmit", "cafe", "osic", "lkj", "gp_tutorial", "gp_numpyro",
-    "gp_classification", "gmm", "coal", "hmm", "ar2", "stochastic_volatility", "missing", "bnn",
+    "coin_flips",
+    "rugged",
+    "logistic_docstring",
+    "kline",
+    "robust",
+    "ordinal",
+    "horseshoe",
+    "poll",
+    "eight_schools",
+    "baseball",
+    "ucbadmit",
+    "cafe",
+    "osic",
+    "lkj",
+    "gp_tutorial",
+    "gp_numpyro",
+    "gp_classification",
+    "gmm",
+    "coal",
+    "hmm",
+    "ar2",
+    "stochastic_volatility",
+    "missing",
+    "bnn",
 ]
 
 
@@ -44,8 +66,12 @@ def kline() -> dict:
     population = np.array([1100, 1500, 3600, 4791, 7400, 8000, 9200, 13000, 17500, 275000], dtype=float)
     contact = np.array([0, 0, 0, 1, 1, 1, 1, 0, 1, 0])  # 1 = high contact
     log_pop = np.log(population)
-    return {"T": np.array([13, 22, 24, 43, 33, 19, 40, 28, 55, 71], dtype=float), "cid": contact,
-            "P_std": (log_pop - log_pop.mean()) / log_pop.std(ddof=1), "P": population}
+    return {
+        "T": np.array([13, 22, 24, 43, 33, 19, 40, 28, 55, 71], dtype=float),
+        "cid": contact,
+        "P_std": (log_pop - log_pop.mean()) / log_pop.std(ddof=1),
+        "P": population,
+    }
 
 
 def robust(num_points: int = 40) -> dict:
@@ -81,8 +107,11 @@ def poll() -> dict:
 
 
 def eight_schools() -> dict:
-    return {"J": 8, "y": np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]),
-            "sigma": np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])}
+    return {
+        "J": 8,
+        "y": np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]),
+        "sigma": np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]),
+    }
 
 
 def baseball() -> dict:
@@ -93,16 +122,19 @@ def baseball() -> dict:
 
 def ucbadmit() -> dict:
     """UC Berkeley admissions, Fall 1973 (the table in NumPyro's ucbadmit example)."""
-    return {"dept": np.repeat(np.arange(6), 2), "male": np.tile([1.0, 0.0], 6),
-            "applications": np.array([825, 108, 560, 25, 325, 593, 417, 375, 191, 393, 373, 341], dtype=float),
-            "admit": np.array([512, 89, 353, 17, 120, 202, 138, 131, 53, 94, 22, 24], dtype=float)}
+    return {
+        "dept": np.repeat(np.arange(6), 2),
+        "male": np.tile([1.0, 0.0], 6),
+        "applications": np.array([825, 108, 560, 25, 325, 593, 417, 375, 191, 393, 373, 341], dtype=float),
+        "admit": np.array([512, 89, 353, 17, 120, 202, 138, 131, 53, 94, 22, 24], dtype=float),
+    }
 
 
 def cafe(num_cafes: int = 20, num_visits: int = 10) -> dict:
     """Statistical Rethinking code 14.1-14.5: simulated cafe waiting times (seed 5)."""
     rng = np.random.default_rng(5)
     a, b, sigma_a, sigma_b, rho = 3.5, -1.0, 1.0, 0.5, -0.7
-    cov = np.array([[sigma_a ** 2, rho * sigma_a * sigma_b], [rho * sigma_a * sigma_b, sigma_b ** 2]])
+    cov = np.array([[sigma_a**2, rho * sigma_a * sigma_b], [rho * sigma_a * sigma_b, sigma_b**2]])
     effects = rng.multivariate_normal([a, b], cov, size=num_cafes)
     afternoon = np.tile([0.0, 1.0], num_visits * num_cafes // 2)
     cafe_id = np.repeat(np.arange(num_cafes), num_visits)
@@ -158,10 +190,120 @@ def gmm() -> dict:
 
 def coal() -> dict:
     """British coal-mining disasters per year, 1851-1962 (Jarrett 1979)."""
-    counts = [4, 5, 4, 1, 0, 4, 3, 4, 0, 6, 3, 3, 4, 0, 2, 6, 3, 3, 5, 4, 5, 3, 1, 4, 4, 1, 5, 5, 3, 4, 2, 5,
-              2, 2, 3, 4, 2, 1, 3, 2, 2, 1, 1, 1, 1, 3, 0, 0, 1, 0, 1, 1, 0, 0, 3, 1, 0, 3, 2, 2, 0, 1, 1, 1,
-              0, 1, 0, 1, 0, 0, 0, 2, 1, 0, 0, 0, 1, 1, 0, 2, 3, 3, 1, 1, 2, 1, 1, 1, 1, 2, 4, 2, 0, 0, 0, 1,
-              4, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 1]
+    counts = [
+        4,
+        5,
+        4,
+        1,
+        0,
+        4,
+        3,
+        4,
+        0,
+        6,
+        3,
+        3,
+        4,
+        0,
+        2,
+        6,
+        3,
+        3,
+        5,
+        4,
+        5,
+        3,
+        1,
+        4,
+        4,
+        1,
+        5,
+        5,
+        3,
+        4,
+        2,
+        5,
+        2,
+        2,
+        3,
+        4,
+        2,
+        1,
+        3,
+        2,
+        2,
+        1,
+        1,
+        1,
+        1,
+        3,
+        0,
+        0,
+        1,
+        0,
+        1,
+        1,
+        0,
+        0,
+        3,
+        1,
+        0,
+        3,
+        2,
+        2,
+        0,
+        1,
+        1,
+        1,
+        0,
+        1,
+        0,
+        1,
+        0,
+        0,
+        0,
+        2,
+        1,
+        0,
+        0,
+        0,
+        1,
+        1,
+        0,
+        2,
+        3,
+        3,
+        1,
+        1,
+        2,
+        1,
+        1,
+        1,
+        1,
+        2,
+        4,
+        2,
+        0,
+        0,
+        0,
+        1,
+        4,
+        0,
+        0,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0,
+        0,
+        1,
+        0,
+        1,
+    ]
     return {"D": np.array(counts, dtype=float), "r_e": 1.0, "r_l": 1.0}
 
 

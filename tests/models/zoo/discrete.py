@@ -1,6 +1,7 @@
 """Models with enumerated discrete sites: Pyro's GMM tutorial, the coal-mining change point
 (Stan User's Guide, with the change year a Pyro site instead of a hand-written marginal) and
 Pyro's HMM example ``model_1``."""
+
 from __future__ import annotations
 
 import pyro
@@ -18,15 +19,15 @@ K = 2  # Fixed number of components.
 def gmm_model(data):
     """Pyro's "Gaussian Mixture Model" tutorial."""
     # Global variables.
-    weights = pyro.sample('weights', dist.Dirichlet(0.5 * torch.ones(K)))
-    scale = pyro.sample('scale', dist.LogNormal(0., 2.))
-    with pyro.plate('components', K):
-        locs = pyro.sample('locs', dist.Normal(0., 10.))
+    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(K)))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
+    with pyro.plate("components", K):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
 
-    with pyro.plate('data', len(data)):
+    with pyro.plate("data", len(data)):
         # Local variables.
-        assignment = pyro.sample('assignment', dist.Categorical(weights))
-        pyro.sample('obs', dist.Normal(locs[assignment], scale), obs=data)
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
 
 
 def coal_change_point(D, r_e, r_l):
@@ -54,10 +55,8 @@ def hmm_model_1(sequences, lengths, args, batch_size=None, include_prior=True):
         assert lengths.shape == (num_sequences,)
         assert lengths.max() <= max_length
     with poutine.mask(mask=include_prior):
-        probs_x = pyro.sample(
-            "probs_x", dist.Dirichlet(0.9 * torch.eye(args.hidden_dim) + 0.1).to_event(1))
-        probs_y = pyro.sample(
-            "probs_y", dist.Beta(0.1, 0.9).expand([args.hidden_dim, data_dim]).to_event(2))
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(args.hidden_dim) + 0.1).to_event(1))
+        probs_y = pyro.sample("probs_y", dist.Beta(0.1, 0.9).expand([args.hidden_dim, data_dim]).to_event(2))
     tones_plate = pyro.plate("tones", data_dim, dim=-1)
     # We subsample batch_size items out of num_sequences items. Note that since
     # we're using dim=-1 for the notes plate, we need to batch over a different

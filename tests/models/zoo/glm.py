@@ -4,6 +4,7 @@ Each function is the source's model with ``numpyro``/``jnp`` read as ``pyro``/``
 source is NumPyro, and Stan's sampling statements written as Pyro sites where it is Stan.
 Flat (unwritten) Stan priors are ``dist.ImproperUniform``, the literal translation.
 """
+
 from __future__ import annotations
 
 import pyro
@@ -13,9 +14,21 @@ from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
-__all__ = ["coin_fairness", "coin_fairness_subsampled", "scale", "conditioned_scale", "make_docstring_logistic",
-           "BayesianRegression", "rugged_model", "kline_poisson", "kline_gamma_poisson", "robust_regression",
-           "ordered_logistic", "horseshoe_normal", "poll_dirichlet_multinomial"]
+__all__ = [
+    "coin_fairness",
+    "coin_fairness_subsampled",
+    "scale",
+    "conditioned_scale",
+    "make_docstring_logistic",
+    "BayesianRegression",
+    "rugged_model",
+    "kline_poisson",
+    "kline_gamma_poisson",
+    "robust_regression",
+    "ordered_logistic",
+    "horseshoe_normal",
+    "poll_dirichlet_multinomial",
+]
 
 
 def coin_fairness(data):
@@ -59,8 +72,8 @@ def make_docstring_logistic(labels):
 
     def model(data):
         coefs_mean = torch.zeros(dim)
-        coefs = pyro.sample('beta', dist.Normal(coefs_mean, torch.ones(3)))
-        y = pyro.sample('y', dist.Bernoulli(logits=(coefs * data).sum(-1)), obs=labels)
+        coefs = pyro.sample("beta", dist.Normal(coefs_mean, torch.ones(3)))
+        y = pyro.sample("y", dist.Bernoulli(logits=(coefs * data).sum(-1)), obs=labels)
         return y
 
     return model
@@ -73,11 +86,11 @@ class BayesianRegression(PyroModule):
     def __init__(self, in_features, out_features):
         super().__init__()
         self.linear = PyroModule[nn.Linear](in_features, out_features)
-        self.linear.weight = PyroSample(dist.Normal(0., 1.).expand([out_features, in_features]).to_event(2))
-        self.linear.bias = PyroSample(dist.Normal(0., 10.).expand([out_features]).to_event(1))
+        self.linear.weight = PyroSample(dist.Normal(0.0, 1.0).expand([out_features, in_features]).to_event(2))
+        self.linear.bias = PyroSample(dist.Normal(0.0, 10.0).expand([out_features]).to_event(1))
 
     def forward(self, x, y=None):
-        sigma = pyro.sample("sigma", dist.Uniform(0., 10.))
+        sigma = pyro.sample("sigma", dist.Uniform(0.0, 10.0))
         mean = self.linear(x).squeeze(-1)
         with pyro.plate("data", x.shape[0]):
             obs = pyro.sample("obs", dist.Normal(mean, sigma), obs=y)  # noqa: F841 -- as the tutorial writes it
@@ -86,11 +99,11 @@ class BayesianRegression(PyroModule):
 
 def rugged_model(is_cont_africa, ruggedness, log_gdp=None):
     """Pyro, "Bayesian Regression - Inference Algorithms (Part 2)"."""
-    a = pyro.sample("a", dist.Normal(0., 10.))
-    b_a = pyro.sample("bA", dist.Normal(0., 1.))
-    b_r = pyro.sample("bR", dist.Normal(0., 1.))
-    b_ar = pyro.sample("bAR", dist.Normal(0., 1.))
-    sigma = pyro.sample("sigma", dist.Uniform(0., 10.))
+    a = pyro.sample("a", dist.Normal(0.0, 10.0))
+    b_a = pyro.sample("bA", dist.Normal(0.0, 1.0))
+    b_r = pyro.sample("bR", dist.Normal(0.0, 1.0))
+    b_ar = pyro.sample("bAR", dist.Normal(0.0, 1.0))
+    sigma = pyro.sample("sigma", dist.Uniform(0.0, 10.0))
     mean = a + b_a * is_cont_africa + b_r * ruggedness + b_ar * is_cont_africa * ruggedness
     with pyro.plate("data", len(ruggedness)):
         return pyro.sample("obs", dist.Normal(mean, sigma), obs=log_gdp)

@@ -1,5 +1,6 @@
 """Gaussian processes: Pyro's ``contrib.gp`` tutorial, NumPyro's GP example and the Stan User's
 Guide's latent-variable GP classifier (an explicit Cholesky factor)."""
+
 from __future__ import annotations
 
 import pyro
@@ -61,7 +62,7 @@ def gp_latent_classifier(x, z):
     a = pyro.sample("a", dist.Normal(0.0, 1.0))
     eta = pyro.sample("eta", dist.Normal(torch.zeros(N), 1.0).to_event(1))
     # gp_exp_quad_cov(x, alpha, rho) plus delta on the diagonal
-    K = alpha ** 2 * torch.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / rho ** 2) + delta * torch.eye(N)
+    K = alpha**2 * torch.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / rho**2) + delta * torch.eye(N)
     L_K = torch.linalg.cholesky(K)
     f = L_K @ eta
     with pyro.plate("N", N):

@@ -4,6 +4,7 @@ Pyro-sourced models are the source's code; NumPyro-sourced ones read ``numpyro``
 ``pyro``/``torch`` token for token (``jnp.dot`` as ``torch.matmul``, ``jnp.outer`` as
 ``torch.outer``), keeping their indexing and plates.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,30 +15,39 @@ from pyro.distributions import Beta, Binomial, HalfCauchy, Normal, Pareto, Unifo
 from pyro.distributions.util import scalar_like
 from pyro.infer.reparam import TransformReparam
 
-__all__ = ["eight_schools_centered", "eight_schools_noncentered", "fully_pooled", "not_pooled", "partially_pooled",
-           "partially_pooled_with_logit", "glmm", "cafe_varying_slopes", "osic_hierarchical", "lkj_model"]
+__all__ = [
+    "eight_schools_centered",
+    "eight_schools_noncentered",
+    "fully_pooled",
+    "not_pooled",
+    "partially_pooled",
+    "partially_pooled_with_logit",
+    "glmm",
+    "cafe_varying_slopes",
+    "osic_hierarchical",
+    "lkj_model",
+]
 
 
 def eight_schools_centered(J, sigma, y=None):
     """NumPyro's README: eight schools, centred."""
-    mu = pyro.sample('mu', dist.Normal(0, 5))
-    tau = pyro.sample('tau', dist.HalfCauchy(5))
-    with pyro.plate('J', J):
-        theta = pyro.sample('theta', dist.Normal(mu, tau))
-        pyro.sample('obs', dist.Normal(theta, sigma), obs=y)
+    mu = pyro.sample("mu", dist.Normal(0, 5))
+    tau = pyro.sample("tau", dist.HalfCauchy(5))
+    with pyro.plate("J", J):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
 
 
 def eight_schools_noncentered(J, sigma, y=None):
     """NumPyro's README: eight schools, non-centred with ``TransformReparam``."""
-    mu = pyro.sample('mu', dist.Normal(0, 5))
-    tau = pyro.sample('tau', dist.HalfCauchy(5))
-    with pyro.plate('J', J):
-        with pyro.poutine.reparam(config={'theta': TransformReparam()}):
+    mu = pyro.sample("mu", dist.Normal(0, 5))
+    tau = pyro.sample("tau", dist.HalfCauchy(5))
+    with pyro.plate("J", J):
+        with pyro.poutine.reparam(config={"theta": TransformReparam()}):
             theta = pyro.sample(
-                'theta',
-                dist.TransformedDistribution(dist.Normal(0., 1.),
-                                             dist.transforms.AffineTransform(mu, tau)))
-        pyro.sample('obs', dist.Normal(theta, sigma), obs=y)
+                "theta", dist.TransformedDistribution(dist.Normal(0.0, 1.0), dist.transforms.AffineTransform(mu, tau))
+            )
+        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
 
 
 def fully_pooled(at_bats, hits):

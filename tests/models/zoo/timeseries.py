@@ -1,5 +1,6 @@
 """Time series: NumPyro's AR2 example (the unrolled loop), its stochastic-volatility example,
 and the Stan User's Guide's missing-data model written with Pyro's ``obs_mask``."""
+
 from __future__ import annotations
 
 import pyro
@@ -49,11 +50,15 @@ class CumsumTransform(Transform):
 def stochastic_volatility(returns):
     """NumPyro's stochastic-volatility example: a log-volatility random walk ``s`` with
     Student-t returns."""
-    step_size = pyro.sample('sigma', dist.Exponential(50.))
-    s = pyro.sample('s', dist.TransformedDistribution(
-        dist.Normal(0., step_size).expand([returns.shape[0]]).to_event(1), [CumsumTransform()]))
-    nu = pyro.sample('nu', dist.Exponential(.1))
-    return pyro.sample('r', dist.StudentT(df=nu, loc=0., scale=torch.exp(s)), obs=returns)
+    step_size = pyro.sample("sigma", dist.Exponential(50.0))
+    s = pyro.sample(
+        "s",
+        dist.TransformedDistribution(
+            dist.Normal(0.0, step_size).expand([returns.shape[0]]).to_event(1), [CumsumTransform()]
+        ),
+    )
+    nu = pyro.sample("nu", dist.Exponential(0.1))
+    return pyro.sample("r", dist.StudentT(df=nu, loc=0.0, scale=torch.exp(s)), obs=returns)
 
 
 def missing_normal(y, mask):

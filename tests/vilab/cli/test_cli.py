@@ -1,4 +1,5 @@
 """The vilab command line: list, compare (registry and posteriordb), and its errors."""
+
 import json
 import os
 import shutil
@@ -17,8 +18,27 @@ def test_list_shows_models_posteriordb_problems_and_guides(capsys):
 
 def test_compare_writes_a_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["compare", "normal_normal", "--guides", "meanfield,planar", "--steps", "100", "--draws", "100",
-                 "--samples", "100", "--warmup", "100", "--chains", "2", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "compare",
+            "normal_normal",
+            "--guides",
+            "meanfield,planar",
+            "--steps",
+            "100",
+            "--draws",
+            "100",
+            "--samples",
+            "100",
+            "--warmup",
+            "100",
+            "--chains",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert {row["method"] for row in metrics["summary"]} == {"nuts", "meanfield", "planar"}
@@ -28,8 +48,24 @@ def test_compare_writes_a_run_directory(tmp_path, capsys):
 
 def test_compare_posteriordb_scores_guides_against_the_reference(tmp_path, posteriordb_path):
     out = tmp_path / "pdb"
-    code = main(["compare", "--posteriordb", posteriordb_path, "kidiq-kidscore_momiq", "--guides", "fullrank",
-                 "--steps", "300", "--draws", "200", "--no-nuts", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "compare",
+            "--posteriordb",
+            posteriordb_path,
+            "kidiq-kidscore_momiq",
+            "--guides",
+            "fullrank",
+            "--steps",
+            "300",
+            "--draws",
+            "200",
+            "--no-nuts",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reference"] == "reference draws"
@@ -54,8 +90,21 @@ def test_missing_subcommand_exits_with_usage():
 
 # --- user errors and --out: refused before any fitting, one line in the CLI's flags ---------
 
-_TINY = ["--guides", "meanfield", "--steps", "20", "--draws", "20", "--samples", "20", "--warmup", "20",
-         "--chains", "1", "--quiet"]
+_TINY = [
+    "--guides",
+    "meanfield",
+    "--steps",
+    "20",
+    "--draws",
+    "20",
+    "--samples",
+    "20",
+    "--warmup",
+    "20",
+    "--chains",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.fixture
@@ -82,8 +131,7 @@ def test_a_bad_option_is_one_line_in_the_cli_s_flags_not_a_traceback(tmp_path, c
 def test_a_misspelled_guide_is_refused_before_nuts_runs(tmp_path, capsys, no_nuts):
     out = tmp_path / "r"
     assert main(["compare", "normal_normal", *_TINY, "--guides", "meanfield,fulrank", "--out", str(out)]) == 2
-    assert "vilab: error: --guides: expected comma-separated names among meanfield, fullrank" in \
-        capsys.readouterr().err
+    assert "vilab: error: --guides: expected comma-separated names among meanfield, fullrank" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -109,8 +157,10 @@ def test_another_comparison_is_refused_in_a_folder_holding_a_report(compared, ca
     out, args = compared
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     assert main([*args, "--steps", "60"]) == 2
-    assert "holds the report of another comparison (--steps 20 -> 60); choose another --out, or add " \
-           "--force" in capsys.readouterr().err
+    assert (
+        "holds the report of another comparison (--steps 20 -> 60); choose another --out, or add "
+        "--force" in capsys.readouterr().err
+    )
     assert main(["compare", "eight_schools", *args[2:]]) == 2
     assert "model 'normal_normal' -> 'eight_schools'" in capsys.readouterr().err
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
@@ -129,7 +179,8 @@ def test_force_replaces_the_report_of_another_comparison_whole(compared, tmp_pat
 
 
 def test_a_rerun_of_the_same_comparison_may_replace_it_and_an_interrupted_one_leaves_it_whole(
-        compared, capsys, monkeypatch):
+    compared, capsys, monkeypatch
+):
     import importlib
 
     def interrupted(*args, **kwargs):
@@ -139,8 +190,10 @@ def test_a_rerun_of_the_same_comparison_may_replace_it_and_an_interrupted_one_le
     out, args = compared
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     assert main(args) == 130
-    assert capsys.readouterr().err == (f"vilab compare: {out} holds the report of this same comparison; "
-                                       "it is replaced when this one is done\nvilab: interrupted\n")
+    assert capsys.readouterr().err == (
+        f"vilab compare: {out} holds the report of this same comparison; "
+        "it is replaced when this one is done\nvilab: interrupted\n"
+    )
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     assert not [name for name in os.listdir(out.parent) if name.startswith(".")]
 
@@ -156,11 +209,27 @@ def test_ctrl_c_is_a_line_and_status_130_and_leaves_no_half_report(tmp_path, cap
     monkeypatch.setattr(compare_module, "run_nuts", interrupted)
     assert main(["compare", "normal_normal", *_TINY, "--out", str(tmp_path / "r")]) == 130
     assert capsys.readouterr().err == "vilab: interrupted\n" and os.listdir(tmp_path) == []
+
+
 def test_compare_runs_dadvi_on_a_ported_posteriordb_problem(tmp_path):
     ported = os.path.join(os.path.dirname(__file__), "..", "..", "data", "posteriordb")
     out = tmp_path / "dadvi"
-    code = main(["compare", "--posteriordb", ported, "kidiq-kidscore_momhsiq", "--guides", "dadvi",
-                 "--draws", "200", "--no-nuts", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "compare",
+            "--posteriordb",
+            ported,
+            "kidiq-kidscore_momhsiq",
+            "--guides",
+            "dadvi",
+            "--draws",
+            "200",
+            "--no-nuts",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert {row["parameter"] for row in metrics["table"]} == {"beta[1]", "beta[2]", "beta[3]", "sigma"}

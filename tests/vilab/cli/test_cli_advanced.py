@@ -1,4 +1,5 @@
 """``vilab gaps`` and ``vilab dmm`` parse, fail cleanly and (slow) run end to end."""
+
 import argparse
 import json
 
@@ -29,8 +30,9 @@ def test_gaps_on_a_directory_that_is_not_a_run_fails_with_a_message(tmp_path, ca
 @pytest.mark.slow
 def test_dmm_command_trains_and_prints_scores(tmp_path, capsys):
     out = tmp_path / "dmm.safetensors"
-    args = _parser().parse_args(["dmm", "--data", "pendulum", "--epochs", "1", "--num-test", "10",
-                                 "--iw-samples", "5", "--out", str(out)])
+    args = _parser().parse_args(
+        ["dmm", "--data", "pendulum", "--epochs", "1", "--num-test", "10", "--iw-samples", "5", "--out", str(out)]
+    )
     assert args.func(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["test_log_likelihood"] >= printed["test_elbo"] - 50 and out.exists()
@@ -42,5 +44,7 @@ def test_dmm_out_naming_a_folder_is_refused_before_training(tmp_path, capsys, mo
     monkeypatch.setattr(minibatch, "fit_minibatch", lambda *a, **k: pytest.fail("trained before checking --out"))
     args = _parser().parse_args(["dmm", "--data", "pendulum", "--out", str(tmp_path)])
     assert args.func(args) == 2
-    assert f"--out: expected a file name such as runs/dmm.safetensors; {str(tmp_path)!r} is a folder" in \
-        capsys.readouterr().err
+    assert (
+        f"--out: expected a file name such as runs/dmm.safetensors; {str(tmp_path)!r} is a folder"
+        in capsys.readouterr().err
+    )

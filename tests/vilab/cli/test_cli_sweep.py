@@ -1,12 +1,25 @@
 """``vilab sweep``: a tiny serial sweep, its resume, the leaderboard alone, and clear errors."""
+
 from vilab.cli import main
 
 TINY = ["--steps", "60", "--draws", "50", "--quiet", "--serial"]
 
 
 def test_sweep_runs_resumes_and_rewrites_the_leaderboard(tmp_path, capsys, posteriordb_path):
-    command = ["sweep", "--posteriordb", str(posteriordb_path), "--models", "posteriordb/kidiq-kidscore_momiq",
-               "--methods", "meanfield", "--seeds", "0", "--out", str(tmp_path), *TINY]
+    command = [
+        "sweep",
+        "--posteriordb",
+        str(posteriordb_path),
+        "--models",
+        "posteriordb/kidiq-kidscore_momiq",
+        "--methods",
+        "meanfield",
+        "--seeds",
+        "0",
+        "--out",
+        str(tmp_path),
+        *TINY,
+    ]
     assert main(command) == 0
     assert "1 tasks: 0 found finished, 1 done now, 0 failed" in capsys.readouterr().out
     assert main(command) == 0
