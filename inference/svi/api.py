@@ -205,8 +205,8 @@ def fit_svi(
             their conditional posterior.
         num_particles: Monte Carlo samples per step (vectorised when ``vectorize_particles``).
             ``None`` (default): 4 for a guide started at the Laplace approximation, else 1. At one
-            particle the gradient noise biases the fitted scales upwards (nes2000 ``fullrank``:
-            largest sd ratio 1.17 at 1 particle, 1.05 at 2, 1.02 at 4; docs/vi-convergence.md).
+            particle the gradient noise biases the fitted scales upwards (docs/vi-convergence.md
+            has the measurement).
         guide_options: options of a named guide family, e.g. ``{"num_flows": 4}``.
         init: ``"auto"`` (default): start a registry guide of a family that has one at the
             Laplace approximation when the mode and a positive-definite Hessian are found, else

@@ -20,7 +20,7 @@ those of the scores. With :math:`V = L L^\top`,
 symmetric: the update stays symmetric positive definite without a general matrix square root.
 For a Gaussian target the exact posterior is a fixed point for any batch.
 
-BaM from a far start (uniform on (-2, 2), :math:`\Sigma_0 = I`) can stall: on posteriordb's arK
+BaM from a far start (uniform on (-2, 2), :math:`\Sigma_0 = I`) can stall: on an AR(5) posterior
 it stayed thousands of nats below the mode with a collapsed covariance while its divergence
 estimate stopped decreasing. The default start is therefore the authors' other option, L-BFGS:
 :math:`\mu_0` at the mode L-BFGS finds from a uniform start, :math:`\Sigma_0` its
