@@ -20,7 +20,6 @@ from matplotlib.figure import Figure  # not pyplot: drawing a page must not touc
 
 from vilab.inference.report.html import _escape, _number, _page, _table, _warnings_block, encode_figure
 from vilab.inference.sweep.store import SweepStore
-from vilab.inference.sweep.tasks import GRADIENT_SCOPE_NUTS
 
 __all__ = ["LEADERBOARD_COLUMNS", "leaderboard_table", "render_leaderboard_html", "write_leaderboard"]
 
@@ -165,11 +164,6 @@ def _notes(results: pd.DataFrame, references: pd.DataFrame) -> list[str]:
     failed = int((results["status"] != "ok").sum())
     if failed:
         notes.append(f"{failed} of {len(results)} tasks failed; their errors are listed under Failed tasks.")
-    if "gradient_evaluations_scope" in results and (results["gradient_evaluations_scope"] == GRADIENT_SCOPE_NUTS).any():
-        notes.append(
-            "NUTS gradient evaluations count the leapfrog steps of the kept draws only (the sampler does "
-            "not record its warmup trees): they are a lower bound of NUTS's cost (square markers)."
-        )
     ok = results[results["status"] == "ok"]
     if "converged" in ok:
         stuck = ok[ok["converged"].notna() & ~ok["converged"].fillna(1).astype(bool)]

@@ -22,8 +22,9 @@ from vilab.inference.sweep.problems import load_problem
 __all__ = ["environment", "run_reference", "run_task"]
 
 # compare's summary holds the methods' numbers; these come from the task itself.
-GRADIENT_SCOPE_SVI = "optimisation steps x particles"
-GRADIENT_SCOPE_NUTS = "leapfrog steps of the kept draws (warmup not recorded)"
+GRADIENT_SCOPE_SVI = "optimisation steps x particles, start included (or the method's own count)"
+GRADIENT_SCOPE_NUTS = "leapfrog steps of all chains, warmup included"
+GRADIENT_SCOPES = {"vi": GRADIENT_SCOPE_SVI, "nuts": GRADIENT_SCOPE_NUTS}
 
 
 @contextlib.contextmanager
@@ -146,25 +147,14 @@ def run_task(
 
 
 def _gradient_evaluations(method) -> dict[str, Any]:
-    """Gradient evaluations of log p: a method's own count where it reports one
-    (``config["num_gradient_evaluations"]``), else steps x particles for SVI and the kept draws'
-    leapfrog steps for NUTS (the NUTS sampler does not record its warmup trees)."""
+    """Gradient evaluations of log p, as every method records them in
+    ``config["gradient_evaluations"]`` (SVI: steps x particles plus its Laplace start; NUTS:
+    leapfrog steps of all chains, warmup included; the VI methods: their own count)."""
     config = getattr(method.result, "config", {}) or {}
-    if "num_gradient_evaluations" in config:
-        return {
-            "num_gradient_evaluations": int(config["num_gradient_evaluations"]),
-            "gradient_evaluations_scope": config.get("gradient_evaluations_scope", "reported by the method"),
-        }
-    if method.kind == "nuts":
-        steps = method.result.sample_stats.get("n_steps")
-        count = int(np.sum(steps)) if steps is not None else None
-        return {"num_gradient_evaluations": count, "gradient_evaluations_scope": GRADIENT_SCOPE_NUTS}
-    if "num_particles" in config:
-        return {
-            "num_gradient_evaluations": int(method.result.num_steps * config["num_particles"]),
-            "gradient_evaluations_scope": GRADIENT_SCOPE_SVI,
-        }
-    return {"num_gradient_evaluations": None, "gradient_evaluations_scope": "not reported by the method"}
+    count = config.get("gradient_evaluations")
+    if count is None:
+        return {"num_gradient_evaluations": None, "gradient_evaluations_scope": "not reported by the method"}
+    return {"num_gradient_evaluations": int(count), "gradient_evaluations_scope": GRADIENT_SCOPES[method.kind]}
 
 
 def _plain(value: Any) -> Any:

@@ -72,7 +72,7 @@ def test_page_is_self_contained_and_says_what_to_distrust(store, tmp_path):
     assert text.count('src="data:image/png;base64,') == 2  # one accuracy-against-cost figure per model
     assert not re.search(r'(src|href)="(https?:)?//', text), "the page must not reach the network"
     assert "NonFiniteLossError: the loss became non-finite" in text
-    assert "lower bound of NUTS" in text and "The NUTS reference of m2 has R-hat 1.2 and 3 divergences" in text
+    assert "The NUTS reference of m2 has R-hat 1.2 and 3 divergences" in text
     assert "1 of 12 tasks failed" in text
     assert (
         "2 VI fits stopped before their loss converged (model method (seeds)): m1 meanfield (1), m2 meanfield (1)"
