@@ -227,7 +227,7 @@ def run_nuts(
                 raise
             warnings.warn(
                 f"run_nuts: the vectorized sampler cannot run this model ({error}); falling back to Pyro's "
-                "NUTS, one chain per process, expected 10-60x slower per draw (every leapfrog step runs "
+                "NUTS, one chain per process, expected several to tens of times slower per draw (every leapfrog step runs "
                 "the model through Pyro's tracing in Python). Pyro's jit_compile is not used: a traced "
                 "potential would freeze one branch of Python control flow on latent values, the usual "
                 "reason for this fallback. Write the branch with torch.where to get the fast path.",
