@@ -45,7 +45,44 @@ def warnings_for(report) -> list[str]:
                     f"{x.get('num_steps')} steps before its convergence test passed{why}; its "
                     "numbers are those of an unfinished fit (raise num_steps)."
                 )
+    notes.extend(_skewed_misses(report))
     return notes
+
+
+# A Gaussian family's mean error (reference sds) worth explaining, and the reference's sample
+# skewness from which a marginal is too asymmetric for a symmetric approximation to match.
+_OFF_SD = 0.1
+_SKEWED = 0.5
+
+
+def _skewed_misses(report) -> list[str]:
+    """A guide whose mean is off where the reference marginal is skewed: the reason a Gaussian
+    family misses even at its exact optimum, which a low k-hat does not reveal."""
+    table = getattr(report, "table", None)
+    if table is None or not len(table) or "mean_error_sd" not in table:
+        return []
+    notes = []
+    for name, rows in table.groupby("method", sort=False):
+        off = rows[rows["mean_error_sd"].abs() > _OFF_SD]
+        skews = {p: _skewness(report.reference.get(p)) for p in off["parameter"]}
+        skewed = {p: g for p, g in skews.items() if abs(g) > _SKEWED}
+        if skewed:
+            worst = max(skewed, key=lambda p: abs(skewed[p]))
+            error = float(off.set_index("parameter").loc[worst, "mean_error_sd"])
+            notes.append(
+                f"{name}: {len(skewed)} parameter(s) more than {_OFF_SD} sd off where the reference "
+                f"marginal is skewed (worst {worst}: {error:+.2f} sd, skewness {skewed[worst]:.2f}); a "
+                "Gaussian approximation cannot match a skewed marginal even at its optimum."
+            )
+    return notes
+
+
+def _skewness(values) -> float:
+    values = np.asarray(values, dtype=float).reshape(-1) if values is not None else np.zeros(0)
+    if values.size < 3 or not np.std(values) > 0:
+        return 0.0
+    centred = values - values.mean()
+    return float(np.mean(centred**3) / np.std(values) ** 3)
 
 
 # Mean leapfrog steps per draw from which a diagonal metric is suspected of fighting correlations.
