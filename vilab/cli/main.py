@@ -190,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--posteriordb", metavar="PATH", help="a posteriordb folder; MODEL is then a problem name")
     cmp.add_argument("--guides", default=DEFAULT_GUIDES, help=f"comma-separated guides (default {DEFAULT_GUIDES})")
     cmp.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
-    cmp.add_argument("--steps", type=int, default=6000, help="max SVI steps per guide (a fit stops earlier once its convergence test passes)")
+    cmp.add_argument(
+        "--steps",
+        type=int,
+        default=6000,
+        help="max SVI steps per guide (a fit stops earlier once its convergence test passes)",
+    )
     cmp.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
     cmp.add_argument("--flows", type=int, default=2, help="K, layers of flow guides")
     cmp.add_argument("--draws", type=int, default=4000, help="guide draws for metrics and PSIS")
