@@ -3,9 +3,10 @@ r"""The model's log density on the unconstrained space, for methods that call it
 Pathfinder and batch-and-match need :math:`\log p(x, T^{-1}(z)) + \log|\det J_{T^{-1}}(z)|`
 and its gradient at a ``(B, D)`` batch of flat unconstrained points, in the layout of
 :class:`~vilab.inference.engine.potential.BatchedPotential`. Where the model passes the batching
-checks the batch is one model run; where it does not (``VectorizationError``: Python control
-flow or matrix algebra on latent values), the points are evaluated one at a time with the same
-layout, so the answer is the same and only slower. Every evaluation is counted, so the methods
+checks (under an outer plate or ``torch.func.vmap``) the batch is one model run; where it does
+not (Python control flow on latent values), the points are evaluated one at a time by
+:class:`~vilab.inference.vi.potential.LoopedPotential`, the same fallback DADVI uses, so the
+answer is the same and only slower. Every evaluation is counted, so the methods
 can report how many log-density gradients they used.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from vilab.inference.engine.potential import BatchedPotential, VectorizationError
+from vilab.inference.engine.potential import VectorizationError
+from vilab.inference.vi.potential import LoopedPotential, unconstrained_potential
 
 __all__ = ["LogDensity"]
 
@@ -37,14 +39,10 @@ class LogDensity:
 
     def __init__(self, model, args: tuple, kwargs: dict, *, seed: int = 0) -> None:
         try:
-            self.potential = BatchedPotential(model, args, kwargs, num_chains=2, compile=False, seed=seed)
-            self.batched = True
-        except VectorizationError as error:
-            if "discrete" in str(error) or "no continuous latent" in str(error):
-                raise ValueError(f"model: {error}; these methods fit continuous latents only") from error
-            # Same layout, no batching checks: every point is then evaluated on its own.
-            self.potential = BatchedPotential(model, args, kwargs, num_checks=0, compile=False, seed=seed)
-            self.batched = False
+            self.potential = unconstrained_potential(model, args, kwargs, batch_size=2, seed=seed)
+        except VectorizationError as error:  # a discrete latent, or no continuous one
+            raise ValueError(f"model: {error}; these methods fit continuous latents only") from error
+        self.batched = not isinstance(self.potential, LoopedPotential)
         self.dim = self.potential.dim
         self.gradient_evaluations = 0
         self.density_evaluations = 0
@@ -52,19 +50,14 @@ class LogDensity:
     def value_and_score(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r""":math:`\log p(z)` ``(B,)`` and :math:`\nabla_z \log p(z)` ``(B, D)`` at ``z`` ``(B, D)``."""
         self.gradient_evaluations += z.shape[0]
-        if self.batched:
-            potential, grad = self.potential.eager_value_and_grad(z)
-            return -potential, -grad
-        pairs = [self.potential.single_chain_value_and_grad(point) for point in z]
-        return -torch.stack([value for value, _ in pairs]), -torch.stack([grad for _, grad in pairs])
+        potential, grad = self.potential.eager_value_and_grad(z)
+        return -potential, -grad
 
     @torch.no_grad()
     def log_density(self, z: torch.Tensor) -> torch.Tensor:
         r""":math:`\log p(z)` ``(B,)`` at ``z`` ``(B, D)``, without gradients."""
         self.density_evaluations += z.shape[0]
-        if self.batched:
-            return self.potential.log_density(z)
-        return torch.stack([-self.potential.single_chain_value_and_grad(point)[0] for point in z])
+        return self.potential.log_density(z)
 
     def initial_points(self, num_points: int, generator: torch.Generator, max_tries: int = 100) -> torch.Tensor:
         """``(num_points, D)`` starts uniform on (-2, 2) in unconstrained space (as Stan's),

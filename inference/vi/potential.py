@@ -56,7 +56,7 @@ class LoopedPotential(BatchedPotential):
         self.dim = sum(site.size for site in self.sites)
         if self.dim == 0:
             raise VectorizationError("the model has no continuous latent sites")
-        self.compiled, self.graph_module = False, None
+        self.compiled, self.graph_module, self.mode = False, None, "loop"
         self._value_and_grad = self.eager_value_and_grad
 
     def log_density(self, z: torch.Tensor) -> torch.Tensor:
