@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import traceback
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -13,7 +14,7 @@ from vilab.inference.common.progress import progress_bar
 
 from vilab.errors import ChainError
 
-__all__ = ["run_chains", "ChainError"]
+__all__ = ["run_chains", "cannot_fork", "ChainError"]
 
 
 def _child(worker, worker_args, chain, messages):
@@ -23,6 +24,27 @@ def _child(worker, worker_args, chain, messages):
         messages.put(("done", chain, result))
     except Exception:  # noqa: BLE001 - re-raised in the parent with the traceback
         messages.put(("error", chain, traceback.format_exc()))
+
+
+def cannot_fork() -> str:
+    """Why this process cannot split its chains over children (empty if it can)."""
+    if "fork" not in mp.get_all_start_methods():
+        return "the 'fork' start method is missing here"
+    if torch.cuda.is_initialized():
+        return "CUDA is initialised, and a forked child cannot use it"
+    if mp.current_process().daemon:  # a worker of mp.Pool, say
+        return "this is a daemonic process, which multiprocessing lets have no children"
+    if _TORCH_VERSION >= (2, 14):
+        # From 2.14, tracing a gradient (make_fx over autograd.grad, as the potential is traced)
+        # leaves autograd unusable in any forked child ("Unable to handle autograd's threading
+        # in combination with fork-based multiprocessing"); torch 2.13 allowed it.
+        return (
+            f"torch {torch.__version__}'s autograd cannot run in a forked child once the parent has traced a gradient"
+        )
+    return ""
+
+
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def run_chains(
@@ -39,6 +61,11 @@ def run_chains(
 
     ``report(n)`` advances the shared progress bar by ``n`` iterations.
     """
+    if parallel and num_chains > 1 and cannot_fork():
+        warnings.warn(
+            f"{desc}: the chains run one after another in this process: {cannot_fork()}", RuntimeWarning, stacklevel=3
+        )
+        parallel = False
     bar = progress_bar(total=total, desc=desc, enabled=progress)
     try:
         if not parallel or num_chains == 1:

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import multiprocessing
 import os
 import pickle
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 
-from vilab.inference.engine.processes.chains import run_chains
+from vilab.inference.engine.processes.chains import cannot_fork, run_chains
 from vilab.errors import VectorizationError
 
 __all__ = [
@@ -44,17 +42,6 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def cannot_fork() -> str:
-    """Why this process cannot split its chains over children (empty if it can)."""
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return "the 'fork' start method is missing here"
-    if torch.cuda.is_initialized():
-        return "CUDA is initialised, and a forked child cannot use it"
-    if multiprocessing.current_process().daemon:  # a worker of multiprocessing.Pool, say
-        return "this is a daemonic process, which multiprocessing lets have no children"
-    return ""
 
 
 def available_workers(num_chains: int) -> int:
