@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vilab.inference.engine.processes import workers as fast_workers
-from vilab.inference.engine.processes.chains import ChainError
+from vilab.inference.engine.processes.chains import ChainError, cannot_fork
 from vilab.inference.nuts.sampler import sample_vectorized_nuts
 from vilab.inference.engine.processes.workers import (
     ThrottledReport,
@@ -47,6 +47,10 @@ def test_the_first_batch_keeps_the_seed_and_no_batch_repeats_another_runs():
     assert len(seeds) == 200 and all(0 <= seed < 2**63 for seed in seeds)
 
 
+# Where this process may not fork (torch 2.14, a daemonic process...), chains are not split.
+requires_fork = pytest.mark.skipif(bool(cannot_fork()), reason=f"needs forked workers: {cannot_fork()}")
+
+
 @pytest.mark.parametrize(
     "workers, message",
     [
@@ -67,6 +71,7 @@ def test_bad_workers_are_refused_naming_the_argument(workers, message):
         )
 
 
+@requires_fork
 def test_default_workers_is_one_per_core_at_most_one_per_chain(monkeypatch):
     monkeypatch.setattr(fast_workers, "cores", lambda: 2)
     assert resolve_workers(None, 4) == 2 and resolve_workers(None, 1) == 1
@@ -76,6 +81,7 @@ def test_default_workers_is_one_per_core_at_most_one_per_chain(monkeypatch):
     assert resolve_workers(None, 4) == 1
 
 
+@requires_fork
 def test_each_batch_is_the_unsplit_run_of_its_chains_and_seed():
     torch.set_default_dtype(torch.float64)
     options = dict(num_samples=40, num_warmup=30, seed=11, progress=False, compiler="vm")
@@ -94,6 +100,7 @@ def test_each_batch_is_the_unsplit_run_of_its_chains_and_seed():
     assert split.backend == "vm" and split.compiled and split.sampling_time > 0 and split.warmup_time > 0
 
 
+@requires_fork
 def test_a_split_run_matches_the_closed_form_posterior(normal_normal_check):
     torch.set_default_dtype(torch.float64)
     result = sample_vectorized_nuts(
@@ -122,6 +129,7 @@ def test_batches_get_their_chains_seed_and_init_values_in_order():
     assert torch.equal(results[0][2]["loc"], init["loc"][:3]) and torch.equal(results[1][2]["loc"], init["loc"][3:])
 
 
+@requires_fork
 @pytest.mark.parametrize(
     "fail, kind, message",
     [
@@ -176,6 +184,7 @@ def _run_in_pool(workers):
     return result.samples["loc"].shape
 
 
+@requires_fork
 def test_a_pool_worker_keeps_its_chains_in_its_own_process():
     import multiprocessing
 

@@ -14,6 +14,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from vilab.inference.engine.processes.chains import cannot_fork
 from vilab.inference import run_nuts
 
 Z = 4.0
@@ -66,6 +67,7 @@ def test_both_backends_report_the_same_sample_stats_to_arviz(runs):
         assert np.all(az.bfmi(result.inference_data) > 0.3)
 
 
+@pytest.mark.skipif(bool(cannot_fork()), reason=f"needs forked workers: {cannot_fork()}")
 def test_chain_method_splits_the_vectorized_chains_or_keeps_them_in_this_process(monkeypatch):
     from vilab.inference.engine.processes import workers as fast_workers
 
