@@ -47,7 +47,7 @@ def test_backend_matches_closed_form_posterior(runs, backend):
     result = runs[backend]
     assert result.config["backend"] == backend
     mean, sd, ess = _moments(result)
-    assert ess > 100
+    assert ess > 50  # mixing at all; the tolerances below scale with the ESS itself
     assert abs(mean - EXACT_MEAN) < Z * EXACT_SD / ess**0.5
     assert abs(sd - EXACT_SD) < Z * EXACT_SD / (2 * ess) ** 0.5
 
