@@ -10,13 +10,11 @@ where Pyro knows it) or the importance-weighted bound of Burda et al. (``RenyiEL
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import numbers
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import pyro
@@ -24,14 +22,9 @@ import torch
 from pyro.infer.autoguide import AutoLaplaceApproximation
 
 from vilab.guides.registry import get_guide, guide_name
-from vilab.inference.svi.convergence import ConvergenceCheck, IterateMonitor
-from vilab.inference.engine.step import threads_for
 from vilab.inference.engine.backends.inductor import COMPILERS
-from vilab.inference.engine.policy import FusePolicy
-from vilab.inference.engine.svi_step import CompiledSVIStep
 from vilab.inference.common.enumeration import enumerated_objective, hide_enumerated
 from vilab.inference.svi.guide_draws import draw_from_guide
-from vilab.inference.common.progress import progress_bar
 from vilab.inference.svi.init import LaplaceStart, prepare_guide, window_size
 from vilab.inference.svi.steppers import BACKENDS, ELBOS, make_stepper, non_finite_site
 from vilab.inference.common.model_handlers import for_inference, full_plates, has_subsampling
@@ -45,6 +38,8 @@ from vilab.inference.common.validation import (
 )
 from vilab.types import Guide, Model, Samples
 from vilab.errors import LaplaceError, NonFiniteLossError
+
+from vilab.inference.svi.loop import _optimise, _warn_not_converged
 
 __all__ = ["SVIResult", "GuideSample", "NonFiniteLossError", "LaplaceError", "fit_svi", "ELBOS", "check_svi_options"]
 
@@ -348,6 +343,7 @@ def fit_svi(
         progress,
         compiler,
         config,
+        _raise_non_finite,
     )
     converged = check is not None and check.converged
     if converged:  # Polyak-Ruppert: the mean of the stationary window's iterates
@@ -375,74 +371,6 @@ def _refuse_svi_options(method: str, **given: Any) -> None:
             f"{', '.join(f'{n}={given[n]!r}' for n in changed)}. Pass {method!r}'s own options "
             "in guide_options."
         )
-
-
-def _optimise(
-    stepper,
-    model,
-    guide,
-    args,
-    kwargs,
-    name,
-    elbo,
-    start,
-    num_steps,
-    window,
-    min_steps,
-    early_stop,
-    progress,
-    compiler,
-    config,
-):
-    """The SVI loop; returns ``(losses, last ConvergenceCheck or None, averaged parameters)``."""
-    losses: list[float] = []
-    check, average, monitor = None, None, None
-    bar = progress_bar(range(num_steps), desc=f"SVI {name}", enabled=progress)
-    policy = FusePolicy(compiler if isinstance(stepper, CompiledSVIStep) else "torchscript", num_steps)
-    fused_at, fuse_seconds = "", 0.0
-    with threads_for(stepper.numel), _cancelling(stepper):
-        for step in bar:
-            if not policy.decided:
-                fuse_seconds += _maybe_fuse(policy, stepper, step)
-                if getattr(stepper, "fused_from_cache", False):
-                    fused_at = f"; loaded from the kernel cache at step {step}"
-            elif policy.background and stepper.fusing:
-                fused_at = _poll_fusion(stepper, step)
-            loss = stepper.step()
-            if not np.isfinite(loss):
-                _raise_non_finite(model, guide, args, kwargs, step, losses, start, name, elbo, stepper)
-            losses.append(float(loss))
-            flat = stepper.flat()
-            monitor = monitor or IterateMonitor(flat.numel(), window, units=stepper.units())
-            monitor.record(flat)
-            if step % 50 == 0:
-                bar.set_postfix(elbo=f"{-np.mean(losses[-50:]):.4g}")
-            if monitor.ready and (step + 1 >= min_steps or step + 1 == num_steps):
-                check, average = monitor.check(losses), monitor.average()
-                if early_stop and check.converged:
-                    break
-    bar.close()
-    if check is None or check.step != len(losses):
-        check, average = (monitor.check(losses), monitor.average()) if monitor and monitor.ready else (check, average)
-    config.update(
-        fused=bool(getattr(stepper, "fused", False)), fuse_decision=policy.reason + fused_at, fuse_seconds=fuse_seconds
-    )
-    return losses, check, average
-
-
-def _warn_not_converged(
-    name: str, num_steps: int, check: Optional[ConvergenceCheck], window: int, init_note: str
-) -> None:
-    why = (
-        check.reason if check is not None else f"the run ({num_steps} steps) is shorter than one test window ({window})"
-    )
-    warnings.warn(
-        f"fit_svi: guide {name!r} did not converge in {num_steps} steps: {why}. The fit is its last "
-        f"iterate, not a converged optimum; raise num_steps, or check that the posterior is proper "
-        f"(start: {init_note}).",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 def _laplace_result(model, guide, args, kwargs, name, elbo, laplace: LaplaceStart, start, config) -> SVIResult:
@@ -491,45 +419,6 @@ def check_svi_options(
     if min_steps is not None:
         check_positive_int(min_steps, "min_steps", 0)
     check_seed(seed, allow_none=True)
-
-
-def _maybe_fuse(policy: FusePolicy, stepper, step: int) -> float:
-    """Ask ``policy`` whether to fuse the compiled step before step ``step``; returns the
-    seconds spent compiling (counted as setup, as a JIT's first call is; none for a
-    compilation started in the background)."""
-    chosen = policy.choose(step, [(stepper, step)])
-    if chosen is not None and not chosen:
-        return 0.0
-    if chosen and policy.background:
-        stepper.fuse_start()
-        return 0.0
-    start = time.perf_counter()
-    if not stepper.fuse():
-        warnings.warn(
-            f"fit_svi: no fused kernel ({stepper.fuse_failure}); the traced step keeps running",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return time.perf_counter() - start
-
-
-def _poll_fusion(stepper, step: int) -> str:
-    """What became of the stepper's background compilation once it is over (``""`` until then)."""
-    outcome = stepper.fuse_poll()
-    if outcome is None:
-        return ""
-    return f"; fused at step {step}" if outcome else f"; not fused: {stepper.fuse_failure}"
-
-
-@contextlib.contextmanager
-def _cancelling(stepper) -> Iterator[None]:
-    """Stop the stepper's background compilation, if any, when the run ends."""
-    try:
-        yield
-    finally:
-        cancel = getattr(stepper, "fuse_cancel", None)
-        if cancel is not None:
-            cancel()
 
 
 def _laplace(guide: AutoLaplaceApproximation, args, kwargs):

@@ -17,6 +17,8 @@ import torch
 
 from vilab.inference.engine.backends.vm_program import _DTYPE, Program, Unsupported, _contiguous_strides, _dim, _View
 
+from vilab.inference.engine.backends import vm_views
+
 __all__ = ["translate"]
 
 aten = torch.ops.aten
@@ -282,106 +284,12 @@ def _mean(program, expected, a, dims=None, keepdim=False, dtype=None):
     return total
 
 
-def _new_ones(program, expected, *args, **kwargs):
-    return _filled(program, expected, 1.0)
-
-
-def _new_zeros(program, expected, *args, **kwargs):
-    return _filled(program, expected, 0.0)
-
-
 def _full(program, expected, size, fill_value, **kwargs):
     return _filled(program, expected, fill_value)
 
 
 def _scalar_tensor(program, expected, value, **kwargs):
     return _filled(program, expected, value)
-
-
-# -- views -------------------------------------------------------------------------------------
-
-
-def _select(program, expected, a, dim, index):
-    dim = _dim(dim, len(a.shape))
-    index = index + a.shape[dim] if index < 0 else index
-    return _View(a.off + index * a.st[dim], a.shape[:dim] + a.shape[dim + 1 :], a.st[:dim] + a.st[dim + 1 :], a.dtype)
-
-
-def _slice(program, expected, a, dim=0, start=None, end=None, step=1):
-    dim = _dim(dim, len(a.shape))
-    start, end, _ = slice(start, end, step).indices(a.shape[dim])
-    size = max(0, -(-(end - start) // step))
-    shape = a.shape[:dim] + (size,) + a.shape[dim + 1 :]
-    st = a.st[:dim] + (a.st[dim] * step,) + a.st[dim + 1 :]
-    return _View(a.off + start * a.st[dim], shape, st, a.dtype)
-
-
-def _transpose(program, expected, a, d0, d1):
-    order = list(range(len(a.shape)))
-    d0, d1 = _dim(d0, len(order)), _dim(d1, len(order))
-    order[d0], order[d1] = order[d1], order[d0]
-    return _permute(program, expected, a, order)
-
-
-def _permute(program, expected, a, dims):
-    dims = [_dim(d, len(a.shape)) for d in dims]
-    return _View(a.off, [a.shape[d] for d in dims], [a.st[d] for d in dims], a.dtype)
-
-
-def _t(program, expected, a):
-    return _permute(program, expected, a, list(reversed(range(len(a.shape)))))
-
-
-def _unsqueeze(program, expected, a, dim):
-    dim = _dim(dim, len(a.shape) + 1)
-    return _View(a.off, a.shape[:dim] + (1,) + a.shape[dim:], a.st[:dim] + (0,) + a.st[dim:], a.dtype)
-
-
-def _squeeze(program, expected, a, dim=None):
-    dims = (
-        range(len(a.shape))
-        if dim is None
-        else [_dim(d, len(a.shape)) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
-    )
-    keep = [d for d in range(len(a.shape)) if not (d in dims and a.shape[d] == 1)]
-    return _View(a.off, [a.shape[d] for d in keep], [a.st[d] for d in keep], a.dtype)
-
-
-def _expand(program, expected, a, size, implicit=False):
-    lead = len(size) - len(a.shape)
-    shape, st = list(size[:lead]), [0] * lead
-    for old, stride, new in zip(a.shape, a.st, size[lead:]):
-        shape.append(old if new == -1 else new)
-        st.append(stride if old == shape[-1] and old != 1 else 0)
-    return _View(a.off, shape, st, a.dtype)
-
-
-def _reshape(program, expected, a, shape):
-    shape = tuple(expected.shape)
-    if not a.contiguous():  # a copy first, as PyTorch's reshape of such a view
-        copy = program.alloc(a.shape, a.dtype)
-        program.emit("COPY", copy, a)
-        a = copy
-    return _View(a.off, shape, _contiguous_strides(shape), a.dtype)
-
-
-def _unbind(program, expected, a, dim=0):
-    return tuple(_select(program, None, a, dim, index) for index in range(a.shape[_dim(dim, len(a.shape))]))
-
-
-def _flip(program, expected, a, dims):
-    off, st = a.off, list(a.st)
-    for d in (_dim(d, len(a.shape)) for d in dims):
-        off += (a.shape[d] - 1) * st[d]
-        st[d] = -st[d]
-    return _View(off, a.shape, st, a.dtype)
-
-
-def _noop(program, expected, a, *args, **kwargs):
-    return a
-
-
-# -- copies into views of a new value ----------------------------------------------------------
 
 
 def _cat(program, expected, tensors, dim=0):
@@ -392,7 +300,7 @@ def _cat(program, expected, tensors, dim=0):
         if len(tensor.shape) == 1 and tensor.shape[0] == 0 and len(out.shape) != 1:
             continue  # an empty 1-d tensor, which cat skips
         size = tensor.shape[dim]
-        program.emit("COPY", _slice(program, None, out, dim, start, start + size), tensor)
+        program.emit("COPY", vm_views._slice(program, None, out, dim, start, start + size), tensor)
         start += size
     return out
 
@@ -401,7 +309,7 @@ def _stack(program, expected, tensors, dim=0):
     out = _out(program, expected)
     dim = _dim(dim, len(out.shape))
     for index, tensor in enumerate(tensors):
-        program.emit("COPY", _select(program, None, out, dim, index), tensor)
+        program.emit("COPY", vm_views._select(program, None, out, dim, index), tensor)
     return out
 
 
@@ -412,21 +320,21 @@ def _constant_pad_nd(program, expected, a, pad, value=0.0):
         dim = len(out.shape) - 1 - pair
         left, right = pad[2 * pair], pad[2 * pair + 1]
         size = out.shape[dim] - max(left, 0) - max(right, 0)
-        target = _slice(program, None, target, dim, max(left, 0), max(left, 0) + size)
-        source = _slice(program, None, source, dim, max(-left, 0), max(-left, 0) + size)
+        target = vm_views._slice(program, None, target, dim, max(left, 0), max(left, 0) + size)
+        source = vm_views._slice(program, None, source, dim, max(-left, 0), max(-left, 0) + size)
     program.emit("COPY", target, source)
     return out
 
 
 def _slice_backward(program, expected, grad, input_sizes, dim, start, end, step):
     out = _filled(program, expected, 0.0)
-    program.emit("COPY", _slice(program, None, out, dim, start, end, step), grad)
+    program.emit("COPY", vm_views._slice(program, None, out, dim, start, end, step), grad)
     return out
 
 
 def _select_backward(program, expected, grad, input_sizes, dim, index):
     out = _filled(program, expected, 0.0)
-    program.emit("COPY", _select(program, None, out, dim, index), grad)
+    program.emit("COPY", vm_views._select(program, None, out, dim, index), grad)
     return out
 
 
@@ -538,29 +446,29 @@ _HANDLERS: dict = {
     aten.nan_to_num.default: _nan_to_num,
     aten._to_copy.default: _to_copy,
     aten.clone.default: _clone,
-    aten.new_ones.default: _new_ones,
-    aten.new_zeros.default: _new_zeros,
+    aten.new_ones.default: lambda p, e, *a, **k: _filled(p, e, 1.0),
+    aten.new_zeros.default: lambda p, e, *a, **k: _filled(p, e, 0.0),
     aten.full.default: _full,
     aten.scalar_tensor.default: _scalar_tensor,
-    aten.ones_like.default: _new_ones,
-    aten.zeros_like.default: _new_zeros,
+    aten.ones_like.default: lambda p, e, *a, **k: _filled(p, e, 1.0),
+    aten.zeros_like.default: lambda p, e, *a, **k: _filled(p, e, 0.0),
     aten.full_like.default: lambda p, e, a, value, **k: _filled(p, e, value),
     aten.mean.dim: _mean,
-    aten.select.int: _select,
-    aten.slice.Tensor: _slice,
-    aten.transpose.int: _transpose,
-    aten.permute.default: _permute,
-    aten.t.default: _t,
-    aten.unsqueeze.default: _unsqueeze,
-    aten.squeeze.dim: _squeeze,
-    aten.squeeze.dims: _squeeze,
-    aten.squeeze.default: _squeeze,
-    aten.expand.default: _expand,
-    aten.view.default: _reshape,
-    aten._unsafe_view.default: _reshape,
-    aten.reshape.default: _reshape,
-    aten.unbind.int: _unbind,
-    aten.flip.default: _flip,
+    aten.select.int: vm_views._select,
+    aten.slice.Tensor: vm_views._slice,
+    aten.transpose.int: vm_views._transpose,
+    aten.permute.default: vm_views._permute,
+    aten.t.default: vm_views._t,
+    aten.unsqueeze.default: vm_views._unsqueeze,
+    aten.squeeze.dim: vm_views._squeeze,
+    aten.squeeze.dims: vm_views._squeeze,
+    aten.squeeze.default: vm_views._squeeze,
+    aten.expand.default: vm_views._expand,
+    aten.view.default: vm_views._reshape,
+    aten._unsafe_view.default: vm_views._reshape,
+    aten.reshape.default: vm_views._reshape,
+    aten.unbind.int: vm_views._unbind,
+    aten.flip.default: vm_views._flip,
     aten.cat.default: _cat,
     aten.stack.default: _stack,
     aten.constant_pad_nd.default: _constant_pad_nd,
@@ -582,5 +490,5 @@ _HANDLERS: dict = {
     aten.cumprod.default: _scan("CUMPROD"),
     aten.bmm.default: _bmm,
     aten.mm.default: _bmm,
-    **{view: _noop for view in _NOOP_VIEWS},
+    **{view: vm_views._noop for view in _NOOP_VIEWS},
 }
