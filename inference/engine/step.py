@@ -26,15 +26,9 @@ from vilab.inference.engine.graph.simplify import simplify
 from vilab.inference.engine.backends.inductor import compile_fused, load_cached, predicted_compile_seconds
 from vilab.inference.engine.backends.vm import Unsupported, vm_step
 
-from vilab.inference.engine.verify import (
-    _call_time,
-    _describe,
-    ROUNDING_RTOL_ULPS,
-    ROUNDING_ATOL_ULPS,
-    _all_close,
-    _close,
-    _static_runtime,
-)  # noqa: F401 -- re-exported for the step's callers
+from vilab.inference.engine.verify import _all_close as _all_close  # also imported from here
+from vilab.inference.engine.verify import _call_time as _call_time
+from vilab.inference.engine.verify import _describe, _static_runtime
 
 __all__ = ["LEAF_FIELDS", "leaf_step", "CompiledStep", "make_leaf_stepper", "checkpoint_masks", "threads_for"]
 
