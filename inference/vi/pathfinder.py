@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -145,6 +146,30 @@ def _setup(model, args, kwargs, seed):
     return LogDensity(model, args, kwargs, seed=0 if seed is None else seed), generator
 
 
+def _first_good_path(
+    density: LogDensity, generator, start: Optional[torch.Tensor], max_starts: int, options: dict
+) -> tuple[PathGaussian, list[str]]:
+    """The first path, over up to ``max_starts`` uniform starts (one if ``start`` is given),
+    that gives a Gaussian; warns about the failed ones."""
+    failures: list[str] = []
+    for _ in range(1 if start is not None else max_starts):
+        point = start if start is not None else density.initial_points(1, generator)[0]
+        try:
+            best = pathfinder_path(density, point, generator, **options)
+        except RuntimeError as error:
+            failures.append(str(error))
+            continue
+        if failures:
+            warnings.warn(
+                f"pathfinder: {len(failures)} start(s) failed and were replaced by fresh uniform starts "
+                f"(first: {failures[0]})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return best, failures
+    raise RuntimeError(f"pathfinder: every one of {len(failures)} start(s) failed: " + "; ".join(failures))
+
+
 def fit_pathfinder(
     model: Model,
     *args: Any,
@@ -156,6 +181,7 @@ def fit_pathfinder(
     relative_tolerance: float = 1e-10,
     gradient_tolerance: float = 1e-8,
     init: Optional[torch.Tensor] = None,
+    max_starts: int = 4,
     **kwargs: Any,
 ) -> SVIResult:
     r"""Single-path Pathfinder on ``model(*args, **kwargs)``; ``fit_svi(model, "pathfinder")`` calls it.
@@ -169,24 +195,30 @@ def fit_pathfinder(
         num_elbo_draws: :math:`K`, draws per ELBO estimate along the path (Stan's 25).
         relative_tolerance, gradient_tolerance: L-BFGS's stopping rules (scipy's ``ftol``, ``gtol``).
         init: start ``(D,)`` on the flat unconstrained space; default uniform on (-2, 2).
+        max_starts: uniform starts tried at most when ``init`` is None. A start on a plateau of
+            the density can end L-BFGS before any iterate gives a Gaussian with a finite ELBO
+            (seen on posteriordb's ``hmm_example``); the path is then rerun from a fresh start,
+            with a ``RuntimeWarning`` naming the failures, and the gradient evaluations of the
+            failed paths are counted. With ``init`` given, one start only.
+
+    Raises:
+        RuntimeError: every start failed (the reasons of each are in the message).
 
     Returns:
         An :class:`SVIResult` whose guide is the chosen Gaussian; ``losses`` are the negative
         ELBO estimates along the path (finite ones); ``converged`` is L-BFGS's own verdict;
         ``config`` holds ``gradient_evaluations``, ``density_evaluations``, ``elbo``,
-        ``best_iteration``, ``lbfgs_iterations`` and ``lbfgs_message``.
+        ``best_iteration``, ``lbfgs_iterations``, ``lbfgs_message`` and ``failed_starts``.
     """
     options = _options(history_size, max_iterations, num_elbo_draws, relative_tolerance, gradient_tolerance)
+    check_positive_int(max_starts, "max_starts")
     start_time = time.perf_counter()
     density, generator = _setup(model, args, kwargs, seed)
-    start = (
-        density.initial_points(1, generator)[0]
-        if init is None
-        else torch.as_tensor(init, dtype=torch.get_default_dtype())
-    )
-    if start.shape != (density.dim,):
-        raise ValueError(f"init: expected shape ({density.dim},); got {tuple(start.shape)}")
-    best = pathfinder_path(density, start, generator, **options)
+    if init is not None:
+        start = torch.as_tensor(init, dtype=torch.get_default_dtype())
+        if start.shape != (density.dim,):
+            raise ValueError(f"init: expected shape ({density.dim},); got {tuple(start.shape)}")
+    best, failures = _first_good_path(density, generator, None if init is None else start, max_starts, options)
     guide = gaussian_guide(model, args, kwargs, best.loc, best.scale_tril, sites=density.potential.sites)
     config = {
         **options,
@@ -197,6 +229,7 @@ def fit_pathfinder(
         "lbfgs_iterations": best.num_iterations,
         "lbfgs_message": best.message,
         "batched_density": density.batched,
+        "failed_starts": len(failures),
     }
     losses = [-e for e in best.elbos.tolist() if math.isfinite(e)]
     return SVIResult(

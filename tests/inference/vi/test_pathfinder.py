@@ -200,3 +200,48 @@ def test_compare_gives_svi_options_to_the_svi_guides_only():
         progress=False,
     )
     assert not report.failures and report.summary.loc["meanfield", "num_steps"] <= 300
+
+
+def test_a_failed_start_is_replaced_by_a_fresh_one_and_reported(monkeypatch):
+    from vilab.inference.vi import pathfinder
+
+    real, calls = pathfinder.pathfinder_path, []
+
+    def fails_first(density, start, generator, **options):
+        calls.append(start.clone())
+        if len(calls) == 1:
+            raise RuntimeError("pathfinder: none of the 2 L-BFGS iterates gave a Gaussian with a finite ELBO")
+        return real(density, start, generator, **options)
+
+    monkeypatch.setattr(pathfinder, "pathfinder_path", fails_first)
+    x = default_normal_data()
+    with pytest.warns(RuntimeWarning, match="1 start.s. failed and were replaced"):
+        result = fit_svi(normal_normal, "pathfinder", 20, x, seed=0, progress=False)
+    assert len(calls) == 2 and not torch.equal(calls[0], calls[1])
+    assert result.config["failed_starts"] == 1
+    posterior = normal_normal_posterior(x)["loc"]
+    # Gaussian posterior: Pathfinder's best iterate is exact up to L-BFGS's tolerance.
+    assert torch.allclose(result.guide.median()["loc"], posterior.mean, atol=1e-4 * float(posterior.stddev))
+
+
+def test_every_start_failing_is_an_error_naming_each_failure(monkeypatch):
+    from vilab.inference.vi import pathfinder
+
+    def always_fails(density, start, generator, **options):
+        raise RuntimeError("no finite ELBO")
+
+    monkeypatch.setattr(pathfinder, "pathfinder_path", always_fails)
+    with pytest.raises(RuntimeError, match="every one of 3 start.s. failed: no finite ELBO; no finite ELBO"):
+        fit_svi(normal_normal, "pathfinder", 20, default_normal_data(), guide_options={"max_starts": 3})
+    with pytest.raises(ValueError, match="max_starts"):
+        fit_svi(normal_normal, "pathfinder", 20, default_normal_data(), guide_options={"max_starts": 0})
+
+
+def test_pathfinder_recovers_from_a_plateau_start_on_posteriordb_hmm_example(posteriordb_path):
+    """Seed 1's uniform start lies where L-BFGS stops after two iterates with no finite ELBO."""
+    from vilab.inference.sweep.problems import load_problem
+
+    problem = load_problem("posteriordb/hmm_example-hmm_example", posteriordb_path)
+    with pytest.warns(RuntimeWarning, match="start.s. failed"):
+        result = fit_svi(problem.model, "pathfinder", *problem.args, seed=1, **problem.kwargs)
+    assert result.config["failed_starts"] >= 1 and math.isfinite(result.config["elbo"])
