@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,18 +62,19 @@ WARM_MODELS = ("eight_schools", "kidiq")
 RESULTS = HERE / "results"
 
 
-def _environment(sampler: str, cache: str, num_chains: int) -> dict:
-    """A fresh cache for every compiler (a user's first run), host devices for NumPyro's parallel chains."""
+def _environment(sampler: str, cache: str, settings: dict) -> dict:
+    """A fresh kernel cache for every compiler (a user's first run of a model), vilab's virtual
+    machine library as installed, host devices for NumPyro's parallel chains."""
     env = dict(os.environ)
     env.update(
-        VILAB_CACHE_DIR=os.path.join(cache, "vilab"),
+        VILAB_CACHE_DIR=settings["vilab_cache"],
         TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
         NUMBA_CACHE_DIR=os.path.join(cache, "numba"),
         PYTENSOR_FLAGS=f"base_compiledir={os.path.join(cache, 'pytensor')}",
     )
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     if sampler == "numpyro_parallel":
-        flags.append(f"--xla_force_host_platform_device_count={num_chains}")
+        flags.append(f"--xla_force_host_platform_device_count={settings['num_chains']}")
     env["XLA_FLAGS"] = " ".join(flags)
     return env
 
@@ -82,7 +84,7 @@ def run_one(sampler: str, problem: str, settings: dict) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory(prefix="nuts-peers-") as cache:
         spec = {**settings, "sampler": sampler, "problem": problem, "out": os.path.join(cache, "run")}
         command = [sys.executable, str(HERE / "peer_samplers.py"), json.dumps(spec)]
-        env = _environment(sampler, cache, settings["num_chains"])
+        env = _environment(sampler, cache, settings)
         try:
             completed = subprocess.run(command, env=env, timeout=settings["timeout"], capture_output=True, text=True)
         except subprocess.TimeoutExpired:
@@ -95,6 +97,14 @@ def run_one(sampler: str, problem: str, settings: dict) -> tuple[dict, dict]:
             return {}, record
         with np.load(out.with_suffix(".npz")) as stored:
             return {name: stored[name] for name in stored.files}, record
+
+
+def _install_vilab(directory: str) -> None:
+    """Build vilab's virtual machine library into ``directory`` (what ``make install`` does once
+    per installation, about 10 s), so that no timed run pays for it."""
+    code = "from vilab.inference.engine.backends.vm import build_library; print(build_library())"
+    env = {**os.environ, "VILAB_CACHE_DIR": directory}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
 
 
 def _latent_sites(problem) -> list[str]:
@@ -189,7 +199,9 @@ def main(argv=None) -> int:
         cores=args.cores,
         timeout=args.timeout,
         repeats=2 if args.warm else 1,
+        vilab_cache=tempfile.mkdtemp(prefix="nuts-peers-vilab-"),  # mode 0700, as vilab requires
     )
+    _install_vilab(settings["vilab_cache"])
     results = {}
     for name in chosen:
         latent = _latent_sites(available[name])
@@ -202,6 +214,7 @@ def main(argv=None) -> int:
             results[name][sampler] = record
             status = record.get("error") or f"{record['ess_per_second']:.2f} ESS/s, err {record['max_abs_mean_error_sd']:.3f} sd"
             print(f"{name} {sampler} ({time.perf_counter() - start:.0f} s): {status}", flush=True)
+    shutil.rmtree(settings.pop("vilab_cache"), ignore_errors=True)
     summary = ratio_summary(results, warm=args.warm)
     out = args.out or RESULTS / ("nuts_peers_warm.json" if args.warm else "nuts_peers.json")
     record = {"settings": {**settings, "samplers": samplers, "warm": args.warm}, "machine": _machine(), "problems": results, "summary": summary}

@@ -145,7 +145,7 @@ def tables(results: dict, summary: dict, warm: bool = False) -> str:
     samplers = [s for s in ("vilab", *NUMPYRO, "nutpie") if any(s in runs for runs in results.values())]
     head = " | ".join(samplers)
     extra = "vilab warm s / nutpie sampling s" if warm else "vilab / best NumPyro | vilab / nutpie"
-    lines = [f"| model | vilab path | {head} | {extra} |", "|" + "---|" * (len(samplers) + (3 if not warm else 2))]
+    lines = [f"| model | vilab path | {head} | {extra} |", "|" + "---|" * (len(samplers) + (3 if warm else 4))]
     for name, runs in results.items():
         ratios = summary["per_problem"].get(name, {})
         cells = [_speed_cell(runs.get(s)) for s in samplers]
