@@ -144,7 +144,11 @@ def score(problem, draws: dict, record: dict, latent: list[str]) -> dict:
 
 def _samplers_for(name: str, wanted: list, ports: dict) -> list[str]:
     return [
-        s for s in wanted if s == "vilab" or (s.startswith("numpyro") and name in ports["numpyro"]) or (s == "nutpie" and name in ports["nutpie"])
+        s
+        for s in wanted
+        if s == "vilab"
+        or (s.startswith("numpyro") and name in ports["numpyro"])
+        or (s == "nutpie" and name in ports["nutpie"])
     ]
 
 
@@ -157,7 +161,12 @@ def _machine() -> dict:
             versions[package] = version(package)
         except Exception:  # noqa: BLE001 - PackageNotFoundError: the peer is not installed
             versions[package] = None
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg(), "versions": versions}
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average": os.getloadavg(),
+        "versions": versions,
+    }
 
 
 def _parse(argv):
@@ -190,7 +199,11 @@ def main(argv=None) -> int:
     names = args.models.split(",") if args.models else (list(WARM_MODELS) if args.warm else None)
     ports = peer_ports()
     # Without --models: the zoo's models that have a NumPyro twin (the others give no ratio).
-    chosen = select(available, names) if names else [n for n in available if n.startswith("posteriordb/") or n in ports["numpyro"]]
+    chosen = (
+        select(available, names)
+        if names
+        else [n for n in available if n.startswith("posteriordb/") or n in ports["numpyro"]]
+    )
     settings = dict(
         num_chains=args.num_chains,
         num_warmup=args.num_warmup,
@@ -212,12 +225,20 @@ def main(argv=None) -> int:
             if draws:
                 record = score(available[name], draws, record, latent)
             results[name][sampler] = record
-            status = record.get("error") or f"{record['ess_per_second']:.2f} ESS/s, err {record['max_abs_mean_error_sd']:.3f} sd"
+            status = (
+                record.get("error")
+                or f"{record['ess_per_second']:.2f} ESS/s, err {record['max_abs_mean_error_sd']:.3f} sd"
+            )
             print(f"{name} {sampler} ({time.perf_counter() - start:.0f} s): {status}", flush=True)
     shutil.rmtree(settings.pop("vilab_cache"), ignore_errors=True)
     summary = ratio_summary(results, warm=args.warm)
     out = args.out or RESULTS / ("nuts_peers_warm.json" if args.warm else "nuts_peers.json")
-    record = {"settings": {**settings, "samplers": samplers, "warm": args.warm}, "machine": _machine(), "problems": results, "summary": summary}
+    record = {
+        "settings": {**settings, "samplers": samplers, "warm": args.warm},
+        "machine": _machine(),
+        "problems": results,
+        "summary": summary,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, default=float))
     print(tables(results, summary, warm=args.warm))

@@ -115,12 +115,24 @@ def ratio_summary(results: dict, warm: bool = False) -> dict:
         values = {name: r[ratio_key] for name, r in per_problem.items() if ratio_key in r}
         if values:
             worst = (max if warm else min)(values, key=values.get)
-            summary[ratio_key] = {"geometric_mean": _geometric_mean(list(values.values())), "worst": values[worst], "worst_problem": worst, "count": len(values)}
-    summary["vilab_paths"] = {name: runs["vilab"].get("path") for name, runs in results.items() if _ok(runs.get("vilab"))}
+            summary[ratio_key] = {
+                "geometric_mean": _geometric_mean(list(values.values())),
+                "worst": values[worst],
+                "worst_problem": worst,
+                "count": len(values),
+            }
+    summary["vilab_paths"] = {
+        name: runs["vilab"].get("path") for name, runs in results.items() if _ok(runs.get("vilab"))
+    }
     summary["inaccurate"] = sorted(
-        f"{name} {sampler}" for name, runs in results.items() for sampler, r in runs.items() if _ok(r) and not r.get("accurate")
+        f"{name} {sampler}"
+        for name, runs in results.items()
+        for sampler, r in runs.items()
+        if _ok(r) and not r.get("accurate")
     )
-    summary["failed"] = sorted(f"{name} {sampler}: {r['error']}" for name, runs in results.items() for sampler, r in runs.items() if not _ok(r))
+    summary["failed"] = sorted(
+        f"{name} {sampler}: {r['error']}" for name, runs in results.items() for sampler, r in runs.items() if not _ok(r)
+    )
     return summary
 
 
@@ -156,11 +168,16 @@ def tables(results: dict, summary: dict, warm: bool = False) -> str:
             tail = [f"{ratios[k]:.2f}" if k in ratios else "-" for k in ("vs_numpyro", "vs_nutpie")]
         lines.append(f"| {name} | {path} | " + " | ".join(cells + tail) + " |")
     lines += ["", f"| model | {head} |", "|" + "---|" * (len(samplers) + 1)]
-    lines += [f"| {name} | " + " | ".join(_accuracy_cell(runs.get(s)) for s in samplers) + " |" for name, runs in results.items()]
+    lines += [
+        f"| {name} | " + " | ".join(_accuracy_cell(runs.get(s)) for s in samplers) + " |"
+        for name, runs in results.items()
+    ]
     for key in ("warm_time_ratio",) if warm else ("vs_numpyro", "vs_nutpie"):
         if key in summary:
             s = summary[key]
-            lines.append(f"\n{key}: geometric mean {s['geometric_mean']:.2f}, worst {s['worst']:.2f} ({s['worst_problem']}), {s['count']} problems")
+            lines.append(
+                f"\n{key}: geometric mean {s['geometric_mean']:.2f}, worst {s['worst']:.2f} ({s['worst_problem']}), {s['count']} problems"
+            )
     for key in ("inaccurate", "failed"):
         if summary[key]:
             lines.append(f"{key}: " + "; ".join(summary[key]))

@@ -67,7 +67,11 @@ def _run_vilab(problem, spec: dict) -> tuple[dict, dict]:
             )
             seconds.append(time.perf_counter() - start)
         messages += [str(w.message)[:400] for w in caught if "vilab" in w.filename or "run_nuts" in str(w.message)]
-    config = {k: str(v) for k, v in result.config.items() if k in ("backend", "batching", "leaf_backend", "workers", "fuse_decision")}
+    config = {
+        k: str(v)
+        for k, v in result.config.items()
+        if k in ("backend", "batching", "leaf_backend", "workers", "fuse_decision")
+    }
     draws = {name: value.detach().cpu().numpy() for name, value in result.samples.items()}
     record = {"path": describe_path(result.config), "config": config, "divergences": int(result.num_divergences)}
     return draws, {**record, "seconds": seconds, "warnings": sorted(set(messages))}
@@ -85,7 +89,9 @@ def _run_numpyro(problem, spec: dict, chain_method: str) -> tuple[dict, dict]:
             "(XLA_FLAGS=--xla_force_host_platform_device_count must be set before jax is imported)"
         )
     model, kwargs = problem.numpyro()
-    kwargs = {key: jax.numpy.asarray(value) if isinstance(value, np.ndarray) else value for key, value in kwargs.items()}
+    kwargs = {
+        key: jax.numpy.asarray(value) if isinstance(value, np.ndarray) else value for key, value in kwargs.items()
+    }
     start = time.perf_counter()
     mcmc = MCMC(
         NUTS(model, init_strategy=init_to_uniform(radius=2.0)),
