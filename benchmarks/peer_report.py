@@ -141,7 +141,8 @@ def _speed_cell(record) -> str:
         return "-"
     if not _ok(record):
         return "failed"
-    return f"{record['ess_per_second']:.1f} ({record['seconds'][-1]:.1f} s)"
+    sampling = f"; sampling {record['sampling_seconds']:.2f} s" if "sampling_seconds" in record else ""
+    return f"{record['ess_per_second']:.1f} ({record['seconds'][-1]:.1f} s{sampling})"
 
 
 def _accuracy_cell(record) -> str:
@@ -152,7 +153,8 @@ def _accuracy_cell(record) -> str:
 
 
 def tables(results: dict, summary: dict, warm: bool = False) -> str:
-    """Markdown tables: speed (ESS/s and seconds, ratios) and accuracy (max |mean error| in
+    """Markdown tables: speed (ESS/s and seconds, nutpie's post-compile sampling seconds apart;
+    ratios) and accuracy (max |mean error| in
     reference sds / max R-hat; ``!`` where a z-score passes its threshold), then the summary."""
     samplers = [s for s in ("vilab", *NUMPYRO, "nutpie") if any(s in runs for runs in results.values())]
     head = " | ".join(samplers)
