@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,13 +86,20 @@ def run_one(sampler: str, problem: str, settings: dict) -> tuple[dict, dict]:
         spec = {**settings, "sampler": sampler, "problem": problem, "out": os.path.join(cache, "run")}
         command = [sys.executable, str(HERE / "peer_samplers.py"), json.dumps(spec)]
         env = _environment(sampler, cache, settings)
-        try:
-            completed = subprocess.run(command, env=env, timeout=settings["timeout"], capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
-            return {}, {"error": f"timed out after {settings['timeout']} s"}
+        # A session of its own, so that a timeout also ends the worker's children (vilab's chain
+        # processes, a compile server).
+        with subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        ) as process:
+            try:
+                _, stderr = process.communicate(timeout=settings["timeout"])
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                return {}, {"error": f"timed out after {settings['timeout']:.0f} s"}
         out = Path(spec["out"])
         if not out.with_suffix(".json").exists():
-            return {}, {"error": f"worker exited {completed.returncode}: {completed.stderr[-400:]}"}
+            return {}, {"error": f"worker exited {process.returncode}: {stderr[-400:]}"}
         record = json.loads(out.with_suffix(".json").read_text())
         if "error" in record:
             return {}, record
