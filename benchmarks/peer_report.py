@@ -68,6 +68,7 @@ def accuracy(statistics: dict, reference: dict, num_chains: int) -> dict:
         "z_threshold": threshold,
         "accurate": bool(max(z_scores.values()) <= threshold),
         "max_rhat": max(rhats.values()),
+        "rhat_below_1.01": bool(max(rhats.values()) < 1.01),
         "num_statistics": len(errors),
         "statistics_missing": sorted(set(reference) - set(statistics)),
     }
@@ -130,6 +131,12 @@ def ratio_summary(results: dict, warm: bool = False) -> dict:
         for sampler, r in runs.items()
         if _ok(r) and not r.get("accurate")
     )
+    summary["rhat_not_below_1.01"] = sorted(
+        f"{name} {sampler}"
+        for name, runs in results.items()
+        for sampler, r in runs.items()
+        if _ok(r) and not r.get("rhat_below_1.01")
+    )
     summary["failed"] = sorted(
         f"{name} {sampler}: {r['error']}" for name, runs in results.items() for sampler, r in runs.items() if not _ok(r)
     )
@@ -148,14 +155,15 @@ def _speed_cell(record) -> str:
 def _accuracy_cell(record) -> str:
     if not _ok(record):
         return "-"
-    flag = "" if record.get("accurate") else " !"
+    flag = ("" if record.get("accurate") else " !") + ("" if record.get("rhat_below_1.01") else " ?")
     return f"{record['max_abs_mean_error_sd']:.3f} / {record.get('max_rhat', float('nan')):.3f}{flag}"
 
 
 def tables(results: dict, summary: dict, warm: bool = False) -> str:
     """Markdown tables: speed (ESS/s and seconds, nutpie's post-compile sampling seconds apart;
     ratios) and accuracy (max |mean error| in
-    reference sds / max R-hat; ``!`` where a z-score passes its threshold), then the summary."""
+    reference sds / max R-hat; ``!`` where a z-score passes its threshold, ``?`` where R-hat is not
+    below 1.01), then the summary."""
     samplers = [s for s in ("vilab", *NUMPYRO, "nutpie") if any(s in runs for runs in results.values())]
     head = " | ".join(samplers)
     extra = "vilab warm s / nutpie sampling s" if warm else "vilab / best NumPyro | vilab / nutpie"
@@ -180,7 +188,7 @@ def tables(results: dict, summary: dict, warm: bool = False) -> str:
             lines.append(
                 f"\n{key}: geometric mean {s['geometric_mean']:.2f}, worst {s['worst']:.2f} ({s['worst_problem']}), {s['count']} problems"
             )
-    for key in ("inaccurate", "failed"):
+    for key in ("inaccurate", "rhat_not_below_1.01", "failed"):
         if summary[key]:
             lines.append(f"{key}: " + "; ".join(summary[key]))
     return "\n".join(lines)

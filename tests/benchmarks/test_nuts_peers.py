@@ -23,6 +23,7 @@ def _run(ess_per_second, seconds=2.0, **extra):
         "accurate": True,
         "max_abs_mean_error_sd": 0.01,
         "max_rhat": 1.0,
+        "rhat_below_1.01": True,
         **extra,
     }
 
@@ -83,12 +84,16 @@ def test_warm_ratio_is_vilab_second_run_over_nutpie_sampling_seconds():
 
 def test_tables_have_one_cell_per_column_and_mark_inaccurate_runs():
     results = {
-        "a": {"vilab": _run(10.0, path="fast vectorized"), "numpyro_vectorized": _run(5.0) | {"accurate": False}}
+        "a": {
+            "vilab": _run(10.0, path="fast vectorized") | {"rhat_below_1.01": False},
+            "numpyro_vectorized": _run(5.0) | {"accurate": False},
+        }
     }
     text = tables(results, ratio_summary(results))
     rows = [line for line in text.splitlines() if line.startswith("|")]
     assert len({row.count("|") for row in rows[:3]}) == 1 and len({row.count("|") for row in rows[3:]}) == 1
-    assert "0.010 / 1.000 !" in text and "inaccurate: a numpyro_vectorized" in text
+    assert "| 0.010 / 1.000 ? | 0.010 / 1.000 ! |" in text and "inaccurate: a numpyro_vectorized" in text
+    assert "rhat_not_below_1.01: a vilab" in text
 
 
 def test_only_numpyro_parallel_gets_host_devices(monkeypatch):
