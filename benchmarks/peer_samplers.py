@@ -175,7 +175,10 @@ def main(argv=None) -> int:
         np.savez(out.with_suffix(".npz"), **draws)
     except Exception as exception:  # noqa: BLE001 - the parent's table records every failure
         traceback.print_exc()
-        record = {"error": f"{type(exception).__name__}: {' '.join(str(exception).split())[:400]}"}
+        message = " ".join(str(exception).split())
+        if len(message) > 600:  # a chain's traceback: its start and the error at its end
+            message = f"{message[:200]} ... {message[-400:]}"
+        record = {"error": f"{type(exception).__name__}: {message}"}
     out.with_suffix(".json").write_text(json.dumps(record))
     return 0
 
