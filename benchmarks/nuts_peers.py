@@ -112,7 +112,9 @@ def _install_vilab(directory: str) -> None:
     per installation, about 10 s), so that no timed run pays for it."""
     code = "from vilab.inference.engine.backends.vm import build_library; print(build_library())"
     env = {**os.environ, "VILAB_CACHE_DIR": directory}
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode != 0:  # as `make install`: vilab then runs without it
+        print(f"note: vilab's virtual machine library was not built: {done.stderr.strip()[-300:]}")
 
 
 def _latent_sites(problem) -> list[str]:
