@@ -103,6 +103,7 @@ def build_library() -> Path:
 
 
 _build: Optional[threading.Thread] = None
+_build_pid = 0  # the process that started ``_build``: a forked child inherits the object, not the thread
 
 
 def _build_in_background() -> None:
@@ -117,12 +118,16 @@ def vm_unavailable(wait: bool = False) -> str:
     """Why the virtual machine cannot run here (empty if it can). Where its library has not been
     built on this installation, the build starts in a background thread and, unless ``wait``,
     this returns at once saying so: the run that asks first goes on without it."""
-    global _library, _library_error, _build
+    global _library, _library_error, _build, _build_pid
     if _library is not None or _library_error:
         return _library_error
     if not _library_path().exists():
-        if _build is None:
+        if _build is None or _build_pid != os.getpid():
+            # In a child forked mid-build the inherited thread reads as finished although the
+            # library is not there yet: build again here (builds are atomic renames, so the
+            # parent's and the child's never clash).
             _build = threading.Thread(target=_build_in_background, name="vilab-vm-build", daemon=True)
+            _build_pid = os.getpid()
             _build.start()
         if _build.is_alive() and not wait:
             return "its library is being built (once per installation, about 10 s; `make install` builds it)"

@@ -8,6 +8,7 @@ NUTS on the virtual machine matches the Normal-Normal closed-form posterior.
 """
 
 import math
+import os
 
 import pyro
 import pyro.distributions as dist
@@ -297,6 +298,28 @@ def test_a_first_use_builds_in_the_background_and_the_run_goes_on(monkeypatch, t
     assert [path.name for path in tmp_path.iterdir()] == [fast_vm._library_path().name]
     example = (torch.randn(3, dtype=torch.float64),)
     assert torch.equal(vm_step(make_fx(lambda x: (x * 2.0,))(*example), example)(*example)[0], example[0] * 2.0)
+
+
+def test_a_child_forked_mid_build_builds_and_loads_its_own_library(monkeypatch, tmp_path):
+    """A forked chain process inherits the build thread's object, not the thread: it must not
+    read that as a finished build and try to load a library that is not there yet."""
+    monkeypatch.setenv("VILAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fast_vm, "_library", None)
+    monkeypatch.setattr(fast_vm, "_build", None)
+    monkeypatch.setattr(fast_vm, "_library_error", "")
+    assert "being built" in fast_vm.vm_unavailable()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover -- the child reports through the pipe
+        os.close(read)
+        os.write(write, repr(fast_vm.vm_unavailable(wait=True)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    assert child == "''", child
+    assert fast_vm.vm_unavailable(wait=True) == ""
 
 
 def normal_normal(data):
