@@ -27,7 +27,13 @@ from vilab.inference.common.enumeration import enumerated_objective, hide_enumer
 from vilab.inference.svi.guide_draws import draw_from_guide
 from vilab.inference.svi.init import LaplaceStart, prepare_guide, window_size
 from vilab.inference.svi.steppers import BACKENDS, ELBOS, make_stepper, non_finite_site
-from vilab.inference.common.model_handlers import for_inference, full_plates, has_subsampling
+from vilab.inference.common.model_handlers import (
+    for_inference,
+    full_plates,
+    has_subsampling,
+    unplated_as_event,
+    unplated_event_dims,
+)
 from vilab.inference.common.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.common.validation import (
     check_model,
@@ -313,9 +319,12 @@ def fit_svi(
     }
     if isinstance(guide, AutoLaplaceApproximation) and laplace is not None and laplace.ok:
         return _laplace_result(model, guide, args, kwargs, name, elbo, laplace, start, config)
+    # Pyro's ELBOs want every batch dim of an observed site declared by a plate: the objective
+    # reads unplated ones as event dims (same density); draws keep per-element log-likelihoods.
+    objective = unplated_as_event(model, unplated_event_dims(trace, observed=True))
     stepper = make_stepper(
         backend,
-        model,
+        objective,
         guide,
         args,
         kwargs,
@@ -329,7 +338,7 @@ def fit_svi(
     setup_seconds = time.perf_counter() - start
     losses, check, average = _optimise(
         stepper,
-        model,
+        objective,
         guide,
         args,
         kwargs,

@@ -25,21 +25,9 @@ _IMPROPER = (
     "by sampling every site, and ImproperUniform cannot be sampled"
 )
 
-_UNPLATED = (
-    "fit_svi (and compare) refuse a latent site whose batch shape lies outside any plate "
-    "(`dist.Normal(3, 0.5).expand([2])` in Statistical Rethinking's NumPyro port, `Normal(zeros(3), ones(3))` "
-    "in Pyro's NUTS docstring): Pyro's "
-    "Trace_ELBO shape check, after a compiled-step fallback; run_nuts and NumPyro accept the model"
-)
-
 TIMING_DEPENDENT = {("coin_fairness", "svi"), ("coin_fairness", "compare")}
 
 KNOWN: dict = {
-    **{
-        (name, check): _UNPLATED
-        for name in ("kline_poisson", "kline_gamma_poisson", "logistic_docstring")
-        for check in ("svi", "compare")
-    },
     **{
         (name, check): _IMPROPER
         for name in ("robust_regression", "ordered_logistic", "missing_obs_mask")
