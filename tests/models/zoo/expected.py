@@ -15,11 +15,6 @@ _GRAPH_KEY = (
     "fit_svi crashes in FusePolicy: fast_inductor.graph_key views a stride-0 one-element graph "
     "constant as bytes (RuntimeError: self.stride(-1) must be 1 to view Double as Byte)"
 )
-_SUBSAMPLE_NUTS = (
-    "run_nuts does not refuse a subsampled plate: a misleading 'does not broadcast' fallback "
-    "warning, then Pyro's NotImplementedError instead of a ValueError naming the plate"
-)
-
 _IMPROPER = (
     "ImproperUniform (Stan's flat prior, written literally) is refused: check_model traces the model "
     "by sampling every site, and ImproperUniform cannot be sampled"
@@ -35,5 +30,4 @@ KNOWN: dict = {
     },
     ("coin_fairness", "svi"): _GRAPH_KEY,
     ("coin_fairness", "compare"): _GRAPH_KEY,
-    ("coin_fairness_subsampled", "nuts"): _SUBSAMPLE_NUTS,
 }
