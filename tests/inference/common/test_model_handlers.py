@@ -156,3 +156,26 @@ def test_run_nuts_samples_a_latent_batched_outside_any_plate_on_the_fast_path():
     sd = math.sqrt(0.5)
     assert ((draws.mean(0) - y / 2).abs() < Z * sd / ess.sqrt()).all()
     assert ((draws.std(0) - sd).abs() < Z * sd / (2 * ess).sqrt()).all()
+
+
+def coin_fairness_subsampled(data):
+    """Pyro's "SVI Part II": 5 of 10 flips per step, ``data.index_select(0, ind)``."""
+    f = pyro.sample("latent_fairness", dist.Beta(10.0, 10.0))
+    with pyro.plate("observe_data", size=10, subsample_size=5) as ind:
+        pyro.sample("obs", dist.Bernoulli(f), obs=data.index_select(0, ind))
+
+
+def test_subsampled_draws_are_evaluated_in_batches_not_one_by_one(monkeypatch):
+    import vilab.inference.common.tracing as tracing
+    import vilab.inference.svi.guide_draws as guide_draws
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("draws evaluated one at a time")
+
+    result = fit_svi(
+        coin_fairness_subsampled, "meanfield", torch.tensor([1.0] * 6 + [0.0] * 4), num_steps=50, progress=False
+    )
+    monkeypatch.setattr(tracing, "_loop", refuse)
+    monkeypatch.setattr(guide_draws, "_looped", refuse)
+    draws = result.draws(300, seed=0)
+    assert draws.log_likelihood["obs"].shape == (300, 10)
