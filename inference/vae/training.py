@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import lightning.pytorch as pl
 import pyro
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 from torch import nn
@@ -62,6 +62,7 @@ from vilab.inference.vae.runs import (
 from vilab.models.vae.vae import VAE
 
 from vilab.inference.vae.callbacks import (
+    RunFolderCheckpoint,
     resolve_strategy,
     _WorkerGuard,
     _stop_on_signals,
@@ -344,8 +345,10 @@ def fit_lightning(
     # Two checkpoints: Lightning's save_last only writes when the monitored one improves, so
     # "last" is its own unmonitored checkpoint, overwritten every epoch (what a resume needs).
     all_callbacks: list = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=module.monitor if val_loader else None, mode="max"),
-        ModelCheckpoint(
+        RunFolderCheckpoint(
+            dirpath=ckpt_dir, filename="best", monitor=module.monitor if val_loader else None, mode="max"
+        ),
+        RunFolderCheckpoint(
             dirpath=ckpt_dir, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
         ),
         _WorkerGuard(os.getpid(), forked=strategy in ("ddp_fork", "ddp_notebook")),
