@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from vilab.datasets import ImageData, make_loader
 from vilab.errors import NonFiniteLossError, TrainingInterrupted
-from vilab.inference.vae.checkpoints import AtomicCheckpointIO
+from vilab.inference.vae.checkpoints import AtomicCheckpointIO, load_checkpoint
 from vilab.inference.vae.objectives import (
     ELBOLoss,
     IWAELoss,
@@ -374,9 +374,15 @@ def fit_lightning(
     )
     version = f"csv-{len(previous)}"
     all_callbacks.append(_TrimResumedLogs(out_dir, version))
+    last = os.path.join(ckpt_dir, "last.ckpt")
+    ckpt_path = last if resume and os.path.exists(last) else None
     loggers: list = [CSVLogger(out_dir, name="logs", version=version)]
     if _TENSORBOARD_AVAILABLE:
-        loggers.append(TensorBoardLogger(out_dir, name="logs", version="tensorboard"))
+        # TensorBoard appends to its event files: on a resume it is told to hide the events
+        # the stopped process logged at or after the checkpoint's step (logged again now), as
+        # _TrimResumedLogs drops those CSV rows.
+        purge = {"purge_step": load_checkpoint(ckpt_path)["global_step"]} if ckpt_path else {}
+        loggers.append(TensorBoardLogger(out_dir, name="logs", version="tensorboard", **purge))
     trainer = pl.Trainer(
         max_epochs=config.max_epochs,
         accelerator=config.accelerator,
@@ -393,8 +399,6 @@ def fit_lightning(
         deterministic=True,
         max_time=config.max_time,
     )
-    last = os.path.join(ckpt_dir, "last.ckpt")
-    ckpt_path = last if resume and os.path.exists(last) else None
     start = time.perf_counter()
     with _stop_on_signals(trainer):
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)

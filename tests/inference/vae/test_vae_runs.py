@@ -228,3 +228,26 @@ def test_a_moved_run_resumes_from_its_own_best_checkpoint(digits, tmp_path):
     assert not os.path.isabs(state["best_model_path"])
     bounds = [row["val/elbo"] for row in read_metrics(new) if "val/elbo" in row]
     assert len(bounds) == 3 and float(state["best_model_score"]) == pytest.approx(max(bounds), rel=1e-6)
+
+
+def _tensorboard_steps(out):
+    """Steps of each TensorBoard scalar as TensorBoard shows them (after its own purging)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "logs", "tensorboard")).Reload()
+    return {tag: [event.step for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_a_crashed_run_resumes_without_duplicated_tensorboard_steps(digits, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = str(tmp_path / "crashed")
+    with pytest.raises(_Crash):
+        train_vae(_vae(digits), digits, out, config=_config(2, batch_size=8), callbacks=[_CrashAfterFlush()])
+    assert 19 in _tensorboard_steps(out)["train/loss_step"]  # a step past the last checkpoint (12)
+    train_vae(_vae(digits), digits, out, config=_config(2, batch_size=8))
+    uninterrupted = str(tmp_path / "uninterrupted")
+    train_vae(_vae(digits), digits, uninterrupted, config=_config(2, batch_size=8))
+    # Lightning logs "epoch" twice at an epoch's last step (with the training and the
+    # validation metrics): the resumed log must match an uninterrupted run's, tag by tag.
+    assert _tensorboard_steps(out) == _tensorboard_steps(uninterrupted)
+    assert _tensorboard_steps(out)["train/loss_step"] == [9, 19]
