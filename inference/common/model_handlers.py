@@ -19,6 +19,16 @@ NUTS lets them wander (R-hat and ESS then describe noise) and a guide's entropy 
 without bound (PSIS weights then carry their :math:`\log q`). This handler gives them the site's
 own density :math:`d`, whose integral is one, so the posterior of every quantity the model uses
 is unchanged while those elements become proper.
+
+``unplated_as_event``: ``pyro.sample("a", dist.Normal(3, 0.5).expand([2]))`` outside any plate
+(Statistical Rethinking's NumPyro port; Pyro's NUTS docstring writes
+``dist.Normal(torch.zeros(3), torch.ones(3))``) has batch dims that no plate declares. NUTS and
+NumPyro sum them into the joint density, but Pyro's ELBOs check every batch dim against a plate
+(and a vectorising particle plate collides with them). This handler reinterprets those dims as
+event dims, :math:`\log p(a) = \sum_i \log p(a_i)` either way, so the joint density is unchanged
+while every remaining batch dim is a plate's. Observed sites keep their batch dims in the model
+vilab evaluates draws with (their per-element log-likelihoods are what LOO and the
+``log_likelihood`` group read); the ELBO's model reinterprets them too.
 """
 
 from __future__ import annotations
@@ -31,7 +41,16 @@ from pyro.distributions import ImproperUniform
 from pyro.poutine.subsample_messenger import SubsampleMessenger, _Subsample
 from torch.distributions import transform_to
 
-__all__ = ["full_plates", "proper_unobserved", "has_subsampling", "improper_init", "is_improper", "for_inference"]
+__all__ = [
+    "full_plates",
+    "proper_unobserved",
+    "has_subsampling",
+    "improper_init",
+    "is_improper",
+    "unplated_event_dims",
+    "unplated_as_event",
+    "for_inference",
+]
 
 # Stan's (and Pyro's init_to_uniform's) initial range on the unconstrained space.
 _INIT_RADIUS = 2.0
@@ -125,6 +144,48 @@ def proper_unobserved(fn: Callable) -> Callable:
     return _ProperUnobserved()(fn)
 
 
+class _UnplatedAsEvent(Messenger):
+    """Reinterprets, by site name, a fixed number of rightmost batch dims as event dims. The
+    count comes from a trace of the model as written: later runs (under a vectorising particle
+    plate, or with draws batched on the left) add batch dims on the left only, so the count
+    stays right where a count from the current ``fn`` would not."""
+
+    def __init__(self, event_dims: dict[str, int]) -> None:
+        super().__init__()
+        self.event_dims = event_dims
+
+    def _pyro_sample(self, msg) -> None:
+        extra = self.event_dims.get(msg["name"], 0)
+        if extra:
+            msg["fn"] = msg["fn"].to_event(extra)
+
+
+def unplated_event_dims(trace, *, observed: bool = False) -> dict[str, int]:
+    """Latent (or, with ``observed``, observed) site outside every plate -> its number of batch
+    dims, all of which no plate declares.
+
+    A site inside a plate is left as written: reading its rightmost batch dims as event dims
+    would move the plate's dim (Pyro has already checked it at its written position).
+    Enumerated and subsample sites are left out too (their batch dims are enumeration's and
+    the plate's own).
+    """
+    dims = {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] != observed or isinstance(site["fn"], _Subsample):
+            continue
+        if site["infer"].get("enumerate") or any(f.vectorized for f in site["cond_indep_stack"]):
+            continue
+        if site["fn"].batch_shape:
+            dims[name] = len(site["fn"].batch_shape)
+    return dims
+
+
+def unplated_as_event(fn: Callable, event_dims: dict[str, int]) -> Callable:
+    """``fn`` with the named sites' batch dims outside any plate read as event dims
+    (``event_dims`` from :func:`unplated_event_dims`); the joint density is unchanged."""
+    return _UnplatedAsEvent(event_dims)(fn)
+
+
 def has_subsampling(trace) -> bool:
     """Whether a model trace holds a subsampled plate (fewer indices than its size)."""
     return any(
@@ -146,7 +207,8 @@ def _has_masked_unobserved(trace) -> bool:
 
 def for_inference(model: Callable, trace, *, full_data: bool = False) -> Callable:
     """``model`` with the handlers its ``trace`` calls for, and no others (a model without
-    ``obs_mask`` sites, ``ImproperUniform`` sites or subsampled plates comes back unchanged).
+    ``obs_mask`` sites, ``ImproperUniform`` sites, subsampled plates or latent batch dims outside
+    any plate comes back unchanged).
 
     Args:
         model: a Pyro model.
@@ -155,6 +217,9 @@ def for_inference(model: Callable, trace, *, full_data: bool = False) -> Callabl
     """
     if full_data and has_subsampling(trace):
         model = full_plates(model)
+    event_dims = unplated_event_dims(trace)
+    if event_dims:
+        model = unplated_as_event(model, event_dims)
     if _has_masked_unobserved(trace):
         model = proper_unobserved(model)
     if any(

@@ -26,8 +26,15 @@ from vilab.inference.engine.backends.inductor import COMPILERS
 from vilab.inference.common.enumeration import enumerated_objective, hide_enumerated
 from vilab.inference.svi.guide_draws import draw_from_guide
 from vilab.inference.svi.init import LaplaceStart, prepare_guide, window_size
+from vilab.inference.svi.subsampling import FullDataCheck
 from vilab.inference.svi.steppers import BACKENDS, ELBOS, make_stepper, non_finite_site
-from vilab.inference.common.model_handlers import for_inference, full_plates, has_subsampling
+from vilab.inference.common.model_handlers import (
+    for_inference,
+    full_plates,
+    has_subsampling,
+    unplated_as_event,
+    unplated_event_dims,
+)
 from vilab.inference.common.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.common.validation import (
     check_model,
@@ -185,7 +192,8 @@ def fit_svi(
         model: a Pyro model; ``*args, **kwargs`` are its data. A ``pyro.plate`` with
             ``subsample_size`` subsamples during fitting (Pyro scales its sites by
             ``size / subsample_size``); :meth:`SVIResult.draws` and ``inference_data`` evaluate
-            every draw on the full plate. ``pyro.param`` sites in the model are learned with the
+            every draw on the full plate, and a passed convergence test counts only once the
+            full-data ELBO confirms it (:mod:`~vilab.inference.svi.subsampling`). ``pyro.param`` sites in the model are learned with the
             guide. ``ImproperUniform`` sites start uniformly in (-2, 2) on the unconstrained space.
         guide: a registry name (``meanfield``, ``fullrank``, ``lowrank``, ``laplace``, ``map``,
             ``iaf``, ``nsf``, ``planar``, ``radial``, ``sylvester``) or a guide object.
@@ -313,9 +321,17 @@ def fit_svi(
     }
     if isinstance(guide, AutoLaplaceApproximation) and laplace is not None and laplace.ok:
         return _laplace_result(model, guide, args, kwargs, name, elbo, laplace, start, config)
+    # Pyro's ELBOs want every batch dim of an observed site declared by a plate: the objective
+    # reads unplated ones as event dims (same density); draws keep per-element log-likelihoods.
+    objective = unplated_as_event(model, unplated_event_dims(trace, observed=True))
+    # A subsampled loss's noise hides a drifting scale: the full-data ELBO confirms a pass.
+    confirm = None
+    if has_subsampling(trace):
+        full_trace = check_model(full_plates(model), args, kwargs, allow_enumerated=True)
+        confirm = FullDataCheck(model, guide, args, kwargs, full_trace, window, seed=seed or 0)
     stepper = make_stepper(
         backend,
-        model,
+        objective,
         guide,
         args,
         kwargs,
@@ -329,7 +345,7 @@ def fit_svi(
     setup_seconds = time.perf_counter() - start
     losses, check, average = _optimise(
         stepper,
-        model,
+        objective,
         guide,
         args,
         kwargs,
@@ -344,6 +360,7 @@ def fit_svi(
         compiler,
         config,
         _raise_non_finite,
+        confirm,
     )
     converged = check is not None and check.converged
     if converged:  # Polyak-Ruppert: the mean of the stationary window's iterates
@@ -351,6 +368,8 @@ def fit_svi(
     stepper.finish()
     config["convergence"] = check.as_dict() if check is not None else {}
     config["gradient_evaluations"] = len(losses) * num_particles + (laplace.num_gradient_evaluations if laplace else 0)
+    if confirm is not None:  # each a full-data ELBO from FullDataCheck.num_draws guide draws
+        config["full_data_elbo_evaluations"] = confirm.num_evaluations
     if not converged:
         _warn_not_converged(name, len(losses), check, window, init_note)
     if isinstance(guide, AutoLaplaceApproximation):

@@ -35,9 +35,12 @@ def _optimise(
     compiler,
     config,
     raise_non_finite,
+    confirm=None,
 ):
     """The SVI loop; returns ``(losses, last ConvergenceCheck or None, averaged parameters)``.
-    ``raise_non_finite`` raises the error of a non-finite loss (it builds the partial result)."""
+    ``raise_non_finite`` raises the error of a non-finite loss (it builds the partial result);
+    ``confirm`` (a :class:`~vilab.inference.svi.subsampling.FullDataCheck`, for a subsampled
+    model) must agree before a passed test counts."""
     losses: list[float] = []
     check, average, monitor = None, None, None
     bar = progress_bar(range(num_steps), desc=f"SVI {name}", enabled=progress)
@@ -61,16 +64,29 @@ def _optimise(
             if step % 50 == 0:
                 bar.set_postfix(elbo=f"{-np.mean(losses[-50:]):.4g}")
             if monitor.ready and (step + 1 >= min_steps or step + 1 == num_steps):
-                check, average = monitor.check(losses), monitor.average()
+                check, average = _check(monitor, losses, confirm, stepper)
                 if early_stop and check.converged:
                     break
     bar.close()
     if check is None or check.step != len(losses):
-        check, average = (monitor.check(losses), monitor.average()) if monitor and monitor.ready else (check, average)
+        check, average = _check(monitor, losses, confirm, stepper) if monitor and monitor.ready else (check, average)
     config.update(
         fused=bool(getattr(stepper, "fused", False)), fuse_decision=policy.reason + fused_at, fuse_seconds=fuse_seconds
     )
     return losses, check, average
+
+
+def _check(monitor: IterateMonitor, losses, confirm, stepper) -> tuple[ConvergenceCheck, object]:
+    """The monitor's test on the last window and its average; a pass ``confirm`` rejects is
+    reported as not converged, with its reason."""
+    check, average = monitor.check(losses), monitor.average()
+    if confirm is not None:
+        confirm.record(len(losses), average)
+    if confirm is not None and check.converged:
+        reason = confirm.reason(stepper, len(losses), average)
+        if reason:
+            check = check._replace(converged=False, reason=reason)
+    return check, average
 
 
 def _warn_not_converged(

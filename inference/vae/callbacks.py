@@ -1,4 +1,4 @@
-"""What VAE training needs around Lightning's loop: the strategy for the devices, callbacks that\nguard forked workers and trim a resumed run's logs, stopping cleanly on SIGTERM/SIGINT, and the\nCUDA workspace setting for deterministic runs."""
+"""What VAE training needs around Lightning's loop: the strategy for the devices, callbacks that\nguard forked workers and trim a resumed run's logs, checkpoints that follow their run folder when\nit moves, stopping cleanly on SIGTERM/SIGINT, and the CUDA workspace setting for deterministic\nruns."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Iterator
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from vilab.errors import TrainingInterrupted
 
@@ -20,7 +20,7 @@ from vilab.inference.vae.runs import (
     trim_metrics,
 )
 
-__all__ = ["resolve_strategy", "fix_cublas_workspace"]
+__all__ = ["resolve_strategy", "fix_cublas_workspace", "RunFolderCheckpoint"]
 
 
 def resolve_strategy(devices: int, strategy: str = "auto", accelerator: str = "cpu") -> str:
@@ -118,3 +118,45 @@ def fix_cublas_workspace() -> None:
     fixed workspace, PyTorch raises at the first CUDA matrix product. cuBLAS reads
     ``CUBLAS_WORKSPACE_CONFIG`` when a process first uses it; a value already set is kept."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+class RunFolderCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with its state's paths stored relative to its folder.
+
+    Lightning records ``best_model_path`` (and the other paths) as absolute paths in
+    ``last.ckpt`` and, when the folder differs on resume, drops the best score: a run folder
+    that was moved or copied would then read ``best.ckpt`` at the old path and let the first
+    resumed epoch replace the run's best checkpoint whatever its bound. Here each path is kept
+    as its name in the folder; an absolute path from an older checkpoint is read as the file of
+    that name in this folder (where a run folder moved whole keeps it), and the score is kept.
+    """
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        return {
+            **state,
+            "dirpath": ".",
+            **{key: self._relative(state[key]) for key in _PATH_KEYS},
+            "best_k_models": {self._relative(path): score for path, score in state["best_k_models"].items()},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = {
+            **state_dict,
+            "dirpath": self.dirpath,
+            **{key: self._here(state_dict.get(key, "")) for key in _PATH_KEYS},
+            "best_k_models": {self._here(path): score for path, score in state_dict.get("best_k_models", {}).items()},
+        }
+        super().load_state_dict(state)
+
+    def _relative(self, path: str) -> str:
+        return os.path.relpath(path, self.dirpath) if path and self.dirpath else path
+
+    def _here(self, path: str) -> str:
+        if not path or not self.dirpath:
+            return path
+        return os.path.join(self.dirpath, os.path.basename(path) if os.path.isabs(path) else path)
+
+
+# The path-valued entries of ModelCheckpoint's state.
+_PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")

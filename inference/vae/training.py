@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import lightning.pytorch as pl
 import pyro
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 from torch import nn
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from vilab.datasets import ImageData, make_loader
 from vilab.errors import NonFiniteLossError, TrainingInterrupted
-from vilab.inference.vae.checkpoints import AtomicCheckpointIO
+from vilab.inference.vae.checkpoints import AtomicCheckpointIO, load_checkpoint
 from vilab.inference.vae.objectives import (
     ELBOLoss,
     IWAELoss,
@@ -62,6 +62,7 @@ from vilab.inference.vae.runs import (
 from vilab.models.vae.vae import VAE
 
 from vilab.inference.vae.callbacks import (
+    RunFolderCheckpoint,
     resolve_strategy,
     _WorkerGuard,
     _stop_on_signals,
@@ -344,8 +345,10 @@ def fit_lightning(
     # Two checkpoints: Lightning's save_last only writes when the monitored one improves, so
     # "last" is its own unmonitored checkpoint, overwritten every epoch (what a resume needs).
     all_callbacks: list = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=module.monitor if val_loader else None, mode="max"),
-        ModelCheckpoint(
+        RunFolderCheckpoint(
+            dirpath=ckpt_dir, filename="best", monitor=module.monitor if val_loader else None, mode="max"
+        ),
+        RunFolderCheckpoint(
             dirpath=ckpt_dir, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
         ),
         _WorkerGuard(os.getpid(), forked=strategy in ("ddp_fork", "ddp_notebook")),
@@ -371,9 +374,15 @@ def fit_lightning(
     )
     version = f"csv-{len(previous)}"
     all_callbacks.append(_TrimResumedLogs(out_dir, version))
+    last = os.path.join(ckpt_dir, "last.ckpt")
+    ckpt_path = last if resume and os.path.exists(last) else None
     loggers: list = [CSVLogger(out_dir, name="logs", version=version)]
     if _TENSORBOARD_AVAILABLE:
-        loggers.append(TensorBoardLogger(out_dir, name="logs", version="tensorboard"))
+        # TensorBoard appends to its event files: on a resume it is told to hide the events
+        # the stopped process logged at or after the checkpoint's step (logged again now), as
+        # _TrimResumedLogs drops those CSV rows.
+        purge = {"purge_step": load_checkpoint(ckpt_path)["global_step"]} if ckpt_path else {}
+        loggers.append(TensorBoardLogger(out_dir, name="logs", version="tensorboard", **purge))
     trainer = pl.Trainer(
         max_epochs=config.max_epochs,
         accelerator=config.accelerator,
@@ -390,8 +399,6 @@ def fit_lightning(
         deterministic=True,
         max_time=config.max_time,
     )
-    last = os.path.join(ckpt_dir, "last.ckpt")
-    ckpt_path = last if resume and os.path.exists(last) else None
     start = time.perf_counter()
     with _stop_on_signals(trainer):
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)

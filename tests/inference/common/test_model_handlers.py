@@ -121,3 +121,61 @@ def test_fit_svi_fits_an_improper_uniform_site():
     result = fit_svi(improper_chain, "fullrank", torch.tensor(1.0), num_steps=1500, lr=0.05, progress=False)
     draws = result.sample(4000, seed=0)["xyz"]
     assert ((draws.mean(0) - IMPROPER_MEAN).abs() < 0.1 + Z * IMPROPER_SD / math.sqrt(4000)).all()
+
+
+def test_unplated_batch_dims_become_event_dims_with_the_same_joint_density():
+    from vilab.inference.common.model_handlers import unplated_as_event, unplated_event_dims
+
+    def model(y):
+        a = pyro.sample("a", dist.Normal(3.0, 0.5).expand([2]))
+        with pyro.plate("groups", 2):
+            b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(a + b, 1.0), obs=y)
+
+    y = torch.tensor([2.5, 3.5])
+    trace = trace_model(model, (y,), {})
+    assert unplated_event_dims(trace) == {"a": 1}
+    assert unplated_event_dims(trace, observed=True) == {"y": 1}
+    draw = {name: trace.nodes[name]["value"] for name in ("a", "b")}
+    everything = {**unplated_event_dims(trace), **unplated_event_dims(trace, observed=True)}
+    handled = trace_model(unplated_as_event(model, everything), (y,), {}, condition=draw)
+    assert handled.nodes["a"]["fn"].event_shape == (2,) and handled.nodes["b"]["fn"].batch_shape == (2,)
+    assert torch.allclose(handled.log_prob_sum(), trace.log_prob_sum())
+
+
+def test_run_nuts_samples_a_latent_batched_outside_any_plate_on_the_fast_path():
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0).expand([3]))
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    y = torch.tensor([1.0, 2.0, 0.5])  # mu_i | y_i ~ N(y_i / 2, 1/2)
+    result = run_nuts(model, y, num_samples=500, num_warmup=300, num_chains=2, progress=False)
+    assert result.config["backend"] == "vectorized"
+    draws = result.samples["mu"].reshape(-1, 3)
+    ess = torch.as_tensor(result.summary(var_names=["mu"])["ess_bulk"].to_numpy())
+    sd = math.sqrt(0.5)
+    assert ((draws.mean(0) - y / 2).abs() < Z * sd / ess.sqrt()).all()
+    assert ((draws.std(0) - sd).abs() < Z * sd / (2 * ess).sqrt()).all()
+
+
+def coin_fairness_subsampled(data):
+    """Pyro's "SVI Part II": 5 of 10 flips per step, ``data.index_select(0, ind)``."""
+    f = pyro.sample("latent_fairness", dist.Beta(10.0, 10.0))
+    with pyro.plate("observe_data", size=10, subsample_size=5) as ind:
+        pyro.sample("obs", dist.Bernoulli(f), obs=data.index_select(0, ind))
+
+
+def test_subsampled_draws_are_evaluated_in_batches_not_one_by_one(monkeypatch):
+    import vilab.inference.common.tracing as tracing
+    import vilab.inference.svi.guide_draws as guide_draws
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("draws evaluated one at a time")
+
+    result = fit_svi(
+        coin_fairness_subsampled, "meanfield", torch.tensor([1.0] * 6 + [0.0] * 4), num_steps=50, progress=False
+    )
+    monkeypatch.setattr(tracing, "_loop", refuse)
+    monkeypatch.setattr(guide_draws, "_looped", refuse)
+    draws = result.draws(300, seed=0)
+    assert draws.log_likelihood["obs"].shape == (300, 10)

@@ -208,3 +208,26 @@ def test_inference_data_when_a_site_shares_a_statistic_name():
     idata = result.inference_data(num_samples=50, seed=0)
     assert idata.sample_stats["log_weight"].dims == ("chain", "draw")
     assert idata.log_likelihood["log_weight"].shape == (1, 50, 5)
+
+
+def unplated_normal_means(y):
+    """A latent batched outside any plate, as Statistical Rethinking's NumPyro port writes it."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0).expand([3]))
+    pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def test_fullrank_fits_a_latent_batched_outside_any_plate():
+    # Each mu_i | y_i ~ N(y_i / 2, 1/2); the evidence is prod_i N(y_i; 0, 2).
+    y = torch.tensor([1.0, 2.0, 0.5])
+    result = fit_svi(unplated_normal_means, "fullrank", y, num_steps=2000, lr=0.05, progress=False)
+    assert result.converged
+    log_evidence = float(dist.Normal(0.0, math.sqrt(2.0)).log_prob(y).sum())
+    elbo, se = _elbo(result)
+    assert log_evidence - elbo <= Z * se + OPT_TOL
+    assert elbo <= log_evidence + Z * se + 1e-9
+    draws = result.draws(4000, seed=2)
+    sd = math.sqrt(0.5)
+    assert (draws.samples["mu"].mean(0) - y / 2).abs().max() / sd < MEAN_TOL + Z / math.sqrt(4000)
+    assert (draws.samples["mu"].std(0) / sd - 1).abs().max() < MEAN_TOL + Z / math.sqrt(2 * 4000)
+    # The observed site keeps one log-likelihood per element (what LOO reads).
+    assert draws.log_likelihood["y"].shape == (4000, 3)

@@ -207,3 +207,47 @@ def test_the_cli_names_differing_settings_by_flag_and_fresh_moves_the_run_aside(
     assert f"--fresh: moved the run in {out} to {out}.old-1" in capsys.readouterr().err
     assert _snapshot(out + ".old-1") == before
     assert json.load(open(os.path.join(out, "config.json")))["vae"]["latent_dim"] == 3
+
+
+def test_a_moved_run_resumes_from_its_own_best_checkpoint(digits, tmp_path):
+    """A moved run folder reads its own best.ckpt, not the one at the old path, and keeps its
+    best score: a resumed epoch replaces best.ckpt only when it beats the run's best bound."""
+    import shutil
+
+    from vilab.inference.vae.checkpoints import load_checkpoint
+
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    train_vae(_vae(digits), digits, old, config=_config(2))
+    shutil.move(old, new)
+    result = train_vae(_vae(digits), digits, new, config=_config(2))  # no epoch left to train
+    assert result.best_checkpoint == os.path.join(os.path.realpath(new), "checkpoints", "best.ckpt")
+    assert load_run(new)[0] is not None
+    train_vae(_vae(digits), digits, new, config=_config(3))
+    last = load_checkpoint(os.path.join(new, "checkpoints", "last.ckpt"))
+    (state,) = [s for key, s in last["callbacks"].items() if "val/elbo" in key]
+    assert not os.path.isabs(state["best_model_path"])
+    bounds = [row["val/elbo"] for row in read_metrics(new) if "val/elbo" in row]
+    assert len(bounds) == 3 and float(state["best_model_score"]) == pytest.approx(max(bounds), rel=1e-6)
+
+
+def _tensorboard_steps(out):
+    """Steps of each TensorBoard scalar as TensorBoard shows them (after its own purging)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "logs", "tensorboard")).Reload()
+    return {tag: [event.step for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_a_crashed_run_resumes_without_duplicated_tensorboard_steps(digits, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = str(tmp_path / "crashed")
+    with pytest.raises(_Crash):
+        train_vae(_vae(digits), digits, out, config=_config(2, batch_size=8), callbacks=[_CrashAfterFlush()])
+    assert 19 in _tensorboard_steps(out)["train/loss_step"]  # a step past the last checkpoint (12)
+    train_vae(_vae(digits), digits, out, config=_config(2, batch_size=8))
+    uninterrupted = str(tmp_path / "uninterrupted")
+    train_vae(_vae(digits), digits, uninterrupted, config=_config(2, batch_size=8))
+    # Lightning logs "epoch" twice at an epoch's last step (with the training and the
+    # validation metrics): the resumed log must match an uninterrupted run's, tag by tag.
+    assert _tensorboard_steps(out) == _tensorboard_steps(uninterrupted)
+    assert _tensorboard_steps(out)["train/loss_step"] == [9, 19]

@@ -15,31 +15,14 @@ _GRAPH_KEY = (
     "fit_svi crashes in FusePolicy: fast_inductor.graph_key views a stride-0 one-element graph "
     "constant as bytes (RuntimeError: self.stride(-1) must be 1 to view Double as Byte)"
 )
-_SUBSAMPLE_NUTS = (
-    "run_nuts does not refuse a subsampled plate: a misleading 'does not broadcast' fallback "
-    "warning, then Pyro's NotImplementedError instead of a ValueError naming the plate"
-)
-
 _IMPROPER = (
     "ImproperUniform (Stan's flat prior, written literally) is refused: check_model traces the model "
     "by sampling every site, and ImproperUniform cannot be sampled"
 )
 
-_UNPLATED = (
-    "fit_svi (and compare) refuse a latent site whose batch shape lies outside any plate "
-    "(`dist.Normal(3, 0.5).expand([2])` in Statistical Rethinking's NumPyro port, `Normal(zeros(3), ones(3))` "
-    "in Pyro's NUTS docstring): Pyro's "
-    "Trace_ELBO shape check, after a compiled-step fallback; run_nuts and NumPyro accept the model"
-)
-
 TIMING_DEPENDENT = {("coin_fairness", "svi"), ("coin_fairness", "compare")}
 
 KNOWN: dict = {
-    **{
-        (name, check): _UNPLATED
-        for name in ("kline_poisson", "kline_gamma_poisson", "logistic_docstring")
-        for check in ("svi", "compare")
-    },
     **{
         (name, check): _IMPROPER
         for name in ("robust_regression", "ordered_logistic", "missing_obs_mask")
@@ -47,5 +30,4 @@ KNOWN: dict = {
     },
     ("coin_fairness", "svi"): _GRAPH_KEY,
     ("coin_fairness", "compare"): _GRAPH_KEY,
-    ("coin_fairness_subsampled", "nuts"): _SUBSAMPLE_NUTS,
 }
