@@ -164,6 +164,27 @@ def _describe(args: tuple, kwargs: dict) -> str:
     return "; ".join(parts) or "no arguments"
 
 
+# Prior draws tried before a model is declared broken: a prior whose support includes points
+# where the model fails (a correlation outside (-1, 1), a covariance that is not positive-
+# definite) fails on some draws only; a model that fails everywhere fails on all of them.
+PRIOR_DRAWS_TRIED = 20
+
+
+def _trace_some_prior_draw(model: Model, args: tuple, kwargs: dict):
+    first = None
+    for _ in range(PRIOR_DRAWS_TRIED):
+        try:
+            return trace_model(model, args, kwargs)
+        except (ValueError, RuntimeError, IndexError, TypeError) as error:
+            first = first or error
+            if not isinstance(error, (ValueError, RuntimeError)):
+                break  # an IndexError or a TypeError does not depend on where the prior draw fell
+    raise ValueError(
+        f"model: failed when run with the given data ({type(first).__name__}: {first}). "
+        f"Data passed: {_describe(args, kwargs)}"
+    ) from first
+
+
 def check_model(model: Model, args: tuple, kwargs: dict, *, allow_enumerated: bool = False):
     """Trace ``model`` once and check it can be fitted with continuous guides.
 
@@ -177,13 +198,7 @@ def check_model(model: Model, args: tuple, kwargs: dict, *, allow_enumerated: bo
     if not callable(model):
         raise TypeError(f"model: expected a Pyro model (a callable); got {type(model).__name__}")
     check_finite_data(args, kwargs)
-    try:
-        trace = trace_model(model, args, kwargs)
-    except (ValueError, RuntimeError, IndexError, TypeError) as error:
-        raise ValueError(
-            f"model: failed when run with the given data ({type(error).__name__}: {error}). "
-            f"Data passed: {_describe(args, kwargs)}"
-        ) from error
+    trace = _trace_some_prior_draw(model, args, kwargs)
     latent = []
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):

@@ -138,9 +138,7 @@ class BatchedPotential:
     ) -> None:
         self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
         self.dtype = torch.get_default_dtype()
-        with torch.random.fork_rng(), pyro.validation_enabled(False):
-            torch.manual_seed(seed)
-            trace = _trace(model, self.model_args, self.model_kwargs)
+        trace = self._prior_trace(seed)
         self.max_plate_nesting = max_plate_nesting(trace, count_batch_dims=True)
         self.sites = _latent_sites(trace)
         self.deterministic_shapes = _deterministic_shapes(trace)
@@ -280,6 +278,27 @@ class BatchedPotential:
         return total
 
     def eager_value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self._eager_value_and_grad(z)
+        except torch.linalg.LinAlgError:
+            return self._chainwise_value_and_grad(z)
+
+    def _chainwise_value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # A factorisation that fails at one chain's point (a covariance that is not positive-
+        # definite there) fails the whole batch. Chains are then evaluated one by one, and a
+        # failing one gets potential +inf, which the sampler counts as a divergence (as Stan's
+        # and NumPyro's NaN densities are) instead of ending the run.
+        potentials, grads = [], []
+        for point in z:
+            try:
+                potential, grad = self.single_chain_value_and_grad(point)
+            except torch.linalg.LinAlgError:
+                potential, grad = torch.tensor(math.inf, dtype=z.dtype), torch.zeros_like(point)
+            potentials.append(potential.to(z.dtype))
+            grads.append(grad.to(z.dtype))
+        return torch.stack(potentials), torch.stack(grads)
+
+    def _eager_value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "vmap":
             with pyro.validation_enabled(False):
                 grad, potential = torch.func.vmap(
@@ -293,8 +312,12 @@ class BatchedPotential:
         return potential.detach(), grad
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Potential ``(C,)`` and its gradient ``(C, D)`` at ``z`` of shape ``(C, D)``."""
-        return self._value_and_grad(z)
+        """Potential ``(C,)`` and its gradient ``(C, D)`` at ``z`` of shape ``(C, D)``; ``+inf``
+        (a divergence) for a chain whose point fails a factorisation in the model."""
+        try:
+            return self._value_and_grad(z)
+        except torch.linalg.LinAlgError:
+            return self._chainwise_value_and_grad(z)
 
     def single_chain_value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference evaluation of one state ``(D,)`` with the model run unbatched."""
@@ -312,9 +335,32 @@ class BatchedPotential:
             (grad,) = torch.autograd.grad(-log_joint, z)
         return -log_joint.detach(), grad
 
-    def _check_points(self, num_chains: int, generator: torch.Generator) -> torch.Tensor:
-        # Distinct points per chain so that any mixing of chains inside the model shows up.
-        return 4.0 * torch.rand(num_chains, self.dim, generator=generator, dtype=self.dtype) - 2.0
+    def _prior_trace(self, seed: int, tries: int = 20) -> poutine.Trace:
+        # A prior whose support holds points where the model fails (a covariance that is not
+        # positive-definite) fails on some draws only: try a few before giving up.
+        for attempt in range(tries):
+            with torch.random.fork_rng(), pyro.validation_enabled(False):
+                torch.manual_seed(seed + 7919 * attempt)
+                try:
+                    return _trace(self.model, self.model_args, self.model_kwargs)
+                except torch.linalg.LinAlgError:
+                    if attempt == tries - 1:
+                        raise
+        raise AssertionError("unreachable")
+
+    def _check_points(self, num_chains: int, generator: torch.Generator, tries: int = 20) -> torch.Tensor:
+        # Distinct points per chain so that any mixing of chains inside the model shows up; points
+        # where the model's factorisations fail say nothing about batching, so others are drawn.
+        for _ in range(tries):
+            z = 4.0 * torch.rand(num_chains, self.dim, generator=generator, dtype=self.dtype) - 2.0
+            try:
+                self._eager_value_and_grad(z)
+            except torch.linalg.LinAlgError:
+                continue
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+                return z  # a failure of another kind is the verification's to report
+            return z
+        raise VectorizationError(f"the model's factorisations failed at {tries} batches of random points")
 
     def _verify(self, num_chains: int, num_checks: int, rtol: float, generator: torch.Generator) -> None:
         batch = max(num_chains, 2)

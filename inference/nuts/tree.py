@@ -29,6 +29,7 @@ from vilab.inference.engine.step import (
     LEAF_FIELDS,
     CompiledStep,
     _select,
+    leaf_step,
     checkpoint_masks,
     is_turning,
     make_leaf_stepper,
@@ -274,7 +275,10 @@ class TreeBuilder:
             inputs = (*state, step, energy, inverse_mass, *self._masks[leaf], log_uniform)
             if stepper is None:  # the loop runs ~10^5 times per run: no per-leaf lookups
                 stepper = self._stepper(metric.dense, inputs).function
-            *state, alive = stepper(*inputs)
+            try:
+                *state, alive = stepper(*inputs)
+            except torch.linalg.LinAlgError:  # a chain's point fails a factorisation: see the potential
+                *state, alive = leaf_step(self.potential.eager_value_and_grad, *inputs)
             if not bool(alive):
                 break
         self.leaf_calls += leaf + 1

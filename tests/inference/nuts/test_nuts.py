@@ -178,3 +178,28 @@ def test_chains_start_where_init_values_put_them(backend):
 def test_bad_init_values_are_named(init, match):
     with pytest.raises((ValueError, TypeError), match=match):
         run_nuts(_two_modes, num_samples=10, num_warmup=10, num_chains=2, progress=False, init_values=init)
+
+
+def test_a_covariance_that_fails_its_cholesky_is_a_divergence_not_a_crash():
+    """A correlation with a Uniform(-1.5, 1.5) prior: where |rho| >= 1 the covariance is not
+    positive-definite and MultivariateNormal's Cholesky raises. Stan and NumPyro count such a
+    point as a divergence; the posterior is the one on |rho| < 1, computed here by quadrature."""
+    x = torch.tensor([[1.0, 0.8], [-0.5, -0.7], [0.3, 0.1], [1.2, 1.5], [-1.0, -0.4]])
+
+    def model(x):
+        rho = pyro.sample("rho", dist.Uniform(-1.5, 1.5))
+        cov = torch.stack([torch.stack([torch.ones(()), rho]), torch.stack([rho, torch.ones(())])])
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.MultivariateNormal(torch.zeros(2), covariance_matrix=cov), obs=x)
+
+    grid = torch.linspace(-0.999, 0.999, 20001, dtype=torch.float64)
+    log_lik = torch.stack(
+        [dist.MultivariateNormal(torch.zeros(2), torch.tensor([[1.0, r], [r, 1.0]])).log_prob(x).sum() for r in grid]
+    )
+    weights = torch.softmax(log_lik, 0)
+    mean = float((weights * grid).sum())
+    sd = float((weights * (grid - mean) ** 2).sum().sqrt())
+    result = run_nuts(model, x, num_samples=500, num_warmup=300, num_chains=2, seed=1, progress=False)
+    draws = result.inference_data.posterior["rho"].values
+    assert np.all(np.abs(draws) < 1.0)
+    _check_against(result.inference_data, "rho", mean, sd)
