@@ -29,6 +29,7 @@ from vilab.types import Model
 from vilab.inference.engine.processes import server as fast_background
 from vilab.inference.engine.processes import workers as fast_workers
 from vilab.inference.nuts.adaptation import DualAveraging, Metric, Welford, adaptation_windows
+from vilab.inference.engine.backends import torch_internals
 from vilab.inference.engine.backends.inductor import COMPILERS, fusion_unavailable, normalize_compiler
 from vilab.inference.engine.policy import FusePolicy
 from vilab.inference.engine.step import threads_for
@@ -275,6 +276,8 @@ def sample_vectorized_nuts(
     if compiler not in NUTS_COMPILERS:
         raise ValueError(f"compiler: expected one of {NUTS_COMPILERS}; got {compiler!r}")
     workers = fast_workers.resolve_workers(workers, num_chains)
+    if compiler in ("auto", "inductor"):  # fused kernels: say once, here, if they lose their fast path
+        torch_internals.warn_unavailable(torch_internals.FALLBACK, stacklevel=2)
     with fast_workers.frozen_heap():
         return _sample_batches(
             workers,

@@ -11,6 +11,7 @@ import numpy as np
 
 from vilab.inference.svi.convergence import ConvergenceCheck, IterateMonitor
 from vilab.inference.engine.step import threads_for
+from vilab.inference.engine.backends import torch_internals
 from vilab.inference.engine.policy import FusePolicy
 from vilab.inference.engine.svi_step import CompiledSVIStep
 from vilab.inference.common.progress import progress_bar
@@ -45,6 +46,8 @@ def _optimise(
     policy = FusePolicy(compiler if compiled else "graph", num_steps)
     fused_at, fuse_seconds = "", 0.0
     vm_note = _to_vm(stepper, compiler == "auto") if compiled and compiler in ("auto", "vm") else ""
+    if compiled and compiler in ("auto", "inductor"):
+        torch_internals.warn_unavailable(torch_internals.FALLBACK, stacklevel=3)
     with threads_for(stepper.numel), _cancelling(stepper):
         for step in bar:
             if not policy.decided:

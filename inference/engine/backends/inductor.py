@@ -56,7 +56,6 @@ __all__ = [
     "load_cached",
     "predicted_compile_seconds",
     "fusion_unavailable",
-    "internals_note",
     "normalize_compiler",
     "COMPILERS",
 ]
@@ -154,16 +153,12 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor], 
     (:func:`~vilab.inference.engine.backends.recycle.recycled_call`; fresh tensors where that rewrite does
     not apply). Raises ``RuntimeError`` (or another error of Inductor's) when it cannot be
     compiled; the caller must check the result against its reference before using it.
-    Where the internals are unavailable (:mod:`~vilab.inference.engine.backends.torch_internals`)
-    the graph is compiled by the public ``torch.compile`` instead, with one ``RuntimeWarning``
-    if that was not known before the call.
+    Where the internals are unavailable (:mod:`~vilab.inference.engine.backends.torch_internals`,
+    which warns once) the graph is compiled by the public ``torch.compile`` instead.
     """
-    known = torch_internals.problem()
     try:
         wrapped, direct = _inductor_compile(graph, example)
     except torch_internals.InternalsUnavailable:
-        if not known:
-            torch_internals.warn_unavailable(internals_note(), stacklevel=3)
         return _public_compile(graph)
     if direct is None:
         return lambda *args: tuple(wrapped(*args))
@@ -173,14 +168,6 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor], 
         if recycled is not None:
             return recycled
     return lambda *args: call([*constants, *args])
-
-
-def internals_note() -> str:
-    """What a run does without the internals: the sentence its warning ends with."""
-    return (
-        "compiler='auto' keeps the traced step unfused, compiler='inductor' compiles it with "
-        "torch.compile (no kernel cache, no background compilation)"
-    )
 
 
 def _public_compile(graph: torch.fx.GraphModule) -> Callable:

@@ -41,6 +41,7 @@ __all__ = [
     "preload",
     "warn_unavailable",
     "reset",
+    "FALLBACK",
 ]
 
 # Oldest and newest (major, minor) release whose internals this module was run against.
@@ -61,6 +62,12 @@ MODULES = (
 OpOverload = type(torch.ops.aten.add.Tensor)
 
 _import_failure = ""  # the first failed import of an internal, kept for :func:`problem`
+
+# What a run does without the internals: the end of its warning.
+FALLBACK = (
+    "compiler='auto' keeps the traced step unfused (the virtual machine or fx code), "
+    "compiler='inductor' compiles it with torch.compile (no kernel cache, no background compilation)"
+)
 
 
 class InternalsUnavailable(RuntimeError):
@@ -111,8 +118,11 @@ def _require() -> None:
 
 
 def _record(name: str, error: BaseException) -> InternalsUnavailable:
+    """Keep a failed import for :func:`problem` and say so in one ``RuntimeWarning`` (later
+    calls fail on :func:`problem` without importing again, and without warning)."""
     global _import_failure
     _import_failure = f"importing {name} failed ({type(error).__name__}: {str(error)[:160]})"
+    warn_unavailable(FALLBACK, stacklevel=3)
     return InternalsUnavailable(_import_failure)
 
 
