@@ -396,3 +396,20 @@ def test_a_graph_with_an_expanded_constant_has_a_key():
     graph.graph.get_attr("_expanded")
     graph.recompile()
     assert len(fast_inductor.graph_key(graph, (torch.ones(1),))) == 64
+
+
+def test_the_former_torchscript_compiler_runs_the_fx_graph_with_a_warning():
+    data = torch.tensor([0.3, 1.9, 1.1])
+    with pytest.warns(FutureWarning, match="compiler='graph'"):
+        result = sample_vectorized_nuts(
+            normal_normal,
+            (data,),
+            {},
+            num_samples=5,
+            num_warmup=5,
+            num_chains=2,
+            seed=0,
+            progress=False,
+            compiler="torchscript",
+        )
+    assert result.backend == "graph" and "compiler='graph'" in result.fuse_decision
