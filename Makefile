@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 # The NUTS virtual machine's C library is built once per installation (about 10 s), not per model.
 install: system-deps $(VENV)/.installed
 	@$(BIN)/python -c "from vilab.inference.engine.backends.vm import build_library; build_library()" \
-	  || echo "note: the NUTS virtual machine could not be built; NUTS falls back to Static Runtime"
+	  || echo "note: the NUTS virtual machine could not be built; traced steps run as fx code"
 
 demo: install
 	$(BIN)/vilab compare --out $(OUT)

@@ -292,7 +292,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--compiler",
         default="auto",
-        choices=("auto", "inductor", "torchscript", "vm"),
+        choices=("auto", "inductor", "graph", "vm"),
         help="vilab's leaf compiler (sample_vectorized_nuts(compiler=...))",
     )
     parser.add_argument(

@@ -413,8 +413,9 @@ class BatchedPotential:
                 if data_dependent_shapes(module.graph):  # right only for the traced values
                     return
                 module = simplify(module)
-                # TorchScript runs the aten graph about 4x faster than fx's Python code.
-                graph = torch.jit.freeze(torch.jit.trace(module, (example,), check_trace=False).eval())
+            # The sampler's hot loop runs this graph inside its traced leaf (or on the virtual
+            # machine, or fused); alone, as fx code, it serves initialisation and step-size search.
+            graph = module
             for _ in range(2):
                 z = self._check_points(num_chains, generator)
                 expected = self.eager_value_and_grad(z)

@@ -6,10 +6,11 @@ acceptance statistics, the divergence test and the U-turn checks against the che
 momenta of every balanced sub-tree that closes at this leaf (NumPyro's iterative scheme).
 Which checkpoints are written and tested depends only on the leaf index, so it enters as two
 mask tensors and the same graph serves every leaf. That graph, potential and gradient
-included, is traced once with ``make_fx``, shrunk (:mod:`~vilab.inference.engine.graph.simplify`) and run
-by PyTorch's Static Runtime (TorchScript's interpreter where that is unavailable), so a leaf
-costs one call instead of a few hundred Python-dispatched operations. The same machinery
-(:class:`CompiledStep`) runs the merge of a sub-trajectory into its tree.
+included, is traced once with ``make_fx`` and shrunk (:mod:`~vilab.inference.engine.graph.simplify`);
+the traced graph runs as ``torch.fx`` code (ATen ops without Pyro's bookkeeping), on the
+virtual machine (:mod:`~vilab.inference.engine.backends.vm`: one C call for the whole leaf) or as a
+fused Inductor kernel. The same machinery (:class:`CompiledStep`) runs the merge of a
+sub-trajectory into its tree.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from vilab.inference.engine.backends.vm import Unsupported, vm_step
 
 from vilab.inference.engine.verify import _all_close as _all_close  # also imported from here
 from vilab.inference.engine.verify import _call_time as _call_time
-from vilab.inference.engine.verify import _describe, _static_runtime
+from vilab.inference.engine.verify import _describe
 
 __all__ = ["LEAF_FIELDS", "leaf_step", "CompiledStep", "make_leaf_stepper", "checkpoint_masks", "threads_for"]
 
@@ -295,11 +296,13 @@ class Fusable:
 
 
 class CompiledStep(Fusable):
-    """A pure tensor function for fixed input shapes, traced into TorchScript when possible.
+    """A pure tensor function for fixed input shapes, traced into an ATen graph when possible.
 
-    The function is traced with ``make_fx``, simplified (:func:`~vilab.inference.engine.graph.simplify.simplify`)
-    and run by TorchScript only if the traced graph reproduces the eager function on a second
-    input (its first output state fed back); otherwise the eager function runs.
+    The function is traced with ``make_fx`` and simplified
+    (:func:`~vilab.inference.engine.graph.simplify.simplify`); the graph (``backend == "graph"``,
+    fx's generated Python code) replaces the eager function only if it reproduces it on a second
+    input (its first output state fed back); otherwise the eager function runs. The graph can
+    then move to the virtual machine (:meth:`run_on_vm`) or a fused kernel (:meth:`fuse`).
 
     Args:
         eager_fn: the reference function of tensors, returning a tuple of tensors.
@@ -401,12 +404,9 @@ class CompiledStep(Fusable):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph = simplify(make_fx(self._trace_fn)(*example))
-                traced = torch.jit.freeze(torch.jit.trace(graph, example, check_trace=False).eval())
-            # Check on a second input whose state tensors are distinct and non-trivial; the
-            # profiling executor specialises on its first calls, so compare the third.
+            # Check on a second input whose state tensors are distinct and non-trivial.
             following = (*self._eager(*example)[: self._num_state], *example[self._num_state :])
-            for _ in range(3):
-                got = traced(*following)
+            got = graph(*following)
             expected = self._eager(*following)
             if not _all_close(got, expected):
                 self.failure = "the traced graph disagrees with the eager function"
@@ -415,9 +415,7 @@ class CompiledStep(Fusable):
             # A function that cannot be traced keeps the eager path: correct, only slower.
             self.failure = _describe(error)
             return
-        static = _static_runtime(traced, example, following, expected)
-        self._fn, self.compiled = static or traced, True
-        self.backend = "static runtime" if static is not None else "torchscript"
+        self._fn, self.compiled, self.backend = graph, True, "graph"
         self._check = (graph, example, following, expected)
 
 
@@ -430,7 +428,7 @@ def make_leaf_stepper(
         eager_potential_fn: batched potential and gradient, ``(C, D) -> ((C,), (C, D))``.
         example: example leaf inputs (state, then ``step``, ``energy_initial``,
             ``inverse_mass``, ``write_mask``, ``check_mask``, ``log_uniform``).
-        compile: trace the leaf into a TorchScript graph (checked against the eager leaf).
+        compile: trace the leaf into an ATen graph (checked against the eager leaf).
         trace_potential_fn: the potential as an already traced graph, much faster to trace
             again than Pyro.
     """

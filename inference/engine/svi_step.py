@@ -13,8 +13,9 @@ where :math:`u` are the guide's unconstrained parameters, :math:`m, v` Adam's mo
 :math:`\eta_t` the bias-corrected step size and :math:`\epsilon_t` the standard-normal noise
 the guide would draw. :class:`CompiledSVIStep` traces that function once with ``make_fx`` (the
 guide's own noise draws become an input), shrinks the graph
-(:mod:`~vilab.inference.engine.graph.simplify`) and runs it under PyTorch's Static Runtime, after checking it
-against the eager computation, with the same noise, at two parameter values. The update is
+(:mod:`~vilab.inference.engine.graph.simplify`) and runs it as ``torch.fx`` code, or on the virtual
+machine (:mod:`~vilab.inference.engine.backends.vm`) where it translates and is faster, after
+checking it against the eager computation, with the same noise, at two parameter values. The update is
 exactly Pyro's ``ClippedAdam`` (element-wise gradient clamp, exponential learning-rate decay).
 
 Anything outside that contract raises :class:`CompiledSVIError`, and ``fit_svi`` falls back to
@@ -44,8 +45,10 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import prune_subsample_sites
 
 from vilab.inference.engine.graph.simplify import data_dependent_shapes, mask_assignments_as_selects, simplify
+from vilab.inference.engine.backends.torch_internals import OpOverload
 from vilab.inference.engine.backends.inductor import predicted_compile_seconds
-from vilab.inference.engine.step import Fusable, _all_close, _call_time, _static_runtime
+from vilab.inference.engine.backends.vm import Unsupported, vm_step
+from vilab.inference.engine.step import Fusable, _all_close, _call_time, check_fused
 from vilab.errors import CompiledSVIError
 from vilab.inference.common.tracing import max_plate_nesting
 
@@ -212,8 +215,9 @@ class CompiledSVIStep(Fusable):
     """
 
     backend = "compiled"
+    runner = "graph"  # how the traced step runs: fx code, "vm" (:meth:`run_on_vm`) or "inductor"
     name = "SVI step"
-    fused, fuse_failure = False, ""
+    fused, fuse_failure, vm_failure = False, "", ""
     # Each step reads only the previous step's state, so the fused step may reuse its buffers
     # (:mod:`~vilab.inference.engine.backends.recycle`); a rejected step's state is copied out of them.
     recycle = True
@@ -349,23 +353,36 @@ class CompiledSVIStep(Fusable):
                     ) from error
             checks.append((inputs, expected))
             state = (*expected[1:], torch.tensor(self._step_size(2), dtype=dtype))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                traced = torch.jit.freeze(torch.jit.trace(graph, checks[0][0], check_trace=False).eval())
-            except RuntimeError as error:
-                raise CompiledSVIError(f"TorchScript rejected the step ({str(error).splitlines()[0][:200]})") from error
         for inputs, expected in checks:
-            for _ in range(3):  # the profiling executor specialises on its first calls
-                got = traced(*inputs)
+            try:
+                got = graph(*inputs)
+            except (RuntimeError, TypeError, ValueError, IndexError) as error:
+                raise CompiledSVIError(f"the traced step fails ({str(error).splitlines()[0][:200]})") from error
             if not _all_close(got, expected):
                 raise CompiledSVIError(
                     "the traced step disagrees with the eager step (data-dependent control flow in the model or guide?)"
                 )
-        (first_in, first_out), (second_in, _) = checks
-        fn = _static_runtime(traced, second_in, first_in, first_out) or traced
         self._graph, self._checks = graph, checks
-        return fn, noise
+        return graph, noise
+
+    def run_on_vm(self, require_faster: bool = True) -> bool:
+        """Run the traced step as a program of the virtual machine
+        (:func:`~vilab.inference.engine.backends.vm.vm_step`: milliseconds to translate) if it
+        translates, reproduces the eager checks and (with ``require_faster``) is faster than the
+        fx graph; returns whether it now runs there (:attr:`vm_failure` says why not)."""
+        if self.fused or self.runner == "vm":
+            return self.runner == "vm"
+        try:
+            program = vm_step(self._graph, self._checks[0][0], recycle=self.recycle)
+        except Unsupported as error:
+            self.vm_failure = f"not translated: {error}"
+            return False
+        program, why = check_fused(program, self._checks[0][0], self._checks, self._fn, require_faster)
+        if program is None:
+            self.vm_failure = why.replace("the fused kernel", "the program")
+            return False
+        self._fn, self.runner = program, "vm"
+        return True
 
     # -- fusion (FusePolicy's step protocol) ---------------------------------------------------
     def call_time(self) -> float:
@@ -382,7 +399,7 @@ class CompiledSVIStep(Fusable):
         return self._graph, self._checks[0][0], self._checks
 
     def _install(self, fused: Callable) -> None:
-        self._fn, self.fused = fused, True
+        self._fn, self.fused, self.runner = fused, True, "inductor"
 
     # -- running -------------------------------------------------------------------------------
     def step(self) -> float:
@@ -458,7 +475,7 @@ def _is_random(node: fx.Node) -> bool:
     target = node.target
     return (
         node.op == "call_function"
-        and isinstance(target, torch._ops.OpOverload)
+        and isinstance(target, OpOverload)
         and torch.Tag.nondeterministic_seeded in target.tags
     )
 

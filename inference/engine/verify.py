@@ -1,4 +1,4 @@
-"""Checks of a traced or fused step against its reference: rounding tolerances, call timing,\nand running a traced graph under Static Runtime."""
+"""Checks of a traced or fused step against its reference: rounding tolerances and call timing."""
 
 from __future__ import annotations
 
@@ -56,23 +56,3 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
         scale = float(finite.abs().max()) if finite.numel() else 0.0
         rtol, atol = max(rtol, ROUNDING_RTOL_ULPS * eps), max(atol, ROUNDING_ATOL_ULPS * eps * scale)
     return torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True)
-
-
-def _static_runtime(traced, example: tuple, following: tuple, expected: tuple):
-    """The frozen graph under PyTorch's Static Runtime, which dispatches each op with about half
-    the overhead of the TorchScript interpreter; ``None`` where it is unavailable, fails, or
-    disagrees with the eager function. Its outputs must also survive the next call unchanged
-    (the sampler keeps them), which is checked too."""
-    to_static = getattr(torch._C, "_jit_to_static_module", None)
-    if to_static is None:
-        return None
-    try:
-        module = to_static(traced._c)
-        first = module(*following)
-        kept = tuple(tensor.clone() for tensor in first)
-        module(*example)
-        if not (_all_close(first, expected) and _all_close(first, kept)):
-            return None
-    except RuntimeError:
-        return None
-    return module

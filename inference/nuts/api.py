@@ -26,6 +26,7 @@ from pyro.infer.mcmc import MCMC
 
 from vilab.inference.common.arviz_io import to_inference_data
 from vilab.inference.engine.processes.chains import run_chains
+from vilab.inference.engine.backends.inductor import normalize_compiler
 from vilab.inference.nuts.sampler import NUTS_COMPILERS, sample_vectorized_nuts
 from vilab.inference.engine.processes.workers import available_workers
 from vilab.inference.common.model_handlers import for_inference
@@ -157,8 +158,8 @@ def run_nuts(
             uses the vectorized sampler when the model passes its batching checks and otherwise
             falls back to Pyro's NUTS with a warning.
         compiler: for the vectorized sampler, how its traced leapfrog leaf runs:
-            ``"torchscript"`` (PyTorch's Static Runtime), ``"vm"`` (a small virtual machine:
-            milliseconds to translate, 2-4x faster per leaf than Static Runtime),
+            ``"graph"`` (the traced graph as ``torch.fx`` code, no compilation), ``"vm"`` (a
+            small virtual machine: milliseconds to translate, several times faster per leaf),
             ``"inductor"`` (one fused C++ kernel per leaf: about 4x faster per leaf, seconds to
             compile, needs ``g++``), or ``"auto"``: the virtual machine, switching to Inductor
             once the run's pace shows the compilation will pay for itself (compiled in a
@@ -336,6 +337,7 @@ def check_nuts_options(
     config = _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method)
     if backend not in ("auto", "vectorized", "pyro"):
         raise ValueError(f"backend: expected 'auto', 'vectorized' or 'pyro'; got {backend!r}")
+    compiler = normalize_compiler(compiler, stacklevel=4)
     if compiler not in NUTS_COMPILERS:
         raise ValueError(f"compiler: expected one of {NUTS_COMPILERS}; got {compiler!r}")
     return {**config, "seed": check_seed(seed), "compiler": compiler}

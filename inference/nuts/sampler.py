@@ -29,7 +29,8 @@ from vilab.types import Model
 from vilab.inference.engine.processes import server as fast_background
 from vilab.inference.engine.processes import workers as fast_workers
 from vilab.inference.nuts.adaptation import DualAveraging, Metric, Welford, adaptation_windows
-from vilab.inference.engine.backends.inductor import COMPILERS, fusion_unavailable
+from vilab.inference.engine.backends import torch_internals
+from vilab.inference.engine.backends.inductor import COMPILERS, fusion_unavailable, normalize_compiler
 from vilab.inference.engine.policy import FusePolicy
 from vilab.inference.engine.step import threads_for
 from vilab.inference.nuts.tree import TREE_FIELDS, TreeBuilder, TreeState, find_reasonable_step_size, merge_fields
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 # The sampler's ``compiler`` choices: the fused-kernel policy's, and the virtual machine alone.
-NUTS_COMPILERS = (*COMPILERS, "vm")
+NUTS_COMPILERS = COMPILERS
 
 # Runs this long (``compiler="auto"``) start the background compile server before tracing and
 # send it their steps as soon as the first iteration has traced them: every model measured
@@ -70,8 +71,8 @@ class VectorizedNutsResult(NamedTuple):
         sampling_time: seconds spent drawing.
         inverse_mass_matrix: adapted metric, ``(chain, D)`` or ``(chain, D, D)``.
         compiled: whether the potential ran as a traced graph.
-        backend: how the leapfrog leaf ran at the end: ``"eager"``, ``"torchscript"``,
-            ``"static runtime"`` or ``"inductor"`` (fused C++ kernel).
+        backend: how the leapfrog leaf ran at the end: ``"eager"``, ``"graph"`` (the traced
+            graph as fx code), ``"vm"`` (the virtual machine) or ``"inductor"`` (fused C++ kernel).
         fuse_decision: why the leaf was or was not fused (:class:`~vilab.inference.engine.policy.FusePolicy`).
         batching: how the chains were batched: ``"plate"`` (the model broadcast over an outer
             chain plate) or ``"vmap"`` (a one-chain model vectorised by ``torch.func.vmap``).
@@ -235,17 +236,17 @@ def sample_vectorized_nuts(
         seed: seed of initialisation and of every random choice of the sampler (the first
             batch's; the others' come from it, :func:`~vilab.inference.engine.processes.workers.batch_seed`).
             The draws depend on the batches (``workers``); with those fixed, they
-            repeat exactly for ``compiler="torchscript"``, ``"vm"`` or ``"inductor"``; under ``"auto"`` the
+            repeat exactly for ``compiler="graph"``, ``"vm"`` or ``"inductor"``; under ``"auto"`` the
             iteration where a fused kernel takes over depends on timing, and a kernel rounds
             differently from the traced step, so two runs agree in distribution, not bit for bit.
         progress: show a progress bar.
-        compiler: how the traced leaf and merge run: ``"torchscript"`` (Static Runtime,
-            compiles in a fraction of a second), ``"vm"`` (a program of
-            :mod:`~vilab.inference.engine.backends.vm`'s virtual machine: milliseconds to translate, 2-4x
-            faster per leaf than Static Runtime on small models, slower on tensors of thousands),
+        compiler: how the traced leaf and merge run: ``"graph"`` (fx's generated Python code,
+            nothing to compile), ``"vm"`` (a program of
+            :mod:`~vilab.inference.engine.backends.vm`'s virtual machine: milliseconds to translate,
+            several times faster per leaf than the fx graph on small models),
             ``"inductor"`` (one fused C++ kernel, several times faster per leaf, seconds to
             compile; needs ``g++``), or ``"auto"``: the virtual machine first where it is faster
-            (Static Runtime otherwise, or where a graph does not translate), switching
+            (the fx graph otherwise, or where a graph does not translate), switching
             to Inductor once the run's pace shows the compilation will pay for itself
             (:class:`~vilab.inference.engine.policy.FusePolicy`); with a second core the kernel
             compiles in a background process while the run goes on
@@ -271,9 +272,12 @@ def sample_vectorized_nuts(
         ValueError: an argument is out of range.
     """
     _check_arguments(num_samples, num_warmup, num_chains, target_accept, max_tree_depth)
+    compiler = normalize_compiler(compiler)
     if compiler not in NUTS_COMPILERS:
         raise ValueError(f"compiler: expected one of {NUTS_COMPILERS}; got {compiler!r}")
     workers = fast_workers.resolve_workers(workers, num_chains)
+    if compiler in ("auto", "inductor"):  # fused kernels: say once, here, if they lose their fast path
+        torch_internals.warn_unavailable(torch_internals.FALLBACK, stacklevel=2)
     with fast_workers.frozen_heap():
         return _sample_batches(
             workers,
@@ -406,9 +410,7 @@ def _sample(
     # its saving, extrapolated from the deep trees of early warmup, was far too high (a regression in
     # float32: 7.8 s predicted, 3.6 s for the whole run on the VM).
     fuses = potential.compiled and compiler != "vm" and not (split and compiler == "auto")
-    policy = FusePolicy(
-        compiler if fuses else "torchscript", total, background=background, early=total >= PREPARE_ITERATIONS
-    )
+    policy = FusePolicy(compiler if fuses else "graph", total, background=background, early=total >= PREPARE_ITERATIONS)
     if compiler == "vm":
         policy.reason = "compiler='vm'"
     elif split and compiler == "auto":

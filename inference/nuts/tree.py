@@ -125,7 +125,7 @@ class TreeBuilder:
 
     @property
     def backend(self) -> str:
-        """How the leaf runs: ``"eager"``, ``"torchscript"``, ``"static runtime"``, ``"vm"``
+        """How the leaf runs: ``"eager"``, ``"graph"`` (fx code), ``"vm"``
         (:mod:`~vilab.inference.engine.backends.vm`) or ``"inductor"`` (fused kernel)."""
         return next((stepper.backend for stepper in self._steppers.values()), "eager")
 

@@ -22,7 +22,7 @@ import torch
 from pyro.infer.autoguide import AutoLaplaceApproximation
 
 from vilab.guides.registry import get_guide, guide_name
-from vilab.inference.engine.backends.inductor import COMPILERS
+from vilab.inference.engine.backends.inductor import COMPILERS, normalize_compiler
 from vilab.inference.common.enumeration import enumerated_objective, hide_enumerated
 from vilab.inference.svi.guide_draws import draw_from_guide
 from vilab.inference.svi.init import LaplaceStart, prepare_guide, window_size
@@ -227,9 +227,12 @@ def fit_svi(
             model without parameters of its own); ``"pyro"`` runs Pyro's ``SVI``; ``"auto"``
             (default) compiles where it can and otherwise falls back to Pyro with a warning.
             Both run the same objective and the same (preconditioned) ``ClippedAdam`` update.
-        compiler: for the compiled step: ``"torchscript"`` (Static Runtime), ``"inductor"``
+        compiler: for the compiled step: ``"graph"`` (the traced graph as ``torch.fx`` code),
+            ``"vm"`` (a program of the virtual machine, :mod:`~vilab.inference.engine.backends.vm`:
+            milliseconds to translate; the fx graph where it does not translate), ``"inductor"``
             (one fused C++ kernel per step, seconds to compile, needs ``g++``), or ``"auto"``:
-            fuse once the run's pace shows the compilation will pay for itself
+            the virtual machine where it is faster, fused once the run's pace shows the
+            compilation will pay for itself
             (:class:`~vilab.inference.engine.policy.FusePolicy`; only long runs qualify), compiling
             in a background process while the run goes on where a second core is free.
             ``result.config["fused"]`` and ``["fuse_decision"]`` say what ran and why; a
@@ -260,6 +263,7 @@ def fit_svi(
     from vilab.inference.svi.methods import get_method, is_method
 
     check_model_kwargs(model, kwargs, "fit_svi", keyword_options(fit_svi))
+    compiler = normalize_compiler(compiler)
     check_svi_options(
         num_steps=num_steps,
         num_particles=1 if num_particles is None else num_particles,
@@ -429,6 +433,7 @@ def check_svi_options(
         raise ValueError(f"lr: expected > 0 (a number); got {lr!r}")
     if isinstance(lr_decay, bool) or not isinstance(lr_decay, numbers.Real) or not 0 < float(lr_decay) <= 1:
         raise ValueError(f"lr_decay: expected in (0, 1] (a number); got {lr_decay!r}")
+    compiler = normalize_compiler(compiler, stacklevel=4)
     if compiler not in COMPILERS:
         raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
     if elbo not in ELBOS:

@@ -11,6 +11,7 @@ import numpy as np
 
 from vilab.inference.svi.convergence import ConvergenceCheck, IterateMonitor
 from vilab.inference.engine.step import threads_for
+from vilab.inference.engine.backends import torch_internals
 from vilab.inference.engine.policy import FusePolicy
 from vilab.inference.engine.svi_step import CompiledSVIStep
 from vilab.inference.common.progress import progress_bar
@@ -44,8 +45,12 @@ def _optimise(
     losses: list[float] = []
     check, average, monitor = None, None, None
     bar = progress_bar(range(num_steps), desc=f"SVI {name}", enabled=progress)
-    policy = FusePolicy(compiler if isinstance(stepper, CompiledSVIStep) else "torchscript", num_steps)
+    compiled = isinstance(stepper, CompiledSVIStep)
+    policy = FusePolicy(compiler if compiled else "graph", num_steps)
     fused_at, fuse_seconds = "", 0.0
+    vm_note = _to_vm(stepper, compiler == "auto") if compiled and compiler in ("auto", "vm") else ""
+    if compiled and compiler in ("auto", "inductor"):
+        torch_internals.warn_unavailable(torch_internals.FALLBACK, stacklevel=3)
     with threads_for(stepper.numel), _cancelling(stepper):
         for step in bar:
             if not policy.decided:
@@ -71,7 +76,10 @@ def _optimise(
     if check is None or check.step != len(losses):
         check, average = _check(monitor, losses, confirm, stepper) if monitor and monitor.ready else (check, average)
     config.update(
-        fused=bool(getattr(stepper, "fused", False)), fuse_decision=policy.reason + fused_at, fuse_seconds=fuse_seconds
+        fused=bool(getattr(stepper, "fused", False)),
+        fuse_decision=policy.reason + fused_at + vm_note,
+        fuse_seconds=fuse_seconds,
+        step_runner=getattr(stepper, "runner", "eager"),
     )
     return losses, check, average
 
@@ -102,6 +110,14 @@ def _warn_not_converged(
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def _to_vm(stepper: CompiledSVIStep, require_faster: bool) -> str:
+    """Move the traced step to the virtual machine (where it is faster than fx's code, with
+    ``require_faster``); the note for ``fuse_decision``."""
+    if stepper.run_on_vm(require_faster):
+        return "; SVI step on the virtual machine"
+    return f"; SVI step not on the virtual machine ({stepper.vm_failure})"
 
 
 def _maybe_fuse(policy: FusePolicy, stepper, step: int) -> float:

@@ -53,7 +53,7 @@ NUTS = "nuts"
 # Deterministic choices: compiler="auto" fuses when the run's measured pace says so, which can
 # differ between two runs; one batch of chains (chain_method="sequential") keeps NUTS's draws
 # independent of how many cores a node has.
-DEFAULT_SVI: dict[str, Any] = {"num_steps": 2000, "lr": 0.02, "compiler": "torchscript"}
+DEFAULT_SVI: dict[str, Any] = {"num_steps": 2000, "lr": 0.02, "compiler": "vm"}
 DEFAULT_NUTS: dict[str, Any] = {
     "num_samples": 1000,
     "num_warmup": 1000,

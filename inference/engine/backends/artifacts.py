@@ -4,8 +4,9 @@ r"""Load a kernel that Inductor compiled, in this process or another, without im
 *artifact*: the path of the generated Python wrapper, the paths of the compiled C++ extensions and
 the lifted constants. :func:`load_artifact` reads the wrapper's generated ``call`` with ``ast``
 and runs it with a namespace of the few names Inductor's CPU wrappers use (buffer allocation and
-views from ``torch._C``, the compiled kernels, ``aten`` ops and matrix products); a wrapper needing
-anything else is reported as a failure, and the caller keeps its traced step.
+views, from :func:`~vilab.inference.engine.backends.torch_internals.wrapper_names`, the compiled
+kernels, ``aten`` ops and matrix products); a wrapper needing anything else, or a PyTorch whose
+internals are unavailable, is reported as a failure, and the caller keeps its traced step.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from vilab.inference.engine.backends import torch_internals
 from vilab.inference.engine.backends.recycle import recycled_call
 
 __all__ = ["load_artifact"]
@@ -35,10 +37,12 @@ def load_artifact(artifact: dict, example: Sequence[torch.Tensor], recycle: bool
     """The compiled graph described by ``artifact`` (from
     :func:`~vilab.inference.engine.backends.inductor.compile_artifact`) as ``run(*inputs) -> tuple``,
     without importing Inductor. Raises ``RuntimeError`` where the generated wrapper uses a name
-    this loader does not provide."""
+    this loader does not provide, or where the internals it needs are unavailable
+    (:class:`~vilab.inference.engine.backends.torch_internals.InternalsUnavailable`)."""
+    internals = torch_internals.wrapper_names()
     with open(artifact["source"]) as handle:
         function = _generated_call(ast.parse(handle.read()))
-    namespace = _namespace(function, artifact["kernels"])
+    namespace = _namespace(function, artifact["kernels"], internals)
     code = ast.fix_missing_locations(ast.Module([function], []))
     exec(compile(code, artifact["source"], "exec"), namespace)
     call, constants = namespace[function.name], list(artifact["constants"])
@@ -70,8 +74,7 @@ def _generated_call(module: ast.Module) -> ast.FunctionDef:
     return function
 
 
-def _namespace(function: ast.FunctionDef, kernels: dict) -> dict:
-    guards = torch._C._dynamo.guards
+def _namespace(function: ast.FunctionDef, kernels: dict, internals: dict) -> dict:
     namespace = {
         "torch": torch,
         "aten": torch.ops.aten,
@@ -80,10 +83,10 @@ def _namespace(function: ast.FunctionDef, kernels: dict) -> dict:
         "nan": math.nan,
         "device": torch.device,
         "empty_strided": torch.empty_strided,
-        "empty_strided_cpu": guards._empty_strided_cpu,
-        "reinterpret_tensor": guards._reinterpret_tensor,
-        "assert_size_stride": guards.assert_size_stride,
-        "assert_alignment": guards.assert_alignment,
+        "empty_strided_cpu": internals["empty_strided_cpu"],
+        "reinterpret_tensor": internals["reinterpret_tensor"],
+        "assert_size_stride": internals["assert_size_stride"],
+        "assert_alignment": internals["assert_alignment"],
         "extern_kernels": types.SimpleNamespace(**{name: getattr(torch, name) for name in _EXTERN}),
     }
     free = _free_names(function) - set(namespace) - set(dir(builtins))
@@ -91,7 +94,7 @@ def _namespace(function: ast.FunctionDef, kernels: dict) -> dict:
     if missing:
         raise RuntimeError(f"the generated call needs {sorted(missing)}")
     for name in free:
-        namespace[name] = _load_kernel(kernels[name])
+        namespace[name] = _load_kernel(kernels[name], internals["tensor_data_ptr"])
     for node in ast.walk(function):
         if (
             isinstance(node, ast.Attribute)
@@ -112,13 +115,11 @@ def _free_names(function: ast.FunctionDef) -> set[str]:
     return loaded - stored
 
 
-def _load_kernel(path: str) -> Callable:
+def _load_kernel(path: str, tensor_data_ptr: object) -> Callable:
     """The ``kernel`` function of an extension Inductor compiled (its Python binding)."""
     # The binding reads tensors' data pointers through a function whose address it is given
     # in this variable, as Inductor's own loader does.
-    os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(
-        torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr
-    )
+    os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(tensor_data_ptr)
     # The module's last name must be ``kernel``: the extension's init function is PyInit_kernel.
     name = f"vilab_fused_{hashlib.sha256(path.encode()).hexdigest()[:16]}.kernel"
     module = sys.modules.get(name)

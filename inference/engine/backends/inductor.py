@@ -1,7 +1,7 @@
 r"""Fused C++ kernels for traced sampler steps, through PyTorch's Inductor.
 
-A NUTS leaf runs 140-530 small ATen ops; under Static Runtime each costs about 1.1 µs of
-dispatch, so a small regression's leaf costs about 200 µs while its arithmetic takes about 15 µs. Inductor
+A NUTS leaf runs 140-530 small ATen ops; dispatched one by one (PyTorch's former Static Runtime
+took about 1.1 µs per op, fx's Python code more), so a small regression's leaf costs about 200 µs while its arithmetic takes about 15 µs. Inductor
 fuses the whole graph into one C++ function (compiled by the system's ``g++``). Its Python
 wrapper then dominates: size asserts on every input, the AOT-autograd and Dynamo wrappers, and
 one allocation per buffer. The asserts are switched off (the shapes are fixed by construction
@@ -22,16 +22,18 @@ products and short cumulative sums and products are decomposed before lowering, 
 are fused too instead of calling ATen (:data:`SMALL_MATMUL`, :data:`SMALL_SCAN`).
 
 Everything here is optional: without a C++ compiler, or wherever Inductor fails, the caller
-keeps its TorchScript step and records why. ``compile_fused`` uses Inductor's internal entry
-points (``compile_fx`` with an ``inner_compile`` hook, the compiled graph's ``current_callable``)
-of the pinned PyTorch 2.13; a change there shows as a fallback, not as wrong results, because
-every fused step is checked against its eager reference before use.
+keeps its traced step (the virtual machine or the fx graph) and records why. ``compile_fused``
+uses Inductor's internal entry points (``compile_fx`` with an ``inner_compile`` hook, the
+compiled graph's ``current_callable``), reached only through
+:mod:`~vilab.inference.engine.backends.torch_internals` on the PyTorch releases they were tested
+on; elsewhere it compiles with the public ``torch.compile`` (no kernel cache, no background
+compilation). A change there shows as a fallback, not as wrong results, because every fused
+step is checked against its eager reference before use.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import pickle
 import shutil
@@ -42,6 +44,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from vilab.inference.engine.backends import artifacts as fast_artifacts
+from vilab.inference.engine.backends import torch_internals
 from vilab.inference.engine.cache import cache_problem, inductor_cache_dir
 from vilab.inference.engine.backends.recycle import recycled_call
 
@@ -53,10 +56,30 @@ __all__ = [
     "load_cached",
     "predicted_compile_seconds",
     "fusion_unavailable",
+    "normalize_compiler",
     "COMPILERS",
 ]
 
-COMPILERS = ("auto", "inductor", "torchscript")
+# "graph": the traced step as fx's code, never fused; "vm": on the virtual machine wherever it
+# translates, never fused; "inductor": fused from the start; "auto": the virtual machine where
+# it is faster, fused when that pays (FusePolicy).
+COMPILERS = ("auto", "inductor", "graph", "vm")
+
+
+def normalize_compiler(compiler: str, stacklevel: int = 3) -> str:
+    """``compiler`` as one of :data:`COMPILERS`: the former ``"torchscript"``
+    (TorchScript's Static Runtime, which PyTorch deprecated and vilab no longer uses) is read
+    as ``"graph"``, the unfused traced step, with a ``FutureWarning``."""
+    if compiler == "torchscript":
+        warnings.warn(
+            "compiler='torchscript' is deprecated: vilab no longer runs TorchScript; it means "
+            "compiler='graph' (the traced step, unfused); pass that instead",
+            FutureWarning,
+            stacklevel=stacklevel,
+        )
+        return "graph"
+    return compiler
+
 
 # Inductor's vectorised kernels run leaves along long contiguous rows about 2x faster, others no
 # faster or slower, but compile 1-3 s slower: in a 2000-iteration run the later kernel costs what
@@ -108,10 +131,12 @@ _setup_done = False
 
 
 def fusion_unavailable() -> str:
-    """Why fused kernels cannot be built here, or ``""`` when they can."""
+    """Why fused kernels cannot be built here by Inductor's internal entry points (those that
+    ``compiler="auto"`` uses), or ``""`` when they can."""
     # Looked up, not imported: importing Inductor takes about a second.
-    if importlib.util.find_spec("torch._inductor.compile_fx") is None:  # a minimal PyTorch build
-        return "Inductor is not part of this PyTorch build"
+    internal = torch_internals.problem()
+    if internal:
+        return f"PyTorch internals unavailable ({internal})"
     if shutil.which("g++") is None and shutil.which("c++") is None:
         return "no C++ compiler (g++) on PATH; install one (apt-get install g++)"
     include = sysconfig.get_paths().get("include", "")
@@ -128,8 +153,13 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor], 
     (:func:`~vilab.inference.engine.backends.recycle.recycled_call`; fresh tensors where that rewrite does
     not apply). Raises ``RuntimeError`` (or another error of Inductor's) when it cannot be
     compiled; the caller must check the result against its reference before using it.
+    Where the internals are unavailable (:mod:`~vilab.inference.engine.backends.torch_internals`,
+    which warns once) the graph is compiled by the public ``torch.compile`` instead.
     """
-    wrapped, direct = _inductor_compile(graph, example)
+    try:
+        wrapped, direct = _inductor_compile(graph, example)
+    except torch_internals.InternalsUnavailable:
+        return _public_compile(graph)
     if direct is None:
         return lambda *args: tuple(wrapped(*args))
     call, constants = direct
@@ -138,6 +168,13 @@ def compile_fused(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor], 
         if recycled is not None:
             return recycled
     return lambda *args: call([*constants, *args])
+
+
+def _public_compile(graph: torch.fx.GraphModule) -> Callable:
+    """``graph`` compiled by ``torch.compile`` (Inductor behind Dynamo's guards: slower per call
+    than :func:`_inductor_compile`'s direct call, and not reloadable by another process)."""
+    compiled = torch.compile(graph, backend="inductor", fullgraph=True, dynamic=False)
+    return lambda *args: tuple(compiled(*args))
 
 
 def compile_artifact(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor], key: Optional[str] = None) -> dict:
@@ -207,16 +244,11 @@ def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tenso
     if problem:
         raise RuntimeError(problem)
     key = key or graph_key(graph, example)  # before Inductor, which may rewrite ``graph``
-    from torch._functorch import config as functorch_config
-    from torch._guards import TracingContext, tracing
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch._inductor import config
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
+    internals = torch_internals.inductor()
     inner = []
 
     def capture(*args, **kwargs):
-        compiled = compile_fx_inner(*args, **kwargs)
+        compiled = internals.compile_fx_inner(*args, **kwargs)
         inner.append(compiled)
         return compiled
 
@@ -224,14 +256,16 @@ def _inductor_compile(graph: torch.fx.GraphModule, example: Sequence[torch.Tenso
     # but only inside a tracing context with a shape environment (Dynamo's, normally).
     # One compile thread: a pool of compile workers costs a torch import each, on a core the
     # caller may be using.
+    settings = {"size_asserts": False, "cpp.vec_isa_ok": VECTORIZE, "compile_threads": 1, **REALIZE}
     with (
-        config.patch({"size_asserts": False, "cpp.vec_isa_ok": VECTORIZE, "compile_threads": 1, **REALIZE}),
-        functorch_config.patch(enable_autograd_cache=False),
-        tracing(TracingContext(FakeTensorMode(shape_env=_shape_env()))),
+        internals.config.patch(settings),
+        internals.functorch_config.patch(enable_autograd_cache=False),
+        internals.tracing(internals.TracingContext(internals.FakeTensorMode(shape_env=_shape_env()))),
     ):
         with warnings.catch_warnings():  # Inductor's own deprecation warnings are not the user's
             warnings.simplefilter("ignore", FutureWarning)
-            wrapped = compile_fx(graph, list(example), inner_compile=capture, decompositions=_decompositions())
+            decompositions = _decompositions(internals.select_decomp_table)
+            wrapped = internals.compile_fx(graph, list(example), inner_compile=capture, decompositions=decompositions)
     _setup_done = True
     direct = _direct_call(wrapped, inner, example) if len(inner) == 1 else None
     _mark_cached(key, None if direct is None else _artifact(*direct))
@@ -279,12 +313,10 @@ def _marker_path(key: str) -> str:
     return os.path.join(inductor_cache_dir(), "vilab_fused", key)
 
 
-def _decompositions() -> dict:
+def _decompositions(select_decomp_table: Callable[[], dict]) -> dict:
     """Inductor's decompositions, with small matrix products (:data:`SMALL_MATMUL`) written as a
     broadcast product and a sum, and short cumulative sums and products (:data:`SMALL_SCAN`) as
     one sum or product per prefix, which Inductor fuses into the kernel around them."""
-    from torch._inductor.decomposition import select_decomp_table
-
     table = dict(select_decomp_table())
     aten = torch.ops.aten
     inductor_bmm = table.get(aten.bmm.default)

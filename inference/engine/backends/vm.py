@@ -6,8 +6,8 @@ than the traced graph, but compiling it takes 3-10 s: on a model's first run muc
 program for a virtual machine written in C (``vm.c``: about 70 instructions, each a strided
 N-d loop over one arena of doubles), built once per installation (:func:`build_library`).
 Translating takes milliseconds. A call costs one C call, the loops' arithmetic and about 0.5 µs
-per output tensor; NUTS leaves of the posteriordb problems ran in 24-66 µs where Static Runtime,
-at about 1 µs of dispatch per op, took 60-600 µs (an HMM's, with 513 instructions, is the slowest).
+per output tensor; NUTS leaves of the posteriordb problems ran in 24-66 µs where PyTorch's
+former Static Runtime, at about 1 µs of dispatch per op, took 60-600 µs (an HMM's, with 513 instructions, is the slowest).
 The sampler runs the program until Inductor's kernel is ready, and keeps it where that kernel is
 no faster.
 
@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from vilab.inference.engine.backends import torch_internals
 from vilab.inference.engine.cache import cache_root, private_directory
 from vilab.inference.engine.backends.vm_program import Program, Unsupported, _contiguous_strides, _Ins
 
@@ -147,12 +148,9 @@ def vm_unavailable(wait: bool = False) -> str:
     return _library_error
 
 
-try:  # Inductor's wrappers allocate with it: 0.5 µs against torch.empty's 1.6
-    from torch._C._dynamo.guards import _empty_strided_cpu as _empty
-except ImportError:  # pragma: no cover -- another PyTorch
-
-    def _empty(shape: tuple, strides: tuple, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty_strided(shape, strides, dtype=dtype)
+# Inductor's wrappers allocate with it: 0.5 µs against torch.empty's 1.6 (torch.empty_strided
+# where PyTorch's internals are unavailable).
+_empty = torch_internals.empty_strided_cpu()
 
 
 class VMStep:

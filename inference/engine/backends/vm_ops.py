@@ -454,6 +454,7 @@ _HANDLERS: dict = {
     aten.zeros_like.default: lambda p, e, *a, **k: _filled(p, e, 0.0),
     aten.full_like.default: lambda p, e, a, value, **k: _filled(p, e, value),
     aten.mean.dim: _mean,
+    aten.mean.default: _mean,
     aten.select.int: vm_views._select,
     aten.slice.Tensor: vm_views._slice,
     aten.transpose.int: vm_views._transpose,

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from vilab.inference.engine.backends.torch_internals import OpOverload
+
 __all__ = ["dumps_graph", "loads_graph"]
 
 _PRIMITIVES = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -69,7 +71,7 @@ def _set_attribute(root: torch.nn.Module, path: str, tensor: torch.Tensor) -> No
 
 
 def _target(target: Any) -> tuple[str, ...]:
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, OpOverload):
         namespace, name = target._schema.name.split("::")
         return ("op", namespace, name, target._overloadname)
     for module in (operator, builtins):

@@ -1,4 +1,4 @@
-r"""Shrink a ``make_fx`` graph of small-tensor operations before TorchScript runs it.
+r"""Shrink a ``make_fx`` graph of small-tensor operations before it runs (as fx code, on the virtual machine or fused).
 
 On the tensors of a small model (a few chains, tens to hundreds of numbers) every aten call costs
 about the same microseconds whatever it computes, so the sampler's speed is the number of calls
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+
+from vilab.inference.engine.backends.torch_internals import OpOverload
 
 from vilab.inference.engine.graph.expands import BROADCASTING, ops_before_expands
 from vilab.inference.engine.graph.masks import _val, data_dependent_shapes, mask_assignments_as_selects
@@ -86,7 +88,7 @@ def _fold_constants(gm: fx.GraphModule, mutated: set) -> None:
             continue
         if node.op != "call_function" or node in mutated or _is_mutating(node):
             continue
-        if not isinstance(node.target, torch._ops.OpOverload) or node.target is aten.new_empty.default:
+        if not isinstance(node.target, OpOverload) or node.target is aten.new_empty.default:
             continue
         if node.target in _LIKE:
             value = _val(node)
@@ -337,7 +339,7 @@ def _eliminate_common_subexpressions(graph: fx.Graph, mutated: set) -> None:
     for node in list(graph.nodes):
         if node.op == "get_attr":
             key = ("get_attr", node.target)
-        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        elif node.op == "call_function" and isinstance(node.target, OpOverload):
             # An input written in place between two identical ops gives them different values.
             if (
                 node in mutated

@@ -12,14 +12,14 @@ and keeps stepping its traced graphs meanwhile. The caller checks the loaded ker
 reference before using it, as for a kernel compiled in-process.
 
 Loading reads the generated ``call`` with ``ast`` and runs it with a namespace of the few names
-Inductor's CPU wrappers use (buffer allocation and views from ``torch._C``, the compiled kernels,
+Inductor's CPU wrappers use (buffer allocation and views, through
+:mod:`~vilab.inference.engine.backends.torch_internals`, the compiled kernels,
 ``aten`` ops and matrix products); a wrapper needing anything else is reported as a failure and the
 traced step stays.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
 import os
 import pickle
@@ -32,6 +32,7 @@ import torch
 
 from vilab.inference.engine.processes import workers as fast_workers
 from vilab.inference.engine.graph.serialize import dumps_graph, loads_graph
+from vilab.inference.engine.backends import torch_internals
 from vilab.inference.engine.backends.artifacts import load_artifact
 
 __all__ = [
@@ -258,13 +259,20 @@ def shutdown() -> None:
         _stop(_SHARED)
 
 
+def _import_inductor() -> None:
+    try:
+        torch_internals.inductor()
+    except torch_internals.InternalsUnavailable:  # each compilation then reports why
+        pass
+
+
 def _serve(conn) -> None:
     from vilab.inference.engine.backends import inductor as fast_inductor
 
     torch.set_num_threads(1)
     # Inductor's import (seconds) runs beside the first receive, so a caller's send never
     # waits on it.
-    warm = threading.Thread(target=importlib.import_module, args=("torch._inductor.compile_fx",), daemon=True)
+    warm = threading.Thread(target=_import_inductor, daemon=True)
     warm.start()
     while True:
         try:

@@ -162,12 +162,13 @@ def _preload() -> None:
     first shape broadcast of a transform imports symbolic shapes (0.5 s), and the virtual
     machine's library is loaded. A child's imports die with it, so without this every run
     would pay them again."""
-    import torch._inductor.config  # noqa: F401 - imported by make_fx on its first call
     import torch.fx.experimental.proxy_tensor  # noqa: F401
     import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
+    from vilab.inference.engine.backends import torch_internals
     from vilab.inference.engine.backends.vm import vm_unavailable
 
+    torch_internals.preload()  # Inductor's config: imported by make_fx on its first call
     vm_unavailable(wait=False)
 
 

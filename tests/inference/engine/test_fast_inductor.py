@@ -72,7 +72,7 @@ def test_fused_compiled_step_feeds_its_state_back_like_the_eager_step():
         torch.linspace(0.1, 1.0, 3, dtype=torch.float64),
     )
     compiled = CompiledStep(step, example, num_state=2)
-    assert compiled.compiled and compiled.backend in ("static runtime", "torchscript")
+    assert compiled.compiled and compiled.backend == "graph"
     assert compiled.fuse(), compiled.fuse_failure
     assert compiled.backend == "inductor"
     fused_state, eager_state = example[:2], example[:2]
@@ -149,7 +149,7 @@ def test_short_runs_are_not_fused_under_auto():
     result = sample_vectorized_nuts(
         normal_normal, (data,), {}, num_samples=30, num_warmup=30, num_chains=2, seed=0, progress=False
     )
-    assert result.backend in ("vm", "static runtime", "torchscript")
+    assert result.backend in ("vm", "graph")
     assert "fused at" not in result.fuse_decision and not result.fuse_decision.startswith(";")
 
 
@@ -317,7 +317,7 @@ def test_auto_policy_waits_for_half_a_second_of_timed_iterations(clock):
 
 def test_explicit_policies_and_bad_compiler(clock):
     assert FusePolicy("inductor", 10).choose(0, []) is None
-    never = FusePolicy("torchscript", 10**6)
+    never = FusePolicy("graph", 10**6)
     assert never.decided and never.choose(5, [(_Step("leaf", 1, 1.0), 10**6)]) == []
     with pytest.raises(ValueError, match="compiler"):
         FusePolicy("xla", 10)
@@ -361,16 +361,16 @@ def test_fused_svi_steps_follow_the_traced_steps(guide_name):
             seed=3,
             compiler=compiler,
         )
-        for compiler in ("torchscript", "inductor")
+        for compiler in ("graph", "inductor")
     }
-    assert runs["inductor"].config["fused"] and not runs["torchscript"].config["fused"]
+    assert runs["inductor"].config["fused"] and not runs["graph"].config["fused"]
     # Compiled now, or loaded from an earlier run's cache entry: the same kernel either way.
     assert runs["inductor"].config["fuse_decision"] in (
         "compiler='inductor'",
         "compiler='inductor'; loaded from the kernel cache at step 0",
     )
     torch.testing.assert_close(
-        torch.tensor(runs["inductor"].losses), torch.tensor(runs["torchscript"].losses), rtol=1e-7, atol=1e-7
+        torch.tensor(runs["inductor"].losses), torch.tensor(runs["graph"].losses), rtol=1e-7, atol=1e-7
     )
 
 
@@ -396,3 +396,20 @@ def test_a_graph_with_an_expanded_constant_has_a_key():
     graph.graph.get_attr("_expanded")
     graph.recompile()
     assert len(fast_inductor.graph_key(graph, (torch.ones(1),))) == 64
+
+
+def test_the_former_torchscript_compiler_runs_the_fx_graph_with_a_warning():
+    data = torch.tensor([0.3, 1.9, 1.1])
+    with pytest.warns(FutureWarning, match="compiler='graph'"):
+        result = sample_vectorized_nuts(
+            normal_normal,
+            (data,),
+            {},
+            num_samples=5,
+            num_warmup=5,
+            num_chains=2,
+            seed=0,
+            progress=False,
+            compiler="torchscript",
+        )
+    assert result.backend == "graph" and "compiler='graph'" in result.fuse_decision

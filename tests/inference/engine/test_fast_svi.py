@@ -330,3 +330,30 @@ def test_matrix_algebra_on_a_latent_with_several_particles_runs_them_one_at_a_ti
     with pytest.warns(RuntimeWarning, match="one particle at a time"):
         result = fit_svi(gp, "meanfield", torch.sin(x), num_steps=10, num_particles=3, progress=False)
     assert result.config["backend"] == "pyro" and all(math.isfinite(loss) for loss in result.losses)
+
+
+def test_the_compiled_step_on_the_virtual_machine_reaches_the_posterior():
+    from vilab.inference.engine.backends.vm import vm_unavailable
+
+    if vm_unavailable(wait=True):
+        pytest.skip(f"no virtual machine here: {vm_unavailable()}")
+    x = conjugate.default_normal_data()
+    result = fit_svi(
+        conjugate.normal_normal,
+        "meanfield",
+        20,
+        x,
+        num_steps=2000,
+        lr=0.05,
+        lr_decay=0.01,
+        early_stop=False,
+        progress=False,
+        seed=0,
+        backend="compiled",
+        compiler="vm",
+    )
+    assert result.config["step_runner"] == "vm", result.config["fuse_decision"]
+    elbo, se = result.elbo_estimate(20000, seed=1)
+    log_evidence = conjugate.normal_normal_log_evidence(x)
+    assert elbo <= log_evidence + Z * se + 1e-9
+    assert log_evidence - elbo <= Z * se + OPT_TOL

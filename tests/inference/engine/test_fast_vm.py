@@ -338,7 +338,7 @@ def test_nuts_on_the_virtual_machine_matches_the_closed_form_posterior(normal_no
     normal_normal_check(result.samples["loc"], data, min_ess=300, z=4.5)
 
 
-def test_the_virtual_machine_repeats_static_runtime_draws_to_rounding():
+def test_the_virtual_machine_repeats_the_fx_graphs_draws_to_rounding():
     # Same seed, same trajectory: the two differ only in rounding, which takes many iterations
     # of step-size adaptation to grow; without adaptation the draws agree.
     data = torch.tensor([0.3, 1.9, 1.1, 0.4, 2.2])
@@ -354,8 +354,8 @@ def test_the_virtual_machine_repeats_static_runtime_draws_to_rounding():
             progress=False,
             compiler=compiler,
         )
-        for compiler in ("vm", "torchscript")
+        for compiler in ("vm", "graph")
     ]
-    assert runs[0].backend == "vm" and runs[1].backend in ("static runtime", "torchscript")
+    assert runs[0].backend == "vm" and runs[1].backend == "graph"
     torch.testing.assert_close(runs[0].samples["loc"], runs[1].samples["loc"], rtol=1e-9, atol=1e-9)
     assert _all_close((runs[0].sample_stats["n_steps"],), (runs[1].sample_stats["n_steps"],))
