@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*")
     parser.add_argument("--one", help="run one model in this process and print its JSON record")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
+    parser.add_argument("--timeout", type=float, default=2400.0, help="seconds per model (NUTS, two SVI fits and compare together; generous for a loaded machine)")
     parser.add_argument("--output", default=RESULTS, help="JSON file to add the models to")
     parser.add_argument("--rescore", action="store_true", help="only score the stored records again")
     parser.add_argument("--merge", nargs="*", default=[], help="also take the records of these JSON files")

@@ -9,7 +9,7 @@ import torch
 
 from . import closed_form as cf
 from . import data as d
-from . import discrete, glm, gp, hierarchical, timeseries
+from . import discrete, glm, gp, hierarchical, ode, timeseries
 
 __all__ = ["ENTRIES", "tensor"]
 
@@ -469,5 +469,15 @@ ENTRIES = [
         inputs=lambda x: (timeseries.bnn_model, (tensor(x["X"]), tensor(x["Y"]), 5), {}),
         sites=("w1", "w2", "w3", "prec_obs"),
         statistics=_bnn_statistics,
+    ),
+    dict(
+        name="lotka_volterra",
+        kind="ode",
+        features=("ODE (torch RK4 loop)", "TruncatedNormal written by the user", "z[0] indexing"),
+        source="NumPyro example 'Predator-Prey Model' https://num.pyro.ai/en/0.7.2/examples/ode.html",
+        data=d.lynx_hare,
+        note="jax odeint (adaptive) as a fixed-step RK4 loop in torch, 4 steps a year",
+        inputs=lambda x: (ode.lotka_volterra, (len(x["y"]), tensor(x["y"])), {}),
+        sites=("z_init", "theta", "sigma"),
     ),
 ]
