@@ -322,3 +322,4 @@ TWINS = {
     "bnn": lambda x: (bnn, dict(X=x["X"], Y=x["Y"], D_H=5)),
     "lotka_volterra": lambda x: (lotka_volterra, dict(N=len(x["y"]), y=x["y"])),
 }
+
