@@ -215,10 +215,9 @@ def _compare(entry, model, args, kwargs, reference):
         )
     )
     record = {"seconds": seconds, "warnings": messages, "error": error}
-    if report is not None:
-        record.update(
-            rows=int(len(report.table)), failures=report.failures, parameters=sorted(set(report.table["parameter"]))
-        )
+    if report is not None:  # a guide that failed leaves no rows (an empty table) and a failure
+        parameters = report.table["parameter"] if len(report.table) else []
+        record.update(rows=int(len(report.table)), failures=report.failures, parameters=sorted(set(parameters)))
     return record
 
 
@@ -312,6 +311,8 @@ def table(records: list) -> str:
         )
         k = lambda s: f"{s['k_hat']:.2f}" if "k_hat" in s else ""  # noqa: E731
         compared = f"{cmp['rows']} rows" if cmp.get("error") is None else cmp["error"][:60]
+        if cmp.get("failures"):
+            compared += "; failed: " + "; ".join(f"{k}: {v[:60]}" for k, v in cmp["failures"].items())
         lines.append(
             f"| {r['name']} | {r['kind']} | {_cell(nuts)} | {nuts['seconds']:.0f} | {z} | {_cell(mf)} | "
             f"{k(mf)} | {_cell(fr)} | {k(fr)} | {compared} |"

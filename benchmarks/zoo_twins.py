@@ -276,9 +276,7 @@ def lotka_volterra(N, y=None):
     ts = jnp.arange(float(N))
     theta = numpyro.sample(
         "theta",
-        dist.TruncatedNormal(
-            low=0.0, loc=jnp.array([1.0, 0.05, 1.0, 0.05]), scale=jnp.array([0.5, 0.05, 0.5, 0.05])
-        ),
+        dist.TruncatedNormal(low=0.0, loc=jnp.array([1.0, 0.05, 1.0, 0.05]), scale=jnp.array([0.5, 0.05, 0.5, 0.05])),
     )
     z = odeint(dz_dt, z_init, ts, theta, rtol=1e-6, atol=1e-5, mxstep=1000)
     sigma = numpyro.sample("sigma", dist.LogNormal(-1, 1).expand([2]))
@@ -322,4 +320,3 @@ TWINS = {
     "bnn": lambda x: (bnn, dict(X=x["X"], Y=x["Y"], D_H=5)),
     "lotka_volterra": lambda x: (lotka_volterra, dict(N=len(x["y"]), y=x["y"])),
 }
-

@@ -129,8 +129,9 @@ def test_fit_svi_reports_its_fit(entry, guide):
 def test_compare_scores_every_reference_parameter(entry):
     model, args, kwargs = entry.inputs(entry.data())
     reference = load_reference(entry)
-    if entry.options.get("svi_refusal"):
-        with pytest.raises(ValueError, match=entry.options["svi_refusal"]):
+    refusal = entry.options.get("compare_refusal") or entry.options.get("svi_refusal")
+    if refusal:
+        with pytest.raises(ValueError, match=refusal):
             vilab.compare(model, *args, guides=("meanfield",), reference=reference["draws"], progress=False, **kwargs)
         return
     report = vilab.compare(
