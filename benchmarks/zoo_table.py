@@ -281,7 +281,10 @@ def _run_isolated(name: str, timeout: float) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
         return {"name": name, "error": f"exit {done.returncode}: {_short(done.stderr[-600:])}"}
-    return json.loads(lines[-1])
+    record = json.loads(lines[-1])
+    if "Traceback" in done.stderr:  # the full story of a crash the record shortens
+        record["stderr_tail"] = done.stderr[-4000:]
+    return record
 
 
 def _cell(record: dict) -> str:
