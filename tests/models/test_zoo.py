@@ -185,3 +185,25 @@ def test_each_reference_has_positive_spread_and_its_draws(entry):
     assert all(s["sd"] > 0 and s["ess"] > 100 for s in reference["summary"].values())
     assert reference["draws"]
     assert all(np.isfinite(np.asarray(v)).all() for v in reference["draws"].values())
+
+
+def test_the_hmm_forward_pass_matches_summing_over_every_state_path():
+    """``modes.hmm_log_likelihood`` (the HMM reference's weights) against brute-force enumeration."""
+    import itertools
+
+    from zoo.modes import hmm_log_likelihood
+
+    rng = np.random.default_rng(0)
+    probs_x, probs_y = rng.dirichlet(np.ones(2), size=(3, 2)), rng.uniform(0.05, 0.95, size=(3, 2, 4))
+    sequences, lengths = (rng.random((2, 4, 4)) < 0.5).astype(float), [4, 3]
+    expected = np.zeros(3)
+    for n in range(3):
+        for sequence, length in zip(sequences, lengths):
+            total = 0.0
+            for path in itertools.product(range(2), repeat=length):
+                states = (0,) + path  # the chain starts from state 0
+                tones = sequence[:length]
+                emission = np.where(tones == 1, probs_y[n, list(path)], 1 - probs_y[n, list(path)]).prod()
+                total += np.prod([probs_x[n, a, b] for a, b in zip(states[:-1], states[1:])]) * emission
+            expected[n] += np.log(total)
+    np.testing.assert_allclose(hmm_log_likelihood(probs_x, probs_y, sequences, lengths), expected, rtol=1e-12)
