@@ -30,9 +30,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 import numpyro  # noqa: E402
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin  # noqa: E402
-from numpyro.infer import MCMC, NUTS  # noqa: E402
+from numpyro.infer import MCMC, NUTS, init_to_value  # noqa: E402
 
 from zoo import REFERENCE_DIR, ZOO  # noqa: E402
+from zoo.modes import fold_weights  # noqa: E402
 from zoo_twins import TWINS  # noqa: E402
 
 __all__ = ["reference_run", "main"]
@@ -48,9 +49,12 @@ def _to_jax(value):
 
 def reference_run(entry, seed: int = 0, num_samples: int = NUM_SAMPLES, target_accept: float = 0.9) -> dict:
     """Run the twin and summarise it; returns the JSON-ready record."""
-    model, kwargs = TWINS[entry.name](entry.data())
+    data = entry.data()
+    model, kwargs = TWINS[entry.name](data)
+    fold = entry.options.get("fold")
+    init = dict(init_strategy=init_to_value(values=fold["init_values"])) if fold else {}
     mcmc = MCMC(
-        NUTS(model, target_accept_prob=target_accept),
+        NUTS(model, target_accept_prob=target_accept, **init),
         num_warmup=NUM_WARMUP,
         num_samples=num_samples,
         num_chains=NUM_CHAINS,
@@ -62,22 +66,23 @@ def reference_run(entry, seed: int = 0, num_samples: int = NUM_SAMPLES, target_a
     seconds = time.perf_counter() - start
     grouped = {k: np.asarray(v, dtype=float) for k, v in mcmc.get_samples(group_by_chain=True).items()}
     flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in grouped.items()}
+    weights, folded = None, {}
+    if fold:  # chains all in one of non-equivalent modes: weights stand the draws for the whole
+        weights, in_mode, mode_mass = fold_weights(fold, flat, data)
+        folded = {"in_mode": in_mode, "mode_mass": mode_mass}
     summary = {}
     for name, values in entry.stats(flat).items():
         chains = values.reshape(NUM_CHAINS, num_samples)
         if np.std(chains) == 0:
             continue  # a constant (e.g. the zero above a Cholesky factor's diagonal)
-        summary[name] = {
-            "mean": float(values.mean()),
-            "sd": float(values.std(ddof=1)),
-            "ess": float(effective_sample_size(chains)),
-            "rhat": float(split_gelman_rubin(chains)),
-        }
+        summary[name] = _weighted_summary(values, chains, weights)
     keep = np.linspace(0, NUM_CHAINS * num_samples - 1, NUM_STORED).astype(int)
     draws = {site: np.round(flat[site][keep], 8).tolist() for site in entry.sites if site in flat}
     divergences = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
     passed = all(s["rhat"] < 1.01 and s["ess"] > 1000 for s in summary.values()) and divergences == 0
+    passed = passed and folded.get("in_mode", 1.0) == 1.0
     return {
+        **folded,
         "name": entry.name,
         "summary": summary,
         "draws": draws,
@@ -87,6 +92,18 @@ def reference_run(entry, seed: int = 0, num_samples: int = NUM_SAMPLES, target_a
         "sampler": f"NumPyro {numpyro.__version__} NUTS, {NUM_CHAINS} x ({NUM_WARMUP} + {num_samples}), "
         f"target_accept {target_accept}, float64",
     }
+
+
+def _weighted_summary(values, chains, weights):
+    """Mean, sd, bulk ESS and R-hat of one statistic; with ``weights``, the weighted mean and sd,
+    and the chains' ESS scaled by Kish's efficiency of the weights."""
+    ess, rhat = float(effective_sample_size(chains)), float(split_gelman_rubin(chains))
+    if weights is None:
+        return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)), "ess": ess, "rhat": rhat}
+    mean = float(np.sum(weights * values))
+    sd = float(np.sqrt(np.sum(weights * (values - mean) ** 2) * len(values) / (len(values) - 1)))
+    kish = 1.0 / np.sum(weights**2) / len(values)
+    return {"mean": mean, "sd": sd, "ess": ess * kish, "rhat": rhat}
 
 
 def main(argv=None) -> int:

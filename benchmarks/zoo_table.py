@@ -70,8 +70,11 @@ def _nuts(entry, model, args, kwargs):
     import arviz as az
     import vilab
     from zoo.check import tensor_draws
+    from zoo.modes import fold_weights
 
-    result, messages, error, seconds = _caught(lambda: vilab.run_nuts(model, *args, **NUTS_OPTIONS, **kwargs))
+    fold = entry.options.get("fold")  # non-equivalent modes: start in one, weigh (zoo/modes.py)
+    options = dict(NUTS_OPTIONS, init_values=fold["init_values"]) if fold else NUTS_OPTIONS
+    result, messages, error, seconds = _caught(lambda: vilab.run_nuts(model, *args, **options, **kwargs))
     record = {"seconds": seconds, "warnings": messages, "error": error}
     if result is None:
         record["path"] = "refused" if error and error.startswith(("ValueError", "TypeError")) else "crashed"
@@ -86,12 +89,18 @@ def _nuts(entry, model, args, kwargs):
     )
     try:
         num_chains, num_draws = next(iter(result.samples.values())).shape[:2]
-        statistics = entry.stats(tensor_draws(result.samples, 2))
+        draws = tensor_draws(result.samples, 2)
+        weights = np.full(num_chains * num_draws, 1.0 / (num_chains * num_draws))
+        if fold:
+            weights, record["in_mode"], record["mode_mass"] = fold_weights(fold, draws, entry.data())
+        kish = 1.0 / np.sum(weights**2) / weights.size
         summary = {}
-        for name, values in statistics.items():
+        for name, values in entry.stats(draws).items():
             chains = np.asarray(values, dtype=float).reshape(num_chains, num_draws)
-            ess = float(az.ess(chains)) if np.ptp(chains) > 0 else 1.0
-            summary[name] = {"mean": float(chains.mean()), "sd": float(chains.std(ddof=1)), "ess": ess}
+            ess = float(az.ess(chains)) * kish if np.ptp(chains) > 0 else 1.0
+            mean = float(np.sum(weights * chains.ravel()))
+            sd = float(np.sqrt(np.sum(weights * (chains.ravel() - mean) ** 2)))
+            summary[name] = {"mean": mean, "sd": sd, "ess": ess}
         record["statistics"] = summary
     except Exception as exception:  # noqa: BLE001 - e.g. a statistic's site missing from the samples
         record["check_error"] = f"{type(exception).__name__}: {_short(exception)}"
@@ -206,10 +215,9 @@ def _compare(entry, model, args, kwargs, reference):
         )
     )
     record = {"seconds": seconds, "warnings": messages, "error": error}
-    if report is not None:
-        record.update(
-            rows=int(len(report.table)), failures=report.failures, parameters=sorted(set(report.table["parameter"]))
-        )
+    if report is not None:  # a guide that failed leaves no rows (an empty table) and a failure
+        parameters = report.table["parameter"] if len(report.table) else []
+        record.update(rows=int(len(report.table)), failures=report.failures, parameters=sorted(set(parameters)))
     return record
 
 
@@ -273,7 +281,10 @@ def _run_isolated(name: str, timeout: float) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
         return {"name": name, "error": f"exit {done.returncode}: {_short(done.stderr[-600:])}"}
-    return json.loads(lines[-1])
+    record = json.loads(lines[-1])
+    if "Traceback" in done.stderr:  # the full story of a crash the record shortens
+        record["stderr_tail"] = done.stderr[-4000:]
+    return record
 
 
 def _cell(record: dict) -> str:
@@ -303,6 +314,8 @@ def table(records: list) -> str:
         )
         k = lambda s: f"{s['k_hat']:.2f}" if "k_hat" in s else ""  # noqa: E731
         compared = f"{cmp['rows']} rows" if cmp.get("error") is None else cmp["error"][:60]
+        if cmp.get("failures"):
+            compared += "; failed: " + "; ".join(f"{k}: {v[:60]}" for k, v in cmp["failures"].items())
         lines.append(
             f"| {r['name']} | {r['kind']} | {_cell(nuts)} | {nuts['seconds']:.0f} | {z} | {_cell(mf)} | "
             f"{k(mf)} | {_cell(fr)} | {k(fr)} | {compared} |"
@@ -314,7 +327,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*")
     parser.add_argument("--one", help="run one model in this process and print its JSON record")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
+    # NUTS, two SVI fits and compare together: generous, for a loaded machine
+    parser.add_argument("--timeout", type=float, default=2400.0, help="seconds per model")
     parser.add_argument("--output", default=RESULTS, help="JSON file to add the models to")
     parser.add_argument("--rescore", action="store_true", help="only score the stored records again")
     parser.add_argument("--merge", nargs="*", default=[], help="also take the records of these JSON files")

@@ -260,6 +260,29 @@ def bnn(X, Y, D_H, D_Y=1):
         numpyro.sample("Y", dist.Normal(z3, 1.0 / jnp.sqrt(prec_obs)).to_event(1), obs=Y)
 
 
+def dz_dt(z, t, theta):
+    u = z[0]
+    v = z[1]
+    alpha, beta, gamma, delta = theta[..., 0], theta[..., 1], theta[..., 2], theta[..., 3]
+    du_dt = (alpha - beta * v) * u
+    dv_dt = (-gamma + delta * u) * v
+    return jnp.stack([du_dt, dv_dt])
+
+
+def lotka_volterra(N, y=None):
+    from jax.experimental.ode import odeint
+
+    z_init = numpyro.sample("z_init", dist.LogNormal(jnp.log(10), 1).expand([2]))
+    ts = jnp.arange(float(N))
+    theta = numpyro.sample(
+        "theta",
+        dist.TruncatedNormal(low=0.0, loc=jnp.array([1.0, 0.05, 1.0, 0.05]), scale=jnp.array([0.5, 0.05, 0.5, 0.05])),
+    )
+    z = odeint(dz_dt, z_init, ts, theta, rtol=1e-6, atol=1e-5, mxstep=1000)
+    sigma = numpyro.sample("sigma", dist.LogNormal(-1, 1).expand([2]))
+    numpyro.sample("y", dist.LogNormal(jnp.log(z), sigma), obs=y)
+
+
 TWINS = {
     "logistic_docstring": lambda x: (logistic_docstring, dict(data=x["data"], labels=x["labels"])),
     "rugged_pyromodule": lambda x: (
@@ -295,4 +318,5 @@ TWINS = {
     "ar2_for_loop": lambda x: (ar2_for_loop, x),
     "stochastic_volatility": lambda x: (stochastic_volatility, x),
     "bnn": lambda x: (bnn, dict(X=x["X"], Y=x["Y"], D_H=5)),
+    "lotka_volterra": lambda x: (lotka_volterra, dict(N=len(x["y"]), y=x["y"])),
 }

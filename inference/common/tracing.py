@@ -152,7 +152,7 @@ def _vmapped_checked(model, args, kwargs, draws, num_draws, reason, chunk):
     ``(None, reason)``."""
     try:
         result = _vmapped(model, args, kwargs, draws, num_draws, chunk)
-    except (RuntimeError, ValueError, IndexError, NotImplementedError) as error:
+    except (RuntimeError, ValueError, IndexError, NotImplementedError, TypeError, AssertionError) as error:
         return None, f"{reason}; under torch.func.vmap: {type(error).__name__}: {error}"
     if not _agrees(model, args, kwargs, draws, result, {0, num_draws - 1}):
         return None, f"{reason}; under torch.func.vmap: values differ from single traces"
@@ -269,7 +269,8 @@ def _chunked(model, args, kwargs, draws, template, chunk: int):
         part = {k: v[start:stop] for k, v in draws.items()}
         try:
             result = _vectorized(model, args, kwargs, part, stop - start, template)
-        except (RuntimeError, ValueError, IndexError, NotImplementedError) as error:
+        # AssertionError: a model's own shape asserts (NumPyro's BNN example) fail under the batch.
+        except (RuntimeError, ValueError, IndexError, NotImplementedError, TypeError, AssertionError) as error:
             return None, f"{type(error).__name__}: {error}"
         # The probe is checked at both ends, every later chunk at its last draw.
         checked = {0, stop - start - 1} if start == 0 else {stop - start - 1}

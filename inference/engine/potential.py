@@ -357,7 +357,7 @@ class BatchedPotential:
                 self._eager_value_and_grad(z)
             except torch.linalg.LinAlgError:
                 continue
-            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError, AssertionError):
                 return z  # a failure of another kind is the verification's to report
             return z
         raise VectorizationError(f"the model's factorisations failed at {tries} batches of random points")
@@ -369,7 +369,7 @@ class BatchedPotential:
             try:
                 potential, grad = self.eager_value_and_grad(z)
                 deterministic = self.deterministic(z)
-            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as error:
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError, AssertionError) as error:
                 raise VectorizationError(f"the model fails when run for a batch of chains: {error}") from error
             for chain in range(batch):
                 reference, reference_grad = self.single_chain_value_and_grad(z[chain])

@@ -24,6 +24,7 @@ from zoo import ZOO  # noqa: E402
 from zoo import load_reference as _load_reference  # noqa: E402
 from zoo.check import nuts_z_scores, tensor_draws, weighted_z_scores, z_threshold  # noqa: E402
 from zoo.expected import KNOWN, TIMING_DEPENDENT  # noqa: E402
+from zoo.modes import fold_weights  # noqa: E402
 
 NUTS_OPTIONS = dict(num_samples=500, num_warmup=500, num_chains=4, seed=0, progress=False)
 FAST_NUTS_OPTIONS = dict(num_samples=300, num_warmup=300, num_chains=2, seed=0, progress=False)
@@ -56,9 +57,13 @@ def _cases(check, entries=ZOO, extra=()):
     return cases
 
 
-def _assert_nuts_matches(entry, result):
+def _assert_nuts_matches(entry, result, data):
     reference = load_reference(entry)
-    scores = nuts_z_scores(entry, result.samples, reference)
+    weights, fold = None, entry.options.get("fold")
+    if fold:  # every chain started in one mode: all must stay there, the weights give the rest
+        weights, in_mode, _ = fold_weights(fold, tensor_draws(result.samples, 2), data)
+        assert in_mode == 1.0, f"{entry.name}: {1 - in_mode:.1%} of the draws left the mode the chains started in"
+    scores = nuts_z_scores(entry, result.samples, reference, weights)
     limit = z_threshold(len(scores))
     worst = max(scores, key=lambda k: abs(scores[k]))
     assert abs(scores[worst]) < limit, (
@@ -89,13 +94,16 @@ def _assert_svi_reports(entry, result):
 
 
 def _check_run_nuts(entry, options):
-    model, args, kwargs = entry.inputs(entry.data())
+    data = entry.data()
+    model, args, kwargs = entry.inputs(data)
+    if entry.options.get("fold"):
+        options = dict(options, init_values=entry.options["fold"]["init_values"])
     refusal = entry.options.get("nuts_refusal")
     if refusal:  # NUTS cannot be right on this model: it must say so before sampling
         with pytest.raises(ValueError, match=refusal):
             vilab.run_nuts(model, *args, **options, **kwargs)
         return
-    _assert_nuts_matches(entry, vilab.run_nuts(model, *args, **options, **kwargs))
+    _assert_nuts_matches(entry, vilab.run_nuts(model, *args, **options, **kwargs), data)
 
 
 @pytest.mark.slow
@@ -121,8 +129,9 @@ def test_fit_svi_reports_its_fit(entry, guide):
 def test_compare_scores_every_reference_parameter(entry):
     model, args, kwargs = entry.inputs(entry.data())
     reference = load_reference(entry)
-    if entry.options.get("svi_refusal"):
-        with pytest.raises(ValueError, match=entry.options["svi_refusal"]):
+    refusal = entry.options.get("compare_refusal") or entry.options.get("svi_refusal")
+    if refusal:
+        with pytest.raises(ValueError, match=refusal):
             vilab.compare(model, *args, guides=("meanfield",), reference=reference["draws"], progress=False, **kwargs)
         return
     report = vilab.compare(
@@ -176,3 +185,25 @@ def test_each_reference_has_positive_spread_and_its_draws(entry):
     assert all(s["sd"] > 0 and s["ess"] > 100 for s in reference["summary"].values())
     assert reference["draws"]
     assert all(np.isfinite(np.asarray(v)).all() for v in reference["draws"].values())
+
+
+def test_the_hmm_forward_pass_matches_summing_over_every_state_path():
+    """``modes.hmm_log_likelihood`` (the HMM reference's weights) against brute-force enumeration."""
+    import itertools
+
+    from zoo.modes import hmm_log_likelihood
+
+    rng = np.random.default_rng(0)
+    probs_x, probs_y = rng.dirichlet(np.ones(2), size=(3, 2)), rng.uniform(0.05, 0.95, size=(3, 2, 4))
+    sequences, lengths = (rng.random((2, 4, 4)) < 0.5).astype(float), [4, 3]
+    expected = np.zeros(3)
+    for n in range(3):
+        for sequence, length in zip(sequences, lengths):
+            total = 0.0
+            for path in itertools.product(range(2), repeat=length):
+                states = (0,) + path  # the chain starts from state 0
+                tones = sequence[:length]
+                emission = np.where(tones == 1, probs_y[n, list(path)], 1 - probs_y[n, list(path)]).prod()
+                total += np.prod([probs_x[n, a, b] for a, b in zip(states[:-1], states[1:])]) * emission
+            expected[n] += np.log(total)
+    np.testing.assert_allclose(hmm_log_likelihood(probs_x, probs_y, sequences, lengths), expected, rtol=1e-12)

@@ -27,6 +27,7 @@ import platform
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -92,15 +93,28 @@ def build_library() -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {done.stderr.strip()[:300]}")
         os.replace(partial, target)  # atomic: another process never loads half a library
-        for stale in target.parent.glob("fast_vm-*.so"):  # earlier versions of the source
-            if stale != target:
-                stale.unlink(missing_ok=True)
+        _remove_stale_libraries(target)
     except (OSError, subprocess.SubprocessError) as error:
         raise RuntimeError(f"cannot build {_SOURCE.name}: {type(error).__name__}: {error}") from error
     finally:
         if os.path.exists(partial):
             os.remove(partial)
     return target
+
+
+# Libraries of other versions of vm.c are removed only once unused this long: two installations
+# (two virtualenvs, two checkouts) share the cache and must not delete each other's library.
+STALE_LIBRARY_SECONDS = 30 * 24 * 3600
+
+
+def _remove_stale_libraries(target: Path) -> None:
+    now = time.time()
+    for stale in target.parent.glob("fast_vm-*.so"):
+        try:
+            if stale != target and now - max(stale.stat().st_atime, stale.stat().st_mtime) > STALE_LIBRARY_SECONDS:
+                stale.unlink(missing_ok=True)
+        except OSError:  # removed meanwhile by another process
+            continue
 
 
 _build: Optional[threading.Thread] = None

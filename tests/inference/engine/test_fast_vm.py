@@ -9,6 +9,7 @@ NUTS on the virtual machine matches the Normal-Normal closed-form posterior.
 
 import math
 import os
+import time
 
 import pyro
 import pyro.distributions as dist
@@ -298,6 +299,19 @@ def test_a_first_use_builds_in_the_background_and_the_run_goes_on(monkeypatch, t
     assert [path.name for path in tmp_path.iterdir()] == [fast_vm._library_path().name]
     example = (torch.randn(3, dtype=torch.float64),)
     assert torch.equal(vm_step(make_fx(lambda x: (x * 2.0,))(*example), example)(*example)[0], example[0] * 2.0)
+
+
+def test_a_build_keeps_other_installations_libraries_and_removes_long_unused_ones(monkeypatch, tmp_path):
+    monkeypatch.setenv("VILAB_CACHE_DIR", str(tmp_path))
+    target = fast_vm._library_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    other, old = target.parent / "fast_vm-another0version.so", target.parent / "fast_vm-long0unused000.so"
+    other.write_bytes(b"")
+    old.write_bytes(b"")
+    long_ago = time.time() - fast_vm.STALE_LIBRARY_SECONDS - 3600
+    os.utime(old, (long_ago, long_ago))
+    fast_vm.build_library()
+    assert target.exists() and other.exists() and not old.exists()
 
 
 def test_a_child_forked_mid_build_builds_and_loads_its_own_library(monkeypatch, tmp_path):

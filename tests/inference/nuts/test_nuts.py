@@ -203,3 +203,24 @@ def test_a_covariance_that_fails_its_cholesky_is_a_divergence_not_a_crash():
     draws = result.inference_data.posterior["rho"].values
     assert np.all(np.abs(draws) < 1.0)
     _check_against(result.inference_data, "rho", mean, sd)
+
+
+def test_a_model_with_its_own_shape_asserts_runs_under_vmap_and_samples_correctly():
+    """NumPyro's BNN example asserts its weights' shapes, which a chain plate breaks: the sampler
+    and the draw evaluation must batch it with vmap, not crash."""
+    y = torch.tensor([0.3, -0.2, 1.0, 0.8])
+
+    def model(y):
+        loc = pyro.sample("loc", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        assert loc.shape == (2,)
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(loc.sum(), 1.0), obs=y)
+
+    result = run_nuts(model, y, num_samples=400, num_warmup=200, num_chains=2, progress=False)
+    assert result.config["batching"] == "vmap"
+    # loc_1 + loc_2 ~ N(0, 2) a priori; four N(s, 1) observations: s | y ~ N(2 * sum(y) / 9, sqrt(2 / 9)).
+    draws = result.inference_data.posterior["loc"].values.sum(-1)
+    ess = float(az.ess(draws))
+    exact_mean, exact_sd = 2 * float(y.sum()) / 9, (2 / 9) ** 0.5
+    assert abs(draws.mean() - exact_mean) < Z * exact_sd / math.sqrt(ess)
+    assert abs(draws.std() - exact_sd) < Z * exact_sd / math.sqrt(2 * ess)

@@ -42,7 +42,8 @@ class ZooEntry:
         note: how the data or the port differ from the source, if at all.
         options: expectations beyond the default: ``nuts_refusal`` (a regex the ``ValueError``
             of ``run_nuts`` must match: NUTS cannot be right on the model) and ``svi_refusal``
-            (the same for ``fit_svi`` and ``compare``).
+            (the same for ``fit_svi`` and ``compare``), ``compare_refusal`` (``compare`` only)
+            and ``fold`` (``modes.py``: a model whose modes are not mirror images).
     """
 
     name: str

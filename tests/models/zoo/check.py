@@ -27,20 +27,27 @@ def z_threshold(num_statistics: int, budget: float = FAILURE_BUDGET) -> float:
     return float(scipy_stats.norm.isf(budget / (2 * max(num_statistics, 1))))
 
 
-def nuts_z_scores(entry, samples: dict, reference: dict) -> dict:
+def nuts_z_scores(entry, samples: dict, reference: dict, weights=None) -> dict:
     """Per reference statistic: (vilab mean - reference mean) / combined Monte Carlo error.
 
     ``samples`` are vilab's NUTS samples, site -> ``(chain, draw, *shape)``. The error combines
-    vilab's ``sd / sqrt(ESS)`` (bulk ESS over chains) with the reference's.
+    vilab's ``sd / sqrt(ESS)`` (bulk ESS over chains) with the reference's. ``weights`` (one per
+    draw, chain-major, summing to 1; see ``modes.py``) give weighted means and sds, the ESS scaled
+    by Kish's efficiency of the weights.
     """
     num_chains, num_draws = next(iter(samples.values())).shape[:2]
     statistics = entry.stats(tensor_draws(samples, 2))
+    kish = 1.0 if weights is None else 1.0 / np.sum(weights**2) / weights.size
     scores = {}
     for name, ref in reference["summary"].items():
         values = np.asarray(statistics[name], dtype=float).reshape(num_chains, num_draws)
-        ess = max(float(az.ess(values)), 1.0) if np.ptp(values) > 0 else 1.0
-        error = np.sqrt(values.var(ddof=1) / ess + ref["sd"] ** 2 / ref["ess"])
-        scores[name] = float((values.mean() - ref["mean"]) / max(error, 1e-12 * max(ref["sd"], 1e-300)))
+        ess = max(float(az.ess(values)) * kish, 1.0) if np.ptp(values) > 0 else 1.0
+        mean, var = values.mean(), values.var(ddof=1)
+        if weights is not None:
+            mean = float(np.sum(weights * values.ravel()))
+            var = float(np.sum(weights * (values.ravel() - mean) ** 2))
+        error = np.sqrt(var / ess + ref["sd"] ** 2 / ref["ess"])
+        scores[name] = float((mean - ref["mean"]) / max(error, 1e-12 * max(ref["sd"], 1e-300)))
     return scores
 
 

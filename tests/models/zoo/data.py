@@ -35,6 +35,7 @@ __all__ = [
     "stochastic_volatility",
     "missing",
     "bnn",
+    "lynx_hare",
 ]
 
 
@@ -355,3 +356,13 @@ def bnn(num_data: int = 50, num_dims: int = 3, sigma_obs: float = 0.05) -> dict:
     Y = Y[:, np.newaxis]
     Y = (Y - Y.mean()) / Y.std()
     return {"X": X, "Y": Y}
+
+
+def lynx_hare() -> dict:
+    """Hudson's Bay Company pelts (thousands), 1900-1920, hare then lynx: NumPyro's ``LYNXHARE``
+    data set and Carpenter's Stan case study (embedded: the source downloads it)."""
+    hare = [30.0, 47.2, 70.2, 77.4, 36.3, 20.6, 18.1, 21.4, 22.0, 25.4, 27.1]
+    hare += [40.3, 57.0, 76.6, 52.3, 19.5, 11.2, 7.6, 14.6, 16.2, 24.7]
+    lynx = [4.0, 6.1, 9.8, 35.2, 59.4, 41.7, 19.0, 13.0, 8.3, 9.1, 7.4]
+    lynx += [8.0, 12.3, 19.5, 45.7, 51.1, 29.7, 15.8, 9.7, 10.1, 8.6]
+    return {"year": np.arange(1900, 1921), "y": np.stack([hare, lynx], -1)}
