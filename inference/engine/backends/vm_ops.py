@@ -428,6 +428,7 @@ _HANDLERS: dict = {
     aten.new_ones.default: lambda p, e, *a, **k: _filled(p, e, 1.0),
     aten.new_zeros.default: lambda p, e, *a, **k: _filled(p, e, 0.0),
     aten.full.default: _full,
+    aten.zeros.default: lambda p, e, *a, **k: _filled(p, e, 0.0),
     aten.scalar_tensor.default: _scalar_tensor,
     aten.ones_like.default: lambda p, e, *a, **k: _filled(p, e, 1.0),
     aten.zeros_like.default: lambda p, e, *a, **k: _filled(p, e, 0.0),

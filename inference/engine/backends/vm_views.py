@@ -159,24 +159,14 @@ def cast_op(target: torch.dtype, source: torch.dtype) -> str:
     return "CAST_F32" if target == torch.float32 and source != torch.float32 else "COPY"
 
 
-def _span(view: _View) -> tuple[int, int]:
-    low = view.off + sum(min(0, (n - 1) * st) for n, st in zip(view.shape, view.st))
-    return low, view.off + sum(max(0, (n - 1) * st) for n, st in zip(view.shape, view.st))
-
-
 def _copy_(program, expected, destination, source, non_blocking=False):
     """``destination[...] = source`` (broadcast, converted to the destination's dtype), in place:
-    the value returned is the destination's view, which later nodes read."""
+    the value returned is the destination's view, which later nodes read. (PyTorch refuses a
+    source that partly overlaps the destination, so a traced graph has none.)"""
     if any(st == 0 and n > 1 for n, st in zip(destination.shape, destination.st)):
         raise Unsupported("copy_ into a broadcast view")
     if program.overlaps_constant(destination):
         raise Unsupported("copy_ into a constant")
-    if isinstance(source, _View) and (source.off, source.st) != (destination.off, destination.st):
-        (low, high), (source_low, source_high) = _span(destination), _span(source)
-        if source_low <= high and low <= source_high:  # overlapping: read all of it before writing
-            staged = program.alloc(source.shape, source.dtype)
-            program.emit("COPY", staged, source)
-            source = staged
     program.emit(cast_op(destination.dtype, getattr(source, "dtype", torch.float64)), destination, program.operand(source))
     return destination
 

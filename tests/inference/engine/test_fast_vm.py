@@ -359,3 +359,109 @@ def test_the_virtual_machine_repeats_the_fx_graphs_draws_to_rounding():
     assert runs[0].backend == "vm" and runs[1].backend == "graph"
     torch.testing.assert_close(runs[0].samples["loc"], runs[1].samples["loc"], rtol=1e-9, atol=1e-9)
     assert _all_close((runs[0].sample_stats["n_steps"],), (runs[1].sample_stats["n_steps"],))
+
+
+# -- matrix ops and writes into views (vm_matrix.py, vm_views.py) ------------------------------
+
+
+def _close(function, *inputs, tol=1e-10):
+    graph = make_fx(function)(*inputs)
+    for got, want in zip(vm_step(graph, inputs)(*inputs), function(*inputs), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+
+
+def _triangular(*shape, seed=0):
+    a = _values(*shape, special=False, seed=seed)
+    return a + 3.0 * torch.eye(shape[-1], dtype=torch.float64)  # well conditioned either triangle
+
+
+@pytest.mark.parametrize("upper", [False, True])
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("unitriangular", [False, True])
+def test_triangular_solves_match_eager(upper, left, unitriangular):
+    def step(a, batch, b, wide):
+        def solve(a, b):
+            return torch.linalg.solve_triangular(a, b, upper=upper, left=left, unitriangular=unitriangular)
+
+        sides = (lambda m: m) if left else (lambda m: m.mT)  # B is (n, k) on the left, (k, n) on the right
+        return (
+            solve(a, sides(b)),
+            solve(a.mT, sides(b)),  # a transposed view
+            solve(batch, sides(b)),  # A batched, B broadcast
+            solve(a, sides(wide[..., ::2])),  # B batched and strided, A broadcast
+            solve(a, sides(b[:, :1])),  # one column
+            solve(a[:1, :1], sides(b[:1])),  # 1 x 1
+        )
+
+    _close(step, _triangular(4, 4), _triangular(2, 4, 4, seed=1), _values(4, 3, special=False, seed=2), _values(3, 4, 6, special=False, seed=3))
+
+
+def test_cholesky_matches_eager_and_is_nan_where_not_positive_definite():
+    def step(spd, indefinite):
+        factor, info = torch.linalg.cholesky_ex(spd)
+        upper, upper_info = torch.linalg.cholesky_ex(spd, upper=True)
+        return factor, info, upper, upper_info, torch.linalg.cholesky(spd[0].mT), torch.linalg.cholesky_ex(indefinite)[1]
+
+    x = _values(3, 4, 4, special=False)
+    spd = x @ x.mT + 0.5 * torch.eye(4, dtype=torch.float64)
+    indefinite = spd.clone()
+    indefinite[1, 2, 2] = -5.0  # fails at the third minor: LAPACK's info 3
+    _close(step, spd, indefinite)
+    # Eager returns a partial factor there; the virtual machine NaN, as JAX, and no error.
+    graph = make_fx(torch.linalg.cholesky)(spd)  # eager raises on ``indefinite``
+    (factor,) = vm_step(graph, (spd,))(indefinite)
+    assert factor.isnan().flatten(1).all(1).tolist() == [False, True, False]
+    torch.testing.assert_close(factor[0], torch.linalg.cholesky(indefinite[0]), rtol=1e-10, atol=1e-10)
+
+
+def test_dense_layer_ops_and_their_gradients_match_eager():
+    permutation = torch.tensor([3, 2, 1, 0, 4, 0])  # a reversal, a step and a repeat: three runs
+
+    def step(x, weight, bias):
+        def layer(x, weight, bias):
+            hidden = torch.relu(torch.nn.functional.linear(x, weight, bias))
+            return hidden.index_select(-1, permutation).sum() + torch.addmm(bias, x, weight.t(), beta=0.5, alpha=2.0).sum()
+
+        return torch.func.grad(layer, argnums=(0, 1, 2))(x, weight, bias) + (
+            torch.relu(x),
+            torch.addmm(bias, x, weight.t(), beta=0.0),
+        )
+
+    x = _values(4, 5, special=False)
+    x[0, 0], x[1, 1] = math.nan, 0.0
+    _close(step, x, _values(5, 5, special=False, seed=1), _values(5, special=False, seed=2))
+
+
+def test_copies_into_strided_views_and_diagonals_match_eager():
+    def step(x, y, flags):
+        buffer = x.new_empty_strided((3, 3), (3, 1))
+        buffer.copy_(x)
+        diagonal = buffer.as_strided((3,), (4,), 0)
+        diagonal.copy_(y)  # writes through to buffer
+        corner = buffer.as_strided((2, 2), (3, 1), 4)
+        corner.copy_(flags)  # broadcast and converted from bool
+        return (
+            buffer * 1.0,
+            diagonal + 1.0,
+            x.diagonal(1),
+            x.diagonal(-1),
+            x.unsqueeze(0).expand(2, 3, 3).diagonal(0, -2, -1),
+            torch.func.grad(lambda x: (x.diagonal() ** 2).sum())(x),
+        )
+
+    _close(step, _values(3, 3), _values(3, special=False, seed=1), torch.tensor([True, False]), tol=0)
+
+
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        (lambda x: torch.tensor([1.0, 2.0]).copy_(x[:2]) * 1.0, "copy_ into a constant"),
+        (lambda x: x[1:].as_strided((2,), (1,), 0) * 1.0, "not the whole of its storage"),
+        (lambda x: x.index_select(0, (x > 0).long()[:2]), "not a constant"),
+    ],
+)
+def test_writes_and_indices_it_cannot_follow_are_refused(function, message):
+    example = (_values(4, special=False),)
+    with pytest.raises(Unsupported, match=message):
+        vm_step(make_fx(function)(*example), example)
