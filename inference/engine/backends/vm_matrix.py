@@ -28,7 +28,12 @@ def _out(program: Program, expected) -> _View:
 
 def _transposed(view: _View) -> _View:
     """The view with its last two dimensions swapped (``.mT``)."""
-    return _View(view.off, (*view.shape[:-2], view.shape[-1], view.shape[-2]), (*view.st[:-2], view.st[-1], view.st[-2]), view.dtype)
+    return _View(
+        view.off,
+        (*view.shape[:-2], view.shape[-1], view.shape[-2]),
+        (*view.st[:-2], view.st[-1], view.st[-2]),
+        view.dtype,
+    )
 
 
 def _matrix_view(view: _View, rows: int, cols: int, middle: int) -> _View:
@@ -62,15 +67,12 @@ def _addmm(program, expected, bias, left, right, *, beta=1, alpha=1):
     out = _bmm(program, expected, left, right)
     if alpha != 1:
         program.emit("MUL", out, out, program.operand(alpha))
-    if beta != 0:
+    if beta != 0:  # bias is a tensor (addmm's signature)
         if beta != 1:
-            scaled = program.alloc(bias.shape, bias.dtype) if isinstance(bias, _View) else None
-            if scaled is None:
-                bias = bias * beta
-            else:
-                program.emit("MUL", scaled, bias, program.operand(beta))
-                bias = scaled
-        program.emit("ADD", out, out, program.operand(bias))
+            scaled = program.alloc(bias.shape, bias.dtype)
+            program.emit("MUL", scaled, bias, program.operand(beta))
+            bias = scaled
+        program.emit("ADD", out, out, bias)
     return out
 
 
@@ -142,7 +144,9 @@ def _index_runs(program: Program, index: _View, size: int) -> list[tuple[int, in
         step = entries[position + 1] - entries[position] if position + 1 < len(entries) else 1
         length = 1
         if step != 0:
-            while position + length < len(entries) and entries[position + length] - entries[position + length - 1] == step:
+            while (
+                position + length < len(entries) and entries[position + length] - entries[position + length - 1] == step
+            ):
                 length += 1
         runs.append((position, entries[position], step if length > 1 else 1, length))
         position += length

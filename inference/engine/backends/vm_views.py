@@ -120,7 +120,9 @@ def _new_empty_strided(program, expected, a, size, stride, **options):
     """A fresh region laid out with ``stride`` (its contents undefined, as ``empty``'s)."""
     if any(st < 0 for st in stride):
         raise Unsupported(f"new_empty_strided with negative strides {tuple(stride)}")
-    view = program.alloc((1 + sum((n - 1) * st for n, st in zip(size, stride)),) if 0 not in size else (0,), expected.dtype)
+    view = program.alloc(
+        (1 + sum((n - 1) * st for n, st in zip(size, stride)),) if 0 not in size else (0,), expected.dtype
+    )
     return _View(view.off, size, stride, expected.dtype)
 
 
@@ -130,9 +132,11 @@ def check_reference(node, values: dict) -> None:
     offset 0), whose strides and offset would then count in another layout than the arena's."""
     if node.target is not aten.as_strided.default:
         return
-    base = values.get(node.args[0])
+    source = node.args[0]
+    base = values.get(source)
     whole = (
-        isinstance(base, torch.Tensor)
+        source.op != "placeholder"  # a caller's tensor may be a view of a larger one
+        and isinstance(base, torch.Tensor)
         and base.is_contiguous()
         and base.storage_offset() == 0
         and base.untyped_storage().nbytes() == base.numel() * base.element_size()
@@ -146,7 +150,9 @@ def _as_strided(program, expected, a, size, stride, storage_offset=None):
     offset = storage_offset or 0
     reach = offset + sum((n - 1) * st for n, st in zip(size, stride) if n > 0)
     if not a.contiguous() or any(st < 0 for st in stride) or (0 not in size and reach >= math.prod(a.shape)):
-        raise Unsupported(f"as_strided{tuple(size), tuple(stride), offset} outside a contiguous tensor of shape {a.shape}")
+        raise Unsupported(
+            f"as_strided{tuple(size), tuple(stride), offset} outside a contiguous tensor of shape {a.shape}"
+        )
     return _View(a.off + offset, size, stride, a.dtype)
 
 
@@ -167,7 +173,9 @@ def _copy_(program, expected, destination, source, non_blocking=False):
         raise Unsupported("copy_ into a broadcast view")
     if program.overlaps_constant(destination):
         raise Unsupported("copy_ into a constant")
-    program.emit(cast_op(destination.dtype, getattr(source, "dtype", torch.float64)), destination, program.operand(source))
+    program.emit(
+        cast_op(destination.dtype, getattr(source, "dtype", torch.float64)), destination, program.operand(source)
+    )
     return destination
 
 

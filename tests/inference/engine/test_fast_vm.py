@@ -394,14 +394,27 @@ def test_triangular_solves_match_eager(upper, left, unitriangular):
             solve(a[:1, :1], sides(b[:1])),  # 1 x 1
         )
 
-    _close(step, _triangular(4, 4), _triangular(2, 4, 4, seed=1), _values(4, 3, special=False, seed=2), _values(3, 4, 6, special=False, seed=3))
+    _close(
+        step,
+        _triangular(4, 4),
+        _triangular(2, 4, 4, seed=1),
+        _values(4, 3, special=False, seed=2),
+        _values(3, 4, 6, special=False, seed=3),
+    )
 
 
 def test_cholesky_matches_eager_and_is_nan_where_not_positive_definite():
     def step(spd, indefinite):
         factor, info = torch.linalg.cholesky_ex(spd)
         upper, upper_info = torch.linalg.cholesky_ex(spd, upper=True)
-        return factor, info, upper, upper_info, torch.linalg.cholesky(spd[0].mT), torch.linalg.cholesky_ex(indefinite)[1]
+        return (
+            factor,
+            info,
+            upper,
+            upper_info,
+            torch.linalg.cholesky(spd[0].mT),
+            torch.linalg.cholesky_ex(indefinite)[1],
+        )
 
     x = _values(3, 4, 4, special=False)
     spd = x @ x.mT + 0.5 * torch.eye(4, dtype=torch.float64)
@@ -421,7 +434,9 @@ def test_dense_layer_ops_and_their_gradients_match_eager():
     def step(x, weight, bias):
         def layer(x, weight, bias):
             hidden = torch.relu(torch.nn.functional.linear(x, weight, bias))
-            return hidden.index_select(-1, permutation).sum() + torch.addmm(bias, x, weight.t(), beta=0.5, alpha=2.0).sum()
+            return (
+                hidden.index_select(-1, permutation).sum() + torch.addmm(bias, x, weight.t(), beta=0.5, alpha=2.0).sum()
+            )
 
         return torch.func.grad(layer, argnums=(0, 1, 2))(x, weight, bias) + (
             torch.relu(x),
@@ -458,6 +473,7 @@ def test_copies_into_strided_views_and_diagonals_match_eager():
     [
         (lambda x: torch.tensor([1.0, 2.0]).copy_(x[:2]) * 1.0, "copy_ into a constant"),
         (lambda x: x[1:].as_strided((2,), (1,), 0) * 1.0, "not the whole of its storage"),
+        (lambda x: x.as_strided((2,), (1,), 0) * 1.0, "not the whole of its storage"),  # an input
         (lambda x: x.index_select(0, (x > 0).long()[:2]), "not a constant"),
     ],
 )
