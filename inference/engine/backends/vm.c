@@ -27,7 +27,7 @@ enum {
     SOFTPLUS_BACKWARD, LOG_SIGMOID, LOG_SIGMOID_BACKWARD, COPY, FILL, SUM_ACC, MAX_ACC, OR_ACC,
     ARGMAX, CUMSUM, CUMPROD, CAST_F32, CAST_INT, CAST_BOOL, LOAD, STORE, ABS, TANH, EXPM1, RECIPROCAL,
     PROD_ACC, MIN_ACC, LOG_SIGMOID_BUFFER, LOGICAL_XOR, ISNAN, ISINF, SIGN, MUL_ACC, MAXIMUM, MINIMUM, ERF, ERFC, LGAMMA, DIGAMMA, ATAN, SIN, COS,
-    SOLVE_TRIANGULAR, CHOLESKY
+    SOLVE_TRIANGULAR, CHOLESKY, GATHER, SCATTER_ADD
 };
 enum { F64 = 0, F32 = 1, I64 = 2, I32 = 3, U8 = 4 };
 
@@ -321,6 +321,9 @@ static void step(const Ins* I, double* A, void** io) {
         /* p0: A is upper triangular; p1: its diagonal is ones */
         case SOLVE_TRIANGULAR: solve_triangular(I, A, p0 != 0.0, p1 != 0.0); break;
         case CHOLESKY: cholesky(I, A); break;
+        /* b: the index; p0: the stride of a (GATHER) or o (SCATTER_ADD) along the indexed dimension */
+        case GATHER: LOOP(A[o] = A[a + (int64_t)A[b] * (int64_t)p0]); break;
+        case SCATTER_ADD: LOOP(A[o + (int64_t)A[b] * (int64_t)p0] += A[a]); break;
         default: break;
     }
     (void)p1; (void)p2; (void)dim;

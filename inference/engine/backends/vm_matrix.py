@@ -1,6 +1,7 @@
 r"""The virtual machine's matrix ops: products (``mm``, ``bmm``, ``addmm``), triangular solves
-and Cholesky factors, and the small dense-layer ops around them (``relu`` and its backward,
-``index_select``/``index_add`` by a constant index, as a flow's permutation).
+and Cholesky factors, and the small network ops around them in flows (``relu``, ``softmax`` and
+their backwards, ``index_select``/``index_add`` by a constant index, as a flow's permutation,
+``gather``/``scatter_add`` by a computed one, as a spline's bin).
 
 A product is one multiply-accumulate instruction over ``(batch, n, m, k)``. A triangular solve
 and a Cholesky factor are one instruction each (``SOLVE_TRIANGULAR``, ``CHOLESKY`` in ``vm.c``)
@@ -9,6 +10,8 @@ so any batch broadcast, transposed or strided operand is read in place.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -184,6 +187,67 @@ def _index_add(program, expected, a, dim, index, source, *, alpha=1):
     return out
 
 
+def _indexed_view(view: _View, shape, dim: int) -> _View:
+    """``view`` over an index's ``shape``, with stride 0 along ``dim`` (the instruction adds
+    index times ``view``'s stride there)."""
+    return _View(view.off, shape, [0 if d == dim else st for d, st in enumerate(view.st)], view.dtype)
+
+
+def _gather(program, expected, a, dim, index, *, sparse_grad=False):
+    dim = _dim(dim, len(a.shape))
+    out = _out(program, expected)
+    program.emit("GATHER", out, _indexed_view(a, index.shape, dim), index, params=(a.st[dim],))
+    return out
+
+
+def _scatter_add(program, expected, a, dim, index, source):
+    dim = _dim(dim, len(a.shape))
+    out = _out(program, expected)
+    program.emit("COPY", out, a)
+    source = _View(source.off, index.shape, source.st, source.dtype)  # the part the index covers
+    program.emit(
+        "SCATTER_ADD", _indexed_view(out, index.shape, dim), source, index, shape=index.shape, params=(out.st[dim],)
+    )
+    return out
+
+
+def _row_total(program, value: _View, dim: int, op: str, identity: float) -> _View:
+    """``value`` reduced along ``dim`` with ``op``, the dimension kept (size 1)."""
+    shape = [1 if d == dim else size for d, size in enumerate(value.shape)]
+    total = program.alloc(shape, value.dtype)
+    program.emit("FILL", total, params=(identity,))
+    program.emit(op, total, value, shape=value.shape)
+    return total
+
+
+def _softmax(program, expected, a, dim, half_to_float=False):
+    r""":math:`e^{x - \max x} / \sum e^{x - \max x}` along ``dim``, as PyTorch computes it."""
+    dim = _dim(dim, len(a.shape))
+    shifted = program.alloc(a.shape, a.dtype)
+    program.emit("SUB", shifted, a, _row_total(program, a, dim, "MAX_ACC", -math.inf))
+    program.emit("EXP", shifted, shifted)
+    out = _out(program, expected)
+    program.emit("DIV", out, shifted, _row_total(program, shifted, dim, "SUM_ACC", 0.0))
+    return out
+
+
+def _softmax_backward_data(program, expected, grad, output, dim, input_dtype):
+    r""":math:`y \odot (g - \sum g \odot y)` along ``dim``, for the softmax ``y``."""
+    dim = _dim(dim, len(output.shape))
+    product = program.alloc(output.shape, output.dtype)
+    program.emit("MUL", product, grad, output)
+    out = _out(program, expected)
+    program.emit("SUB", out, grad, _row_total(program, product, dim, "SUM_ACC", 0.0))
+    program.emit("MUL", out, out, output)
+    return out
+
+
+def _sign(program, expected, a):
+    out = _out(program, expected)
+    program.emit("SIGN", out, a)
+    return out
+
+
 HANDLERS: dict = {
     aten.bmm.default: _bmm,
     aten.mm.default: _bmm,
@@ -195,4 +259,9 @@ HANDLERS: dict = {
     aten.threshold_backward.default: _threshold_backward,
     aten.index_select.default: _index_select,
     aten.index_add.default: _index_add,
+    aten.gather.default: _gather,
+    aten.scatter_add.default: _scatter_add,
+    aten._softmax.default: _softmax,
+    aten._softmax_backward_data.default: _softmax_backward_data,
+    aten.sgn.default: _sign,  # of a real tensor
 }

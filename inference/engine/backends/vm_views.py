@@ -185,4 +185,6 @@ HANDLERS: dict = {
     aten.new_empty_strided.default: _new_empty_strided,
     aten.as_strided.default: _as_strided,
     aten.copy_.default: _copy_,
+    aten.fill_.Tensor: _copy_,
+    aten.fill_.Scalar: _copy_,
 }

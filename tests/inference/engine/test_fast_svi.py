@@ -390,8 +390,8 @@ def test_the_fullrank_step_on_the_virtual_machine_reaches_the_posterior():
 
 
 @pytest.mark.filterwarnings("ignore:fit_svi. guide .* did not converge")
-@pytest.mark.parametrize("guide_name", ["lowrank", "iaf"])
-def test_lowrank_and_iaf_steps_run_on_the_virtual_machine(guide_name):
+@pytest.mark.parametrize("guide_name", ["lowrank", "iaf", "nsf"])
+def test_lowrank_and_flow_steps_run_on_the_virtual_machine(guide_name):
     from vilab.inference.engine.backends.vm import vm_unavailable
 
     if vm_unavailable(wait=True):

@@ -481,3 +481,23 @@ def test_writes_and_indices_it_cannot_follow_are_refused(function, message):
     example = (_values(4, special=False),)
     with pytest.raises(Unsupported, match=message):
         vm_step(make_fx(function)(*example), example)
+
+
+def test_spline_bin_ops_and_their_gradients_match_eager():
+    # A spline flow's ops: softmax widths, bins found by a computed index (gather, whose
+    # backward is scatter_add), fill_ of a view, sgn.
+    def step(x, logits, bins):
+        def spline(x, logits):
+            widths = torch.softmax(logits, -1)
+            edges = torch.cumsum(widths, -1)
+            chosen = torch.gather(edges, -1, bins)
+            return (chosen * x.unsqueeze(-1)).sum()
+
+        filled = x * 1.0
+        filled[1:].fill_(torch.tensor(2.0))
+        return (*torch.func.grad(spline, argnums=(0, 1))(x, logits), torch.softmax(logits.mT, 0), filled, x.sgn())
+
+    logits = _values(3, 5, special=False, seed=1)
+    logits[0, 2] = -math.inf  # an excluded bin
+    bins = torch.tensor([[0, 4], [2, 2], [4, 1]])  # a repeated bin accumulates twice
+    _close(step, _values(3, special=False), logits, bins)
