@@ -68,9 +68,11 @@ def test_triangular_solves_match_eager(upper, left, unitriangular):
 
 
 def test_cholesky_matches_eager_and_is_nan_where_not_positive_definite():
-    def step(spd, indefinite):
-        factor, info = torch.linalg.cholesky_ex(spd)
-        upper, upper_info = torch.linalg.cholesky_ex(spd, upper=True)
+    def step(spd, above, below, indefinite):
+        # Each factor reads one triangle (the lower, or the upper with upper=True): the other
+        # is perturbed (``above``, ``below``) and must not change the result.
+        factor, info = torch.linalg.cholesky_ex(above)
+        upper, upper_info = torch.linalg.cholesky_ex(below, upper=True)
         return (
             factor,
             info,
@@ -84,7 +86,7 @@ def test_cholesky_matches_eager_and_is_nan_where_not_positive_definite():
     spd = x @ x.mT + 0.5 * torch.eye(4, dtype=torch.float64)
     indefinite = spd.clone()
     indefinite[1, 2, 2] = -5.0  # fails at the third minor: LAPACK's info 3
-    _close(step, spd, indefinite)
+    _close(step, spd, spd + torch.triu(spd, 1), spd + torch.tril(spd, -1), indefinite)
     # Eager returns a partial factor there; the virtual machine NaN, as JAX, and no error.
     graph = make_fx(torch.linalg.cholesky)(spd)  # eager raises on ``indefinite``
     (factor,) = vm_step(graph, (spd,))(indefinite)
