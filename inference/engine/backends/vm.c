@@ -26,7 +26,8 @@ enum {
     CLAMP, WHERE, LT, LE, GT, GE, EQ, NE, AND, OR, NOT, XLOGY, NAN_TO_NUM, SIGMOID_BACKWARD,
     SOFTPLUS_BACKWARD, LOG_SIGMOID, LOG_SIGMOID_BACKWARD, COPY, FILL, SUM_ACC, MAX_ACC, OR_ACC,
     ARGMAX, CUMSUM, CUMPROD, CAST_F32, CAST_INT, CAST_BOOL, LOAD, STORE, ABS, TANH, EXPM1, RECIPROCAL,
-    PROD_ACC, MIN_ACC, LOG_SIGMOID_BUFFER, LOGICAL_XOR, ISNAN, ISINF, SIGN, MUL_ACC, MAXIMUM, MINIMUM, ERF, ERFC, LGAMMA, DIGAMMA, ATAN, SIN, COS
+    PROD_ACC, MIN_ACC, LOG_SIGMOID_BUFFER, LOGICAL_XOR, ISNAN, ISINF, SIGN, MUL_ACC, MAXIMUM, MINIMUM, ERF, ERFC, LGAMMA, DIGAMMA, ATAN, SIN, COS,
+    SOLVE_TRIANGULAR, CHOLESKY, GATHER, SCATTER_ADD
 };
 enum { F64 = 0, F32 = 1, I64 = 2, I32 = 3, U8 = 4 };
 
@@ -159,6 +160,80 @@ static double min_nan(double a, double b) { return (isnan(a) || isnan(b)) ? NAN 
 
 #define TIMES(x, y) ((x) * (y))
 
+/* The batch loop of a matrix instruction, whose last three dimensions are the matrix's (rows,
+   rows or columns, columns: see vm_matrix.py) and the others its batch: BODY once per matrix
+   with po, pa, pb the operands' offsets. */
+#define MATRICES(...)                                                                           \
+    do {                                                                                        \
+        const int bd = I->nd - 3;                                                               \
+        int64_t outer = 1, cnt[MAXD] = {0};                                                     \
+        for (int d = 0; d < bd; ++d) outer *= I->shape[d];                                      \
+        int64_t po = I->off[0], pa = I->off[1], pb = I->off[2];                                 \
+        for (int64_t t = 0; t < outer; ++t) {                                                   \
+            __VA_ARGS__;                                                                        \
+            for (int d = bd - 1; d >= 0; --d) {                                                 \
+                if (++cnt[d] < I->shape[d]) {                                                   \
+                    po += I->st[0][d]; pa += I->st[1][d]; pb += I->st[2][d];                    \
+                    break;                                                                      \
+                }                                                                               \
+                po -= I->st[0][d] * (I->shape[d] - 1); pa -= I->st[1][d] * (I->shape[d] - 1);   \
+                pb -= I->st[2][d] * (I->shape[d] - 1);                                          \
+                cnt[d] = 0;                                                                     \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+
+/* X = A^-1 B for a triangular A (n, n) and B, X (n, k) (LAPACK's trsm, left side): forward
+   substitution for a lower A, backward for an upper one; a unit diagonal is not read. The loop's
+   shape ends (n, n, k): rows of X and B, columns of A, columns of X and B. */
+static void solve_triangular(const Ins* I, double* A, int upper, int unit) {
+    const int nd = I->nd;
+    const int64_t n = I->shape[nd - 3], k = I->shape[nd - 1];
+    const int64_t xr = I->st[0][nd - 3], xc = I->st[0][nd - 1];
+    const int64_t ar = I->st[1][nd - 3], ac = I->st[1][nd - 2];
+    const int64_t br = I->st[2][nd - 3], bc = I->st[2][nd - 1];
+    MATRICES(for (int64_t j = 0; j < k; ++j) {
+        for (int64_t s = 0; s < n; ++s) {
+            const int64_t i = upper ? n - 1 - s : s;
+            const int64_t first = upper ? i + 1 : 0, last = upper ? n : i;
+            double acc = A[pb + i * br + j * bc];
+            for (int64_t l = first; l < last; ++l) acc -= A[pa + i * ar + l * ac] * A[po + l * xr + j * xc];
+            A[po + i * xr + j * xc] = unit ? acc : acc / A[pa + i * ar + i * ac];
+        }
+    });
+}
+
+/* The lower Cholesky factor L of A (n, n), from A's lower triangle (Cholesky-Banachiewicz),
+   zeros above the diagonal. Where A is not positive definite, L is all NaN (as in JAX) and the
+   info operand (b) gets the order of the first minor that is not (LAPACK's potrf), else 0. The
+   loop's shape ends (n, n, 1); an upper factor is the same instruction on transposed views. */
+static void cholesky(const Ins* I, double* A) {
+    const int nd = I->nd;
+    const int64_t n = I->shape[nd - 3];
+    const int64_t lr = I->st[0][nd - 3], lc = I->st[0][nd - 2];
+    const int64_t ar = I->st[1][nd - 3], ac = I->st[1][nd - 2];
+    MATRICES({
+        int64_t failed = 0;
+        for (int64_t i = 0; i < n && !failed; ++i) {
+            for (int64_t j = 0; j <= i; ++j) {
+                double s = A[pa + i * ar + j * ac];
+                for (int64_t l = 0; l < j; ++l) s -= A[po + i * lr + l * lc] * A[po + j * lr + l * lc];
+                if (i == j) {
+                    if (!(s > 0.0)) { failed = i + 1; break; }
+                    A[po + i * lr + i * lc] = sqrt(s);
+                } else {
+                    A[po + i * lr + j * lc] = s / A[po + j * lr + j * lc];
+                }
+            }
+            for (int64_t j = i + 1; j < n; ++j) A[po + i * lr + j * lc] = 0.0;
+        }
+        if (failed)
+            for (int64_t i = 0; i < n; ++i)
+                for (int64_t j = 0; j < n; ++j) A[po + i * lr + j * lc] = NAN;
+        A[pb] = (double)failed;
+    });
+}
+
 #define coord(d) ((d) == nd - 1 ? k : cnt[(d)])
 
 static void step(const Ins* I, double* A, void** io) {
@@ -243,6 +318,12 @@ static void step(const Ins* I, double* A, void** io) {
         case CAST_BOOL: LOOP(A[o] = A[a] != 0.0); break;
         case LOAD: { const void* src = io[I->io]; LOOP(A[o] = load(src, I->dtype, a)); } break;
         case STORE: { void* dst = io[I->io]; LOOP(store(dst, I->dtype, o, A[a])); } break;
+        /* p0: A is upper triangular; p1: its diagonal is ones */
+        case SOLVE_TRIANGULAR: solve_triangular(I, A, p0 != 0.0, p1 != 0.0); break;
+        case CHOLESKY: cholesky(I, A); break;
+        /* b: the index; p0: the stride of a (GATHER) or o (SCATTER_ADD) along the indexed dimension */
+        case GATHER: LOOP(A[o] = A[a + (int64_t)A[b] * (int64_t)p0]); break;
+        case SCATTER_ADD: LOOP(A[o + (int64_t)A[b] * (int64_t)p0] += A[a]); break;
         default: break;
     }
     (void)p1; (void)p2; (void)dim;

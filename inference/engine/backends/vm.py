@@ -3,7 +3,7 @@ r"""Traced sampler steps run by a small virtual machine: a kernel for a new mode
 A fused Inductor kernel (:mod:`~vilab.inference.engine.backends.inductor`) runs a NUTS leaf 10-50x faster
 than the traced graph, but compiling it takes 3-10 s: on a model's first run much of a
 2000-iteration run is over before it arrives. This module translates the same ATen graph into a
-program for a virtual machine written in C (``vm.c``: about 70 instructions, each a strided
+program for a virtual machine written in C (``vm.c``: about 70 instructions, most a strided
 N-d loop over one arena of doubles), built once per installation (:func:`build_library`).
 Translating takes milliseconds. A call costs one C call, the loops' arithmetic and about 0.5 µs
 per output tensor; NUTS leaves of the posteriordb problems ran in 24-66 µs where PyTorch's

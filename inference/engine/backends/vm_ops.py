@@ -17,7 +17,7 @@ import torch
 
 from vilab.inference.engine.backends.vm_program import _DTYPE, Program, Unsupported, _contiguous_strides, _dim, _View
 
-from vilab.inference.engine.backends import vm_views
+from vilab.inference.engine.backends import vm_matrix, vm_views
 
 __all__ = ["translate"]
 
@@ -99,6 +99,7 @@ def translate(graph: torch.fx.GraphModule, example: Sequence[torch.Tensor], prog
         if node.op == "get_attr":
             env[node] = program.constant(getattr(graph, node.target))
         elif node.op == "call_function":
+            vm_views.check_reference(node, values)
             env[node] = _call(node, env, values[node], program)
             _check(node, env[node], values[node])
         elif node.op == "output":
@@ -254,16 +255,7 @@ def _nan_to_num(program, expected, a, nan=None, posinf=None, neginf=None):
 def _to_copy(program, expected, a, dtype=None, **options):
     if options.get("device") not in (None, torch.device("cpu"), "cpu"):
         raise Unsupported(f"_to_copy to {options['device']}")
-    target = expected.dtype
-    op = (
-        "CAST_BOOL"
-        if target == torch.bool
-        else "CAST_INT"
-        if not target.is_floating_point
-        else "CAST_F32"
-        if target == torch.float32 and a.dtype != torch.float32
-        else "COPY"
-    )
+    op = vm_views.cast_op(expected.dtype, a.dtype)
     return _elementwise(program, expected, op, a)
 
 
@@ -412,19 +404,6 @@ def _scan(op: str) -> Callable:
     return scan
 
 
-def _bmm(program, expected, left, right):
-    # out[b, i, j] += left[b, i, k] * right[b, k, j], looping over (b, i, j, k)
-    out = _filled(program, expected, 0.0)
-    batch = left.shape[:-2]
-    (n, k), m = left.shape[-2:], right.shape[-1]
-    lead = len(batch)
-    out_view = _View(out.off, (*batch, n, m, k), (*out.st[:lead], out.st[-2], out.st[-1], 0), out.dtype)
-    left_view = _View(left.off, (*batch, n, m, k), (*left.st[:lead], left.st[-2], 0, left.st[-1]), left.dtype)
-    right_view = _View(right.off, (*batch, n, m, k), (*right.st[:lead], 0, right.st[-1], right.st[-2]), right.dtype)
-    program.emit("MUL_ACC", out_view, left_view, right_view)
-    return out
-
-
 _HANDLERS: dict = {
     aten.add.Tensor: _add,
     aten.add.Scalar: _add,
@@ -449,6 +428,7 @@ _HANDLERS: dict = {
     aten.new_ones.default: lambda p, e, *a, **k: _filled(p, e, 1.0),
     aten.new_zeros.default: lambda p, e, *a, **k: _filled(p, e, 0.0),
     aten.full.default: _full,
+    aten.zeros.default: lambda p, e, *a, **k: _filled(p, e, 0.0),
     aten.scalar_tensor.default: _scalar_tensor,
     aten.ones_like.default: lambda p, e, *a, **k: _filled(p, e, 1.0),
     aten.zeros_like.default: lambda p, e, *a, **k: _filled(p, e, 0.0),
@@ -489,7 +469,7 @@ _HANDLERS: dict = {
     aten.max.dim: _max_dim,
     aten.cumsum.default: _scan("CUMSUM"),
     aten.cumprod.default: _scan("CUMPROD"),
-    aten.bmm.default: _bmm,
-    aten.mm.default: _bmm,
+    **vm_matrix.HANDLERS,
+    **vm_views.HANDLERS,
     **{view: vm_views._noop for view in _NOOP_VIEWS},
 }

@@ -24,7 +24,8 @@ _OPS = (
     "LT LE GT GE EQ NE AND OR NOT XLOGY NAN_TO_NUM SIGMOID_BACKWARD SOFTPLUS_BACKWARD LOG_SIGMOID "
     "LOG_SIGMOID_BACKWARD COPY FILL SUM_ACC MAX_ACC OR_ACC ARGMAX CUMSUM CUMPROD CAST_F32 CAST_INT "
     "CAST_BOOL LOAD STORE ABS TANH EXPM1 RECIPROCAL PROD_ACC MIN_ACC LOG_SIGMOID_BUFFER LOGICAL_XOR "
-    "ISNAN ISINF SIGN MUL_ACC MAXIMUM MINIMUM ERF ERFC LGAMMA DIGAMMA ATAN SIN COS"
+    "ISNAN ISINF SIGN MUL_ACC MAXIMUM MINIMUM ERF ERFC LGAMMA DIGAMMA ATAN SIN COS SOLVE_TRIANGULAR "
+    "CHOLESKY GATHER SCATTER_ADD"
 ).split()
 OP = {name: code for code, name in enumerate(_OPS, start=1)}
 _DTYPE = {torch.float64: 0, torch.float32: 1, torch.int64: 2, torch.int32: 3, torch.bool: 4}
@@ -86,6 +87,7 @@ class Program:
         self.instructions: list[_Ins] = []
         self.initial: list[tuple[int, torch.Tensor]] = []  # arena contents written once
         self._numbers: dict[tuple, _View] = {}  # one region per distinct scalar operand
+        self._constants: dict[int, torch.Tensor] = {}  # each constant's value by its offset
 
     def alloc(self, shape: Sequence[int], dtype: torch.dtype) -> _View:
         """A fresh contiguous region of the arena."""
@@ -98,7 +100,21 @@ class Program:
         tensor = torch.as_tensor(value).detach()
         view = self.alloc(tuple(tensor.shape), dtype or tensor.dtype)
         self.initial.append((view.off, tensor.to(torch.float64).contiguous().view(-1)))
+        self._constants[view.off] = tensor
         return view
+
+    def constant_value(self, view: _View) -> Optional[torch.Tensor]:
+        """The value of ``view`` where it is a whole constant as :meth:`constant` made it, else ``None``."""
+        value = self._constants.get(view.off)
+        if value is None or tuple(value.shape) != view.shape or view.st != _contiguous_strides(view.shape):
+            return None
+        return value
+
+    def overlaps_constant(self, view: _View) -> bool:
+        """Whether ``view`` reaches into a constant's region (written once, so never to be written)."""
+        low = view.off + sum(min(0, (size - 1) * st) for size, st in zip(view.shape, view.st))
+        high = view.off + sum(max(0, (size - 1) * st) for size, st in zip(view.shape, view.st))
+        return any(offset <= high and low < offset + max(1, values.numel()) for offset, values in self.initial)
 
     def operand(self, value, dtype: torch.dtype = torch.float64) -> _View:
         """``value`` as a view: a view already, or a number made a constant."""
@@ -146,8 +162,9 @@ class Program:
         self.instructions.append(ins)
 
 
-# Instructions that index one dimension by its position (params[0]): their loops keep the shape.
-_DIMENSION_OPS = {"ARGMAX", "CUMSUM", "CUMPROD"}
+# Instructions that index one dimension by its position (params[0]) or work on the last three
+# as matrices (vm_matrix.py): their loops keep the shape.
+_DIMENSION_OPS = {"ARGMAX", "CUMSUM", "CUMPROD", "SOLVE_TRIANGULAR", "CHOLESKY"}
 
 
 def _coalesce(shape: Sequence[int], strides: list[list[int]]) -> tuple[tuple, list[list[int]]]:

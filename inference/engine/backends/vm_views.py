@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 
-from vilab.inference.engine.backends.vm_program import _contiguous_strides, _dim, _View
+import math
 
-__all__ = []
+import torch
+
+from vilab.inference.engine.backends.vm_program import Unsupported, _contiguous_strides, _dim, _View
+
+__all__ = ["HANDLERS", "cast_op", "check_reference"]
+
+aten = torch.ops.aten
 
 
 # -- views -------------------------------------------------------------------------------------
@@ -92,3 +98,93 @@ def _noop(program, expected, a, *args, **kwargs):
 
 
 # -- copies into views of a new value ----------------------------------------------------------
+
+
+def _diagonal(program, expected, a, offset=0, dim1=0, dim2=1):
+    d1, d2 = _dim(dim1, len(a.shape)), _dim(dim2, len(a.shape))
+    start = offset * a.st[d2] if offset >= 0 else -offset * a.st[d1]
+    length = max(0, min(a.shape[d1], a.shape[d2] - offset) if offset >= 0 else min(a.shape[d1] + offset, a.shape[d2]))
+    keep = [d for d in range(len(a.shape)) if d not in (d1, d2)]
+    shape = [a.shape[d] for d in keep] + [length]
+    return _View(a.off + start, shape, [a.st[d] for d in keep] + [a.st[d1] + a.st[d2]], a.dtype)
+
+
+def _diagonal_backward(program, expected, grad, input_sizes, offset, dim1, dim2):
+    out = program.alloc(tuple(expected.shape), expected.dtype)
+    program.emit("FILL", out, params=(0.0,))
+    program.emit("COPY", _diagonal(program, None, out, offset, dim1, dim2), grad)
+    return out
+
+
+def _new_empty_strided(program, expected, a, size, stride, **options):
+    """A fresh region laid out with ``stride`` (its contents undefined, as ``empty``'s)."""
+    if any(st < 0 for st in stride):
+        raise Unsupported(f"new_empty_strided with negative strides {tuple(stride)}")
+    view = program.alloc(
+        (1 + sum((n - 1) * st for n, st in zip(size, stride)),) if 0 not in size else (0,), expected.dtype
+    )
+    return _View(view.off, size, stride, expected.dtype)
+
+
+def check_reference(node, values: dict) -> None:
+    """Raise :class:`Unsupported` where ``node`` re-indexes storage in a way its arena view cannot
+    follow: ``as_strided`` of a tensor that is not the whole of its own storage (contiguous, at
+    offset 0), whose strides and offset would then count in another layout than the arena's."""
+    if node.target is not aten.as_strided.default:
+        return
+    source = node.args[0]
+    base = values.get(source)
+    whole = (
+        source.op != "placeholder"  # a caller's tensor may be a view of a larger one
+        and isinstance(base, torch.Tensor)
+        and base.is_contiguous()
+        and base.storage_offset() == 0
+        and base.untyped_storage().nbytes() == base.numel() * base.element_size()
+    )
+    if not whole:
+        raise Unsupported("as_strided of a tensor that is not the whole of its storage")
+
+
+def _as_strided(program, expected, a, size, stride, storage_offset=None):
+    """A view of ``a`` (the whole of its storage: :func:`check_reference`), within ``a``."""
+    offset = storage_offset or 0
+    reach = offset + sum((n - 1) * st for n, st in zip(size, stride) if n > 0)
+    if not a.contiguous() or any(st < 0 for st in stride) or (0 not in size and reach >= math.prod(a.shape)):
+        raise Unsupported(
+            f"as_strided{tuple(size), tuple(stride), offset} outside a contiguous tensor of shape {a.shape}"
+        )
+    return _View(a.off + offset, size, stride, a.dtype)
+
+
+def cast_op(target: torch.dtype, source: torch.dtype) -> str:
+    """The instruction that converts arena values of dtype ``source`` into ``target``'s."""
+    if target == torch.bool:
+        return "CAST_BOOL"
+    if not target.is_floating_point:
+        return "CAST_INT"
+    return "CAST_F32" if target == torch.float32 and source != torch.float32 else "COPY"
+
+
+def _copy_(program, expected, destination, source, non_blocking=False):
+    """``destination[...] = source`` (broadcast, converted to the destination's dtype), in place:
+    the value returned is the destination's view, which later nodes read. (PyTorch refuses a
+    source that partly overlaps the destination, so a traced graph has none.)"""
+    if any(st == 0 and n > 1 for n, st in zip(destination.shape, destination.st)):
+        raise Unsupported("copy_ into a broadcast view")
+    if program.overlaps_constant(destination):
+        raise Unsupported("copy_ into a constant")
+    program.emit(
+        cast_op(destination.dtype, getattr(source, "dtype", torch.float64)), destination, program.operand(source)
+    )
+    return destination
+
+
+HANDLERS: dict = {
+    aten.diagonal.default: _diagonal,
+    aten.diagonal_backward.default: _diagonal_backward,
+    aten.new_empty_strided.default: _new_empty_strided,
+    aten.as_strided.default: _as_strided,
+    aten.copy_.default: _copy_,
+    aten.fill_.Tensor: _copy_,
+    aten.fill_.Scalar: _copy_,
+}

@@ -2,9 +2,10 @@ r"""The virtual machine for traced steps (:mod:`vilab.inference.engine.backends.
 
 Exact checks: each group of ATen ops, traced with ``make_fx``, returns the eager values (NaN, inf,
 views with negative and zero strides, integer and boolean results included); the samplers' real
-leaf and merge graphs agree with their traced graphs. Contract checks: recycled buffers, layout
-checks, errors naming what is not supported, a library that cannot be built. Statistical check:
-NUTS on the virtual machine matches the Normal-Normal closed-form posterior.
+leaf and merge graphs agree with their traced graphs (matrix ops: ``test_fast_vm_matrix.py``).
+Contract checks: recycled buffers, layout checks, errors naming what is not supported,
+a library that cannot be built. Statistical check: NUTS on the virtual machine matches the
+Normal-Normal closed-form posterior.
 """
 
 import math
