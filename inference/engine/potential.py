@@ -158,7 +158,7 @@ class BatchedPotential:
                 self._verify(num_chains, num_checks, rtol, generator)
             except VectorizationError as vmap_error:
                 raise VectorizationError(f"{plate_error}; and under torch.func.vmap: {vmap_error}") from vmap_error
-        self.compiled, self.graph_module = False, None
+        self.compiled, self.graph_module, self.compile_failure = False, None, ""
         if compile:
             self._compile(num_chains, rtol, generator)
 
@@ -411,6 +411,7 @@ class BatchedPotential:
                 module = make_fx(lambda z: self.eager_value_and_grad(z))(example)
                 mask_assignments_as_selects(module)
                 if data_dependent_shapes(module.graph):  # right only for the traced values
+                    self.compile_failure = "the traced graph has shapes that depend on latent values"
                     return
                 module = simplify(module)
             # The sampler's hot loop runs this graph inside its traced leaf (or on the virtual
@@ -422,9 +423,10 @@ class BatchedPotential:
                 got = graph(z)
                 self._compare("traced potential", got[0], expected[0], rtol)
                 self._compare("traced gradient", got[1], expected[1], rtol)
-        except (RuntimeError, VectorizationError, TypeError, ValueError):
+        except (RuntimeError, VectorizationError, TypeError, ValueError) as error:
             # A model with value-dependent control flow traces to a graph that is wrong elsewhere;
-            # the verified eager path stays correct, only slower.
+            # the verified eager path stays correct, only slower (the sampler warns).
+            self.compile_failure = f"{type(error).__name__}: {str(error)[:200]}"
             return
         self._value_and_grad = graph
         # The verified fx graph, cheaper to trace again (into a sampler step) than the model.

@@ -213,6 +213,13 @@ class TreeBuilder:
     def _stepper(self, dense: bool, example: tuple) -> CompiledStep:
         if dense not in self._steppers:
             compile = self.compile and self.potential.compiled
+            if self.compile and not self.potential.compiled:
+                warnings.warn(
+                    f"NUTS: the potential could not be traced ({self.potential.compile_failure or 'not requested'}); "
+                    "the leapfrog leaf runs eagerly, correct but several times slower",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
             stepper = make_leaf_stepper(
                 self.potential.eager_value_and_grad,
                 example,

@@ -264,21 +264,27 @@ def _unroll_small_reductions(graph: fx.Graph) -> None:
         _replace(node, new)
 
 
-def _slice_pieces(node: fx.Node, root: bool = True) -> list | None:
-    """The ``slice_backward`` nodes summed by a tree of ``add`` nodes rooted at ``node``."""
-    if not root and len(node.users) != 1:
-        return None
-    if node.target is aten.slice_backward.default and len(node.args) == 6 and node.args[5] == 1:
-        return [node]
-    if (
-        node.target is aten.add.Tensor
-        and len(node.args) == 2
-        and not node.kwargs
-        and all(isinstance(arg, fx.Node) for arg in node.args)
-    ):
-        left, right = (_slice_pieces(arg, root=False) for arg in node.args)
-        return None if left is None or right is None else left + right
-    return None
+def _slice_pieces(node: fx.Node) -> list | None:
+    """The ``slice_backward`` nodes summed by a tree of ``add`` nodes rooted at ``node``.
+
+    Iterative: an ODE solver's loop unrolls into add chains thousands of nodes deep."""
+    pieces, stack = [], [(node, True)]
+    while stack:
+        current, root = stack.pop()
+        if not root and len(current.users) != 1:
+            return None
+        if current.target is aten.slice_backward.default and len(current.args) == 6 and current.args[5] == 1:
+            pieces.append(current)
+        elif (
+            current.target is aten.add.Tensor
+            and len(current.args) == 2
+            and not current.kwargs
+            and all(isinstance(arg, fx.Node) for arg in current.args)
+        ):
+            stack.extend((arg, False) for arg in reversed(current.args))
+        else:
+            return None
+    return pieces
 
 
 def _tiles(pieces: list) -> tuple | None:
