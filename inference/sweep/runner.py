@@ -9,14 +9,15 @@ loses only the tasks that were running; the same call again runs just those and 
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from vilab.inference.common.progress import progress_bar
 from vilab.inference.sweep.executors import RayExecutor, SerialExecutor
 from vilab.inference.sweep.grid import (
     SweepSpec,
@@ -217,11 +218,13 @@ class _Progress:
 
     def __init__(self, total: int, skipped: int, enabled: bool, dashboard: Optional[str]) -> None:
         self.done = self.failed = 0
-        self.bar = tqdm(
-            total=total, initial=skipped, desc="sweep", unit="task", disable=not enabled, dynamic_ncols=True
-        )
+        # A bar on a terminal, a status line every 30 s in a log (a redrawn bar fills a log file).
+        self.bar = progress_bar(total=total, desc="sweep", enabled=enabled, leave=True)
+        if skipped:
+            self.bar.update(skipped)
         if enabled and dashboard:
-            self.bar.write(f"sweep: Ray dashboard at http://{dashboard} (tasks are named 'sweep MODEL METHOD seed=S')")
+            message = f"sweep: Ray dashboard at http://{dashboard} (tasks are named 'sweep MODEL METHOD seed=S')"
+            print(message, file=sys.stderr, flush=True)
 
     def record(self, status: Any) -> None:
         """Count a written row (``status`` is ``False`` when the row was already recorded)."""

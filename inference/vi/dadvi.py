@@ -199,6 +199,8 @@ def fit_dadvi(
     objective = DADVIObjective(potential.log_density, draws)
     losses: list[float] = []
     solution = _minimize(objective, np.zeros(2 * potential.dim), optimizer, gtol, max_iterations, losses, progress)
+    if solution.fallback:
+        warnings.warn(f"fit_dadvi: {solution.fallback}", RuntimeWarning, stacklevel=2)
     x, hessian, decrement, newton_steps = _newton_polish(objective, solution.x, tolerance, losses)
     lrvb_covariance, lrvb_error = _lrvb(hessian, potential.dim)
     loc = torch.as_tensor(x[: potential.dim], dtype=draws.dtype)
@@ -210,6 +212,7 @@ def fit_dadvi(
         "optimizer": optimizer,
         "iterations": int(solution.nit),
         "optimizer_message": str(solution.message),
+        "optimizer_fallback": solution.fallback,
         "newton_steps": newton_steps,
         "newton_decrement": decrement,
         "tolerance": tolerance,
@@ -280,27 +283,64 @@ def _draws(draws, num_draws: int, antithetic: bool, dim: int, seed: Optional[int
     return draws
 
 
+class _StalledConjugateGradient(Exception):
+    """scipy's ``trust-ncg`` inner loop has no iteration limit: with a non-finite Hessian-vector
+    product (overflow in a very curved region) it never ends."""
+
+
+def _guarded_hessp(objective: DADVIObjective, calls: list[int]):
+    # In exact arithmetic conjugate gradients ends within 2D products; allow ample slack.
+    limit = 10 * (2 * objective.dim + 1)
+
+    def hessp(x: np.ndarray, vector: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        product = objective.hessp(x, vector)
+        if calls[0] > limit or not np.isfinite(product).all():
+            raise _StalledConjugateGradient(
+                "non-finite Hessian-vector product" if calls[0] <= limit else f"{limit} products in one step"
+            )
+        return product
+
+    return hessp
+
+
 def _minimize(objective: DADVIObjective, x0, optimizer, gtol, max_iterations, losses, progress):
+    """scipy's trust-region ``optimizer``; where ``trust-ncg``'s conjugate gradients stall, the
+    run goes on from the last iterate with ``trust-exact`` (whose Hessian is made finite), and
+    ``result.fallback`` says why."""
     bar = tqdm(total=max_iterations, desc="DADVI", disable=not progress, leave=False)
+    calls, last = [0], [np.asarray(x0, dtype=float)]
 
     def callback(intermediate_result):
+        calls[0] = 0
+        last[0] = np.array(intermediate_result.x, dtype=float)
         losses.append(float(intermediate_result.fun))
         bar.update(1)
         bar.set_postfix(objective=f"{intermediate_result.fun:.6g}")
 
-    hess = _finite_hessian(objective) if optimizer == "trust-exact" else None
-    hessp = None if hess is not None else objective.hessp
-    try:
+    def run(method, start, iterations):
+        exact = method == "trust-exact"
         return scipy.optimize.minimize(
             objective.value_and_grad,
-            x0,
+            start,
             jac=True,
-            hess=hess,
-            hessp=hessp,
-            method=optimizer,
+            hess=_finite_hessian(objective) if exact else None,
+            hessp=None if exact else _guarded_hessp(objective, calls),
+            method=method,
             callback=callback,
-            options={"gtol": gtol, "maxiter": max_iterations},
+            options={"gtol": gtol, "maxiter": iterations},
         )
+
+    try:
+        try:
+            result = run(optimizer, x0, max_iterations)
+            result.fallback = ""
+        except _StalledConjugateGradient as stall:
+            done = len(losses)
+            result = run("trust-exact", last[0], max(max_iterations - done, 1))
+            result.nit += done
+            result.fallback = f"{optimizer} stalled after {done} iterations ({stall}); went on with trust-exact"
+        return result
     finally:
         bar.close()
 

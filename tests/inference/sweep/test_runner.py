@@ -74,3 +74,16 @@ def test_unknown_methods_and_models_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="sweep: expected models and methods"):
         sweep(out=tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_progress_in_a_log_is_status_lines_not_a_redrawn_bar(capsys):
+    from vilab.inference.sweep.runner import _Progress
+
+    progress = _Progress(total=4, skipped=1, enabled=True, dashboard="127.0.0.1:8265")
+    progress.record("ok")
+    progress.record("failed")
+    progress.show(running=1)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and "Ray dashboard at http://127.0.0.1:8265" in err
+    assert err.strip().splitlines()[-1].startswith("sweep: 3/4 (75%)") and "done=1, failed=1, in_flight=1" in err

@@ -30,6 +30,7 @@ from vilab.models.conjugate import (
     linear_regression,
     linear_regression_posterior,
     normal_normal,
+    default_normal_data,
     normal_normal_posterior,
 )
 
@@ -245,3 +246,28 @@ def test_dadvi_on_ported_regressions_is_within_a_tenth_of_a_reference_sd(name):
     for key, reference in summary.items():
         assert 0.9 < result.config["lrvb_sd"][key] / reference["sd"] < 1.1, key
         assert abs(flat[key].mean() - reference["mean"]) < 0.1 * reference["sd"], (key, k_hat)
+
+
+def test_stalled_conjugate_gradients_go_on_with_trust_exact_and_say_so(monkeypatch):
+    """scipy's trust-ncg loops for ever on a non-finite Hessian-vector product (posteriordb's
+    arma11, seed 1, hung a sweep): the run must end, from the last iterate, with trust-exact."""
+    from vilab.inference.vi import dadvi
+
+    real = dadvi.DADVIObjective.hessp
+    calls = []
+
+    def overflowing(self, x, vector):
+        calls.append(1)
+        product = real(self, x, vector)
+        return product * np.inf if len(calls) == 3 else product
+
+    monkeypatch.setattr(dadvi.DADVIObjective, "hessp", overflowing)
+    x = default_normal_data()
+    with pytest.warns(
+        RuntimeWarning,
+        match="trust-ncg stalled after .* iterations .non-finite Hessian-vector product.; went on with trust-exact",
+    ):
+        result = fit_svi(normal_normal, "dadvi", 20, x, progress=False)
+    assert "trust-exact" in result.config["optimizer_fallback"]
+    posterior = normal_normal_posterior(x)["loc"]
+    assert abs(float(result.guide.median()["loc"]) - float(posterior.mean)) < 1e-6
