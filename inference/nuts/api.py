@@ -47,6 +47,32 @@ from vilab.types import Model, Samples
 __all__ = ["NUTSResult", "run_nuts", "check_nuts_options"]
 
 
+# Rank-normalised split R-hat above this says the chains have not mixed (Vehtari et al., 2021).
+MAX_R_HAT = 1.01
+
+
+def _warn_if_chains_disagree(idata) -> None:
+    """A ``RuntimeWarning`` naming the worst site where split R-hat exceeds :data:`MAX_R_HAT`:
+    chains stuck in different modes give draws whose mean is no posterior's."""
+    posterior = idata.posterior
+    if posterior.sizes.get("chain", 1) < 2 or posterior.sizes.get("draw", 0) < 4:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant sites: R-hat is NaN
+        r_hat = az.rhat(posterior)
+    worst = {name: float(np.nanmax(value.values)) for name, value in r_hat.data_vars.items() if value.size}
+    worst = {name: value for name, value in worst.items() if np.isfinite(value)}
+    if worst and max(worst.values()) > MAX_R_HAT:
+        name = max(worst, key=worst.get)
+        warnings.warn(
+            f"run_nuts: R-hat {worst[name]:.3g} > {MAX_R_HAT} at site {name!r}: the chains disagree "
+            "(stuck in different modes, or not yet mixed), so these draws do not represent the "
+            "posterior. Run longer, start the chains elsewhere (init_values) or reparameterise.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 @dataclass
 class NUTSResult:
     """What ``run_nuts`` returns.
@@ -391,6 +417,7 @@ def _assemble(model, args, kwargs, latent, stats, wall_time, config, trace) -> N
             RuntimeWarning,
             stacklevel=3,
         )
+    _warn_if_chains_disagree(idata)
     # The result's config stays plain data: it names the initialised sites.
     config = {**config, "init_values": sorted(config.get("init_values") or {})}
     # Potential gradients: one per leapfrog step, warmup and sampling, all chains.

@@ -35,13 +35,32 @@ LEADERBOARD_COLUMNS = {
 }
 
 
+# A finished task whose own checks say not to trust it: NUTS chains that disagree, a VI fit
+# that did not converge, or PSIS's k-hat past its reliability bound.
+MAX_R_HAT, MAX_K_HAT = 1.01, 0.7
+
+
+def _flagged(ok: pd.DataFrame) -> pd.Series:
+    def column(name):
+        return pd.to_numeric(ok[name], errors="coerce") if name in ok else pd.Series(math.nan, index=ok.index)
+
+    converged = column("converged")
+    return (column("r_hat_max") > MAX_R_HAT) | (converged == 0) | (column("k_hat") > MAX_K_HAT)
+
+
 def leaderboard_table(results: pd.DataFrame) -> pd.DataFrame:
     """One row per model and method: seeds ok / run, then per metric the combination over the
     finished seeds (and ``*_sd``, the sd over seeds, for the error); ordered by model, then error."""
     rows = []
     for (model, method), group in results.groupby(["model", "method"], sort=True):
         ok = group[group["status"] == "ok"]
-        row = {"model": model, "method": method, "num_ok": len(ok), "num_tasks": len(group)}
+        row = {
+            "model": model,
+            "method": method,
+            "num_ok": len(ok),
+            "num_tasks": len(group),
+            "num_flagged": int(_flagged(ok).sum()),
+        }
         for column, (_, how) in LEADERBOARD_COLUMNS.items():
             values = pd.to_numeric(ok[column], errors="coerce").dropna() if column in ok else pd.Series(dtype=float)
             row[column] = float(getattr(values, how)()) if len(values) else math.nan
@@ -90,7 +109,12 @@ def _cost_figure(model: str, ok: pd.DataFrame):
 
 
 def _model_table(table: pd.DataFrame) -> str:
-    header = ["method", "seeds ok", *(LEADERBOARD_COLUMNS[c][0] for c in LEADERBOARD_COLUMNS)]
+    header = [
+        "method",
+        "seeds ok",
+        "flagged (R-hat > 1.01, not converged or k-hat > 0.7)",
+        *(LEADERBOARD_COLUMNS[c][0] for c in LEADERBOARD_COLUMNS),
+    ]
     rows = []
     for _, row in table.iterrows():
         error = _number(row[ERROR])
@@ -99,6 +123,7 @@ def _model_table(table: pd.DataFrame) -> str:
         cells = [
             (_escape(row["method"]), ""),
             (f"{row['num_ok']} / {row['num_tasks']}", "" if row["num_ok"] == row["num_tasks"] else "bad"),
+            (str(row["num_flagged"]), "bad" if row["num_flagged"] else ""),
             (error, ""),
         ]
         cells += [(_number(row[c]), "") for c in list(LEADERBOARD_COLUMNS)[1:]]

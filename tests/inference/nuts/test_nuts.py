@@ -224,3 +224,23 @@ def test_a_model_with_its_own_shape_asserts_runs_under_vmap_and_samples_correctl
     exact_mean, exact_sd = 2 * float(y.sum()) / 9, (2 / 9) ** 0.5
     assert abs(draws.mean() - exact_mean) < Z * exact_sd / math.sqrt(ess)
     assert abs(draws.std() - exact_sd) < Z * exact_sd / math.sqrt(2 * ess)
+
+
+def test_chains_that_disagree_are_flagged_by_r_hat():
+    """x^2 observed: two well-separated modes at +-20, one chain started in each. Every draw is
+    from a mode, but the chains never mix, so the pooled draws are no posterior's; R-hat says so."""
+
+    def model(y):
+        x = pyro.sample("x", dist.Normal(0.0, 30.0))
+        pyro.sample("y", dist.Normal(x**2, 1.0), obs=y)
+
+    with pytest.warns(RuntimeWarning, match="R-hat .* > 1.01 at site 'x': the chains disagree"):
+        run_nuts(
+            model,
+            torch.tensor(400.0),
+            num_samples=200,
+            num_warmup=200,
+            num_chains=2,
+            init_values={"x": torch.tensor([-20.0, 20.0])},
+            progress=False,
+        )

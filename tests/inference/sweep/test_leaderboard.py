@@ -127,3 +127,31 @@ def test_page_renders_in_headless_chromium_with_every_image_decoded(store, tmp_p
     from matplotlib.image import imread
 
     assert imread(str(shot))[..., :3].std() > 0.05, "the screenshot is blank"
+
+
+def test_tasks_their_own_checks_distrust_are_counted_as_flagged():
+    rows = [
+        {"model": "m", "method": "nuts", "seed": 0, "status": "ok", "mean_abs_error_sd": 0.02, "r_hat_max": 1.0},
+        {"model": "m", "method": "nuts", "seed": 1, "status": "ok", "mean_abs_error_sd": 10.0, "r_hat_max": 1.53},
+        {"model": "m", "method": "dadvi", "seed": 0, "status": "ok", "mean_abs_error_sd": 84.0, "converged": 0.0},
+        {
+            "model": "m",
+            "method": "dadvi",
+            "seed": 1,
+            "status": "ok",
+            "mean_abs_error_sd": 0.1,
+            "converged": 1.0,
+            "k_hat": 0.9,
+        },
+        {
+            "model": "m",
+            "method": "dadvi",
+            "seed": 2,
+            "status": "ok",
+            "mean_abs_error_sd": 0.1,
+            "converged": 1.0,
+            "k_hat": 0.4,
+        },
+    ]
+    table = leaderboard_table(pd.DataFrame(rows)).set_index("method")
+    assert table.loc["nuts", "num_flagged"] == 1 and table.loc["dadvi", "num_flagged"] == 2
