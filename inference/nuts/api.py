@@ -63,7 +63,7 @@ def _warn_if_chains_disagree(idata) -> None:
     worst = {name: float(np.nanmax(value.values)) for name, value in r_hat.data_vars.items() if value.size}
     worst = {name: value for name, value in worst.items() if np.isfinite(value)}
     if worst and max(worst.values()) > MAX_R_HAT:
-        name = max(worst, key=worst.get)
+        name = max(worst, key=lambda site: worst[site])
         warnings.warn(
             f"run_nuts: R-hat {worst[name]:.3g} > {MAX_R_HAT} at site {name!r}: the chains disagree "
             "(stuck in different modes, or not yet mixed), so these draws do not represent the "
