@@ -21,6 +21,7 @@ from vilab.guides import get_guide
 from vilab.inference import NonFiniteLossError, fit_svi
 from vilab.inference.engine.svi_step import CompiledSVIError, CompiledSVIStep, elbo_loss
 from vilab.models import conjugate, get_model
+from svi_fits import fit_normal_normal
 
 Z = norm.ppf(1 - 0.001 / 2)
 OPT_TOL = 0.02
@@ -125,18 +126,7 @@ def test_compiled_step_equals_pyro_svi_step(guide_name):
 @pytest.mark.parametrize("backend", ["compiled", "pyro"])
 def test_both_backends_reach_normal_normal_posterior(backend):
     x = conjugate.default_normal_data()
-    result = fit_svi(
-        conjugate.normal_normal,
-        "meanfield",
-        20,
-        x,
-        num_steps=2000,
-        lr=0.05,
-        lr_decay=0.01,
-        early_stop=False,
-        progress=False,
-        backend=backend,
-    )
+    result = fit_normal_normal(x, backend=backend)
     assert result.config["backend"] == backend
     elbo, se = result.elbo_estimate(20000, seed=1)
     log_evidence = conjugate.normal_normal_log_evidence(x)
@@ -338,20 +328,7 @@ def test_the_compiled_step_on_the_virtual_machine_reaches_the_posterior():
     if vm_unavailable(wait=True):
         pytest.skip(f"no virtual machine here: {vm_unavailable()}")
     x = conjugate.default_normal_data()
-    result = fit_svi(
-        conjugate.normal_normal,
-        "meanfield",
-        20,
-        x,
-        num_steps=2000,
-        lr=0.05,
-        lr_decay=0.01,
-        early_stop=False,
-        progress=False,
-        seed=0,
-        backend="compiled",
-        compiler="vm",
-    )
+    result = fit_normal_normal(x, seed=0, backend="compiled", compiler="vm")
     assert result.config["step_runner"] == "vm", result.config["fuse_decision"]
     elbo, se = result.elbo_estimate(20000, seed=1)
     log_evidence = conjugate.normal_normal_log_evidence(x)

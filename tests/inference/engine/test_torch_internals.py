@@ -11,10 +11,11 @@ import torch
 from scipy.stats import norm
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from vilab.inference import fit_svi, run_nuts
+from vilab.inference import run_nuts
 from vilab.inference.engine.backends import artifacts, inductor, torch_internals
 from vilab.inference.engine.backends.vm import vm_step
 from vilab.models import conjugate
+from svi_fits import fit_normal_normal
 
 # As in test_fast_svi: a 0.1% two-sided failure budget on Monte Carlo error, and the optimiser's
 # gap to the optimum in nats (KL(q || p) of a Gaussian 0.2 posterior sd off the posterior mean).
@@ -136,20 +137,7 @@ def _fit_meanfield(compiler: str):
     x = conjugate.default_normal_data()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        result = fit_svi(
-            conjugate.normal_normal,
-            "meanfield",
-            20,
-            x,
-            num_steps=2000,
-            lr=0.05,
-            lr_decay=0.01,
-            early_stop=False,
-            progress=False,
-            seed=0,
-            backend="compiled",
-            compiler=compiler,
-        )
+        result = fit_normal_normal(x, seed=0, backend="compiled", compiler=compiler)
     elbo, se = result.elbo_estimate(20000, seed=1)
     log_evidence = conjugate.normal_normal_log_evidence(x)
     # The posterior is Gaussian: the optimal mean-field ELBO is log p(x) itself.
