@@ -5,7 +5,8 @@ shared library loaded, and the virtual machine's library is loaded with ``ctypes
 default cache is ``<system temp dir>/torchinductor_<user>``, a path anyone on the machine can
 create first and fill. So every cache vilab reads lives in one per-user directory,
 ``$VILAB_CACHE_DIR`` (default ``~/.cache/vilab``), and before anything in it is loaded the
-directory must be owned by this user and writable by no one else; otherwise nothing is loaded
+directory must be owned by this user and writable by no one else, and so must every file a cache
+marker names (:func:`private_file`: a regular file inside the directory); otherwise nothing is loaded
 from it (kernels are compiled again or the run stays unfused) and :func:`cache_problem` says why.
 """
 
@@ -16,7 +17,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["cache_root", "inductor_cache_dir", "cache_problem", "private_directory"]
+__all__ = ["cache_root", "inductor_cache_dir", "cache_problem", "private_directory", "private_file"]
 
 
 def cache_root() -> Path:
@@ -38,6 +39,25 @@ def private_directory(path: Path) -> Path:
         raise PermissionError(
             f"{path}: writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); run `chmod go-w {path}`"
         )
+    return path
+
+
+def private_file(path: str, root: Path) -> str:
+    """``path`` where it may be loaded: a regular file (not a link) inside ``root`` (after
+    resolving every link on the way), owned by this user and writable by no one else. A cache
+    marker names the files a kernel is loaded from; this keeps a marker from pointing anywhere
+    else (a shared temporary directory, another user's file). Raises ``PermissionError`` naming
+    the path and the problem."""
+    resolved = Path(os.path.realpath(path))
+    if not resolved.is_relative_to(Path(os.path.realpath(root))):
+        raise PermissionError(f"{path}: outside the private cache {root}; not loaded")
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
+        raise PermissionError(f"{path}: expected a regular file, not a link or a directory")
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{path}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{path}: writable by group or others (mode {stat.S_IMODE(info.st_mode):o})")
     return path
 
 

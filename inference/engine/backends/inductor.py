@@ -45,7 +45,7 @@ import torch
 
 from vilab.inference.engine.backends import artifacts as fast_artifacts
 from vilab.inference.engine.backends import torch_internals
-from vilab.inference.engine.cache import cache_problem, inductor_cache_dir
+from vilab.inference.engine.cache import cache_problem, inductor_cache_dir, private_file
 from vilab.inference.engine.backends.recycle import recycled_call
 
 __all__ = [
@@ -219,7 +219,12 @@ def load_cached(
     if cache_problem():  # loading runs the cached code: only from a private directory
         return None
     try:
-        artifact = torch.load(_marker_path(graph_key(graph, example)), weights_only=True)
+        root = inductor_cache_dir()
+        artifact = torch.load(private_file(_marker_path(graph_key(graph, example)), root), weights_only=True)
+        # The marker names the wrapper's source (run with ``exec``) and the extensions (loaded):
+        # each must be this user's own file inside the private directory.
+        for path in (artifact["source"], *artifact["kernels"].values()):
+            private_file(path, root)
         return fast_artifacts.load_artifact(artifact, example, recycle=recycle)
     except (
         OSError,

@@ -5,6 +5,9 @@ fresh tensors; a fused step keeps its state semantics. Statistical check: NUTS w
 matches the Normal-Normal closed-form posterior. Policy checks run on a fake clock.
 """
 
+import os
+import shutil
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -272,9 +275,16 @@ def _no_compiling(*args, **kwargs):
     raise AssertionError("compiled although the kernel is in the cache")
 
 
+def _distinct(step, scale):
+    """``step`` with one more output: a graph no other test compiled in this process (Inductor
+    reuses a kernel compiled earlier in the process, whose files lie in that test's cache)."""
+    return lambda *args: (*step(*args), args[0] * scale)
+
+
 def test_a_compiled_kernel_loads_from_the_cache_without_inductor(tmp_path, monkeypatch, leaf_like):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     _step, inputs = leaf_like
+    _step = _distinct(_step, 1.5)
     assert fast_inductor.load_cached(make_fx(_step)(*inputs), inputs) is None
     compile_fused(make_fx(_step)(*inputs), inputs)
     monkeypatch.setattr(fast_inductor, "_inductor_compile", _no_compiling)
@@ -285,6 +295,32 @@ def test_a_compiled_kernel_loads_from_the_cache_without_inductor(tmp_path, monke
     assert fast_inductor.load_cached(make_fx(_step)(*other), other) is None
     marker = tmp_path / "vilab_fused" / fast_inductor.graph_key(make_fx(_step)(*inputs), inputs)
     marker.write_bytes(b"not an artifact")
+    assert fast_inductor.load_cached(make_fx(_step)(*inputs), inputs) is None
+
+
+def test_a_cached_kernel_whose_files_are_not_private_is_not_loaded(tmp_path, monkeypatch, leaf_like):
+    # The marker names the code that loading runs: a source others can write, or one outside
+    # the private directory (a shared temp dir, another user's), must not be run.
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    _step, inputs = leaf_like
+    _step = _distinct(_step, 2.5)
+    compile_fused(make_fx(_step)(*inputs), inputs)
+    marker = cache / "vilab_fused" / fast_inductor.graph_key(make_fx(_step)(*inputs), inputs)
+    artifact = torch.load(marker, weights_only=True)
+    assert fast_inductor.load_cached(make_fx(_step)(*inputs), inputs) is not None
+    source = artifact["source"]
+    mode = os.stat(source).st_mode
+    os.chmod(source, mode | 0o022)
+    assert fast_inductor.load_cached(make_fx(_step)(*inputs), inputs) is None
+    os.chmod(source, mode)
+    outside = tmp_path / "elsewhere.py"
+    shutil.copy(source, outside)
+    torch.save({**artifact, "source": str(outside)}, marker)
+    assert fast_inductor.load_cached(make_fx(_step)(*inputs), inputs) is None
+    (cache / "link.py").symlink_to(outside)
+    torch.save({**artifact, "source": str(cache / "link.py")}, marker)
     assert fast_inductor.load_cached(make_fx(_step)(*inputs), inputs) is None
 
 
