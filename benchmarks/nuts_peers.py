@@ -30,6 +30,9 @@ Usage::
     python benchmarks/nuts_peers.py                                   # everything (hours)
     python benchmarks/nuts_peers.py --models eight_schools,kidiq --num-warmup 200 --num-samples 200
     python benchmarks/nuts_peers.py --warm
+    python benchmarks/nuts_peers.py --resume                          # go on after a stop
+
+The results file is rewritten after each problem, so a stopped run keeps what it finished.
 
 Writes ``benchmarks/results/nuts_peers.json`` (``nuts_peers_warm.json`` with ``--warm``).
 Timings depend on the machine's load; run it on a quiet machine.
@@ -190,6 +193,7 @@ def _parse(argv):
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="nutpie's cores (default: all)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before a run is stopped")
     parser.add_argument("--warm", action="store_true", help="vilab's second run vs nutpie's sampling time")
+    parser.add_argument("--resume", action="store_true", help="keep the problems --out already holds")
     parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/nuts_peers[_warm].json)")
     args = parser.parse_args(argv)
     samplers = args.samplers.split(",")
@@ -225,13 +229,18 @@ def main(argv=None) -> int:
         vilab_cache=tempfile.mkdtemp(prefix="nuts-peers-vilab-"),  # mode 0700, as vilab requires
     )
     _install_vilab(settings["vilab_cache"])
-    results = {}
+    out = args.out or RESULTS / ("nuts_peers_warm.json" if args.warm else "nuts_peers.json")
+    results = _earlier(out, settings) if args.resume else {}
     for name in chosen:
+        if name in results:
+            print(f"{name}: kept from {out}", flush=True)
+            continue
         latent = _latent_sites(available[name])
         results[name] = {}
         for sampler in _samplers_for(name, samplers, ports):
-            start = time.perf_counter()
+            start, load = time.perf_counter(), os.getloadavg()[0]
             draws, record = run_one(sampler, name, settings)
+            record = {**record, "load_average_before": load}  # other work on the machine skews the ratio
             if draws:
                 record = score(available[name], draws, record, latent)
             results[name][sampler] = record
@@ -240,20 +249,42 @@ def main(argv=None) -> int:
                 or f"{record['ess_per_second']:.2f} ESS/s, err {record['max_abs_mean_error_sd']:.3f} sd"
             )
             print(f"{name} {sampler} ({time.perf_counter() - start:.0f} s): {status}", flush=True)
-    shutil.rmtree(settings.pop("vilab_cache"), ignore_errors=True)
-    summary = ratio_summary(results, warm=args.warm)
-    out = args.out or RESULTS / ("nuts_peers_warm.json" if args.warm else "nuts_peers.json")
+        _write(out, settings, samplers, args.warm, results)  # each problem as it ends: a stopped run keeps them
+    shutil.rmtree(settings["vilab_cache"], ignore_errors=True)
+    summary = _write(out, settings, samplers, args.warm, results)
+    print(tables(results, summary, warm=args.warm))
+    print(f"wrote {out}")
+    return 0
+
+
+def _comparable(settings: dict) -> dict:
+    return {key: settings[key] for key in ("num_chains", "num_warmup", "num_samples", "seed", "repeats")}
+
+
+def _earlier(out: Path, settings: dict) -> dict:
+    """The problems an earlier run with the same settings wrote to ``out`` (``--resume``)."""
+    if not out.exists():
+        return {}
+    earlier = json.loads(out.read_text())
+    if _comparable(earlier["settings"]) != _comparable(settings):
+        raise SystemExit(f"--resume: {out} was written with other settings ({_comparable(earlier['settings'])})")
+    return earlier["problems"]
+
+
+def _write(out: Path, settings: dict, samplers: list, warm: bool, results: dict) -> dict:
+    summary = ratio_summary(results, warm=warm)
+    shown = {key: value for key, value in settings.items() if key != "vilab_cache"}
     record = {
-        "settings": {**settings, "samplers": samplers, "warm": args.warm},
+        "settings": {**shown, "samplers": samplers, "warm": warm},
         "machine": _machine(),
         "problems": results,
         "summary": summary,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, default=float))
-    print(tables(results, summary, warm=args.warm))
-    print(f"wrote {out}")
-    return 0
+    partial = out.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(record, indent=1, default=float))
+    os.replace(partial, out)
+    return summary
 
 
 if __name__ == "__main__":
