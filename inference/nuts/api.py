@@ -25,12 +25,9 @@ from pyro.infer.autoguide.initialization import init_to_value
 from pyro.infer.mcmc import MCMC
 
 from vilab.inference.common.arviz_io import to_inference_data
-from vilab.inference.engine.processes.chains import run_chains
-from vilab.inference.engine.backends.inductor import normalize_compiler
-from vilab.inference.nuts.sampler import NUTS_COMPILERS, sample_vectorized_nuts
-from vilab.inference.engine.processes.workers import available_workers
+from vilab.inference.engine.api import VectorizationError, available_workers, resolve_compiler, run_chains
+from vilab.inference.nuts.sampler import sample_vectorized_nuts
 from vilab.inference.common.model_handlers import for_inference
-from vilab.inference.engine.potential import VectorizationError
 from vilab.inference.nuts.pyro_backend import RecordingNUTS, stats_dtype
 from vilab.inference.common.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.common.validation import (
@@ -363,9 +360,7 @@ def check_nuts_options(
     config = _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method)
     if backend not in ("auto", "vectorized", "pyro"):
         raise ValueError(f"backend: expected 'auto', 'vectorized' or 'pyro'; got {backend!r}")
-    compiler = normalize_compiler(compiler, stacklevel=4)
-    if compiler not in NUTS_COMPILERS:
-        raise ValueError(f"compiler: expected one of {NUTS_COMPILERS}; got {compiler!r}")
+    compiler = resolve_compiler(compiler, stacklevel=5)  # "eager" where VILAB_ENGINE=off
     return {**config, "seed": check_seed(seed), "compiler": compiler}
 
 

@@ -1,5 +1,5 @@
 """How one SVI step is taken: Pyro's ``SVI`` with a (preconditioned) ``ClippedAdam`` where the
-compiled step (:mod:`~vilab.inference.engine.svi_step`) cannot run the model and guide, the
+compiled step (:class:`~vilab.inference.engine.api.CompiledSVIStep`) cannot run the model and guide, the
 choice between the two, and where a non-finite loss came from."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pyro
 import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
-from vilab.inference.engine.svi_step import CompiledSVIError, CompiledSVIStep
+from vilab.inference.engine.api import CompiledSVIError, CompiledSVIStep
 from vilab.inference.svi.optim import scaled_clipped_adam
 
 __all__ = ["ELBOS", "BACKENDS", "CLIP", "make_stepper", "make_elbo", "non_finite_site"]
@@ -95,11 +95,18 @@ class _PyroStepper:
                 offset += p.numel()
 
 
-def make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd, step_scales):
+def make_stepper(backend, compiler, model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd, step_scales):
+    """The run's stepper: the engine's compiled step, or Pyro's ``SVI`` (``backend="pyro"``,
+    ``compiler="eager"``: the engine off, or where the compiled step cannot run, with a warning)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}; got {backend!r}")
+    if backend == "compiled" and compiler == "eager":
+        raise ValueError(
+            "backend: expected 'auto' or 'pyro' with the engine off (compiler='eager' or VILAB_ENGINE=off: "
+            "nothing is traced); got 'compiled'"
+        )
     make_elbo(elbo, num_particles, vectorize)  # validates the objective's options
-    if backend != "pyro":
+    if backend != "pyro" and compiler != "eager":
         try:
             if num_particles > 1 and not vectorize:
                 raise CompiledSVIError("vectorize_particles=False asks for one particle at a time")
