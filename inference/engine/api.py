@@ -19,13 +19,13 @@ NUTS still batches its chains (and splits them over processes with ``workers``);
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Protocol, runtime_checkable
 
 from vilab.inference.engine.backends import torch_internals
 from vilab.inference.engine.backends.inductor import COMPILERS, fusion_unavailable, normalize_compiler
 from vilab.inference.engine.nuts_schedule import PREPARE_ITERATIONS, NutsSteps
 from vilab.inference.engine.potential import BatchedPotential, VectorizationError
 from vilab.inference.engine.processes import server as _server
+from vilab.inference.engine.protocol import Step, StepInfo
 from vilab.inference.engine.processes.chains import run_chains
 from vilab.inference.engine.processes.workers import (
     available_workers,
@@ -80,35 +80,6 @@ __all__ = [
 
 # The environment variable that switches the engine off (``VILAB_ENGINE=off``: every step eager).
 ENGINE_ENV = "VILAB_ENGINE"
-
-
-class StepInfo(NamedTuple):
-    """How a step runs, as a result reports it.
-
-    Attributes:
-        backend: ``"eager"``, ``"graph"`` (fx code), ``"vm"`` (the virtual machine) or
-            ``"inductor"`` (a fused kernel).
-        fused: whether a fused kernel runs.
-        decision: why (the fusion policy's reason, the virtual machine's notes).
-    """
-
-    backend: str
-    fused: bool
-    decision: str
-
-
-@runtime_checkable
-class Step(Protocol):
-    """A pure function of flat tensors for fixed input shapes, as NUTS's tree builder calls it.
-
-    ``step(*inputs)`` returns a tuple of tensors; ``backend`` says how it runs (see
-    :class:`StepInfo`) and ``compiled`` whether it runs a traced graph.
-    """
-
-    backend: str
-    compiled: bool
-
-    def __call__(self, *inputs): ...
 
 
 def engine_off() -> bool:

@@ -15,6 +15,7 @@ from typing import Callable
 from vilab.inference.engine.policy import FusePolicy
 from vilab.inference.engine.potential import BatchedPotential
 from vilab.inference.engine.processes.server import BackgroundCompiles
+from vilab.inference.engine.protocol import StepInfo
 from vilab.inference.engine.step import CompiledStep, make_leaf_stepper
 
 __all__ = ["NutsSteps", "PREPARE_ITERATIONS"]
@@ -107,6 +108,11 @@ class NutsSteps:
         what became of background compilations; a failed fusion's reason in parentheses."""
         decision = "; ".join(note for note in [self.policy.reason, *self.vm_notes, *self.fused_at] if note)
         return decision + (f" ({self.fuse_failure})" if self.fuse_failure else "")
+
+    @property
+    def info(self) -> StepInfo:
+        """How the leaf runs and why."""
+        return StepInfo(self.backend, self.backend == "inductor", self.decision)
 
     def leaf(self, dense: bool, example: tuple) -> CompiledStep:
         """The leaf step for a dense (or diagonal) metric, made at the first call."""

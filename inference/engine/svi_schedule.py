@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from vilab.inference.engine.backends import torch_internals
 from vilab.inference.engine.policy import FusePolicy
+from vilab.inference.engine.protocol import StepInfo
 from vilab.inference.engine.step import threads_for
 from vilab.inference.engine.svi_step import CompiledSVIStep
 
@@ -46,13 +47,13 @@ class SVISchedule:
     def running(self) -> Iterator[None]:
         """The run's thread setting (:func:`~vilab.inference.engine.step.threads_for`); stops the
         stepper's background compilation, if any, when the run ends."""
-        try:
-            with threads_for(self.stepper.numel):
+        with threads_for(self.stepper.numel):
+            try:
                 yield
-        finally:
-            cancel = getattr(self.stepper, "fuse_cancel", None)
-            if cancel is not None:
-                cancel()
+            finally:
+                cancel = getattr(self.stepper, "fuse_cancel", None)
+                if cancel is not None:
+                    cancel()
 
     def before_step(self, step: int) -> None:
         """Ask the policy whether to fuse before step ``step`` (until it has decided), or
@@ -63,6 +64,12 @@ class SVISchedule:
                 self.fused_at = f"; loaded from the kernel cache at step {step}"
         elif self.policy.background and self.stepper.fusing:
             self.fused_at = self._poll_fusion(step)
+
+    @property
+    def info(self) -> StepInfo:
+        """How the step runs (``"eager"`` for Pyro's ``SVI``) and why."""
+        report = self.report()
+        return StepInfo(report["step_runner"], report["fused"], report["fuse_decision"])
 
     def report(self) -> dict:
         """``fused``, ``fuse_decision``, ``fuse_seconds`` and ``step_runner`` for the result's

@@ -186,7 +186,8 @@ def run_nuts(
             ``"inductor"`` (one fused C++ kernel per leaf: about 4x faster per leaf, seconds to
             compile, needs ``g++``), or ``"auto"``: the virtual machine, switching to Inductor
             once the run's pace shows the compilation will pay for itself (compiled in a
-            background process where a second core is free).
+            background process where a second core is free), or ``"eager"``: the engine off,
+            plain eager PyTorch (also forced by the environment variable ``VILAB_ENGINE=off``).
             ``result.config["leaf_backend"]`` and ``["fuse_decision"]`` say what ran and why.
         init_values: where chains start: constrained values of some latent sites, each of the
             site's shape (all chains) or ``(num_chains, *site_shape)`` (one per chain), e.g. a

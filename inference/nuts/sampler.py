@@ -240,7 +240,9 @@ def sample_vectorized_nuts(
             to Inductor once the run's pace shows the compilation will pay for itself
             (:class:`~vilab.inference.engine.policy.FusePolicy`); with a second core the kernel
             compiles in a background process while the run goes on
-            (:mod:`~vilab.inference.engine.processes.server`).
+            (:mod:`~vilab.inference.engine.processes.server`); or ``"eager"``: the engine off,
+            nothing traced (also forced by ``VILAB_ENGINE=off``,
+            :func:`~vilab.inference.engine.api.resolve_compiler`).
         init_values: constrained starting values ``{site: (num_chains, *site_shape)}`` of some
             latent sites (:func:`~vilab.inference.common.validation.check_init_values`); the other sites
             start uniformly in (-2, 2) on the unconstrained space.
@@ -419,8 +421,8 @@ def _sample(
         end - sampling_start,
         warmup.metric.inverse_mass,
         builder.compiled,
-        builder.backend,
-        steps.decision,
+        steps.info.backend,
+        steps.info.decision,
         potential.mode,
         warmup_steps,
     )

@@ -234,7 +234,9 @@ def fit_svi(
             the virtual machine where it is faster, fused once the run's pace shows the
             compilation will pay for itself
             (:class:`~vilab.inference.engine.policy.FusePolicy`; only long runs qualify), compiling
-            in a background process while the run goes on where a second core is free.
+            in a background process while the run goes on where a second core is free; or
+            ``"eager"``: the engine off, Pyro's ``SVI`` (also forced by the environment variable
+            ``VILAB_ENGINE=off``; ``backend="compiled"`` is then refused).
             ``result.config["fused"]`` and ``["fuse_decision"]`` say what ran and why; a
             compilation that blocks the run is counted in ``["setup_seconds"]``.
 
