@@ -76,6 +76,7 @@ __all__ = [
     "CompiledSVIError",
     "CompiledSVIStep",
     "SVISchedule",
+    "svi_step",
 ]
 
 # The environment variable that switches the engine off (``VILAB_ENGINE=off``: every step eager).
@@ -165,3 +166,58 @@ def batched_potential(
             model, model_args, model_kwargs, num_chains=num_chains, seed=seed, compile=compiler != "eager"
         )
     return potential, background
+
+
+def svi_step(
+    backend: str,
+    compiler: str,
+    model,
+    guide,
+    args: tuple,
+    kwargs: dict,
+    *,
+    objective: str,
+    num_particles: int,
+    vectorize: bool,
+    lr: float,
+    lr_decay_per_step: float,
+    clip: float,
+    step_scales: dict | None,
+) -> tuple[CompiledSVIStep | None, str]:
+    """The engine's SVI step, or ``None`` and why not (the caller runs Pyro's ``SVI``).
+
+    ``backend`` is ``fit_svi``'s: ``"pyro"`` asks for no compiled step, ``"compiled"`` for one or
+    an error, ``"auto"`` for one where it can run. With the engine off (``compiler="eager"``)
+    there is none; the reason is then ``""`` (nothing to warn about).
+
+    Raises:
+        ValueError: ``backend="compiled"`` with the engine off.
+        CompiledSVIError: ``backend="compiled"`` and the step cannot be compiled.
+    """
+    if backend == "compiled" and compiler == "eager":
+        raise ValueError(
+            "backend: expected 'auto' or 'pyro' with the engine off (compiler='eager' or VILAB_ENGINE=off: "
+            "nothing is traced); got 'compiled'"
+        )
+    if backend == "pyro" or compiler == "eager":
+        return None, ""
+    try:
+        if num_particles > 1 and not vectorize:
+            raise CompiledSVIError("vectorize_particles=False asks for one particle at a time")
+        step = CompiledSVIStep(
+            model,
+            guide,
+            args,
+            kwargs,
+            objective=objective,
+            num_particles=num_particles,
+            lr=lr,
+            lr_decay_per_step=lr_decay_per_step,
+            clip=clip,
+            step_scales=step_scales,
+        )
+    except CompiledSVIError as error:
+        if backend == "compiled":
+            raise
+        return None, str(error)
+    return step, ""
