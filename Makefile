@@ -6,7 +6,7 @@ OUT    ?= runs/demo
 APT_PACKAGES := dataset-fashion-mnist chromium g++ python3-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-slow test-all test-torch-latest doctest lint import-tree docs bench clean
+.PHONY: install system-deps demo test test-engine-off test-slow test-all test-torch-latest doctest lint import-tree docs bench clean
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -35,6 +35,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+# NUTS and SVI with the engine off (every step plain eager PyTorch): they hold no fusion or
+# scheduling logic of their own, so they pass without it; tests of the engine's own paths
+# (marked engine_path) are skipped.
+test-engine-off: install
+	VILAB_ENGINE=off $(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider tests/inference/nuts tests/inference/svi
 
 # The engine's tests again on the newest torch this machine installs (a CUDA build that runs on
 # the CPU), in a second environment; CI runs it after `make test`.

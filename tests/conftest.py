@@ -1,5 +1,9 @@
 """Suite-wide test setup: fixed seeds, a clean param store and float64 by default.
 
+Mark a test ``pytest.mark.engine_path`` when it is about the engine's own paths (it asserts a
+traced graph, the virtual machine or a fused kernel): with the engine off (``VILAB_ENGINE=off``,
+``make test-engine-off``) it is skipped with that reason, as there is no such path to test.
+
 Statistical tests run in float64 so Monte Carlo error, not round-off, sets their tolerances.
 Mark a module ``pytestmark = pytest.mark.float32`` for network code that should run in float32.
 """
@@ -41,3 +45,15 @@ def posteriordb_path():
     if not os.path.isdir(POSTERIORDB):
         pytest.skip(f"posteriordb references not found at {POSTERIORDB}")
     return POSTERIORDB
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests of the engine's own paths when the engine is off."""
+    from vilab.inference.engine.api import engine_off
+
+    if not engine_off():
+        return
+    skip = pytest.mark.skip(reason="about the engine's own paths (traced, VM or fused); VILAB_ENGINE=off runs eager")
+    for item in items:
+        if item.get_closest_marker("engine_path"):
+            item.add_marker(skip)

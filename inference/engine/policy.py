@@ -21,7 +21,7 @@ __all__ = ["FusePolicy"]
 class FusePolicy:
     """Which of a sampler's traced steps to replace by fused kernels, and when.
 
-    ``"inductor"`` fuses every step from the start, ``"graph"`` and ``"vm"`` none. ``"auto"`` counts
+    ``"inductor"`` fuses every step from the start, ``"graph"``, ``"vm"`` and ``"eager"`` none. ``"auto"`` counts
     each step's calls over the iterations after the first (which traces the steps); once those
     have taken :attr:`check_after` seconds (:attr:`check_after_background` where the compilation
     would run in the background) it extrapolates each step's remaining calls and
@@ -61,7 +61,7 @@ class FusePolicy:
         if compiler not in fast_inductor.COMPILERS:
             raise ValueError(f"compiler: expected one of {fast_inductor.COMPILERS}; got {compiler!r}")
         self.compiler, self.total = compiler, total_iterations
-        self.decided = compiler in ("graph", "vm")
+        self.decided = compiler in ("graph", "vm", "eager")
         self.reason = f"compiler={compiler!r}" if self.decided else ""
         if background is None:
             background = compiler == "auto" and fast_background.background_available()

@@ -25,12 +25,9 @@ from pyro.infer.autoguide.initialization import init_to_value
 from pyro.infer.mcmc import MCMC
 
 from vilab.inference.common.arviz_io import to_inference_data
-from vilab.inference.engine.processes.chains import run_chains
-from vilab.inference.engine.backends.inductor import normalize_compiler
-from vilab.inference.nuts.sampler import NUTS_COMPILERS, sample_vectorized_nuts
-from vilab.inference.engine.processes.workers import available_workers
+from vilab.inference.engine.api import VectorizationError, available_workers, resolve_compiler, run_chains
+from vilab.inference.nuts.sampler import sample_vectorized_nuts
 from vilab.inference.common.model_handlers import for_inference
-from vilab.inference.engine.potential import VectorizationError
 from vilab.inference.nuts.pyro_backend import RecordingNUTS, stats_dtype
 from vilab.inference.common.tracing import evaluate_draws, is_posterior_site
 from vilab.inference.common.validation import (
@@ -189,7 +186,8 @@ def run_nuts(
             ``"inductor"`` (one fused C++ kernel per leaf: about 4x faster per leaf, seconds to
             compile, needs ``g++``), or ``"auto"``: the virtual machine, switching to Inductor
             once the run's pace shows the compilation will pay for itself (compiled in a
-            background process where a second core is free).
+            background process where a second core is free), or ``"eager"``: the engine off,
+            plain eager PyTorch (also forced by the environment variable ``VILAB_ENGINE=off``).
             ``result.config["leaf_backend"]`` and ``["fuse_decision"]`` say what ran and why.
         init_values: where chains start: constrained values of some latent sites, each of the
             site's shape (all chains) or ``(num_chains, *site_shape)`` (one per chain), e.g. a
@@ -363,9 +361,7 @@ def check_nuts_options(
     config = _validate(num_samples, num_warmup, num_chains, target_accept, max_tree_depth, chain_method)
     if backend not in ("auto", "vectorized", "pyro"):
         raise ValueError(f"backend: expected 'auto', 'vectorized' or 'pyro'; got {backend!r}")
-    compiler = normalize_compiler(compiler, stacklevel=4)
-    if compiler not in NUTS_COMPILERS:
-        raise ValueError(f"compiler: expected one of {NUTS_COMPILERS}; got {compiler!r}")
+    compiler = resolve_compiler(compiler, stacklevel=5)  # "eager" where VILAB_ENGINE=off
     return {**config, "seed": check_seed(seed), "compiler": compiler}
 
 

@@ -4,7 +4,7 @@ Each transition doubles a trajectory per chain (multinomial sampling, Betancourt
 U-turn criterion checked on every balanced sub-trajectory, as in Stan and NumPyro's iterative
 NUTS; :mod:`~vilab.inference.nuts.tree`). All chains take their leapfrog steps together: chains
 whose tree has stopped are masked, so Python and dispatch overhead is paid once per step for all
-chains and the potential is one batched call (:class:`~vilab.inference.engine.potential.BatchedPotential`).
+chains and the potential is one batched call (:class:`~vilab.inference.engine.api.BatchedPotential`).
 Masked chains waste a little arithmetic but never change state, so each chain is an exact NUTS
 chain. This module runs the warmup (Stan's windowed adaptation) and the draws, for one batch of
 chains in this process or for one batch per core in forked processes
@@ -26,15 +26,10 @@ import torch
 from vilab.inference.common.progress import progress_bar
 from vilab.types import Model
 
-from vilab.inference.engine.processes import server as fast_background
-from vilab.inference.engine.processes import workers as fast_workers
+from vilab.inference.engine import api as engine
+from vilab.inference.engine.api import COMPILERS, BatchedPotential, VectorizationError
 from vilab.inference.nuts.adaptation import DualAveraging, Metric, Welford, adaptation_windows
-from vilab.inference.engine.backends import torch_internals
-from vilab.inference.engine.backends.inductor import COMPILERS, fusion_unavailable, normalize_compiler
-from vilab.inference.engine.policy import FusePolicy
-from vilab.inference.engine.step import threads_for
 from vilab.inference.nuts.tree import TREE_FIELDS, TreeBuilder, TreeState, find_reasonable_step_size, merge_fields
-from vilab.inference.engine.potential import BatchedPotential, VectorizationError
 
 __all__ = [
     "VectorizedNutsResult",
@@ -48,13 +43,8 @@ __all__ = [
     "NUTS_COMPILERS",
 ]
 
-# The sampler's ``compiler`` choices: the fused-kernel policy's, and the virtual machine alone.
+# The sampler's ``compiler`` choices: the engine's (:data:`~vilab.inference.engine.api.COMPILERS`).
 NUTS_COMPILERS = COMPILERS
-
-# Runs this long (``compiler="auto"``) start the background compile server before tracing and
-# send it their steps as soon as the first iteration has traced them: every model measured
-# fused its leaf in such runs.
-PREPARE_ITERATIONS = 1000
 
 
 class VectorizedNutsResult(NamedTuple):
@@ -250,7 +240,9 @@ def sample_vectorized_nuts(
             to Inductor once the run's pace shows the compilation will pay for itself
             (:class:`~vilab.inference.engine.policy.FusePolicy`); with a second core the kernel
             compiles in a background process while the run goes on
-            (:mod:`~vilab.inference.engine.processes.server`).
+            (:mod:`~vilab.inference.engine.processes.server`); or ``"eager"``: the engine off,
+            nothing traced (also forced by ``VILAB_ENGINE=off``,
+            :func:`~vilab.inference.engine.api.resolve_compiler`).
         init_values: constrained starting values ``{site: (num_chains, *site_shape)}`` of some
             latent sites (:func:`~vilab.inference.common.validation.check_init_values`); the other sites
             start uniformly in (-2, 2) on the unconstrained space.
@@ -272,13 +264,10 @@ def sample_vectorized_nuts(
         ValueError: an argument is out of range.
     """
     _check_arguments(num_samples, num_warmup, num_chains, target_accept, max_tree_depth)
-    compiler = normalize_compiler(compiler)
-    if compiler not in NUTS_COMPILERS:
-        raise ValueError(f"compiler: expected one of {NUTS_COMPILERS}; got {compiler!r}")
-    workers = fast_workers.resolve_workers(workers, num_chains)
-    if compiler in ("auto", "inductor"):  # fused kernels: say once, here, if they lose their fast path
-        torch_internals.warn_unavailable(torch_internals.FALLBACK, stacklevel=2)
-    with fast_workers.frozen_heap():
+    compiler = engine.resolve_compiler(compiler, stacklevel=4)
+    workers = engine.resolve_workers(workers, num_chains)
+    engine.warn_if_unfusable(compiler, stacklevel=3)  # said once, here
+    with engine.frozen_heap():
         return _sample_batches(
             workers,
             progress=progress,
@@ -308,8 +297,8 @@ def _sample_batches(workers, *, progress, num_chains, seed, **options) -> Vector
         finally:
             bar.close()
     start = time.perf_counter()
-    sizes = fast_workers.batch_sizes(num_chains, workers)
-    results = fast_workers.run_batches(
+    sizes = engine.batch_sizes(num_chains, workers)
+    results = engine.run_batches(
         _batch_worker, sizes, seed, options, progress=progress, total=workers * (num_warmup + num_samples)
     )
     return _merge_batches(results, sizes, time.perf_counter() - start)
@@ -321,12 +310,17 @@ def _sample_batch(
     """One batch of chains in this process, or one of several (``split``) in a forked one;
     ``report.update(1)`` after each iteration."""
     start = time.perf_counter()
-    background = not split and compiler == "auto" and fast_background.background_available()
-    if background and num_warmup + num_samples >= PREPARE_ITERATIONS and not fusion_unavailable():
-        fast_background.prepare()  # Inductor's import overlaps the tracing below
-    with threads_for(0):  # tracing and checking work on a few chains' values
-        potential = BatchedPotential(model, model_args, model_kwargs, num_chains=num_chains, seed=seed)
-    with threads_for(num_chains * potential.site_numel):
+    potential, background = engine.batched_potential(
+        model,
+        model_args,
+        model_kwargs,
+        num_chains=num_chains,
+        seed=seed,
+        compiler=compiler,
+        total=num_warmup + num_samples,
+        split=split,
+    )
+    with engine.threads_for(num_chains * potential.site_numel):
         return _sample(
             potential,
             start,
@@ -401,30 +395,25 @@ def _sample(
     dtype = z.dtype
     warmup = _Warmup(num_warmup, num_chains, potential.dim, dense_mass, target_accept, dtype, init_inverse_mass)
     step_size = warmup.restart_step_size((z, value, grad, torch.ones(num_chains, dtype=dtype)), potential, generator)
-    # An explicit "vm" runs there even where it is slower (to compare it, or to test it).
-    builder = TreeBuilder(
-        potential, num_chains, max_tree_depth, generator, vm={"auto": "faster", "vm": "always"}.get(compiler)
+    steps = engine.nuts_run_steps(  # the engine's: traced or eager, VM, when to fuse
+        potential,
+        merge_fields,
+        len(TREE_FIELDS),
+        compiler=compiler,
+        total_iterations=num_warmup + num_samples,
+        background=background,
+        split=split,
     )
-    total = num_warmup + num_samples
-    # Split batches leave no core for a compile, and a blocking one paid in no run measured:
-    # its saving, extrapolated from the deep trees of early warmup, was far too high (a regression in
-    # float32: 7.8 s predicted, 3.6 s for the whole run on the VM).
-    fuses = potential.compiled and compiler != "vm" and not (split and compiler == "auto")
-    policy = FusePolicy(compiler if fuses else "graph", total, background=background, early=total >= PREPARE_ITERATIONS)
-    if compiler == "vm":
-        policy.reason = "compiler='vm'"
-    elif split and compiler == "auto":
-        policy.reason = "not fused: the batches use every core (compiler='inductor' fuses at once)"
+    builder = TreeBuilder(potential, num_chains, max_tree_depth, generator, steps=steps)
     try:
         draws, stats, sampling_start, warmup_steps = _iterate(
-            potential, builder, policy, warmup, report, z, value, grad, step_size, num_warmup, num_samples, generator
+            potential, builder, warmup, report, z, value, grad, step_size, num_warmup, num_samples, generator
         )
     finally:
         builder.close()
     end = time.perf_counter()
     samples = _draws_to_samples(potential, torch.stack(draws, dim=1))
     sample_stats = {key: torch.stack([row[key] for row in stats], dim=1) for key in stats[0]}
-    decision = "; ".join(note for note in [policy.reason, *builder.vm_notes, *builder.fused_at] if note)
     return VectorizedNutsResult(
         samples,
         sample_stats,
@@ -432,26 +421,19 @@ def _sample(
         end - sampling_start,
         warmup.metric.inverse_mass,
         builder.compiled,
-        builder.backend,
-        decision + (f" ({builder.fuse_failure})" if builder.fuse_failure else ""),
+        steps.info.backend,
+        steps.info.decision,
         potential.mode,
         warmup_steps,
     )
 
 
-def _iterate(potential, builder, policy, warmup, report, z, value, grad, step_size, num_warmup, num_samples, generator):
+def _iterate(potential, builder, warmup, report, z, value, grad, step_size, num_warmup, num_samples, generator):
     """The warmup and sampling iterations; returns the draws, their statistics, when sampling
     started and the warmup's leapfrog steps (all chains)."""
     draws, stats, sampling_start, warmup_steps = [], [], time.perf_counter(), 0
     for iteration in range(num_warmup + num_samples):
-        if not policy.decided:
-            chosen = policy.choose(iteration, builder.step_calls())
-            if chosen and policy.background:
-                builder.fuse_in_background(chosen)
-            elif chosen is None or chosen:
-                builder.fuse(chosen)
-        elif builder.fusing:
-            builder.poll_fusion(iteration)
+        builder.steps.before_iteration(iteration)
         if iteration == num_warmup:
             step_size = warmup.averaging.final_step_size() if num_warmup > 0 else step_size
             sampling_start = time.perf_counter()

@@ -5,7 +5,7 @@ Each transition doubles a trajectory per chain (multinomial sampling, Betancourt
 U-turn criterion checked on every balanced sub-trajectory, as in Stan and NumPyro's iterative
 NUTS). All chains take their leapfrog steps together: chains whose tree has stopped are masked,
 so Python and dispatch overhead is paid once per step for all chains. A leaf
-(:func:`~vilab.inference.engine.step.leaf_step`) and a merge (:func:`merge_fields`, which also
+(:func:`~vilab.inference.engine.api.leaf_step`) and a merge (:func:`merge_fields`, which also
 picks the next sub-tree's direction and edge) each run as one traced or fused graph.
 
 References:
@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from vilab.inference.nuts.adaptation import Metric
-from vilab.inference.engine.processes.server import BackgroundCompiles
-from vilab.inference.engine.step import (
+from vilab.inference.engine.api import (
     LEAF_FIELDS,
-    CompiledStep,
-    _select,
-    leaf_step,
+    BatchedPotential,
+    NutsSteps,
     checkpoint_masks,
     is_turning,
-    make_leaf_stepper,
+    leaf_step,
+    nuts_steps,
+    select as _select,
 )
-from vilab.inference.engine.potential import BatchedPotential
 
 __all__ = ["TreeState", "TREE_FIELDS", "TreeBuilder", "merge_fields", "find_reasonable_step_size"]
 
@@ -85,16 +83,19 @@ class TreeBuilder:
     """Grows NUTS trajectories for a fixed batch of chains.
 
     Args:
-        potential: batched potential (its traced graph is traced again into the leaf graph; its
-            eager path is the reference the traced leaf is checked against).
+        potential: batched potential (its eager path is the reference a traced leaf is checked
+            against).
         num_chains: batch size ``C``.
         max_tree_depth: at most ``2**max_tree_depth - 1`` leapfrog steps per transition.
         generator: source of randomness.
         compile: run each leaf, and each merge of a sub-trajectory into its tree, as one traced
-            graph (:class:`~vilab.inference.engine.step.CompiledStep`).
-        vm: run each traced graph on the virtual machine
-            (:meth:`~vilab.inference.engine.step.CompiledStep.run_on_vm`): ``"faster"`` where it is
-            faster than the traced graph, ``"always"`` wherever it translates, ``None`` never.
+            graph (ignored with ``steps``).
+        vm: run each traced graph on the virtual machine: ``"faster"`` where it is faster than
+            the traced graph, ``"always"`` wherever it translates, ``None`` never (ignored with
+            ``steps``).
+        steps: the engine's leaf and merge steps and their schedule
+            (:func:`~vilab.inference.engine.api.nuts_steps`); default: made from ``compile`` and
+            ``vm``, never fused unless :meth:`fuse` is called.
     """
 
     def __init__(
@@ -105,152 +106,36 @@ class TreeBuilder:
         generator: torch.Generator,
         compile: bool = True,
         vm: str | None = None,
+        steps: NutsSteps | None = None,
     ) -> None:
         self.potential, self.num_chains = potential, num_chains
-        self.max_tree_depth, self.generator, self.compile, self.vm = max_tree_depth, generator, compile, vm
-        self.vm_notes: list[str] = []  # which steps run on the virtual machine, or why not
+        self.max_tree_depth, self.generator = max_tree_depth, generator
+        self.steps = steps or nuts_steps(potential, merge_fields, len(TREE_FIELDS), compile=compile, vm=vm)
         self._masks = [checkpoint_masks(leaf, max_tree_depth) for leaf in range(2 ** (max_tree_depth - 1))]
-        self._steppers: dict[bool, CompiledStep] = {}
-        self._mergers: dict[bool, CompiledStep] = {}
-        self._fuse, self.fuse_failure = False, ""
-        self.leaf_calls = self.merge_calls = 0
         self._fresh_key, self._fresh_state = None, ()
         self._uniform_buffer, self._uniform_rows = None, None
-        self._queue: list[CompiledStep] = []
-        self.fused_at: list[str] = []  # what became of background compilations, and when
 
     @property
     def compiled(self) -> bool:
-        return any(stepper.compiled for stepper in self._steppers.values())
+        return self.steps.compiled
 
     @property
     def backend(self) -> str:
-        """How the leaf runs: ``"eager"``, ``"graph"`` (fx code), ``"vm"``
-        (:mod:`~vilab.inference.engine.backends.vm`) or ``"inductor"`` (fused kernel)."""
-        return next((stepper.backend for stepper in self._steppers.values()), "eager")
+        """How the leaf runs: ``"eager"``, ``"graph"`` (fx code), ``"vm"`` (virtual machine) or
+        ``"inductor"`` (fused kernel)."""
+        return self.steps.backend
 
-    def step_calls(self) -> list[tuple[CompiledStep, int]]:
+    def step_calls(self) -> list:
         """Each traced step with its calls so far (leaves, then merges)."""
-        return [
-            *((step, self.leaf_calls) for step in self._steppers.values() if step.compiled),
-            *((step, self.merge_calls) for step in self._mergers.values() if step.compiled),
-        ]
+        return self.steps.step_calls()
 
-    def fuse(self, steps: list[CompiledStep] | None = None) -> None:
-        """Run ``steps`` (default: every leaf and merge, now and from now on) as fused kernels
-        (:meth:`~vilab.inference.engine.step.CompiledStep.fuse`); a step that cannot be fused keeps
-        its traced graph, with one warning."""
-        if steps is None:
-            self._fuse = True
-            steps = [*self._steppers.values(), *self._mergers.values()]
-        for step in steps:
-            self._fuse_step(step)
-
-    def fuse_in_background(self, steps: list[CompiledStep]) -> None:
-        """Compile ``steps`` one after another in the compile server
-        (:class:`~vilab.inference.engine.processes.server.BackgroundCompiles`) while the traced steps keep
-        running; :meth:`poll_fusion` installs each kernel when it is ready."""
-        self._queue, jobs = [], []
-        for step in steps:
-            if not step.compiled or step.is_fused:
-                continue
-            if step.fuse_from_cache():
-                self.fused_at.append(f"{step.name} loaded from the kernel cache")
-                continue
-            job = step.background_job()
-            if job is None:
-                self.fused_at.append(f"{step.name} not fused: {step.fuse_failure}")
-                continue
-            self._queue.append(step)
-            jobs.append(job)
-        if jobs:
-            batch = BackgroundCompiles(jobs)
-            for index, step in enumerate(self._queue):
-                step.fuse_start(batch.ticket(index))
-
-    @property
-    def fusing(self) -> bool:
-        """Whether a background compilation is under way or queued."""
-        return bool(self._queue)
-
-    def poll_fusion(self, iteration: int) -> None:
-        """Install the background kernels that are ready (they arrive in the queue's order;
-        cheap enough to call every iteration; ``iteration`` is recorded in :attr:`fused_at`)."""
-        while self._queue:
-            outcome = self._queue[0].fuse_poll()
-            if outcome is None:
-                return
-            step = self._queue.pop(0)
-            self.fused_at.append(
-                f"{step.name} fused at iteration {iteration}"
-                if outcome
-                else f"{step.name} not fused: {step.fuse_failure}"
-            )
+    def fuse(self, steps: list | None = None) -> None:
+        """Run ``steps`` (default: every leaf and merge, now and from now on) as fused kernels."""
+        self.steps.fuse(steps)
 
     def close(self) -> None:
         """Stop background compilations still running (the run is over)."""
-        for step in self._queue:
-            step.fuse_cancel()
-        self._queue = []
-
-    def _to_vm(self, step: CompiledStep) -> None:
-        if self.vm and step.compiled:
-            self.vm_notes.append(
-                f"{step.name} on the virtual machine"
-                if step.run_on_vm(self.vm == "faster")
-                else f"{step.name} not on the virtual machine ({step.vm_failure})"
-            )
-
-    def _fuse_step(self, step: CompiledStep) -> None:
-        if step.compiled and not step.fuse() and not self.fuse_failure:
-            self.fuse_failure = step.fuse_failure
-            warnings.warn(
-                f"NUTS: no fused kernel ({step.fuse_failure}); the traced step keeps running",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-
-    def _stepper(self, dense: bool, example: tuple) -> CompiledStep:
-        if dense not in self._steppers:
-            compile = self.compile and self.potential.compiled
-            if self.compile and not self.potential.compiled:
-                warnings.warn(
-                    f"NUTS: the potential could not be traced ({self.potential.compile_failure or 'not requested'}); "
-                    "the leapfrog leaf runs eagerly, correct but several times slower",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            stepper = make_leaf_stepper(
-                self.potential.eager_value_and_grad,
-                example,
-                compile=compile,
-                trace_potential_fn=self.potential.graph_module,
-            )
-            if compile and not stepper.compiled:
-                warnings.warn(
-                    f"NUTS: the leapfrog leaf could not be compiled ({stepper.failure}); "
-                    "it runs eagerly, correct but several times slower",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            self._steppers[dense] = stepper
-            self._to_vm(stepper)
-            if self._fuse:
-                self._fuse_step(stepper)
-        return self._steppers[dense]
-
-    def _merger(self, dense: bool, example: tuple) -> CompiledStep:
-        if dense not in self._mergers:
-            # A merge's outputs are read by the next merge and the sub-tree between, and by the
-            # sampler before the next transition's second merge (it copies what it keeps): a
-            # fused merge may reuse its buffers.
-            self._mergers[dense] = CompiledStep(
-                merge_fields, example, compile=self.compile, num_state=len(TREE_FIELDS), name="merge", recycle=True
-            )
-            self._to_vm(self._mergers[dense])
-            if self._fuse:
-                self._fuse_step(self._mergers[dense])
-        return self._mergers[dense]
+        self.steps.close()
 
     def _subtree(self, start: tuple, potential_proposal, depth: int, active, energy, metric):
         """Take ``2**depth`` leapfrog steps from each chain's edge ``start = (z, r, grad,
@@ -281,14 +166,14 @@ class TreeBuilder:
         for leaf, log_uniform in enumerate(log_uniforms):
             inputs = (*state, step, energy, inverse_mass, *self._masks[leaf], log_uniform)
             if stepper is None:  # the loop runs ~10^5 times per run: no per-leaf lookups
-                stepper = self._stepper(metric.dense, inputs).function
+                stepper = self.steps.leaf(metric.dense, inputs).function
             try:
                 *state, alive = stepper(*inputs)
             except torch.linalg.LinAlgError:  # a chain's point fails a factorisation: see the potential
                 *state, alive = leaf_step(self.potential.eager_value_and_grad, *inputs)
             if not bool(alive):
                 break
-        self.leaf_calls += leaf + 1
+        self.steps.leaf_calls += leaf + 1
         return state
 
     def _log_uniforms(self, depth: int, dtype: torch.dtype) -> tuple:
@@ -349,11 +234,11 @@ class TreeBuilder:
                 uniforms,
                 step_size,
             )
-            *merged, z_edge, r_edge, grad_edge, step, active, going_right, any_active = self._merger(
+            *merged, z_edge, r_edge, grad_edge, step, active, going_right, any_active = self.steps.merge(
                 metric.dense, inputs
             )(*inputs)
             tree = TreeState(*merged)
-            self.merge_calls += 1
+            self.steps.merge_calls += 1
             if not bool(any_active):
                 break
             start = (z_edge, r_edge, grad_edge, step)

@@ -22,7 +22,7 @@ import torch
 from pyro.infer.autoguide import AutoLaplaceApproximation
 
 from vilab.guides.registry import get_guide, guide_name
-from vilab.inference.engine.backends.inductor import COMPILERS, normalize_compiler
+from vilab.inference.engine.api import resolve_compiler
 from vilab.inference.common.enumeration import enumerated_objective, hide_enumerated
 from vilab.inference.svi.guide_draws import draw_from_guide
 from vilab.inference.svi.init import LaplaceStart, prepare_guide, window_size
@@ -234,7 +234,9 @@ def fit_svi(
             the virtual machine where it is faster, fused once the run's pace shows the
             compilation will pay for itself
             (:class:`~vilab.inference.engine.policy.FusePolicy`; only long runs qualify), compiling
-            in a background process while the run goes on where a second core is free.
+            in a background process while the run goes on where a second core is free; or
+            ``"eager"``: the engine off, Pyro's ``SVI`` (also forced by the environment variable
+            ``VILAB_ENGINE=off``; ``backend="compiled"`` is then refused).
             ``result.config["fused"]`` and ``["fuse_decision"]`` say what ran and why; a
             compilation that blocks the run is counted in ``["setup_seconds"]``.
 
@@ -263,7 +265,7 @@ def fit_svi(
     from vilab.inference.svi.methods import get_method, is_method
 
     check_model_kwargs(model, kwargs, "fit_svi", keyword_options(fit_svi))
-    compiler = normalize_compiler(compiler)
+    given_compiler, compiler = compiler, resolve_compiler(compiler)  # "eager" where VILAB_ENGINE=off
     check_svi_options(
         num_steps=num_steps,
         num_particles=1 if num_particles is None else num_particles,
@@ -292,7 +294,7 @@ def fit_svi(
             min_steps=min_steps,
             window=window,
             backend=backend,
-            compiler=compiler,
+            compiler=given_compiler,
         )
     window = window_size(num_steps, window)
     min_steps = window if min_steps is None else min_steps
@@ -335,6 +337,7 @@ def fit_svi(
         confirm = FullDataCheck(model, guide, args, kwargs, full_trace, window, seed=seed or 0)
     stepper = make_stepper(
         backend,
+        compiler,
         objective,
         guide,
         args,
@@ -433,9 +436,7 @@ def check_svi_options(
         raise ValueError(f"lr: expected > 0 (a number); got {lr!r}")
     if isinstance(lr_decay, bool) or not isinstance(lr_decay, numbers.Real) or not 0 < float(lr_decay) <= 1:
         raise ValueError(f"lr_decay: expected in (0, 1] (a number); got {lr_decay!r}")
-    compiler = normalize_compiler(compiler, stacklevel=4)
-    if compiler not in COMPILERS:
-        raise ValueError(f"compiler: expected one of {COMPILERS}; got {compiler!r}")
+    resolve_compiler(compiler, stacklevel=5)
     if elbo not in ELBOS:
         raise ValueError(f"elbo: expected one of {ELBOS}; got {elbo!r}")
     if backend not in BACKENDS:

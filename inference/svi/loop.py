@@ -1,19 +1,14 @@
-"""The SVI loop: steps, the convergence monitor, fusion of the compiled step on the way, and\nthe warning when the budget ends first."""
+"""The SVI loop: steps, the convergence monitor and the warning when the budget ends first;\nthe engine schedules the compiled step's fusion (:class:`~vilab.inference.engine.api.SVISchedule`)."""
 
 from __future__ import annotations
 
-import contextlib
-import time
 import warnings
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
 from vilab.inference.svi.convergence import ConvergenceCheck, IterateMonitor
-from vilab.inference.engine.step import threads_for
-from vilab.inference.engine.backends import torch_internals
-from vilab.inference.engine.policy import FusePolicy
-from vilab.inference.engine.svi_step import CompiledSVIStep
+from vilab.inference.engine.api import SVISchedule
 from vilab.inference.common.progress import progress_bar
 
 __all__ = []
@@ -45,20 +40,10 @@ def _optimise(
     losses: list[float] = []
     check, average, monitor = None, None, None
     bar = progress_bar(range(num_steps), desc=f"SVI {name}", enabled=progress)
-    compiled = isinstance(stepper, CompiledSVIStep)
-    policy = FusePolicy(compiler if compiled else "graph", num_steps)
-    fused_at, fuse_seconds = "", 0.0
-    vm_note = _to_vm(stepper, compiler == "auto") if compiled and compiler in ("auto", "vm") else ""
-    if compiled and compiler in ("auto", "inductor"):
-        torch_internals.warn_unavailable(torch_internals.FALLBACK, stacklevel=3)
-    with threads_for(stepper.numel), _cancelling(stepper):
+    schedule = SVISchedule(stepper, compiler, num_steps)  # the engine's: fusion, threads
+    with schedule.running():
         for step in bar:
-            if not policy.decided:
-                fuse_seconds += _maybe_fuse(policy, stepper, step)
-                if getattr(stepper, "fused_from_cache", False):
-                    fused_at = f"; loaded from the kernel cache at step {step}"
-            elif policy.background and stepper.fusing:
-                fused_at = _poll_fusion(stepper, step)
+            schedule.before_step(step)
             loss = stepper.step()
             if not np.isfinite(loss):
                 raise_non_finite(model, guide, args, kwargs, step, losses, start, name, elbo, stepper)
@@ -75,12 +60,7 @@ def _optimise(
     bar.close()
     if check is None or check.step != len(losses):
         check, average = _check(monitor, losses, confirm, stepper) if monitor and monitor.ready else (check, average)
-    config.update(
-        fused=bool(getattr(stepper, "fused", False)),
-        fuse_decision=policy.reason + fused_at + vm_note,
-        fuse_seconds=fuse_seconds,
-        step_runner=getattr(stepper, "runner", "eager"),
-    )
+    config.update(schedule.report())
     return losses, check, average
 
 
@@ -110,50 +90,3 @@ def _warn_not_converged(
         RuntimeWarning,
         stacklevel=3,
     )
-
-
-def _to_vm(stepper: CompiledSVIStep, require_faster: bool) -> str:
-    """Move the traced step to the virtual machine (where it is faster than fx's code, with
-    ``require_faster``); the note for ``fuse_decision``."""
-    if stepper.run_on_vm(require_faster):
-        return "; SVI step on the virtual machine"
-    return f"; SVI step not on the virtual machine ({stepper.vm_failure})"
-
-
-def _maybe_fuse(policy: FusePolicy, stepper, step: int) -> float:
-    """Ask ``policy`` whether to fuse the compiled step before step ``step``; returns the
-    seconds spent compiling (counted as setup, as a JIT's first call is; none for a
-    compilation started in the background)."""
-    chosen = policy.choose(step, [(stepper, step)])
-    if chosen is not None and not chosen:
-        return 0.0
-    if chosen and policy.background:
-        stepper.fuse_start()
-        return 0.0
-    start = time.perf_counter()
-    if not stepper.fuse():
-        warnings.warn(
-            f"fit_svi: no fused kernel ({stepper.fuse_failure}); the traced step keeps running",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return time.perf_counter() - start
-
-
-def _poll_fusion(stepper, step: int) -> str:
-    """What became of the stepper's background compilation once it is over (``""`` until then)."""
-    outcome = stepper.fuse_poll()
-    if outcome is None:
-        return ""
-    return f"; fused at step {step}" if outcome else f"; not fused: {stepper.fuse_failure}"
-
-
-@contextlib.contextmanager
-def _cancelling(stepper) -> Iterator[None]:
-    """Stop the stepper's background compilation, if any, when the run ends."""
-    try:
-        yield
-    finally:
-        cancel = getattr(stepper, "fuse_cancel", None)
-        if cancel is not None:
-            cancel()

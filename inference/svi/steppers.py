@@ -1,5 +1,5 @@
 """How one SVI step is taken: Pyro's ``SVI`` with a (preconditioned) ``ClippedAdam`` where the
-compiled step (:mod:`~vilab.inference.engine.svi_step`) cannot run the model and guide, the
+compiled step (:class:`~vilab.inference.engine.api.CompiledSVIStep`) cannot run the model and guide, the
 choice between the two, and where a non-finite loss came from."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pyro
 import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
-from vilab.inference.engine.svi_step import CompiledSVIError, CompiledSVIStep
+from vilab.inference.engine.api import svi_step
 from vilab.inference.svi.optim import scaled_clipped_adam
 
 __all__ = ["ELBOS", "BACKENDS", "CLIP", "make_stepper", "make_elbo", "non_finite_site"]
@@ -95,44 +95,46 @@ class _PyroStepper:
                 offset += p.numel()
 
 
-def make_stepper(backend, model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd, step_scales):
+def make_stepper(backend, compiler, model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd, step_scales):
+    """The run's stepper: the engine's step (:func:`~vilab.inference.engine.api.svi_step`), or
+    Pyro's ``SVI`` (``backend="pyro"``, ``compiler="eager"``: the engine off, or where the
+    engine's step cannot run the model and guide, with a warning)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}; got {backend!r}")
     make_elbo(elbo, num_particles, vectorize)  # validates the objective's options
-    if backend != "pyro":
-        try:
-            if num_particles > 1 and not vectorize:
-                raise CompiledSVIError("vectorize_particles=False asks for one particle at a time")
-            return CompiledSVIStep(
-                model,
-                guide,
-                args,
-                kwargs,
-                objective=elbo,
-                num_particles=num_particles,
-                lr=lr,
-                lr_decay_per_step=lrd,
-                clip=CLIP,
-                step_scales=step_scales,
-            )
-        except CompiledSVIError as error:
-            if backend == "compiled":
-                raise
-            how = "Pyro's SVI"
-            if (
-                num_particles > 1
-                and vectorize
-                and not _particles_vectorise(model, guide, args, kwargs, elbo, num_particles)
-            ):
-                # The model indexes a latent's leading dim (``a[county]``) or does matrix algebra on
-                # it (``cholesky(K) @ f``), where a particle plate sits: Pyro's vectorised particles
-                # fail the same way, one at a time do not.
-                vectorize, how = False, "Pyro's SVI with one particle at a time (vectorize_particles=False)"
-            warnings.warn(
-                f"fit_svi: the compiled SVI step cannot run this model and guide ({error}); falling back to {how}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    step, why_not = svi_step(
+        backend,
+        compiler,
+        model,
+        guide,
+        args,
+        kwargs,
+        objective=elbo,
+        num_particles=num_particles,
+        vectorize=vectorize,
+        lr=lr,
+        lr_decay_per_step=lrd,
+        clip=CLIP,
+        step_scales=step_scales,
+    )
+    if step is not None:
+        return step
+    if why_not:
+        how = "Pyro's SVI"
+        if (
+            num_particles > 1
+            and vectorize
+            and not _particles_vectorise(model, guide, args, kwargs, elbo, num_particles)
+        ):
+            # The model indexes a latent's leading dim (``a[county]``) or does matrix algebra on
+            # it (``cholesky(K) @ f``), where a particle plate sits: Pyro's vectorised particles
+            # fail the same way, one at a time do not.
+            vectorize, how = False, "Pyro's SVI with one particle at a time (vectorize_particles=False)"
+        warnings.warn(
+            f"fit_svi: the compiled SVI step cannot run this model and guide ({why_not}); falling back to {how}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return _PyroStepper(model, guide, args, kwargs, elbo, num_particles, vectorize, lr, lrd, step_scales)
 
 

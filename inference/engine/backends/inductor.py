@@ -62,8 +62,8 @@ __all__ = [
 
 # "graph": the traced step as fx's code, never fused; "vm": on the virtual machine wherever it
 # translates, never fused; "inductor": fused from the start; "auto": the virtual machine where
-# it is faster, fused when that pays (FusePolicy).
-COMPILERS = ("auto", "inductor", "graph", "vm")
+# it is faster, fused when that pays (FusePolicy); "eager": the engine off, nothing traced.
+COMPILERS = ("auto", "inductor", "graph", "vm", "eager")
 
 
 def normalize_compiler(compiler: str, stacklevel: int = 3) -> str:

@@ -99,6 +99,7 @@ def _assert_same(states, reference):
         assert torch.equal(depth, depth_ref) and torch.equal(steps, steps_ref)
 
 
+@pytest.mark.engine_path
 def test_traced_transitions_reproduce_the_eager_ones():
     eager, _ = _transitions(compile=False, fuse=False)
     traced, builder = _transitions(compile=True, fuse=False)
@@ -106,6 +107,7 @@ def test_traced_transitions_reproduce_the_eager_ones():
     _assert_same(traced, eager)
 
 
+@pytest.mark.engine_path
 @pytest.mark.skipif(bool(fusion_unavailable()), reason=fusion_unavailable() or "available")
 def test_fused_buffer_reusing_transitions_reproduce_the_eager_ones(monkeypatch):
     # Values, not speed, are under test: a busy machine must not turn the fused kernel away.

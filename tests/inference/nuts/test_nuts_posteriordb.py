@@ -69,6 +69,7 @@ def test_bonferroni_budget_counts_every_reference_parameter(posteriordb_path):
     assert total == NUM_PARAMETERS
 
 
+@pytest.mark.engine_path  # it vouches for each kernel by name
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", NAMES)
 def test_nuts_matches_reference_means_and_sds(posteriordb_path, name, kernel):

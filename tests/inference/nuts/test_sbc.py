@@ -42,6 +42,7 @@ def _simulate(model, site, seed):
     return trace.nodes[site]["value"].detach(), trace.nodes["obs"]["value"].detach()
 
 
+@pytest.mark.engine_path  # it vouches for each kernel by name
 @pytest.mark.parametrize("kernel", ["vm", "inductor"])
 @pytest.mark.parametrize("model, site", [(normal_replicates, "loc"), (gamma_poisson_replicates, "rate")])
 def test_sbc_rank_statistics_are_uniform(model, site, kernel):
