@@ -221,8 +221,9 @@ def _compare(entry, model, args, kwargs, reference):
     return record
 
 
-def run_model(name: str) -> dict:
-    """Everything for one model, in this process."""
+def run_model(name: str, report=None) -> dict:
+    """Everything for one model, in this process; ``report(record)`` after each stage (so that a
+    timeout keeps the stages that finished)."""
     import torch
 
     torch.set_default_dtype(torch.float64)
@@ -242,12 +243,15 @@ def run_model(name: str) -> dict:
         "note": entry.note,
     }
     built = lambda: entry.inputs(entry.data())  # noqa: E731 - a fresh model (PyroModule state) per method
-    record["nuts"] = _nuts(entry, *built())
-    for guide in ("meanfield", "fullrank"):
-        record[guide] = _svi(entry, *built(), guide)
-    record["compare"] = _compare(entry, *built(), reference)
-    if reference is not None:
-        score(record, reference)
+    stages = [("nuts", lambda: _nuts(entry, *built()))]
+    stages += [(guide, lambda guide=guide: _svi(entry, *built(), guide)) for guide in ("meanfield", "fullrank")]
+    stages += [("compare", lambda: _compare(entry, *built(), reference))]
+    for stage, run in stages:
+        record[stage] = run()
+        if reference is not None:
+            score(record, reference)
+        if report is not None:
+            report(record)
     return record
 
 
@@ -275,8 +279,11 @@ def _run_isolated(name: str, timeout: float) -> dict:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        return {"name": name, "error": f"timed out after {timeout:.0f} s"}
+        stdout, _ = process.communicate()  # what the stages that finished reported
+        partial = [line for line in stdout.splitlines() if line.startswith("{")]
+        record = json.loads(partial[-1]) if partial else {"name": name}
+        record["error"] = f"timed out after {timeout:.0f} s"
+        return record
     done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -306,7 +313,9 @@ def table(records: list) -> str:
         if "nuts" not in r:
             lines.append(f"| {r['name']} | | {r.get('error', '')} | | | | | | | |")
             continue
-        nuts, mf, fr, cmp = r["nuts"], r["meanfield"], r["fullrank"], r["compare"]
+        # A stage a timeout cut off (the record's error says after how long) shows as such.
+        cut = {"path": "timed out", "error": r.get("error", "")}
+        nuts, mf, fr, cmp = (r.get(stage, cut) for stage in ("nuts", "meanfield", "fullrank", "compare"))
         z = (
             f"{nuts['max_abs_z']:.1f} ({nuts['z_threshold']:.1f})"
             if "max_abs_z" in nuts
@@ -314,6 +323,8 @@ def table(records: list) -> str:
         )
         k = lambda s: f"{s['k_hat']:.2f}" if "k_hat" in s else ""  # noqa: E731
         compared = f"{cmp['rows']} rows" if cmp.get("error") is None else cmp["error"][:60]
+        if "timed out" in r.get("error", "") and cmp is cut:
+            compared = "timed out"
         if cmp.get("failures"):
             compared += "; failed: " + "; ".join(f"{k}: {v[:60]}" for k, v in cmp["failures"].items())
         lines.append(
@@ -334,7 +345,7 @@ def main(argv=None) -> int:
     parser.add_argument("--merge", nargs="*", default=[], help="also take the records of these JSON files")
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_model(args.one), default=str))
+        run_model(args.one, report=lambda record: print(json.dumps(record, default=str), flush=True))
         return 0
     from zoo import ZOO
 

@@ -1,5 +1,6 @@
 """Variational families: Pyro autoguides, normalizing-flow guides and amortized encoders."""
 
+import vilab.supports  # noqa: F401 - MixtureSameFamily sites (see that module)
 from vilab.guides.amortized.flows import FLOWS, AmortizedFlowGuide, ConditionalSylvester
 from vilab.guides.amortized.dmm import DMMGuide
 from vilab.guides.amortized.encoders import AmortizedNormalGuide, ConvEncoder, MLPEncoder

@@ -299,12 +299,10 @@ class BatchedPotential:
         return torch.stack(potentials), torch.stack(grads)
 
     def _eager_value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mode == "vmap":
-            with pyro.validation_enabled(False):
-                grad, potential = torch.func.vmap(
-                    torch.func.grad_and_value(lambda point: -self._single_log_density(point))
-                )(z)
-            return potential.detach(), grad.detach()
+        # Both modes differentiate with ordinary autograd (through vmap's batched ops in "vmap"
+        # mode), not torch.func.grad: under that transform every tensor the model reads,
+        # its data included, refuses to become a NumPy array, so NumPyro-style code such as
+        # ``len(np.unique(dept))`` (NumPyro's ucbadmit example) would fail.
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             potential = -self.log_density(z)

@@ -137,6 +137,20 @@ def test_matrix_algebra_without_plates_runs_under_vmap_and_matches_unbatched():
     _assert_matches_single_chain(potential, torch.randn(4, 2))
 
 
+def test_a_model_that_reads_its_data_with_numpy_runs_under_vmap():
+    group = torch.tensor([0, 1, 1, 2, 0])
+
+    def varying_intercepts(y):  # NumPyro's ucbadmit example counts its groups with np.unique
+        num_groups = len(np.unique(group))
+        z = pyro.sample("z", dist.Normal(torch.zeros((num_groups, 2)), 1.0))
+        loc = torch.matmul(torch.eye(2), z.T).T  # z.T reverses a chain plate's dims too
+        pyro.sample("y", dist.Normal(loc[group, 0], 1.0).to_event(1), obs=y)
+
+    potential = BatchedPotential(varying_intercepts, (torch.ones(5),), {}, num_chains=3)
+    assert potential.mode == "vmap"
+    _assert_matches_single_chain(potential, torch.randn(3, 6))
+
+
 def _assert_matches_single_chain(potential, z):
     value, grad = potential(z)
     for chain in range(z.shape[0]):
