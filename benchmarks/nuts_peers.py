@@ -100,6 +100,9 @@ def run_one(sampler: str, problem: str, settings: dict) -> tuple[dict, dict]:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.communicate()
                 return {}, {"error": f"timed out after {settings['timeout']:.0f} s"}
+            except BaseException:  # Ctrl-C or SIGTERM here: the worker's session must not outlive us
+                os.killpg(process.pid, signal.SIGKILL)
+                raise
         out = Path(spec["out"])
         if not out.with_suffix(".json").exists():
             return {}, {"error": f"worker exited {process.returncode}: {stderr[-400:]}"}
@@ -193,6 +196,7 @@ def _parse(argv):
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="nutpie's cores (default: all)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before a run is stopped")
     parser.add_argument("--warm", action="store_true", help="vilab's second run vs nutpie's sampling time")
+    parser.add_argument("--report", action="store_true", help="print the tables of --out's results; run nothing")
     parser.add_argument("--resume", action="store_true", help="keep the problems --out already holds")
     parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/nuts_peers[_warm].json)")
     args = parser.parse_args(argv)
@@ -208,7 +212,12 @@ def _parse(argv):
 def main(argv=None) -> int:
     from peer_problems import peer_ports, problems, select
 
+    # SIGTERM as an exception, so that run_one ends the running worker's session too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
     args, samplers = _parse(argv)
+    if args.report:
+        return _report(args)
     available = problems()
     names = args.models.split(",") if args.models else (list(WARM_MODELS) if args.warm else None)
     ports = peer_ports()
@@ -254,6 +263,15 @@ def main(argv=None) -> int:
     summary = _write(out, settings, samplers, args.warm, results)
     print(tables(results, summary, warm=args.warm))
     print(f"wrote {out}")
+    return 0
+
+
+def _report(args) -> int:
+    """``--report``: the tables and summary of a results file, recomputed, without running."""
+    out = args.out or RESULTS / ("nuts_peers_warm.json" if args.warm else "nuts_peers.json")
+    record = json.loads(out.read_text())
+    summary = ratio_summary(record["problems"], warm=record["settings"]["warm"])
+    print(tables(record["problems"], summary, warm=record["settings"]["warm"]))
     return 0
 
 

@@ -59,7 +59,10 @@ class Problem:
 
 
 def _numpy(value):
-    return value.detach().cpu().numpy() if hasattr(value, "detach") else value
+    """A tensor as NumPy, floating point as float64 (every sampler runs in float64)."""
+    if not hasattr(value, "detach"):
+        return value
+    return (value.double() if value.is_floating_point() else value).detach().cpu().numpy()
 
 
 def _flat_statistics(draws: dict) -> dict:

@@ -88,9 +88,18 @@ def _ratios(runs: dict) -> dict:
         out["numpyro_best"] = best
         if _ok(vilab):
             out["vs_numpyro"] = vilab["ess_per_second"] / numpyro[best]["ess_per_second"]
+            # A chain stuck in a wrong mode has a tiny ESS (and error bars wide enough to pass the
+            # z test): such a ratio measures no speed.
+            out["vs_numpyro_both_sound"] = _sound(vilab) and _sound(numpyro[best])
     if _ok(vilab) and _ok(runs.get("nutpie")):
         out["vs_nutpie"] = vilab["ess_per_second"] / runs["nutpie"]["ess_per_second"]
+        out["vs_nutpie_both_sound"] = _sound(vilab) and _sound(runs["nutpie"])
     return out
+
+
+def _sound(record: dict) -> bool:
+    """Draws that pass their checks: means within the z limit of the reference, R-hat < 1.01."""
+    return bool(record.get("accurate") and record.get("rhat_below_1.01"))
 
 
 def _warm(runs: dict) -> dict:
@@ -122,6 +131,16 @@ def ratio_summary(results: dict, warm: bool = False) -> dict:
                 "worst_problem": worst,
                 "count": len(values),
             }
+            accurate = {n: v for n, v in values.items() if per_problem[n].get(f"{ratio_key}_both_sound", True)}
+            if not warm and accurate:
+                worst = min(accurate, key=accurate.get)
+                summary[f"{ratio_key}_both_sound"] = {
+                    "geometric_mean": _geometric_mean(list(accurate.values())),
+                    "worst": accurate[worst],
+                    "worst_problem": worst,
+                    "count": len(accurate),
+                    "left_out": sorted(set(values) - set(accurate)),
+                }
     summary["vilab_paths"] = {
         name: runs["vilab"].get("path") for name, runs in results.items() if _ok(runs.get("vilab"))
     }
@@ -182,11 +201,13 @@ def tables(results: dict, summary: dict, warm: bool = False) -> str:
         f"| {name} | " + " | ".join(_accuracy_cell(runs.get(s)) for s in samplers) + " |"
         for name, runs in results.items()
     ]
-    for key in ("warm_time_ratio",) if warm else ("vs_numpyro", "vs_nutpie"):
+    keys = ("vs_numpyro", "vs_numpyro_both_sound", "vs_nutpie", "vs_nutpie_both_sound")
+    for key in ("warm_time_ratio",) if warm else keys:
         if key in summary:
             s = summary[key]
             lines.append(
                 f"\n{key}: geometric mean {s['geometric_mean']:.2f}, worst {s['worst']:.2f} ({s['worst_problem']}), {s['count']} problems"
+                + (f"; left out: {', '.join(s['left_out'])}" if s.get("left_out") else "")
             )
     for key in ("inaccurate", "rhat_not_below_1.01", "failed"):
         if summary[key]:
