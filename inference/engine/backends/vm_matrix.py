@@ -211,6 +211,86 @@ def _scatter_add(program, expected, a, dim, index, source):
     return out
 
 
+def _one_tensor_index(program, a: _View, indices) -> tuple[int, torch.Tensor]:
+    """``(dim, flat index)`` of an advanced index by one constant integer tensor (the others
+    ``None``), its entries wrapped into ``[0, a.shape[dim])``: ``beta[g]`` under ``vmap`` is
+    ``index.Tensor(beta, [None, g])``. A computed, boolean, out-of-range or second index is
+    refused: the instruction reads memory at the index unchecked."""
+    present = [(dim, index) for dim, index in enumerate(indices) if index is not None]
+    if len(present) != 1:
+        raise Unsupported(f"advanced indexing by {len(present)} tensors (one is translated)")
+    dim, index = present[0]
+    value = program.constant_value(index) if isinstance(index, _View) else None
+    if value is None or value.dtype == torch.bool or value.is_floating_point():
+        raise Unsupported("an advanced index that is not a constant integer tensor")
+    size = a.shape[dim]
+    flat = torch.where(value < 0, value + size, value).reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= size):
+        raise Unsupported(f"an advanced index out of range for a dimension of {size}")
+    return dim, flat
+
+
+def _spread(program, flat: torch.Tensor, shape: list, dim: int) -> _View:
+    """The flat index as a view over ``shape`` that varies along ``dim`` only (stride 0 elsewhere)."""
+    index = program.constant(flat)
+    return _View(index.off, shape, [1 if d == dim else 0 for d in range(len(shape))], index.dtype)
+
+
+def _flat_over_index(view: _View, dim: int, index_ndim: int) -> _View:
+    """``view`` (shape ``a[:dim] + index + a[dim + 1:]``) with the index's dims as one, or refused
+    where they are not one strided run."""
+    shape, st = list(view.shape), list(view.st)
+    sizes, strides = shape[dim : dim + index_ndim], st[dim : dim + index_ndim]
+    for d in range(index_ndim - 1):
+        if sizes[d + 1] != 1 and strides[d] != strides[d + 1] * sizes[d + 1]:
+            raise Unsupported("an operand whose index dimensions are not one strided run")
+    inner = strides[-1] if sizes else 1
+    return _View(
+        view.off,
+        shape[:dim] + [math.prod(sizes)] + shape[dim + index_ndim :],
+        st[:dim] + [inner] + st[dim + index_ndim :],
+        view.dtype,
+    )
+
+
+def _index(program, expected, a, indices):
+    """``a[..., index, ...]`` by one constant index (:func:`_one_tensor_index`), one GATHER."""
+    dim, flat = _one_tensor_index(program, a, indices)
+    index_ndim = len(expected.shape) - len(a.shape) + 1
+    out = _out(program, expected)
+    flat_out = _flat_over_index(out, dim, index_ndim)
+    shape = list(flat_out.shape)
+    program.emit(
+        "GATHER", flat_out, _indexed_view(a, shape, dim), _spread(program, flat, shape, dim), params=(a.st[dim],)
+    )
+    return out
+
+
+def _index_put(program, expected, a, indices, values, accumulate=False):
+    """``a.index_put(indices, values, accumulate=True)``, the gradient of :func:`_index`: ``a``
+    plus ``values`` added at the index (repeats add up), one SCATTER_ADD."""
+    if not accumulate:
+        raise Unsupported("index_put without accumulate (a write whose repeats would race)")
+    dim, flat = _one_tensor_index(program, a, indices)
+    index_ndim = len(values.shape) - len(a.shape) + 1
+    shape = list(a.shape[:dim]) + [flat.numel()] + list(a.shape[dim + 1 :])
+    if index_ndim < 1 or len(values.shape) != len(shape) + index_ndim - 1:
+        raise Unsupported("index_put values that broadcast")
+    try:
+        source = _flat_over_index(values, dim, index_ndim)
+    except Unsupported:  # a broadcast or permuted gradient: copied to one run first
+        dense = program.alloc(values.shape, values.dtype)
+        program.emit("COPY", dense, values)
+        source = _flat_over_index(dense, dim, index_ndim)
+    if list(source.shape) != shape:
+        raise Unsupported("index_put values that broadcast")
+    out = _out(program, expected)
+    program.emit("COPY", out, a)
+    index = _spread(program, flat, shape, dim)
+    program.emit("SCATTER_ADD", _indexed_view(out, shape, dim), source, index, shape=shape, params=(out.st[dim],))
+    return out
+
+
 def _row_total(program, value: _View, dim: int, op: str, identity: float) -> _View:
     """``value`` reduced along ``dim`` with ``op``, the dimension kept (size 1)."""
     shape = [1 if d == dim else size for d, size in enumerate(value.shape)]
@@ -260,6 +340,8 @@ HANDLERS: dict = {
     aten.index_select.default: _index_select,
     aten.index_add.default: _index_add,
     aten.gather.default: _gather,
+    aten.index.Tensor: _index,
+    aten.index_put.default: _index_put,
     aten.scatter_add.default: _scatter_add,
     aten._softmax.default: _softmax,
     aten._softmax_backward_data.default: _softmax_backward_data,

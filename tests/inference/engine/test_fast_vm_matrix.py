@@ -143,6 +143,10 @@ def test_copies_into_strided_views_and_diagonals_match_eager():
         (lambda x: x[1:].as_strided((2,), (1,), 0) * 1.0, "not the whole of its storage"),
         (lambda x: x.as_strided((2,), (1,), 0) * 1.0, "not the whole of its storage"),  # an input
         (lambda x: x.index_select(0, (x > 0).long()[:2]), "not a constant"),
+        (lambda x: x[(x > 0).long()], "not a constant integer tensor"),  # a computed index
+        (lambda x: x[x > 0] * 1.0, "not a constant integer tensor|nonzero|op aten"),  # a boolean mask
+        (lambda x: x.reshape(2, 2)[torch.tensor([0, 1]), torch.tensor([1, 1])], "by 2 tensors"),
+        (lambda x: x.index_put((torch.tensor([0, 0]),), x[:2]), "without accumulate"),
     ],
 )
 def test_writes_and_indices_it_cannot_follow_are_refused(function, message):
@@ -196,3 +200,39 @@ def test_a_nuts_leaf_with_a_cholesky_factor_runs_on_the_virtual_machine():
     ]
     assert "leaf on the virtual machine" in runs[0].fuse_decision, runs[0].fuse_decision
     torch.testing.assert_close(runs[0].samples["scale"], runs[1].samples["scale"], rtol=1e-9, atol=1e-9)
+
+
+def test_advanced_indexing_by_a_constant_and_its_gradient_match_eager():
+    # ``beta[g]`` written for one chain, batched over chains by vmap: index.Tensor(beta, [None, g])
+    # and, in the gradient, index_put(zeros, [None, g], grad, accumulate=True); repeats add up.
+    groups = torch.tensor([0, 0, 2, 1, 2, 2, -1])
+    pairs = torch.tensor([[0, 1], [2, 0]])
+    rows = torch.tensor([0, 2, 2, 1])
+
+    def one_chain(b, m):
+        return (b[groups] ** 2).sum() + (b[pairs].sum(-1) ** 2).sum() + (m[rows, 1:] ** 3).sum()
+
+    def step(beta, matrix):
+        def total(beta, matrix):
+            return torch.func.vmap(one_chain)(beta, matrix).sum()
+
+        return (torch.func.vmap(one_chain)(beta, matrix), *torch.func.grad(total, argnums=(0, 1))(beta, matrix))
+
+    _close(step, _values(4, 3), _values(4, 3, 4, seed=1))
+
+
+def test_a_nuts_leaf_indexing_a_latent_by_group_runs_on_the_virtual_machine():
+    # A varying-intercept model as users write it (``a[group]`` on a latent built for one chain
+    # by a matrix product, so the chains are batched by vmap): before, the leaf stayed fx code.
+    group = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    y = torch.linspace(-1.0, 2.0, 8, dtype=torch.float64)
+
+    def model(group, y):
+        z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        a = torch.eye(3, dtype=z.dtype) @ z  # written for one draw of z
+        pyro.sample("y", dist.Normal(a[group], 1.0).to_event(1), obs=y)
+
+    result = sample_vectorized_nuts(
+        model, (group, y), {}, num_samples=100, num_warmup=100, num_chains=2, seed=0, progress=False, compiler="vm"
+    )
+    assert "leaf on the virtual machine" in result.fuse_decision, result.fuse_decision
