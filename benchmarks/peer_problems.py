@@ -108,9 +108,9 @@ def _zoo(entry) -> Problem:
         return entry.inputs(entry.data())
 
     def numpyro():
-        from zoo_twins import TWINS
+        from zoo_twins import SPEED_TWINS
 
-        return TWINS[entry.name](entry.data())
+        return SPEED_TWINS[entry.name](entry.data())
 
     def reference():
         from zoo import load_reference

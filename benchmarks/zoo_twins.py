@@ -18,7 +18,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.infer.reparam import LocScaleReparam, TransformReparam
 
-__all__ = ["TWINS"]
+__all__ = ["TWINS", "SPEED_TWINS"]
 
 
 def _flat(support, event_shape=()):
@@ -100,6 +100,16 @@ def eight_schools_noncentered(J, sigma, y=None):
             theta = numpyro.sample(
                 "theta", dist.TransformedDistribution(dist.Normal(0.0, 1.0), dist.transforms.AffineTransform(mu, tau))
             )
+        numpyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+
+def eight_schools_centered(J, sigma, y=None):
+    """NumPyro's eight schools example as its docs write it (centred): the same model as the Pyro
+    port, for a speed comparison (the reference is drawn with the non-centred twin)."""
+    mu = numpyro.sample("mu", dist.Normal(0, 5))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5))
+    with numpyro.plate("J", J):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
         numpyro.sample("obs", dist.Normal(theta, sigma), obs=y)
 
 
@@ -320,3 +330,7 @@ TWINS = {
     "bnn": lambda x: (bnn, dict(X=x["X"], Y=x["Y"], D_H=5)),
     "lotka_volterra": lambda x: (lotka_volterra, dict(N=len(x["y"]), y=x["y"])),
 }
+
+SPEED_TWINS = {**TWINS, "eight_schools_centered": lambda x: (eight_schools_centered, x)}
+"""The twins a speed comparison uses (``benchmarks/nuts_peers.py``): the same parameterisation as
+the Pyro model. ``TWINS`` draws the references, with the easier non-centred eight schools."""

@@ -395,6 +395,22 @@ class CompiledStep(Fusable):
     def _install(self, fused: Callable) -> None:
         self._fn, self.backend, self._check = fused, "inductor", None
 
+    def _check_values(self, graph, example: tuple, following: tuple) -> tuple:
+        """``(graph's outputs, eager outputs, input)`` at ``following``, or, where the graph
+        cannot evaluate it (a chain there has a covariance whose Cholesky fails: the graph raises
+        as PyTorch does, the eager potential makes that chain a divergence, the virtual machine a
+        NaN factor), at points between ``example`` and ``following``. Still a distinct input."""
+        for weight in (1.0, 0.5, 0.1):
+            point = tuple(
+                a + weight * (b - a) if i < self._num_state and b.is_floating_point() else b
+                for i, (a, b) in enumerate(zip(example, following))
+            )
+            try:
+                return graph(*point), self._eager(*point), point
+            except torch.linalg.LinAlgError:
+                continue
+        return graph(*example), self._eager(*example), example  # the traced point: it evaluated
+
     def _try_compile(self, example: tuple) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -406,8 +422,7 @@ class CompiledStep(Fusable):
                 graph = simplify(make_fx(self._trace_fn)(*example))
             # Check on a second input whose state tensors are distinct and non-trivial.
             following = (*self._eager(*example)[: self._num_state], *example[self._num_state :])
-            got = graph(*following)
-            expected = self._eager(*following)
+            got, expected, following = self._check_values(graph, example, following)
             if not _all_close(got, expected):
                 self.failure = "the traced graph disagrees with the eager function"
                 return

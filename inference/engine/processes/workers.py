@@ -15,6 +15,7 @@ import contextlib
 import gc
 import os
 import pickle
+import warnings
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -118,18 +119,23 @@ def _batch(worker: Callable, sizes: Sequence[int], seed: int, options: dict, ind
     init = options.get("init_values")
     if init:
         init = {name: value[first : first + sizes[index]] for name, value in init.items()}
-    try:
-        result = worker(
-            **{**options, "init_values": init},
-            num_chains=sizes[index],
-            seed=batch_seed(seed, index),
-            report=ThrottledReport(report),
-        )
-    except (ValueError, VectorizationError) as error:
-        result = _Raised(type(error), str(error))
+    # A warning in a child (a leaf that could not be traced: correct, several times slower)
+    # would die with it; it travels back with the result and the caller warns.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = worker(
+                **{**options, "init_values": init},
+                num_chains=sizes[index],
+                seed=batch_seed(seed, index),
+                report=ThrottledReport(report),
+            )
+        except (ValueError, VectorizationError) as error:
+            result = _Raised(type(error), str(error))
+    raised = [(w.category, str(w.message)) for w in caught]
     # Pickled here, by value: the queue's pickler would send a tensor's storage as a file
     # descriptor, which is gone (a reset connection) once this child has exited.
-    return pickle.dumps(result)
+    return pickle.dumps((result, raised))
 
 
 class _Raised:
@@ -196,8 +202,10 @@ def run_batches(
             progress=progress,
             desc="vectorized NUTS",
         )
-    results = [pickle.loads(blob) for blob in results]
+    results, raised = zip(*[pickle.loads(blob) for blob in results])
+    for category, message in dict.fromkeys(w for batch in raised for w in batch):  # once each, in order
+        warnings.warn(message, category, stacklevel=3)
     for result in results:
         if isinstance(result, _Raised):
             raise result.kind(result.message)
-    return results
+    return list(results)

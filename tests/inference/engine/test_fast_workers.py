@@ -7,6 +7,7 @@ kind. Statistical check: a split run matches the Normal-Normal closed-form poste
 
 import gc
 import os
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -191,3 +192,18 @@ def test_a_pool_worker_keeps_its_chains_in_its_own_process():
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply(_run_in_pool, (None,)) == (2, 10)
         assert "daemonic process" in pool.apply(_run_in_pool, (2,))
+
+
+def _warning_batch(num_chains, seed, report, **options):
+    warnings.warn("this batch ran its leaf eagerly", RuntimeWarning)
+    return num_chains
+
+
+@pytest.mark.skipif(bool(cannot_fork()), reason=cannot_fork() or "forks")
+def test_a_warning_in_a_batch_process_reaches_the_caller_once():
+    # Before, a batch's warnings died with its process: a leaf that fell back to eager PyTorch
+    # (several times slower) said so only where the chains were not split.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_batches(_warning_batch, [2, 2], 0, {}, total=0, progress=False) == [2, 2]
+    assert [str(w.message) for w in caught].count("this batch ran its leaf eagerly") == 1
