@@ -34,22 +34,37 @@ def _val(node):
 
 
 def data_dependent_shapes(graph: fx.Graph) -> list[str]:
-    """Ops whose output shape depends on tensor values (boolean-mask indexing, ``nonzero``...).
+    """Ops whose output shape depends on the inputs' values (boolean-mask indexing, ``nonzero``...
+    on a tensor computed from the inputs).
 
     ``make_fx`` records such a shape as a constant, so the graph is only right for inputs
     that select the same number of entries; a traced function containing one must not be reused.
     """
+    varying = _input_dependent(graph)
     found = []
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in _DATA_SHAPED:
+        if node.target in _DATA_SHAPED and node in varying:
             found.append(node.name)
         elif node.target in _MASK_INDEXING:
             indices = node.args[1] if len(node.args) > 1 else []
-            if any(_val(index) is not None and _val(index).dtype == torch.bool for index in indices):
+            if any(
+                index in varying and _val(index) is not None and _val(index).dtype == torch.bool for index in indices
+            ):
                 found.append(node.name)
     return found
+
+
+def _input_dependent(graph: fx.Graph) -> set:
+    """The nodes whose values depend on the graph's inputs. A mask computed from constants only
+    (the lower triangle an LKJ Cholesky factor's density selects) selects the same number of
+    entries for every input, so the recorded shape stays right."""
+    varying: set = set()
+    for node in graph.nodes:  # in topological order
+        if node.op == "placeholder" or any(arg in varying for arg in node.all_input_nodes):
+            varying.add(node)
+    return varying
 
 
 def _full_mask(node: fx.Node, target: fx.Node) -> fx.Node | None:

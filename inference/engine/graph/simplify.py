@@ -215,7 +215,7 @@ def _small_dim(node: fx.Node, dims) -> int | None:
     if not isinstance(dims, (list, tuple)) or len(dims) != 1:
         return None
     dim = dims[0] % value.dim() if value.dim() else None
-    if dim is None or value.shape[dim] > _MAX_UNROLL:
+    if dim is None or not 1 <= value.shape[dim] <= _MAX_UNROLL:  # an empty sum has no first term
         return None
     return dim
 

@@ -77,6 +77,24 @@ def test_boolean_mask_indexing_is_flagged_as_value_dependent():
     assert not data_dependent_shapes(make_fx(lambda x: x[torch.tensor([0, 2])])(example).graph)
 
 
+def test_a_mask_computed_from_constants_only_is_not_value_dependent():
+    # An LKJ Cholesky factor's density selects its lower triangle with a mask built from
+    # ``arange``: the same entries for every input, so the traced graph stays right (NumPyro's
+    # ucbadmit model ran every leaf eagerly for it). The simplifier leaves its empty sums alone.
+    def lower_triangle(x):
+        rows = torch.arange(3)
+        mask = rows[:, None] > rows[None, :]
+        return x.reshape(3, 3)[mask].sum(), x[:0].sum(0)
+
+    example = torch.randn(9, dtype=torch.float64)
+    graph = make_fx(lower_triangle)(example)
+    assert not data_dependent_shapes(graph.graph)
+    assert data_dependent_shapes(make_fx(lambda x: x[x > 0])(example).graph)  # a mask of the input
+    simplified = simplify(graph)
+    for got, want in zip(simplified(example), lower_triangle(example)):
+        torch.testing.assert_close(got, want)
+
+
 def test_duplicates_identities_and_negations_are_removed_with_the_same_values():
     def redundant(x):
         a, b = -x, -x  # the same op twice: merged
