@@ -30,16 +30,22 @@ def private_directory(path: Path) -> Path:
     and not writable by group or others, nor is any parent up to the cache root's. Raises
     ``PermissionError`` naming the path and the problem."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_owned(path, stat.S_ISDIR, "a directory, not a link or a file")
+    return path
+
+
+def _check_owned(path, kind, expected: str) -> None:
+    """``path`` is of ``kind`` (``stat.S_ISDIR``, ``stat.S_ISREG``; never a link), owned by this
+    user and writable by no one else; otherwise ``PermissionError`` naming the problem."""
     info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise PermissionError(f"{path}: expected a directory, not a link or a file")
+    if stat.S_ISLNK(info.st_mode) or not kind(info.st_mode):
+        raise PermissionError(f"{path}: expected {expected}")
     if info.st_uid != os.getuid():
         raise PermissionError(f"{path}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()})")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise PermissionError(
             f"{path}: writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); run `chmod go-w {path}`"
         )
-    return path
 
 
 def private_file(path: str, root: Path) -> str:
@@ -51,13 +57,7 @@ def private_file(path: str, root: Path) -> str:
     resolved = Path(os.path.realpath(path))
     if not resolved.is_relative_to(Path(os.path.realpath(root))):
         raise PermissionError(f"{path}: outside the private cache {root}; not loaded")
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
-        raise PermissionError(f"{path}: expected a regular file, not a link or a directory")
-    if info.st_uid != os.getuid():
-        raise PermissionError(f"{path}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()})")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PermissionError(f"{path}: writable by group or others (mode {stat.S_IMODE(info.st_mode):o})")
+    _check_owned(path, stat.S_ISREG, "a regular file, not a link or a directory")
     return path
 
 
