@@ -89,12 +89,9 @@ def _run_numpyro(problem, spec: dict, chain_method: str) -> tuple[dict, dict]:
             "(XLA_FLAGS=--xla_force_host_platform_device_count must be set before jax is imported)"
         )
     model, kwargs = problem.numpyro()
-    # float64 data, as every sampler gets (the torch loader's default dtype is float32 here).
+    # The data are float64 already (``peer_problems`` converts tensors so, for every peer).
     kwargs = {
-        key: jax.numpy.asarray(value, dtype=np.float64 if value.dtype.kind == "f" else value.dtype)
-        if isinstance(value, np.ndarray)
-        else value
-        for key, value in kwargs.items()
+        key: jax.numpy.asarray(value) if isinstance(value, np.ndarray) else value for key, value in kwargs.items()
     }
     start = time.perf_counter()
     mcmc = MCMC(
